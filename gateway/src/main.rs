@@ -1,1 +1,147 @@
-fn main(){}
+//! The `understudy` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use understudy::config::{BackendSslMode, ClientAuth, Config};
+use understudy::shutdown::Phase;
+use understudy::Gateway;
+
+/// Understudy: a PostgreSQL failover gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run(RunArgs),
+    /// Start a local primary, a streaming standby and a gateway in front, ready for psql.
+    Demo(understudy::demo::DemoArgs),
+    /// Talk to a running gateway.
+    Ctl {
+        /// Admin address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9187", global = true)]
+        admin: SocketAddr,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Show backends and sessions.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML configuration file; flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address clients connect to.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// A PostgreSQL server, HOST:PORT; repeat for several (the primary is found by role).
+    #[arg(long = "backend")]
+    backends: Vec<String>,
+    /// Admin HTTP address for /metrics and /status.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Who authenticates clients.
+    #[arg(long, value_enum)]
+    client_auth: Option<ClientAuth>,
+    /// TLS towards the backends.
+    #[arg(long, value_enum)]
+    backend_sslmode: Option<BackendSslMode>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if !self.backends.is_empty() {
+            config.backends = self.backends;
+        }
+        if self.admin_listen.is_some() {
+            config.admin_listen = self.admin_listen;
+        }
+        if let Some(mode) = self.client_auth {
+            config.auth.client_auth = mode;
+        }
+        if let Some(mode) = self.backend_sslmode {
+            config.backend_tls.sslmode = mode;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    understudy::telemetry::init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Demo(args) => understudy::demo::run(args).await,
+        Command::Ctl { admin, command } => ctl(admin, command).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("understudy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let gateway = Gateway::bind(config).await?;
+    if let Some(admin) = gateway.admin_addr() {
+        tracing::info!(%admin, "admin listener (/metrics, /status)");
+    }
+    let trigger = gateway.shutdown_trigger();
+    tokio::spawn(async move {
+        // First signal: drain; second: close everything now.
+        for phase in [Phase::Draining, Phase::Force] {
+            if understudy::shutdown::signal().await.is_err() {
+                return;
+            }
+            tracing::info!(?phase, "signal received");
+            trigger.advance(phase);
+        }
+    });
+    gateway.run().await;
+    Ok(())
+}
+
+async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
+    match command {
+        CtlCommand::Status { json } => {
+            let body = understudy::ctl::get(admin, "/status").await?;
+            if json {
+                println!("{body}");
+            } else {
+                let value: serde_json::Value =
+                    serde_json::from_str(&body).context("the admin listener sent invalid JSON")?;
+                print!("{}", understudy::ctl::render_status(&value));
+            }
+        }
+    }
+    Ok(())
+}

@@ -4,5 +4,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod encode;
+pub mod frame;
+pub mod inspect;
 pub mod md5;
 pub mod scram;
+pub mod startup;
+pub mod tags;

@@ -1,0 +1,109 @@
+//! Admin HTTP listener: `/metrics` (Prometheus text) and `/status` (JSON).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::gateway::Shared;
+use crate::sessions::SessionStatus;
+use crate::shutdown::{Phase, Shutdown};
+use crate::topology::BackendStatus;
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Gateway version.
+    pub version: &'static str,
+    /// Client listen address.
+    pub listen: String,
+    /// `running`, `draining` or `stopping`.
+    pub state: &'static str,
+    /// Live sessions.
+    pub session_count: usize,
+    /// Configured backends and their roles.
+    pub backends: Vec<BackendStatus>,
+    /// Live sessions.
+    pub sessions: Vec<SessionStatus>,
+}
+
+/// Builds the status document.
+pub fn status(shared: &Shared) -> Status {
+    let sessions = shared.registry.statuses();
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        listen: shared.config.listen.to_string(),
+        state: match shared.shutdown.subscribe().phase() {
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Force => "stopping",
+        },
+        session_count: sessions.len(),
+        backends: shared.topology.statuses(),
+        sessions,
+    }
+}
+
+/// Serves admin requests until shutdown.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.reached(Phase::Force) => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status, content_type, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::telemetry::prometheus().render(),
+        ),
+        (&Method::GET, "/status") => match serde_json::to_string_pretty(&status(shared)) {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                e.to_string(),
+            ),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /status\n".to_owned(),
+        ),
+    }
+}

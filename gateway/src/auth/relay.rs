@@ -1,0 +1,248 @@
+//! Relaying the login exchange between client and server, so PostgreSQL decides who gets in,
+//! while keeping what is needed to log in again without the client.
+
+use bytes::BytesMut;
+use understudy_protocol::encode;
+use understudy_protocol::inspect::ErrorView;
+use understudy_protocol::scram::recover_client_key;
+use understudy_protocol::tags::{backend, frontend};
+use zeroize::Zeroizing;
+
+use super::{Credential, Secret};
+use crate::error::SessionError;
+use crate::stream::Stream;
+use crate::wire::{cstr, read_message, send, Frame, ReadError, MAX_LOGIN_MESSAGE};
+
+const SCRAM: &str = "SCRAM-SHA-256";
+
+/// The client side of a login in progress.
+pub struct ClientEnd<'a> {
+    /// Client connection.
+    pub stream: &'a mut Stream,
+    /// Bytes read from the client and not yet used.
+    pub buf: &'a mut BytesMut,
+}
+
+impl ClientEnd<'_> {
+    /// Next message from the client, which must be a password-family message.
+    pub async fn recv_password(&mut self) -> Result<Frame, SessionError> {
+        let frame = read_message(self.stream, self.buf, MAX_LOGIN_MESSAGE)
+            .await
+            .map_err(|e| match e {
+                ReadError::Io(e) => SessionError::ClientGone(e),
+                ReadError::Frame(e) => {
+                    SessionError::refused("08P01", "protocol_violation", e.to_string())
+                }
+            })?;
+        if frame.tag != frontend::PASSWORD {
+            return Err(SessionError::refused(
+                "08P01",
+                "protocol_violation",
+                format!("expected password response, got message type {}", frame.tag),
+            ));
+        }
+        Ok(frame)
+    }
+
+    /// Sends bytes to the client.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        send(self.stream, bytes)
+            .await
+            .map_err(SessionError::ClientGone)
+    }
+}
+
+/// Next message from a backend during login.
+pub async fn recv_backend(stream: &mut Stream, buf: &mut BytesMut) -> Result<Frame, SessionError> {
+    read_message(stream, buf, MAX_LOGIN_MESSAGE)
+        .await
+        .map_err(|e| match e {
+            ReadError::Io(e) => SessionError::BackendLost(e),
+            ReadError::Frame(e) => SessionError::BackendLost(std::io::Error::other(e)),
+        })
+}
+
+/// Both connections of a relayed login.
+pub struct Ends<'a, 'c> {
+    /// The client.
+    pub client: &'a mut ClientEnd<'c>,
+    /// Backend connection.
+    pub backend: &'a mut Stream,
+    /// Bytes read from the backend and not yet used.
+    pub backend_buf: &'a mut BytesMut,
+}
+
+impl Ends<'_, '_> {
+    async fn from_backend(&mut self) -> Result<Frame, SessionError> {
+        recv_backend(self.backend, self.backend_buf).await
+    }
+
+    async fn from_client(&mut self) -> Result<Frame, SessionError> {
+        self.client.recv_password().await
+    }
+
+    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.client.send(bytes).await
+    }
+
+    async fn to_backend(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        send(self.backend, bytes)
+            .await
+            .map_err(SessionError::BackendLost)
+    }
+}
+
+/// Relays authentication until the server's AuthenticationOk, which is forwarded too.
+///
+/// `secret` is the role's secret from the auth file or auth_query, if known: with it a relayed
+/// SCRAM exchange yields the ClientKey.
+pub async fn relay(
+    ends: &mut Ends<'_, '_>,
+    secret: Option<&Secret>,
+) -> Result<Credential, SessionError> {
+    let mut credential = Credential::NotNeeded;
+    let mut scram = ScramTranscript::default();
+    loop {
+        let frame = ends.from_backend().await?;
+        match frame.tag {
+            backend::AUTHENTICATION => {}
+            backend::ERROR_RESPONSE => {
+                ends.to_client(&frame.raw).await?;
+                let err = ErrorView::parse(frame.body());
+                return Err(SessionError::ServerFatal {
+                    code: err.code.to_owned(),
+                    message: err.message.to_owned(),
+                });
+            }
+            backend::NOTICE_RESPONSE => {
+                ends.to_client(&frame.raw).await?;
+                continue;
+            }
+            other => return Err(unexpected(other)),
+        }
+        let body = frame.body();
+        let code = body
+            .first_chunk::<4>()
+            .map(|c| i32::from_be_bytes(*c))
+            .unwrap_or(-1);
+        match code {
+            0 => {
+                ends.to_client(&frame.raw).await?;
+                return Ok(match (credential, secret, scram.complete()) {
+                    (Credential::NotNeeded, Some(Secret::Scram(v)), Some((cf, sf, cl))) => {
+                        match recover_client_key(v, cf, sf, cl) {
+                            Ok(client_key) => Credential::Scram {
+                                client_key,
+                                server_key: Some(*v.server_key()),
+                            },
+                            Err(_) => Credential::Missing(
+                                "the SCRAM verifier known for this role does not match the server's",
+                            ),
+                        }
+                    }
+                    (Credential::NotNeeded, Some(s), Some(_)) => match s {
+                        Secret::Plain(p) => Credential::Password(p.clone()),
+                        _ => Credential::Missing("SCRAM login relayed; no verifier for this role"),
+                    },
+                    (Credential::NotNeeded, None, Some(_)) => Credential::Missing(
+                        "SCRAM login relayed without auth_query or auth_file to recover the key",
+                    ),
+                    (c, _, _) => c,
+                });
+            }
+            // AuthenticationCleartextPassword: the password itself passes by.
+            3 => {
+                ends.to_client(&frame.raw).await?;
+                let reply = ends.from_client().await?;
+                let mut body = reply.body();
+                if let Some(p) = cstr(&mut body) {
+                    credential = Credential::Password(Zeroizing::new(p.to_owned()));
+                }
+                ends.to_backend(&reply.raw).await?;
+            }
+            // AuthenticationMD5Password: the salted answer is useless elsewhere; a stored hash is not.
+            5 => {
+                ends.to_client(&frame.raw).await?;
+                let reply = ends.from_client().await?;
+                credential = match secret {
+                    Some(Secret::Md5(h)) => Credential::Md5(h.clone()),
+                    Some(Secret::Plain(p)) => Credential::Password(p.clone()),
+                    _ => Credential::Missing("md5 login relayed without the role's md5 hash"),
+                };
+                ends.to_backend(&reply.raw).await?;
+            }
+            // AuthenticationSASL: channel binding ties the exchange to one TLS connection, and a
+            // gateway holds two, so the -PLUS variants are not offered to the client.
+            10 => {
+                let mut rest = &body[4..];
+                let mut mechanisms = Vec::new();
+                while let Some(m) = cstr(&mut rest).filter(|m| !m.is_empty()) {
+                    if !m.ends_with("-PLUS") {
+                        mechanisms.push(m);
+                    }
+                }
+                if mechanisms.is_empty() {
+                    return Err(SessionError::refused(
+                        "28000",
+                        "auth_unsupported",
+                        "the server offers only channel-bound SASL, which cannot pass through a gateway",
+                    ));
+                }
+                let mut out = BytesMut::new();
+                encode::auth_sasl(&mut out, &mechanisms);
+                ends.to_client(&out).await?;
+                let reply = ends.from_client().await?;
+                let mut rest = reply.body();
+                if cstr(&mut rest) == Some(SCRAM) {
+                    if let Some(data) = rest.get(4..) {
+                        scram.client_first = Some(data.to_vec());
+                    }
+                }
+                ends.to_backend(&reply.raw).await?;
+            }
+            // AuthenticationSASLContinue carries server-first-message.
+            11 => {
+                scram.server_first = Some(body[4..].to_vec());
+                ends.to_client(&frame.raw).await?;
+                let reply = ends.from_client().await?;
+                scram.client_final = Some(reply.body().to_vec());
+                ends.to_backend(&reply.raw).await?;
+            }
+            // AuthenticationSASLFinal: the server proved itself; AuthenticationOk follows.
+            12 => ends.to_client(&frame.raw).await?,
+            other => {
+                return Err(SessionError::refused(
+                    "28000",
+                    "auth_unsupported",
+                    format!("authentication method {other} requested by the server is not supported by the gateway"),
+                ))
+            }
+        }
+    }
+}
+
+/// The three SCRAM messages seen in a relayed exchange.
+#[derive(Default)]
+struct ScramTranscript {
+    client_first: Option<Vec<u8>>,
+    server_first: Option<Vec<u8>>,
+    client_final: Option<Vec<u8>>,
+}
+
+impl ScramTranscript {
+    fn complete(&self) -> Option<(&[u8], &[u8], &[u8])> {
+        Some((
+            self.client_first.as_deref()?,
+            self.server_first.as_deref()?,
+            self.client_final.as_deref()?,
+        ))
+    }
+}
+
+/// A message from the server that has no place in the login exchange.
+pub fn unexpected(tag: u8) -> SessionError {
+    SessionError::BackendLost(std::io::Error::other(format!(
+        "unexpected message type {:?} from the server during login",
+        char::from(tag)
+    )))
+}

@@ -1,0 +1,134 @@
+//! The gateway authenticating a client itself (`client_auth` = trust, md5, scram-sha-256).
+
+use bytes::BytesMut;
+use subtle::ConstantTimeEq;
+use understudy_protocol::encode;
+use understudy_protocol::md5::{md5_response_from_password, md5_response_from_verifier};
+use understudy_protocol::scram::{ScramServer, ScramVerifier};
+use zeroize::Zeroizing;
+
+use super::relay::ClientEnd;
+use super::{Credential, Secret};
+use crate::config::ClientAuth;
+use crate::error::SessionError;
+use crate::wire::cstr;
+
+fn auth_failed(user: &str) -> SessionError {
+    SessionError::refused(
+        "28P01",
+        "auth_failed",
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+/// Checks the client's password; returns what the gateway can use to log in to the backend.
+///
+/// An unknown role goes through the same exchange as a known one and fails the same way, so
+/// the answer does not tell which roles exist.
+pub async fn verify(
+    client: &mut ClientEnd<'_>,
+    mode: ClientAuth,
+    user: &str,
+    secret: Option<Secret>,
+) -> Result<Credential, SessionError> {
+    match mode {
+        ClientAuth::Passthrough | ClientAuth::Trust => Ok(secret
+            .as_ref()
+            .map(Credential::from_secret)
+            .unwrap_or(Credential::NotNeeded)),
+        ClientAuth::Md5 => verify_md5(client, user, secret).await,
+        ClientAuth::ScramSha256 => verify_scram(client, user, secret).await,
+    }
+}
+
+async fn verify_md5(
+    client: &mut ClientEnd<'_>,
+    user: &str,
+    secret: Option<Secret>,
+) -> Result<Credential, SessionError> {
+    let salt: [u8; 4] = rand::random();
+    let mut out = BytesMut::new();
+    encode::auth_md5(&mut out, salt);
+    client.send(&out).await?;
+    let reply = client.recv_password().await?;
+    let mut body = reply.body();
+    let answer = cstr(&mut body).unwrap_or_default();
+    let (expected, credential) = match &secret {
+        Some(Secret::Md5(h)) => (
+            md5_response_from_verifier(h, salt).ok(),
+            Credential::Md5(h.clone()),
+        ),
+        Some(Secret::Plain(p)) => (
+            Some(md5_response_from_password(
+                p.as_bytes(),
+                user.as_bytes(),
+                salt,
+            )),
+            Credential::Password(p.clone()),
+        ),
+        // A SCRAM verifier cannot check an md5 answer, as in PostgreSQL.
+        Some(Secret::Scram(_)) | None => (None, Credential::Missing("unknown role")),
+    };
+    match expected {
+        Some(e) if bool::from(e.as_bytes().ct_eq(answer.as_bytes())) => Ok(credential),
+        _ => Err(auth_failed(user)),
+    }
+}
+
+async fn verify_scram(
+    client: &mut ClientEnd<'_>,
+    user: &str,
+    secret: Option<Secret>,
+) -> Result<Credential, SessionError> {
+    let (verifier, known) = match &secret {
+        Some(Secret::Scram(v)) => (v.clone(), true),
+        Some(Secret::Plain(p)) => (random_verifier(p.as_bytes())?, true),
+        // Unknown role or md5-only: run a mock exchange against a random verifier.
+        _ => {
+            let noise = Zeroizing::new(rand::random::<[u8; 32]>());
+            (random_verifier(&noise[..])?, false)
+        }
+    };
+    let server_key = *verifier.server_key();
+    let mut server = ScramServer::with_random_nonce(verifier);
+    let mut out = BytesMut::new();
+    encode::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    client.send(&out).await?;
+
+    let reply = client.recv_password().await?;
+    let mut body = reply.body();
+    let mechanism = cstr(&mut body).unwrap_or_default();
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(SessionError::refused(
+            "28000",
+            "auth_failed",
+            "client selected an invalid SASL authentication mechanism",
+        ));
+    }
+    let client_first = body.get(4..).unwrap_or_default();
+    let server_first = server
+        .handle_client_first(client_first)
+        .map_err(|e| SessionError::refused("08P01", "auth_failed", e.to_string()))?;
+    out.clear();
+    encode::auth_sasl_continue(&mut out, &server_first);
+    client.send(&out).await?;
+
+    let reply = client.recv_password().await?;
+    let (server_final, client_key) = match server.handle_client_final(reply.body()) {
+        Ok(done) if known => done,
+        _ => return Err(auth_failed(user)),
+    };
+    out.clear();
+    encode::auth_sasl_final(&mut out, &server_final);
+    client.send(&out).await?;
+    Ok(Credential::Scram {
+        client_key,
+        server_key: Some(server_key),
+    })
+}
+
+/// A verifier for `password` with a fresh salt and PostgreSQL's default 4096 iterations.
+fn random_verifier(password: &[u8]) -> Result<ScramVerifier, SessionError> {
+    ScramVerifier::from_password(password, &rand::random::<[u8; 16]>(), 4096)
+        .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))
+}

@@ -1,0 +1,94 @@
+//! Opening a connection to a PostgreSQL server: TCP, TLS negotiation, StartupMessage.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::config::{BackendSslMode, Keepalive};
+use crate::error::SessionError;
+use crate::stream::{tune_socket, Stream};
+use crate::tls::server_name;
+use crate::topology::Backend;
+use crate::wire::send;
+
+/// How the gateway connects to backends.
+#[derive(Clone)]
+pub struct Connector {
+    /// TLS policy.
+    pub sslmode: BackendSslMode,
+    /// TLS client configuration, unless `sslmode = disable`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Time allowed for TCP + TLS.
+    pub timeout: Duration,
+    /// Keepalive for backend sockets.
+    pub keepalive: Keepalive,
+}
+
+impl Connector {
+    /// Connects to `backend` and sends a protocol 3.0 StartupMessage with `params` as given.
+    pub async fn open<'a>(
+        &self,
+        backend: &Backend,
+        params: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Stream, SessionError> {
+        let started = Instant::now();
+        let unavailable = |e: &dyn std::fmt::Display| SessionError::BackendUnavailable {
+            code: "08001",
+            message: format!("could not connect to the database server at {backend}: {e}"),
+        };
+        let mut stream = tokio::time::timeout(self.timeout, self.negotiate(backend))
+            .await
+            .map_err(|_| unavailable(&format!("timed out after {:?}", self.timeout)))?
+            .map_err(|e| unavailable(&e))?;
+        let mut buf = BytesMut::with_capacity(256);
+        postgres_startup(&mut buf, params);
+        send(&mut stream, &buf)
+            .await
+            .map_err(SessionError::BackendLost)?;
+        metrics::histogram!("understudy_backend_connect_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(stream)
+    }
+
+    async fn negotiate(&self, backend: &Backend) -> std::io::Result<Stream> {
+        let addr = backend.resolve().await?;
+        let tcp = TcpStream::connect(addr).await?;
+        tune_socket(&tcp, &self.keepalive)?;
+        let Some(tls) = self
+            .tls
+            .as_ref()
+            .filter(|_| self.sslmode != BackendSslMode::Disable)
+        else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let mut tcp = tcp;
+        let mut req = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut req);
+        send(&mut tcp, &req).await?;
+        match tcp.read_u8().await? {
+            b'S' => {
+                let name = server_name(&backend.host).map_err(std::io::Error::other)?;
+                let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await?;
+                Ok(Stream::ClientTls(Box::new(tls)))
+            }
+            b'N' if self.sslmode == BackendSslMode::Prefer => Ok(Stream::Plain(tcp)),
+            b'N' => Err(std::io::Error::other("server does not support TLS")),
+            other => Err(std::io::Error::other(format!(
+                "unexpected answer {other:#x} to SSLRequest"
+            ))),
+        }
+    }
+}
+
+fn postgres_startup<'a>(buf: &mut BytesMut, params: impl Iterator<Item = (&'a str, &'a str)>) {
+    // postgres-protocol writes protocol 3.0; its only failure is a NUL inside a parameter, which
+    // a parsed StartupMessage cannot contain.
+    if let Err(e) = postgres_protocol::message::frontend::startup_message(params, buf) {
+        tracing::error!(error = %e, "startup parameters could not be encoded");
+    }
+}

@@ -1,0 +1,311 @@
+//! Gateway configuration: a TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.
+    pub admin_listen: Option<SocketAddr>,
+    /// PostgreSQL servers (`host:port`); with several, the gateway routes to the one not in recovery.
+    pub backends: Vec<String>,
+    /// Most client connections served at once; more get SQLSTATE 53300.
+    pub max_client_connections: usize,
+    /// Largest client message accepted, in bytes; larger ones end the session with 54000.
+    pub max_message_size: usize,
+    /// Time allowed to open a backend connection (TCP and TLS), in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time allowed for a client to complete startup and authentication, in milliseconds.
+    pub login_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, time open transactions get to finish before sessions are closed, in ms.
+    pub shutdown_timeout_ms: u64,
+    /// How often the backends' roles are re-checked when there are several, in milliseconds.
+    pub topology_interval_ms: u64,
+    /// TCP keepalive on client and backend sockets.
+    pub tcp_keepalive: Keepalive,
+    /// TLS offered to clients.
+    pub tls: ClientTls,
+    /// TLS used towards the backends.
+    pub backend_tls: BackendTls,
+    /// How clients are authenticated and how the gateway logs in to backends.
+    pub auth: Auth,
+    /// The gateway's own login for control-plane queries (role discovery, auth_query).
+    pub control: Control,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            admin_listen: None,
+            backends: vec!["127.0.0.1:5432".to_owned()],
+            max_client_connections: 1000,
+            max_message_size: 256 << 20,
+            connect_timeout_ms: 5_000,
+            login_timeout_ms: 15_000,
+            shutdown_timeout_ms: 30_000,
+            topology_interval_ms: 1_000,
+            tcp_keepalive: Keepalive::default(),
+            tls: ClientTls::default(),
+            backend_tls: BackendTls::default(),
+            auth: Auth::default(),
+            control: Control::default(),
+        }
+    }
+}
+
+/// TCP keepalive settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keepalive {
+    /// Idle seconds before the first probe; 0 turns keepalive off.
+    pub idle_secs: u64,
+    /// Seconds between probes.
+    pub interval_secs: u64,
+    /// Unanswered probes before the connection is dropped.
+    pub retries: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            idle_secs: 30,
+            interval_secs: 10,
+            retries: 3,
+        }
+    }
+}
+
+/// Server certificate for client TLS; without both files SSLRequest is answered `N`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTls {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// libpq-style sslmode for backend connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendSslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without certificate checks.
+    #[default]
+    Prefer,
+    /// TLS or nothing, without certificate checks.
+    Require,
+    /// TLS with the server certificate checked against `root_cert` and the host name.
+    VerifyFull,
+}
+
+/// TLS towards the backends.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTls {
+    /// When to use TLS.
+    pub sslmode: BackendSslMode,
+    /// CA certificates (PEM) for `verify-full`.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Who authenticates the client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    /// Relay the login exchange between client and primary: PostgreSQL decides.
+    #[default]
+    Passthrough,
+    /// The gateway lets everyone in and logs in to the backend with the auth file's secret.
+    Trust,
+    /// The gateway checks an md5 password against the auth file or auth_query.
+    Md5,
+    /// The gateway checks SCRAM-SHA-256 against the auth file or auth_query.
+    ScramSha256,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Who authenticates the client.
+    pub client_auth: ClientAuth,
+    /// PgBouncer-style userlist (`"user" "secret"` lines): SCRAM verifiers, md5 hashes, passwords.
+    pub auth_file: Option<PathBuf>,
+    /// Query run as the control role to fetch a role's secret; `$1` is the role name.
+    pub auth_query: Option<String>,
+}
+
+/// The gateway's own control-plane login.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Control {
+    /// Role name.
+    pub user: String,
+    /// Password, if the role needs one.
+    pub password: Option<String>,
+    /// Database to connect to.
+    pub database: String,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            user: "postgres".to_owned(),
+            password: None,
+            database: "postgres".to_owned(),
+        }
+    }
+}
+
+/// Default auth_query, as PgBouncer's.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// Values that do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        if self.backends.is_empty() {
+            return invalid("at least one backend is required");
+        }
+        if self.max_client_connections == 0 {
+            return invalid("max_client_connections must be at least 1");
+        }
+        if self.max_message_size < 1024 {
+            return invalid("max_message_size must be at least 1024 bytes");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls.cert and tls.key go together");
+        }
+        if self.backend_tls.sslmode == BackendSslMode::VerifyFull
+            && self.backend_tls.root_cert.is_none()
+        {
+            return invalid("backend_tls.sslmode = \"verify-full\" needs backend_tls.root_cert");
+        }
+        let gateway_checks = !matches!(
+            self.auth.client_auth,
+            ClientAuth::Passthrough | ClientAuth::Trust
+        );
+        if gateway_checks && self.auth.auth_file.is_none() && self.auth.auth_query.is_none() {
+            return invalid(
+                "auth.client_auth md5/scram-sha-256 needs auth.auth_file or auth.auth_query",
+            );
+        }
+        Ok(())
+    }
+
+    /// Backend connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Client login timeout.
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+
+    /// Graceful shutdown bound.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.listen, Config::default().listen);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
+        assert!(toml::from_str::<Config>("[auth]\nclient_auth = \"scram\"").is_err());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c: Config = toml::from_str(
+            r#"
+            listen = "0.0.0.0:6432"
+            admin_listen = "127.0.0.1:9187"
+            backends = ["10.0.0.1:5432", "10.0.0.2:5432"]
+            max_client_connections = 10
+            [tls]
+            cert = "a.pem"
+            key = "a.key"
+            [backend_tls]
+            sslmode = "verify-full"
+            root_cert = "ca.pem"
+            [auth]
+            client_auth = "scram-sha-256"
+            auth_query = "SELECT 1"
+            [control]
+            user = "understudy"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.auth.client_auth, ClientAuth::ScramSha256);
+    }
+
+    #[test]
+    fn validation_catches_mismatches() {
+        let mut c = Config::default();
+        c.auth.client_auth = ClientAuth::Md5;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.backend_tls.sslmode = BackendSslMode::VerifyFull;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! One client connection from accept to close: startup, login, then the data path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use understudy_protocol::encode::{self, Severity};
+use understudy_protocol::inspect::{self, ErrorView};
+use understudy_protocol::startup::{CancelKey, StartupMessage};
+use understudy_protocol::tags::backend;
+
+use crate::auth::login::{login, LoginError};
+use crate::auth::relay::{recv_backend, relay, unexpected, ClientEnd, Ends};
+use crate::auth::verify::verify;
+use crate::auth::Credential;
+use crate::config::ClientAuth;
+use crate::error::SessionError;
+use crate::gateway::Shared;
+use crate::handshake::{self, Opening};
+use crate::pump::{Pipe, Pump};
+use crate::session::{record_param, Session};
+use crate::sessions::{CancelTarget, SessionGuard};
+use crate::shutdown::{Phase, Shutdown};
+use crate::stream::Stream;
+use crate::telemetry::count_error;
+use crate::wire::send;
+
+/// Serves one accepted client connection to its end.
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let permit = shared.limit.clone().try_acquire_owned().ok();
+    let shutdown = shared.shutdown.subscribe();
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + shared.config.login_timeout();
+    let opening =
+        match tokio::time::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()))
+            .await
+        {
+            Err(_) => {
+                tracing::debug!(%peer, "startup timed out");
+                return;
+            }
+            Ok(Err((stream, e))) => {
+                tracing::debug!(%peer, error = %e, "startup refused");
+                if let Some(stream) = stream {
+                    report(stream, &e).await;
+                }
+                return;
+            }
+            Ok(Ok(opening)) => opening,
+        };
+    let (stream, startup) = match opening {
+        Opening::Cancel(key) => {
+            crate::cancel::forward(&shared.registry, key, shared.config.connect_timeout()).await;
+            return;
+        }
+        Opening::Session { stream, startup } => (stream, startup),
+    };
+    let refusal = if permit.is_none() {
+        Some(SessionError::refused(
+            "53300",
+            "too_many_connections",
+            format!(
+                "sorry, too many clients already (max_client_connections is {})",
+                shared.config.max_client_connections
+            ),
+        ))
+    } else if shutdown.phase() != Phase::Running {
+        Some(SessionError::refused(
+            "57P03",
+            "shutting_down",
+            "the database system is shutting down",
+        ))
+    } else {
+        None
+    };
+    if let Some(e) = refusal {
+        tracing::info!(%peer, error = %e, "connection refused");
+        report(stream, &e).await;
+        return;
+    }
+    shared.metrics.sessions_total.increment(1);
+    shared.metrics.sessions_open.increment(1.0);
+    let user = startup.user().unwrap_or_default().to_owned();
+    let result = session(&shared, stream, startup, peer, shutdown, deadline, started).await;
+    shared.metrics.sessions_open.decrement(1.0);
+    let reason = match &result {
+        Ok(()) => "client_closed",
+        Err(e) => e.label(),
+    };
+    metrics::counter!("understudy_sessions_ended_total", "reason" => reason).increment(1);
+    match result {
+        Ok(()) | Err(SessionError::ClientGone(_)) => {
+            tracing::debug!(%peer, %user, reason, "session ended")
+        }
+        Err(e) => tracing::info!(%peer, %user, reason, error = %e, "session ended"),
+    }
+    drop(permit);
+}
+
+/// Tells the client why it is being turned away, if it can still hear it.
+async fn report(mut stream: Stream, e: &SessionError) {
+    if let Some((code, message)) = e.client_report() {
+        count_error(code, "gateway");
+        let mut buf = BytesMut::new();
+        encode::error_response(&mut buf, Severity::Fatal, code, &message);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            send(&mut stream, &buf).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}
+
+/// A logged-in backend and what each side sent past the login.
+struct Established {
+    backend: Stream,
+    backend_buf: BytesMut,
+    client_buf: BytesMut,
+    server_params: Vec<(String, String)>,
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+    startup: StartupMessage,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+    deadline: tokio::time::Instant,
+    started: Instant,
+) -> Result<(), SessionError> {
+    let user = startup.user().unwrap_or_default().to_owned();
+    let database = startup.database().unwrap_or_default().to_owned();
+    let mut guard = shared
+        .registry
+        .open(peer, stream.is_tls(), &user, &database);
+    let mut client_buf = BytesMut::new();
+    let login_result = tokio::time::timeout_at(
+        deadline,
+        establish(shared, &mut stream, &mut client_buf, &startup, &mut guard),
+    )
+    .await;
+    let established = match login_result {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            report(stream, &e).await;
+            return Err(e);
+        }
+        Err(_) => {
+            let e = SessionError::refused(
+                "57014",
+                "login_timeout",
+                "canceling authentication due to timeout",
+            );
+            report(stream, &e).await;
+            return Err(e);
+        }
+    };
+    metrics::histogram!("understudy_login_seconds").record(started.elapsed().as_secs_f64());
+    let max = shared.config.max_message_size;
+    let pump = Pump::new(
+        stream,
+        established.backend,
+        Pipe::new(established.client_buf, max),
+        Pipe::new(established.backend_buf, max),
+    );
+    Session::new(
+        pump,
+        guard,
+        shared.metrics.clone(),
+        established.server_params,
+    )
+    .run(shutdown)
+    .await
+}
+
+/// Logs in to the primary for the client and relays the server's greeting.
+async fn establish(
+    shared: &Arc<Shared>,
+    stream: &mut Stream,
+    client_buf: &mut BytesMut,
+    startup: &StartupMessage,
+    guard: &mut SessionGuard,
+) -> Result<Established, SessionError> {
+    let user = startup.user().unwrap_or_default();
+    let mode = shared.config.auth.client_auth;
+    let mut greeting = BytesMut::new();
+    // Newer minor versions and protocol options are answered here; the server gets plain 3.0.
+    let options: Vec<String> = startup.protocol_options().map(str::to_owned).collect();
+    if startup.minor > 0 || !options.is_empty() {
+        encode::negotiate_protocol_version(&mut greeting, 0, options);
+    }
+    let secret = if mode != ClientAuth::Passthrough || shared.secrets.configured() {
+        match shared.secrets.lookup(user).await {
+            Ok(s) => s,
+            Err(e) if mode == ClientAuth::Passthrough => {
+                tracing::warn!(%user, error = %e, "secret lookup failed; session will not be movable");
+                None
+            }
+            Err(e) => {
+                return Err(SessionError::BackendUnavailable {
+                    code: "08001",
+                    message: format!("could not look up credentials: {e}"),
+                })
+            }
+        }
+    } else {
+        None
+    };
+    let primary = shared
+        .topology
+        .primary(shared.config.connect_timeout())
+        .await
+        .ok_or_else(|| SessionError::BackendUnavailable {
+            code: "08001",
+            message: "no primary database server is available".to_owned(),
+        })?;
+    if !greeting.is_empty() {
+        send(stream, &greeting)
+            .await
+            .map_err(SessionError::ClientGone)?;
+        greeting.clear();
+    }
+    let mut client = ClientEnd {
+        stream,
+        buf: client_buf,
+    };
+    let mut backend_buf = BytesMut::new();
+    let (mut backend, credential) = if mode == ClientAuth::Passthrough {
+        let mut backend = shared
+            .connector
+            .open(&primary, startup.server_params())
+            .await?;
+        let mut ends = Ends {
+            client: &mut client,
+            backend: &mut backend,
+            backend_buf: &mut backend_buf,
+        };
+        let credential = relay(&mut ends, secret.as_ref()).await?;
+        (backend, credential)
+    } else {
+        let credential = verify(&mut client, mode, user, secret).await?;
+        let mut backend = shared
+            .connector
+            .open(&primary, startup.server_params())
+            .await?;
+        match login(&mut backend, &mut backend_buf, user, &credential).await {
+            Ok(()) => {}
+            Err(LoginError::Server(frame)) => {
+                client.send(&frame.raw).await?;
+                return Err(LoginError::Server(frame).into_session_error());
+            }
+            Err(LoginError::Failed(e)) => return Err(e),
+        }
+        encode::auth_ok(&mut greeting);
+        (backend, credential)
+    };
+    if let Credential::Missing(why) = &credential {
+        tracing::debug!(%user, why, "session cannot be moved without its client");
+    }
+    guard.info().set_movable(credential.movability());
+
+    // After AuthenticationOk: ParameterStatus…, BackendKeyData, ReadyForQuery (docs 55.2.1).
+    let backend_addr = backend
+        .tcp()
+        .peer_addr()
+        .map_err(SessionError::BackendLost)?;
+    let mut server_params = Vec::new();
+    loop {
+        let frame = recv_backend(&mut backend, &mut backend_buf).await?;
+        match frame.tag {
+            backend::PARAMETER_STATUS => {
+                if let Some((name, value)) = inspect::parameter_status(frame.body()) {
+                    record_param(&mut server_params, name, value);
+                }
+                greeting.extend_from_slice(&frame.raw);
+            }
+            backend::BACKEND_KEY_DATA => {
+                let (pid, secret) = inspect::backend_key_data(frame.body())
+                    .ok_or_else(|| unexpected(backend::BACKEND_KEY_DATA))?;
+                let key = guard.issue_cancel_key(CancelTarget {
+                    backend: backend_addr,
+                    key: CancelKey { pid, secret },
+                });
+                guard.info().set_backend(backend_addr, pid);
+                encode::backend_key_data(&mut greeting, key.pid, key.secret);
+            }
+            backend::NOTICE_RESPONSE => greeting.extend_from_slice(&frame.raw),
+            backend::ERROR_RESPONSE => {
+                greeting.extend_from_slice(&frame.raw);
+                client.send(&greeting).await?;
+                let err = ErrorView::parse(frame.body());
+                return Err(SessionError::ServerFatal {
+                    code: err.code.to_owned(),
+                    message: err.message.to_owned(),
+                });
+            }
+            backend::READY_FOR_QUERY => {
+                greeting.extend_from_slice(&frame.raw);
+                client.send(&greeting).await?;
+                break;
+            }
+            other => return Err(unexpected(other)),
+        }
+    }
+    Ok(Established {
+        backend,
+        backend_buf,
+        client_buf: std::mem::take(client.buf),
+        server_params,
+    })
+}

@@ -1,0 +1,87 @@
+//! `understudy ctl`: talks to a running gateway's admin listener.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+/// GETs `path` from the admin listener at `addr` and returns the body.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        anyhow::bail!("{path}: HTTP {status}: {text}");
+    }
+    Ok(text)
+}
+
+/// Renders `/status` JSON for a person.
+pub fn render_status(json: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "understudy {} on {}: {}, {} session(s)",
+        s(&json["version"]),
+        s(&json["listen"]),
+        s(&json["state"]),
+        s(&json["session_count"])
+    );
+    let _ = writeln!(out, "\nBACKEND                 ROLE         ROUTED  ERROR");
+    for b in json["backends"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<23} {:<12} {:<7} {}",
+            s(&b["address"]),
+            s(&b["role"]),
+            if b["routed"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            s(&b["error"])
+        );
+    }
+    let sessions = json["sessions"].as_array().cloned().unwrap_or_default();
+    if !sessions.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nID     CLIENT                 USER         DATABASE     BACKEND PID  TRANSACTION         MOVABLE"
+        );
+        for x in sessions {
+            let movable = match x["movable"].as_str() {
+                Some("yes") => "yes".to_owned(),
+                Some(_) => format!("no: {}", s(&x["reason"])),
+                None => "-".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<6} {:<22} {:<12} {:<12} {:<12} {:<19} {}",
+                s(&x["id"]),
+                s(&x["client"]),
+                s(&x["user"]),
+                s(&x["database"]),
+                s(&x["backend_pid"]),
+                s(&x["transaction"]),
+                movable
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,111 @@
+//! `understudy demo`: a local primary, a streaming hot standby and a gateway, ready for psql.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::local_cluster::{ClusterOptions, LocalCluster, PgBinaries};
+use crate::shutdown::Phase;
+use crate::Gateway;
+
+/// Options of `understudy demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Port the gateway listens on (127.0.0.1).
+    #[arg(long, default_value_t = 6432)]
+    pub port: u16,
+    /// Port of the admin listener (/metrics, /status).
+    #[arg(long, default_value_t = 9187)]
+    pub admin_port: u16,
+    /// Directory for the clusters' data (default: a new temporary directory); removed on exit.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Role and password the demo creates for the reader to log in with.
+pub const DEMO_ROLE: &str = "app";
+
+/// Runs the demo until Ctrl-C, then removes everything it created.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let bins = PgBinaries::find()?;
+    let opts = match args.dir.clone() {
+        Some(dir) => ClusterOptions::new(dir),
+        None => ClusterOptions::in_temp_dir(),
+    };
+    eprintln!(
+        "Starting a PostgreSQL primary and a streaming hot standby ({}) in {} ...",
+        bins.bindir.display(),
+        opts.base_dir.display()
+    );
+    let mut cluster = LocalCluster::create(&bins, opts).await?;
+    let result = serve(&cluster, &args).await;
+    eprintln!(
+        "Stopping PostgreSQL and removing {} ...",
+        cluster.base_dir().display()
+    );
+    cluster.shutdown().await;
+    result
+}
+
+async fn serve(cluster: &LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
+    let admin = cluster.primary.client("postgres", "postgres").await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {DEMO_ROLE} LOGIN PASSWORD '{DEMO_ROLE}'"
+        ))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {DEMO_ROLE} OWNER {DEMO_ROLE}"))
+        .await?;
+    cluster.wait_standby_caught_up().await?;
+
+    let mut config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], args.port)),
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port))),
+        backends: cluster.nodes().map(|n| n.addr().to_string()).collect(),
+        ..Config::default()
+    };
+    // The control role (postgres, trusted on loopback) reads verifiers, so SCRAM sessions keep
+    // the ClientKey they need to log in again after a failover.
+    config.auth.auth_query = Some(crate::config::DEFAULT_AUTH_QUERY.to_owned());
+    let gateway = Gateway::bind(config).await?;
+    let addr = gateway.local_addr();
+    let admin_addr = gateway.admin_addr();
+    let trigger = gateway.shutdown_trigger();
+    let running = tokio::spawn(gateway.run());
+
+    let standby = cluster
+        .standby
+        .as_ref()
+        .map(|s| s.addr().to_string())
+        .unwrap_or_else(|| "-".to_owned());
+    println!(
+        "\nUnderstudy is ready.\n\n  \
+         primary  {primary}\n  standby  {standby}  (streaming, hot standby)\n  \
+         gateway  {addr}\n\n\
+         Connect through the gateway:\n\n  \
+         psql \"postgresql://{DEMO_ROLE}:{DEMO_ROLE}@{addr}/{DEMO_ROLE}\"\n\n\
+         Status:   understudy ctl --admin {admin} status\n\
+         Metrics:  curl http://{admin}/metrics\n\n\
+         Press Ctrl-C to stop and remove everything.",
+        primary = cluster.primary.addr(),
+        admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+    );
+    tokio::select! {
+        r = crate::shutdown::signal() => r?,
+        _ = cluster_exited(cluster) => eprintln!("A PostgreSQL server of the demo stopped."),
+    }
+    trigger.advance(Phase::Force);
+    let _ = running.await;
+    Ok(())
+}
+
+/// Resolves if the primary's postmaster disappears (so the demo does not sit there broken).
+async fn cluster_exited(cluster: &LocalCluster) {
+    let Some(pid) = cluster.primary.postmaster_pid() else {
+        return std::future::pending().await;
+    };
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}

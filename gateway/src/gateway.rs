@@ -1,0 +1,248 @@
+//! The gateway process: listeners, shared state, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Secrets;
+use crate::backend::Connector;
+use crate::config::Config;
+use crate::sessions::Registry;
+use crate::shutdown::{self, Phase, ShutdownTrigger};
+use crate::telemetry::Metrics;
+use crate::topology::Topology;
+
+/// State every session and listener shares.
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Config,
+    /// Backends and the current primary.
+    pub topology: Arc<Topology>,
+    /// Live sessions and cancel keys.
+    pub registry: Arc<Registry>,
+    /// How backend connections are opened.
+    pub connector: Connector,
+    /// TLS offered to clients.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Role secrets (auth file, auth_query).
+    pub secrets: Secrets,
+    /// Hot-path metric handles.
+    pub metrics: Metrics,
+    /// One permit per client session (`max_client_connections`).
+    pub limit: Arc<Semaphore>,
+    /// Shutdown broadcast.
+    pub shutdown: ShutdownTrigger,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Bad TLS material.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else that is wrong with the setup.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A gateway with its listeners bound, ready to run.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl Gateway {
+    /// Validates `config`, loads TLS and auth material, and binds the listeners.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let topology = Arc::new(Topology::new(&config).map_err(StartError::Setup)?);
+        let secrets = Secrets::load(
+            &config.auth,
+            &config.control,
+            topology.clone(),
+            config.connect_timeout(),
+        )
+        .map_err(StartError::Setup)?;
+        let connector = Connector {
+            sslmode: config.backend_tls.sslmode,
+            tls: crate::tls::backend_config(&config.backend_tls)?,
+            timeout: config.connect_timeout(),
+            keepalive: config.tcp_keepalive.clone(),
+        };
+        let client_tls = crate::tls::server_config(&config.tls)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let (trigger, _) = shutdown::channel();
+        let shared = Arc::new(Shared {
+            limit: Arc::new(Semaphore::new(config.max_client_connections)),
+            config,
+            topology,
+            registry: Arc::new(Registry::default()),
+            connector,
+            client_tls,
+            secrets,
+            metrics: Metrics::new(),
+            shutdown: trigger,
+        });
+        Ok(Self {
+            shared,
+            listener,
+            admin,
+        })
+    }
+
+    /// Address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The handle that starts a graceful shutdown.
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        self.shared.shutdown.clone()
+    }
+
+    /// Shared state (for embedding and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until shutdown: on Draining stops accepting, lets sessions finish their
+    /// transactions for `shutdown_timeout`, then forces the rest closed.
+    pub async fn run(self) {
+        let Gateway {
+            shared,
+            listener,
+            admin,
+        } = self;
+        let tracker = TaskTracker::new();
+        let mut shutdown = shared.shutdown.subscribe();
+        tracker.spawn(shared.topology.clone().run(shutdown.clone()));
+        if let Some(admin) = admin {
+            tracker.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
+        }
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "accepting connections");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        if let Err(e) = crate::stream::tune_socket(&tcp, &shared.config.tcp_keepalive) {
+                            tracing::debug!(%peer, error = %e, "socket options not set");
+                        }
+                        tracker.spawn(crate::connection::serve(shared.clone(), tcp, peer));
+                    }
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.draining() => break,
+            }
+        }
+        drop(listener);
+        tracing::info!(
+            sessions = shared.registry.len(),
+            "shutting down: closing sessions at their transaction boundaries"
+        );
+        let trigger = shared.shutdown.clone();
+        let timeout = shared.config.shutdown_timeout();
+        let force = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            trigger.advance(Phase::Force);
+        });
+        tracker.close();
+        tracker.wait().await;
+        force.abort();
+        tracing::info!("shut down");
+    }
+
+    /// Runs in a background task; the handle stops it.
+    pub fn spawn(self) -> GatewayHandle {
+        let addr = self.local_addr();
+        let admin_addr = self.admin_addr();
+        let trigger = self.shutdown_trigger();
+        let shared = self.shared.clone();
+        let task = tokio::spawn(self.run());
+        GatewayHandle {
+            addr,
+            admin_addr,
+            trigger,
+            shared,
+            task,
+        }
+    }
+}
+
+/// A gateway running in the background.
+pub struct GatewayHandle {
+    /// Client address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin_addr: Option<SocketAddr>,
+    trigger: ShutdownTrigger,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn begin_shutdown(&self) {
+        self.trigger.advance(Phase::Draining);
+    }
+
+    /// Shuts down gracefully and waits until every session is closed.
+    pub async fn shutdown(self) {
+        self.begin_shutdown();
+        let _ = self.task.await;
+    }
+
+    /// Whether the gateway has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits for the gateway to stop.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}

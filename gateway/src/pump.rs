@@ -1,0 +1,213 @@
+//! The data path: bytes flow both ways at once through two buffers, driven by one poll.
+//!
+//! Reads and writes on both sockets are polled together so that neither direction can block
+//! the other (a client pipelining queries while the server streams results must not deadlock),
+//! and a direction stops reading once its buffer is full, which is the backpressure that keeps
+//! a slow client from making the gateway hold a whole result set.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio_util::io::poll_read_buf;
+use understudy_protocol::frame::{FrameError, FrameScanner, Step};
+
+use crate::stream::Stream;
+
+/// A direction stops reading when this much is buffered and ready to forward.
+const HIGH_WATER: usize = 256 * 1024;
+/// Read at least this much room at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// Buffers grown past this by a burst are given back once drained.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
+/// One direction's bytes: `buf[..ready]` has been inspected and may be forwarded.
+#[derive(Debug)]
+pub struct Pipe {
+    /// Received bytes not yet written on.
+    pub buf: BytesMut,
+    /// How many leading bytes of `buf` are inspected and may be forwarded.
+    pub ready: usize,
+    /// Message-boundary tracker for this direction.
+    pub scanner: FrameScanner,
+    needs_flush: bool,
+}
+
+impl Pipe {
+    /// A pipe starting with bytes already read during login.
+    pub fn new(buf: BytesMut, max_message: usize) -> Self {
+        Self {
+            buf,
+            ready: 0,
+            scanner: FrameScanner::new(max_message),
+            needs_flush: false,
+        }
+    }
+
+    /// Bytes received but not inspected yet.
+    pub fn unscanned(&self) -> &[u8] {
+        &self.buf[self.ready..]
+    }
+
+    /// Scans the next message boundary in the bytes not inspected yet (see [`FrameScanner::next`]).
+    pub fn scan(&mut self, whole: impl Fn(u8) -> bool) -> Result<(Step<'_>, usize), FrameError> {
+        self.scanner.next(&self.buf[self.ready..], whole)
+    }
+
+    /// Whether everything received has been written on and flushed.
+    pub fn is_drained(&self) -> bool {
+        self.buf.is_empty() && !self.needs_flush
+    }
+
+    fn wants_read(&self) -> bool {
+        self.buf.len() < HIGH_WATER || self.ready == 0
+    }
+
+    fn poll_write_to(&mut self, stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.ready > 0 {
+            let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.advance(n);
+            self.ready -= n;
+            self.needs_flush = true;
+        }
+        if self.needs_flush {
+            ready!(Pin::new(&mut *stream).poll_flush(cx))?;
+            self.needs_flush = false;
+        }
+        if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+            self.buf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_read_from(
+        &mut self,
+        stream: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        poll_read_buf(Pin::new(stream), cx, &mut self.buf)
+    }
+}
+
+/// Which socket an I/O error came from: decides between "client gone" and "backend lost".
+#[derive(Debug)]
+pub enum PumpError {
+    /// The client's socket.
+    Client(io::Error),
+    /// The backend's socket.
+    Backend(io::Error),
+}
+
+/// Something the session must look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// This many new bytes from the client in `up`.
+    FromClient(usize),
+    /// This many new bytes from the backend in `down`.
+    FromBackend(usize),
+    /// The client closed its side.
+    ClientEof,
+    /// The backend closed its side.
+    BackendEof,
+}
+
+/// Both sockets and both directions of one session.
+pub struct Pump {
+    /// The client connection.
+    pub client: Stream,
+    /// The backend connection.
+    pub backend: Stream,
+    /// Client → backend.
+    pub up: Pipe,
+    /// Backend → client.
+    pub down: Pipe,
+    client_open: bool,
+    backend_open: bool,
+    client_first: bool,
+}
+
+impl Pump {
+    /// Starts the data path with whatever each side sent past login.
+    pub fn new(client: Stream, backend: Stream, up: Pipe, down: Pipe) -> Self {
+        Self {
+            client,
+            backend,
+            up,
+            down,
+            client_open: true,
+            backend_open: true,
+            client_first: false,
+        }
+    }
+
+    /// Writes what is ready both ways, then reads from whichever side has something.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
+            return Poll::Ready(Err(PumpError::Backend(e)));
+        }
+        if let Poll::Ready(Err(e)) = self.down.poll_write_to(&mut self.client, cx) {
+            return Poll::Ready(Err(PumpError::Client(e)));
+        }
+        // Alternate which side is read first so a busy one cannot starve the other.
+        self.client_first = !self.client_first;
+        for client_side in [self.client_first, !self.client_first] {
+            let event = if client_side {
+                self.poll_client_read(cx)
+            } else {
+                self.poll_backend_read(cx)
+            };
+            if event.is_ready() {
+                return event;
+            }
+        }
+        Poll::Pending
+    }
+
+    fn poll_backend_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        if !self.backend_open || !self.down.wants_read() {
+            return Poll::Pending;
+        }
+        Poll::Ready(
+            match ready!(self.down.poll_read_from(&mut self.backend, cx)) {
+                Ok(0) => {
+                    self.backend_open = false;
+                    Ok(Event::BackendEof)
+                }
+                Ok(n) => Ok(Event::FromBackend(n)),
+                Err(e) => Err(PumpError::Backend(e)),
+            },
+        )
+    }
+
+    fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        if !self.client_open || !self.up.wants_read() {
+            return Poll::Pending;
+        }
+        Poll::Ready(match ready!(self.up.poll_read_from(&mut self.client, cx)) {
+            Ok(0) => {
+                self.client_open = false;
+                Ok(Event::ClientEof)
+            }
+            Ok(n) => Ok(Event::FromClient(n)),
+            Err(e) => Err(PumpError::Client(e)),
+        })
+    }
+
+    /// Writes out everything ready towards the client.
+    pub async fn flush_client(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.down.poll_write_to(&mut self.client, cx)).await
+    }
+
+    /// Writes out everything ready towards the backend.
+    pub async fn flush_backend(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.up.poll_write_to(&mut self.backend, cx)).await
+    }
+}

@@ -1,0 +1,264 @@
+//! The registry of live sessions: what `/status` shows and where cancel requests go.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use understudy_protocol::startup::CancelKey;
+
+/// Where a cancel for a session must go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    /// The backend the session is connected to.
+    pub backend: SocketAddr,
+    /// The backend's own key.
+    pub key: CancelKey,
+}
+
+/// Whether a session could be logged in again on another server without its client.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "movable", content = "reason", rename_all = "snake_case")]
+pub enum Movability {
+    /// The gateway holds what it needs to log in again.
+    Yes,
+    /// It does not, and why.
+    No(String),
+}
+
+/// What the registry knows of one session.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// Gateway-wide session number.
+    pub id: u64,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Whether the client connection uses TLS.
+    pub tls: bool,
+    /// Role name.
+    pub user: String,
+    /// Database name.
+    pub database: String,
+    /// When the client connected.
+    pub started: SystemTime,
+    /// Last transaction status byte seen in ReadyForQuery (0 before the first).
+    pub txn_status: AtomicU8,
+    detail: Mutex<Detail>,
+}
+
+#[derive(Debug, Default)]
+struct Detail {
+    backend: Option<SocketAddr>,
+    backend_pid: Option<i32>,
+    movable: Option<Movability>,
+}
+
+/// JSON form of a session for `/status`.
+#[derive(Debug, Serialize)]
+pub struct SessionStatus {
+    /// Session number.
+    pub id: u64,
+    /// Client address.
+    pub client: String,
+    /// TLS in use.
+    pub tls: bool,
+    /// Role.
+    pub user: String,
+    /// Database.
+    pub database: String,
+    /// Seconds since connect.
+    pub age_secs: u64,
+    /// Backend address.
+    pub backend: Option<String>,
+    /// Backend process ID.
+    pub backend_pid: Option<i32>,
+    /// `idle`, `in_transaction`, `failed_transaction` or `starting`.
+    pub transaction: &'static str,
+    /// Whether the session could be moved, and why not.
+    #[serde(flatten)]
+    pub movable: Option<Movability>,
+}
+
+impl SessionInfo {
+    fn lock(&self) -> MutexGuard<'_, Detail> {
+        self.detail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the backend the session now uses.
+    pub fn set_backend(&self, addr: SocketAddr, pid: i32) {
+        let mut d = self.lock();
+        d.backend = Some(addr);
+        d.backend_pid = Some(pid);
+    }
+
+    /// Records whether the session can be logged in again without its client.
+    pub fn set_movable(&self, m: Movability) {
+        self.lock().movable = Some(m);
+    }
+
+    /// Snapshot for `/status`.
+    pub fn status(&self) -> SessionStatus {
+        let d = self.lock();
+        SessionStatus {
+            id: self.id,
+            client: self.client.to_string(),
+            tls: self.tls,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            age_secs: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            backend: d.backend.map(|a| a.to_string()),
+            backend_pid: d.backend_pid,
+            transaction: match self.txn_status.load(Ordering::Relaxed) {
+                b'I' => "idle",
+                b'T' => "in_transaction",
+                b'E' => "failed_transaction",
+                _ => "starting",
+            },
+            movable: d.movable.clone(),
+        }
+    }
+}
+
+/// All live sessions and their cancel keys.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+    cancels: Mutex<HashMap<CancelKey, CancelTarget>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Adds a session; it leaves the registry when the returned guard drops.
+    pub fn open(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        tls: bool,
+        user: &str,
+        database: &str,
+    ) -> SessionGuard {
+        let info = Arc::new(SessionInfo {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            client,
+            tls,
+            user: user.to_owned(),
+            database: database.to_owned(),
+            started: SystemTime::now(),
+            txn_status: AtomicU8::new(0),
+            detail: Mutex::default(),
+        });
+        lock(&self.sessions).insert(info.id, info.clone());
+        SessionGuard {
+            registry: self.clone(),
+            info,
+            cancel_key: None,
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Snapshots of all sessions, oldest first.
+    pub fn statuses(&self) -> Vec<SessionStatus> {
+        let mut v: Vec<_> = lock(&self.sessions).values().map(|s| s.status()).collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
+    pub fn cancel_target(&self, key: &CancelKey) -> Option<CancelTarget> {
+        lock(&self.cancels).get(key).copied()
+    }
+}
+
+/// A session's place in the registry; removes it (and its cancel key) on drop.
+pub struct SessionGuard {
+    registry: Arc<Registry>,
+    info: Arc<SessionInfo>,
+    cancel_key: Option<CancelKey>,
+}
+
+impl SessionGuard {
+    /// The session's shared record.
+    pub fn info(&self) -> &Arc<SessionInfo> {
+        &self.info
+    }
+
+    /// Issues the key the client will see: the backend's real PID and a fresh secret of the
+    /// gateway's own, mapped to the backend's key. Re-issuing keeps the client's key and points
+    /// it at the new target.
+    pub fn issue_cancel_key(&mut self, target: CancelTarget) -> CancelKey {
+        let mut cancels = lock(&self.registry.cancels);
+        if let Some(key) = self.cancel_key {
+            cancels.insert(key, target);
+            return key;
+        }
+        let key = loop {
+            let key = CancelKey {
+                pid: target.key.pid,
+                secret: rand::random(),
+            };
+            if !cancels.contains_key(&key) {
+                break key;
+            }
+        };
+        cancels.insert(key, target);
+        self.cancel_key = Some(key);
+        key
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.cancel_key {
+            lock(&self.registry.cancels).remove(&key);
+        }
+        lock(&self.registry.sessions).remove(&self.info.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_keys_map_and_vanish_with_the_session() {
+        let reg = Arc::new(Registry::default());
+        let client = SocketAddr::from(([127, 0, 0, 1], 1));
+        let backend = SocketAddr::from(([127, 0, 0, 1], 5432));
+        let mut g = reg.open(client, false, "u", "d");
+        let target = CancelTarget {
+            backend,
+            key: CancelKey { pid: 99, secret: 5 },
+        };
+        let key = g.issue_cancel_key(target);
+        assert_eq!(key.pid, 99, "the client sees the backend's real PID");
+        assert_eq!(reg.cancel_target(&key), Some(target));
+        let moved = CancelTarget {
+            backend,
+            key: CancelKey { pid: 7, secret: 8 },
+        };
+        assert_eq!(
+            g.issue_cancel_key(moved),
+            key,
+            "the client's key survives a move"
+        );
+        assert_eq!(reg.cancel_target(&key), Some(moved));
+        assert_eq!(reg.len(), 1);
+        drop(g);
+        assert_eq!(reg.cancel_target(&key), None);
+        assert!(reg.is_empty());
+    }
+}

@@ -1,0 +1,295 @@
+//! The configured backends, their roles, and which one is the primary now.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{Config, Control};
+use crate::shutdown::Shutdown;
+
+/// A configured PostgreSQL server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Host name or address, as configured (also the TLS server name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl Backend {
+    /// Parses `host:port` (or `[v6]:port`; port defaults to 5432).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') => (
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse()
+                    .map_err(|_| format!("invalid port in backend {s:?}"))?,
+            ),
+            _ => (s, 5432),
+        };
+        if host.is_empty() {
+            return Err(format!("empty host in backend {s:?}"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// Resolves the address (first result).
+    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
+        tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", self.host)))
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the last probe found a backend to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Not probed yet.
+    Unknown,
+    /// Accepts writes.
+    Primary,
+    /// In recovery (hot standby).
+    Standby,
+    /// Could not be reached or queried.
+    Unreachable,
+}
+
+/// JSON form of a backend for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// `host:port`.
+    pub address: String,
+    /// Last known role.
+    pub role: Role,
+    /// Whether sessions are routed here.
+    pub routed: bool,
+    /// Seconds since the last probe, if any.
+    pub probed_secs_ago: Option<f64>,
+    /// Last probe error.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    role: Role,
+    at: Option<Instant>,
+    error: Option<String>,
+}
+
+/// Backends and the current primary.
+#[derive(Debug)]
+pub struct Topology {
+    backends: Vec<Backend>,
+    probes: Mutex<Vec<Probe>>,
+    primary: watch::Sender<Option<usize>>,
+    control: Control,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Topology {
+    /// Backends from the configuration; a single backend is the primary without a probe.
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| Backend::parse(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let single = (backends.len() == 1).then_some(0);
+        let probes = vec![
+            Probe {
+                role: Role::Unknown,
+                at: None,
+                error: None,
+            };
+            backends.len()
+        ];
+        Ok(Self {
+            backends,
+            probes: Mutex::new(probes),
+            primary: watch::Sender::new(single),
+            control: config.control.clone(),
+            interval: Duration::from_millis(config.topology_interval_ms.max(50)),
+            timeout: config.connect_timeout(),
+        })
+    }
+
+    /// The primary, waiting up to `timeout` for one to be known.
+    pub async fn primary(&self, timeout: Duration) -> Option<Backend> {
+        let mut rx = self.primary.subscribe();
+        let found = tokio::time::timeout(timeout, rx.wait_for(|p| p.is_some())).await;
+        let index = (*found.ok()?.ok()?)?;
+        self.backends.get(index).cloned()
+    }
+
+    /// Backends and roles for `/status`.
+    pub fn statuses(&self) -> Vec<BackendStatus> {
+        let probes = self
+            .probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let routed = *self.primary.borrow();
+        self.backends
+            .iter()
+            .zip(probes)
+            .enumerate()
+            .map(|(i, (b, p))| BackendStatus {
+                address: b.to_string(),
+                role: p.role,
+                routed: routed == Some(i),
+                probed_secs_ago: p.at.map(|t| t.elapsed().as_secs_f64()),
+                error: p.error,
+            })
+            .collect()
+    }
+
+    /// Probes every backend once and updates the primary.
+    pub async fn probe_all(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let (b, control, timeout) = (b.clone(), self.control.clone(), self.timeout);
+            set.spawn(async move { (i, probe(&b, &control, timeout).await) });
+        }
+        let mut results = vec![Err("probe did not finish".to_owned()); self.backends.len()];
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, r)) = joined {
+                results[i] = r;
+            }
+        }
+        let now = Instant::now();
+        let mut primaries = Vec::new();
+        {
+            let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, result) in results.into_iter().enumerate() {
+                let (role, error) = match result {
+                    Ok(true) => (Role::Standby, None),
+                    Ok(false) => (Role::Primary, None),
+                    Err(e) => (Role::Unreachable, Some(e)),
+                };
+                if role == Role::Primary {
+                    primaries.push(i);
+                }
+                probes[i] = Probe {
+                    role,
+                    at: Some(now),
+                    error,
+                };
+            }
+        }
+        if self.backends.len() == 1 {
+            return;
+        }
+        let current = *self.primary.borrow();
+        let next = match primaries.as_slice() {
+            [] => current,
+            [one] => Some(*one),
+            many => {
+                tracing::warn!(
+                    backends = ?many.iter().map(|&i| self.backends[i].to_string()).collect::<Vec<_>>(),
+                    "more than one backend is out of recovery; keeping the current primary"
+                );
+                current.filter(|c| many.contains(c)).or(Some(many[0]))
+            }
+        };
+        if next != current {
+            if let Some(i) = next {
+                tracing::info!(primary = %self.backends[i], "primary found");
+            }
+            self.primary.send_replace(next);
+        }
+    }
+
+    /// Re-probes every `topology_interval_ms` until shutdown.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            self.probe_all().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = shutdown.draining() => return,
+            }
+        }
+    }
+}
+
+/// `Ok(in_recovery)` or the reason the backend could not be asked.
+async fn probe(backend: &Backend, control: &Control, timeout: Duration) -> Result<bool, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&backend.host)
+        .port(backend.port)
+        .user(&control.user)
+        .dbname(&control.database)
+        .application_name("understudy-probe")
+        .connect_timeout(timeout);
+    if let Some(p) = &control.password {
+        cfg.password(p);
+    }
+    let work = async {
+        let (client, conn) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| e.to_string());
+        drop(client);
+        let _ = conn.await;
+        row?.try_get::<_, bool>(0).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Wall-clock time, for status output.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_backend_addresses() {
+        assert_eq!(
+            Backend::parse("db1:5433").unwrap(),
+            Backend {
+                host: "db1".into(),
+                port: 5433
+            }
+        );
+        assert_eq!(Backend::parse("db1").unwrap().port, 5432);
+        assert_eq!(Backend::parse("[::1]:6000").unwrap().host, "::1");
+        assert_eq!(
+            Backend::parse("[::1]:6000").unwrap().to_string(),
+            "[::1]:6000"
+        );
+        assert!(Backend::parse("db:x").is_err());
+        assert!(Backend::parse(":5432").is_err());
+    }
+}

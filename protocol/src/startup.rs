@@ -1,0 +1,280 @@
+//! The startup phase: packets without a type byte (StartupMessage, SSLRequest, GSSENCRequest,
+//! CancelRequest), told apart by the code after their length (docs 55.2, 55.7).
+
+use std::fmt;
+
+/// Longest startup packet PostgreSQL accepts (`MAX_STARTUP_PACKET_LENGTH`).
+pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
+/// Code of an SSLRequest.
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+/// Code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+/// Code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// Major protocol version the gateway speaks.
+pub const PROTOCOL_MAJOR: u16 = 3;
+
+/// One packet of the startup phase.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    /// The client asks for TLS.
+    SslRequest,
+    /// The client asks for GSSAPI encryption.
+    GssEncRequest,
+    /// Cancel the query running on the session with this key.
+    Cancel(CancelKey),
+    /// The real startup message.
+    Startup(StartupMessage),
+}
+
+/// The key a client quotes to cancel its session's query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CancelKey {
+    /// Process ID from BackendKeyData.
+    pub pid: i32,
+    /// Secret from BackendKeyData.
+    pub secret: i32,
+}
+
+/// A StartupMessage: protocol version and the parameters in the order the client sent them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StartupMessage {
+    /// Minor protocol version asked for (major is always 3 here).
+    pub minor: u16,
+    /// Parameters, including `user`, `database`, `options` and any `_pq_.` protocol options.
+    pub params: Vec<(String, String)>,
+}
+
+impl fmt::Debug for StartupMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StartupMessage")
+            .field("minor", &self.minor)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl StartupMessage {
+    /// Value of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The role name (`user` is mandatory).
+    pub fn user(&self) -> Option<&str> {
+        self.get("user")
+    }
+
+    /// The database, which defaults to the role name.
+    pub fn database(&self) -> Option<&str> {
+        self.get("database").or_else(|| self.user())
+    }
+
+    /// Protocol options (`_pq_.` prefix) the client asked for; the gateway supports none.
+    pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
+        self.params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("_pq_."))
+    }
+
+    /// Parameters to pass to the server: all but protocol options.
+    pub fn server_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params
+            .iter()
+            .filter(|(k, _)| !k.starts_with("_pq_."))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// A startup packet the gateway cannot accept.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StartupError {
+    /// Length word below 8 or above [`MAX_STARTUP_PACKET_LEN`].
+    #[error("invalid length of startup packet: {0}")]
+    InvalidLength(i64),
+    /// Protocol major version other than 3, or an unknown request code.
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
+    UnsupportedProtocol {
+        /// Major version asked for.
+        major: u16,
+        /// Minor version asked for.
+        minor: u16,
+    },
+    /// The parameter list is not a list of NUL-terminated UTF-8 pairs ending in a NUL.
+    #[error("invalid startup packet layout: {0}")]
+    Malformed(&'static str),
+    /// No `user` parameter.
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+}
+
+impl StartupError {
+    /// SQLSTATE PostgreSQL uses for this error.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            StartupError::UnsupportedProtocol { .. } => "0A000",
+            StartupError::NoUser => "28000",
+            StartupError::InvalidLength(_) | StartupError::Malformed(_) => "08P01",
+        }
+    }
+}
+
+/// Total length of the startup packet at the front of `buf`, once its length word has arrived.
+pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, StartupError> {
+    let Some(word) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes(*word);
+    if !(8..=MAX_STARTUP_PACKET_LEN as i32).contains(&len) {
+        return Err(StartupError::InvalidLength(len.into()));
+    }
+    Ok(Some(len as usize))
+}
+
+/// Parses one complete startup packet (length word included).
+pub fn parse_packet(packet: &[u8]) -> Result<StartupPacket, StartupError> {
+    let (Some(code), Some(body)) = (packet.get(4..8), packet.get(8..)) else {
+        return Err(StartupError::InvalidLength(packet.len() as i64));
+    };
+    let code = i32::from_be_bytes([code[0], code[1], code[2], code[3]]);
+    match code {
+        SSL_REQUEST_CODE if body.is_empty() => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST_CODE if body.is_empty() => Ok(StartupPacket::GssEncRequest),
+        CANCEL_REQUEST_CODE => {
+            // Protocol 3.2 allows secrets up to 256 bytes; the gateway only issues 4-byte ones.
+            let (Some(pid), Some(secret)) = (body.first_chunk::<4>(), body.get(4..)) else {
+                return Err(StartupError::Malformed("cancel request too short"));
+            };
+            let secret = <[u8; 4]>::try_from(secret)
+                .map_err(|_| StartupError::Malformed("cancel key is not 4 bytes"))?;
+            Ok(StartupPacket::Cancel(CancelKey {
+                pid: i32::from_be_bytes(*pid),
+                secret: i32::from_be_bytes(secret),
+            }))
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != PROTOCOL_MAJOR {
+                return Err(StartupError::UnsupportedProtocol { major, minor });
+            }
+            let params = parse_params(body)?;
+            let msg = StartupMessage { minor, params };
+            if msg.user().is_none() {
+                return Err(StartupError::NoUser);
+            }
+            Ok(StartupPacket::Startup(msg))
+        }
+    }
+}
+
+fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
+    let mut params = Vec::new();
+    loop {
+        let name = cstr(&mut body)?;
+        if name.is_empty() {
+            break;
+        }
+        let value = cstr(&mut body)?;
+        params.push((name.to_owned(), value.to_owned()));
+    }
+    if !body.is_empty() {
+        return Err(StartupError::Malformed("bytes after the terminating NUL"));
+    }
+    Ok(params)
+}
+
+fn cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a str, StartupError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(StartupError::Malformed("missing NUL terminator"))?;
+    let s = std::str::from_utf8(&buf[..end]).map_err(|_| StartupError::Malformed("not UTF-8"))?;
+    *buf = &buf[end + 1..];
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: i32, body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn parses_startup_with_params_in_order() {
+        let p = packet(
+            196_608 + 2,
+            b"user\0alice\0options\0-c x=1\0_pq_.foo\0on\0\0",
+        );
+        let StartupPacket::Startup(m) = parse_packet(&p).unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(m.minor, 2);
+        assert_eq!(m.database(), Some("alice"));
+        assert_eq!(m.protocol_options().collect::<Vec<_>>(), ["_pq_.foo"]);
+        assert_eq!(
+            m.server_params().collect::<Vec<_>>(),
+            [("user", "alice"), ("options", "-c x=1")]
+        );
+    }
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(
+            parse_packet(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(StartupPacket::SslRequest)
+        );
+        assert_eq!(
+            parse_packet(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(StartupPacket::GssEncRequest)
+        );
+        let mut body = 42i32.to_be_bytes().to_vec();
+        body.extend_from_slice(&(-7i32).to_be_bytes());
+        assert_eq!(
+            parse_packet(&packet(CANCEL_REQUEST_CODE, &body)),
+            Ok(StartupPacket::Cancel(CancelKey {
+                pid: 42,
+                secret: -7
+            }))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_packets() {
+        assert_eq!(
+            packet_len(&[0, 0, 0, 4]),
+            Err(StartupError::InvalidLength(4))
+        );
+        assert_eq!(
+            packet_len(&[0x7f, 0, 0, 0]),
+            Err(StartupError::InvalidLength(0x7f00_0000))
+        );
+        assert_eq!(packet_len(&[0, 0]), Ok(None));
+        assert!(matches!(
+            parse_packet(&packet(2 << 16, b"user\0a\0\0")),
+            Err(StartupError::UnsupportedProtocol { major: 2, minor: 0 })
+        ));
+        assert_eq!(
+            parse_packet(&packet(196_608, b"user\0a")),
+            Err(StartupError::Malformed("missing NUL terminator"))
+        );
+        assert_eq!(
+            parse_packet(&packet(196_608, b"database\0a\0\0")),
+            Err(StartupError::NoUser)
+        );
+        assert_eq!(
+            parse_packet(&packet(196_608, b"user\0\xff\0\0")),
+            Err(StartupError::Malformed("not UTF-8"))
+        );
+        assert!(parse_packet(&packet(CANCEL_REQUEST_CODE, b"\0\0")).is_err());
+    }
+}

@@ -1,1 +1,309 @@
+//! Test harness: real PostgreSQL (primary + streaming standby from the installed binaries),
+//! gateways started in-process, and real clients (tokio-postgres, psql, pgbench).
+//!
+//! ```ignore
+//! let cluster = Cluster::primary_and_standby().await;
+//! let gw = cluster.gateway().await;
+//! let client = gw.connect("scram_user").await;
+//! ```
 
+pub mod raw;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use understudy::config::Config;
+use understudy::local_cluster::{ClusterOptions, LocalCluster, PgBinaries};
+use understudy::GatewayHandle;
+
+/// Roles every test cluster has, with the pg_hba method that applies to each.
+pub mod roles {
+    /// Superuser, trusted on loopback.
+    pub const SUPERUSER: &str = "postgres";
+    /// SCRAM-SHA-256 role.
+    pub const SCRAM: &str = "scram_user";
+    /// Its password.
+    pub const SCRAM_PASSWORD: &str = "scram-secret";
+    /// md5 role (stored as an md5 hash, md5 in pg_hba).
+    pub const MD5: &str = "md5_user";
+    /// Its password.
+    pub const MD5_PASSWORD: &str = "md5-secret";
+    /// Role that logs in with a cleartext password (`password` in pg_hba).
+    pub const CLEARTEXT: &str = "cleartext_user";
+    /// Its password.
+    pub const CLEARTEXT_PASSWORD: &str = "clear-secret";
+    /// Role trusted in pg_hba.
+    pub const TRUST: &str = "trust_user";
+
+    /// Password of `role`, if it has one.
+    pub fn password(role: &str) -> Option<&'static str> {
+        match role {
+            SCRAM => Some(SCRAM_PASSWORD),
+            MD5 => Some(MD5_PASSWORD),
+            CLEARTEXT => Some(CLEARTEXT_PASSWORD),
+            _ => None,
+        }
+    }
+}
+
+/// How long anything in a test may take before it counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A PostgreSQL primary, optionally with a streaming standby, removed on drop.
+pub struct Cluster {
+    /// The servers.
+    pub pg: LocalCluster,
+    /// Where psql, pgbench and the server live.
+    pub bins: PgBinaries,
+}
+
+impl Cluster {
+    /// A primary alone (fast; most gateway tests need no standby).
+    pub async fn primary_only() -> Self {
+        Self::build(|o| o.with_standby = false).await
+    }
+
+    /// A primary and a streaming hot standby.
+    pub async fn primary_and_standby() -> Self {
+        Self::build(|_| {}).await
+    }
+
+    /// A cluster with adjusted options (the test roles' pg_hba lines are added first).
+    pub async fn build(adjust: impl FnOnce(&mut ClusterOptions)) -> Self {
+        let bins = PgBinaries::find().expect("PostgreSQL server binaries");
+        let mut opts = ClusterOptions::in_temp_dir();
+        opts.hba = vec![
+            format!("host all {} 127.0.0.1/32 md5", roles::MD5),
+            format!("host all {} 127.0.0.1/32 password", roles::CLEARTEXT),
+            format!("host all {} 127.0.0.1/32 trust", roles::TRUST),
+        ];
+        opts.max_connections = 100;
+        adjust(&mut opts);
+        let pg = LocalCluster::create(&bins, opts)
+            .await
+            .expect("local PostgreSQL cluster");
+        let cluster = Self { pg, bins };
+        cluster.create_roles().await;
+        cluster
+    }
+
+    async fn create_roles(&self) {
+        let su = self.superuser().await;
+        su.batch_execute(&format!(
+            "CREATE ROLE {scram} LOGIN PASSWORD '{scram_pw}';
+             SET password_encryption = 'md5';
+             CREATE ROLE {md5} LOGIN PASSWORD '{md5_pw}';
+             RESET password_encryption;
+             CREATE ROLE {clear} LOGIN PASSWORD '{clear_pw}';
+             CREATE ROLE {trust} LOGIN;
+             GRANT ALL ON SCHEMA public TO PUBLIC;",
+            scram = roles::SCRAM,
+            scram_pw = roles::SCRAM_PASSWORD,
+            md5 = roles::MD5,
+            md5_pw = roles::MD5_PASSWORD,
+            clear = roles::CLEARTEXT,
+            clear_pw = roles::CLEARTEXT_PASSWORD,
+            trust = roles::TRUST,
+        ))
+        .await
+        .expect("test roles");
+        if self.pg.standby.is_some() {
+            self.pg
+                .wait_standby_caught_up()
+                .await
+                .expect("standby catches up");
+        }
+    }
+
+    /// A superuser connection straight to the primary.
+    pub async fn superuser(&self) -> Client {
+        self.pg
+            .primary
+            .client(roles::SUPERUSER, "postgres")
+            .await
+            .expect("superuser connection to the primary")
+    }
+
+    /// Gateway configuration for this cluster: ephemeral ports, every node as a backend.
+    pub fn gateway_config(&self) -> Config {
+        let mut c = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            backends: self.pg.nodes().map(|n| n.addr().to_string()).collect(),
+            topology_interval_ms: 200,
+            shutdown_timeout_ms: 5_000,
+            ..Config::default()
+        };
+        c.connect_timeout_ms = 3_000;
+        c
+    }
+
+    /// A gateway with the default test configuration.
+    pub async fn gateway(&self) -> TestGateway {
+        self.gateway_with(|_| {}).await
+    }
+
+    /// A gateway with an adjusted configuration.
+    pub async fn gateway_with(&self, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let mut config = self.gateway_config();
+        adjust(&mut config);
+        TestGateway::start(config).await
+    }
+
+    /// Path of a PostgreSQL client program (psql, pgbench).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bins.program(name)
+    }
+
+    /// Counts backends of `application_name` on the primary.
+    pub async fn backends_named(&self, application_name: &str) -> i64 {
+        let su = self.superuser().await;
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+    }
+
+    /// Waits until `application_name` has exactly `n` backends on the primary.
+    pub async fn wait_backends_named(&self, application_name: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let seen = self.backends_named(application_name).await;
+            if seen == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{application_name}: {seen} backends, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    /// Its handle.
+    pub handle: GatewayHandle,
+}
+
+impl TestGateway {
+    /// Binds and starts a gateway.
+    pub async fn start(config: Config) -> Self {
+        let gw = understudy::Gateway::bind(config)
+            .await
+            .expect("gateway binds");
+        let handle = gw.spawn();
+        let this = Self { handle };
+        this.wait_routed().await;
+        this
+    }
+
+    /// Waits until the gateway knows its primary.
+    pub async fn wait_routed(&self) {
+        let found = self
+            .handle
+            .shared()
+            .topology
+            .primary(PATIENCE)
+            .await;
+        assert!(found.is_some(), "gateway found no primary");
+    }
+
+    /// Client address.
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.addr
+    }
+
+    /// Admin address.
+    pub fn admin(&self) -> SocketAddr {
+        self.handle.admin_addr.expect("admin listener configured")
+    }
+
+    /// A libpq-style connection string to the gateway.
+    pub fn conn_str(&self, user: &str, dbname: &str) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={user} dbname={dbname} application_name=it_{user}",
+            self.addr().port()
+        );
+        if let Some(p) = roles::password(user) {
+            s.push_str(&format!(" password={p}"));
+        }
+        s
+    }
+
+    /// tokio-postgres config for `user` on database postgres.
+    pub fn pg_config(&self, user: &str) -> tokio_postgres::Config {
+        self.conn_str(user, "postgres")
+            .parse()
+            .expect("valid connection string")
+    }
+
+    /// Connects as `user` (password from [`roles`]) and drives the connection in a task.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.try_connect(self.pg_config(user))
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+    }
+
+    /// Connects with `config`, returning the error instead of panicking.
+    pub async fn try_connect(
+        &self,
+        config: tokio_postgres::Config,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) = config.connect(NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// GET from the admin listener.
+    pub async fn admin_get(&self, path: &str) -> String {
+        understudy::ctl::get(self.admin(), path)
+            .await
+            .expect("admin GET")
+    }
+
+    /// The `/status` document.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/status").await).expect("status JSON")
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn shutdown(self) {
+        self.handle.shutdown().await
+    }
+}
+
+/// Runs a PostgreSQL client program with a timeout; returns its output.
+pub async fn run_program(program: PathBuf, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn client program");
+    let mut input = child.stdin.take().expect("stdin piped");
+    let data = stdin.map(<[u8]>::to_vec).unwrap_or_default();
+    tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+    });
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("client program finishes")
+        .expect("client program output")
+}
+
+/// SQLSTATE of a tokio-postgres error, if the server (or gateway) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().map(|d| d.code().code())
+}

@@ -1,0 +1,168 @@
+//! A byte-level protocol client, for what real drivers never send: garbage, truncated and
+//! oversized messages, unknown types, protocol versions, stalls.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use understudy_protocol::inspect::ErrorView;
+
+/// One backend message as received.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    /// Type byte.
+    pub tag: u8,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Msg {
+    /// SQLSTATE of an ErrorResponse/NoticeResponse.
+    pub fn code(&self) -> String {
+        ErrorView::parse(&self.body).code.to_owned()
+    }
+
+    /// Severity of an ErrorResponse/NoticeResponse.
+    pub fn severity(&self) -> String {
+        ErrorView::parse(&self.body).severity.to_owned()
+    }
+
+    /// Primary message of an ErrorResponse/NoticeResponse.
+    pub fn message(&self) -> String {
+        ErrorView::parse(&self.body).message.to_owned()
+    }
+}
+
+/// A raw connection.
+pub struct RawConn {
+    /// The socket.
+    pub tcp: TcpStream,
+    buf: BytesMut,
+}
+
+/// A tagged message.
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// A Query message.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    msg(b'Q', &body)
+}
+
+/// A StartupMessage for protocol 3.`minor` with `params`.
+pub fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_i32((3 << 16) | i32::from(minor));
+    for (k, v) in params {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut v = (body.len() as i32 + 4).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    v
+}
+
+impl RawConn {
+    /// Opens a TCP connection without saying anything.
+    pub async fn open(addr: SocketAddr) -> Self {
+        Self {
+            tcp: TcpStream::connect(addr).await.expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Opens a connection and logs in as a trusted role; returns after ReadyForQuery.
+    pub async fn login(addr: SocketAddr, user: &str) -> Self {
+        let mut c = Self::open(addr).await;
+        c.send(&startup(0, &[("user", user), ("database", "postgres"), ("application_name", "raw")]))
+            .await;
+        let greeting = c.read_until(b'Z').await;
+        assert!(
+            greeting.iter().all(|m| m.tag != b'E'),
+            "login failed: {greeting:?}"
+        );
+        c
+    }
+
+    /// Writes bytes (errors ignored: the peer may have closed on purpose).
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.tcp.write_all(bytes).await;
+    }
+
+    /// Reads one message; None on EOF or after 10 s of silence.
+    pub async fn read(&mut self) -> Option<Msg> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                let total = 1 + len.max(4) as usize;
+                if self.buf.len() >= total {
+                    let m = self.buf.split_to(total);
+                    return Some(Msg {
+                        tag: m[0],
+                        body: m[5..].to_vec(),
+                    });
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read_buf(&mut self.buf))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until a message of type `tag` (included); panics on EOF first.
+    pub async fn read_until(&mut self, tag: u8) -> Vec<Msg> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.read().await.unwrap_or_else(|| {
+                panic!("connection ended before {:?}; got {out:?}", tag as char)
+            });
+            let done = m.tag == tag;
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Reads until an ErrorResponse and returns it; panics if the connection ends first.
+    pub async fn expect_error(&mut self) -> Msg {
+        self.read_until(b'E').await.pop().expect("an ErrorResponse")
+    }
+
+    /// Whether the peer closes the connection (EOF) within 10 s, discarding anything before.
+    pub async fn closed(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match self.tcp.read(&mut sink).await {
+                        Ok(0) | Err(_) => return true,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await,
+            Ok(true)
+        )
+    }
+
+    /// Reads the single-byte answer to SSLRequest/GSSENCRequest.
+    pub async fn read_byte(&mut self) -> u8 {
+        self.tcp.read_u8().await.expect("one byte")
+    }
+}

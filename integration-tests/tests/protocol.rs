@@ -1,0 +1,407 @@
+//! The wire protocol through the gateway is what it is directly: simple and extended query,
+//! pipelining, portals, COPY, notifications, notices, errors, large results, Terminate.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
+use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
+use understudy_integration_tests::raw::{self, RawConn};
+use understudy_integration_tests::{roles, run_program, sqlstate, Cluster};
+
+fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Simple query with several statements, errors in and out of transactions, and recovery.
+#[tokio::test]
+async fn simple_query_and_errors() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+
+    let msgs = c
+        .simple_query("CREATE TABLE s(a int); INSERT INTO s VALUES (1),(2); SELECT a FROM s ORDER BY a; SELECT 'x' AS y")
+        .await
+        .unwrap();
+    assert_eq!(simple_rows(&msgs), [["1"], ["2"], ["x"]]);
+    let completes = msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(completes, [0, 2, 2, 1]);
+
+    // An empty query string is answered with EmptyQueryResponse, not an error.
+    let empty = c.simple_query("").await.unwrap();
+    assert!(simple_rows(&empty).is_empty());
+
+    // Outside a transaction an error leaves the session usable.
+    let e = c.simple_query("SELECT * FROM missing").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("42P01"));
+    // Inside one, the transaction is aborted (25P02) until ROLLBACK.
+    c.batch_execute("BEGIN; INSERT INTO s VALUES (3)").await.unwrap();
+    assert_eq!(
+        sqlstate(&c.batch_execute("SELECT 1/0").await.unwrap_err()),
+        Some("22012")
+    );
+    assert_eq!(
+        sqlstate(&c.batch_execute("SELECT 1").await.unwrap_err()),
+        Some("25P02")
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2, "the rolled-back insert is not there");
+}
+
+/// Named statements, parameters, many queries pipelined before one Sync, and a portal read
+/// with a row limit (PortalSuspended).
+#[tokio::test]
+async fn extended_query_pipelining_and_portals() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+
+    let stmt = c.prepare("SELECT $1::int + $2::int").await.unwrap();
+    let r: i32 = c.query_one(&stmt, &[&40, &2]).await.unwrap().get(0);
+    assert_eq!(r, 42);
+
+    // tokio-postgres pipelines concurrent queries on one connection.
+    let futs = (0..200).map(|i| {
+        let c = &c;
+        let stmt = &stmt;
+        async move { c.query_one(stmt, &[&i, &1]).await.map(|r| r.get::<_, i32>(0)) }
+    });
+    let results = futures_util::future::join_all(futs).await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.unwrap(), i as i32 + 1);
+    }
+
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    let all = tx
+        .prepare("SELECT g FROM generate_series(1, 25) g")
+        .await
+        .unwrap();
+    let portal = tx.bind(&all, &[]).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 10).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<_>>());
+    tx.commit().await.unwrap();
+
+    // Unnamed statements through the raw protocol: Parse/Bind/Describe/Execute/Close/Sync.
+    let mut rc = RawConn::login(gw.addr(), roles::TRUST).await;
+    let mut batch = Vec::new();
+    batch.extend(raw::msg(b'P', b"s1\0SELECT 7\0\0\0"));
+    batch.extend(raw::msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+    batch.extend(raw::msg(b'D', b"P\0"));
+    batch.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(raw::msg(b'C', b"Ss1\0"));
+    batch.extend(raw::msg(b'H', b""));
+    batch.extend(raw::msg(b'S', b""));
+    rc.send(&batch).await;
+    let tags: String = rc
+        .read_until(b'Z')
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(tags, "12TDC3Z");
+}
+
+/// COPY FROM STDIN and TO STDOUT, text and binary.
+#[tokio::test]
+async fn copy_in_and_out_text_and_binary() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("CREATE TABLE c(id int, v text)").await.unwrap();
+
+    let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!("{i}\tv{i}\n"));
+    }
+    sink.send(bytes::Bytes::from(text.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 10_000);
+
+    let out: Vec<u8> = c
+        .copy_out("COPY (SELECT * FROM c ORDER BY id) TO STDOUT")
+        .await
+        .unwrap()
+        .try_fold(Vec::new(), |mut acc, chunk| async move {
+            acc.extend_from_slice(&chunk);
+            Ok(acc)
+        })
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), text);
+
+    let sink = c.copy_in("COPY c FROM STDIN (FORMAT binary)").await.unwrap();
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT]);
+    futures_util::pin_mut!(writer);
+    for i in 10_000..10_100i32 {
+        writer.as_mut().write(&[&i, &format!("b{i}")]).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), 100);
+
+    let stream = c
+        .copy_out("COPY (SELECT id, v FROM c WHERE id >= 10000 ORDER BY id) TO STDOUT (FORMAT binary)")
+        .await
+        .unwrap();
+    let rows: Vec<(i32, String)> = BinaryCopyOutStream::new(stream, &[Type::INT4, Type::TEXT])
+        .map(|r| {
+            let r = r.unwrap();
+            (r.get::<i32>(0), r.get::<String>(1))
+        })
+        .collect()
+        .await;
+    assert_eq!(rows.len(), 100);
+    assert_eq!(rows[99], (10_099, "b10099".to_owned()));
+
+    // A failed COPY (bad data) reports the server's error and leaves the session usable.
+    let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    let e = sink.finish().await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("22P02"));
+    let n: i64 = c.query_one("SELECT count(*) FROM c", &[]).await.unwrap().get(0);
+    assert_eq!(n, 10_100);
+}
+
+/// Notifications arrive while the client is idle, with the notifying backend's real PID;
+/// notices are passed on.
+#[tokio::test]
+async fn notifications_while_idle_and_notices() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let (listener, mut conn) = gw.pg_config(roles::SCRAM).connect(NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+
+    let notifier = gw.connect(roles::MD5).await;
+    let notifier_pid: i32 = notifier
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    notifier
+        .batch_execute("NOTIFY jobs, 'one'; SELECT pg_notify('jobs', 'two')")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(AsyncMessage::Notification(n))) => {
+                assert_eq!(n.channel(), "jobs");
+                assert_eq!(n.process_id(), notifier_pid);
+                got.push(n.payload().to_owned());
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no notification while idle: {other:?}"),
+        }
+    }
+    assert_eq!(got, ["one", "two"]);
+
+    listener
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$")
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(AsyncMessage::Notice(n))) => {
+                assert_eq!(n.message(), "hello 42");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no notice: {other:?}"),
+        }
+    }
+}
+
+/// Startup parameters reach the server as sent; ParameterStatus values are the server's
+/// spelling; BackendKeyData carries the real backend PID.
+#[tokio::test]
+async fn startup_parameters_and_parameter_status() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let mut cfg = gw.pg_config(roles::SCRAM);
+    cfg.options("-c statement_timeout=1234 -c search_path=alpha,public")
+        .application_name("my app");
+    let c = gw.try_connect(cfg).await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('search_path'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "1234ms");
+    assert_eq!(row.get::<_, String>(1), "alpha,public");
+    assert_eq!(row.get::<_, String>(2), "my app");
+
+    let mut rc = RawConn::open(gw.addr()).await;
+    rc.send(&raw::startup(
+        0,
+        &[
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("client_encoding", "utf8"),
+            ("DateStyle", "iso, dmy"),
+        ],
+    ))
+    .await;
+    let greeting = rc.read_until(b'Z').await;
+    let param = |name: &str| {
+        greeting
+            .iter()
+            .filter(|m| m.tag == b'S')
+            .find_map(|m| {
+                let mut parts = m.body.split(|&b| b == 0);
+                if parts.next()? != name.as_bytes() {
+                    return None;
+                }
+                Some(String::from_utf8_lossy(parts.next()?).into_owned())
+            })
+    };
+    assert_eq!(param("client_encoding").as_deref(), Some("UTF8"));
+    assert_eq!(param("DateStyle").as_deref(), Some("ISO, DMY"));
+    let key = greeting.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    rc.send(&raw::query("SELECT pg_backend_pid()")).await;
+    let rows = rc.read_until(b'Z').await;
+    let data = rows.iter().find(|m| m.tag == b'D').expect("DataRow");
+    assert_eq!(String::from_utf8_lossy(&data.body[6..]), pid.to_string());
+}
+
+/// A result far larger than the gateway's buffers streams through with backpressure: while
+/// the client does not read, the gateway does not buffer the result.
+#[tokio::test]
+async fn large_result_streams_with_bounded_memory() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let mut rc = RawConn::login(gw.addr(), roles::TRUST).await;
+    let rss_before = rss_kib();
+    // ~200 MB of rows.
+    rc.send(&raw::query(
+        "SELECT repeat('x', 2000) FROM generate_series(1, 100000)",
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 32 * 1024,
+        "gateway grew by {grown} KiB while its client was not reading"
+    );
+    let mut rows = 0;
+    loop {
+        let m = rc.read().await.expect("result continues");
+        match m.tag {
+            b'D' => {
+                rows += 1;
+                assert_eq!(m.body.len(), 2 + 4 + 2000);
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(rows, 100_000);
+}
+
+/// Terminate closes the session and its backend at once.
+#[tokio::test]
+async fn terminate_closes_backend() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let mut rc = RawConn::login(gw.addr(), roles::TRUST).await;
+    cluster.wait_backends_named("raw", 1).await;
+    rc.send(&raw::msg(b'X', b"")).await;
+    assert!(rc.closed().await, "gateway closes after Terminate");
+    cluster.wait_backends_named("raw", 0).await;
+}
+
+/// psql works through the gateway, including libpq's large-object API (FunctionCall) and
+/// \copy; pgbench's transactions all land exactly once.
+#[tokio::test]
+async fn psql_large_objects_and_pgbench() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let dir = std::env::temp_dir().join(format!("understudy-lo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let src = dir.join("in.bin");
+    let dst = dir.join("out.bin");
+    std::fs::write(&src, &blob).unwrap();
+    let conn = gw.conn_str(roles::SCRAM, "postgres");
+    let script = format!(
+        "\\lo_import {src}\n\\set oid :LASTOID\n\\lo_export :oid {dst}\nSELECT count(*) AS los FROM pg_largeobject_metadata;\n",
+        src = src.display(),
+        dst = dst.display()
+    );
+    let out = run_program(
+        cluster.program("psql"),
+        &["-X", "-v", "ON_ERROR_STOP=1", &conn],
+        Some(script.as_bytes()),
+    )
+    .await;
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&dst).unwrap(), blob, "large object round trip");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let pgbench = cluster.program("pgbench");
+    let init = run_program(pgbench.clone(), &["-i", "-s", "1", "-q", &conn], None).await;
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    let run = run_program(
+        pgbench,
+        &["-N", "-c", "4", "-j", "2", "-t", "200", "-M", "extended", &conn],
+        None,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "pgbench: {stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("number of transactions actually processed: 800/800"), "{stdout}");
+    let su = cluster.superuser().await;
+    let history: i64 = su
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 800, "every pgbench transaction landed exactly once");
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -152,9 +152,10 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let mut shutdown = shared.shutdown.subscribe();
         tracker.spawn(shared.topology.clone().run(shutdown.clone()));
-        if let Some(admin) = admin {
-            tracker.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
-        }
+        // The admin listener keeps answering while sessions drain; it stops with the gateway.
+        let admin = admin.map(|admin| {
+            tokio::spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()))
+        });
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "accepting connections");
         loop {
             tokio::select! {
@@ -188,6 +189,9 @@ impl Gateway {
         tracker.close();
         tracker.wait().await;
         force.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         tracing::info!("shut down");
     }
 

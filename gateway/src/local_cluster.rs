@@ -593,7 +593,13 @@ fn node_processes(data_dir: &Path, postmaster: Option<u32>) -> Vec<u32> {
 
 /// The System V segment id in line 7 ("key id") of a `postmaster.pid`.
 fn parse_pid_file_shmem_id(pid_file: &str) -> Option<u64> {
-    pid_file.lines().nth(6)?.split_whitespace().nth(1)?.parse().ok()
+    pid_file
+        .lines()
+        .nth(6)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The attach count (`nattch`) of segment `shmid` in the text of `/proc/sysvipc/shm`.
@@ -797,7 +803,13 @@ pub fn scratch_parent_dir() -> PathBuf {
 
 /// The "Available" column (KiB) of `df -Pk PATH` output.
 fn parse_df_available_kib(output: &str) -> Option<u64> {
-    output.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()
+    output
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 /// The node's own settings (`understudy.conf`).
@@ -925,6 +937,12 @@ async fn ensure_template(
     if usable(&dir) {
         return Ok(dir);
     }
+    // Other processes (nextest runs one per test) wait for the one that holds the lock instead of
+    // all running initdb at once on a cold machine.
+    let _lock = TemplateLock::acquire(&temp.join(format!("{name}.lock")), || usable(&dir)).await?;
+    if usable(&dir) {
+        return Ok(dir);
+    }
     let unique = || format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
     if dir.exists() {
         // Made by another version of this module or other binaries: move it aside, then delete.
@@ -969,6 +987,69 @@ async fn ensure_template(
         }
     }
     Ok(dir)
+}
+
+/// A lock directory (mkdir is atomic) held while a template is built; removed on drop.
+struct TemplateLock {
+    path: PathBuf,
+}
+
+impl TemplateLock {
+    /// Takes the lock, or waits until `done()` (another process finished the work: returns
+    /// without the lock being needed, but still holding it is harmless) or the holder looks dead
+    /// (lock older than the initdb time bound).
+    async fn acquire(path: &Path, done: impl Fn() -> bool) -> Result<Self, LocalClusterError> {
+        let started = Instant::now();
+        loop {
+            match fs::create_dir(path) {
+                Ok(()) => {
+                    return Ok(Self {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(LocalClusterError::Io {
+                        what: format!("creating lock directory {}", path.display()),
+                        cause: e,
+                    })
+                }
+            }
+            if done() {
+                return Ok(Self {
+                    path: PathBuf::new(),
+                });
+            }
+            let age = fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok());
+            if age.is_some_and(|age| age > COMMAND_TIMEOUT) {
+                warn!(lock = %path.display(), "removing a stale initdb template lock");
+                let _ = fs::remove_dir(path);
+                continue;
+            }
+            if started.elapsed() > COMMAND_TIMEOUT * 2 {
+                return Err(LocalClusterError::Timeout {
+                    what: format!(
+                        "another process to build the initdb template ({})",
+                        path.display()
+                    ),
+                    waited: COMMAND_TIMEOUT * 2,
+                    detail: String::new(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TemplateLock {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
 }
 
 /// One PostgreSQL server (postmaster) of a local cluster.
@@ -1077,6 +1158,17 @@ impl LocalNode {
     /// PID of the running postmaster, `None` when not started, stopped, or killed and reaped.
     pub fn postmaster_pid(&self) -> Option<u32> {
         self.postmaster.as_ref().and_then(Child::id)
+    }
+
+    /// Whether the postmaster is alive, without reaping it: an exited postmaster stays a zombie
+    /// (and `/proc/<pid>` stays) until [`LocalNode::is_running`] or a `kill_*`/`stop` reaps it.
+    pub fn postmaster_alive(&self) -> bool {
+        self.postmaster_pid().is_some_and(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|line| parse_proc_stat(&line))
+                .is_some_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
+        })
     }
 
     /// Whether the postmaster process is alive (reaps it if it exited).

@@ -208,12 +208,7 @@ impl TestGateway {
 
     /// Waits until the gateway knows its primary.
     pub async fn wait_routed(&self) {
-        let found = self
-            .handle
-            .shared()
-            .topology
-            .primary(PATIENCE)
-            .await;
+        let found = self.handle.shared().topology.primary(PATIENCE).await;
         assert!(found.is_some(), "gateway found no primary");
     }
 

@@ -85,8 +85,15 @@ impl RawConn {
     /// Opens a connection and logs in as a trusted role; returns after ReadyForQuery.
     pub async fn login(addr: SocketAddr, user: &str) -> Self {
         let mut c = Self::open(addr).await;
-        c.send(&startup(0, &[("user", user), ("database", "postgres"), ("application_name", "raw")]))
-            .await;
+        c.send(&startup(
+            0,
+            &[
+                ("user", user),
+                ("database", "postgres"),
+                ("application_name", "raw"),
+            ],
+        ))
+        .await;
         let greeting = c.read_until(b'Z').await;
         assert!(
             greeting.iter().all(|m| m.tag != b'E'),

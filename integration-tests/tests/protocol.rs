@@ -52,7 +52,9 @@ async fn simple_query_and_errors() {
     let e = c.simple_query("SELECT * FROM missing").await.unwrap_err();
     assert_eq!(sqlstate(&e), Some("42P01"));
     // Inside one, the transaction is aborted (25P02) until ROLLBACK.
-    c.batch_execute("BEGIN; INSERT INTO s VALUES (3)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO s VALUES (3)")
+        .await
+        .unwrap();
     assert_eq!(
         sqlstate(&c.batch_execute("SELECT 1/0").await.unwrap_err()),
         Some("22012")
@@ -62,7 +64,11 @@ async fn simple_query_and_errors() {
         Some("25P02")
     );
     c.batch_execute("ROLLBACK").await.unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM s", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2, "the rolled-back insert is not there");
 }
 
@@ -82,7 +88,11 @@ async fn extended_query_pipelining_and_portals() {
     let futs = (0..200).map(|i| {
         let c = &c;
         let stmt = &stmt;
-        async move { c.query_one(stmt, &[&i, &1]).await.map(|r| r.get::<_, i32>(0)) }
+        async move {
+            c.query_one(stmt, &[&i, &1])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        }
     });
     let results = futures_util::future::join_all(futs).await;
     for (i, r) in results.into_iter().enumerate() {
@@ -133,7 +143,9 @@ async fn copy_in_and_out_text_and_binary() {
     let cluster = Cluster::primary_only().await;
     let gw = cluster.gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("CREATE TABLE c(id int, v text)").await.unwrap();
+    c.batch_execute("CREATE TABLE c(id int, v text)")
+        .await
+        .unwrap();
 
     let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
@@ -156,16 +168,25 @@ async fn copy_in_and_out_text_and_binary() {
         .unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), text);
 
-    let sink = c.copy_in("COPY c FROM STDIN (FORMAT binary)").await.unwrap();
+    let sink = c
+        .copy_in("COPY c FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
     let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT]);
     futures_util::pin_mut!(writer);
     for i in 10_000..10_100i32 {
-        writer.as_mut().write(&[&i, &format!("b{i}")]).await.unwrap();
+        writer
+            .as_mut()
+            .write(&[&i, &format!("b{i}")])
+            .await
+            .unwrap();
     }
     assert_eq!(writer.finish().await.unwrap(), 100);
 
     let stream = c
-        .copy_out("COPY (SELECT id, v FROM c WHERE id >= 10000 ORDER BY id) TO STDOUT (FORMAT binary)")
+        .copy_out(
+            "COPY (SELECT id, v FROM c WHERE id >= 10000 ORDER BY id) TO STDOUT (FORMAT binary)",
+        )
         .await
         .unwrap();
     let rows: Vec<(i32, String)> = BinaryCopyOutStream::new(stream, &[Type::INT4, Type::TEXT])
@@ -181,10 +202,16 @@ async fn copy_in_and_out_text_and_binary() {
     // A failed COPY (bad data) reports the server's error and leaves the session usable.
     let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
     let e = sink.finish().await.unwrap_err();
     assert_eq!(sqlstate(&e), Some("22P02"));
-    let n: i64 = c.query_one("SELECT count(*) FROM c", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM c", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 10_100);
 }
 
@@ -278,20 +305,20 @@ async fn startup_parameters_and_parameter_status() {
     .await;
     let greeting = rc.read_until(b'Z').await;
     let param = |name: &str| {
-        greeting
-            .iter()
-            .filter(|m| m.tag == b'S')
-            .find_map(|m| {
-                let mut parts = m.body.split(|&b| b == 0);
-                if parts.next()? != name.as_bytes() {
-                    return None;
-                }
-                Some(String::from_utf8_lossy(parts.next()?).into_owned())
-            })
+        greeting.iter().filter(|m| m.tag == b'S').find_map(|m| {
+            let mut parts = m.body.split(|&b| b == 0);
+            if parts.next()? != name.as_bytes() {
+                return None;
+            }
+            Some(String::from_utf8_lossy(parts.next()?).into_owned())
+        })
     };
     assert_eq!(param("client_encoding").as_deref(), Some("UTF8"));
     assert_eq!(param("DateStyle").as_deref(), Some("ISO, DMY"));
-    let key = greeting.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let key = greeting
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
     let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
     rc.send(&raw::query("SELECT pg_backend_pid()")).await;
     let rows = rc.read_until(b'Z').await;
@@ -369,29 +396,53 @@ async fn psql_large_objects_and_pgbench() {
         Some(script.as_bytes()),
     )
     .await;
-    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read(&dst).unwrap(), blob, "large object round trip");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&dst).unwrap(),
+        blob,
+        "large object round trip"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     let pgbench = cluster.program("pgbench");
     let init = run_program(pgbench.clone(), &["-i", "-s", "1", "-q", &conn], None).await;
-    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let run = run_program(
         pgbench,
-        &["-N", "-c", "4", "-j", "2", "-t", "200", "-M", "extended", &conn],
+        &[
+            "-N", "-c", "4", "-j", "2", "-t", "200", "-M", "extended", &conn,
+        ],
         None,
     )
     .await;
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "pgbench: {stdout}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(stdout.contains("number of transactions actually processed: 800/800"), "{stdout}");
+    assert!(
+        run.status.success(),
+        "pgbench: {stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 800/800"),
+        "{stdout}"
+    );
     let su = cluster.superuser().await;
     let history: i64 = su
         .query_one("SELECT count(*) FROM pgbench_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(history, 800, "every pgbench transaction landed exactly once");
+    assert_eq!(
+        history, 800,
+        "every pgbench transaction landed exactly once"
+    );
 }
 
 fn rss_kib() -> u64 {

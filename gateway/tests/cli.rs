@@ -1,0 +1,173 @@
+//! The `understudy` binary as scripts drive it: `run` with flags, `ctl status`, SIGTERM, `demo`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use understudy::local_cluster::{free_port, ClusterOptions, LocalCluster, PgBinaries};
+
+const BIN: &str = env!("CARGO_BIN_EXE_understudy");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn connect(port: u16, user: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let conn = format!("host=127.0.0.1 port={port} user={user} dbname=postgres");
+        match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                return client;
+            }
+            Err(e) if Instant::now() > deadline => panic!("gateway never accepted: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, and SIGTERM
+/// closes an idle session with 57P01 and exits cleanly.
+#[tokio::test]
+async fn run_ctl_and_sigterm() {
+    let bins = PgBinaries::find().expect("PostgreSQL binaries");
+    let mut opts = ClusterOptions::in_temp_dir();
+    opts.with_standby = false;
+    let mut pg = LocalCluster::create(&bins, opts).await.expect("cluster");
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let mut gw = Killed(
+        Command::new(BIN)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--backend", &pg.primary.addr().to_string()])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    let client = connect(port, "postgres").await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let out = Command::new(BIN)
+        .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "status"])
+        .output()
+        .expect("ctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("running, 1 session(s)"), "{text}");
+    assert!(text.contains(&pid.to_string()), "{text}");
+    assert!(text.contains("primary"), "{text}");
+
+    signal(&gw.0, "TERM");
+    let status = wait_exit(&mut gw.0, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    let code = err.as_db_error().map(|e| e.code().code().to_owned());
+    assert!(
+        code.as_deref() == Some("57P01") || err.is_closed(),
+        "idle session not closed as admin shutdown: {err}"
+    );
+    pg.shutdown().await;
+}
+
+/// `demo` starts PostgreSQL and a gateway, prints a working psql command, and removes
+/// everything on Ctrl-C.
+#[tokio::test]
+async fn demo_prints_a_working_psql_command_and_cleans_up() {
+    let dir = std::env::temp_dir().join(format!("understudy-demo-test-{}", std::process::id()));
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let mut demo = Killed(
+        Command::new(BIN)
+            .args([
+                "demo",
+                "--port",
+                &port.to_string(),
+                "--admin-port",
+                &admin.to_string(),
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo"),
+    );
+    let stdout = demo.0.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let ready = line.contains("Press Ctrl-C");
+            seen.push(line);
+            if ready {
+                break;
+            }
+        }
+        seen
+    })
+    .join()
+    .expect("read demo output");
+    let psql_line = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("psql "))
+        .unwrap_or_else(|| panic!("no psql command in {lines:#?}"));
+    let conninfo = psql_line
+        .trim()
+        .trim_start_matches("psql ")
+        .trim_matches('"');
+    let psql = PgBinaries::find().unwrap().program("psql");
+    let out = Command::new(psql)
+        .args([
+            "-X",
+            "-At",
+            conninfo,
+            "-c",
+            "SELECT current_user || ' ' || pg_is_in_recovery()",
+        ])
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "app false",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.exists());
+    signal(&demo.0, "INT");
+    let status = wait_exit(&mut demo.0, Duration::from_secs(30));
+    assert!(status.success(), "demo exit status {status}");
+    assert!(!dir.exists(), "demo left {} behind", dir.display());
+}

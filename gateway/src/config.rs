@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration. Every field has a default, so an empty file is valid.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address clients connect to.
@@ -62,7 +62,7 @@ impl Default for Config {
 }
 
 /// TCP keepalive settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Keepalive {
     /// Idle seconds before the first probe; 0 turns keepalive off.
@@ -84,7 +84,7 @@ impl Default for Keepalive {
 }
 
 /// Server certificate for client TLS; without both files SSLRequest is answered `N`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientTls {
     /// PEM certificate chain.
@@ -94,7 +94,7 @@ pub struct ClientTls {
 }
 
 /// libpq-style sslmode for backend connections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendSslMode {
     /// Plain TCP.
@@ -109,7 +109,7 @@ pub enum BackendSslMode {
 }
 
 /// TLS towards the backends.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendTls {
     /// When to use TLS.
@@ -119,7 +119,7 @@ pub struct BackendTls {
 }
 
 /// Who authenticates the client.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientAuth {
     /// Relay the login exchange between client and primary: PostgreSQL decides.
@@ -130,11 +130,13 @@ pub enum ClientAuth {
     /// The gateway checks an md5 password against the auth file or auth_query.
     Md5,
     /// The gateway checks SCRAM-SHA-256 against the auth file or auth_query.
+    #[serde(rename = "scram-sha-256")]
+    #[value(name = "scram-sha-256")]
     ScramSha256,
 }
 
 /// Authentication settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// Who authenticates the client.
@@ -146,7 +148,7 @@ pub struct Auth {
 }
 
 /// The gateway's own control-plane login.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Control {
     /// Role name.
@@ -297,6 +299,30 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.auth.client_auth, ClientAuth::ScramSha256);
+    }
+
+    /// Every configuration key is documented in the README's reference table.
+    #[test]
+    fn readme_documents_every_key() {
+        fn keys(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            match v.as_object() {
+                Some(map) => {
+                    for (k, v) in map {
+                        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        keys(&path, v, out);
+                    }
+                }
+                None => out.push(prefix.to_owned()),
+            }
+        }
+        let readme = include_str!("../../README.md");
+        let mut all = Vec::new();
+        keys("", &serde_json::to_value(Config::default()).unwrap(), &mut all);
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|k| !readme.contains(&format!("| `{k}` |")))
+            .collect();
+        assert!(missing.is_empty(), "README config reference lacks {missing:?}");
     }
 
     #[test]

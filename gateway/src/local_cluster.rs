@@ -17,6 +17,10 @@
 //!
 //! No `unsafe`: the effective uid comes from `/proc/self/status`, user entries from `/etc/passwd`,
 //! and signals to processes that are not our children go through `kill(1)`.
+//!
+//! Simulated crashes must not leak: dynamic shared memory lives in the data directory (`mmap`),
+//! and the System V interlock segment of a SIGKILLed postmaster is removed once its processes are
+//! gone. Throw-away clusters go to /dev/shm when it has room (see [`scratch_parent_dir`]).
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};

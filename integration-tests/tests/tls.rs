@@ -1,0 +1,474 @@
+//! TLS on both legs of the gateway: clients ↔ gateway (`tls.cert`/`tls.key`) and gateway ↔
+//! PostgreSQL (`backend_tls.sslmode`), checked with tokio-postgres (rustls, verify-full) and with
+//! real libpq (psql).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Output;
+
+use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::Client;
+use understudy::config::{BackendSslMode, ClientAuth, DEFAULT_AUTH_QUERY};
+use understudy_integration_tests::tls::TestCa;
+use understudy_integration_tests::{roles, run_program, sqlstate, Cluster, TestGateway, PATIENCE};
+
+/// `<current_user> <backend leg is TLS>` in one psql output line.
+const BACKEND_SSL_QUERY: &str =
+    "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
+
+/// A primary whose PostgreSQL serves TLS with the CA's server certificate.
+async fn tls_cluster(ca: &TestCa) -> Cluster {
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    Cluster::build(move |o| {
+        o.with_standby = false;
+        o.ssl = Some((cert, key));
+    })
+    .await
+}
+
+/// A gateway offering TLS to clients with the CA's server certificate and backend TLS `mode`.
+async fn tls_gateway(cluster: &Cluster, ca: &TestCa, mode: BackendSslMode) -> TestGateway {
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    cluster
+        .gateway_with(move |c| {
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.backend_tls.sslmode = mode;
+        })
+        .await
+}
+
+/// tokio-postgres settings for `user` through the gateway with TLS required; `host` is the
+/// name the certificate is checked against (the socket always goes to 127.0.0.1).
+fn tls_config(gw: &TestGateway, user: &str, host: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .hostaddr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .port(gw.addr().port())
+        .user(user)
+        .dbname("postgres")
+        .ssl_mode(SslMode::Require)
+        .connect_timeout(PATIENCE);
+    if let Some(p) = roles::password(user) {
+        c.password(p);
+    }
+    c
+}
+
+/// Connects over TLS, trusting only `ca` (certificate chain and host name are verified).
+async fn connect_tls(
+    config: &tokio_postgres::Config,
+    ca: &TestCa,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = config.connect(ca.connector()).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The error and all its causes, for messages that hide the interesting part in a source.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Whether the session's *backend* connection (gateway → PostgreSQL) uses TLS, as PostgreSQL
+/// sees it, and the current user.
+async fn backend_facts(client: &Client) -> (bool, String) {
+    let row = client
+        .query_one(
+            "SELECT ssl, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl row of the session's backend");
+    (row.get(0), row.get(1))
+}
+
+/// The `/status` entry of `client`'s session, found by its backend PID.
+async fn status_of(gw: &TestGateway, client: &Client) -> serde_json::Value {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pg_backend_pid")
+        .get(0);
+    let status = gw.status().await;
+    status["sessions"]
+        .as_array()
+        .expect("sessions array")
+        .iter()
+        .find(|s| s["backend_pid"] == serde_json::json!(pid))
+        .unwrap_or_else(|| panic!("no session with backend_pid {pid} in {status:#}"))
+        .clone()
+}
+
+/// Runs psql with `conninfo` and `commands` (-c each), unaligned, tuples only, no psqlrc.
+async fn psql(cluster: &Cluster, conninfo: &str, commands: &[&str]) -> Output {
+    let mut args = vec!["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    run_program(cluster.program("psql"), &args, None).await
+}
+
+/// psql output as (success, stdout, stderr).
+fn outcome(out: &Output) -> (bool, String, String) {
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A gateway with a certificate serves tokio-postgres clients that verify it (verify-full
+/// semantics, by IP and by host name), while the backend leg stays plain because this
+/// PostgreSQL has no TLS (`prefer` falls back): the client's TLS is the gateway's, and
+/// `pg_stat_ssl` shows the backend's. Plain clients are still served; a client trusting another
+/// CA is refused in the handshake and disturbs nobody.
+#[tokio::test]
+async fn tls_clients_verify_the_gateway_certificate() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let gw = tls_gateway(&cluster, &ca, BackendSslMode::Prefer).await;
+
+    let mut sessions = Vec::new();
+    for host in ["127.0.0.1", "localhost"] {
+        for role in [roles::SCRAM, roles::MD5, roles::CLEARTEXT, roles::TRUST] {
+            let client = connect_tls(&tls_config(&gw, role, host), &ca)
+                .await
+                .unwrap_or_else(|e| panic!("{role} via {host}: {}", error_chain(&e)));
+            let (backend_ssl, user) = backend_facts(&client).await;
+            assert_eq!(user, role);
+            assert!(
+                !backend_ssl,
+                "{role}: PostgreSQL has no TLS, yet the backend is TLS"
+            );
+            let s = status_of(&gw, &client).await;
+            assert_eq!(s["tls"], true, "client leg must be TLS: {s:#}");
+            sessions.push(client);
+        }
+    }
+
+    let plain = gw.connect(roles::SCRAM).await;
+    let s = status_of(&gw, &plain).await;
+    assert_eq!(s["tls"], false, "{s:#}");
+
+    let stranger = TestCa::new();
+    let e = connect_tls(&tls_config(&gw, roles::TRUST, "localhost"), &stranger)
+        .await
+        .err()
+        .expect("a certificate from an unknown CA must be refused");
+    assert!(e.as_db_error().is_none(), "not a server error: {e:?}");
+    let chain = error_chain(&e);
+    assert!(chain.contains("TLS"), "{chain}");
+    assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+
+    for client in sessions.iter().chain([&plain]) {
+        let v: i32 = client
+            .query_one("SELECT 6 * 7", &[])
+            .await
+            .expect("sessions survive a refused handshake")
+            .get(0);
+        assert_eq!(v, 42);
+    }
+}
+
+/// psql (libpq) over TLS to the gateway: `sslmode=require`, and `sslmode=verify-full` against
+/// the test CA with host=localhost, both run a query and report an SSL connection; verify-full
+/// against another CA fails on the certificate. With the backend leg plain, SCRAM with libpq's
+/// default `channel_binding=prefer` works, and `channel_binding=require` fails with libpq's
+/// explanation because the gateway never offers SCRAM-SHA-256-PLUS.
+#[tokio::test]
+async fn psql_over_tls_to_the_gateway() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let gw = tls_gateway(&cluster, &ca, BackendSslMode::Prefer).await;
+    let base = gw.conn_str(roles::SCRAM, "postgres");
+    let by_name = base.replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1");
+    let query =
+        "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
+
+    for conninfo in [
+        format!("{base} sslmode=require"),
+        format!(
+            "{by_name} sslmode=verify-full sslrootcert={}",
+            ca.ca_cert.display()
+        ),
+    ] {
+        let (ok, stdout, stderr) =
+            outcome(&psql(&cluster, &conninfo, &[BACKEND_SSL_QUERY, "\\conninfo"]).await);
+        assert!(ok, "{conninfo}: {stderr}");
+        let mut lines = stdout.lines();
+        assert_eq!(lines.next(), Some("scram_user false"), "{stdout}");
+        assert!(
+            stdout.contains("SSL connection (protocol: TLS"),
+            "psql must report TLS to the gateway: {stdout}"
+        );
+    }
+
+    let stranger = TestCa::new();
+    let conninfo = format!(
+        "{by_name} sslmode=verify-full sslrootcert={}",
+        stranger.ca_cert.display()
+    );
+    let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
+    assert!(!ok, "an untrusted certificate was accepted");
+    assert!(stderr.contains("certificate verify failed"), "{stderr}");
+
+    let conninfo = format!("{base} sslmode=require channel_binding=require");
+    let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
+    assert!(
+        !ok,
+        "channel_binding=require cannot be met through the gateway"
+    );
+    assert!(
+        stderr.contains("channel binding is required"),
+        "libpq must say why: {stderr}"
+    );
+
+    let (ok, stdout, stderr) =
+        outcome(&psql(&cluster, &format!("{base} sslmode=require"), &["SELECT 1"]).await);
+    assert!(ok && stdout.trim() == "1", "gateway still serves: {stderr}");
+}
+
+/// TLS asked for where it is not offered ends cleanly: libpq and tokio-postgres with
+/// `sslmode=require` against a gateway without a certificate fail with a message saying the
+/// server does not support SSL/TLS, and a gateway with `backend_tls.sslmode = require` in front
+/// of a PostgreSQL without TLS refuses clients with SQLSTATE 08001.
+#[tokio::test]
+async fn tls_required_but_not_offered_fails_cleanly() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+
+    let conninfo = format!("{} sslmode=require", gw.conn_str(roles::TRUST, "postgres"));
+    let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
+    assert!(!ok, "sslmode=require succeeded without a certificate");
+    assert!(
+        stderr.contains("server does not support SSL, but SSL was required"),
+        "{stderr}"
+    );
+
+    let ca = TestCa::new();
+    let e = connect_tls(&tls_config(&gw, roles::TRUST, "localhost"), &ca)
+        .await
+        .err()
+        .expect("tokio-postgres sslmode=require must fail");
+    let chain = error_chain(&e);
+    assert!(chain.contains("server does not support TLS"), "{chain}");
+
+    let client = gw.connect(roles::TRUST).await;
+    let (backend_ssl, user) = backend_facts(&client).await;
+    assert_eq!((backend_ssl, user.as_str()), (false, roles::TRUST));
+
+    let strict = cluster
+        .gateway_with(|c| c.backend_tls.sslmode = BackendSslMode::Require)
+        .await;
+    for role in [roles::TRUST, roles::SCRAM] {
+        let e = strict
+            .try_connect(strict.pg_config(role))
+            .await
+            .err()
+            .expect("backend TLS required but PostgreSQL has none");
+        assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+        assert!(
+            message.contains("TLS"),
+            "{role}: unclear message {message:?}"
+        );
+    }
+}
+
+/// The backend leg follows `backend_tls.sslmode` against a PostgreSQL with TLS: `disable` is
+/// plain, `prefer`, `require` and `verify-full` (root_cert = the test CA) are encrypted, as
+/// PostgreSQL's own `pg_stat_ssl` reports for the session's backend (checked from the session and
+/// by the superuser for the PID /status names); `verify-full` with another CA refuses clients
+/// with 08001 and a message about the certificate.
+#[tokio::test]
+async fn backend_tls_follows_sslmode() {
+    let ca = TestCa::new();
+    let cluster = tls_cluster(&ca).await;
+    let su = cluster.superuser().await;
+
+    for (mode, encrypted) in [
+        (BackendSslMode::Disable, false),
+        (BackendSslMode::Prefer, true),
+        (BackendSslMode::Require, true),
+        (BackendSslMode::VerifyFull, true),
+    ] {
+        let root = ca.ca_cert.clone();
+        let gw = cluster
+            .gateway_with(move |c| {
+                c.backend_tls.sslmode = mode;
+                c.backend_tls.root_cert = Some(root);
+            })
+            .await;
+        for role in [roles::TRUST, roles::SCRAM, roles::MD5, roles::CLEARTEXT] {
+            let client = gw.connect(role).await;
+            let (backend_ssl, user) = backend_facts(&client).await;
+            assert_eq!(user, role, "{mode:?}");
+            assert_eq!(backend_ssl, encrypted, "{mode:?} {role}");
+            let s = status_of(&gw, &client).await;
+            assert_eq!(s["tls"], false, "client leg is plain: {s:#}");
+            let pid = s["backend_pid"].as_i64().expect("backend_pid") as i32;
+            let row = su
+                .query_one(
+                    "SELECT ssl, coalesce(version, '') FROM pg_stat_ssl WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_stat_ssl row for the backend /status names");
+            assert_eq!(row.get::<_, bool>(0), encrypted, "{mode:?} {role}");
+            let version: String = row.get(1);
+            assert_eq!(version.starts_with("TLSv1."), encrypted, "{version}");
+        }
+    }
+
+    let stranger = TestCa::new();
+    let root = stranger.ca_cert.clone();
+    let gw = cluster
+        .gateway_with(move |c| {
+            c.backend_tls.sslmode = BackendSslMode::VerifyFull;
+            c.backend_tls.root_cert = Some(root);
+        })
+        .await;
+    for role in [roles::TRUST, roles::SCRAM] {
+        let e = gw
+            .try_connect(gw.pg_config(role))
+            .await
+            .err()
+            .expect("a backend certificate from an unknown CA must be refused");
+        assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+        assert!(
+            message.to_lowercase().contains("certificate"),
+            "{role}: unclear message {message:?}"
+        );
+    }
+}
+
+/// TLS on both legs (client → gateway with the test certificate, gateway → PostgreSQL with
+/// `require`): every login method works for tokio-postgres (which supports channel binding) and
+/// for psql with its default `channel_binding=prefer`, the backend is encrypted, and psql with
+/// `channel_binding=require` fails with libpq's explanation.
+#[tokio::test]
+async fn tls_on_both_legs() {
+    let ca = TestCa::new();
+    let cluster = tls_cluster(&ca).await;
+    let gw = tls_gateway(&cluster, &ca, BackendSslMode::Require).await;
+
+    let mut failures = Vec::new();
+    for role in [roles::TRUST, roles::CLEARTEXT, roles::MD5, roles::SCRAM] {
+        let mut config = tls_config(&gw, role, "localhost");
+        config.channel_binding(ChannelBinding::Prefer);
+        match connect_tls(&config, &ca).await {
+            Ok(client) => {
+                let (backend_ssl, user) = backend_facts(&client).await;
+                assert_eq!((backend_ssl, user.as_str()), (true, role));
+                let s = status_of(&gw, &client).await;
+                assert_eq!(s["tls"], true, "{s:#}");
+            }
+            Err(e) => failures.push(format!("tokio-postgres {role}: {}", describe(&e))),
+        }
+
+        let conninfo = format!(
+            "{} sslmode=verify-full sslrootcert={}",
+            gw.conn_str(role, "postgres")
+                .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
+            ca.ca_cert.display()
+        );
+        let (ok, stdout, stderr) = outcome(&psql(&cluster, &conninfo, &[BACKEND_SSL_QUERY]).await);
+        if ok {
+            assert_eq!(stdout.trim(), format!("{role} true"));
+        } else {
+            failures.push(format!("psql {role}: {}", stderr.trim()));
+        }
+    }
+
+    let conninfo = format!(
+        "{} sslmode=require channel_binding=require",
+        gw.conn_str(roles::SCRAM, "postgres")
+    );
+    let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
+    assert!(
+        !ok,
+        "channel_binding=require cannot be met through the gateway"
+    );
+    assert!(
+        stderr.contains("channel binding is required"),
+        "libpq must say why: {stderr}"
+    );
+
+    assert!(
+        failures.is_empty(),
+        "logins over TLS on both legs failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// With `client_auth = scram-sha-256` (auth_query) the gateway runs the SCRAM exchange itself,
+/// so a channel-binding-capable client's `y` flag is its own to judge: psql with the default
+/// `channel_binding=prefer` and tokio-postgres log in as scram_user over TLS on both legs, and
+/// the gateway logs in to PostgreSQL over TLS with the recovered ClientKey (session movable).
+#[tokio::test]
+async fn gateway_scram_over_tls_on_both_legs() {
+    let ca = TestCa::new();
+    let cluster = tls_cluster(&ca).await;
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    let gw = cluster
+        .gateway_with(move |c| {
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.backend_tls.sslmode = BackendSslMode::Require;
+            c.auth.client_auth = ClientAuth::ScramSha256;
+            c.auth.auth_query = Some(DEFAULT_AUTH_QUERY.into());
+        })
+        .await;
+
+    let client = connect_tls(&tls_config(&gw, roles::SCRAM, "localhost"), &ca)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres: {}", describe(&e)));
+    let (backend_ssl, user) = backend_facts(&client).await;
+    assert_eq!((backend_ssl, user.as_str()), (true, roles::SCRAM));
+    let s = status_of(&gw, &client).await;
+    assert_eq!(
+        (&s["tls"], &s["movable"]),
+        (&serde_json::json!(true), &serde_json::json!("yes")),
+        "{s:#}"
+    );
+
+    let conninfo = format!(
+        "{} sslmode=verify-full sslrootcert={}",
+        gw.conn_str(roles::SCRAM, "postgres")
+            .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
+        ca.ca_cert.display()
+    );
+    let (ok, stdout, stderr) = outcome(&psql(&cluster, &conninfo, &[BACKEND_SSL_QUERY]).await);
+    assert!(ok, "psql: {stderr}");
+    assert_eq!(stdout.trim(), "scram_user true");
+
+    let wrong = conninfo.replace(roles::SCRAM_PASSWORD, "wrong");
+    let (ok, _, stderr) = outcome(&psql(&cluster, &wrong, &["SELECT 1"]).await);
+    assert!(!ok, "wrong password accepted");
+    assert!(
+        stderr.contains("password authentication failed for user \"scram_user\""),
+        "{stderr}"
+    );
+}
+
+/// A login error with the server's SQLSTATE and message when there is one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} {}: {} ({})",
+            db.severity(),
+            db.code().code(),
+            db.message(),
+            db.detail().unwrap_or_default()
+        ),
+        None => error_chain(e),
+    }
+}

@@ -238,7 +238,7 @@ async fn establish(
             backend: &mut backend,
             backend_buf: &mut backend_buf,
         };
-        let credential = relay(&mut ends, secret.as_ref()).await?;
+        let credential = relay(&mut ends, user, secret.as_ref()).await?;
         (backend, credential)
     } else {
         let credential = verify(&mut client, mode, user, secret).await?;

@@ -102,10 +102,7 @@ async fn serve(cluster: &LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
 
 /// Resolves if the primary's postmaster disappears (so the demo does not sit there broken).
 async fn cluster_exited(cluster: &LocalCluster) {
-    let Some(pid) = cluster.primary.postmaster_pid() else {
-        return std::future::pending().await;
-    };
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while cluster.primary.postmaster_alive() {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

@@ -30,20 +30,15 @@ fn direct_config(
     c
 }
 
-/// A login through the gateway with an explicit password (or none) and database.
+/// A login through the gateway (the harness's settings) with another password and database.
 fn gateway_config(
     gw: &TestGateway,
     user: &str,
     password: Option<&str>,
     dbname: &str,
 ) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(gw.addr().port())
-        .user(user)
-        .dbname(dbname)
-        .application_name("it_auth")
-        .connect_timeout(PATIENCE);
+    let mut c = gw.pg_config(user);
+    c.dbname(dbname).connect_timeout(PATIENCE);
     if let Some(p) = password {
         c.password(p);
     }
@@ -207,7 +202,6 @@ async fn passthrough_failures_match_the_server() {
 
     let client = gw.connect(roles::SCRAM).await;
     assert_eq!(current_user(&client).await, roles::SCRAM);
-    drop(client);
 }
 
 /// PostgreSQL decides at login time: a role created a moment ago logs in through the gateway at
@@ -231,7 +225,6 @@ async fn passthrough_sees_role_changes_at_once() {
     .await
     .expect("a role created a moment ago logs in");
     assert_eq!(current_user(&client).await, "fresh_user");
-    drop(client);
 
     for role in [roles::SCRAM, "fresh_user"] {
         su.batch_execute(&format!("ALTER ROLE {role} PASSWORD 'changed-pw'"))

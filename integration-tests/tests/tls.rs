@@ -160,8 +160,7 @@ async fn tls_clients_verify_the_gateway_certificate() {
     let stranger = TestCa::new();
     let e = connect_tls(&tls_config(&gw, roles::TRUST, "localhost"), &stranger)
         .await
-        .err()
-        .expect("a certificate from an unknown CA must be refused");
+        .expect_err("a certificate from an unknown CA must be refused");
     assert!(e.as_db_error().is_none(), "not a server error: {e:?}");
     let chain = error_chain(&e);
     assert!(chain.contains("TLS"), "{chain}");
@@ -189,8 +188,6 @@ async fn psql_over_tls_to_the_gateway() {
     let gw = tls_gateway(&cluster, &ca, BackendSslMode::Prefer).await;
     let base = gw.conn_str(roles::SCRAM, "postgres");
     let by_name = base.replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1");
-    let query =
-        "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
 
     for conninfo in [
         format!("{base} sslmode=require"),
@@ -255,8 +252,7 @@ async fn tls_required_but_not_offered_fails_cleanly() {
     let ca = TestCa::new();
     let e = connect_tls(&tls_config(&gw, roles::TRUST, "localhost"), &ca)
         .await
-        .err()
-        .expect("tokio-postgres sslmode=require must fail");
+        .expect_err("tokio-postgres sslmode=require must fail");
     let chain = error_chain(&e);
     assert!(chain.contains("server does not support TLS"), "{chain}");
 
@@ -271,8 +267,7 @@ async fn tls_required_but_not_offered_fails_cleanly() {
         let e = strict
             .try_connect(strict.pg_config(role))
             .await
-            .err()
-            .expect("backend TLS required but PostgreSQL has none");
+            .expect_err("backend TLS required but PostgreSQL has none");
         assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
         let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
         assert!(
@@ -339,8 +334,7 @@ async fn backend_tls_follows_sslmode() {
         let e = gw
             .try_connect(gw.pg_config(role))
             .await
-            .err()
-            .expect("a backend certificate from an unknown CA must be refused");
+            .expect_err("a backend certificate from an unknown CA must be refused");
         assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
         let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
         assert!(
@@ -350,16 +344,39 @@ async fn backend_tls_follows_sslmode() {
     }
 }
 
-/// TLS on both legs (client → gateway with the test certificate, gateway → PostgreSQL with
-/// `require`): every login method works for tokio-postgres (which supports channel binding) and
-/// for psql with its default `channel_binding=prefer`, the backend is encrypted, and psql with
-/// `channel_binding=require` fails with libpq's explanation.
+/// TLS on both legs with passthrough authentication. A client that can bind SCRAM to its TLS
+/// channel says so (`y`), which a TLS backend rejects as a downgrade when relayed, so the
+/// gateway checks such a client itself against the role's verifier and logs in with the
+/// recovered ClientKey. Without a verifier source that is impossible and the client is told
+/// how to fix it; with `auth_query` every role logs in, and channel_binding=require still
+/// fails, as it must through any proxy.
 #[tokio::test]
 async fn tls_on_both_legs() {
     let ca = TestCa::new();
     let cluster = tls_cluster(&ca).await;
-    let gw = tls_gateway(&cluster, &ca, BackendSslMode::Require).await;
 
+    let bare = tls_gateway(&cluster, &ca, BackendSslMode::Prefer).await;
+    let mut config = tls_config(&bare, roles::SCRAM, "localhost");
+    config.channel_binding(ChannelBinding::Prefer);
+    let err = connect_tls(&config, &ca)
+        .await
+        .err()
+        .map(|e| describe(&e))
+        .unwrap_or_default();
+    assert!(
+        err.contains("28000") && err.contains("auth_query"),
+        "without a verifier the refusal says what to configure: {err}"
+    );
+
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    let gw = cluster
+        .gateway_with(move |c| {
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.backend_tls.sslmode = BackendSslMode::Prefer;
+            c.auth.auth_query = Some(understudy::config::DEFAULT_AUTH_QUERY.to_owned());
+        })
+        .await;
     let mut failures = Vec::new();
     for role in [roles::TRUST, roles::CLEARTEXT, roles::MD5, roles::SCRAM] {
         let mut config = tls_config(&gw, role, "localhost");
@@ -370,6 +387,7 @@ async fn tls_on_both_legs() {
                 assert_eq!((backend_ssl, user.as_str()), (true, role));
                 let s = status_of(&gw, &client).await;
                 assert_eq!(s["tls"], true, "{s:#}");
+                assert_eq!(s["movable"], "yes", "{s:#}");
             }
             Err(e) => failures.push(format!("tokio-postgres {role}: {}", describe(&e))),
         }
@@ -387,6 +405,10 @@ async fn tls_on_both_legs() {
             failures.push(format!("psql {role}: {}", stderr.trim()));
         }
     }
+    let mut wrong = tls_config(&gw, roles::SCRAM, "localhost");
+    wrong.password("not-the-password");
+    let err = connect_tls(&wrong, &ca).await.err().map(|e| describe(&e)).unwrap_or_default();
+    assert!(err.contains("28P01"), "wrong password through the terminated exchange: {err}");
 
     let conninfo = format!(
         "{} sslmode=require channel_binding=require",

@@ -59,10 +59,24 @@ pub async fn login(
     user: &str,
     credential: &Credential,
 ) -> Result<(), LoginError> {
+    login_from(stream, buf, user, credential, None).await
+}
+
+/// As [`login`], with the server's first request already read.
+pub async fn login_from(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    credential: &Credential,
+    mut first: Option<Frame>,
+) -> Result<(), LoginError> {
     let mut scram: Option<ScramClient> = None;
     let mut out = BytesMut::new();
     loop {
-        let frame = recv_backend(stream, buf).await?;
+        let frame = match first.take() {
+            Some(f) => f,
+            None => recv_backend(stream, buf).await?,
+        };
         match frame.tag {
             backend::AUTHENTICATION => {}
             backend::ERROR_RESPONSE => return Err(LoginError::Server(frame)),
@@ -104,7 +118,7 @@ pub async fn login(
                 let first = client.client_first();
                 scram = Some(client);
                 fe::sasl_initial_response("SCRAM-SHA-256", &first, &mut out)
-                    .map_err(|e| SessionError::BackendLost(e))?;
+                    .map_err(SessionError::BackendLost)?;
             }
             (Some(11), _) => {
                 let client = scram.as_mut().ok_or_else(|| unexpected(backend::AUTHENTICATION))?;

@@ -4,10 +4,11 @@
 use bytes::BytesMut;
 use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
-use understudy_protocol::scram::recover_client_key;
+use understudy_protocol::scram::{recover_client_key, ScramServer, ScramVerifier};
 use understudy_protocol::tags::{backend, frontend};
 use zeroize::Zeroizing;
 
+use super::login::{login_from, LoginError};
 use super::{Credential, Secret};
 use crate::error::SessionError;
 use crate::stream::Stream;
@@ -73,19 +74,19 @@ pub struct Ends<'a, 'c> {
 }
 
 impl Ends<'_, '_> {
-    async fn from_backend(&mut self) -> Result<Frame, SessionError> {
+    async fn recv_backend(&mut self) -> Result<Frame, SessionError> {
         recv_backend(self.backend, self.backend_buf).await
     }
 
-    async fn from_client(&mut self) -> Result<Frame, SessionError> {
+    async fn recv_client(&mut self) -> Result<Frame, SessionError> {
         self.client.recv_password().await
     }
 
-    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    async fn send_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         self.client.send(bytes).await
     }
 
-    async fn to_backend(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    async fn send_backend(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         send(self.backend, bytes)
             .await
             .map_err(SessionError::BackendLost)
@@ -98,16 +99,17 @@ impl Ends<'_, '_> {
 /// SCRAM exchange yields the ClientKey.
 pub async fn relay(
     ends: &mut Ends<'_, '_>,
+    user: &str,
     secret: Option<&Secret>,
 ) -> Result<Credential, SessionError> {
     let mut credential = Credential::NotNeeded;
     let mut scram = ScramTranscript::default();
     loop {
-        let frame = ends.from_backend().await?;
+        let frame = ends.recv_backend().await?;
         match frame.tag {
             backend::AUTHENTICATION => {}
             backend::ERROR_RESPONSE => {
-                ends.to_client(&frame.raw).await?;
+                ends.send_client(&frame.raw).await?;
                 let err = ErrorView::parse(frame.body());
                 return Err(SessionError::ServerFatal {
                     code: err.code.to_owned(),
@@ -115,7 +117,7 @@ pub async fn relay(
                 });
             }
             backend::NOTICE_RESPONSE => {
-                ends.to_client(&frame.raw).await?;
+                ends.send_client(&frame.raw).await?;
                 continue;
             }
             other => return Err(unexpected(other)),
@@ -127,7 +129,7 @@ pub async fn relay(
             .unwrap_or(-1);
         match code {
             0 => {
-                ends.to_client(&frame.raw).await?;
+                ends.send_client(&frame.raw).await?;
                 return Ok(match (credential, secret, scram.complete()) {
                     (Credential::NotNeeded, Some(Secret::Scram(v)), Some((cf, sf, cl))) => {
                         match recover_client_key(v, cf, sf, cl) {
@@ -152,24 +154,24 @@ pub async fn relay(
             }
             // AuthenticationCleartextPassword: the password itself passes by.
             3 => {
-                ends.to_client(&frame.raw).await?;
-                let reply = ends.from_client().await?;
+                ends.send_client(&frame.raw).await?;
+                let reply = ends.recv_client().await?;
                 let mut body = reply.body();
                 if let Some(p) = cstr(&mut body) {
                     credential = Credential::Password(Zeroizing::new(p.to_owned()));
                 }
-                ends.to_backend(&reply.raw).await?;
+                ends.send_backend(&reply.raw).await?;
             }
             // AuthenticationMD5Password: the salted answer is useless elsewhere; a stored hash is not.
             5 => {
-                ends.to_client(&frame.raw).await?;
-                let reply = ends.from_client().await?;
+                ends.send_client(&frame.raw).await?;
+                let reply = ends.recv_client().await?;
                 credential = match secret {
                     Some(Secret::Md5(h)) => Credential::Md5(h.clone()),
                     Some(Secret::Plain(p)) => Credential::Password(p.clone()),
                     _ => Credential::Missing("md5 login relayed without the role's md5 hash"),
                 };
-                ends.to_backend(&reply.raw).await?;
+                ends.send_backend(&reply.raw).await?;
             }
             // AuthenticationSASL: channel binding ties the exchange to one TLS connection, and a
             // gateway holds two, so the -PLUS variants are not offered to the client.
@@ -190,26 +192,31 @@ pub async fn relay(
                 }
                 let mut out = BytesMut::new();
                 encode::auth_sasl(&mut out, &mechanisms);
-                ends.to_client(&out).await?;
-                let reply = ends.from_client().await?;
+                ends.send_client(&out).await?;
+                let reply = ends.recv_client().await?;
                 let mut rest = reply.body();
                 if cstr(&mut rest) == Some(SCRAM) {
-                    if let Some(data) = rest.get(4..) {
-                        scram.client_first = Some(data.to_vec());
+                    let data = rest.get(4..).unwrap_or_default();
+                    // "y": the client could bind but was not offered -PLUS. A server on TLS
+                    // that does offer it rejects that as a downgrade, so the gateway must
+                    // check the client itself and log in with what it learns.
+                    if data.first() == Some(&b'y') && ends.backend.is_tls() {
+                        return terminate_scram(ends, user, secret, data, frame).await;
                     }
+                    scram.client_first = Some(data.to_vec());
                 }
-                ends.to_backend(&reply.raw).await?;
+                ends.send_backend(&reply.raw).await?;
             }
             // AuthenticationSASLContinue carries server-first-message.
             11 => {
                 scram.server_first = Some(body[4..].to_vec());
-                ends.to_client(&frame.raw).await?;
-                let reply = ends.from_client().await?;
+                ends.send_client(&frame.raw).await?;
+                let reply = ends.recv_client().await?;
                 scram.client_final = Some(reply.body().to_vec());
-                ends.to_backend(&reply.raw).await?;
+                ends.send_backend(&reply.raw).await?;
             }
             // AuthenticationSASLFinal: the server proved itself; AuthenticationOk follows.
-            12 => ends.to_client(&frame.raw).await?,
+            12 => ends.send_client(&frame.raw).await?,
             other => {
                 return Err(SessionError::refused(
                     "28000",
@@ -219,6 +226,76 @@ pub async fn relay(
             }
         }
     }
+}
+
+/// Completes a SCRAM login with the client as the server would, then logs in to the backend
+/// with the credential that yields, forwarding the backend's verdict.
+async fn terminate_scram(
+    ends: &mut Ends<'_, '_>,
+    user: &str,
+    secret: Option<&Secret>,
+    client_first: &[u8],
+    sasl_request: Frame,
+) -> Result<Credential, SessionError> {
+    let failed = || {
+        SessionError::refused(
+            "28P01",
+            "auth_failed",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    let (verifier, credential_of) = match secret {
+        Some(Secret::Scram(v)) => (v.clone(), None),
+        Some(Secret::Plain(p)) => (
+            ScramVerifier::from_password(p.as_bytes(), &rand::random::<[u8; 16]>(), 4096)
+                .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))?,
+            Some(Credential::Password(p.clone())),
+        ),
+        _ => {
+            return Err(SessionError::refused(
+                "28000",
+                "auth_unsupported",
+                "SCRAM channel binding cannot pass through the gateway, and it has no verifier \
+                 for this role to check the password itself: configure auth.auth_query or \
+                 auth.auth_file, or connect with channel_binding=disable",
+            ))
+        }
+    };
+    let server_key = *verifier.server_key();
+    let mut server = ScramServer::with_random_nonce(verifier);
+    let server_first = server
+        .handle_client_first(client_first)
+        .map_err(|e| SessionError::refused("08P01", "protocol_violation", e.to_string()))?;
+    let mut out = BytesMut::new();
+    encode::auth_sasl_continue(&mut out, &server_first);
+    ends.send_client(&out).await?;
+    let reply = ends.recv_client().await?;
+    let (server_final, client_key) = server.handle_client_final(reply.body()).map_err(|_| failed())?;
+    let credential = credential_of.unwrap_or(Credential::Scram {
+        client_key,
+        server_key: Some(server_key),
+    });
+    match login_from(
+        ends.backend,
+        ends.backend_buf,
+        user,
+        &credential,
+        Some(sasl_request),
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(LoginError::Server(frame)) => {
+            ends.send_client(&frame.raw).await?;
+            return Err(LoginError::Server(frame).into_session_error());
+        }
+        Err(LoginError::Failed(e)) => return Err(e),
+    }
+    out.clear();
+    encode::auth_sasl_final(&mut out, &server_final);
+    encode::auth_ok(&mut out);
+    ends.send_client(&out).await?;
+    Ok(credential)
 }
 
 /// The three SCRAM messages seen in a relayed exchange.

@@ -1,0 +1,521 @@
+#!/usr/bin/env bash
+# Understudy benchmark: throughput, per-round-trip latency and idle-session memory of the gateway,
+# measured side by side with a direct PostgreSQL connection and PgBouncer in session mode.
+#
+# What it measures
+#   1. Throughput: pgbench `-S` (select-only, simple protocol), `-S -M prepared` and `-N`
+#      (simple-update: BEGIN, UPDATE, SELECT, INSERT, END = 5 round trips a transaction) at
+#      `-c $CLIENTS -j $THREADS -T $DURATION`. Each workload runs $ROUNDS rounds; each round
+#      interleaves direct -> understudy -> pgbouncer so drift (autovacuum, cache, thermal) hits all
+#      three alike. Reported: median TPS ("without initial connection time"), ratio to direct, and
+#      the added time per statement derived from it: (CLIENTS/TPS_target - CLIENTS/TPS_direct) /
+#      statements per transaction. Target: understudy's ratio >= PgBouncer's on every workload.
+#   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), pgbench pinned to
+#      CPU $LAT_CPU with taskset, $ROUNDS interleaved rounds. Reported: median "latency average" and
+#      the microseconds each proxy adds per round trip.
+#   3. Memory: a fresh gateway alone; a small Python (stdlib only) client opens $SESSIONS idle
+#      sessions through it over raw sockets (StartupMessage -> ReadyForQuery), and the gateway's
+#      VmRSS (/proc/PID/status) before and after gives KiB per idle session; measured again after
+#      each session ran one `SELECT 1`. Target: <= 64 KiB per idle session. PgBouncer's figure is
+#      measured the same way for reference.
+#
+# Setup (all throwaway, all on 127.0.0.1, everything removed on exit)
+#   - builds target/release/understudy (unless SKIP_BUILD=1);
+#   - installs pgbouncer with apt when missing (the Debian service is stopped and disabled);
+#   - a PostgreSQL 15 cluster in a temp dir, run as user postgres: max_connections=600,
+#     shared_buffers=256MB, synchronous_commit=off (fsync stays on: commits are not waited for, so
+#     -N measures the proxies rather than the disk's flush latency; durability is unaffected apart
+#     from the last few hundred ms of commits on a crash), max_wal_size=4GB (no checkpoint storms),
+#     pg_hba `trust` for 127.0.0.1 (authentication is kept out of the measurement);
+#     `pgbench -i -s $SCALE`, then one VACUUM ANALYZE; every measured run uses `-n`;
+#   - understudy `run` with the default client_auth (passthrough: PostgreSQL decides the login);
+#   - pgbouncer pool_mode=session, auth_type=trust, max_client_conn=1000, default_pool_size=600.
+#   libpq is told PGSSLMODE=disable for all three targets.
+#
+# How long: about 3 workloads x 3 targets x ROUNDS x DURATION + 3 x ROUNDS x DURATION (probe)
+#   + warm-ups (WARMUP s per target per workload) + ~30 s setup/memory test.
+#   Defaults (DURATION=10 ROUNDS=3): ~7 minutes, plus the cargo build when it is not up to date.
+#   Quick check: DURATION=5 ROUNDS=1 (~2 minutes).
+#
+# Knobs (environment):
+#   DURATION=10  seconds per pgbench run         ROUNDS=3    interleaved rounds per workload
+#   SCALE=10     pgbench scale factor            CLIENTS=8   clients for the throughput runs
+#   THREADS=2    pgbench -j                      WARMUP=2    seconds of untimed warm-up per target
+#   SESSIONS=500 idle sessions for the memory test (max_connections is 600)
+#   LAT_CPU=1    CPU the latency probe's pgbench is pinned to
+#   SKIP_BUILD=1 use the existing target/release/understudy
+#   RESULTS=...  where the markdown report goes (default bench/results-latest.md)
+#   KEEP_TMP=1   keep the temp dir (logs) after the run
+#   PGBIN=/usr/lib/postgresql/15/bin
+#
+# Usage: bench/bench.sh            (as root; see bench/README.md)
+
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-8}
+THREADS=${THREADS:-2}
+WARMUP=${WARMUP:-2}
+SESSIONS=${SESSIONS:-500}
+LAT_CPU=${LAT_CPU:-1}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+RESULTS=${RESULTS:-$BENCH_DIR/results-latest.md}
+GATEWAY_BIN=$ROOT/target/release/understudy
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root (needs apt, runuser and taskset)"
+for tool in pgbench psql taskset python3 runuser; do
+    command -v "$tool" >/dev/null || die "$tool not found"
+done
+[[ -x $PGBIN/initdb && -x $PGBIN/pg_ctl ]] || die "PostgreSQL binaries not found in $PGBIN"
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+# ---------------------------------------------------------------------------------------------
+# cleanup
+TMP=""
+PG_DATA=""
+GW_PID=""
+MEMGW_PID=""
+PGB_PIDFILE=""
+PGB_PID=""
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in "$GW_PID" "$MEMGW_PID"; do
+        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+            kill -INT "$pid" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
+        fi
+    done
+    if [[ -n $PGB_PIDFILE && -s $PGB_PIDFILE ]]; then
+        PGB_PID=$(cat "$PGB_PIDFILE")
+    fi
+    if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
+        kill -TERM "$PGB_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$PGB_PID" 2>/dev/null
+    fi
+    if [[ -n $PG_DATA && -f $PG_DATA/postmaster.pid ]]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
+    fi
+    wait 2>/dev/null
+    if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+            log "temp dir kept: $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # host port seconds
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        if python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.2)' "$1" "$2" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# ---------------------------------------------------------------------------------------------
+# 1. build
+if [[ $SKIP_BUILD != 1 ]]; then
+    log "cargo build --release -p understudy"
+    (cd "$ROOT" && cargo build --release -p understudy)
+fi
+[[ -x $GATEWAY_BIN ]] || die "$GATEWAY_BIN missing (build it or unset SKIP_BUILD)"
+
+# ---------------------------------------------------------------------------------------------
+# pgbouncer (installed when missing; the distribution's service must not stay running)
+if ! command -v pgbouncer >/dev/null; then
+    log "installing pgbouncer with apt"
+    made_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        # keep apt from starting the service at all; removed again right after
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    apt_rc=0
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; } >&2 || apt_rc=$?
+    [[ $made_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d
+    [[ $apt_rc -eq 0 ]] || die "apt-get install pgbouncer failed"
+    # in case a service manager started it anyway: stop and disable the system instance
+    if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+        systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+    fi
+    if [[ -x /etc/init.d/pgbouncer ]]; then
+        /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true
+        update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+    fi
+fi
+command -v pgbouncer >/dev/null || die "pgbouncer not available"
+PGBOUNCER_BIN=$(command -v pgbouncer)
+
+# ---------------------------------------------------------------------------------------------
+# 2. throwaway PostgreSQL cluster
+TMP=$(mktemp -d /tmp/understudy-bench.XXXXXX)
+chmod 755 "$TMP"
+mkdir -p "$TMP/pg" "$TMP/pgbouncer" "$TMP/gw"
+chown postgres:postgres "$TMP/pg" "$TMP/pgbouncer"
+PG_DATA=$TMP/pg/data
+PG_PORT=$(free_port)
+log "temp dir $TMP; initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
+runuser -u postgres -- "$PGBIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-sync >"$TMP/pg/initdb.log" 2>&1 \
+    || { cat "$TMP/pg/initdb.log" >&2; die "initdb failed"; }
+cat >>"$PG_DATA/postgresql.conf" <<EOF
+
+# --- understudy bench ---
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$TMP/pg'
+max_connections = 600
+shared_buffers = 256MB
+synchronous_commit = off
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+logging_collector = off
+log_min_messages = warning
+EOF
+cat >"$PG_DATA/pg_hba.conf" <<EOF
+local all all trust
+host  all all 127.0.0.1/32 trust
+EOF
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$TMP/pg/postgres.log" -w -t 60 start >/dev/null \
+    || { tail -n 30 "$TMP/pg/postgres.log" >&2; die "postgres did not start"; }
+
+export PGUSER=postgres PGSSLMODE=disable PGGSSENCMODE=disable PGAPPNAME=understudy-bench
+unset PGPASSWORD PGHOST PGPORT PGDATABASE PGSERVICE
+DB=bench
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -c "CREATE DATABASE $DB" >/dev/null
+log "pgbench -i -s $SCALE"
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" "$DB" >"$TMP/pg/pgbench-init.log" 2>&1 \
+    || { cat "$TMP/pg/pgbench-init.log" >&2; die "pgbench -i failed"; }
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# 3. understudy and pgbouncer
+GW_PORT=$(free_port)
+GW_ADMIN_PORT=$(free_port)
+start_gateway() { # port admin_port logfile -> sets STARTED_PID
+    RUST_LOG=${RUST_LOG:-warn} "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
+        --admin-listen "127.0.0.1:$2" >"$3" 2>&1 &
+    STARTED_PID=$!
+    wait_port 127.0.0.1 "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }
+}
+log "starting understudy on 127.0.0.1:$GW_PORT (admin $GW_ADMIN_PORT)"
+start_gateway "$GW_PORT" "$GW_ADMIN_PORT" "$TMP/gw/understudy.log"
+GW_PID=$STARTED_PID
+
+PGB_PORT=$(free_port)
+PGB_DIR=$TMP/pgbouncer
+PGB_PIDFILE=$PGB_DIR/pgbouncer.pid
+cat >"$PGB_DIR/userlist.txt" <<EOF
+"postgres" ""
+EOF
+cat >"$PGB_DIR/pgbouncer.ini" <<EOF
+[databases]
+* = host=127.0.0.1 port=$PG_PORT
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $PGB_DIR/userlist.txt
+pool_mode = session
+max_client_conn = 1000
+default_pool_size = 600
+max_db_connections = 0
+logfile = $PGB_DIR/pgbouncer.log
+pidfile = $PGB_PIDFILE
+log_connections = 0
+log_disconnections = 0
+log_stats = 0
+stats_period = 3600
+EOF
+chown -R postgres:postgres "$PGB_DIR"
+log "starting pgbouncer on 127.0.0.1:$PGB_PORT"
+runuser -u postgres -- "$PGBOUNCER_BIN" -d "$PGB_DIR/pgbouncer.ini" >"$PGB_DIR/stdout.log" 2>&1 \
+    || { cat "$PGB_DIR/stdout.log" "$PGB_DIR/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer did not start"; }
+wait_port 127.0.0.1 "$PGB_PORT" 30 || { cat "$PGB_DIR/pgbouncer.log" >&2; die "pgbouncer not listening"; }
+for _ in $(seq 50); do [[ -s $PGB_PIDFILE ]] && break; sleep 0.1; done
+PGB_PID=$(cat "$PGB_PIDFILE")
+
+TARGETS=(direct understudy pgbouncer)
+declare -A PORT=([direct]=$PG_PORT [understudy]=$GW_PORT [pgbouncer]=$PGB_PORT)
+
+# sanity: every target answers
+for t in "${TARGETS[@]}"; do
+    psql -X -q -t -A -h 127.0.0.1 -p "${PORT[$t]}" -d "$DB" -c "SELECT 1" >/dev/null \
+        || die "$t (port ${PORT[$t]}) does not answer"
+done
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+RAW=$TMP/raw.tsv # kind workload target round tps latency_ms
+: >"$RAW"
+
+check_target_alive() {
+    case $1 in
+    understudy) kill -0 "$GW_PID" 2>/dev/null || { tail -n 40 "$TMP/gw/understudy.log" >&2; die "understudy died"; } ;;
+    pgbouncer) kill -0 "$PGB_PID" 2>/dev/null || { tail -n 40 "$PGB_DIR/pgbouncer.log" >&2; die "pgbouncer died"; } ;;
+    esac
+}
+
+# run_pgbench target outfile seconds [prefix...] -- [pgbench args...]
+run_pgbench() {
+    local target=$1 out=$2 secs=$3
+    shift 3
+    local prefix=()
+    while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
+    shift
+    check_target_alive "$target"
+    local rc=0
+    "${prefix[@]}" pgbench -n -h 127.0.0.1 -p "${PORT[$target]}" -T "$secs" "$@" "$DB" >"$out" 2>&1 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        log "pgbench against $target exited $rc:"
+        tail -n 15 "$out" >&2
+    fi
+    return 0
+}
+parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
+parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
+
+WORKLOAD_NAMES=("-S" "-S -M prepared" "-N")
+
+# ---------------------------------------------------------------------------------------------
+# 4. throughput
+for w in "${WORKLOAD_NAMES[@]}"; do
+    read -r -a wargs <<<"$w"
+    if [[ $WARMUP -gt 0 ]]; then
+        for t in "${TARGETS[@]}"; do
+            run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
+        done
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${TARGETS[@]}"; do
+            out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
+            run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
+            tps=$(parse_tps "$out")
+            lat=$(parse_lat "$out")
+            printf 'tput\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" >>"$RAW"
+            log "pgbench $w  round $r/$ROUNDS  $(printf '%-10s' "$t") tps ${tps:-FAILED}"
+        done
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 5. single-client latency probe, pinned to one CPU
+if [[ $WARMUP -gt 0 ]]; then
+    for t in "${TARGETS[@]}"; do
+        run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
+    done
+fi
+for ((r = 1; r <= ROUNDS; r++)); do
+    for t in "${TARGETS[@]}"; do
+        out=$TMP/lat-$t-$r.out
+        run_pgbench "$t" "$out" "$DURATION" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
+        tps=$(parse_tps "$out")
+        lat=$(parse_lat "$out")
+        printf 'lat\t%s\t%s\t%s\t%s\t%s\n' "probe" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" >>"$RAW"
+        log "latency probe round $r/$ROUNDS  $(printf '%-10s' "$t") latency ${lat:-FAILED} ms"
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 6. memory per idle session
+cat >"$TMP/idle_sessions.py" <<'PY'
+"""Open N idle PostgreSQL sessions over raw sockets (trust auth) and report a process's VmRSS."""
+import socket, struct, sys, time
+
+host, port, user, db, n, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+
+def rss():
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise SystemExit("no VmRSS")
+
+def recv_exact(s, k):
+    buf = b""
+    while len(buf) < k:
+        chunk = s.recv(k - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed by server")
+        buf += chunk
+    return buf
+
+def until_ready(s):
+    while True:
+        typ, ln = struct.unpack("!cI", recv_exact(s, 5))
+        body = recv_exact(s, ln - 4)
+        if typ == b"E":
+            raise ConnectionError("server error: " + body.decode(errors="replace"))
+        if typ == b"R" and struct.unpack("!I", body[:4])[0] != 0:
+            raise ConnectionError("server asks for a password; the bench expects trust")
+        if typ == b"Z":
+            return
+
+def open_session():
+    s = socket.create_connection((host, port))
+    params = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
+                      (("user", user), ("database", db), ("application_name", "understudy-bench-idle"))) + b"\0"
+    s.sendall(struct.pack("!II", 8 + len(params), 196608) + params)
+    until_ready(s)
+    return s
+
+def settle():
+    time.sleep(1.0)
+
+# warm the process up with one session, then measure the baseline with none open
+open_session().close()
+settle()
+base = rss()
+socks = []
+for _ in range(n):
+    socks.append(open_session())
+settle()
+opened = rss()
+q = b"SELECT 1\0"
+for s in socks:
+    s.sendall(b"Q" + struct.pack("!I", 4 + len(q)) + q)
+for s in socks:
+    until_ready(s)
+settle()
+queried = rss()
+for s in socks:
+    try:
+        s.sendall(b"X\0\0\0\4")
+    except OSError:
+        pass
+    s.close()
+print(f"base={base} opened={opened} queried={queried} n={n}")
+PY
+
+measure_memory() { # label port pid outfile -> outfile holds "base opened queried"
+    python3 "$TMP/idle_sessions.py" 127.0.0.1 "$2" postgres "$DB" "$SESSIONS" "$3" >"$4.raw" \
+        || die "idle-session test against $1 failed"
+    sed -n 's/^base=\([0-9]*\) opened=\([0-9]*\) queried=\([0-9]*\) .*/\1 \2 \3/p' "$4.raw" >"$4"
+    [[ -s $4 ]] || die "idle-session test against $1 printed nothing usable"
+}
+
+log "memory: stopping the benchmark gateway, starting a fresh one alone"
+kill -INT "$GW_PID"; wait "$GW_PID" 2>/dev/null || true; GW_PID=""
+MEM_PORT=$(free_port)
+MEM_ADMIN=$(free_port)
+start_gateway "$MEM_PORT" "$MEM_ADMIN" "$TMP/gw/understudy-mem.log"
+MEMGW_PID=$STARTED_PID
+sleep 1
+log "memory: $SESSIONS idle sessions through understudy"
+measure_memory understudy "$MEM_PORT" "$MEMGW_PID" "$TMP/mem-understudy"
+read -r GW_BASE GW_OPEN GW_QUERIED <"$TMP/mem-understudy"
+kill -INT "$MEMGW_PID"; wait "$MEMGW_PID" 2>/dev/null || true; MEMGW_PID=""
+sleep 1 # let the backends exit before PgBouncer opens its own
+log "memory: $SESSIONS idle sessions through pgbouncer (reference)"
+measure_memory pgbouncer "$PGB_PORT" "$PGB_PID" "$TMP/mem-pgbouncer"
+read -r PGB_BASE PGB_OPEN PGB_QUERIED <"$TMP/mem-pgbouncer"
+
+# ---------------------------------------------------------------------------------------------
+# 7. report
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n1) ]]; then GIT_REV="$GIT_REV (dirty tree)"; fi
+PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
+PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 | awk '{print $NF}')
+
+REPORT=$TMP/report.md
+python3 - "$RAW" "$CLIENTS" "$GW_BASE" "$GW_OPEN" "$GW_QUERIED" "$PGB_BASE" "$PGB_OPEN" "$PGB_QUERIED" "$SESSIONS" >"$REPORT" <<PY
+import math, statistics, sys
+raw, clients = sys.argv[1], int(sys.argv[2])
+gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n = map(int, sys.argv[3:10])
+rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
+def med(kind, w, t, col):
+    vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t]
+    vals = [v for v in vals if not math.isnan(v)]
+    return statistics.median(vals) if vals else float("nan")
+stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5}
+print("# Understudy benchmark")
+print()
+print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, PgBouncer $PGB_VERSION,")
+print("$(nproc) CPUs ($(uname -r)); DURATION=$DURATION s, ROUNDS=$ROUNDS (median), SCALE=$SCALE, -c $CLIENTS -j $THREADS,")
+print("synchronous_commit=off, trust auth, everything on 127.0.0.1.")
+print()
+print(f"## Throughput (pgbench -c {clients} -j $THREADS, median TPS, ratio to direct)")
+print()
+print("| workload | direct TPS | understudy TPS (ratio) | pgbouncer TPS (ratio) | added µs/stmt understudy | added µs/stmt pgbouncer | understudy ≥ pgbouncer |")
+print("|---|---:|---:|---:|---:|---:|:---:|")
+verdicts = []
+for w in ["-S", "-S -M prepared", "-N"]:
+    d, u, b = (med("tput", w, t, 4) for t in ("direct", "understudy", "pgbouncer"))
+    ru, rb = u / d, b / d
+    # time per transaction per client = clients / tps; spread over the statements (round trips)
+    au = (clients / u - clients / d) / stmts[w] * 1e6
+    ab = (clients / b - clients / d) / stmts[w] * 1e6
+    ok = ru >= rb
+    verdicts.append((w, ok, ru, rb))
+    print(f"| \`{w}\` | {d:,.0f} | {u:,.0f} ({ru:.2f}) | {b:,.0f} ({rb:.2f}) | {au:+.1f} | {ab:+.1f} | {'yes' if ok else '**no**'} |")
+print()
+print("added µs/stmt = (clients/TPS_target − clients/TPS_direct) / round trips per transaction (1 for -S, 5 for -N):")
+print("the extra wall time each statement costs under load, on this 2-CPU machine mostly CPU the proxy takes from PostgreSQL and pgbench.")
+print()
+d, u, b = (med("lat", "probe", t, 5) for t in ("direct", "understudy", "pgbouncer"))
+print("## Latency probe (1 client, -S -M prepared, pgbench pinned to CPU $LAT_CPU, median of rounds)")
+print()
+print("| target | latency average | added per round trip |")
+print("|---|---:|---:|")
+print(f"| direct | {d*1000:.1f} µs | — |")
+print(f"| understudy | {u*1000:.1f} µs | {(u-d)*1000:+.1f} µs |")
+print(f"| pgbouncer | {b*1000:.1f} µs | {(b-d)*1000:+.1f} µs |")
+print()
+print(f"## Memory ({n} idle sessions, VmRSS)")
+print()
+def per(a, z): return (z - a) / n
+gw1, gw2 = per(gw_base, gw_open), per(gw_base, gw_q)
+print("| process | RSS alone | RSS with sessions open | KiB/session after login | KiB/session after one query each |")
+print("|---|---:|---:|---:|---:|")
+print(f"| understudy (fresh) | {gw_base:,} KiB | {gw_open:,} KiB / {gw_q:,} KiB | {gw1:.1f} | {gw2:.1f} |")
+print(f"| pgbouncer (reference) | {pgb_base:,} KiB | {pgb_open:,} KiB / {pgb_q:,} KiB | {per(pgb_base, pgb_open):.1f} | {per(pgb_base, pgb_q):.1f} |")
+print()
+print("## Targets")
+print()
+for w, ok, ru, rb in verdicts:
+    print(f"- \`{w}\`: understudy ratio {ru:.3f} vs pgbouncer {rb:.3f} → {'met' if ok else f'MISSED by {rb-ru:.3f}'}")
+worst = max(gw1, gw2)
+print(f"- memory: {worst:.1f} KiB per idle session (worst of the two) vs ≤ 64 KiB → {'met' if worst <= 64 else 'MISSED'}")
+print()
+print("## Raw runs")
+print()
+print("| kind | workload | target | round | tps | latency avg (ms) |")
+print("|---|---|---|---:|---:|---:|")
+for r in rows:
+    print(f"| {r[0]} | \`{r[1]}\` | {r[2]} | {r[3]} | {float(r[4]):,.1f} | {r[5]} |")
+PY
+
+cp "$REPORT" "$RESULTS"
+echo
+cat "$REPORT"
+echo
+log "report written to $RESULTS"

@@ -1,0 +1,863 @@
+//! Bad input and abrupt endings: whatever a client sends or however it leaves, it gets the
+//! ErrorResponse PostgreSQL would send (or simply a closed socket), its backend goes away, and
+//! every other session carries on (DESIGN.md, "Transparency rules" and the bad input paragraph).
+//!
+//! Every test keeps a well-behaved session open next to the misbehaving one and checks it still
+//! answers afterwards, and every test checks that no panic was raised in gateway code.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use understudy::config::Config;
+use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+
+// ---------------------------------------------------------------------------------------------
+// Private helpers
+
+/// Panics raised in gateway or protocol code (session tasks swallow them, so count them here).
+static GATEWAY_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn watch_for_gateway_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_gateway = info.location().is_some_and(|l| {
+                l.file().contains("gateway/src/") || l.file().contains("protocol/src/")
+            });
+            if in_gateway {
+                GATEWAY_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+fn assert_no_gateway_panics() {
+    assert_eq!(
+        GATEWAY_PANICS.load(Ordering::SeqCst),
+        0,
+        "gateway code panicked (see the panic messages above)"
+    );
+}
+
+/// The well-behaved neighbour every test keeps open.
+async fn still_answers(client: &Client) {
+    let one: i32 = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("the well-behaved session still works")
+        .get(0);
+    assert_eq!(one, 1);
+}
+
+/// A trusted raw session named `app`; returns it after ReadyForQuery with the greeting.
+async fn raw_session(addr: SocketAddr, app: &str) -> (RawConn, Vec<Msg>) {
+    let mut c = RawConn::open(addr).await;
+    c.send(&startup(
+        0,
+        &[
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("application_name", app),
+        ],
+    ))
+    .await;
+    let greeting = c.read_until(b'Z').await;
+    assert_no_error(&greeting);
+    (c, greeting)
+}
+
+fn assert_no_error(msgs: &[Msg]) {
+    if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+        panic!(
+            "unexpected error {} {}: {}",
+            e.severity(),
+            e.code(),
+            e.message()
+        );
+    }
+}
+
+/// Runs `sql` on a raw session; returns the first column of every row as text.
+async fn raw_select(c: &mut RawConn, sql: &str) -> Vec<String> {
+    c.send(&query(sql)).await;
+    let answer = c.read_until(b'Z').await;
+    assert_no_error(&answer);
+    answer
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(first_column)
+        .collect()
+}
+
+/// First column of a DataRow, as text.
+fn first_column(row: &Msg) -> String {
+    let body = &row.body;
+    let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+    String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
+}
+
+/// An ErrorResponse's fields by type byte (`F` file and `R` routine only come from a server).
+fn error_field(m: &Msg, field: u8) -> Option<String> {
+    let mut rest = m.body.as_slice();
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if kind == field {
+            return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
+/// Asserts `m` is a FATAL ErrorResponse with SQLSTATE `code`.
+fn assert_fatal(m: &Msg, code: &str) {
+    assert_eq!(m.tag, b'E', "expected an ErrorResponse, got {m:?}");
+    assert_eq!(
+        (m.severity().as_str(), m.code().as_str()),
+        ("FATAL", code),
+        "message: {}",
+        m.message()
+    );
+}
+
+/// Connects with a tokio-postgres config, keeping the connection task's result: a FATAL sent
+/// while the client is idle ends that task with the server's (or gateway's) error.
+async fn connect_watched(
+    config: tokio_postgres::Config,
+) -> (Client, JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let (client, conn) = config.connect(NoTls).await.expect("connect");
+    (client, tokio::spawn(conn))
+}
+
+/// SQLSTATE the connection task ended with, waiting at most `within`.
+async fn connection_end(
+    conn: JoinHandle<Result<(), tokio_postgres::Error>>,
+    within: Duration,
+) -> Option<String> {
+    let ended = tokio::time::timeout(within, conn)
+        .await
+        .expect("connection ends in time")
+        .expect("connection task");
+    match ended {
+        Ok(()) => None,
+        Err(e) => sqlstate(&e).map(str::to_owned),
+    }
+}
+
+/// A protocol 2.0 StartupMessage (major 2), which PostgreSQL 15 no longer speaks.
+fn startup_v2(user: &str) -> Vec<u8> {
+    let mut body = (2i32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0");
+    body.extend_from_slice(user.as_bytes());
+    body.extend_from_slice(b"\0\0");
+    let mut v = (body.len() as i32 + 4).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    v
+}
+
+/// The 8-byte SSLRequest / GSSENCRequest.
+fn request(code: i32) -> Vec<u8> {
+    let mut v = 8i32.to_be_bytes().to_vec();
+    v.extend_from_slice(&code.to_be_bytes());
+    v
+}
+
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+
+/// Parses a NegotiateProtocolVersion body: newest minor version and the options not supported.
+fn negotiate_protocol_version(m: &Msg) -> (i32, Vec<String>) {
+    assert_eq!(m.tag, b'v', "expected NegotiateProtocolVersion, got {m:?}");
+    let b = &m.body;
+    let minor = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let count = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+    let names: Vec<String> = b[8..]
+        .split(|&c| c == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        count as usize,
+        "option count matches the names"
+    );
+    (minor, names)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed messages after login
+
+/// Unknown message types, oversized and impossible lengths after login each end only their own
+/// session with PostgreSQL's FATAL (08P01 / 54000), close it, and release its backend.
+#[tokio::test]
+async fn malformed_messages_after_login_end_only_their_session() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
+        .await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    // Unknown type byte: PostgreSQL's "invalid frontend message type %d".
+    let (mut c, _) = raw_session(gw.addr(), "bad_type").await;
+    c.send(&msg(b'z', b"whatever")).await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "08P01");
+    assert_eq!(e.message(), "invalid frontend message type 122");
+    assert!(c.closed().await, "closed after an unknown message type");
+    cluster.wait_backends_named("bad_type", 0).await;
+
+    // A length over max_message_size: rejected from the header alone.
+    let (mut c, _) = raw_session(gw.addr(), "too_long").await;
+    let mut huge = vec![b'Q'];
+    huge.extend_from_slice(&(1_000_000i32).to_be_bytes());
+    huge.extend_from_slice(b"SELECT ");
+    c.send(&huge).await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "54000");
+    assert!(c.closed().await, "closed after an oversized message");
+    cluster.wait_backends_named("too_long", 0).await;
+
+    // A length below the 4 bytes it must count, and a negative one.
+    for (app, len) in [("short_len", 3i32), ("negative_len", -20)] {
+        let (mut c, _) = raw_session(gw.addr(), app).await;
+        let mut bad = vec![b'Q'];
+        bad.extend_from_slice(&len.to_be_bytes());
+        c.send(&bad).await;
+        let e = c.expect_error().await;
+        assert_fatal(&e, "08P01");
+        assert!(c.closed().await, "closed after length {len}");
+        cluster.wait_backends_named(app, 0).await;
+    }
+
+    // A message just under the limit still goes through.
+    let (mut c, _) = raw_session(gw.addr(), "near_limit").await;
+    let literal = "x".repeat(60 * 1024);
+    let rows = raw_select(&mut c, &format!("SELECT length('{literal}')")).await;
+    assert_eq!(rows, [literal.len().to_string()]);
+
+    still_answers(&neighbour).await;
+    gw.connect(roles::TRUST).await; // and the gateway still takes new sessions
+    assert_no_gateway_panics();
+}
+
+/// `max_message_size` limits what clients send, not what the server answers: a row or an
+/// error message larger than the limit reaches the client and the session goes on.
+#[tokio::test]
+async fn max_message_size_does_not_limit_server_messages() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
+        .await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    let client = gw.connect(roles::TRUST).await;
+
+    let value: String = client
+        .query_one("SELECT repeat('x', 200000)", &[])
+        .await
+        .expect("a 200 kB value through a 64 kB client limit")
+        .get(0);
+    assert_eq!(value.len(), 200_000);
+
+    let e = client
+        .batch_execute("DO $$ BEGIN RAISE EXCEPTION '%', repeat('y', 100000); END $$")
+        .await
+        .err()
+        .expect("the server's error");
+    assert_eq!(sqlstate(&e), Some("P0001"), "{e}");
+    assert_eq!(e.as_db_error().map(|d| d.message().len()), Some(100_000));
+
+    still_answers(&client).await;
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The startup phase
+
+/// Bytes that are not a startup packet (an HTTP request, a TLS ClientHello sent without
+/// SSLRequest, random bytes, a too-short or too-long length) get ErrorResponse 08P01 "invalid
+/// length of startup packet" and a closed connection.
+#[tokio::test]
+async fn garbage_before_startup_gets_08p01_and_close() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    let mut random: Vec<u8> = (0..64).map(|_| rand::random::<u8>()).collect();
+    random[0] |= 0x80; // a negative length word, whatever the rest is
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("HTTP request", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        (
+            "TLS ClientHello",
+            vec![
+                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ],
+        ),
+        ("random bytes", random),
+        ("length 4", 4i32.to_be_bytes().to_vec()),
+        ("length 10001", 10_001i32.to_be_bytes().to_vec()),
+    ];
+    for (what, bytes) in cases {
+        let mut c = RawConn::open(gw.addr()).await;
+        c.send(&bytes).await;
+        let e = c
+            .read()
+            .await
+            .unwrap_or_else(|| panic!("{what}: connection closed without an ErrorResponse"));
+        assert_eq!(e.tag, b'E', "{what}: {e:?}");
+        assert_eq!(e.code(), "08P01", "{what}: {}", e.message());
+        assert!(
+            e.message().contains("invalid length of startup packet"),
+            "{what}: {}",
+            e.message()
+        );
+        assert!(c.closed().await, "{what}: connection closed");
+    }
+
+    // A valid length with an unknown request code is an unsupported protocol, as in PostgreSQL.
+    let mut c = RawConn::open(gw.addr()).await;
+    let mut odd = 16i32.to_be_bytes().to_vec();
+    odd.extend_from_slice(&0x1234_5678i32.to_be_bytes());
+    odd.extend_from_slice(&[0; 8]);
+    c.send(&odd).await;
+    assert_fatal(&c.expect_error().await, "0A000");
+    assert!(c.closed().await);
+
+    // A startup packet without a user is PostgreSQL's 28000.
+    let mut c = RawConn::open(gw.addr()).await;
+    c.send(&startup(0, &[("database", "postgres")])).await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "28000");
+    assert!(c.closed().await);
+
+    still_answers(&neighbour).await;
+    gw.connect(roles::TRUST).await;
+    assert_no_gateway_panics();
+}
+
+/// Protocol 2.0 is refused with 0A000; protocol 3.2 and `_pq_.` options get a
+/// NegotiateProtocolVersion (newest minor 0, the unsupported options) and then log in normally.
+#[tokio::test]
+async fn protocol_versions_are_negotiated_like_postgresql() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    let mut c = RawConn::open(gw.addr()).await;
+    c.send(&startup_v2(roles::TRUST)).await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "0A000");
+    assert!(
+        e.message().contains("unsupported frontend protocol 2.0"),
+        "{}",
+        e.message()
+    );
+    assert!(c.closed().await);
+
+    let cases: [(u16, &[(&str, &str)], &[&str]); 3] = [
+        (2, &[], &[]),
+        (0, &[("_pq_.foo", "on")], &["_pq_.foo"]),
+        (
+            2,
+            &[("_pq_.foo", "1"), ("_pq_.bar", "2")],
+            &["_pq_.foo", "_pq_.bar"],
+        ),
+    ];
+    for (minor, options, unsupported) in cases {
+        let mut params = vec![
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("application_name", "negotiated"),
+        ];
+        params.extend_from_slice(options);
+        let mut c = RawConn::open(gw.addr()).await;
+        c.send(&startup(minor, &params)).await;
+        let greeting = c.read_until(b'Z').await;
+        assert_no_error(&greeting);
+        assert_eq!(
+            negotiate_protocol_version(&greeting[0]),
+            (0, unsupported.iter().map(|s| s.to_string()).collect()),
+            "3.{minor} with {options:?}"
+        );
+        assert!(
+            greeting
+                .iter()
+                .any(|m| m.tag == b'R' && m.body == [0, 0, 0, 0]),
+            "AuthenticationOk follows"
+        );
+        assert_eq!(raw_select(&mut c, "SELECT 41 + 1").await, ["42"]);
+    }
+
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// GSSENCRequest and SSLRequest (no TLS configured) are answered `N`, in either order, and the
+/// StartupMessage that follows logs in.
+#[tokio::test]
+async fn encryption_requests_are_declined_then_startup_proceeds() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    for requests in [
+        vec![GSSENC_REQUEST],
+        vec![SSL_REQUEST],
+        vec![GSSENC_REQUEST, SSL_REQUEST],
+        vec![SSL_REQUEST, GSSENC_REQUEST],
+    ] {
+        let mut c = RawConn::open(gw.addr()).await;
+        for code in &requests {
+            c.send(&request(*code)).await;
+            assert_eq!(
+                c.read_byte().await,
+                b'N',
+                "answer to {code} in {requests:?}"
+            );
+        }
+        c.send(&startup(
+            0,
+            &[("user", roles::TRUST), ("database", "postgres")],
+        ))
+        .await;
+        assert_no_error(&c.read_until(b'Z').await);
+        assert_eq!(raw_select(&mut c, "SELECT 'plain'").await, ["plain"]);
+    }
+
+    // tokio-postgres's sslmode=prefer takes the `N` and carries on in the clear.
+    let mut config = gw.pg_config(roles::TRUST);
+    config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+    still_answers(&gw.try_connect(config).await.expect("prefer falls back")).await;
+
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A client that sends part of a message (or part of a startup packet) and then closes its
+/// socket leaves nothing behind: its backend disappears and the gateway carries on.
+#[tokio::test]
+async fn truncated_input_then_close_releases_everything() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    // Half a Query body.
+    let (mut c, _) = raw_session(gw.addr(), "half_body").await;
+    let whole = query("SELECT 'this query never arrives whole'");
+    c.send(&whole[..whole.len() / 2]).await;
+    drop(c);
+    cluster.wait_backends_named("half_body", 0).await;
+
+    // Three bytes of a header.
+    let (mut c, _) = raw_session(gw.addr(), "half_header").await;
+    c.send(&whole[..3]).await;
+    drop(c);
+    cluster.wait_backends_named("half_header", 0).await;
+
+    // Half a startup packet.
+    let mut c = RawConn::open(gw.addr()).await;
+    let packet = startup(0, &[("user", roles::TRUST), ("database", "postgres")]);
+    c.send(&packet[..packet.len() / 2]).await;
+    drop(c);
+
+    still_answers(&neighbour).await;
+    gw.connect(roles::TRUST).await;
+    assert_no_gateway_panics();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+/// With `max_client_connections = 2` the third client gets 53300, and once a session closes a
+/// new client gets in.
+#[tokio::test]
+async fn connection_limit_refuses_with_53300_and_frees_slots() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.max_client_connections = 2)
+        .await;
+    let first = gw.connect(roles::TRUST).await;
+    let second = gw.connect(roles::TRUST).await;
+
+    for _ in 0..3 {
+        let e = gw
+            .try_connect(gw.pg_config(roles::TRUST))
+            .await
+            .err()
+            .expect("a third client is refused");
+        assert_eq!(sqlstate(&e), Some("53300"), "{e}");
+    }
+    still_answers(&first).await;
+    still_answers(&second).await;
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let third = loop {
+        match gw.try_connect(gw.pg_config(roles::TRUST)).await {
+            Ok(c) => break c,
+            Err(e) if sqlstate(&e) == Some("53300") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the freed slot was not given to a new client: {e}"),
+        }
+    };
+    still_answers(&third).await;
+    still_answers(&second).await;
+    assert_no_gateway_panics();
+}
+
+/// `login_timeout_ms` closes clients that say nothing, stop inside the startup packet, or stall
+/// during the password exchange (those hear 57014), and leaves logged-in sessions alone.
+#[tokio::test]
+async fn login_timeout_closes_stalled_clients() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.login_timeout_ms = 1_000)
+        .await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    // Connects and says nothing.
+    let started = Instant::now();
+    let mut silent = RawConn::open(gw.addr()).await;
+    // Stops inside its startup packet.
+    let mut partial = RawConn::open(gw.addr()).await;
+    let packet = startup(0, &[("user", roles::TRUST), ("database", "postgres")]);
+    partial.send(&packet[..6]).await;
+    // Sends its startup, is asked for a SCRAM exchange, and never answers.
+    let mut stalled = RawConn::open(gw.addr()).await;
+    stalled
+        .send(&startup(
+            0,
+            &[
+                ("user", roles::SCRAM),
+                ("database", "postgres"),
+                ("application_name", "stalled"),
+            ],
+        ))
+        .await;
+    let sasl = stalled.read().await.expect("an authentication request");
+    assert_eq!(
+        (sasl.tag, &sasl.body[..4]),
+        (b'R', &10i32.to_be_bytes()[..]),
+        "AuthenticationSASL"
+    );
+
+    let e = stalled.expect_error().await;
+    assert_fatal(&e, "57014");
+    assert!(stalled.closed().await, "stalled login closed");
+    assert!(silent.closed().await, "silent client closed");
+    assert!(partial.closed().await, "half-startup client closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?} with a 1 s login timeout"
+    );
+
+    // The neighbour has been logged in for longer than the login timeout.
+    still_answers(&neighbour).await;
+    gw.connect(roles::TRUST).await;
+    assert_no_gateway_panics();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients that vanish
+
+/// A client that vanishes in the middle of COPY FROM STDIN (mid-message, even) takes its
+/// backend with it: nothing is committed, no lock is left, other sessions keep working.
+#[tokio::test]
+async fn client_vanishing_mid_copy_commits_nothing() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    neighbour
+        .batch_execute("CREATE TABLE copy_target (id int, note text)")
+        .await
+        .unwrap();
+
+    let (mut c, _) = raw_session(gw.addr(), "copy_vanish").await;
+    c.send(&query("COPY copy_target FROM STDIN")).await;
+    let started = c.read_until(b'G').await;
+    assert_no_error(&started);
+    for i in 0..1_000 {
+        c.send(&msg(b'd', format!("{i}\trow {i}\n").as_bytes()))
+            .await;
+    }
+    let partial = msg(b'd', b"1000\tcut short\n");
+    c.send(&partial[..partial.len() - 4]).await;
+    drop(c);
+    cluster.wait_backends_named("copy_vanish", 0).await;
+
+    let rows: i64 = neighbour
+        .query_one("SELECT count(*) FROM copy_target", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "an unfinished COPY commits nothing");
+    neighbour
+        .batch_execute(
+            "BEGIN; SET LOCAL lock_timeout = '2s';
+             LOCK TABLE copy_target IN ACCESS EXCLUSIVE MODE; COMMIT",
+        )
+        .await
+        .expect("no lock left behind");
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A client that reads a little of a large result and vanishes takes its backend with it.
+#[tokio::test]
+async fn client_vanishing_mid_result_frees_the_backend() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    let (mut c, _) = raw_session(gw.addr(), "result_vanish").await;
+    c.send(&query(
+        "SELECT g, repeat('x', 100) FROM generate_series(1, 5000000) g",
+    ))
+    .await;
+    let mut rows = 0;
+    while rows < 100 {
+        let m = c.read().await.expect("rows arrive");
+        assert_ne!(m.tag, b'E', "{}", m.message());
+        rows += usize::from(m.tag == b'D');
+    }
+    drop(c);
+    cluster.wait_backends_named("result_vanish", 0).await;
+
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// Session mode: when the client goes, its backend goes at once, whether the client says
+/// Terminate (tokio-postgres dropped) or just closes its socket.
+#[tokio::test]
+async fn backend_goes_as_soon_as_its_client() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::SCRAM).await;
+
+    let client = gw.connect(roles::TRUST).await;
+    still_answers(&client).await;
+    cluster.wait_backends_named("it_trust_user", 1).await;
+    let started = Instant::now();
+    drop(client);
+    cluster.wait_backends_named("it_trust_user", 0).await;
+    let after_terminate = started.elapsed();
+
+    let (c, _) = raw_session(gw.addr(), "socket_closed").await;
+    cluster.wait_backends_named("socket_closed", 1).await;
+    let started = Instant::now();
+    drop(c);
+    cluster.wait_backends_named("socket_closed", 0).await;
+    let after_close = started.elapsed();
+
+    for (how, took) in [("Terminate", after_terminate), ("close", after_close)] {
+        assert!(
+            took < Duration::from_secs(2),
+            "backend lingered {took:?} after {how}"
+        );
+    }
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server's decisions and unreachable servers
+
+/// `pg_terminate_backend` on a session's backend reaches the client as the server's own FATAL
+/// 57P01, verbatim (with the server's file and routine fields), and the connection closes.
+#[tokio::test]
+async fn terminated_backend_forwards_the_servers_fatal() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    let su = cluster.superuser().await;
+
+    let (mut c, _) = raw_session(gw.addr(), "terminated").await;
+    let pid: i32 = raw_select(&mut c, "SELECT pg_backend_pid()").await[0]
+        .parse()
+        .unwrap();
+    let done: bool = su
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(done, "backend {pid} terminated");
+    let e = c.expect_error().await;
+    assert_fatal(&e, "57P01");
+    assert_eq!(
+        e.message(),
+        "terminating connection due to administrator command"
+    );
+    assert_eq!(
+        error_field(&e, b'R').as_deref(),
+        Some("ProcessInterrupts"),
+        "the server's own ErrorResponse, not one the gateway made up: {e:?}"
+    );
+    assert!(c.closed().await, "closed after the server's FATAL");
+
+    // The same through a driver: the connection ends with the server's error.
+    let (client, conn) = connect_watched(gw.pg_config(roles::MD5)).await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    su.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert_eq!(
+        connection_end(conn, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("57P01")
+    );
+
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// `idle_session_timeout` sent in the startup `options` reaches the server, which ends the
+/// session with 57P05; the client receives that FATAL and its backend is gone.
+#[tokio::test]
+async fn idle_session_timeout_from_options_reaches_the_client() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+
+    let mut c = RawConn::open(gw.addr()).await;
+    c.send(&startup(
+        0,
+        &[
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("application_name", "idle_raw"),
+            ("options", "-c idle_session_timeout=500"),
+        ],
+    ))
+    .await;
+    assert_no_error(&c.read_until(b'Z').await);
+    let started = Instant::now();
+    let e = c.expect_error().await;
+    assert_fatal(&e, "57P05");
+    assert_eq!(
+        e.message(),
+        "terminating connection due to idle-session timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(c.closed().await);
+    cluster.wait_backends_named("idle_raw", 0).await;
+
+    let mut config = gw.pg_config(roles::SCRAM);
+    config.options("-c idle_session_timeout=500");
+    let (_client, conn) = connect_watched(config).await;
+    assert_eq!(
+        connection_end(conn, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("57P05")
+    );
+
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A gateway whose backend refuses connections answers 08001 naming the server, and one whose
+/// backend accepts but never answers does so within `connect_timeout_ms`.
+#[tokio::test]
+async fn unreachable_backend_gets_08001() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let healthy = cluster.gateway().await;
+    let neighbour = healthy.connect(roles::TRUST).await;
+
+    let closed_port = understudy::local_cluster::free_port().expect("a free port");
+    let refusing = TestGateway::start(Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backends: vec![format!("127.0.0.1:{closed_port}")],
+        connect_timeout_ms: 1_000,
+        shutdown_timeout_ms: 1_000,
+        ..Config::default()
+    })
+    .await;
+    let started = Instant::now();
+    let e = refusing
+        .try_connect(refusing.pg_config(roles::TRUST))
+        .await
+        .err()
+        .expect("no backend to log in to");
+    assert_eq!(sqlstate(&e), Some("08001"), "{e}");
+    let message = e.as_db_error().expect("a server error").message();
+    assert!(
+        message.contains("could not connect") && message.contains(&closed_port.to_string()),
+        "a message naming the server: {message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+
+    // A backend that accepts TCP and then says nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let mute = TestGateway::start(Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backends: vec![silent_addr.to_string()],
+        connect_timeout_ms: 1_000,
+        shutdown_timeout_ms: 1_000,
+        ..Config::default()
+    })
+    .await;
+    let started = Instant::now();
+    let e = tokio::time::timeout(PATIENCE, mute.try_connect(mute.pg_config(roles::TRUST)))
+        .await
+        .expect("an answer")
+        .err()
+        .expect("no backend to log in to");
+    assert_eq!(sqlstate(&e), Some("08001"), "{e}");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "answered after {waited:?} with a 1 s connect timeout"
+    );
+
+    refusing.shutdown().await;
+    mute.shutdown().await;
+    hold.abort();
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}

@@ -1,0 +1,620 @@
+//! The per-session journal: what the client asked since its transaction began, a digest of what
+//! it was answered, and the session state a new backend must be given.
+//!
+//! Requests are grouped by the ReadyForQuery that answers them: a Query (with any COPY data that
+//! follows it), an extended-protocol batch up to its Sync, or a FunctionCall. Responses arrive in
+//! request order, so the oldest unanswered group owns every response byte.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::{Bytes, BytesMut};
+use understudy_protocol::tags::{backend, frontend};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::classify::{classify, Hazard, SessionChange, Statement};
+
+/// A digest of response bytes: length and xxh3 of the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Digest {
+    /// Bytes covered.
+    pub len: u64,
+    /// xxh3-64 of those bytes.
+    pub hash: u64,
+}
+
+/// Streaming digest over the response bytes that count (not notices, ParameterStatus or
+/// notifications, which may legitimately differ between servers).
+#[derive(Clone)]
+pub struct DigestBuilder {
+    hasher: Xxh3,
+    len: u64,
+}
+
+impl Default for DigestBuilder {
+    fn default() -> Self {
+        Self {
+            hasher: Xxh3::new(),
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for DigestBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestBuilder").field("len", &self.len).finish()
+    }
+}
+
+impl DigestBuilder {
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// The digest so far.
+    pub fn digest(&self) -> Digest {
+        Digest {
+            len: self.len,
+            hash: self.hasher.digest(),
+        }
+    }
+}
+
+/// Whether a response message of type `tag` counts towards the digest.
+pub fn digested(tag: u8) -> bool {
+    !matches!(
+        tag,
+        backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE
+    )
+}
+
+/// One request group and what came back for it.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// The exact request messages, as sent.
+    pub request: BytesMut,
+    /// Digest of the response so far.
+    pub response: DigestBuilder,
+    /// Whether a message that expects a ReadyForQuery (Query, Sync, FunctionCall) ended it.
+    pub closed: bool,
+    /// Whether its ReadyForQuery arrived.
+    pub answered: bool,
+    /// Whether the server reported an error in it.
+    pub failed: bool,
+    /// Whether it may write.
+    pub may_write: bool,
+    /// Whether it holds a COMMIT (or END).
+    pub commits: bool,
+    /// Session changes that apply when the group succeeds (and, for transactional ones, when
+    /// the transaction commits).
+    changes: Vec<PendingChange>,
+    /// Names of the Parse messages in it, in order; `None` for the unnamed statement.
+    parses: Vec<(Option<String>, Bytes)>,
+    /// ParseComplete messages seen so far.
+    parses_done: usize,
+    /// Named statements closed by it.
+    closes: Vec<String>,
+}
+
+impl Group {
+    fn new() -> Self {
+        Self {
+            request: BytesMut::new(),
+            response: DigestBuilder::default(),
+            closed: false,
+            answered: false,
+            failed: false,
+            may_write: false,
+            commits: false,
+            changes: Vec::new(),
+            parses: Vec::new(),
+            parses_done: 0,
+            closes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PendingChange {
+    change: SessionChange,
+    sql: String,
+}
+
+/// Session state a new backend must be given before it can stand in for the old one.
+#[derive(Debug, Clone, Default)]
+pub struct SessionState {
+    /// Session-level SETs by variable, in first-set order; unnamed ones keep their own slot.
+    sets: Vec<(Option<String>, String)>,
+    /// SQL-level PREPAREs by name.
+    sql_prepared: BTreeMap<String, String>,
+    /// Protocol-level named statements: their Parse messages.
+    parsed: BTreeMap<String, Bytes>,
+    /// LISTEN channels.
+    channels: BTreeSet<String>,
+}
+
+impl SessionState {
+    /// SQL statements that recreate the state, in order.
+    pub fn restore_sql(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.sets.iter().map(|(_, s)| s.clone()).collect();
+        out.extend(self.sql_prepared.values().cloned());
+        out.extend(
+            self.channels
+                .iter()
+                .map(|c| format!("LISTEN \"{}\"", c.replace('"', "\"\""))),
+        );
+        out
+    }
+
+    /// Parse messages of the named protocol-level statements.
+    pub fn restore_parses(&self) -> impl Iterator<Item = &Bytes> {
+        self.parsed.values()
+    }
+
+    /// LISTEN channels.
+    pub fn channels(&self) -> &BTreeSet<String> {
+        &self.channels
+    }
+
+    fn apply(&mut self, change: &SessionChange, sql: &str) {
+        match change {
+            SessionChange::Set(name) => match name {
+                Some(n) => match self.sets.iter_mut().find(|(k, _)| k.as_deref() == Some(n)) {
+                    Some(slot) => slot.1 = sql.to_owned(),
+                    None => self.sets.push((Some(n.clone()), sql.to_owned())),
+                },
+                None => self.sets.push((None, sql.to_owned())),
+            },
+            SessionChange::Reset(Some(n)) => {
+                self.sets.retain(|(k, _)| k.as_deref() != Some(n.as_str()));
+                // A SET that could not be named might have set it: keep the RESET too.
+                if self.sets.iter().any(|(k, _)| k.is_none()) {
+                    self.sets.push((None, sql.to_owned()));
+                }
+            }
+            SessionChange::Reset(None) => self.sets.clear(),
+            SessionChange::Discard => {
+                // DISCARD ALL resets everything; the narrower forms reset less, and dropping
+                // more here only makes the restored session start closer to a fresh one.
+                if sql.to_ascii_uppercase().contains("ALL") {
+                    *self = SessionState::default();
+                }
+            }
+            SessionChange::Prepare(name) => {
+                self.sql_prepared.insert(name.clone(), sql.to_owned());
+            }
+            SessionChange::Deallocate(Some(name)) => {
+                self.sql_prepared.remove(name);
+                self.parsed.remove(name);
+            }
+            SessionChange::Deallocate(None) => {
+                self.sql_prepared.clear();
+                self.parsed.clear();
+            }
+            SessionChange::Listen(c) => {
+                self.channels.insert(c.clone());
+            }
+            SessionChange::Unlisten(Some(c)) => {
+                self.channels.remove(c);
+            }
+            SessionChange::Unlisten(None) => self.channels.clear(),
+        }
+    }
+
+    fn transactional(change: &SessionChange) -> bool {
+        !matches!(
+            change,
+            SessionChange::Prepare(_) | SessionChange::Deallocate(_)
+        )
+    }
+}
+
+/// Why the open transaction cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreplayable {
+    /// Its requests exceeded `max_replay_bytes`.
+    TooLarge(usize),
+    /// It did something with effects outside the database.
+    Hazard(&'static str),
+}
+
+/// What the gateway must do with a client message before forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// Forward it.
+    Forward,
+    /// Capture the transaction's xid first: the message commits a transaction that wrote.
+    CaptureXid,
+}
+
+/// The journal of one session.
+#[derive(Debug)]
+pub struct Journal {
+    state: SessionState,
+    groups: Vec<Group>,
+    journal_bytes: usize,
+    max_bytes: usize,
+    /// Transaction status of the last ReadyForQuery.
+    txn_status: u8,
+    /// Whether the open transaction may have written.
+    txn_may_write: bool,
+    /// The open transaction's xid, once captured before its COMMIT.
+    xid: Option<u64>,
+    unreplayable: Option<Unreplayable>,
+    unmovable: Option<&'static str>,
+    /// Committed transactions' xid, the last one acknowledged to the client.
+    last_committed_xid: Option<u64>,
+    /// Changes waiting for the open transaction to commit.
+    pending: Vec<PendingChange>,
+}
+
+impl Journal {
+    /// An empty journal bounded to `max_bytes` of requests per transaction.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            state: SessionState::default(),
+            groups: Vec::new(),
+            journal_bytes: 0,
+            max_bytes,
+            txn_status: b'I',
+            txn_may_write: false,
+            xid: None,
+            unreplayable: None,
+            unmovable: None,
+            last_committed_xid: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The restorable session state.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    /// Request groups not yet cleared (open transaction and unanswered requests).
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// Status byte of the last ReadyForQuery.
+    pub fn txn_status(&self) -> u8 {
+        self.txn_status
+    }
+
+    /// Why the session cannot move, if so.
+    pub fn unmovable(&self) -> Option<&'static str> {
+        self.unmovable
+    }
+
+    /// Why the open transaction cannot be replayed, if so.
+    pub fn unreplayable(&self) -> Option<&Unreplayable> {
+        self.unreplayable.as_ref()
+    }
+
+    /// The open transaction's xid, if captured.
+    pub fn xid(&self) -> Option<u64> {
+        self.xid
+    }
+
+    /// The xid of the last commit the client saw succeed.
+    pub fn last_committed_xid(&self) -> Option<u64> {
+        self.last_committed_xid
+    }
+
+    /// Whether the open transaction (or an unanswered autocommit request) may have written.
+    pub fn may_have_written(&self) -> bool {
+        self.txn_may_write || self.groups.iter().any(|g| g.may_write)
+    }
+
+    /// Records a whole client message; says whether the xid must be captured first.
+    pub fn on_client_message(&mut self, tag: u8, raw: &[u8]) -> Before {
+        let body = raw.get(5..).unwrap_or_default();
+        // CopyData/CopyDone/CopyFail after a Query belong to that Query's group.
+        let attach_to_last = matches!(
+            tag,
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+        ) && self.groups.last().is_some_and(|g| g.closed && !g.answered);
+        if !attach_to_last && self.groups.last().is_none_or(|g| g.closed) {
+            self.groups.push(Group::new());
+        }
+        let mut before = Before::Forward;
+        let Some(group) = self.groups.last_mut() else {
+            return before;
+        };
+        match tag {
+            frontend::QUERY => {
+                let sql = cstr(body);
+                let classified = classify(sql);
+                let commits = classified.statements.contains(&Statement::Commit);
+                group.may_write |= classified.may_write();
+                group.commits |= commits;
+                if commits
+                    && self.txn_status == b'T'
+                    && (self.txn_may_write || group.may_write)
+                    && classified.statements.len() == 1
+                {
+                    before = Before::CaptureXid;
+                }
+                for hazard in &classified.hazards {
+                    match hazard {
+                        Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
+                        Hazard::Unreplayable(why) => {
+                            self.unreplayable
+                                .get_or_insert(Unreplayable::Hazard(why));
+                        }
+                    }
+                }
+                let stmts = crate::classify::split_statements(sql);
+                for (stmt, class) in stmts.iter().zip(&classified.statements) {
+                    if let Statement::Session(change) = class {
+                        group.changes.push(PendingChange {
+                            change: change.clone(),
+                            sql: stmt.trim().to_owned(),
+                        });
+                    }
+                }
+            }
+            frontend::PARSE => {
+                let name = cstr(body);
+                let sql = body.get(name.len() + 1..).map(cstr).unwrap_or_default();
+                let classified = classify(sql);
+                group.may_write |= classified.may_write();
+                group.commits |= classified.statements.contains(&Statement::Commit);
+                for hazard in &classified.hazards {
+                    match hazard {
+                        Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
+                        Hazard::Unreplayable(why) => {
+                            self.unreplayable
+                                .get_or_insert(Unreplayable::Hazard(why));
+                        }
+                    }
+                }
+                let name = (!name.is_empty()).then(|| name.to_owned());
+                group.parses.push((name, Bytes::copy_from_slice(raw)));
+            }
+            frontend::CLOSE => {
+                if body.first() == Some(&b'S') {
+                    let name = cstr(&body[1..]);
+                    if !name.is_empty() {
+                        group.closes.push(name.to_owned());
+                    }
+                }
+            }
+            frontend::FUNCTION_CALL => group.may_write = true,
+            _ => {}
+        }
+        group.request.extend_from_slice(raw);
+        self.journal_bytes += raw.len();
+        if self.journal_bytes > self.max_bytes && self.unreplayable.is_none() {
+            self.unreplayable = Some(Unreplayable::TooLarge(self.max_bytes));
+        }
+        if frontend::expects_ready_for_query(tag) {
+            group.closed = true;
+        }
+        before
+    }
+
+    /// The group that owns the next response bytes.
+    fn answering(&mut self) -> Option<&mut Group> {
+        self.groups.iter_mut().find(|g| !g.answered)
+    }
+
+    /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
+    pub fn on_server_bytes(&mut self, tag: u8, bytes: &[u8]) {
+        if !digested(tag) {
+            return;
+        }
+        if let Some(g) = self.answering() {
+            g.response.update(bytes);
+        }
+    }
+
+    /// Notes a whole server message that changes what the journal knows.
+    pub fn on_server_message(&mut self, tag: u8) {
+        let Some(g) = self.answering() else {
+            return;
+        };
+        match tag {
+            backend::ERROR_RESPONSE => g.failed = true,
+            b'1' => g.parses_done += 1,
+            _ => {}
+        }
+    }
+
+    /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
+    pub fn on_ready_for_query(&mut self, status: u8) {
+        if let Some(i) = self.groups.iter().position(|g| !g.answered) {
+            let g = &mut self.groups[i];
+            g.answered = true;
+            // Protocol-level statements are not transactional: they exist once parsed.
+            for (name, parse) in g.parses.iter().take(g.parses_done) {
+                if let Some(name) = name {
+                    self.state.parsed.insert(name.clone(), parse.clone());
+                }
+            }
+            if !g.failed {
+                for name in &g.closes {
+                    self.state.parsed.remove(name);
+                }
+            }
+            let (may_write, failed) = (g.may_write, g.failed);
+            let changes = std::mem::take(&mut g.changes);
+            if !failed {
+                for c in changes {
+                    if SessionState::transactional(&c.change) && status != b'I' {
+                        self.pending.push(c);
+                    } else {
+                        self.state.apply(&c.change, &c.sql);
+                    }
+                }
+            }
+            self.txn_may_write |= may_write && status != b'I';
+        }
+        let was_in_txn = self.txn_status != b'I';
+        self.txn_status = status;
+        if status == b'I' {
+            let committed = was_in_txn
+                && self
+                    .groups
+                    .iter()
+                    .rev()
+                    .find(|g| g.answered)
+                    .is_some_and(|g| g.commits && !g.failed);
+            if committed {
+                for c in std::mem::take(&mut self.pending) {
+                    self.state.apply(&c.change, &c.sql);
+                }
+                if self.xid.is_some() {
+                    self.last_committed_xid = self.xid;
+                }
+            }
+            self.pending.clear();
+            self.clear_answered();
+        }
+    }
+
+    /// Records the xid captured before a COMMIT (`None`: no xid was assigned, nothing written).
+    pub fn set_xid(&mut self, xid: Option<u64>) {
+        self.xid = xid;
+    }
+
+    /// Drops the answered groups once the transaction is over.
+    fn clear_answered(&mut self) {
+        self.groups.retain(|g| !g.answered);
+        self.journal_bytes = self.groups.iter().map(|g| g.request.len()).sum();
+        self.txn_may_write = false;
+        self.xid = None;
+        if self.groups.is_empty() {
+            self.unreplayable = None;
+        }
+    }
+}
+
+fn cstr(b: &[u8]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut b = sql.as_bytes().to_vec();
+        b.push(0);
+        msg(b'Q', &b)
+    }
+
+    fn answer(j: &mut Journal, bytes: &[u8], status: u8) {
+        j.on_server_bytes(b'C', bytes);
+        j.on_ready_for_query(status);
+    }
+
+    #[test]
+    fn transaction_groups_are_kept_until_idle() {
+        let mut j = Journal::new(1 << 20);
+        assert_eq!(j.on_client_message(b'Q', &query("BEGIN")), Before::Forward);
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)"));
+        answer(&mut j, b"INSERT 0 1", b'T');
+        assert_eq!(j.groups().len(), 2);
+        assert!(j.may_have_written());
+        assert_eq!(
+            j.on_client_message(b'Q', &query("COMMIT")),
+            Before::CaptureXid
+        );
+        j.set_xid(Some(742));
+        answer(&mut j, b"COMMIT", b'I');
+        assert!(j.groups().is_empty());
+        assert_eq!(j.last_committed_xid(), Some(742));
+    }
+
+    #[test]
+    fn read_only_commit_needs_no_xid() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'Q', &query("SELECT 1"));
+        answer(&mut j, b"1", b'T');
+        assert_eq!(j.on_client_message(b'Q', &query("COMMIT")), Before::Forward);
+    }
+
+    #[test]
+    fn digests_cover_counted_bytes_only() {
+        let mut a = Journal::new(1 << 20);
+        let mut b = Journal::new(1 << 20);
+        for j in [&mut a, &mut b] {
+            j.on_client_message(b'Q', &query("SELECT 1"));
+        }
+        a.on_server_bytes(b'D', b"row");
+        b.on_server_bytes(b'N', b"a notice only one server sent");
+        b.on_server_bytes(b'D', b"row");
+        assert_eq!(
+            a.groups()[0].response.digest(),
+            b.groups()[0].response.digest()
+        );
+    }
+
+    #[test]
+    fn session_state_follows_commit_and_rollback() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("SET search_path TO a"));
+        answer(&mut j, b"SET", b'I');
+        j.on_client_message(b'Q', &query("BEGIN; SET search_path TO b; LISTEN x"));
+        answer(&mut j, b"", b'T');
+        j.on_client_message(b'Q', &query("ROLLBACK"));
+        answer(&mut j, b"ROLLBACK", b'I');
+        assert_eq!(j.state().restore_sql(), ["SET search_path TO a"]);
+        j.on_client_message(b'Q', &query("BEGIN; SET search_path TO c; LISTEN x; PREPARE p AS SELECT 1"));
+        answer(&mut j, b"", b'T');
+        j.on_client_message(b'Q', &query("COMMIT"));
+        answer(&mut j, b"COMMIT", b'I');
+        assert_eq!(
+            j.state().restore_sql(),
+            ["SET search_path TO c", "PREPARE p AS SELECT 1", "LISTEN \"x\""]
+        );
+        j.on_client_message(b'Q', &query("DISCARD ALL"));
+        answer(&mut j, b"DISCARD ALL", b'I');
+        assert!(j.state().restore_sql().is_empty());
+    }
+
+    #[test]
+    fn named_parse_is_kept_once_parsed() {
+        let mut j = Journal::new(1 << 20);
+        let parse = msg(b'P', b"s1\0SELECT $1\0\0\0");
+        j.on_client_message(b'P', &parse);
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_server_message(b'1');
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.state().restore_parses().count(), 1);
+        j.on_client_message(b'C', &msg(b'C', b"Ss1\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.state().restore_parses().count(), 0);
+    }
+
+    #[test]
+    fn copy_data_joins_its_query_and_bounds_apply() {
+        let mut j = Journal::new(64);
+        j.on_client_message(b'Q', &query("COPY t FROM STDIN"));
+        j.on_client_message(b'd', &msg(b'd', &[b'x'; 40]));
+        j.on_client_message(b'c', &msg(b'c', b""));
+        assert_eq!(j.groups().len(), 1);
+        assert_eq!(j.unreplayable(), Some(&Unreplayable::TooLarge(64)));
+    }
+
+    #[test]
+    fn hazards_are_recorded() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("CREATE TEMP TABLE x (a int)"));
+        assert_eq!(j.unmovable(), Some("a temporary table"));
+    }
+}

@@ -10,14 +10,20 @@
 #      three alike. Reported: median TPS ("without initial connection time"), ratio to direct, and
 #      the added time per statement derived from it: (CLIENTS/TPS_target - CLIENTS/TPS_direct) /
 #      statements per transaction. Target: understudy's ratio >= PgBouncer's on every workload.
-#   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), pgbench pinned to
-#      CPU $LAT_CPU with taskset, $ROUNDS interleaved rounds. Reported: median "latency average" and
-#      the microseconds each proxy adds per round trip.
+#   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
+#      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
+#      the microseconds each proxy adds per round trip. With LAT_PIN=all (default) PostgreSQL, the
+#      gateway and PgBouncer are pinned to the same CPU for the probe (taskset -a -p, undone after):
+#      on a small VM an idle second CPU makes every cross-CPU wake-up cost a variable few tens of
+#      µs (cpuidle/haltpoll), which swamps the proxies' cost and can even make a proxy look faster
+#      than a direct connection (it keeps the other CPU awake). On one CPU the added latency is the
+#      proxy's own work per round trip plus its context switches. LAT_PIN=client pins pgbench only.
 #   3. Memory: a fresh gateway alone; a small Python (stdlib only) client opens $SESSIONS idle
 #      sessions through it over raw sockets (StartupMessage -> ReadyForQuery), and the gateway's
 #      VmRSS (/proc/PID/status) before and after gives KiB per idle session; measured again after
 #      each session ran one `SELECT 1`. Target: <= 64 KiB per idle session. PgBouncer's figure is
-#      measured the same way for reference.
+#      measured the same way for reference, and the time each login takes (sequential) is shown
+#      for direct, understudy and PgBouncer.
 #
 # Setup (all throwaway, all on 127.0.0.1, everything removed on exit)
 #   - builds target/release/understudy (unless SKIP_BUILD=1);
@@ -35,6 +41,8 @@
 # How long: about 3 workloads x 3 targets x ROUNDS x DURATION + 3 x ROUNDS x DURATION (probe)
 #   + warm-ups (WARMUP s per target per workload) + ~30 s setup/memory test.
 #   Defaults (DURATION=10 ROUNDS=3): ~7 minutes, plus the cargo build when it is not up to date.
+#   The machine should be otherwise idle: before every run the script samples how busy the CPUs are
+#   for 0.5 s (raw table, "background CPU %"), so a concurrent build or test run shows up in the report.
 #   Quick check: DURATION=5 ROUNDS=1 (~2 minutes).
 #
 # Knobs (environment):
@@ -42,7 +50,7 @@
 #   SCALE=10     pgbench scale factor            CLIENTS=8   clients for the throughput runs
 #   THREADS=2    pgbench -j                      WARMUP=2    seconds of untimed warm-up per target
 #   SESSIONS=500 idle sessions for the memory test (max_connections is 600)
-#   LAT_CPU=1    CPU the latency probe's pgbench is pinned to
+#   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   SKIP_BUILD=1 use the existing target/release/understudy
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md)
 #   KEEP_TMP=1   keep the temp dir (logs) after the run
@@ -60,6 +68,7 @@ THREADS=${THREADS:-2}
 WARMUP=${WARMUP:-2}
 SESSIONS=${SESSIONS:-500}
 LAT_CPU=${LAT_CPU:-1}
+LAT_PIN=${LAT_PIN:-all}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -92,8 +101,6 @@ cleanup() {
     set +e
     for pid in "$GW_PID" "$MEMGW_PID"; do
         if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -INT "$pid" 2>/dev/null
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -KILL "$pid" 2>/dev/null
             wait "$pid" 2>/dev/null
         fi
@@ -137,7 +144,33 @@ wait_port() { # host port seconds
     return 1
 }
 
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+# CPU busy % of the whole machine over 0.5 s while none of the benchmark's runs is going: what
+# something else (a build, a test suite) takes from the measurement that follows.
+background_busy() {
+    local a b
+    a=$(head -n1 /proc/stat)
+    sleep 0.5
+    b=$(head -n1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " "); tot = 0
+        for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]  # user..steal (guest is inside user)
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        printf "%.0f", tot > 0 ? 100 * (tot - idle) / tot : 0 }'
+}
+ALL_CPUS=0-$(($(nproc) - 1))
+
+# SIGINT, then SIGKILL after a few seconds: understudy's drain waits for shutdown_timeout (30 s)
+stop_gateway() {
+    local pid=$1 i
+    kill -INT "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "understudy (pid $pid) still draining 5 s after SIGINT with no sessions; SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
 
 # ---------------------------------------------------------------------------------------------
 # 1. build
@@ -275,7 +308,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
-RAW=$TMP/raw.tsv # kind workload target round tps latency_ms
+RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct
 : >"$RAW"
 
 check_target_alive() {
@@ -308,6 +341,9 @@ WORKLOAD_NAMES=("-S" "-S -M prepared" "-N")
 
 # ---------------------------------------------------------------------------------------------
 # 4. throughput
+LOAD_START=$(loadavg)
+BUSY_START=$(background_busy)
+[[ $BUSY_START -lt 10 ]] || log "WARNING: the machine is ${BUSY_START}% busy before the runs: something else is using the CPUs"
 for w in "${WORKLOAD_NAMES[@]}"; do
     read -r -a wargs <<<"$w"
     if [[ $WARMUP -gt 0 ]]; then
@@ -318,10 +354,11 @@ for w in "${WORKLOAD_NAMES[@]}"; do
     for ((r = 1; r <= ROUNDS; r++)); do
         for t in "${TARGETS[@]}"; do
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
+            load=$(background_busy)
             run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
-            printf 'tput\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" >>"$RAW"
+            printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" >>"$RAW"
             log "pgbench $w  round $r/$ROUNDS  $(printf '%-10s' "$t") tps ${tps:-FAILED}"
         done
     done
@@ -329,6 +366,19 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # 5. single-client latency probe, pinned to one CPU
+pin_servers() { # cpu list: PostgreSQL (postmaster and every backend), understudy, pgbouncer
+    local pm pid
+    pm=$(head -n1 "$PG_DATA/postmaster.pid")
+    for pid in "$pm" $(pgrep -P "$pm") "$GW_PID" "$PGB_PID"; do
+        taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
+    done
+}
+if [[ $LAT_PIN == all ]]; then
+    log "latency probe: pgbench, PostgreSQL, understudy and pgbouncer pinned to CPU $LAT_CPU"
+    pin_servers "$LAT_CPU"
+else
+    log "latency probe: pgbench pinned to CPU $LAT_CPU"
+fi
 if [[ $WARMUP -gt 0 ]]; then
     for t in "${TARGETS[@]}"; do
         run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
@@ -337,13 +387,16 @@ fi
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TARGETS[@]}"; do
         out=$TMP/lat-$t-$r.out
+        load=$(background_busy)
         run_pgbench "$t" "$out" "$DURATION" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
         tps=$(parse_tps "$out")
         lat=$(parse_lat "$out")
-        printf 'lat\t%s\t%s\t%s\t%s\t%s\n' "probe" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" >>"$RAW"
+        printf 'lat\t%s\t%s\t%s\t%s\t%s\t%s\n' "probe" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" >>"$RAW"
         log "latency probe round $r/$ROUNDS  $(printf '%-10s' "$t") latency ${lat:-FAILED} ms"
     done
 done
+
+[[ $LAT_PIN == all ]] && pin_servers "$ALL_CPUS"
 
 # ---------------------------------------------------------------------------------------------
 # 6. memory per idle session
@@ -354,6 +407,8 @@ import socket, struct, sys, time
 host, port, user, db, n, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
 
 def rss():
+    if pid == "-":
+        return 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -396,8 +451,10 @@ open_session().close()
 settle()
 base = rss()
 socks = []
+t0 = time.monotonic()
 for _ in range(n):
     socks.append(open_session())
+login_ms = (time.monotonic() - t0) * 1000 / n
 settle()
 opened = rss()
 q = b"SELECT 1\0"
@@ -413,18 +470,18 @@ for s in socks:
     except OSError:
         pass
     s.close()
-print(f"base={base} opened={opened} queried={queried} n={n}")
+print(f"base={base} opened={opened} queried={queried} login_us={login_ms * 1000:.0f} n={n}")
 PY
 
 measure_memory() { # label port pid outfile -> outfile holds "base opened queried"
     python3 "$TMP/idle_sessions.py" 127.0.0.1 "$2" postgres "$DB" "$SESSIONS" "$3" >"$4.raw" \
         || die "idle-session test against $1 failed"
-    sed -n 's/^base=\([0-9]*\) opened=\([0-9]*\) queried=\([0-9]*\) .*/\1 \2 \3/p' "$4.raw" >"$4"
+    sed -n 's/^base=\([0-9]*\) opened=\([0-9]*\) queried=\([0-9]*\) login_us=\([0-9]*\) .*/\1 \2 \3 \4/p' "$4.raw" >"$4"
     [[ -s $4 ]] || die "idle-session test against $1 printed nothing usable"
 }
 
 log "memory: stopping the benchmark gateway, starting a fresh one alone"
-kill -INT "$GW_PID"; wait "$GW_PID" 2>/dev/null || true; GW_PID=""
+stop_gateway "$GW_PID"; GW_PID=""
 MEM_PORT=$(free_port)
 MEM_ADMIN=$(free_port)
 start_gateway "$MEM_PORT" "$MEM_ADMIN" "$TMP/gw/understudy-mem.log"
@@ -432,12 +489,16 @@ MEMGW_PID=$STARTED_PID
 sleep 1
 log "memory: $SESSIONS idle sessions through understudy"
 measure_memory understudy "$MEM_PORT" "$MEMGW_PID" "$TMP/mem-understudy"
-read -r GW_BASE GW_OPEN GW_QUERIED <"$TMP/mem-understudy"
-kill -INT "$MEMGW_PID"; wait "$MEMGW_PID" 2>/dev/null || true; MEMGW_PID=""
-sleep 1 # let the backends exit before PgBouncer opens its own
+read -r GW_BASE GW_OPEN GW_QUERIED GW_LOGIN <"$TMP/mem-understudy"
+stop_gateway "$MEMGW_PID"; MEMGW_PID=""
+sleep 1 # let the backends exit (max_connections is 600)
+log "login time: $SESSIONS sessions opened directly (reference)"
+measure_memory direct "$PG_PORT" - "$TMP/mem-direct"
+read -r _ _ _ DIRECT_LOGIN <"$TMP/mem-direct"
+sleep 1
 log "memory: $SESSIONS idle sessions through pgbouncer (reference)"
 measure_memory pgbouncer "$PGB_PORT" "$PGB_PID" "$TMP/mem-pgbouncer"
-read -r PGB_BASE PGB_OPEN PGB_QUERIED <"$TMP/mem-pgbouncer"
+read -r PGB_BASE PGB_OPEN PGB_QUERIED PGB_LOGIN <"$TMP/mem-pgbouncer"
 
 # ---------------------------------------------------------------------------------------------
 # 7. report
@@ -446,11 +507,13 @@ if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n1) ]]; then GI
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 | awk '{print $NF}')
 
+LOAD_END=$(loadavg)
 REPORT=$TMP/report.md
-python3 - "$RAW" "$CLIENTS" "$GW_BASE" "$GW_OPEN" "$GW_QUERIED" "$PGB_BASE" "$PGB_OPEN" "$PGB_QUERIED" "$SESSIONS" >"$REPORT" <<PY
+python3 - "$RAW" "$CLIENTS" "$GW_BASE" "$GW_OPEN" "$GW_QUERIED" "$PGB_BASE" "$PGB_OPEN" "$PGB_QUERIED" "$SESSIONS" \
+    "$DIRECT_LOGIN" "$GW_LOGIN" "$PGB_LOGIN" >"$REPORT" <<PY
 import math, statistics, sys
 raw, clients = sys.argv[1], int(sys.argv[2])
-gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n = map(int, sys.argv[3:10])
+gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n, login_d, login_u, login_b = map(int, sys.argv[3:13])
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
 def med(kind, w, t, col):
     vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t]
@@ -461,7 +524,11 @@ print("# Understudy benchmark")
 print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, PgBouncer $PGB_VERSION,")
 print("$(nproc) CPUs ($(uname -r)); DURATION=$DURATION s, ROUNDS=$ROUNDS (median), SCALE=$SCALE, -c $CLIENTS -j $THREADS,")
-print("synchronous_commit=off, trust auth, everything on 127.0.0.1.")
+print("synchronous_commit=off, trust auth, everything on 127.0.0.1. Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
+bg = [float(r[6]) for r in rows]
+if bg:
+    print(f"Background CPU (machine busy % in the 0.5 s before each run, with the benchmark idle): median {statistics.median(bg):.0f} %, max {max(bg):.0f} %"
+          + (" — **other work was running on the machine; treat the numbers with care**" if max(bg) >= 10 else "") + ".")
 print()
 print(f"## Throughput (pgbench -c {clients} -j $THREADS, median TPS, ratio to direct)")
 print()
@@ -482,7 +549,8 @@ print("added µs/stmt = (clients/TPS_target − clients/TPS_direct) / round trip
 print("the extra wall time each statement costs under load, on this 2-CPU machine mostly CPU the proxy takes from PostgreSQL and pgbench.")
 print()
 d, u, b = (med("lat", "probe", t, 5) for t in ("direct", "understudy", "pgbouncer"))
-print("## Latency probe (1 client, -S -M prepared, pgbench pinned to CPU $LAT_CPU, median of rounds)")
+pinned = "pgbench, PostgreSQL and the proxies all" if "$LAT_PIN" == "all" else "pgbench"
+print(f"## Latency probe (1 client, -S -M prepared, {pinned} pinned to CPU $LAT_CPU, median of rounds)")
 print()
 print("| target | latency average | added per round trip |")
 print("|---|---:|---:|")
@@ -499,6 +567,12 @@ print("|---|---:|---:|---:|---:|")
 print(f"| understudy (fresh) | {gw_base:,} KiB | {gw_open:,} KiB / {gw_q:,} KiB | {gw1:.1f} | {gw2:.1f} |")
 print(f"| pgbouncer (reference) | {pgb_base:,} KiB | {pgb_open:,} KiB / {pgb_q:,} KiB | {per(pgb_base, pgb_open):.1f} | {per(pgb_base, pgb_q):.1f} |")
 print()
+print("RSS with sessions open: after login / after one \`SELECT 1\` each. PgBouncer's server connections are pooled")
+print("(opened at the first query, kept after the benchmark), so its figures are a reference, not a like-for-like.")
+print()
+print(f"Login time (sequential, {n} sessions, raw StartupMessage, trust): direct {login_d/1000:.2f} ms, "
+      f"understudy {login_u/1000:.2f} ms ({(login_u-login_d)/1000:+.2f} ms), pgbouncer {login_b/1000:.2f} ms.")
+print()
 print("## Targets")
 print()
 for w, ok, ru, rb in verdicts:
@@ -508,10 +582,10 @@ print(f"- memory: {worst:.1f} KiB per idle session (worst of the two) vs ≤ 64 
 print()
 print("## Raw runs")
 print()
-print("| kind | workload | target | round | tps | latency avg (ms) |")
-print("|---|---|---|---:|---:|---:|")
+print("| kind | workload | target | round | tps | latency avg (ms) | background CPU % before |")
+print("|---|---|---|---:|---:|---:|---:|")
 for r in rows:
-    print(f"| {r[0]} | \`{r[1]}\` | {r[2]} | {r[3]} | {float(r[4]):,.1f} | {r[5]} |")
+    print(f"| {r[0]} | \`{r[1]}\` | {r[2]} | {r[3]} | {float(r[4]):,.1f} | {r[5]} | {r[6]} |")
 PY
 
 cp "$REPORT" "$RESULTS"

@@ -92,3 +92,61 @@ fn postgres_startup<'a>(buf: &mut BytesMut, params: impl Iterator<Item = (&'a st
         tracing::error!(error = %e, "startup parameters could not be encoded");
     }
 }
+
+/// What a server says between AuthenticationOk and its first ReadyForQuery.
+#[derive(Debug, Default)]
+pub struct Greeting {
+    /// ParameterStatus, NoticeResponse, ReadyForQuery messages as received (BackendKeyData
+    /// left out: the client gets the gateway's).
+    pub relay: BytesMut,
+    /// Parameters reported, in order.
+    pub params: Vec<(String, String)>,
+    /// The backend's process ID and secret.
+    pub key: Option<(i32, i32)>,
+}
+
+/// Reads the server's greeting after authentication (docs 55.2.1); a FATAL is returned with
+/// the greeting so far (the caller forwards it).
+pub async fn read_greeting(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Greeting, (Greeting, SessionError)> {
+    use understudy_protocol::inspect::{self, ErrorView};
+    use understudy_protocol::tags::backend;
+    let mut g = Greeting::default();
+    loop {
+        let frame = match crate::auth::relay::recv_backend(stream, buf).await {
+            Ok(f) => f,
+            Err(e) => return Err((g, e)),
+        };
+        match frame.tag {
+            backend::PARAMETER_STATUS => {
+                if let Some((name, value)) = inspect::parameter_status(frame.body()) {
+                    crate::session::record_param(&mut g.params, name, value);
+                }
+                g.relay.extend_from_slice(&frame.raw);
+            }
+            backend::BACKEND_KEY_DATA => match inspect::backend_key_data(frame.body()) {
+                Some(key) => g.key = Some(key),
+                None => {
+                    return Err((g, crate::auth::relay::unexpected(backend::BACKEND_KEY_DATA)))
+                }
+            },
+            backend::NOTICE_RESPONSE => g.relay.extend_from_slice(&frame.raw),
+            backend::ERROR_RESPONSE => {
+                g.relay.extend_from_slice(&frame.raw);
+                let err = ErrorView::parse(frame.body());
+                let e = SessionError::ServerFatal {
+                    code: err.code.to_owned(),
+                    message: err.message.to_owned(),
+                };
+                return Err((g, e));
+            }
+            backend::READY_FOR_QUERY => {
+                g.relay.extend_from_slice(&frame.raw);
+                return Ok(g);
+            }
+            other => return Err((g, crate::auth::relay::unexpected(other))),
+        }
+    }
+}

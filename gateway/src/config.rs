@@ -38,6 +38,8 @@ pub struct Config {
     pub auth: Auth,
     /// The gateway's own login for control-plane queries (role discovery, auth_query).
     pub control: Control,
+    /// Moving sessions to a new primary when the primary fails.
+    pub failover: Failover,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             backend_tls: BackendTls::default(),
             auth: Auth::default(),
             control: Control::default(),
+            failover: Failover::default(),
         }
     }
 }
@@ -166,6 +169,62 @@ impl Default for Control {
             password: None,
             database: "postgres".to_owned(),
         }
+    }
+}
+
+/// Who makes a standby the new primary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Promote {
+    /// The gateway promotes the standby, once both it and the standby have lost the primary.
+    Auto,
+    /// Someone else promotes (Patroni, repmgr, a person); the gateway waits for a primary.
+    #[default]
+    External,
+    /// No failover: sessions end when their backend fails.
+    Off,
+}
+
+/// Failover settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failover {
+    /// Who promotes the standby.
+    pub promote: Promote,
+    /// Time a session may wait for a new primary before it is closed, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest open transaction (its requests, in bytes) the gateway keeps to replay.
+    pub max_replay_bytes: usize,
+    /// Time one health probe of a suspect primary may take, in milliseconds.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes before a primary that does not refuse connections is dead.
+    pub probe_attempts: u32,
+    /// How long the standby's WAL receiver may be silent and still count as connected, in ms.
+    pub standby_silence_ms: u64,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            promote: Promote::External,
+            timeout_ms: 30_000,
+            max_replay_bytes: 16 << 20,
+            probe_timeout_ms: 1_000,
+            probe_attempts: 3,
+            standby_silence_ms: 5_000,
+        }
+    }
+}
+
+impl Failover {
+    /// Failover timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Health probe timeout.
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms.max(1))
     }
 }
 

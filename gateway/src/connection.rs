@@ -8,12 +8,10 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use understudy_protocol::encode::{self, Severity};
-use understudy_protocol::inspect::{self, ErrorView};
 use understudy_protocol::startup::{CancelKey, StartupMessage};
-use understudy_protocol::tags::backend;
 
 use crate::auth::login::{login, LoginError};
-use crate::auth::relay::{recv_backend, relay, unexpected, ClientEnd, Ends};
+use crate::auth::relay::{relay, ClientEnd, Ends};
 use crate::auth::verify::verify;
 use crate::auth::Credential;
 use crate::config::ClientAuth;
@@ -21,7 +19,7 @@ use crate::error::SessionError;
 use crate::gateway::Shared;
 use crate::handshake::{self, Opening};
 use crate::pump::{Pipe, Pump};
-use crate::session::{record_param, Session};
+use crate::session::{Relogin, Session};
 use crate::sessions::{CancelTarget, SessionGuard};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
@@ -120,6 +118,8 @@ struct Established {
     backend_buf: BytesMut,
     client_buf: BytesMut,
     server_params: Vec<(String, String)>,
+    backend_pid: i32,
+    relogin: Relogin,
 }
 
 async fn session(
@@ -169,7 +169,9 @@ async fn session(
     Session::new(
         pump,
         guard,
-        shared.metrics.clone(),
+        shared.clone(),
+        established.relogin,
+        established.backend_pid,
         established.server_params,
     )
     .run(shutdown)
@@ -267,48 +269,45 @@ async fn establish(
         .tcp()
         .peer_addr()
         .map_err(SessionError::BackendLost)?;
-    let mut server_params = Vec::new();
-    loop {
-        let frame = recv_backend(&mut backend, &mut backend_buf).await?;
-        match frame.tag {
-            backend::PARAMETER_STATUS => {
-                if let Some((name, value)) = inspect::parameter_status(frame.body()) {
-                    record_param(&mut server_params, name, value);
-                }
-                greeting.extend_from_slice(&frame.raw);
-            }
-            backend::BACKEND_KEY_DATA => {
-                let (pid, secret) = inspect::backend_key_data(frame.body())
-                    .ok_or_else(|| unexpected(backend::BACKEND_KEY_DATA))?;
-                let key = guard.issue_cancel_key(CancelTarget {
-                    backend: backend_addr,
-                    key: CancelKey { pid, secret },
-                });
-                guard.info().set_backend(backend_addr, pid);
-                encode::backend_key_data(&mut greeting, key.pid, key.secret);
-            }
-            backend::NOTICE_RESPONSE => greeting.extend_from_slice(&frame.raw),
-            backend::ERROR_RESPONSE => {
-                greeting.extend_from_slice(&frame.raw);
-                client.send(&greeting).await?;
-                let err = ErrorView::parse(frame.body());
-                return Err(SessionError::ServerFatal {
-                    code: err.code.to_owned(),
-                    message: err.message.to_owned(),
-                });
-            }
-            backend::READY_FOR_QUERY => {
-                greeting.extend_from_slice(&frame.raw);
-                client.send(&greeting).await?;
-                break;
-            }
-            other => return Err(unexpected(other)),
-        }
+    let greeting_result = crate::backend::read_greeting(&mut backend, &mut backend_buf).await;
+    let (relayed, result) = match greeting_result {
+        Ok(g) => (g, Ok(())),
+        Err((g, e)) => (g, Err(e)),
+    };
+    // The client hears the server's greeting with the gateway's cancel key in place of the
+    // server's, right before the final ReadyForQuery.
+    let mut tail = relayed.relay;
+    let mut backend_pid = 0;
+    if let Some((pid, secret)) = relayed.key {
+        let key = guard.issue_cancel_key(CancelTarget {
+            backend: backend_addr,
+            key: CancelKey { pid, secret },
+        });
+        guard.info().set_backend(backend_addr, pid);
+        backend_pid = pid;
+        let rfq_at = tail.len().saturating_sub(6);
+        let rest = tail.split_off(rfq_at);
+        encode::backend_key_data(&mut tail, key.pid, key.secret);
+        tail.unsplit(rest);
     }
+    greeting.unsplit(tail);
+    client.send(&greeting).await?;
+    result?;
+    let server_params = relayed.params;
     Ok(Established {
         backend,
         backend_buf,
         client_buf: std::mem::take(client.buf),
         server_params,
+        backend_pid,
+        relogin: Relogin {
+            backend: primary,
+            params: startup
+                .server_params()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            user: user.to_owned(),
+            credential,
+        },
     })
 }

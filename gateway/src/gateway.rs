@@ -35,6 +35,8 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     /// Shutdown broadcast.
     pub shutdown: ShutdownTrigger,
+    /// Runs failovers.
+    pub failover: crate::failover::Coordinator,
 }
 
 /// Why the gateway could not start.
@@ -103,6 +105,7 @@ impl Gateway {
         let (trigger, _) = shutdown::channel();
         let shared = Arc::new(Shared {
             limit: Arc::new(Semaphore::new(config.max_client_connections)),
+            failover: crate::failover::Coordinator::new(topology.clone(), config.failover.clone()),
             config,
             topology,
             registry: Arc::new(Registry::default()),

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod ctl;
 pub mod demo;
 pub mod error;
+pub mod failover;
 pub mod gateway;
 pub mod handshake;
 pub mod local_cluster;

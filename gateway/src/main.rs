@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use understudy::config::{BackendSslMode, ClientAuth, Config};
+use understudy::config::{BackendSslMode, ClientAuth, Config, Promote};
 use understudy::shutdown::Phase;
 use understudy::Gateway;
 
@@ -63,6 +63,9 @@ struct RunArgs {
     /// TLS towards the backends.
     #[arg(long, value_enum)]
     backend_sslmode: Option<BackendSslMode>,
+    /// Who promotes a standby when the primary fails.
+    #[arg(long, value_enum)]
+    promote: Option<Promote>,
 }
 
 impl RunArgs {
@@ -85,6 +88,9 @@ impl RunArgs {
         }
         if let Some(mode) = self.backend_sslmode {
             config.backend_tls.sslmode = mode;
+        }
+        if let Some(promote) = self.promote {
+            config.failover.promote = promote;
         }
         config.validate()?;
         Ok(config)

@@ -56,6 +56,33 @@ impl Pipe {
         self.scanner.next(&self.buf[self.ready..], whole)
     }
 
+    /// Puts `bytes` (whole messages of the gateway's own) into the stream at `ready`, which
+    /// must be a message boundary; they count as inspected.
+    pub fn insert_ready(&mut self, bytes: &[u8]) {
+        let tail = self.buf.split_off(self.ready);
+        self.buf.extend_from_slice(bytes);
+        self.buf.unsplit(tail);
+        self.ready += bytes.len();
+    }
+
+    /// Removes `n` bytes starting at `ready` (a message the peer must not see).
+    pub fn remove_at_ready(&mut self, n: usize) {
+        if self.ready == 0 {
+            self.buf.advance(n);
+            return;
+        }
+        let tail = self.buf.split_off(self.ready + n);
+        self.buf.truncate(self.ready);
+        self.buf.unsplit(tail);
+    }
+
+    /// Drops the inspected bytes not yet written (they will not be written to this peer).
+    pub fn discard_ready(&mut self) {
+        self.buf.advance(self.ready);
+        self.ready = 0;
+        self.needs_flush = false;
+    }
+
     /// Whether everything received has been written on and flushed.
     pub fn is_drained(&self) -> bool {
         self.buf.is_empty() && !self.needs_flush

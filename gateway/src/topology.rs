@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -99,6 +99,9 @@ struct Probe {
 pub struct Topology {
     backends: Vec<Backend>,
     probes: Mutex<Vec<Probe>>,
+    /// Old primaries a failover moved away from: never routed to as primaries again, until
+    /// they come back in recovery (as standbys of the new primary).
+    fenced: Mutex<Vec<bool>>,
     primary: watch::Sender<Option<usize>>,
     control: Control,
     interval: Duration,
@@ -123,6 +126,7 @@ impl Topology {
             backends.len()
         ];
         Ok(Self {
+            fenced: Mutex::new(vec![false; backends.len()]),
             backends,
             probes: Mutex::new(probes),
             primary: watch::Sender::new(single),
@@ -138,6 +142,53 @@ impl Topology {
         let found = tokio::time::timeout(timeout, rx.wait_for(|p| p.is_some())).await;
         let index = (*found.ok()?.ok()?)?;
         self.backends.get(index).cloned()
+    }
+
+    /// The configured backends.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The primary sessions are routed to now.
+    pub fn current_primary(&self) -> Option<Backend> {
+        (*self.primary.borrow()).and_then(|i| self.backends.get(i).cloned())
+    }
+
+    /// Waits until the primary is known and differs from `old`.
+    pub async fn primary_other_than(&self, old: &Backend, timeout: Duration) -> Option<Backend> {
+        let mut rx = self.primary.subscribe();
+        let found = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|p| p.is_some_and(|i| self.backends.get(i) != Some(old))),
+        )
+        .await;
+        let index = (*found.ok()?.ok()?)?;
+        self.backends.get(index).cloned()
+    }
+
+    /// Routes sessions to `new` and fences `old` (a failover's outcome).
+    pub fn switch_primary(&self, old: &Backend, new: &Backend) {
+        let find = |b: &Backend| self.backends.iter().position(|x| x == b);
+        if let Some(i) = find(old) {
+            self.fenced.lock().unwrap_or_else(|e| e.into_inner())[i] = true;
+        }
+        if let Some(i) = find(new) {
+            self.primary.send_replace(Some(i));
+        }
+    }
+
+    /// Whether `b` is fenced.
+    pub fn is_fenced(&self, b: &Backend) -> bool {
+        let fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        self.backends
+            .iter()
+            .position(|x| x == b)
+            .is_some_and(|i| fenced[i])
+    }
+
+    /// The gateway's control-plane login settings.
+    pub fn control(&self) -> &Control {
+        &self.control
     }
 
     /// Backends and roles for `/status`.
@@ -178,6 +229,7 @@ impl Topology {
         let now = Instant::now();
         let mut primaries = Vec::new();
         {
+            let mut fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
             let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
             for (i, result) in results.into_iter().enumerate() {
                 let (role, error) = match result {
@@ -185,8 +237,14 @@ impl Topology {
                     Ok(false) => (Role::Primary, None),
                     Err(e) => (Role::Unreachable, Some(e)),
                 };
-                if role == Role::Primary {
-                    primaries.push(i);
+                match role {
+                    Role::Primary if !fenced[i] => primaries.push(i),
+                    // A fenced old primary back in recovery follows the new primary: adopt it.
+                    Role::Standby if fenced[i] => {
+                        tracing::info!(backend = %self.backends[i], "fenced backend is back as a standby");
+                        fenced[i] = false;
+                    }
+                    _ => {}
                 }
                 probes[i] = Probe {
                     role,
@@ -230,44 +288,56 @@ impl Topology {
     }
 }
 
-/// `Ok(in_recovery)` or the reason the backend could not be asked.
-async fn probe(backend: &Backend, control: &Control, timeout: Duration) -> Result<bool, String> {
+/// A control-plane connection to `backend` as the control role; its connection task ends
+/// when the client is dropped.
+pub async fn control_client(
+    backend: &Backend,
+    control: &Control,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&backend.host)
         .port(backend.port)
         .user(&control.user)
         .dbname(&control.database)
-        .application_name("understudy-probe")
+        .application_name(application_name)
         .connect_timeout(timeout);
     if let Some(p) = &control.password {
         cfg.password(p);
     }
+    let connect = cfg.connect(tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|e| error_text(&e))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// A tokio-postgres error with its cause (its Display alone says only "db error").
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{}: {}", db.code().code(), db.message()),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+/// `Ok(in_recovery)` or the reason the backend could not be asked.
+pub async fn probe(backend: &Backend, control: &Control, timeout: Duration) -> Result<bool, String> {
     let work = async {
-        let (client, conn) = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::spawn(conn);
+        let client = control_client(backend, control, "understudy-probe", timeout).await?;
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| e.to_string());
-        drop(client);
-        let _ = conn.await;
-        row?.try_get::<_, bool>(0).map_err(|e| e.to_string())
+            .map_err(|e| error_text(&e))?;
+        row.try_get::<_, bool>(0).map_err(|e| error_text(&e))
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
-}
-
-/// Wall-clock time, for status output.
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use understudy::config::Config;
 use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
+use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
 
 // ---------------------------------------------------------------------------------------------
@@ -273,8 +275,7 @@ async fn max_message_size_does_not_limit_server_messages() {
     let e = client
         .batch_execute("DO $$ BEGIN RAISE EXCEPTION '%', repeat('y', 100000); END $$")
         .await
-        .err()
-        .expect("the server's error");
+        .expect_err("the server's error");
     assert_eq!(sqlstate(&e), Some("P0001"), "{e}");
     assert_eq!(e.as_db_error().map(|d| d.message().len()), Some(100_000));
 
@@ -288,7 +289,8 @@ async fn max_message_size_does_not_limit_server_messages() {
 
 /// Bytes that are not a startup packet (an HTTP request, a TLS ClientHello sent without
 /// SSLRequest, random bytes, a too-short or too-long length) get ErrorResponse 08P01 "invalid
-/// length of startup packet" and a closed connection.
+/// length of startup packet" and a closed connection; an unknown request code is 0A000, a
+/// missing user 28000, and a broken TLS handshake after `S` just closes the connection.
 #[tokio::test]
 async fn garbage_before_startup_gets_08p01_and_close() {
     watch_for_gateway_panics();
@@ -343,6 +345,28 @@ async fn garbage_before_startup_gets_08p01_and_close() {
     assert_fatal(&e, "28000");
     assert!(c.closed().await);
 
+    // With TLS offered: garbage where the TLS handshake should be, or nothing at all.
+    let ca = TestCa::new();
+    let tls_gw = cluster
+        .gateway_with(|cfg| {
+            cfg.tls.cert = Some(ca.server_cert.clone());
+            cfg.tls.key = Some(ca.server_key.clone());
+        })
+        .await;
+    for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[]] {
+        let mut c = RawConn::open(tls_gw.addr()).await;
+        c.send(&request(SSL_REQUEST)).await;
+        assert_eq!(c.read_byte().await, b'S');
+        c.send(garbage).await;
+        c.tcp.shutdown().await.expect("half-close");
+        assert!(c.closed().await, "closed after a failed TLS handshake");
+    }
+    let mut config = tls_gw.pg_config(roles::TRUST);
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (tls_client, conn) = config.connect(ca.connector()).await.expect("TLS session");
+    tokio::spawn(conn);
+    still_answers(&tls_client).await;
+
     still_answers(&neighbour).await;
     gw.connect(roles::TRUST).await;
     assert_no_gateway_panics();
@@ -368,7 +392,9 @@ async fn protocol_versions_are_negotiated_like_postgresql() {
     );
     assert!(c.closed().await);
 
-    let cases: [(u16, &[(&str, &str)], &[&str]); 3] = [
+    /// Minor version, protocol options sent, options the gateway must list as unsupported.
+    type Case<'a> = (u16, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 3] = [
         (2, &[], &[]),
         (0, &[("_pq_.foo", "on")], &["_pq_.foo"]),
         (
@@ -500,8 +526,7 @@ async fn connection_limit_refuses_with_53300_and_frees_slots() {
         let e = gw
             .try_connect(gw.pg_config(roles::TRUST))
             .await
-            .err()
-            .expect("a third client is refused");
+            .expect_err("a third client is refused");
         assert_eq!(sqlstate(&e), Some("53300"), "{e}");
     }
     still_answers(&first).await;
@@ -741,7 +766,8 @@ async fn terminated_backend_forwards_the_servers_fatal() {
 }
 
 /// `idle_session_timeout` sent in the startup `options` reaches the server, which ends the
-/// session with 57P05; the client receives that FATAL and its backend is gone.
+/// session with 57P05; the client receives that FATAL and its backend is gone. The same for
+/// `idle_in_transaction_session_timeout` (25P03).
 #[tokio::test]
 async fn idle_session_timeout_from_options_reaches_the_client() {
     watch_for_gateway_panics();
@@ -786,6 +812,18 @@ async fn idle_session_timeout_from_options_reaches_the_client() {
         Some("57P05")
     );
 
+    // Its sibling for sessions left inside a transaction: 25P03.
+    let mut config = gw.pg_config(roles::MD5);
+    config.options("-c idle_in_transaction_session_timeout=500");
+    let (client, conn) = connect_watched(config).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        connection_end(conn, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("25P03")
+    );
+
     still_answers(&neighbour).await;
     assert_no_gateway_panics();
 }
@@ -803,7 +841,7 @@ async fn unreachable_backend_gets_08001() {
     let refusing = TestGateway::start(Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         backends: vec![format!("127.0.0.1:{closed_port}")],
-        connect_timeout_ms: 1_000,
+        connect_timeout_ms: 3_000,
         shutdown_timeout_ms: 1_000,
         ..Config::default()
     })
@@ -812,8 +850,7 @@ async fn unreachable_backend_gets_08001() {
     let e = refusing
         .try_connect(refusing.pg_config(roles::TRUST))
         .await
-        .err()
-        .expect("no backend to log in to");
+        .expect_err("no backend to log in to");
     assert_eq!(sqlstate(&e), Some("08001"), "{e}");
     let message = e.as_db_error().expect("a server error").message();
     assert!(
@@ -821,8 +858,8 @@ async fn unreachable_backend_gets_08001() {
         "a message naming the server: {message}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "refused at once"
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once, not after the 3 s connect timeout"
     );
 
     // A backend that accepts TCP and then says nothing.
@@ -846,8 +883,7 @@ async fn unreachable_backend_gets_08001() {
     let e = tokio::time::timeout(PATIENCE, mute.try_connect(mute.pg_config(roles::TRUST)))
         .await
         .expect("an answer")
-        .err()
-        .expect("no backend to log in to");
+        .expect_err("no backend to log in to");
     assert_eq!(sqlstate(&e), Some("08001"), "{e}");
     let waited = started.elapsed();
     assert!(

@@ -134,7 +134,7 @@ async fn cancel_token_stops_a_running_query() {
         .await
         .expect("cancel sent");
     let (result, took) = sleeping.await.unwrap();
-    let e = result.err().expect("the query was cancelled");
+    let e = result.expect_err("the query was cancelled");
     assert_eq!(sqlstate(&e), Some("57014"), "{e}");
     assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
 
@@ -243,7 +243,7 @@ async fn cancel_inside_tls_stops_the_query() {
         .await
         .expect("cancel sent inside TLS");
     let (result, took) = sleeping.await.unwrap();
-    let e = result.err().expect("the query was cancelled");
+    let e = result.expect_err("the query was cancelled");
     assert_eq!(sqlstate(&e), Some("57014"), "{e}");
     assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
     assert_answers(&client).await;
@@ -261,8 +261,7 @@ async fn cancel_gets_through_when_the_gateway_is_full() {
     let refused = gw
         .try_connect(gw.pg_config(roles::TRUST))
         .await
-        .err()
-        .expect("the gateway is full");
+        .expect_err("the gateway is full");
     assert_eq!(sqlstate(&refused), Some("53300"));
 
     let sleeping = spawn_query(&client, "SELECT pg_sleep(30)");
@@ -273,7 +272,7 @@ async fn cancel_gets_through_when_the_gateway_is_full() {
         .await
         .expect("cancel sent");
     let (result, took) = sleeping.await.unwrap();
-    let e = result.err().expect("cancelled");
+    let e = result.expect_err("cancelled");
     assert_eq!(sqlstate(&e), Some("57014"), "{e}");
     assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
     assert_answers(&client).await;

@@ -70,6 +70,17 @@ impl FrameScanner {
         }
     }
 
+    /// Continues in the middle of a streamed message with `body_left` bytes still to come
+    /// (after a stream was switched to another source mid-message).
+    pub fn resume_body(&mut self, body_left: usize) {
+        self.body_left = body_left;
+    }
+
+    /// Body bytes of the current streamed message still to come.
+    pub fn body_left(&self) -> usize {
+        self.body_left
+    }
+
     /// Whether the scanner is at a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.body_left == 0

@@ -86,6 +86,8 @@ pub struct Group {
     pub may_write: bool,
     /// Whether it holds a COMMIT (or END).
     pub commits: bool,
+    /// Whether it opens a transaction block (BEGIN).
+    pub begins: bool,
     /// Session changes that apply when the group succeeds (and, for transactional ones, when
     /// the transaction commits).
     changes: Vec<PendingChange>,
@@ -107,6 +109,7 @@ impl Group {
             failed: false,
             may_write: false,
             commits: false,
+            begins: false,
             changes: Vec::new(),
             parses: Vec::new(),
             parses_done: 0,
@@ -302,6 +305,11 @@ impl Journal {
         self.last_committed_xid
     }
 
+    /// Whether the open transaction may have written (answered requests only).
+    pub fn txn_may_write(&self) -> bool {
+        self.txn_may_write
+    }
+
     /// Whether the open transaction (or an unanswered autocommit request) may have written.
     pub fn may_have_written(&self) -> bool {
         self.txn_may_write || self.groups.iter().any(|g| g.may_write)
@@ -329,6 +337,7 @@ impl Journal {
                 let commits = classified.statements.contains(&Statement::Commit);
                 group.may_write |= classified.may_write();
                 group.commits |= commits;
+                group.begins |= classified.statements.contains(&Statement::Begin);
                 if commits
                     && self.txn_status == b'T'
                     && (self.txn_may_write || group.may_write)
@@ -472,6 +481,30 @@ impl Journal {
             self.pending.clear();
             self.clear_answered();
         }
+    }
+
+    /// Forgets the open transaction and every unanswered request (the session continues
+    /// without them: they were answered with an error, or the transaction is gone).
+    pub fn abandon(&mut self) {
+        self.groups.clear();
+        self.pending.clear();
+        self.journal_bytes = 0;
+        self.txn_may_write = false;
+        self.xid = None;
+        self.unreplayable = None;
+        self.txn_status = b'I';
+    }
+
+    /// The in-flight COMMIT turned out to have committed: the transaction is over and its xid
+    /// is the last one the client saw commit.
+    pub fn settle_commit(&mut self) {
+        if self.xid.is_some() {
+            self.last_committed_xid = self.xid;
+        }
+        for c in std::mem::take(&mut self.pending) {
+            self.state.apply(&c.change, &c.sql);
+        }
+        self.abandon();
     }
 
     /// Records the xid captured before a COMMIT (`None`: no xid was assigned, nothing written).

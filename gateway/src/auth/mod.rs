@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Auth, Control, DEFAULT_AUTH_QUERY};
 use crate::sessions::Movability;
-use crate::topology::Topology;
+use crate::topology::{control_client, error_text, Topology};
 pub use userlist::Secret;
 
 /// What the gateway holds to log in as a role without its client.
@@ -130,30 +130,11 @@ impl Secrets {
             .primary(self.timeout)
             .await
             .ok_or("no primary to run auth_query on")?;
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&primary.host)
-            .port(primary.port)
-            .user(&self.control.user)
-            .dbname(&self.control.database)
-            .application_name("understudy-auth")
-            .connect_timeout(self.timeout);
-        if let Some(p) = &self.control.password {
-            cfg.password(p);
-        }
         let work = async {
-            let (client, conn) = cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            let conn = tokio::spawn(conn);
-            let rows = client
-                .query(query, &[&user])
-                .await
-                .map_err(|e| e.to_string());
-            drop(client);
-            let _ = conn.await;
-            let secret: Option<String> = match rows?.first() {
-                Some(row) => row.try_get(1).map_err(|e| e.to_string())?,
+            let client = control_client(&primary, &self.control, "understudy-auth", self.timeout).await?;
+            let rows = client.query(query, &[&user]).await.map_err(|e| error_text(&e))?;
+            let secret: Option<String> = match rows.first() {
+                Some(row) => row.try_get(1).map_err(|e| error_text(&e))?,
                 None => None,
             };
             match secret {

@@ -1,0 +1,244 @@
+//! The failover coordinator: decides that the primary is gone, gets a new one (promoting the
+//! standby itself with `promote = "auto"`, or waiting for an orchestrator), and fences the old.
+//!
+//! Every session whose backend breaks asks here; the first runs the procedure and the others
+//! wait for its outcome, so a failover happens once however many sessions notice it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Failover, Promote};
+use crate::topology::{control_client, probe, Backend, Topology};
+
+/// A new primary and what the gateway knows of how it became one.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// The primary to move sessions to.
+    pub primary: Backend,
+    /// The primary that failed.
+    pub failed: Backend,
+    /// The new primary's next transaction ID as of its promotion, when the gateway promoted it
+    /// itself before anyone could write; xids at or above it never committed there.
+    pub next_xid: Option<u64>,
+    /// When the coordinator started on this failover.
+    pub started: Instant,
+}
+
+/// Why no new primary is coming.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FailoverError {
+    /// The old primary answers as a primary: the session ended for another reason.
+    #[error("the primary is still up")]
+    PrimaryAlive,
+    /// Failover is turned off.
+    #[error("failover is disabled (failover.promote = \"off\")")]
+    Disabled,
+    /// No primary within the timeout, or promotion failed.
+    #[error("no new primary: {0}")]
+    NoPrimary(String),
+}
+
+/// Runs failovers, one at a time.
+pub struct Coordinator {
+    topology: Arc<Topology>,
+    config: Failover,
+    last: tokio::sync::Mutex<Option<Promotion>>,
+}
+
+impl Coordinator {
+    /// A coordinator over `topology`.
+    pub fn new(topology: Arc<Topology>, config: Failover) -> Self {
+        Self {
+            topology,
+            config,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The failover settings.
+    pub fn config(&self) -> &Failover {
+        &self.config
+    }
+
+    /// Whether `backend` answers as a primary (the health probe, with retries for a saturated
+    /// machine: a refused connection is conclusive at once, a slow answer is not).
+    pub async fn primary_alive(&self, backend: &Backend) -> bool {
+        let control = self.topology.control();
+        for attempt in 0..self.config.probe_attempts.max(1) {
+            match probe(backend, control, self.config.probe_timeout()).await {
+                Ok(in_recovery) => return !in_recovery,
+                Err(e) if refused(&e) => return false,
+                Err(e) => {
+                    tracing::debug!(%backend, attempt, error = %e, "health probe failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// The primary to move to after `failed` broke a session.
+    pub async fn recover(&self, failed: &Backend) -> Result<Promotion, FailoverError> {
+        if self.config.promote == Promote::Off {
+            return Err(FailoverError::Disabled);
+        }
+        let mut last = self.last.lock().await;
+        if let Some(p) = last.as_ref() {
+            if p.failed == *failed && self.topology.current_primary().as_ref() == Some(&p.primary) {
+                return Ok(p.clone());
+            }
+        }
+        let started = Instant::now();
+        if self.primary_alive(failed).await {
+            return Err(FailoverError::PrimaryAlive);
+        }
+        tracing::warn!(primary = %failed, mode = ?self.config.promote, "primary is down; failing over");
+        metrics::counter!("understudy_failovers_total").increment(1);
+        let deadline = started + self.config.timeout();
+        let result = match self.config.promote {
+            Promote::Auto => self.promote_standby(failed, deadline).await,
+            _ => self.await_external(failed, deadline).await,
+        };
+        let (primary, next_xid) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!("understudy_failover_failures_total").increment(1);
+                tracing::error!(error = %e, "failover failed");
+                return Err(e);
+            }
+        };
+        self.topology.switch_primary(failed, &primary);
+        let took = started.elapsed();
+        metrics::histogram!("understudy_failover_promotion_seconds").record(took.as_secs_f64());
+        tracing::info!(%primary, old = %failed, ?next_xid, took_ms = took.as_millis() as u64, "new primary; old one fenced");
+        let promotion = Promotion {
+            primary,
+            failed: failed.clone(),
+            next_xid,
+            started,
+        };
+        *last = Some(promotion.clone());
+        Ok(promotion)
+    }
+
+    /// `promote = "auto"`: with two witnesses that the primary is gone (this gateway cannot
+    /// reach it, and the standby's WAL receiver has lost it), let the standby replay all it
+    /// received, promote it, and read its next xid before any session writes.
+    async fn promote_standby(
+        &self,
+        failed: &Backend,
+        deadline: Instant,
+    ) -> Result<(Backend, Option<u64>), FailoverError> {
+        let control = self.topology.control();
+        let timeout = self.config.probe_timeout();
+        let candidates: Vec<Backend> = self
+            .topology
+            .backends()
+            .iter()
+            .filter(|b| *b != failed && !self.topology.is_fenced(b))
+            .cloned()
+            .collect();
+        let mut last_error = String::from("no standby configured");
+        while Instant::now() < deadline {
+            for standby in &candidates {
+                let client = match control_client(standby, control, "understudy-failover", timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_error = format!("{standby}: {e}");
+                        continue;
+                    }
+                };
+                match self.try_promote(&client, standby).await {
+                    Ok(Some(next_xid)) => return Ok((standby.clone(), next_xid)),
+                    Ok(None) => {}
+                    Err(e) => last_error = format!("{standby}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The primary may have come back meanwhile: then this is no failover.
+            if self.primary_alive(failed).await {
+                return Err(FailoverError::PrimaryAlive);
+            }
+        }
+        Err(FailoverError::NoPrimary(last_error))
+    }
+
+    /// One attempt on one standby: `Ok(None)` means "not yet" (it still hears the primary, or
+    /// has WAL left to replay); `Ok(Some(next_xid))` means it is the primary now, with its next
+    /// xid as of the promotion when the gateway promoted it.
+    async fn try_promote(
+        &self,
+        client: &tokio_postgres::Client,
+        standby: &Backend,
+    ) -> Result<Option<Option<u64>>, String> {
+        let e = |e: tokio_postgres::Error| e.to_string();
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(),
+                        (SELECT status = 'streaming'
+                                AND now() - last_msg_receipt_time < $1 * interval '1 millisecond'
+                           FROM pg_stat_wal_receiver),
+                        pg_last_wal_receive_lsn() IS NULL
+                          OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()",
+                &[&(self.config.standby_silence_ms as f64)],
+            )
+            .await
+            .map_err(e)?;
+        let in_recovery: bool = row.get(0);
+        if !in_recovery {
+            // Promoted by someone else: accept it, but its next xid is not ours to know.
+            return Ok(Some(None));
+        }
+        let still_streaming: Option<bool> = row.get(1);
+        if still_streaming == Some(true) {
+            tracing::debug!(%standby, "standby still hears the primary; not promoting");
+            return Ok(None);
+        }
+        let replayed: bool = row.get(2);
+        if !replayed {
+            return Ok(None);
+        }
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .map_err(e)?
+            .get(0);
+        if !promoted {
+            return Err("pg_promote() did not finish".to_owned());
+        }
+        Ok(Some(Some(next_xid(client).await?)))
+    }
+
+    /// `promote = "external"`: wait until an orchestrator has made another backend primary.
+    async fn await_external(
+        &self,
+        failed: &Backend,
+        deadline: Instant,
+    ) -> Result<(Backend, Option<u64>), FailoverError> {
+        while Instant::now() < deadline {
+            self.topology.probe_all().await;
+            if let Some(p) = self.topology.current_primary().filter(|p| p != failed) {
+                return Ok((p, None));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(FailoverError::NoPrimary(format!(
+            "no backend other than {failed} became primary within {:?}",
+            self.config.timeout()
+        )))
+    }
+}
+
+/// The next xid the server will assign, read without assigning one.
+async fn next_xid(client: &tokio_postgres::Client) -> Result<u64, String> {
+    let text: String = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    text.parse().map_err(|e| format!("next xid {text:?}: {e}"))
+}
+
+fn refused(error: &str) -> bool {
+    error.contains("Connection refused") || error.contains("connection refused")
+}

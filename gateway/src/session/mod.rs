@@ -1,0 +1,509 @@
+//! One client session on the data path: forwards both ways, tracks message and transaction
+//! boundaries from the headers, journals what the client asked and saw, and, when the primary
+//! fails, moves to the new one (`relocate`).
+
+mod relocate;
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use understudy_protocol::encode::{self, Severity};
+use understudy_protocol::frame::{FrameError, Step};
+use understudy_protocol::inspect::{self, ErrorView};
+use understudy_protocol::tags::{backend, frontend};
+use understudy_replay::classify::{classify, Statement};
+use understudy_replay::journal::{Before, Journal};
+
+use crate::auth::Credential;
+use crate::error::SessionError;
+use crate::gateway::Shared;
+use crate::pump::{Event, Pump, PumpError};
+use crate::sessions::SessionGuard;
+use crate::shutdown::{Phase, Shutdown};
+use crate::telemetry::count_error;
+use crate::topology::Backend;
+
+/// How long a closing session may take to hand its last bytes to a peer.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The query the gateway slips in before a COMMIT of a transaction that wrote, so that a COMMIT
+/// whose answer is lost can be looked up on the new primary.
+const XID_QUERY: &[u8] = b"Q\0\0\0\x2cSELECT pg_current_xact_id_if_assigned()\0";
+
+/// Why the data path stopped.
+enum End {
+    /// The client sent Terminate (forwarded) or closed its socket.
+    ClientDone,
+    /// Anything else; the client may need to be told.
+    Failed(SessionError),
+}
+
+/// Who is waiting for each ReadyForQuery the backend owes, in wire order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The client: forward.
+    Client,
+    /// The gateway's xid query: consume.
+    Xid,
+}
+
+/// What the gateway needs to log in again for this session on another server.
+pub struct Relogin {
+    /// The backend the session uses now.
+    pub backend: Backend,
+    /// Startup parameters for the server, as the client sent them.
+    pub params: Vec<(String, String)>,
+    /// Role name.
+    pub user: String,
+    /// How to authenticate.
+    pub credential: Credential,
+}
+
+/// The answer the gateway owes a client request itself, after a replay diverged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poison {
+    /// Nothing owed.
+    None,
+    /// The next request gets 40001.
+    Next,
+    /// 40001 was sent; drop the rest of the extended batch and answer its Sync.
+    UntilSync,
+}
+
+/// A logged-in session on the data path.
+pub struct Session {
+    pump: Pump,
+    guard: SessionGuard,
+    shared: Arc<Shared>,
+    relogin: Relogin,
+    journal: Journal,
+    wire: VecDeque<Owner>,
+    /// Value of the DataRow the running xid query returned.
+    xid_row: Option<Option<u64>>,
+    /// Type byte of the server message being streamed in pieces.
+    down_tag: u8,
+    /// The backend PID the client was told at login.
+    client_pid: i32,
+    /// The PID of the backend in use now.
+    backend_pid: i32,
+    /// Status byte of the last ReadyForQuery.
+    txn_status: u8,
+    /// Query, Sync and FunctionCall messages still waiting for their ReadyForQuery.
+    awaiting_ready: u32,
+    /// Shutdown asked sessions to close at their next transaction boundary.
+    draining: bool,
+    /// A FATAL from the server, held back (not forwarded) until it is known whether the
+    /// server ended the session or the primary died.
+    held_fatal: Option<(String, String, usize)>,
+    /// The last value of every ParameterStatus the server reported.
+    server_params: Vec<(String, String)>,
+    poison: Poison,
+}
+
+impl Session {
+    /// A session whose login just finished.
+    pub fn new(
+        pump: Pump,
+        guard: SessionGuard,
+        shared: Arc<Shared>,
+        relogin: Relogin,
+        backend_pid: i32,
+        server_params: Vec<(String, String)>,
+    ) -> Self {
+        guard.info().txn_status.store(b'I', Ordering::Relaxed);
+        let max_replay = shared.config.failover.max_replay_bytes;
+        Self {
+            pump,
+            guard,
+            shared,
+            relogin,
+            journal: Journal::new(max_replay),
+            wire: VecDeque::new(),
+            xid_row: None,
+            down_tag: 0,
+            client_pid: backend_pid,
+            backend_pid,
+            txn_status: b'I',
+            awaiting_ready: 0,
+            draining: false,
+            held_fatal: None,
+            server_params,
+            poison: Poison::None,
+        }
+    }
+
+    /// Forwards until the client leaves, the server ends the session, or shutdown.
+    pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), SessionError> {
+        let end = self.forward(&mut shutdown).await;
+        self.close(end).await
+    }
+
+    fn at_transaction_boundary(&self) -> bool {
+        self.awaiting_ready == 0 && self.txn_status == b'I' && self.pump.up.unscanned().is_empty()
+    }
+
+    async fn forward(&mut self, shutdown: &mut Shutdown) -> End {
+        // Login may have left bytes of either side in the buffers.
+        if let Some(end) = self.scan_up().or_else(|| self.scan_down()) {
+            return end;
+        }
+        if shutdown.phase() >= Phase::Draining {
+            self.draining = true;
+        }
+        loop {
+            if self.draining && self.at_transaction_boundary() {
+                return End::Failed(SessionError::Shutdown);
+            }
+            enum Wake {
+                Io(Result<Event, PumpError>),
+                Shutdown,
+            }
+            let wake = tokio::select! {
+                biased;
+                e = poll_fn(|cx| self.pump.poll_event(cx)) => Wake::Io(e),
+                _ = shutdown.changed() => Wake::Shutdown,
+            };
+            let end = match wake {
+                Wake::Shutdown => match shutdown.phase() {
+                    Phase::Force => Some(End::Failed(SessionError::Shutdown)),
+                    Phase::Draining => {
+                        self.draining = true;
+                        None
+                    }
+                    Phase::Running => None,
+                },
+                Wake::Io(Ok(Event::FromClient(n))) => {
+                    self.shared.metrics.client_bytes.increment(n as u64);
+                    self.scan_up()
+                }
+                Wake::Io(Ok(Event::FromBackend(n))) => {
+                    self.shared.metrics.backend_bytes.increment(n as u64);
+                    self.scan_down()
+                }
+                Wake::Io(Ok(Event::ClientEof)) => Some(End::ClientDone),
+                Wake::Io(Err(PumpError::Client(e))) => {
+                    Some(End::Failed(SessionError::ClientGone(e)))
+                }
+                Wake::Io(Ok(Event::BackendEof)) => {
+                    self.backend_failed(std::io::ErrorKind::UnexpectedEof.into())
+                        .await
+                }
+                Wake::Io(Err(PumpError::Backend(e))) => self.backend_failed(e).await,
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// The backend connection ended: either the server ended the session (forward its word)
+    /// or the primary is gone (move the session).
+    async fn backend_failed(&mut self, cause: std::io::Error) -> Option<End> {
+        match self.relocate(cause).await {
+            Ok(()) => {
+                // Bytes that arrived meanwhile, from either side, are inspected now.
+                self.scan_up().or_else(|| self.scan_down())
+            }
+            Err(e) => Some(End::Failed(e)),
+        }
+    }
+
+    /// Lets a held FATAL through to the client; returns the session error it means.
+    fn release_fatal(&mut self, cause: std::io::Error) -> SessionError {
+        match self.held_fatal.take() {
+            Some((code, message, len)) => {
+                self.pump.down.ready += len;
+                SessionError::ServerFatal { code, message }
+            }
+            None => SessionError::BackendLost(cause),
+        }
+    }
+
+    /// Inspects new client bytes, whole message by whole message (the journal keeps them).
+    fn scan_up(&mut self) -> Option<End> {
+        loop {
+            let (step, n) = match self.pump.up.scan(|_| true) {
+                Ok(s) => s,
+                Err(e) => return Some(End::Failed(client_frame_error(e))),
+            };
+            let tag = match step {
+                Step::NeedMore => return None,
+                Step::Whole { tag, .. } => tag,
+                // Not reached: every message is asked for whole.
+                Step::Streamed { .. } | Step::Body => {
+                    self.pump.up.ready += n;
+                    continue;
+                }
+            };
+            if tag == frontend::TERMINATE {
+                // Pass it on so the server ends the backend cleanly.
+                self.pump.up.ready += n;
+                return Some(End::ClientDone);
+            }
+            if !frontend::is_known(tag) {
+                return Some(End::Failed(SessionError::refused(
+                    "08P01",
+                    "protocol_violation",
+                    format!("invalid frontend message type {tag}"),
+                )));
+            }
+            if self.poison != Poison::None && self.answer_poisoned(tag, n) {
+                continue;
+            }
+            let at = self.pump.up.ready;
+            let raw = &self.pump.up.buf[at..at + n];
+            if self.journal.on_client_message(tag, raw) == Before::CaptureXid {
+                self.pump.up.insert_ready(XID_QUERY);
+                self.wire.push_back(Owner::Xid);
+            }
+            if frontend::expects_ready_for_query(tag) {
+                self.awaiting_ready += 1;
+                self.wire.push_back(Owner::Client);
+            }
+            if matches!(tag, frontend::QUERY | frontend::EXECUTE) {
+                self.shared.metrics.queries.increment(1);
+            }
+            self.pump.up.ready += n;
+        }
+    }
+
+    /// After a diverged replay the client is owed a 40001 for its next request; the backend
+    /// waits in an aborted transaction, so ROLLBACK goes through and anything else is answered
+    /// here (a COMMIT must not reach the server: it would answer "ROLLBACK" without an error).
+    /// Returns whether the message was consumed.
+    fn answer_poisoned(&mut self, tag: u8, n: usize) -> bool {
+        if self.poison == Poison::Next && tag == frontend::QUERY {
+            let at = self.pump.up.ready;
+            let body = &self.pump.up.buf[at + 5..at + n];
+            let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+            if classify(sql).statements == [Statement::Rollback] {
+                self.poison = Poison::None;
+                return false;
+            }
+        }
+        self.pump.up.remove_at_ready(n);
+        let mut reply = BytesMut::new();
+        if self.poison == Poison::Next {
+            diverged_error(&mut reply);
+            self.poison = Poison::UntilSync;
+        }
+        if frontend::expects_ready_for_query(tag) {
+            encode::ready_for_query(&mut reply, b'E');
+            self.poison = Poison::None;
+        }
+        if !reply.is_empty() {
+            self.pump.down.insert_ready(&reply);
+        }
+        true
+    }
+
+    /// Inspects new server bytes up to the last complete header.
+    fn scan_down(&mut self) -> Option<End> {
+        let wanted = |t| {
+            matches!(
+                t,
+                backend::READY_FOR_QUERY
+                    | backend::ERROR_RESPONSE
+                    | backend::PARAMETER_STATUS
+                    | backend::NOTIFICATION_RESPONSE
+                    | b'1'
+            )
+        };
+        loop {
+            if self.held_fatal.is_some() {
+                return None;
+            }
+            let internal = self.wire.front().is_some_and(|o| *o != Owner::Client);
+            let at = self.pump.down.ready;
+            let down = &mut self.pump.down;
+            let (step, n) = match down.scanner.next(&down.buf[at..], |t| internal || wanted(t)) {
+                Ok(s) => s,
+                // The server's framing is trusted; a broken one means a broken connection.
+                Err(e) => {
+                    return Some(End::Failed(SessionError::BackendLost(std::io::Error::other(e))))
+                }
+            };
+            match step {
+                Step::NeedMore => return None,
+                Step::Whole { tag, body } if internal => {
+                    match tag {
+                        backend::DATA_ROW => self.xid_row = Some(parse_xid_row(body)),
+                        backend::READY_FOR_QUERY => {
+                            self.wire.pop_front();
+                            self.journal.set_xid(self.xid_row.take().flatten());
+                        }
+                        _ => {}
+                    }
+                    self.pump.down.remove_at_ready(n);
+                }
+                Step::Whole { tag, body } => {
+                    match tag {
+                        backend::READY_FOR_QUERY => {
+                            let status = inspect::ready_for_query_status(body).unwrap_or(b'I');
+                            self.on_ready_for_query(status, at, n);
+                        }
+                        backend::ERROR_RESPONSE => {
+                            let err = ErrorView::parse(body);
+                            count_error(err.code, "server");
+                            if err.is_fatal() {
+                                self.held_fatal =
+                                    Some((err.code.to_owned(), err.message.to_owned(), n));
+                                return None;
+                            }
+                            self.journal
+                                .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
+                            self.journal.on_server_message(tag);
+                        }
+                        backend::PARAMETER_STATUS => {
+                            if let Some((name, value)) = inspect::parameter_status(body) {
+                                record_param(&mut self.server_params, name, value);
+                            }
+                        }
+                        backend::NOTIFICATION_RESPONSE => {
+                            // The client knows its backend by the PID it was given at login.
+                            if self.backend_pid != self.client_pid
+                                && body.get(..4) == Some(&self.backend_pid.to_be_bytes()[..])
+                            {
+                                self.pump.down.buf[at + 5..at + 9]
+                                    .copy_from_slice(&self.client_pid.to_be_bytes());
+                            }
+                        }
+                        _ => {
+                            self.journal
+                                .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
+                            self.journal.on_server_message(tag);
+                        }
+                    }
+                    self.pump.down.ready += n;
+                }
+                Step::Streamed { tag, .. } => {
+                    self.down_tag = tag;
+                    self.journal
+                        .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
+                    self.pump.down.ready += n;
+                }
+                Step::Body => {
+                    self.journal
+                        .on_server_bytes(self.down_tag, &self.pump.down.buf[at..at + n]);
+                    self.pump.down.ready += n;
+                }
+            }
+        }
+    }
+
+    fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
+        if status == b'I' && self.txn_status != b'I' {
+            self.shared.metrics.transactions.increment(1);
+        }
+        self.wire.pop_front();
+        self.journal
+            .on_server_bytes(backend::READY_FOR_QUERY, &self.pump.down.buf[at..at + n]);
+        self.journal.on_ready_for_query(status);
+        self.txn_status = status;
+        self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+        self.guard.info().txn_status.store(status, Ordering::Relaxed);
+        if let Some(why) = self.journal.unmovable() {
+            self.guard
+                .info()
+                .set_movable(crate::sessions::Movability::No(why.to_owned()));
+        }
+    }
+
+    /// Ends the session: pass on what is in flight, tell the client why if it must hear it,
+    /// and close the backend at once (session mode: it lives and dies with its client).
+    async fn close(mut self, end: End) -> Result<(), SessionError> {
+        let result = match end {
+            End::ClientDone => Ok(()),
+            End::Failed(e) => Err(e),
+        };
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
+        if let Err(e) = &result {
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_client()).await;
+            if let Some((code, message)) = e.client_report() {
+                count_error(code, "gateway");
+                let mut buf = BytesMut::new();
+                encode::error_response(&mut buf, Severity::Fatal, code, &message);
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                    self.pump.client.write_all(&buf).await?;
+                    self.pump.client.flush().await
+                })
+                .await;
+            }
+            if !matches!(e, SessionError::BackendLost(_) | SessionError::ServerFatal { .. })
+                && self.pump.up.scanner.at_boundary()
+            {
+                let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                    self.pump.backend.write_all(&terminate).await?;
+                    self.pump.backend.flush().await
+                })
+                .await;
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
+        result
+    }
+}
+
+/// The xid in the gateway's xid query's DataRow (`None` for NULL: nothing was written).
+fn parse_xid_row(body: &[u8]) -> Option<u64> {
+    // DataRow: int16 column count, then int32 length (-1 for NULL) and the text value.
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// The ErrorResponse a client gets when its transaction could not be carried over.
+fn diverged_error(buf: &mut BytesMut) {
+    count_error("40001", "gateway");
+    encode::error_response(
+        buf,
+        Severity::Error,
+        "40001",
+        "could not serialize access: the transaction was interrupted by a failover and could not be replayed exactly; retry it",
+    );
+}
+
+fn client_frame_error(e: FrameError) -> SessionError {
+    match e {
+        FrameError::TooLong { .. } => {
+            SessionError::refused("54000", "message_too_long", e.to_string())
+        }
+        FrameError::Malformed { .. } => {
+            SessionError::refused("08P01", "protocol_violation", e.to_string())
+        }
+    }
+}
+
+/// Sets `name` to `value`, keeping the server's order of first report.
+pub fn record_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) if v == value => {}
+        Some((_, v)) => *v = value.to_owned(),
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xid_query_is_well_formed() {
+        let len = i32::from_be_bytes(XID_QUERY[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 1, XID_QUERY.len());
+        assert_eq!(XID_QUERY.last(), Some(&0));
+    }
+
+    #[test]
+    fn xid_rows() {
+        assert_eq!(parse_xid_row(b"\0\x01\0\0\0\x03742"), Some(742));
+        assert_eq!(parse_xid_row(b"\0\x01\xff\xff\xff\xff"), None);
+        assert_eq!(parse_xid_row(b"\0"), None);
+    }
+}

@@ -1,0 +1,658 @@
+//! Moving a session to a new primary on the same client connection: log in again, restore
+//! session state, settle the open transaction (COMMIT outcome, or replay verified against what
+//! the client saw), then hand the new backend to the data path.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use understudy_protocol::encode;
+use understudy_protocol::inspect::ErrorView;
+use understudy_protocol::startup::CancelKey;
+use understudy_protocol::tags::backend;
+use understudy_replay::journal::{digested, DigestBuilder, Group, Unreplayable};
+
+use super::{Owner, Poison, Session, XID_QUERY};
+use crate::auth::login::login;
+use crate::error::SessionError;
+use crate::failover::{FailoverError, Promotion};
+use crate::pump::Pipe;
+use crate::sessions::CancelTarget;
+use crate::stream::Stream;
+use crate::wire::{read_message, send, ReadError};
+
+/// How long one step of a move (a restore statement, a replayed request) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a move failed, for the client (always FATAL: the session cannot continue).
+fn cannot_move(code: &'static str, message: String) -> SessionError {
+    SessionError::BackendUnavailable { code, message }
+}
+
+/// What the new primary says of the transaction whose COMMIT answer was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitOutcome {
+    /// It committed there: the client gets its COMMIT.
+    Committed,
+    /// It did not: replay it.
+    NotCommitted,
+    /// Cannot be told (the xid may have been reused by someone else's transaction).
+    InDoubt,
+}
+
+/// A new backend connection being brought up to date before it joins the data path.
+struct Fresh {
+    stream: Stream,
+    buf: BytesMut,
+}
+
+impl Fresh {
+    async fn recv(&mut self) -> Result<(u8, Bytes), String> {
+        let frame = tokio::time::timeout(
+            STEP_TIMEOUT,
+            read_message(&mut self.stream, &mut self.buf, usize::MAX >> 1),
+        )
+        .await
+        .map_err(|_| "the new primary did not answer in time".to_owned())?
+        .map_err(|e| match e {
+            ReadError::Io(e) => e.to_string(),
+            ReadError::Frame(e) => e.to_string(),
+        })?;
+        Ok((frame.tag, frame.raw))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        send(&mut self.stream, bytes)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs a statement of the gateway's own; returns the first column of the first row.
+    async fn query(&mut self, sql: &str) -> Result<Option<String>, String> {
+        let mut q = BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut q).map_err(|e| e.to_string())?;
+        self.send(&q).await?;
+        let mut value = None;
+        let mut error = None;
+        loop {
+            let (tag, raw) = self.recv().await?;
+            match tag {
+                backend::DATA_ROW if value.is_none() => value = Some(first_column(&raw[5..])),
+                backend::ERROR_RESPONSE => {
+                    let e = ErrorView::parse(&raw[5..]);
+                    error = Some(format!("{} {}", e.code, e.message));
+                }
+                backend::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(format!("{sql}: {e}")),
+            None => Ok(value.flatten()),
+        }
+    }
+
+    /// Replays a request group whose full answer the client has seen; checks the answer.
+    async fn replay_answered(&mut self, group: &Group) -> Result<bool, String> {
+        self.send(&group.request).await?;
+        let mut digest = DigestBuilder::default();
+        loop {
+            let (tag, raw) = self.recv().await?;
+            if digested(tag) {
+                digest.update(&raw);
+            }
+            if tag == backend::READY_FOR_QUERY {
+                return Ok(digest.digest() == group.response.digest());
+            }
+        }
+    }
+}
+
+fn first_column(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
+    Some(String::from_utf8_lossy(text).into_owned())
+}
+
+/// A simple Query message the new primary answers with an ERROR of `code`, in order with the
+/// requests around it (the client hears it where it expects that request's answer).
+fn raise(code: &str, message: &str) -> BytesMut {
+    let sql = format!(
+        "DO $understudy$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END $understudy$",
+        message.replace('\'', "''")
+    );
+    let mut q = BytesMut::new();
+    // A statement of the gateway's own; it contains no NUL.
+    let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
+    q
+}
+
+const DIVERGED: &str = "could not serialize access: the transaction was interrupted by a failover and replaying it did not reproduce what the client saw; retry the transaction";
+const IN_DOUBT: &str = "the outcome of this statement is unknown: the primary failed while it ran, and it may or may not have been applied; check before retrying";
+
+impl Session {
+    /// Handles a broken backend connection: forwards the server's FATAL if the primary is
+    /// alive (the server ended the session), else moves the session to the new primary.
+    pub(super) async fn relocate(&mut self, cause: std::io::Error) -> Result<(), SessionError> {
+        let failed_at = Instant::now();
+        let failed = self.relogin.backend.clone();
+        let promotion = match self.await_promotion(&failed).await {
+            Ok(p) => p,
+            Err(FailoverError::PrimaryAlive | FailoverError::Disabled) => {
+                return Err(self.release_fatal(cause))
+            }
+            Err(FailoverError::NoPrimary(why)) => {
+                return Err(cannot_move(
+                    "08006",
+                    format!("connection to the database server lost; no new primary within the failover timeout: {why}"),
+                ))
+            }
+        };
+        if let Some(why) = self.journal.unmovable() {
+            count_move("unmovable");
+            return Err(cannot_move(
+                "08006",
+                format!("connection to the database server lost; the session could not be moved because it holds {why}"),
+            ));
+        }
+        if let crate::auth::Credential::Missing(why) = &self.relogin.credential {
+            count_move("no_credential");
+            return Err(cannot_move(
+                "08006",
+                format!("connection to the database server lost; the session could not be moved: {why}"),
+            ));
+        }
+        // Everything the client was meant to get from the old backend it gets; anything the
+        // old backend said past that (a FATAL, half a message) is dropped.
+        let partial = self.flush_old_backend().await?;
+        let mut fresh = self.log_in_again(&promotion).await?;
+        self.restore_state(&mut fresh).await?;
+        self.check_acknowledged_commit(&mut fresh, &promotion).await?;
+        let resumed = self.settle_transaction(&mut fresh, &promotion, partial).await?;
+        self.finish_move(fresh, resumed);
+        let stall = failed_at.elapsed();
+        metrics::histogram!("understudy_session_move_seconds").record(stall.as_secs_f64());
+        count_move("moved");
+        tracing::info!(
+            session = self.guard.info().id,
+            to = %promotion.primary,
+            backend_pid = self.backend_pid,
+            took_ms = stall.as_millis() as u64,
+            "session moved to the new primary"
+        );
+        Ok(())
+    }
+
+    /// Waits for the coordinator, keeping the client's connection warm meanwhile.
+    async fn await_promotion(
+        &mut self,
+        failed: &crate::topology::Backend,
+    ) -> Result<Promotion, FailoverError> {
+        let shared = self.shared.clone();
+        let recover = shared.failover.recover(failed);
+        tokio::pin!(recover);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        loop {
+            tokio::select! {
+                r = &mut recover => return r,
+                _ = tick.tick() => self.keepalive().await,
+            }
+        }
+    }
+
+    /// Re-sends a ParameterStatus the client already has (allowed at any message boundary), so
+    /// a client waiting on a failover sees traffic.
+    async fn keepalive(&mut self) {
+        let Some((name, value)) = self.server_params.first().cloned() else {
+            return;
+        };
+        if self.pump.flush_client().await.is_err() || !self.pump.down.scanner.at_boundary() {
+            return;
+        }
+        let mut msg = BytesMut::new();
+        encode::parameter_status(&mut msg, &name, &value);
+        let _ = self.pump.client.write_all(&msg).await;
+        let _ = self.pump.client.flush().await;
+    }
+
+    /// Writes what the client is owed from the old backend; returns the tag and remaining
+    /// body bytes of a message the client got only part of.
+    async fn flush_old_backend(&mut self) -> Result<Option<(u8, usize)>, SessionError> {
+        self.held_fatal = None;
+        self.pump
+            .flush_client()
+            .await
+            .map_err(SessionError::ClientGone)?;
+        let left = self.pump.down.scanner.body_left();
+        self.pump.down = Pipe::new(BytesMut::new(), self.shared.config.max_message_size);
+        // Scanned client bytes not yet written are in the journal; they go out again below.
+        self.pump.up.discard_ready();
+        self.wire.clear();
+        self.xid_row = None;
+        Ok((left > 0).then_some((self.down_tag, left)))
+    }
+
+    /// Connects and authenticates to the new primary with the kept credential.
+    async fn log_in_again(&mut self, promotion: &Promotion) -> Result<Fresh, SessionError> {
+        let lost = |why: String| cannot_move("08006", format!("could not log in to the new primary {}: {why}", promotion.primary));
+        let params = self
+            .relogin
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let mut stream = self
+            .shared
+            .connector
+            .open(&promotion.primary, params)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut buf = BytesMut::new();
+        login(&mut stream, &mut buf, &self.relogin.user, &self.relogin.credential)
+            .await
+            .map_err(|e| lost(e.into_session_error().to_string()))?;
+        let greeting = crate::backend::read_greeting(&mut stream, &mut buf)
+            .await
+            .map_err(|(_, e)| lost(e.to_string()))?;
+        let addr = stream
+            .tcp()
+            .peer_addr()
+            .map_err(|e| lost(e.to_string()))?;
+        if let Some((pid, secret)) = greeting.key {
+            // The client keeps its key; it now cancels on the new backend.
+            self.guard.issue_cancel_key(CancelTarget {
+                backend: addr,
+                key: CancelKey { pid, secret },
+            });
+            self.guard.info().set_backend(addr, pid);
+            self.backend_pid = pid;
+        }
+        // Parameters that differ on the new server are reported, as the server would.
+        let mut changed = BytesMut::new();
+        for (name, value) in &greeting.params {
+            let known = self.server_params.iter().find(|(n, _)| n == name);
+            if known.is_none_or(|(_, v)| v != value) {
+                encode::parameter_status(&mut changed, name, value);
+                super::record_param(&mut self.server_params, name, value);
+            }
+        }
+        if !changed.is_empty() {
+            self.pump.down.insert_ready(&changed);
+        }
+        self.relogin.backend = promotion.primary.clone();
+        Ok(Fresh { stream, buf })
+    }
+
+    /// Gives the new backend the session's SETs, prepared statements and LISTENs.
+    async fn restore_state(&mut self, fresh: &mut Fresh) -> Result<(), SessionError> {
+        let failed = |why: String| cannot_move("08006", format!("could not restore the session on the new primary: {why}"));
+        let state = self.journal.state().clone();
+        for sql in state.restore_sql() {
+            fresh.query(&sql).await.map_err(failed)?;
+        }
+        let mut parses = BytesMut::new();
+        for parse in state.restore_parses() {
+            parses.extend_from_slice(parse);
+        }
+        if !parses.is_empty() {
+            parses.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+            fresh.send(&parses).await.map_err(failed)?;
+            loop {
+                let (tag, raw) = fresh.recv().await.map_err(failed)?;
+                match tag {
+                    backend::ERROR_RESPONSE => {
+                        let e = ErrorView::parse(&raw[5..]);
+                        return Err(failed(format!("{} {}", e.code, e.message)));
+                    }
+                    backend::READY_FOR_QUERY => break,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The last commit this client saw succeed must be on the new primary; if asynchronous
+    /// replication lost it, the session ends with 08007 rather than carry on as if nothing
+    /// happened.
+    async fn check_acknowledged_commit(
+        &mut self,
+        fresh: &mut Fresh,
+        promotion: &Promotion,
+    ) -> Result<(), SessionError> {
+        let Some(xid) = self.journal.last_committed_xid() else {
+            return Ok(());
+        };
+        let beyond = promotion.next_xid.is_some_and(|next| xid >= next);
+        let status = if beyond {
+            None
+        } else {
+            fresh
+                .query(&format!("SELECT pg_xact_status('{xid}'::xid8)"))
+                .await
+                .ok()
+                .flatten()
+        };
+        if status.as_deref() == Some("committed") {
+            return Ok(());
+        }
+        metrics::counter!("understudy_lost_commits_total").increment(1);
+        tracing::error!(
+            session = self.guard.info().id,
+            xid,
+            ?status,
+            "a commit acknowledged to the client is not on the new primary (asynchronous replication lost it)"
+        );
+        count_move("lost_commit");
+        Err(cannot_move(
+            "08007",
+            format!("a transaction this session committed (xid {xid}) is missing on the new primary: it was lost with the old primary (asynchronous replication)"),
+        ))
+    }
+
+    /// What the new primary says of `xid`, the open transaction's, whose COMMIT was in flight.
+    async fn commit_outcome(
+        &self,
+        fresh: &mut Fresh,
+        xid: u64,
+        promotion: &Promotion,
+    ) -> CommitOutcome {
+        if promotion.next_xid.is_some_and(|next| xid >= next) {
+            // Handed out after the promotion, if at all: never ours.
+            return CommitOutcome::NotCommitted;
+        }
+        let status = fresh
+            .query(&format!("SELECT pg_xact_status('{xid}'::xid8)"))
+            .await;
+        match status.as_ref().map(|s| s.as_deref()) {
+            Ok(Some("committed")) if promotion.next_xid.is_some() => CommitOutcome::Committed,
+            // Without the promotion's next xid, "committed" may be another transaction that
+            // was given the same xid after the promotion.
+            Ok(Some("committed")) => CommitOutcome::InDoubt,
+            Ok(Some(_)) => CommitOutcome::NotCommitted,
+            // "in the future": never assigned on the new primary.
+            Err(e) if e.contains("future") => CommitOutcome::NotCommitted,
+            _ => CommitOutcome::InDoubt,
+        }
+    }
+
+    /// Settles the open transaction and the unanswered requests on the new backend. Returns
+    /// the bytes the new backend sent past what the client had already seen.
+    async fn settle_transaction(
+        &mut self,
+        fresh: &mut Fresh,
+        promotion: &Promotion,
+        partial: Option<(u8, usize)>,
+    ) -> Result<Resumed, SessionError> {
+        let groups: Vec<Group> = self.journal.groups().to_vec();
+        let answered: Vec<&Group> = groups.iter().filter(|g| g.answered).collect();
+        let in_flight: Vec<&Group> = groups.iter().filter(|g| !g.answered).collect();
+        let in_txn = self.journal.txn_status() != b'I';
+        let mut resumed = Resumed::default();
+        let fatal = |m: &str| cannot_move("40001", m.to_owned());
+
+        // A COMMIT in flight: look its outcome up before anything is replayed.
+        if let Some(first) = in_flight.first().filter(|g| g.commits && in_txn) {
+            let outcome = match self.journal.xid() {
+                Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
+                // No xid: the transaction wrote nothing, or its xid answer was lost with the
+                // COMMIT's; either way the new primary has nothing of it unless replayed.
+                None if !self.journal.txn_may_write() => CommitOutcome::Committed,
+                None => CommitOutcome::InDoubt,
+            };
+            metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {
+                CommitOutcome::Committed => "committed",
+                CommitOutcome::NotCommitted => "replayed",
+                CommitOutcome::InDoubt => "unknown",
+            })
+            .increment(1);
+            tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
+            match outcome {
+                CommitOutcome::Committed => {
+                    // The server would have said exactly this.
+                    let mut answer = BytesMut::new();
+                    answer.extend_from_slice(b"C\0\0\0\x0bCOMMIT\0");
+                    encode::ready_for_query(&mut answer, b'I');
+                    let seen = first.response.digest().len as usize;
+                    if seen > answer.len() || partial.is_some() && seen == 0 {
+                        return Err(fatal(DIVERGED));
+                    }
+                    let mut check = DigestBuilder::default();
+                    check.update(&answer[..seen]);
+                    if check.digest() != first.response.digest() {
+                        return Err(fatal(DIVERGED));
+                    }
+                    resumed.to_client.extend_from_slice(&answer[seen..]);
+                    self.journal.settle_commit();
+                    self.txn_status = b'I';
+                    // Requests pipelined after the COMMIT run as new ones.
+                    self.resend_in_flight(&in_flight[1..], false, &mut resumed);
+                    return Ok(resumed);
+                }
+                CommitOutcome::InDoubt => {
+                    if first.response.digest().len > 0 {
+                        return Err(cannot_move("08007", IN_DOUBT.to_owned()));
+                    }
+                    self.journal.abandon();
+                    self.txn_status = b'I';
+                    resumed.to_backend.extend_from_slice(&raise("08007", IN_DOUBT));
+                    resumed.owners.push(Owner::Client);
+                    self.resend_in_flight(&in_flight[1..], false, &mut resumed);
+                    return Ok(resumed);
+                }
+                CommitOutcome::NotCommitted => {}
+            }
+        }
+
+        if in_txn {
+            let replayable = self.journal.unreplayable().is_none();
+            let mut same = replayable;
+            if same {
+                for g in &answered {
+                    match fresh.replay_answered(g).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            same = false;
+                            break;
+                        }
+                        Err(e) => return Err(cannot_move("08006", format!("replay on the new primary failed: {e}"))),
+                    }
+                }
+            }
+            if !same {
+                let outcome = match self.journal.unreplayable() {
+                    Some(Unreplayable::TooLarge(_)) | Some(Unreplayable::Hazard(_)) => "unreplayable",
+                    None => "diverged",
+                };
+                metrics::counter!("understudy_replays_total", "outcome" => outcome).increment(1);
+                tracing::warn!(session = self.guard.info().id, outcome, "open transaction not carried over; client gets 40001");
+                return self.diverge(fresh, &in_flight, resumed).await;
+            }
+            metrics::counter!("understudy_replays_total", "outcome" => "ok").increment(1);
+        }
+        self.resend_in_flight(&in_flight, in_txn, &mut resumed);
+        self.consume_seen_prefix(fresh, in_flight.first().copied(), partial, &mut resumed)
+            .await?;
+        Ok(resumed)
+    }
+
+    /// Queues the unanswered requests for the new backend. Outside a transaction a request
+    /// that may have written cannot be re-run (the old primary may have applied it): the
+    /// client gets 08007 in its place, from the new backend so that answers stay in order.
+    fn resend_in_flight(&mut self, in_flight: &[&Group], in_txn: bool, resumed: &mut Resumed) {
+        let mut in_txn = in_txn;
+        for g in in_flight {
+            let in_doubt = !in_txn && g.may_write && !g.begins && g.closed;
+            if in_doubt {
+                metrics::counter!("understudy_in_doubt_statements_total").increment(1);
+                resumed.to_backend.extend_from_slice(&raise("08007", IN_DOUBT));
+            } else {
+                if g.commits && in_txn && self.journal.txn_may_write() {
+                    resumed.to_backend.extend_from_slice(XID_QUERY);
+                    resumed.owners.push(Owner::Xid);
+                }
+                resumed.to_backend.extend_from_slice(&g.request);
+            }
+            if g.closed {
+                resumed.owners.push(Owner::Client);
+            }
+            in_txn = (in_txn || g.begins) && !g.commits;
+        }
+    }
+
+    /// Reads from the new backend the part of the first unanswered request's answer that the
+    /// client already has, and checks it is the same.
+    async fn consume_seen_prefix(
+        &mut self,
+        fresh: &mut Fresh,
+        first: Option<&Group>,
+        partial: Option<(u8, usize)>,
+        resumed: &mut Resumed,
+    ) -> Result<(), SessionError> {
+        let seen = first.map_or(0, |g| g.response.digest().len);
+        if seen == 0 {
+            if partial.is_some() {
+                return Err(cannot_move("08006", "connection to the database server lost in the middle of a message".to_owned()));
+            }
+            return Ok(());
+        }
+        let Some(first) = first else { return Ok(()) };
+        // The requests go out first; their answers are read here up to what the client saw.
+        fresh
+            .send(&resumed.to_backend)
+            .await
+            .map_err(|e| cannot_move("08006", format!("replay on the new primary failed: {e}")))?;
+        resumed.to_backend.clear();
+        let mut digest = DigestBuilder::default();
+        let mut consumed: u64 = 0;
+        while consumed < seen {
+            let (tag, raw) = fresh
+                .recv()
+                .await
+                .map_err(|e| cannot_move("08006", format!("replay on the new primary failed: {e}")))?;
+            if !digested(tag) {
+                continue;
+            }
+            let take = ((seen - consumed) as usize).min(raw.len());
+            digest.update(&raw[..take]);
+            consumed += take as u64;
+            if take < raw.len() {
+                // The client has the first part of this message; it gets the rest.
+                resumed.to_client.extend_from_slice(&raw[take..]);
+                resumed.split = Some((tag, raw.clone(), take));
+            }
+        }
+        if digest.digest() != first.response.digest() {
+            metrics::counter!("understudy_replays_total", "outcome" => "diverged").increment(1);
+            return Err(cannot_move("40001", DIVERGED.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The replay did not reproduce what the client saw (or could not be tried): the new
+    /// backend is left in an aborted transaction, so the client's ROLLBACK works, and the
+    /// client hears 40001 for its request in flight, or its next one.
+    async fn diverge(
+        &mut self,
+        fresh: &mut Fresh,
+        in_flight: &[&Group],
+        mut resumed: Resumed,
+    ) -> Result<Resumed, SessionError> {
+        let abort = |e: String| cannot_move("40001", format!("{DIVERGED} ({e})"));
+        fresh.query("ROLLBACK").await.map_err(abort)?;
+        fresh.query("BEGIN").await.map_err(abort)?;
+        let first_seen = in_flight.first().map_or(0, |g| g.response.digest().len);
+        if first_seen > 0 {
+            return Err(cannot_move("40001", DIVERGED.to_owned()));
+        }
+        self.journal.abandon();
+        match in_flight.first() {
+            Some(first) if first.closed => {
+                // Its answer comes from the new backend, which aborts the transaction.
+                resumed.to_backend.extend_from_slice(&raise("40001", DIVERGED));
+                resumed.owners.push(Owner::Client);
+                for g in &in_flight[1..] {
+                    resumed.to_backend.extend_from_slice(&g.request);
+                    if g.closed {
+                        resumed.owners.push(Owner::Client);
+                    }
+                }
+            }
+            Some(_) => {
+                // An extended batch still open: abort now, answer at its Sync.
+                let _ = fresh.query_raise_silently().await;
+                let mut answer = BytesMut::new();
+                super::diverged_error(&mut answer);
+                resumed.to_client.extend_from_slice(&answer);
+                self.poison = Poison::UntilSync;
+            }
+            None => {
+                let _ = fresh.query_raise_silently().await;
+                self.poison = Poison::Next;
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Puts the new backend on the data path in the old one's place.
+    fn finish_move(&mut self, fresh: Fresh, resumed: Resumed) {
+        let Fresh { stream, buf } = fresh;
+        self.pump.backend = stream;
+        let max = self.shared.config.max_message_size;
+        let greeting_changes = std::mem::replace(&mut self.pump.down, Pipe::new(buf, max));
+        let mut to_client = BytesMut::from(&greeting_changes.buf[..]);
+        to_client.extend_from_slice(&resumed.to_client);
+        if !to_client.is_empty() {
+            self.pump.down.insert_ready(&to_client);
+        }
+        if let Some((tag, raw, take)) = &resumed.split {
+            self.journal.on_server_bytes(*tag, &raw[take.to_owned()..]);
+        }
+        self.wire = resumed.owners.iter().copied().collect();
+        self.awaiting_ready = self
+            .wire
+            .iter()
+            .filter(|o| **o == Owner::Client)
+            .count() as u32;
+        if !resumed.to_backend.is_empty() {
+            // Goes out ahead of anything the client sends next.
+            let unscanned = self.pump.up.buf.split_off(0);
+            self.pump.up.buf.extend_from_slice(&resumed.to_backend);
+            self.pump.up.ready = resumed.to_backend.len();
+            self.pump.up.buf.unsplit(unscanned);
+        }
+    }
+}
+
+/// What the data path starts with after a move.
+#[derive(Default)]
+struct Resumed {
+    /// Requests to send to the new backend first.
+    to_backend: BytesMut,
+    /// Who waits for each ReadyForQuery those requests will bring.
+    owners: Vec<Owner>,
+    /// Bytes the client is owed (the rest of a message it saw part of, a synthesized answer).
+    to_client: BytesMut,
+    /// A message split at what the client had seen: its tag, bytes, and the split point.
+    split: Option<(u8, Bytes, usize)>,
+}
+
+impl Fresh {
+    /// Leaves the backend in an aborted transaction, as the client's will be.
+    async fn query_raise_silently(&mut self) -> Result<(), String> {
+        let q = raise("40001", DIVERGED);
+        self.send(&q).await?;
+        loop {
+            let (tag, _) = self.recv().await?;
+            if tag == backend::READY_FOR_QUERY {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn count_move(outcome: &'static str) {
+    metrics::counter!("understudy_session_moves_total", "outcome" => outcome).increment(1);
+}

@@ -156,7 +156,7 @@ background_busy() {
         n = split(a, x, " "); split(b, y, " "); tot = 0
         for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]  # user..steal (guest is inside user)
         idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", tot > 0 ? 100 * (tot - idle) / tot : 0 }'
+        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
 }
 ALL_CPUS=0-$(($(nproc) - 1))
 

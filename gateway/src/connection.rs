@@ -164,7 +164,7 @@ async fn session(
         stream,
         established.backend,
         Pipe::new(established.client_buf, max),
-        Pipe::new(established.backend_buf, max),
+        Pipe::new(established.backend_buf, crate::pump::SERVER_MESSAGE_LIMIT),
     );
     Session::new(
         pump,

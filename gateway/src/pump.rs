@@ -16,6 +16,10 @@ use understudy_protocol::frame::{FrameError, FrameScanner, Step};
 
 use crate::stream::Stream;
 
+/// Server messages are not limited by the gateway (the server's own limit is 1 GB); this only
+/// keeps a corrupt length word from being believed.
+pub const SERVER_MESSAGE_LIMIT: usize = i32::MAX as usize;
+
 /// A direction stops reading when this much is buffered and ready to forward.
 const HIGH_WATER: usize = 256 * 1024;
 /// Read at least this much room at a time.
@@ -226,6 +230,13 @@ impl Pump {
             Ok(n) => Ok(Event::FromClient(n)),
             Err(e) => Err(PumpError::Client(e)),
         })
+    }
+
+    /// Swaps in a new backend connection (after a failover), whose bytes `down` starts with.
+    pub fn replace_backend(&mut self, backend: Stream, down: Pipe) {
+        self.backend = backend;
+        self.down = down;
+        self.backend_open = true;
     }
 
     /// Writes out everything ready towards the client.

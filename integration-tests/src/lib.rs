@@ -154,6 +154,42 @@ impl Cluster {
         TestGateway::start(config).await
     }
 
+    /// A gateway that fails over by itself (`promote = "auto"`), reading verifiers with
+    /// auth_query so that every test role's sessions can move.
+    pub async fn failover_gateway(&self) -> TestGateway {
+        self.failover_gateway_with(|_| {}).await
+    }
+
+    /// [`Cluster::failover_gateway`] with adjustments.
+    pub async fn failover_gateway_with(&self, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        self.gateway_with(|c| {
+            c.failover.promote = understudy::config::Promote::Auto;
+            c.failover.timeout_ms = 20_000;
+            c.failover.probe_timeout_ms = 500;
+            c.auth.auth_query = Some(understudy::config::DEFAULT_AUTH_QUERY.to_owned());
+            adjust(c);
+        })
+        .await
+    }
+
+    /// SIGKILLs the primary's postmaster and all its children at once, and waits until they
+    /// are gone.
+    pub async fn kill_primary(&mut self) {
+        self.pg.primary.kill_all().await;
+        let _ = self.pg.primary.wait_gone().await;
+    }
+
+    /// SIGKILLs only the primary's postmaster (its backends notice and exit on their own).
+    pub async fn kill_primary_postmaster(&mut self) {
+        self.pg.primary.kill_postmaster().await;
+    }
+
+    /// After a failover: the promoted standby becomes `primary` and a new standby is seeded
+    /// from it (on the old primary's port, so gateways keep their backend list).
+    pub async fn reseed(&mut self) {
+        self.pg.reseed_standby().await.expect("reseed a standby");
+    }
+
     /// Path of a PostgreSQL client program (psql, pgbench).
     pub fn program(&self, name: &str) -> PathBuf {
         self.bins.program(name)
@@ -197,6 +233,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// Binds and starts a gateway.
     pub async fn start(config: Config) -> Self {
+        understudy::telemetry::init_test_logging();
         let gw = understudy::Gateway::bind(config)
             .await
             .expect("gateway binds");

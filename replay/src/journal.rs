@@ -88,6 +88,11 @@ pub struct Group {
     pub commits: bool,
     /// Whether it opens a transaction block (BEGIN).
     pub begins: bool,
+    /// Whether it is a simple Query holding nothing but COMMIT (whose answer is known).
+    pub sole_commit: bool,
+    /// Whether it runs statements (Query, Execute, FunctionCall), as opposed to housekeeping
+    /// such as Close or Describe that a driver sends on its own.
+    pub runs: bool,
     /// Session changes that apply when the group succeeds (and, for transactional ones, when
     /// the transaction commits).
     changes: Vec<PendingChange>,
@@ -97,6 +102,8 @@ pub struct Group {
     parses_done: usize,
     /// Named statements closed by it.
     closes: Vec<String>,
+    /// SQL-level statements it PREPAREs.
+    prepares: Vec<String>,
 }
 
 impl Group {
@@ -110,10 +117,13 @@ impl Group {
             may_write: false,
             commits: false,
             begins: false,
+            sole_commit: false,
+            runs: false,
             changes: Vec::new(),
             parses: Vec::new(),
             parses_done: 0,
             closes: Vec::new(),
+            prepares: Vec::new(),
         }
     }
 }
@@ -153,6 +163,23 @@ impl SessionState {
     /// Parse messages of the named protocol-level statements.
     pub fn restore_parses(&self) -> impl Iterator<Item = &Bytes> {
         self.parsed.values()
+    }
+
+    /// The state without the prepared statements `groups` create themselves: replaying those
+    /// groups creates them again.
+    pub fn without_created_by(&self, groups: &[Group]) -> SessionState {
+        let mut state = self.clone();
+        for g in groups {
+            for (name, _) in &g.parses {
+                if let Some(name) = name {
+                    state.parsed.remove(name);
+                }
+            }
+            for name in &g.prepares {
+                state.sql_prepared.remove(name);
+            }
+        }
+        state
     }
 
     /// LISTEN channels.
@@ -330,6 +357,10 @@ impl Journal {
         let Some(group) = self.groups.last_mut() else {
             return before;
         };
+        group.runs |= matches!(
+            tag,
+            frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+        );
         match tag {
             frontend::QUERY => {
                 let sql = cstr(body);
@@ -338,11 +369,10 @@ impl Journal {
                 group.may_write |= classified.may_write();
                 group.commits |= commits;
                 group.begins |= classified.statements.contains(&Statement::Begin);
-                if commits
-                    && self.txn_status == b'T'
-                    && (self.txn_may_write || group.may_write)
-                    && classified.statements.len() == 1
-                {
+                group.sole_commit = group.request.is_empty() && classified.statements == [Statement::Commit];
+                // The xid is assigned at a transaction's first write, so asking just before the
+                // string that commits gives it whenever an earlier request wrote.
+                if commits && self.txn_status == b'T' && (self.txn_may_write || group.may_write) {
                     before = Before::CaptureXid;
                 }
                 for hazard in &classified.hazards {
@@ -357,6 +387,9 @@ impl Journal {
                 let stmts = crate::classify::split_statements(sql);
                 for (stmt, class) in stmts.iter().zip(&classified.statements) {
                     if let Statement::Session(change) = class {
+                        if let SessionChange::Prepare(name) = change {
+                            group.prepares.push(name.clone());
+                        }
                         group.changes.push(PendingChange {
                             change: change.clone(),
                             sql: stmt.trim().to_owned(),

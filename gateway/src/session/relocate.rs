@@ -16,7 +16,7 @@ use super::{Owner, Poison, Session, XID_QUERY};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{FailoverError, Promotion};
-use crate::pump::Pipe;
+use crate::pump::{Pipe, SERVER_MESSAGE_LIMIT};
 use crate::sessions::CancelTarget;
 use crate::stream::Stream;
 use crate::wire::{read_message, send, ReadError};
@@ -227,7 +227,7 @@ impl Session {
             .await
             .map_err(SessionError::ClientGone)?;
         let left = self.pump.down.scanner.body_left();
-        self.pump.down = Pipe::new(BytesMut::new(), self.shared.config.max_message_size);
+        self.pump.down = Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT);
         // Scanned client bytes not yet written are in the journal; they go out again below.
         self.pump.up.discard_ready();
         self.wire.clear();
@@ -288,7 +288,7 @@ impl Session {
     /// Gives the new backend the session's SETs, prepared statements and LISTENs.
     async fn restore_state(&mut self, fresh: &mut Fresh) -> Result<(), SessionError> {
         let failed = |why: String| cannot_move("08006", format!("could not restore the session on the new primary: {why}"));
-        let state = self.journal.state().clone();
+        let state = self.journal.state().without_created_by(self.journal.groups());
         for sql in state.restore_sql() {
             fresh.query(&sql).await.map_err(failed)?;
         }
@@ -409,6 +409,11 @@ impl Session {
             })
             .increment(1);
             tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
+            // A COMMIT alone has a known answer; a string that also did other things does not.
+            let outcome = match outcome {
+                CommitOutcome::Committed if !first.sole_commit => CommitOutcome::InDoubt,
+                o => o,
+            };
             match outcome {
                 CommitOutcome::Committed => {
                     // The server would have said exactly this.
@@ -568,12 +573,29 @@ impl Session {
             return Err(cannot_move("40001", DIVERGED.to_owned()));
         }
         self.journal.abandon();
-        match in_flight.first() {
+        // Housekeeping the driver sent on its own (Close, Describe) is answered as usual; the
+        // 40001 goes to the first request that runs a statement, or the next one.
+        let housekeeping = in_flight
+            .iter()
+            .take_while(|g| !g.runs && g.closed)
+            .count();
+        for g in &in_flight[..housekeeping] {
+            fresh.send(&g.request).await.map_err(abort)?;
+            loop {
+                let (tag, raw) = fresh.recv().await.map_err(abort)?;
+                resumed.to_client.extend_from_slice(&raw);
+                if tag == backend::READY_FOR_QUERY {
+                    break;
+                }
+            }
+        }
+        let rest = &in_flight[housekeeping..];
+        match rest.first() {
             Some(first) if first.closed => {
                 // Its answer comes from the new backend, which aborts the transaction.
                 resumed.to_backend.extend_from_slice(&raise("40001", DIVERGED));
                 resumed.owners.push(Owner::Client);
-                for g in &in_flight[1..] {
+                for g in &rest[1..] {
                     resumed.to_backend.extend_from_slice(&g.request);
                     if g.closed {
                         resumed.owners.push(Owner::Client);
@@ -582,14 +604,12 @@ impl Session {
             }
             Some(_) => {
                 // An extended batch still open: abort now, answer at its Sync.
-                let _ = fresh.query_raise_silently().await;
-                let mut answer = BytesMut::new();
-                super::diverged_error(&mut answer);
-                resumed.to_client.extend_from_slice(&answer);
+                fresh.query_raise_silently().await.map_err(abort)?;
+                super::diverged_error(&mut resumed.to_client);
                 self.poison = Poison::UntilSync;
             }
             None => {
-                let _ = fresh.query_raise_silently().await;
+                fresh.query_raise_silently().await.map_err(abort)?;
                 self.poison = Poison::Next;
             }
         }
@@ -599,9 +619,8 @@ impl Session {
     /// Puts the new backend on the data path in the old one's place.
     fn finish_move(&mut self, fresh: Fresh, resumed: Resumed) {
         let Fresh { stream, buf } = fresh;
-        self.pump.backend = stream;
-        let max = self.shared.config.max_message_size;
-        let greeting_changes = std::mem::replace(&mut self.pump.down, Pipe::new(buf, max));
+        let greeting_changes = std::mem::replace(&mut self.pump.down, Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT));
+        self.pump.replace_backend(stream, Pipe::new(buf, SERVER_MESSAGE_LIMIT));
         let mut to_client = BytesMut::from(&greeting_changes.buf[..]);
         to_client.extend_from_slice(&resumed.to_client);
         if !to_client.is_empty() {

@@ -1,0 +1,302 @@
+//! The primary is SIGKILLed under live sessions; each session carries on, on the same client
+//! connection, on the promoted standby: state restored, open transactions replayed and checked,
+//! nothing applied twice, and precise SQLSTATEs where carrying on is impossible.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway};
+
+/// Connects and forwards the connection's notifications to a channel.
+async fn connect_listening(
+    gw: &TestGateway,
+    user: &str,
+) -> (Client, mpsc::UnboundedReceiver<AsyncMessage>) {
+    let (client, mut conn) = gw.pg_config(user).connect(NoTls).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    (client, rx)
+}
+
+async fn backend_pid(c: &Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn values(cluster: &Cluster, table: &str) -> Vec<i32> {
+    cluster
+        .superuser()
+        .await
+        .query(&format!("SELECT a FROM {table} ORDER BY a"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn setup(cluster: &Cluster, sql: &str) {
+    cluster.superuser().await.batch_execute(sql).await.unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+}
+
+async fn next_notification(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>) -> (i32, String) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(AsyncMessage::Notification(n))) => {
+                return (n.process_id(), n.payload().to_owned())
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no notification: {other:?}"),
+        }
+    }
+}
+
+/// An idle session keeps its connection, search_path, SQL and protocol prepared statements,
+/// LISTEN, and the PID it was told, across a failover.
+#[tokio::test]
+async fn idle_session_moves_with_its_state() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+    setup(&cluster, "CREATE SCHEMA alpha; GRANT ALL ON SCHEMA alpha TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let (c, mut notes) = connect_listening(&gw, roles::SCRAM).await;
+    c.batch_execute("SET search_path TO alpha, public; PREPARE q AS SELECT 42; LISTEN jobs")
+        .await
+        .unwrap();
+    let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
+    let pid_before = backend_pid(&c).await;
+
+    cluster.kill_primary().await;
+
+    let doubled: i32 = c.query_one(&stmt, &[&21]).await.unwrap().get(0);
+    assert_eq!(doubled, 42, "protocol-level prepared statement survives");
+    let row = c
+        .query_one(
+            "SELECT current_setting('search_path'), inet_server_port(), pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "alpha, public");
+    assert_eq!(row.get::<_, i32>(1), standby_port, "now on the promoted standby");
+    assert!(!row.get::<_, bool>(2));
+    let prepared = c.simple_query("EXECUTE q").await.unwrap();
+    assert!(matches!(&prepared[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42")));
+    assert_ne!(backend_pid(&c).await, pid_before, "a new backend serves the session");
+
+    // LISTEN survived; a notification from this session carries the PID the client knows.
+    c.batch_execute("NOTIFY jobs, 'self'").await.unwrap();
+    assert_eq!(next_notification(&mut notes).await, (pid_before, "self".to_owned()));
+    let other = gw.connect(roles::MD5).await;
+    let other_pid = backend_pid(&other).await;
+    other.batch_execute("NOTIFY jobs, 'other'").await.unwrap();
+    assert_eq!(next_notification(&mut notes).await, (other_pid, "other".to_owned()));
+}
+
+/// A transaction open across the failover is replayed: the rows written before and after the
+/// failover all commit, exactly once.
+#[tokio::test]
+async fn open_transaction_is_replayed() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    let stmt = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    c.execute(&stmt, &[&2]).await.unwrap();
+
+    cluster.kill_primary().await;
+
+    c.execute(&stmt, &[&3]).await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (4); COMMIT").await.unwrap();
+    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2, 3, 4]);
+}
+
+/// A statement running when the primary dies is run again and its result returned; the
+/// transaction then commits once.
+#[tokio::test]
+async fn statement_in_flight_completes() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    let slow = tokio::spawn(async move {
+        let r = c
+            .query_one("SELECT 7 FROM pg_sleep(1.5)", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0));
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.kill_primary().await;
+    let (c, r) = slow.await.unwrap();
+    assert_eq!(r.unwrap(), 7);
+    c.batch_execute("INSERT INTO t VALUES (2); COMMIT").await.unwrap();
+    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+}
+
+/// A COMMIT in flight (held up by a deferred trigger) when the primary dies: the gateway
+/// captured the xid, finds the transaction did not commit on the new primary, replays it, and
+/// the client gets its COMMIT; the rows exist once.
+#[tokio::test]
+async fn commit_in_flight_is_resolved() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    let commit = tokio::spawn(async move {
+        let r = c.batch_execute("COMMIT").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_primary().await;
+    let (c, r) = commit.await.unwrap();
+    r.expect("COMMIT succeeds after the failover");
+    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+    c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+}
+
+/// A replay that would not reproduce what the client saw (now() differs) gets 40001 inside an
+/// aborted transaction: ROLLBACK works, nothing of the transaction persists, and the session
+/// goes on.
+#[tokio::test]
+async fn diverging_replay_gets_40001() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
+
+    cluster.kill_primary().await;
+
+    let e = c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("25P02"), "the transaction stays aborted until ROLLBACK");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [3]);
+}
+
+/// An autocommit write running when the primary dies may or may not have been applied: the
+/// client gets 08007 and the session continues.
+#[tokio::test]
+async fn autocommit_write_in_flight_gets_08007() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let slow = tokio::spawn(async move {
+        let r = c
+            .batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)")
+            .await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.kill_primary().await;
+    let (c, r) = slow.await.unwrap();
+    assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// A pipeline of extended-protocol statements inside a transaction, in flight when the primary
+/// dies, completes; every row is there once after COMMIT.
+#[tokio::test]
+async fn pipeline_in_flight_completes() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let insert = c.prepare("INSERT INTO t SELECT $1 FROM pg_sleep(0.01)").await.unwrap();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.kill_primary().await;
+    };
+    let work = futures_util::future::join_all((1..=100).map(|i| {
+        let (c, insert) = (&c, &insert);
+        async move { c.execute(insert, &[&i]).await }
+    }));
+    let (results, ()) = tokio::join!(work, killer);
+    for r in results {
+        assert_eq!(r.unwrap(), 1);
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        (1..=100).collect::<Vec<_>>()
+    );
+}
+
+/// COPY FROM STDIN inside a transaction, interrupted by the failover mid-stream, finishes; the
+/// transaction commits every row once.
+#[tokio::test]
+async fn copy_in_transaction_survives() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (0)").await.unwrap();
+    let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let chunk = |from: i32, to: i32| {
+        bytes::Bytes::from((from..to).map(|i| format!("{i}\n")).collect::<String>())
+    };
+    sink.send(chunk(1, 500)).await.unwrap();
+    sink.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.kill_primary().await;
+    sink.send(chunk(500, 1000)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 999);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        (0..1000).collect::<Vec<_>>()
+    );
+}
+
+/// Killing only the postmaster (its backends end themselves with a FATAL) fails over too.
+#[tokio::test]
+async fn postmaster_only_kill_fails_over() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    cluster.kill_primary_postmaster().await;
+    c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+}
+
+/// The cluster as seen after a failover: the promoted standby answers as `primary`.
+async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
+    if cluster.pg.primary.is_in_recovery().await.is_err() {
+        cluster.reseed().await;
+    }
+    cluster
+}

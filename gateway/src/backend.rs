@@ -128,9 +128,7 @@ pub async fn read_greeting(
             }
             backend::BACKEND_KEY_DATA => match inspect::backend_key_data(frame.body()) {
                 Some(key) => g.key = Some(key),
-                None => {
-                    return Err((g, crate::auth::relay::unexpected(backend::BACKEND_KEY_DATA)))
-                }
+                None => return Err((g, crate::auth::relay::unexpected(backend::BACKEND_KEY_DATA))),
             },
             backend::NOTICE_RESPONSE => g.relay.extend_from_slice(&frame.raw),
             backend::ERROR_RESPONSE => {

@@ -367,7 +367,11 @@ mod tests {
             match v.as_object() {
                 Some(map) => {
                     for (k, v) in map {
-                        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         keys(&path, v, out);
                     }
                 }
@@ -376,12 +380,19 @@ mod tests {
         }
         let readme = include_str!("../../README.md");
         let mut all = Vec::new();
-        keys("", &serde_json::to_value(Config::default()).unwrap(), &mut all);
+        keys(
+            "",
+            &serde_json::to_value(Config::default()).unwrap(),
+            &mut all,
+        );
         let missing: Vec<_> = all
             .iter()
             .filter(|k| !readme.contains(&format!("| `{k}` |")))
             .collect();
-        assert!(missing.is_empty(), "README config reference lacks {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "README config reference lacks {missing:?}"
+        );
     }
 
     #[test]

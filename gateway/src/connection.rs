@@ -30,25 +30,30 @@ use crate::wire::send;
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let permit = shared.limit.clone().try_acquire_owned().ok();
     let shutdown = shared.shutdown.subscribe();
+    let mut forced = shared.shutdown.subscribe();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + shared.config.login_timeout();
-    let opening =
-        match tokio::time::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()))
-            .await
-        {
-            Err(_) => {
-                tracing::debug!(%peer, "startup timed out");
-                return;
+    let handshake =
+        tokio::time::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()));
+    let opening = tokio::select! {
+        r = handshake => r,
+        // A client still negotiating does not hold up a forced shutdown.
+        _ = forced.reached(Phase::Force) => return,
+    };
+    let opening = match opening {
+        Err(_) => {
+            tracing::debug!(%peer, "startup timed out");
+            return;
+        }
+        Ok(Err((stream, e))) => {
+            tracing::debug!(%peer, error = %e, "startup refused");
+            if let Some(stream) = stream {
+                report(stream, &e).await;
             }
-            Ok(Err((stream, e))) => {
-                tracing::debug!(%peer, error = %e, "startup refused");
-                if let Some(stream) = stream {
-                    report(stream, &e).await;
-                }
-                return;
-            }
-            Ok(Ok(opening)) => opening,
-        };
+            return;
+        }
+        Ok(Ok(opening)) => opening,
+    };
     let (stream, startup) = match opening {
         Opening::Cancel(key) => {
             crate::cancel::forward(&shared.registry, key, shared.config.connect_timeout()).await;
@@ -137,11 +142,15 @@ async fn session(
         .registry
         .open(peer, stream.is_tls(), &user, &database);
     let mut client_buf = BytesMut::new();
-    let login_result = tokio::time::timeout_at(
+    let mut forced = shutdown.clone();
+    let login = tokio::time::timeout_at(
         deadline,
         establish(shared, &mut stream, &mut client_buf, &startup, &mut guard),
-    )
-    .await;
+    );
+    let login_result = tokio::select! {
+        r = login => r,
+        _ = forced.reached(Phase::Force) => Ok(Err(SessionError::Shutdown)),
+    };
     let established = match login_result {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {

@@ -141,13 +141,14 @@ impl Coordinator {
         let mut last_error = String::from("no standby configured");
         while Instant::now() < deadline {
             for standby in &candidates {
-                let client = match control_client(standby, control, "understudy-failover", timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        last_error = format!("{standby}: {e}");
-                        continue;
-                    }
-                };
+                let client =
+                    match control_client(standby, control, "understudy-failover", timeout).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            last_error = format!("{standby}: {e}");
+                            continue;
+                        }
+                    };
                 match self.try_promote(&client, standby).await {
                     Ok(Some(next_xid)) => return Ok((standby.clone(), next_xid)),
                     Ok(None) => {}

@@ -196,6 +196,11 @@ impl SessionGuard {
         &self.info
     }
 
+    /// The key the client was given, if any.
+    pub fn cancel_key(&self) -> Option<CancelKey> {
+        self.cancel_key
+    }
+
     /// Issues the key the client will see: the backend's real PID and a fresh secret of the
     /// gateway's own, mapped to the backend's key. Re-issuing keeps the client's key and points
     /// it at the new target.

@@ -325,7 +325,11 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 }
 
 /// `Ok(in_recovery)` or the reason the backend could not be asked.
-pub async fn probe(backend: &Backend, control: &Control, timeout: Duration) -> Result<bool, String> {
+pub async fn probe(
+    backend: &Backend,
+    control: &Control,
+    timeout: Duration,
+) -> Result<bool, String> {
     let work = async {
         let client = control_client(backend, control, "understudy-probe", timeout).await?;
         let row = client

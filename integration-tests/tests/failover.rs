@@ -67,7 +67,11 @@ async fn next_notification(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>) -> (i
 async fn idle_session_moves_with_its_state() {
     let mut cluster = Cluster::primary_and_standby().await;
     let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
-    setup(&cluster, "CREATE SCHEMA alpha; GRANT ALL ON SCHEMA alpha TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE SCHEMA alpha; GRANT ALL ON SCHEMA alpha TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let (c, mut notes) = connect_listening(&gw, roles::SCRAM).await;
     c.batch_execute("SET search_path TO alpha, public; PREPARE q AS SELECT 42; LISTEN jobs")
@@ -88,19 +92,35 @@ async fn idle_session_moves_with_its_state() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "alpha, public");
-    assert_eq!(row.get::<_, i32>(1), standby_port, "now on the promoted standby");
+    assert_eq!(
+        row.get::<_, i32>(1),
+        standby_port,
+        "now on the promoted standby"
+    );
     assert!(!row.get::<_, bool>(2));
     let prepared = c.simple_query("EXECUTE q").await.unwrap();
-    assert!(matches!(&prepared[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42")));
-    assert_ne!(backend_pid(&c).await, pid_before, "a new backend serves the session");
+    assert!(
+        matches!(&prepared[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42"))
+    );
+    assert_ne!(
+        backend_pid(&c).await,
+        pid_before,
+        "a new backend serves the session"
+    );
 
     // LISTEN survived; a notification from this session carries the PID the client knows.
     c.batch_execute("NOTIFY jobs, 'self'").await.unwrap();
-    assert_eq!(next_notification(&mut notes).await, (pid_before, "self".to_owned()));
+    assert_eq!(
+        next_notification(&mut notes).await,
+        (pid_before, "self".to_owned())
+    );
     let other = gw.connect(roles::MD5).await;
     let other_pid = backend_pid(&other).await;
     other.batch_execute("NOTIFY jobs, 'other'").await.unwrap();
-    assert_eq!(next_notification(&mut notes).await, (other_pid, "other".to_owned()));
+    assert_eq!(
+        next_notification(&mut notes).await,
+        (other_pid, "other".to_owned())
+    );
 }
 
 /// A transaction open across the failover is replayed: the rows written before and after the
@@ -108,18 +128,29 @@ async fn idle_session_moves_with_its_state() {
 #[tokio::test]
 async fn open_transaction_is_replayed() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let stmt = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     c.execute(&stmt, &[&2]).await.unwrap();
 
     cluster.kill_primary().await;
 
     c.execute(&stmt, &[&3]).await.unwrap();
-    c.batch_execute("INSERT INTO t VALUES (4); COMMIT").await.unwrap();
-    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2, 3, 4]);
+    c.batch_execute("INSERT INTO t VALUES (4); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2, 3, 4]
+    );
 }
 
 /// A statement running when the primary dies is run again and its result returned; the
@@ -127,10 +158,16 @@ async fn open_transaction_is_replayed() {
 #[tokio::test]
 async fn statement_in_flight_completes() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let slow = tokio::spawn(async move {
         let r = c
             .query_one("SELECT 7 FROM pg_sleep(1.5)", &[])
@@ -142,8 +179,13 @@ async fn statement_in_flight_completes() {
     cluster.kill_primary().await;
     let (c, r) = slow.await.unwrap();
     assert_eq!(r.unwrap(), 7);
-    c.batch_execute("INSERT INTO t VALUES (2); COMMIT").await.unwrap();
-    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+    c.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
 }
 
 /// A COMMIT in flight (held up by a deferred trigger) when the primary dies: the gateway
@@ -174,7 +216,10 @@ async fn commit_in_flight_is_resolved() {
     cluster.kill_primary().await;
     let (c, r) = commit.await.unwrap();
     r.expect("COMMIT succeeds after the failover");
-    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
     c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
 }
 
@@ -184,21 +229,37 @@ async fn commit_in_flight_is_resolved() {
 #[tokio::test]
 async fn diverging_replay_gets_40001() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
 
     cluster.kill_primary().await;
 
-    let e = c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap_err();
+    let e = c
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(sqlstate(&e), Some("25P02"), "the transaction stays aborted until ROLLBACK");
+    assert_eq!(
+        sqlstate(&e),
+        Some("25P02"),
+        "the transaction stays aborted until ROLLBACK"
+    );
     c.batch_execute("ROLLBACK").await.unwrap();
     c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
-    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [3]);
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [3]
+    );
 }
 
 /// An autocommit write running when the primary dies may or may not have been applied: the
@@ -206,7 +267,11 @@ async fn diverging_replay_gets_40001() {
 #[tokio::test]
 async fn autocommit_write_in_flight_gets_08007() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
     let slow = tokio::spawn(async move {
@@ -228,11 +293,18 @@ async fn autocommit_write_in_flight_gets_08007() {
 #[tokio::test]
 async fn pipeline_in_flight_completes() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
     c.batch_execute("BEGIN").await.unwrap();
-    let insert = c.prepare("INSERT INTO t SELECT $1 FROM pg_sleep(0.01)").await.unwrap();
+    let insert = c
+        .prepare("INSERT INTO t SELECT $1 FROM pg_sleep(0.01)")
+        .await
+        .unwrap();
     let killer = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.kill_primary().await;
@@ -257,10 +329,16 @@ async fn pipeline_in_flight_completes() {
 #[tokio::test]
 async fn copy_in_transaction_survives() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (0)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (0)")
+        .await
+        .unwrap();
     let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     let chunk = |from: i32, to: i32| {
@@ -283,14 +361,23 @@ async fn copy_in_transaction_survives() {
 #[tokio::test]
 async fn postmaster_only_kill_fails_over() {
     let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC").await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     cluster.kill_primary_postmaster().await;
     c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
     c.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(values(cluster_on_new_primary(&mut cluster).await, "t").await, [1, 2]);
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
 }
 
 /// The cluster as seen after a failover: the promoted standby answers as `primary`.

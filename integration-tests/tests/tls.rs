@@ -407,8 +407,15 @@ async fn tls_on_both_legs() {
     }
     let mut wrong = tls_config(&gw, roles::SCRAM, "localhost");
     wrong.password("not-the-password");
-    let err = connect_tls(&wrong, &ca).await.err().map(|e| describe(&e)).unwrap_or_default();
-    assert!(err.contains("28P01"), "wrong password through the terminated exchange: {err}");
+    let err = connect_tls(&wrong, &ca)
+        .await
+        .err()
+        .map(|e| describe(&e))
+        .unwrap_or_default();
+    assert!(
+        err.contains("28P01"),
+        "wrong password through the terminated exchange: {err}"
+    );
 
     let conninfo = format!(
         "{} sslmode=require channel_binding=require",

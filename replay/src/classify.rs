@@ -186,9 +186,17 @@ fn is_read_only_text(stmt: &str) -> bool {
         return false;
     }
     let lower = stmt.to_ascii_lowercase();
-    !["nextval", "setval", "pg_advisory", "lo_", "pg_notify", "txid_current", "pg_current_xact_id"]
-        .iter()
-        .any(|f| lower.contains(f))
+    ![
+        "nextval",
+        "setval",
+        "pg_advisory",
+        "lo_",
+        "pg_notify",
+        "txid_current",
+        "pg_current_xact_id",
+    ]
+    .iter()
+    .any(|f| lower.contains(f))
 }
 
 /// The variable a session-level SET assigns, via sqlparser; `None` when it cannot tell.
@@ -250,7 +258,9 @@ fn words(stmt: &str) -> Vec<String> {
 }
 
 fn contains_words(stmt: &str, seq: &[&str]) -> bool {
-    words(stmt).windows(seq.len()).any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
+    words(stmt)
+        .windows(seq.len())
+        .any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
 }
 
 /// The identifier after the first `skip` words: a bare word lower-cased, a quoted one as is.
@@ -409,14 +419,23 @@ mod tests {
     #[test]
     fn transaction_control() {
         assert_eq!(kinds("BEGIN"), [Statement::Begin]);
-        assert_eq!(kinds("start transaction isolation level serializable"), [Statement::Begin]);
-        assert_eq!(kinds("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"), [Statement::Begin]);
+        assert_eq!(
+            kinds("start transaction isolation level serializable"),
+            [Statement::Begin]
+        );
+        assert_eq!(
+            kinds("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"),
+            [Statement::Begin]
+        );
         assert_eq!(kinds("  /* c */ commit"), [Statement::Commit]);
         assert_eq!(kinds("END"), [Statement::Commit]);
         assert_eq!(kinds("rollback"), [Statement::Rollback]);
         assert_eq!(kinds("ROLLBACK TO SAVEPOINT a"), [Statement::Savepoint]);
         assert_eq!(kinds("rollback transaction to a"), [Statement::Savepoint]);
-        assert_eq!(kinds("SAVEPOINT a; RELEASE a"), [Statement::Savepoint, Statement::Savepoint]);
+        assert_eq!(
+            kinds("SAVEPOINT a; RELEASE a"),
+            [Statement::Savepoint, Statement::Savepoint]
+        );
         let two_pc = classify("PREPARE TRANSACTION 'x'");
         assert_eq!(two_pc.hazards, [Hazard::Unreplayable("two-phase commit")]);
     }
@@ -426,7 +445,10 @@ mod tests {
         assert_eq!(kinds("select 1"), [Statement::Read]);
         assert_eq!(kinds("SELECT * FROM t FOR UPDATE"), [Statement::Write]);
         assert_eq!(kinds("select nextval('s')"), [Statement::Write]);
-        assert_eq!(kinds("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"), [Statement::Write]);
+        assert_eq!(
+            kinds("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"),
+            [Statement::Write]
+        );
         assert_eq!(kinds("insert into t values (1)"), [Statement::Write]);
         assert_eq!(kinds("VACUUM ANALYZE t"), [Statement::Write]);
         assert_eq!(kinds("DO $$ BEGIN PERFORM 1; END $$"), [Statement::Write]);
@@ -440,22 +462,60 @@ mod tests {
     fn session_state() {
         assert_eq!(
             kinds("SET search_path TO app, public"),
-            [Statement::Session(SessionChange::Set(Some("search_path".into())))]
+            [Statement::Session(SessionChange::Set(Some(
+                "search_path".into()
+            )))]
         );
         assert_eq!(
             kinds("set session statement_timeout = 5"),
-            [Statement::Session(SessionChange::Set(Some("statement_timeout".into())))]
+            [Statement::Session(SessionChange::Set(Some(
+                "statement_timeout".into()
+            )))]
         );
-        assert_eq!(kinds("SET LOCAL work_mem = '1MB'"), [Statement::TransactionSetting]);
-        assert_eq!(kinds("SET TRANSACTION READ ONLY"), [Statement::TransactionSetting]);
-        assert_eq!(kinds("RESET ALL"), [Statement::Session(SessionChange::Reset(None))]);
-        assert_eq!(kinds("reset Work_Mem"), [Statement::Session(SessionChange::Reset(Some("work_mem".into())))]);
-        assert_eq!(kinds("DISCARD ALL"), [Statement::Session(SessionChange::Discard)]);
-        assert_eq!(kinds("PREPARE q (int) AS SELECT $1"), [Statement::Session(SessionChange::Prepare("q".into()))]);
-        assert_eq!(kinds("DEALLOCATE PREPARE q"), [Statement::Session(SessionChange::Deallocate(Some("q".into())))]);
-        assert_eq!(kinds("deallocate all"), [Statement::Session(SessionChange::Deallocate(None))]);
-        assert_eq!(kinds("LISTEN \"Jobs\""), [Statement::Session(SessionChange::Listen("Jobs".into()))]);
-        assert_eq!(kinds("UNLISTEN *"), [Statement::Session(SessionChange::Unlisten(None))]);
+        assert_eq!(
+            kinds("SET LOCAL work_mem = '1MB'"),
+            [Statement::TransactionSetting]
+        );
+        assert_eq!(
+            kinds("SET TRANSACTION READ ONLY"),
+            [Statement::TransactionSetting]
+        );
+        assert_eq!(
+            kinds("RESET ALL"),
+            [Statement::Session(SessionChange::Reset(None))]
+        );
+        assert_eq!(
+            kinds("reset Work_Mem"),
+            [Statement::Session(SessionChange::Reset(Some(
+                "work_mem".into()
+            )))]
+        );
+        assert_eq!(
+            kinds("DISCARD ALL"),
+            [Statement::Session(SessionChange::Discard)]
+        );
+        assert_eq!(
+            kinds("PREPARE q (int) AS SELECT $1"),
+            [Statement::Session(SessionChange::Prepare("q".into()))]
+        );
+        assert_eq!(
+            kinds("DEALLOCATE PREPARE q"),
+            [Statement::Session(SessionChange::Deallocate(Some(
+                "q".into()
+            )))]
+        );
+        assert_eq!(
+            kinds("deallocate all"),
+            [Statement::Session(SessionChange::Deallocate(None))]
+        );
+        assert_eq!(
+            kinds("LISTEN \"Jobs\""),
+            [Statement::Session(SessionChange::Listen("Jobs".into()))]
+        );
+        assert_eq!(
+            kinds("UNLISTEN *"),
+            [Statement::Session(SessionChange::Unlisten(None))]
+        );
     }
 
     #[test]
@@ -468,7 +528,9 @@ mod tests {
             classify("select pg_advisory_lock(1)").hazards,
             [Hazard::Unmovable("a session-level advisory lock")]
         );
-        assert!(classify("select pg_advisory_xact_lock(1)").hazards.is_empty());
+        assert!(classify("select pg_advisory_xact_lock(1)")
+            .hazards
+            .is_empty());
         assert_eq!(
             classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").hazards,
             [Hazard::Unmovable("a cursor declared WITH HOLD")]
@@ -482,8 +544,25 @@ mod tests {
     #[test]
     fn never_panics_on_odd_text() {
         for sql in [
-            "", ";", ";;;", "'", "E'\\", "$", "$$", "$a", "\"", "/*", "/* /* */", "--", "select 'x",
-            "é; ü", "SET", "PREPARE", "DEALLOCATE PREPARE", "$1$", "\u{0}",
+            "",
+            ";",
+            ";;;",
+            "'",
+            "E'\\",
+            "$",
+            "$$",
+            "$a",
+            "\"",
+            "/*",
+            "/* /* */",
+            "--",
+            "select 'x",
+            "é; ü",
+            "SET",
+            "PREPARE",
+            "DEALLOCATE PREPARE",
+            "$1$",
+            "\u{0}",
         ] {
             let _ = classify(sql);
         }

@@ -41,7 +41,9 @@ impl Default for DigestBuilder {
 
 impl std::fmt::Debug for DigestBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DigestBuilder").field("len", &self.len).finish()
+        f.debug_struct("DigestBuilder")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -332,6 +334,11 @@ impl Journal {
         self.last_committed_xid
     }
 
+    /// Whether the client has sent extended-protocol messages not yet closed by a Sync.
+    pub fn has_open_batch(&self) -> bool {
+        self.groups.last().is_some_and(|g| !g.closed)
+    }
+
     /// Whether the open transaction may have written (answered requests only).
     pub fn txn_may_write(&self) -> bool {
         self.txn_may_write
@@ -369,7 +376,8 @@ impl Journal {
                 group.may_write |= classified.may_write();
                 group.commits |= commits;
                 group.begins |= classified.statements.contains(&Statement::Begin);
-                group.sole_commit = group.request.is_empty() && classified.statements == [Statement::Commit];
+                group.sole_commit =
+                    group.request.is_empty() && classified.statements == [Statement::Commit];
                 // The xid is assigned at a transaction's first write, so asking just before the
                 // string that commits gives it whenever an earlier request wrote.
                 if commits && self.txn_status == b'T' && (self.txn_may_write || group.may_write) {
@@ -379,8 +387,7 @@ impl Journal {
                     match hazard {
                         Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
                         Hazard::Unreplayable(why) => {
-                            self.unreplayable
-                                .get_or_insert(Unreplayable::Hazard(why));
+                            self.unreplayable.get_or_insert(Unreplayable::Hazard(why));
                         }
                     }
                 }
@@ -407,8 +414,7 @@ impl Journal {
                     match hazard {
                         Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
                         Hazard::Unreplayable(why) => {
-                            self.unreplayable
-                                .get_or_insert(Unreplayable::Hazard(why));
+                            self.unreplayable.get_or_insert(Unreplayable::Hazard(why));
                         }
                     }
                 }
@@ -639,13 +645,20 @@ mod tests {
         j.on_client_message(b'Q', &query("ROLLBACK"));
         answer(&mut j, b"ROLLBACK", b'I');
         assert_eq!(j.state().restore_sql(), ["SET search_path TO a"]);
-        j.on_client_message(b'Q', &query("BEGIN; SET search_path TO c; LISTEN x; PREPARE p AS SELECT 1"));
+        j.on_client_message(
+            b'Q',
+            &query("BEGIN; SET search_path TO c; LISTEN x; PREPARE p AS SELECT 1"),
+        );
         answer(&mut j, b"", b'T');
         j.on_client_message(b'Q', &query("COMMIT"));
         answer(&mut j, b"COMMIT", b'I');
         assert_eq!(
             j.state().restore_sql(),
-            ["SET search_path TO c", "PREPARE p AS SELECT 1", "LISTEN \"x\""]
+            [
+                "SET search_path TO c",
+                "PREPARE p AS SELECT 1",
+                "LISTEN \"x\""
+            ]
         );
         j.on_client_message(b'Q', &query("DISCARD ALL"));
         answer(&mut j, b"DISCARD ALL", b'I');

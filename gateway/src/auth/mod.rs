@@ -131,8 +131,12 @@ impl Secrets {
             .await
             .ok_or("no primary to run auth_query on")?;
         let work = async {
-            let client = control_client(&primary, &self.control, "understudy-auth", self.timeout).await?;
-            let rows = client.query(query, &[&user]).await.map_err(|e| error_text(&e))?;
+            let client =
+                control_client(&primary, &self.control, "understudy-auth", self.timeout).await?;
+            let rows = client
+                .query(query, &[&user])
+                .await
+                .map_err(|e| error_text(&e))?;
             let secret: Option<String> = match rows.first() {
                 Some(row) => row.try_get(1).map_err(|e| error_text(&e))?,
                 None => None,

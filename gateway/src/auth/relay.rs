@@ -244,23 +244,22 @@ async fn terminate_scram(
             format!("password authentication failed for user \"{user}\""),
         )
     };
-    let (verifier, credential_of) = match secret {
-        Some(Secret::Scram(v)) => (v.clone(), None),
-        Some(Secret::Plain(p)) => (
-            ScramVerifier::from_password(p.as_bytes(), &rand::random::<[u8; 16]>(), 4096)
-                .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))?,
-            Some(Credential::Password(p.clone())),
-        ),
-        _ => {
-            return Err(SessionError::refused(
+    let (verifier, credential_of) =
+        match secret {
+            Some(Secret::Scram(v)) => (v.clone(), None),
+            Some(Secret::Plain(p)) => (
+                ScramVerifier::from_password(p.as_bytes(), &rand::random::<[u8; 16]>(), 4096)
+                    .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))?,
+                Some(Credential::Password(p.clone())),
+            ),
+            _ => return Err(SessionError::refused(
                 "28000",
                 "auth_unsupported",
                 "SCRAM channel binding cannot pass through the gateway, and it has no verifier \
                  for this role to check the password itself: configure auth.auth_query or \
                  auth.auth_file, or connect with channel_binding=disable",
-            ))
-        }
-    };
+            )),
+        };
     let server_key = *verifier.server_key();
     let mut server = ScramServer::with_random_nonce(verifier);
     let server_first = server
@@ -270,7 +269,9 @@ async fn terminate_scram(
     encode::auth_sasl_continue(&mut out, &server_first);
     ends.send_client(&out).await?;
     let reply = ends.recv_client().await?;
-    let (server_final, client_key) = server.handle_client_final(reply.body()).map_err(|_| failed())?;
+    let (server_final, client_key) = server
+        .handle_client_final(reply.body())
+        .map_err(|_| failed())?;
     let credential = credential_of.unwrap_or(Credential::Scram {
         client_key,
         server_key: Some(server_key),

@@ -144,7 +144,10 @@ impl Session {
     }
 
     fn at_transaction_boundary(&self) -> bool {
-        self.awaiting_ready == 0 && self.txn_status == b'I' && self.pump.up.unscanned().is_empty()
+        self.awaiting_ready == 0
+            && self.txn_status == b'I'
+            && self.pump.up.unscanned().is_empty()
+            && !self.journal.has_open_batch()
     }
 
     async fn forward(&mut self, shutdown: &mut Shutdown) -> End {
@@ -321,11 +324,16 @@ impl Session {
             let internal = self.wire.front().is_some_and(|o| *o != Owner::Client);
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
-            let (step, n) = match down.scanner.next(&down.buf[at..], |t| internal || wanted(t)) {
+            let (step, n) = match down
+                .scanner
+                .next(&down.buf[at..], |t| internal || wanted(t))
+            {
                 Ok(s) => s,
                 // The server's framing is trusted; a broken one means a broken connection.
                 Err(e) => {
-                    return Some(End::Failed(SessionError::BackendLost(std::io::Error::other(e))))
+                    return Some(End::Failed(SessionError::BackendLost(
+                        std::io::Error::other(e),
+                    )))
                 }
             };
             match step {
@@ -406,7 +414,10 @@ impl Session {
         self.journal.on_ready_for_query(status);
         self.txn_status = status;
         self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
-        self.guard.info().txn_status.store(status, Ordering::Relaxed);
+        self.guard
+            .info()
+            .txn_status
+            .store(status, Ordering::Relaxed);
         if let Some(why) = self.journal.unmovable() {
             self.guard
                 .info()
@@ -422,6 +433,13 @@ impl Session {
             End::Failed(e) => Err(e),
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
+        if matches!(result, Err(SessionError::Shutdown)) && self.awaiting_ready > 0 {
+            // A statement is still running: stop it, or it would commit after its client was
+            // told the session is over.
+            if let Some(key) = self.guard.cancel_key() {
+                crate::cancel::forward(&self.shared.registry, key, CLOSE_FLUSH_TIMEOUT).await;
+            }
+        }
         if let Err(e) = &result {
             let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_client()).await;
             if let Some((code, message)) = e.client_report() {
@@ -434,8 +452,10 @@ impl Session {
                 })
                 .await;
             }
-            if !matches!(e, SessionError::BackendLost(_) | SessionError::ServerFatal { .. })
-                && self.pump.up.scanner.at_boundary()
+            if !matches!(
+                e,
+                SessionError::BackendLost(_) | SessionError::ServerFatal { .. }
+            ) && self.pump.up.scanner.at_boundary()
             {
                 let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
                 let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {

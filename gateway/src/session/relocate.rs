@@ -159,7 +159,9 @@ impl Session {
             count_move("no_credential");
             return Err(cannot_move(
                 "08006",
-                format!("connection to the database server lost; the session could not be moved: {why}"),
+                format!(
+                    "connection to the database server lost; the session could not be moved: {why}"
+                ),
             ));
         }
         // Everything the client was meant to get from the old backend it gets; anything the
@@ -167,8 +169,11 @@ impl Session {
         let partial = self.flush_old_backend().await?;
         let mut fresh = self.log_in_again(&promotion).await?;
         self.restore_state(&mut fresh).await?;
-        self.check_acknowledged_commit(&mut fresh, &promotion).await?;
-        let resumed = self.settle_transaction(&mut fresh, &promotion, partial).await?;
+        self.check_acknowledged_commit(&mut fresh, &promotion)
+            .await?;
+        let resumed = self
+            .settle_transaction(&mut fresh, &promotion, partial)
+            .await?;
         self.finish_move(fresh, resumed);
         let stall = failed_at.elapsed();
         metrics::histogram!("understudy_session_move_seconds").record(stall.as_secs_f64());
@@ -237,7 +242,15 @@ impl Session {
 
     /// Connects and authenticates to the new primary with the kept credential.
     async fn log_in_again(&mut self, promotion: &Promotion) -> Result<Fresh, SessionError> {
-        let lost = |why: String| cannot_move("08006", format!("could not log in to the new primary {}: {why}", promotion.primary));
+        let lost = |why: String| {
+            cannot_move(
+                "08006",
+                format!(
+                    "could not log in to the new primary {}: {why}",
+                    promotion.primary
+                ),
+            )
+        };
         let params = self
             .relogin
             .params
@@ -250,16 +263,18 @@ impl Session {
             .await
             .map_err(|e| lost(e.to_string()))?;
         let mut buf = BytesMut::new();
-        login(&mut stream, &mut buf, &self.relogin.user, &self.relogin.credential)
-            .await
-            .map_err(|e| lost(e.into_session_error().to_string()))?;
+        login(
+            &mut stream,
+            &mut buf,
+            &self.relogin.user,
+            &self.relogin.credential,
+        )
+        .await
+        .map_err(|e| lost(e.into_session_error().to_string()))?;
         let greeting = crate::backend::read_greeting(&mut stream, &mut buf)
             .await
             .map_err(|(_, e)| lost(e.to_string()))?;
-        let addr = stream
-            .tcp()
-            .peer_addr()
-            .map_err(|e| lost(e.to_string()))?;
+        let addr = stream.tcp().peer_addr().map_err(|e| lost(e.to_string()))?;
         if let Some((pid, secret)) = greeting.key {
             // The client keeps its key; it now cancels on the new backend.
             self.guard.issue_cancel_key(CancelTarget {
@@ -287,8 +302,16 @@ impl Session {
 
     /// Gives the new backend the session's SETs, prepared statements and LISTENs.
     async fn restore_state(&mut self, fresh: &mut Fresh) -> Result<(), SessionError> {
-        let failed = |why: String| cannot_move("08006", format!("could not restore the session on the new primary: {why}"));
-        let state = self.journal.state().without_created_by(self.journal.groups());
+        let failed = |why: String| {
+            cannot_move(
+                "08006",
+                format!("could not restore the session on the new primary: {why}"),
+            )
+        };
+        let state = self
+            .journal
+            .state()
+            .without_created_by(self.journal.groups());
         for sql in state.restore_sql() {
             fresh.query(&sql).await.map_err(failed)?;
         }
@@ -442,7 +465,9 @@ impl Session {
                     }
                     self.journal.abandon();
                     self.txn_status = b'I';
-                    resumed.to_backend.extend_from_slice(&raise("08007", IN_DOUBT));
+                    resumed
+                        .to_backend
+                        .extend_from_slice(&raise("08007", IN_DOUBT));
                     resumed.owners.push(Owner::Client);
                     self.resend_in_flight(&in_flight[1..], false, &mut resumed);
                     return Ok(resumed);
@@ -462,17 +487,28 @@ impl Session {
                             same = false;
                             break;
                         }
-                        Err(e) => return Err(cannot_move("08006", format!("replay on the new primary failed: {e}"))),
+                        Err(e) => {
+                            return Err(cannot_move(
+                                "08006",
+                                format!("replay on the new primary failed: {e}"),
+                            ))
+                        }
                     }
                 }
             }
             if !same {
                 let outcome = match self.journal.unreplayable() {
-                    Some(Unreplayable::TooLarge(_)) | Some(Unreplayable::Hazard(_)) => "unreplayable",
+                    Some(Unreplayable::TooLarge(_)) | Some(Unreplayable::Hazard(_)) => {
+                        "unreplayable"
+                    }
                     None => "diverged",
                 };
                 metrics::counter!("understudy_replays_total", "outcome" => outcome).increment(1);
-                tracing::warn!(session = self.guard.info().id, outcome, "open transaction not carried over; client gets 40001");
+                tracing::warn!(
+                    session = self.guard.info().id,
+                    outcome,
+                    "open transaction not carried over; client gets 40001"
+                );
                 return self.diverge(fresh, &in_flight, resumed).await;
             }
             metrics::counter!("understudy_replays_total", "outcome" => "ok").increment(1);
@@ -492,7 +528,9 @@ impl Session {
             let in_doubt = !in_txn && g.may_write && !g.begins && g.closed;
             if in_doubt {
                 metrics::counter!("understudy_in_doubt_statements_total").increment(1);
-                resumed.to_backend.extend_from_slice(&raise("08007", IN_DOUBT));
+                resumed
+                    .to_backend
+                    .extend_from_slice(&raise("08007", IN_DOUBT));
             } else {
                 if g.commits && in_txn && self.journal.txn_may_write() {
                     resumed.to_backend.extend_from_slice(XID_QUERY);
@@ -519,7 +557,10 @@ impl Session {
         let seen = first.map_or(0, |g| g.response.digest().len);
         if seen == 0 {
             if partial.is_some() {
-                return Err(cannot_move("08006", "connection to the database server lost in the middle of a message".to_owned()));
+                return Err(cannot_move(
+                    "08006",
+                    "connection to the database server lost in the middle of a message".to_owned(),
+                ));
             }
             return Ok(());
         }
@@ -533,10 +574,9 @@ impl Session {
         let mut digest = DigestBuilder::default();
         let mut consumed: u64 = 0;
         while consumed < seen {
-            let (tag, raw) = fresh
-                .recv()
-                .await
-                .map_err(|e| cannot_move("08006", format!("replay on the new primary failed: {e}")))?;
+            let (tag, raw) = fresh.recv().await.map_err(|e| {
+                cannot_move("08006", format!("replay on the new primary failed: {e}"))
+            })?;
             if !digested(tag) {
                 continue;
             }
@@ -575,10 +615,7 @@ impl Session {
         self.journal.abandon();
         // Housekeeping the driver sent on its own (Close, Describe) is answered as usual; the
         // 40001 goes to the first request that runs a statement, or the next one.
-        let housekeeping = in_flight
-            .iter()
-            .take_while(|g| !g.runs && g.closed)
-            .count();
+        let housekeeping = in_flight.iter().take_while(|g| !g.runs && g.closed).count();
         for g in &in_flight[..housekeeping] {
             fresh.send(&g.request).await.map_err(abort)?;
             loop {
@@ -593,7 +630,9 @@ impl Session {
         match rest.first() {
             Some(first) if first.closed => {
                 // Its answer comes from the new backend, which aborts the transaction.
-                resumed.to_backend.extend_from_slice(&raise("40001", DIVERGED));
+                resumed
+                    .to_backend
+                    .extend_from_slice(&raise("40001", DIVERGED));
                 resumed.owners.push(Owner::Client);
                 for g in &rest[1..] {
                     resumed.to_backend.extend_from_slice(&g.request);
@@ -619,8 +658,12 @@ impl Session {
     /// Puts the new backend on the data path in the old one's place.
     fn finish_move(&mut self, fresh: Fresh, resumed: Resumed) {
         let Fresh { stream, buf } = fresh;
-        let greeting_changes = std::mem::replace(&mut self.pump.down, Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT));
-        self.pump.replace_backend(stream, Pipe::new(buf, SERVER_MESSAGE_LIMIT));
+        let greeting_changes = std::mem::replace(
+            &mut self.pump.down,
+            Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT),
+        );
+        self.pump
+            .replace_backend(stream, Pipe::new(buf, SERVER_MESSAGE_LIMIT));
         let mut to_client = BytesMut::from(&greeting_changes.buf[..]);
         to_client.extend_from_slice(&resumed.to_client);
         if !to_client.is_empty() {
@@ -630,11 +673,7 @@ impl Session {
             self.journal.on_server_bytes(*tag, &raw[take.to_owned()..]);
         }
         self.wire = resumed.owners.iter().copied().collect();
-        self.awaiting_ready = self
-            .wire
-            .iter()
-            .filter(|o| **o == Owner::Client)
-            .count() as u32;
+        self.awaiting_ready = self.wire.iter().filter(|o| **o == Owner::Client).count() as u32;
         if !resumed.to_backend.is_empty() {
             // Goes out ahead of anything the client sends next.
             let unscanned = self.pump.up.buf.split_off(0);

@@ -68,7 +68,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -77,7 +77,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
     }
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status, content_type, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -98,6 +98,38 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
                 e.to_string(),
+            ),
+        },
+        (&Method::POST, "/demo/crash-primary") => match &shared.demo_crash {
+            Some(tx) => {
+                // Answer once the primary is dead, so whatever the caller does next meets a
+                // crashed primary.
+                let (done, killed) = tokio::sync::oneshot::channel();
+                if tx.try_send(done).is_err() {
+                    return reply(
+                        StatusCode::CONFLICT,
+                        "text/plain",
+                        "a crash is already under way\n".to_owned(),
+                    );
+                }
+                match tokio::time::timeout(std::time::Duration::from_secs(10), killed).await {
+                    Ok(Ok(())) => reply(
+                        StatusCode::OK,
+                        "text/plain",
+                        "crashed the primary (SIGKILL of the postmaster and its children)\n"
+                            .to_owned(),
+                    ),
+                    _ => reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "the demo did not confirm the crash\n".to_owned(),
+                    ),
+                }
+            }
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "crash-primary exists only in `understudy demo`\n".to_owned(),
             ),
         },
         _ => reply(

@@ -8,12 +8,23 @@ use hyper_util::rt::TokioIo;
 
 /// GETs `path` from the admin listener at `addr` and returns the body.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    request(addr, hyper::Method::GET, path).await
+}
+
+/// Sends a bodiless request to the admin listener and returns the response body.
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {addr}: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;

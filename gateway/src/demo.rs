@@ -38,7 +38,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         opts.base_dir.display()
     );
     let mut cluster = LocalCluster::create(&bins, opts).await?;
-    let result = serve(&cluster, &args).await;
+    let result = serve(&mut cluster, &args).await;
     eprintln!(
         "Stopping PostgreSQL and removing {} ...",
         cluster.base_dir().display()
@@ -47,7 +47,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(cluster: &LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
+async fn serve(cluster: &mut LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
     let admin = cluster.primary.client("postgres", "postgres").await?;
     admin
         .batch_execute(&format!(
@@ -68,7 +68,11 @@ async fn serve(cluster: &LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
     // The control role (postgres, trusted on loopback) reads verifiers, so SCRAM sessions keep
     // the ClientKey they need to log in again after a failover.
     config.auth.auth_query = Some(crate::config::DEFAULT_AUTH_QUERY.to_owned());
-    let gateway = Gateway::bind(config).await?;
+    config.failover.promote = crate::config::Promote::Auto;
+    let mut gateway = Gateway::bind(config).await?;
+    let (crash_tx, mut crash_rx) = tokio::sync::mpsc::channel(1);
+    gateway.enable_demo_crash(crash_tx);
+    let topology = gateway.shared().topology.clone();
     let addr = gateway.local_addr();
     let admin_addr = gateway.admin_addr();
     let trigger = gateway.shutdown_trigger();
@@ -86,23 +90,53 @@ async fn serve(cluster: &LocalCluster, args: &DemoArgs) -> anyhow::Result<()> {
          Connect through the gateway:\n\n  \
          psql \"postgresql://{DEMO_ROLE}:{DEMO_ROLE}@{addr}/{DEMO_ROLE}\"\n\n\
          Status:   understudy ctl --admin {admin} status\n\
-         Metrics:  curl http://{admin}/metrics\n\n\
+         Metrics:  curl http://{admin}/metrics\n\
+         Failover: understudy ctl --admin {admin} crash-primary   (SIGKILLs the primary; sessions move)\n\n\
          Press Ctrl-C to stop and remove everything.",
         primary = cluster.primary.addr(),
         admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
     );
-    tokio::select! {
-        r = crate::shutdown::signal() => r?,
-        _ = cluster_exited(cluster) => eprintln!("A PostgreSQL server of the demo stopped."),
-    }
+    let mut signals = crate::shutdown::Signals::new()?;
+    let result = loop {
+        tokio::select! {
+            _ = signals.recv() => break Ok(()),
+            Some(done) = crash_rx.recv() => {
+                if let Err(e) = crash_and_reseed(cluster, &topology, done).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
     trigger.advance(Phase::Force);
     let _ = running.await;
-    Ok(())
+    result
 }
 
-/// Resolves if the primary's postmaster disappears (so the demo does not sit there broken).
-async fn cluster_exited(cluster: &LocalCluster) {
-    while cluster.primary.postmaster_alive() {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+/// SIGKILLs the primary, waits for the gateway to promote the standby, and seeds a new
+/// standby from the new primary so the demo can crash again.
+async fn crash_and_reseed(
+    cluster: &mut LocalCluster,
+    topology: &crate::topology::Topology,
+    done: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    let old = crate::topology::Backend::parse(&cluster.primary.addr().to_string())
+        .map_err(anyhow::Error::msg)?;
+    eprintln!("Crashing the primary {old} (SIGKILL) ...");
+    cluster.primary.kill_all().await;
+    let _ = done.send(());
+    match topology
+        .primary_other_than(&old, std::time::Duration::from_secs(60))
+        .await
+    {
+        Some(new) => eprintln!("The gateway promoted {new}; sessions moved there."),
+        None => anyhow::bail!("no new primary within 60 s"),
     }
+    cluster.reseed_standby().await?;
+    if let Some(s) = &cluster.standby {
+        eprintln!(
+            "New standby {} streams from the new primary; crash again any time.",
+            s.addr()
+        );
+    }
+    Ok(())
 }

@@ -243,3 +243,30 @@ async fn next_xid(client: &tokio_postgres::Client) -> Result<u64, String> {
 fn refused(error: &str) -> bool {
     error.contains("Connection refused") || error.contains("connection refused")
 }
+
+/// The health monitor: when the routed primary stops answering the periodic role probe, it
+/// runs the failover even if no session has noticed (idle gateways fail over too). The
+/// coordinator re-probes before acting, so one missed probe on a busy machine does nothing.
+pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::shutdown::Shutdown) {
+    if shared.failover.config().promote == Promote::Off || shared.topology.backends().len() < 2 {
+        return;
+    }
+    let interval = Duration::from_millis(shared.config.topology_interval_ms.max(50));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.draining() => return,
+        }
+        let Some(primary) = shared.topology.current_primary() else {
+            continue;
+        };
+        if !shared.topology.unreachable(&primary) {
+            continue;
+        }
+        match shared.failover.recover(&primary).await {
+            Ok(p) => tracing::info!(primary = %p.primary, "health monitor: failed over"),
+            Err(FailoverError::PrimaryAlive) => {}
+            Err(e) => tracing::warn!(error = %e, "health monitor: failover did not complete"),
+        }
+    }
+}

@@ -37,6 +37,8 @@ pub struct Shared {
     pub shutdown: ShutdownTrigger,
     /// Runs failovers.
     pub failover: crate::failover::Coordinator,
+    /// Set by `understudy demo` only: where `POST /demo/crash-primary` asks for a crash.
+    pub demo_crash: Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// Why the gateway could not start.
@@ -114,12 +116,24 @@ impl Gateway {
             secrets,
             metrics: Metrics::new(),
             shutdown: trigger,
+            demo_crash: None,
         });
         Ok(Self {
             shared,
             listener,
             admin,
         })
+    }
+
+    /// Lets the admin listener's `POST /demo/crash-primary` ask `understudy demo` to crash
+    /// its primary (only the demo owns the servers it may crash).
+    pub fn enable_demo_crash(
+        &mut self,
+        tx: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.demo_crash = Some(tx);
+        }
     }
 
     /// Address clients connect to.
@@ -155,6 +169,7 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let mut shutdown = shared.shutdown.subscribe();
         tracker.spawn(shared.topology.clone().run(shutdown.clone()));
+        tracker.spawn(crate::failover::monitor(shared.clone(), shutdown.clone()));
         // The admin listener keeps answering while sessions drain; it stops with the gateway.
         let admin = admin.map(|admin| {
             tokio::spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()))

@@ -41,6 +41,8 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Crash the primary with SIGKILL (only against `understudy demo`).
+    CrashPrimary,
 }
 
 #[derive(clap::Args)]
@@ -122,12 +124,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%admin, "admin listener (/metrics, /status)");
     }
     let trigger = gateway.shutdown_trigger();
+    let mut signals = understudy::shutdown::Signals::new()?;
     tokio::spawn(async move {
         // First signal: drain; second: close everything now.
         for phase in [Phase::Draining, Phase::Force] {
-            if understudy::shutdown::signal().await.is_err() {
-                return;
-            }
+            signals.recv().await;
             tracing::info!(?phase, "signal received");
             trigger.advance(phase);
         }
@@ -147,6 +148,11 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
                     serde_json::from_str(&body).context("the admin listener sent invalid JSON")?;
                 print!("{}", understudy::ctl::render_status(&value));
             }
+        }
+        CtlCommand::CrashPrimary => {
+            let body =
+                understudy::ctl::request(admin, hyper::Method::POST, "/demo/crash-primary").await?;
+            print!("{body}");
         }
     }
     Ok(())

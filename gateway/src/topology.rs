@@ -186,6 +186,15 @@ impl Topology {
             .is_some_and(|i| fenced[i])
     }
 
+    /// Whether the last probe of `b` failed to reach it.
+    pub fn unreachable(&self, b: &Backend) -> bool {
+        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        self.backends
+            .iter()
+            .position(|x| x == b)
+            .is_some_and(|i| probes[i].role == Role::Unreachable)
+    }
+
     /// The gateway's control-plane login settings.
     pub fn control(&self) -> &Control {
         &self.control

@@ -166,6 +166,46 @@ async fn demo_prints_a_working_psql_command_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.exists());
+
+    // The README's walkthrough: a transaction survives `ctl crash-primary` in its middle.
+    let script = format!(
+        "CREATE TABLE notes(id int PRIMARY KEY, body text);\n\
+         BEGIN;\n\
+         INSERT INTO notes VALUES (1, 'before');\n\
+         \\! {BIN} ctl --admin 127.0.0.1:{admin} crash-primary\n\
+         INSERT INTO notes VALUES (2, 'after');\n\
+         COMMIT;\n\
+         SELECT string_agg(id || ':' || body, ',' ORDER BY id), pg_is_in_recovery() FROM notes;\n"
+    );
+    let psql = PgBinaries::find().unwrap().program("psql");
+    let out = Command::new(psql)
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", conninfo])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("psql with the walkthrough");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("crashed the primary"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("1:before,2:after|f"),
+        "{stdout}"
+    );
+
     signal(&demo.0, "INT");
     let status = wait_exit(&mut demo.0, Duration::from_secs(30));
     assert!(status.success(), "demo exit status {status}");

@@ -421,12 +421,10 @@ impl Journal {
                 let name = (!name.is_empty()).then(|| name.to_owned());
                 group.parses.push((name, Bytes::copy_from_slice(raw)));
             }
-            frontend::CLOSE => {
-                if body.first() == Some(&b'S') {
-                    let name = cstr(&body[1..]);
-                    if !name.is_empty() {
-                        group.closes.push(name.to_owned());
-                    }
+            frontend::CLOSE if body.first() == Some(&b'S') => {
+                let name = cstr(&body[1..]);
+                if !name.is_empty() {
+                    group.closes.push(name.to_owned());
                 }
             }
             frontend::FUNCTION_CALL => group.may_write = true,

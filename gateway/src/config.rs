@@ -40,6 +40,8 @@ pub struct Config {
     pub control: Control,
     /// Moving sessions to a new primary when the primary fails.
     pub failover: Failover,
+    /// Threads that run sessions; 0 means one per CPU.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             auth: Auth::default(),
             control: Control::default(),
             failover: Failover::default(),
+            worker_threads: 1,
         }
     }
 }

@@ -99,14 +99,17 @@ impl RunArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     understudy::telemetry::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args).await,
-        Command::Demo(args) => understudy::demo::run(args).await,
-        Command::Ctl { admin, command } => ctl(admin, command).await,
+        Command::Run(args) => args
+            .into_config()
+            .and_then(|config| runtime(config.worker_threads)?.block_on(run(config))),
+        Command::Demo(args) => runtime(1).and_then(|rt| rt.block_on(understudy::demo::run(args))),
+        Command::Ctl { admin, command } => {
+            runtime(1).and_then(|rt| rt.block_on(ctl(admin, command)))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -117,8 +120,22 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+/// The tokio runtime: `threads` workers (0: one per CPU). One thread suits a gateway sharing a
+/// small machine with PostgreSQL: no cross-thread wake-ups on the data path.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    Ok(builder.enable_all().build()?)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = Gateway::bind(config).await?;
     if let Some(admin) = gateway.admin_addr() {
         tracing::info!(%admin, "admin listener (/metrics, /status)");

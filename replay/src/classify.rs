@@ -88,115 +88,171 @@ impl Classified {
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
     for stmt in split_statements(sql) {
-        let words = leading_words(stmt, 4);
-        let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
-        let statement = match w(0) {
-            "" => continue,
-            "BEGIN" | "START" => Statement::Begin,
-            "COMMIT" | "END" if w(1) == "PREPARED" => {
-                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+        let facts = Facts::of(stmt);
+        let w = |i: usize| facts.lead[i];
+        let is = |i: usize, k: &str| w(i).eq_ignore_ascii_case(k);
+        if w(0).is_empty() {
+            continue;
+        }
+        let statement = if is(0, "BEGIN") || is(0, "START") {
+            Statement::Begin
+        } else if (is(0, "COMMIT") || is(0, "END")) && is(1, "PREPARED") {
+            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+            Statement::Write
+        } else if is(0, "COMMIT") || is(0, "END") {
+            Statement::Commit
+        } else if (is(0, "ROLLBACK") || is(0, "ABORT")) && (is(1, "TO") || is(2, "TO")) {
+            Statement::Savepoint
+        } else if is(0, "ROLLBACK") && is(1, "PREPARED") {
+            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+            Statement::Write
+        } else if is(0, "ROLLBACK") || is(0, "ABORT") {
+            Statement::Rollback
+        } else if is(0, "SAVEPOINT") || is(0, "RELEASE") {
+            Statement::Savepoint
+        } else if ["SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH", "MOVE"]
+            .iter()
+            .any(|k| is(0, k))
+        {
+            if facts.writes {
                 Statement::Write
-            }
-            "COMMIT" | "END" => Statement::Commit,
-            "ROLLBACK" | "ABORT" if w(1) == "TO" || w(2) == "TO" => Statement::Savepoint,
-            "ROLLBACK" if w(1) == "PREPARED" => {
-                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
-                Statement::Write
-            }
-            "ROLLBACK" | "ABORT" => Statement::Rollback,
-            "SAVEPOINT" | "RELEASE" => Statement::Savepoint,
-            "SELECT" | "WITH" | "VALUES" | "TABLE" | "SHOW" | "EXPLAIN" | "FETCH" | "MOVE" => {
-                if is_read_only_text(stmt) {
-                    Statement::Read
-                } else {
-                    Statement::Write
-                }
-            }
-            "SET" => match w(1) {
-                "LOCAL" | "TRANSACTION" | "CONSTRAINTS" => Statement::TransactionSetting,
-                _ => Statement::Session(SessionChange::Set(set_variable(stmt))),
-            },
-            "RESET" => Statement::Session(SessionChange::Reset(match w(1) {
-                "ALL" | "" => None,
-                _ => Some(name_after(stmt, 1)),
-            })),
-            "DISCARD" => Statement::Session(SessionChange::Discard),
-            "PREPARE" if w(1) == "TRANSACTION" => {
-                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
-                Statement::Write
-            }
-            "PREPARE" => Statement::Session(SessionChange::Prepare(name_after(stmt, 1))),
-            "DEALLOCATE" => {
-                let skip = if w(1) == "PREPARE" { 2 } else { 1 };
-                Statement::Session(SessionChange::Deallocate(match w(skip) {
-                    "ALL" | "" => None,
-                    _ => Some(name_after(stmt, skip)),
-                }))
-            }
-            "LISTEN" => Statement::Session(SessionChange::Listen(name_after(stmt, 1))),
-            "UNLISTEN" => Statement::Session(SessionChange::Unlisten(match w(1) {
-                "*" | "" => None,
-                _ => Some(name_after(stmt, 1)),
-            })),
-            "DECLARE" => {
-                if contains_words(stmt, &["WITH", "HOLD"]) {
-                    out.hazards
-                        .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
-                }
+            } else {
                 Statement::Read
             }
-            _ => Statement::Write,
+        } else if is(0, "SET") {
+            if is(1, "LOCAL") || is(1, "TRANSACTION") || is(1, "CONSTRAINTS") {
+                Statement::TransactionSetting
+            } else {
+                Statement::Session(SessionChange::Set(set_variable(stmt)))
+            }
+        } else if is(0, "RESET") {
+            Statement::Session(SessionChange::Reset(if is(1, "ALL") || w(1).is_empty() {
+                None
+            } else {
+                Some(name_after(stmt, 1))
+            }))
+        } else if is(0, "DISCARD") {
+            Statement::Session(SessionChange::Discard)
+        } else if is(0, "PREPARE") && is(1, "TRANSACTION") {
+            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+            Statement::Write
+        } else if is(0, "PREPARE") {
+            Statement::Session(SessionChange::Prepare(name_after(stmt, 1)))
+        } else if is(0, "DEALLOCATE") {
+            let skip = if is(1, "PREPARE") { 2 } else { 1 };
+            Statement::Session(SessionChange::Deallocate(
+                if is(skip, "ALL") || w(skip).is_empty() {
+                    None
+                } else {
+                    Some(name_after(stmt, skip))
+                },
+            ))
+        } else if is(0, "LISTEN") {
+            Statement::Session(SessionChange::Listen(name_after(stmt, 1)))
+        } else if is(0, "UNLISTEN") {
+            Statement::Session(SessionChange::Unlisten(
+                if w(1) == "*" || w(1).is_empty() {
+                    None
+                } else {
+                    Some(name_after(stmt, 1))
+                },
+            ))
+        } else if is(0, "DECLARE") {
+            if facts.with_hold {
+                out.hazards
+                    .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
+            }
+            Statement::Read
+        } else {
+            Statement::Write
         };
-        scan_hazards(stmt, &words, &mut out.hazards);
+        if is(0, "CREATE") && facts.temp || facts.into_temp {
+            out.hazards.push(Hazard::Unmovable("a temporary table"));
+        }
+        if facts.advisory_lock {
+            out.hazards
+                .push(Hazard::Unmovable("a session-level advisory lock"));
+        }
+        if facts.dblink {
+            out.hazards
+                .push(Hazard::Unreplayable("dblink acts on another server"));
+        }
+        if is(0, "COPY") && facts.program {
+            out.hazards
+                .push(Hazard::Unreplayable("COPY with an external program"));
+        }
         out.statements.push(statement);
     }
     out.hazards.dedup();
     out
 }
 
-/// Hazards visible in the statement's text.
-fn scan_hazards(stmt: &str, words: &[String], hazards: &mut Vec<Hazard>) {
-    let lower = stmt.to_ascii_lowercase();
-    if words.first().map(String::as_str) == Some("CREATE")
-        && words.iter().any(|w| w == "TEMP" || w == "TEMPORARY")
-        || contains_words(stmt, &["INTO", "TEMP"])
-        || contains_words(stmt, &["INTO", "TEMPORARY"])
-    {
-        hazards.push(Hazard::Unmovable("a temporary table"));
-    }
-    if ["pg_advisory_lock", "pg_try_advisory_lock"]
-        .iter()
-        .any(|f| lower.contains(f))
-    {
-        hazards.push(Hazard::Unmovable("a session-level advisory lock"));
-    }
-    if lower.contains("dblink") {
-        hazards.push(Hazard::Unreplayable("dblink acts on another server"));
-    }
-    if words.first().map(String::as_str) == Some("COPY") && contains_words(stmt, &["PROGRAM"]) {
-        hazards.push(Hazard::Unreplayable("COPY with an external program"));
-    }
+/// What one pass over a statement's tokens finds, without allocating.
+#[derive(Default)]
+struct Facts<'a> {
+    /// The first four tokens (words as written, `*` for a star, empty for anything else).
+    lead: [&'a str; 4],
+    /// A word or function that writes or locks: a SELECT with it is no read.
+    writes: bool,
+    temp: bool,
+    into_temp: bool,
+    with_hold: bool,
+    program: bool,
+    advisory_lock: bool,
+    dblink: bool,
 }
 
-/// A SELECT-like statement reads only unless it locks rows or calls something known to write.
-fn is_read_only_text(stmt: &str) -> bool {
-    let upper_words = words(stmt);
-    let writes = ["INSERT", "UPDATE", "DELETE", "MERGE", "FOR", "INTO"];
-    if upper_words.iter().any(|w| writes.contains(&w.as_str())) {
-        return false;
+impl<'a> Facts<'a> {
+    fn of(stmt: &'a str) -> Self {
+        const WRITE_WORDS: [&str; 6] = ["INSERT", "UPDATE", "DELETE", "MERGE", "FOR", "INTO"];
+        const WRITE_FUNCTIONS: [&str; 10] = [
+            "nextval",
+            "setval",
+            "pg_notify",
+            "txid_current",
+            "pg_current_xact_id",
+            "lo_import",
+            "lo_export",
+            "lo_create",
+            "lo_unlink",
+            "lo_put",
+        ];
+        let mut f = Facts::default();
+        let mut lex = Lexer::new(stmt);
+        let mut n = 0;
+        let mut prev = "";
+        while let Some(tok) = lex.next_token() {
+            let word = match tok {
+                Token::Word(w) => w,
+                Token::Other('*') => "*",
+                Token::Semicolon => break,
+                _ => "",
+            };
+            if n < f.lead.len() {
+                f.lead[n] = word;
+                n += 1;
+            }
+            if word.is_empty() || word == "*" {
+                prev = "";
+                continue;
+            }
+            let is = |k: &str| word.eq_ignore_ascii_case(k);
+            let starts = |k: &str| {
+                word.len() >= k.len() && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
+            };
+            f.writes |= WRITE_WORDS.iter().any(|k| is(k))
+                || WRITE_FUNCTIONS.iter().any(|k| is(k))
+                || starts("pg_advisory");
+            f.temp |= is("TEMP") || is("TEMPORARY");
+            f.into_temp |= (is("TEMP") || is("TEMPORARY")) && prev.eq_ignore_ascii_case("INTO");
+            f.with_hold |= is("HOLD") && prev.eq_ignore_ascii_case("WITH");
+            f.program |= is("PROGRAM");
+            f.advisory_lock |= starts("pg_advisory_lock") || starts("pg_try_advisory_lock");
+            f.dblink |= starts("dblink");
+            prev = word;
+        }
+        f
     }
-    let lower = stmt.to_ascii_lowercase();
-    ![
-        "nextval",
-        "setval",
-        "pg_advisory",
-        "lo_",
-        "pg_notify",
-        "txid_current",
-        "pg_current_xact_id",
-    ]
-    .iter()
-    .any(|f| lower.contains(f))
 }
 
 /// The variable a session-level SET assigns, via sqlparser; `None` when it cannot tell.
@@ -228,39 +284,6 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
         out.push(&sql[start..]);
     }
     out
-}
-
-/// The first `n` bare words, upper-cased.
-fn leading_words(stmt: &str, n: usize) -> Vec<String> {
-    let mut lex = Lexer::new(stmt);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        match lex.next_token() {
-            Some(Token::Word(w)) => out.push(w.to_ascii_uppercase()),
-            Some(Token::Other('*')) => out.push("*".to_owned()),
-            Some(Token::Quoted(_)) | Some(Token::Other(_)) => out.push(String::new()),
-            Some(Token::Semicolon) | None => break,
-        }
-    }
-    out
-}
-
-/// All bare words, upper-cased.
-fn words(stmt: &str) -> Vec<String> {
-    let mut lex = Lexer::new(stmt);
-    let mut out = Vec::new();
-    while let Some(tok) = lex.next_token() {
-        if let Token::Word(w) = tok {
-            out.push(w.to_ascii_uppercase());
-        }
-    }
-    out
-}
-
-fn contains_words(stmt: &str, seq: &[&str]) -> bool {
-    words(stmt)
-        .windows(seq.len())
-        .any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
 }
 
 /// The identifier after the first `skip` words: a bare word lower-cased, a quoted one as is.

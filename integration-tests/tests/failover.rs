@@ -387,3 +387,103 @@ async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
     }
     cluster
 }
+
+/// The client's cancel key, issued before the move, cancels a query on the new backend.
+#[tokio::test]
+async fn cancel_key_works_after_the_move() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let token = c.cancel_token();
+    cluster.kill_primary().await;
+    c.query_one("SELECT 1", &[]).await.unwrap();
+    let sleeper = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("cancel takes effect quickly")
+        .unwrap();
+    assert_eq!(sqlstate(&r.unwrap_err()), Some("57014"));
+}
+
+/// A backend ended by the server while the primary is healthy (pg_terminate_backend) is not a
+/// failover: the client gets the server's FATAL, and no promotion happens.
+#[tokio::test]
+async fn terminated_backend_is_no_failover() {
+    let cluster = Cluster::primary_and_standby().await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let pid = backend_pid(&c).await;
+    cluster
+        .superuser()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        sqlstate(&e) == Some("57P01") || e.is_closed(),
+        "the server's FATAL reaches the client: {e:?}"
+    );
+    assert!(!cluster.pg.primary.is_in_recovery().await.unwrap());
+    let standby = cluster.pg.standby.as_ref().unwrap();
+    assert!(
+        standby.is_in_recovery().await.unwrap(),
+        "the standby was not promoted"
+    );
+    assert!(!gw
+        .admin_get("/metrics")
+        .await
+        .contains("understudy_failovers_total 1"));
+}
+
+/// A session holding a temporary table cannot move: FATAL 08006 naming why; other sessions
+/// move.
+#[tokio::test]
+async fn unmovable_session_gets_08006() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let gw = cluster.failover_gateway().await;
+    let temp = gw.connect(roles::SCRAM).await;
+    temp.batch_execute("CREATE TEMP TABLE scratch(a int)")
+        .await
+        .unwrap();
+    let plain = gw.connect(roles::SCRAM).await;
+    let status = gw.status().await;
+    assert!(
+        status["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["movable"] == "no"
+                && s["reason"].as_str().unwrap_or("").contains("temporary")),
+        "{status:#}"
+    );
+    cluster.kill_primary().await;
+    let e = temp.query_one("SELECT 1", &[]).await.unwrap_err();
+    let db = e.as_db_error().expect("a FATAL from the gateway");
+    assert_eq!(db.code().code(), "08006");
+    assert!(db.message().contains("temporary table"), "{}", db.message());
+    plain.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+/// With nobody to promote a standby (external promotion, no orchestrator), sessions wait
+/// `failover.timeout_ms` and then get FATAL 08006 saying so.
+#[tokio::test]
+async fn no_new_primary_within_the_timeout_is_fatal() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let gw = cluster
+        .failover_gateway_with(|c| {
+            c.failover.promote = understudy::config::Promote::External;
+            c.failover.timeout_ms = 1_500;
+        })
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    cluster.kill_primary().await;
+    let started = std::time::Instant::now();
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    let db = e.as_db_error().expect("a FATAL from the gateway");
+    assert_eq!(db.code().code(), "08006");
+    assert!(db.message().contains("no new primary"), "{}", db.message());
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

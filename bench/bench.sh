@@ -7,8 +7,9 @@
 #      (simple-update: BEGIN, UPDATE, SELECT, INSERT, END = 5 round trips a transaction) at
 #      `-c $CLIENTS -j $THREADS -T $DURATION`. Each workload runs $ROUNDS rounds; each round
 #      interleaves direct -> understudy -> pgbouncer so drift (autovacuum, cache, thermal) hits all
-#      three alike. Reported: median TPS ("without initial connection time"), ratio to direct, and
-#      the added time per statement derived from it: (CLIENTS/TPS_target - CLIENTS/TPS_direct) /
+#      three alike. Reported: median TPS ("without initial connection time"), the median of the
+#      per-round ratios to direct (each target against the direct run of the same round), and
+#      the added time per statement derived from the median TPS: (CLIENTS/TPS_target - CLIENTS/TPS_direct) /
 #      statements per transaction. Target: understudy's ratio >= PgBouncer's on every workload.
 #   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
 #      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
@@ -42,7 +43,9 @@
 #   + warm-ups (WARMUP s per target per workload) + ~30 s setup/memory test.
 #   Defaults (DURATION=10 ROUNDS=3): ~7 minutes, plus the cargo build when it is not up to date.
 #   The machine should be otherwise idle: before every run the script samples how busy the CPUs are
-#   for 0.5 s (raw table, "background CPU %"), so a concurrent build or test run shows up in the report.
+#   for 0.5 s (raw table, "background CPU %"), so a concurrent build or test run shows up in the report;
+#   IDLE_WAIT=N makes it wait up to N s before each run for the machine to be < 10 % busy (this can
+#   lengthen the run by up to 36 x N s with the defaults).
 #   Quick check: DURATION=5 ROUNDS=1 (~2 minutes).
 #
 # Knobs (environment):
@@ -52,8 +55,10 @@
 #   SESSIONS=500 idle sessions for the memory test (max_connections is 600)
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   SKIP_BUILD=1 use the existing target/release/understudy
-#   RESULTS=...  where the markdown report goes (default bench/results-latest.md)
+#   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
+#                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct)
 #   KEEP_TMP=1   keep the temp dir (logs) after the run
+#   IDLE_WAIT=0  seconds to wait, before each run, for other work on the machine to stop
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -69,6 +74,7 @@ WARMUP=${WARMUP:-2}
 SESSIONS=${SESSIONS:-500}
 LAT_CPU=${LAT_CPU:-1}
 LAT_PIN=${LAT_PIN:-all}
+IDLE_WAIT=${IDLE_WAIT:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -159,6 +165,19 @@ background_busy() {
         printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
 }
 ALL_CPUS=0-$(($(nproc) - 1))
+
+# background_busy, after waiting up to IDLE_WAIT seconds for the machine to drop below 10 % busy
+quiet_busy() {
+    local busy waited=0
+    busy=$(background_busy)
+    while [[ $busy -ge 10 && $waited -lt $IDLE_WAIT ]]; do
+        sleep 2
+        waited=$((waited + 3))
+        busy=$(background_busy)
+    done
+    [[ $waited -eq 0 ]] || log "waited ${waited}s for other work on the machine (now ${busy}% busy)"
+    echo "$busy"
+}
 
 # SIGINT, then SIGKILL after a few seconds: understudy's drain waits for shutdown_timeout (30 s)
 stop_gateway() {
@@ -354,7 +373,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
     for ((r = 1; r <= ROUNDS; r++)); do
         for t in "${TARGETS[@]}"; do
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
-            load=$(background_busy)
+            load=$(quiet_busy)
             run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
@@ -387,7 +406,7 @@ fi
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TARGETS[@]}"; do
         out=$TMP/lat-$t-$r.out
-        load=$(background_busy)
+        load=$(quiet_busy)
         run_pgbench "$t" "$out" "$DURATION" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
         tps=$(parse_tps "$out")
         lat=$(parse_lat "$out")
@@ -520,30 +539,39 @@ def med(kind, w, t, col):
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
 stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5}
+def round_ratio(w, t):
+    """Median over rounds of TPS_target / TPS_direct within the same round (interleaved, so the
+    two runs of a pair saw the same machine conditions)."""
+    d = {r[3]: float(r[4]) for r in rows if r[0] == "tput" and r[1] == w and r[2] == "direct"}
+    x = {r[3]: float(r[4]) for r in rows if r[0] == "tput" and r[1] == w and r[2] == t}
+    vals = [x[k] / d[k] for k in d if k in x and d[k] > 0 and not math.isnan(x[k] / d[k])]
+    return statistics.median(vals) if vals else float("nan")
 print("# Understudy benchmark")
 print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, PgBouncer $PGB_VERSION,")
 print("$(nproc) CPUs ($(uname -r)); DURATION=$DURATION s, ROUNDS=$ROUNDS (median), SCALE=$SCALE, -c $CLIENTS -j $THREADS,")
 print("synchronous_commit=off, trust auth, everything on 127.0.0.1. Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
-bg = [float(r[6]) for r in rows]
+bg = [float(r[6]) for r in rows if len(r) > 6 and r[6]]
 if bg:
     print(f"Background CPU (machine busy % in the 0.5 s before each run, with the benchmark idle): median {statistics.median(bg):.0f} %, max {max(bg):.0f} %"
           + (" — **other work was running on the machine; treat the numbers with care**" if max(bg) >= 10 else "") + ".")
 print()
-print(f"## Throughput (pgbench -c {clients} -j $THREADS, median TPS, ratio to direct)")
+print(f"## Throughput (pgbench -c {clients} -j $THREADS, median TPS, per-round ratio to direct)")
 print()
 print("| workload | direct TPS | understudy TPS (ratio) | pgbouncer TPS (ratio) | added µs/stmt understudy | added µs/stmt pgbouncer | understudy ≥ pgbouncer |")
 print("|---|---:|---:|---:|---:|---:|:---:|")
 verdicts = []
 for w in ["-S", "-S -M prepared", "-N"]:
     d, u, b = (med("tput", w, t, 4) for t in ("direct", "understudy", "pgbouncer"))
-    ru, rb = u / d, b / d
+    ru, rb = round_ratio(w, "understudy"), round_ratio(w, "pgbouncer")
     # time per transaction per client = clients / tps; spread over the statements (round trips)
     au = (clients / u - clients / d) / stmts[w] * 1e6
     ab = (clients / b - clients / d) / stmts[w] * 1e6
     ok = ru >= rb
     verdicts.append((w, ok, ru, rb))
     print(f"| \`{w}\` | {d:,.0f} | {u:,.0f} ({ru:.2f}) | {b:,.0f} ({rb:.2f}) | {au:+.1f} | {ab:+.1f} | {'yes' if ok else '**no**'} |")
+print()
+print("TPS: median over rounds; ratio: median over rounds of TPS_target/TPS_direct of the same round.")
 print()
 print("added µs/stmt = (clients/TPS_target − clients/TPS_direct) / round trips per transaction (1 for -S, 5 for -N):")
 print("the extra wall time each statement costs under load, on this 2-CPU machine mostly CPU the proxy takes from PostgreSQL and pgbench.")
@@ -585,10 +613,11 @@ print()
 print("| kind | workload | target | round | tps | latency avg (ms) | background CPU % before |")
 print("|---|---|---|---:|---:|---:|---:|")
 for r in rows:
-    print(f"| {r[0]} | \`{r[1]}\` | {r[2]} | {r[3]} | {float(r[4]):,.1f} | {r[5]} | {r[6]} |")
+    print(f"| {r[0]} | \`{r[1]}\` | {r[2]} | {r[3]} | {float(r[4]):,.1f} | {r[5]} | {r[6] if len(r) > 6 else ''} |")
 PY
 
 cp "$REPORT" "$RESULTS"
+cp "$RAW" "${RESULTS%.md}.tsv"
 echo
 cat "$REPORT"
 echo

@@ -20,6 +20,9 @@ pub struct Promotion {
     /// The new primary's next transaction ID as of its promotion, when the gateway promoted it
     /// itself before anyone could write; xids at or above it never committed there.
     pub next_xid: Option<u64>,
+    /// How far the standby had replayed when the gateway promoted it: WAL past this point
+    /// (commits clients saw) did not reach the new primary.
+    pub wal_end: Option<u64>,
     /// When the coordinator started on this failover.
     pub started: Instant,
 }
@@ -99,7 +102,7 @@ impl Coordinator {
             Promote::Auto => self.promote_standby(failed, deadline).await,
             _ => self.await_external(failed, deadline).await,
         };
-        let (primary, next_xid) = match result {
+        let (primary, (next_xid, wal_end)) = match result {
             Ok(r) => r,
             Err(e) => {
                 metrics::counter!("understudy_failover_failures_total").increment(1);
@@ -115,6 +118,7 @@ impl Coordinator {
             primary,
             failed: failed.clone(),
             next_xid,
+            wal_end,
             started,
         };
         *last = Some(promotion.clone());
@@ -128,7 +132,7 @@ impl Coordinator {
         &self,
         failed: &Backend,
         deadline: Instant,
-    ) -> Result<(Backend, Option<u64>), FailoverError> {
+    ) -> Result<(Backend, (Option<u64>, Option<u64>)), FailoverError> {
         let control = self.topology.control();
         let timeout = self.config.probe_timeout();
         let candidates: Vec<Backend> = self
@@ -171,7 +175,7 @@ impl Coordinator {
         &self,
         client: &tokio_postgres::Client,
         standby: &Backend,
-    ) -> Result<Option<Option<u64>>, String> {
+    ) -> Result<Option<(Option<u64>, Option<u64>)>, String> {
         let e = |e: tokio_postgres::Error| e.to_string();
         let row = client
             .query_one(
@@ -188,7 +192,7 @@ impl Coordinator {
         let in_recovery: bool = row.get(0);
         if !in_recovery {
             // Promoted by someone else: accept it, but its next xid is not ours to know.
-            return Ok(Some(None));
+            return Ok(Some((None, None)));
         }
         let still_streaming: Option<bool> = row.get(1);
         if still_streaming == Some(true) {
@@ -199,6 +203,12 @@ impl Coordinator {
         if !replayed {
             return Ok(None);
         }
+        let wal_end: Option<String> = client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .map_err(e)?
+            .get(0);
+        let wal_end = wal_end.as_deref().and_then(crate::session::parse_lsn);
         let promoted: bool = client
             .query_one("SELECT pg_promote(true, 60)", &[])
             .await
@@ -207,7 +217,7 @@ impl Coordinator {
         if !promoted {
             return Err("pg_promote() did not finish".to_owned());
         }
-        Ok(Some(Some(next_xid(client).await?)))
+        Ok(Some((Some(next_xid(client).await?), wal_end)))
     }
 
     /// `promote = "external"`: wait until an orchestrator has made another backend primary.
@@ -215,11 +225,11 @@ impl Coordinator {
         &self,
         failed: &Backend,
         deadline: Instant,
-    ) -> Result<(Backend, Option<u64>), FailoverError> {
+    ) -> Result<(Backend, (Option<u64>, Option<u64>)), FailoverError> {
         while Instant::now() < deadline {
             self.topology.probe_all().await;
             if let Some(p) = self.topology.current_primary().filter(|p| p != failed) {
-                return Ok((p, None));
+                return Ok((p, (None, None)));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

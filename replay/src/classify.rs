@@ -110,9 +110,11 @@ pub fn classify(sql: &str) -> Classified {
             Statement::Rollback
         } else if is(0, "SAVEPOINT") || is(0, "RELEASE") {
             Statement::Savepoint
-        } else if ["SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH", "MOVE"]
-            .iter()
-            .any(|k| is(0, k))
+        } else if [
+            "SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH", "MOVE",
+        ]
+        .iter()
+        .any(|k| is(0, k))
         {
             if facts.writes {
                 Statement::Write
@@ -150,13 +152,11 @@ pub fn classify(sql: &str) -> Classified {
         } else if is(0, "LISTEN") {
             Statement::Session(SessionChange::Listen(name_after(stmt, 1)))
         } else if is(0, "UNLISTEN") {
-            Statement::Session(SessionChange::Unlisten(
-                if w(1) == "*" || w(1).is_empty() {
-                    None
-                } else {
-                    Some(name_after(stmt, 1))
-                },
-            ))
+            Statement::Session(SessionChange::Unlisten(if w(1) == "*" || w(1).is_empty() {
+                None
+            } else {
+                Some(name_after(stmt, 1))
+            }))
         } else if is(0, "DECLARE") {
             if facts.with_hold {
                 out.hazards
@@ -238,7 +238,8 @@ impl<'a> Facts<'a> {
             }
             let is = |k: &str| word.eq_ignore_ascii_case(k);
             let starts = |k: &str| {
-                word.len() >= k.len() && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
+                word.len() >= k.len()
+                    && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
             };
             f.writes |= WRITE_WORDS.iter().any(|k| is(k))
                 || WRITE_FUNCTIONS.iter().any(|k| is(k))

@@ -242,6 +242,14 @@ impl SessionState {
     }
 }
 
+/// What running a prepared statement does, remembered from its Parse.
+#[derive(Debug, Clone, Copy, Default)]
+struct Effects {
+    may_write: bool,
+    commits: bool,
+    begins: bool,
+}
+
 /// Why the open transaction cannot be replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unreplayable {
@@ -251,13 +259,17 @@ pub enum Unreplayable {
     Hazard(&'static str),
 }
 
-/// What the gateway must do with a client message before forwarding it.
+/// What the gateway must do around a client message it forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Before {
     /// Forward it.
     Forward,
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
+    /// Capture the WAL position right after it: it ends an autocommit write (or a whole
+    /// transaction in one string) whose xid is not captured, and a position at or past its
+    /// commit is what tells later whether a failover lost it.
+    CaptureLsnAfter,
 }
 
 /// The journal of one session.
@@ -279,6 +291,8 @@ pub struct Journal {
     last_committed_xid: Option<u64>,
     /// Changes waiting for the open transaction to commit.
     pending: Vec<PendingChange>,
+    /// What each prepared statement (by name; "" for the unnamed one) does when executed.
+    statements: std::collections::HashMap<String, Effects>,
 }
 
 impl Journal {
@@ -296,6 +310,7 @@ impl Journal {
             unmovable: None,
             last_committed_xid: None,
             pending: Vec::new(),
+            statements: std::collections::HashMap::new(),
         }
     }
 
@@ -364,6 +379,7 @@ impl Journal {
         let Some(group) = self.groups.last_mut() else {
             return before;
         };
+        let first = group.request.is_empty();
         group.runs |= matches!(
             tag,
             frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
@@ -408,8 +424,15 @@ impl Journal {
                 let name = cstr(body);
                 let sql = body.get(name.len() + 1..).map(cstr).unwrap_or_default();
                 let classified = classify(sql);
-                group.may_write |= classified.may_write();
-                group.commits |= classified.statements.contains(&Statement::Commit);
+                // Parsing runs nothing; what the statement does counts when it is executed.
+                let effects = Effects {
+                    may_write: classified.may_write(),
+                    commits: classified.statements.contains(&Statement::Commit),
+                    begins: classified.statements.contains(&Statement::Begin),
+                };
+                if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
+                    before = Before::CaptureXid;
+                }
                 for hazard in &classified.hazards {
                     match hazard {
                         Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
@@ -418,8 +441,24 @@ impl Journal {
                         }
                     }
                 }
+                self.statements.insert(name.to_owned(), effects);
                 let name = (!name.is_empty()).then(|| name.to_owned());
                 group.parses.push((name, Bytes::copy_from_slice(raw)));
+            }
+            frontend::BIND => {
+                let portal = cstr(body);
+                let statement = body.get(portal.len() + 1..).map(cstr).unwrap_or_default();
+                // A statement the journal never saw parsed may do anything.
+                let effects = self.statements.get(statement).copied().unwrap_or(Effects {
+                    may_write: true,
+                    ..Effects::default()
+                });
+                group.may_write |= effects.may_write;
+                group.commits |= effects.commits;
+                group.begins |= effects.begins;
+                if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
+                    before = Before::CaptureXid;
+                }
             }
             frontend::CLOSE if body.first() == Some(&b'S') => {
                 let name = cstr(&body[1..]);
@@ -437,6 +476,10 @@ impl Journal {
         }
         if frontend::expects_ready_for_query(tag) {
             group.closed = true;
+            let autocommit = self.txn_status == b'I' && !(group.begins && !group.commits);
+            if autocommit && group.may_write && before == Before::Forward {
+                before = Before::CaptureLsnAfter;
+            }
         }
         before
     }
@@ -686,6 +729,34 @@ mod tests {
         j.on_client_message(b'c', &msg(b'c', b""));
         assert_eq!(j.groups().len(), 1);
         assert_eq!(j.unreplayable(), Some(&Unreplayable::TooLarge(64)));
+    }
+
+    #[test]
+    fn executing_a_prepared_write_counts_as_writing() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'P', &msg(b'P', b"ins\0INSERT INTO t VALUES ($1)\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'T');
+        assert!(!j.txn_may_write(), "parsing writes nothing");
+        j.on_client_message(b'B', &msg(b'B', b"\0ins\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'T');
+        assert!(j.txn_may_write());
+        // A prepared COMMIT, bound first in its batch, gets the xid captured before it.
+        j.on_client_message(b'P', &msg(b'P', b"c\0COMMIT\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'T');
+        assert_eq!(
+            j.on_client_message(b'B', &msg(b'B', b"\0c\0\0\0\0\0\0\0")),
+            Before::CaptureXid
+        );
+        // An unknown statement is assumed to write.
+        let mut k = Journal::new(1 << 20);
+        k.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
+        assert!(k.groups()[0].may_write);
     }
 
     #[test]

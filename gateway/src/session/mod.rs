@@ -35,6 +35,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// whose answer is lost can be looked up on the new primary.
 const XID_QUERY: &[u8] = b"Q\0\0\0\x2cSELECT pg_current_xact_id_if_assigned()\0";
 
+/// The query the gateway slips in after an autocommit write: a WAL position at or past its
+/// commit, to check against what a promoted standby had replayed.
+const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
+
 /// Why the data path stopped.
 enum End {
     /// The client sent Terminate (forwarded) or closed its socket.
@@ -50,6 +54,8 @@ enum Owner {
     Client,
     /// The gateway's xid query: consume.
     Xid,
+    /// The gateway's WAL position query: consume.
+    Lsn,
 }
 
 /// What the gateway needs to log in again for this session on another server.
@@ -85,6 +91,8 @@ pub struct Session {
     wire: VecDeque<Owner>,
     /// Value of the DataRow the running xid query returned.
     xid_row: Option<Option<u64>>,
+    /// WAL position at or past the last autocommit write the client saw succeed.
+    acked_lsn: Option<u64>,
     /// Type byte of the server message being streamed in pieces.
     down_tag: u8,
     /// The backend PID the client was told at login.
@@ -125,6 +133,7 @@ impl Session {
             journal: Journal::new(max_replay),
             wire: VecDeque::new(),
             xid_row: None,
+            acked_lsn: None,
             down_tag: 0,
             client_pid: backend_pid,
             backend_pid,
@@ -260,7 +269,8 @@ impl Session {
             }
             let at = self.pump.up.ready;
             let raw = &self.pump.up.buf[at..at + n];
-            if self.journal.on_client_message(tag, raw) == Before::CaptureXid {
+            let before = self.journal.on_client_message(tag, raw);
+            if before == Before::CaptureXid {
                 self.pump.up.insert_ready(XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
@@ -272,6 +282,10 @@ impl Session {
                 self.shared.metrics.queries.increment(1);
             }
             self.pump.up.ready += n;
+            if before == Before::CaptureLsnAfter {
+                self.pump.up.insert_ready(LSN_QUERY);
+                self.wire.push_back(Owner::Lsn);
+            }
         }
     }
 
@@ -291,6 +305,21 @@ impl Session {
         }
         self.pump.up.remove_at_ready(n);
         let mut reply = BytesMut::new();
+        // Housekeeping a driver sends on its own (closing a cached statement) is answered as
+        // the server would, so the 40001 reaches a request that runs a statement.
+        if self.poison == Poison::Next
+            && matches!(tag, frontend::CLOSE | frontend::FLUSH | frontend::SYNC)
+        {
+            match tag {
+                frontend::CLOSE => reply.extend_from_slice(b"3\0\0\0\x04"),
+                frontend::SYNC => encode::ready_for_query(&mut reply, b'T'),
+                _ => {}
+            }
+            if !reply.is_empty() {
+                self.pump.down.insert_ready(&reply);
+            }
+            return true;
+        }
         if self.poison == Poison::Next {
             diverged_error(&mut reply);
             self.poison = Poison::UntilSync;
@@ -321,7 +350,8 @@ impl Session {
             if self.held_fatal.is_some() {
                 return None;
             }
-            let internal = self.wire.front().is_some_and(|o| *o != Owner::Client);
+            let owner = self.wire.front().copied();
+            let internal = owner.is_some_and(|o| o != Owner::Client);
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
             let (step, n) = match down
@@ -339,11 +369,21 @@ impl Session {
             match step {
                 Step::NeedMore => return None,
                 Step::Whole { tag, body } if internal => {
-                    match tag {
-                        backend::DATA_ROW => self.xid_row = Some(parse_xid_row(body)),
-                        backend::READY_FOR_QUERY => {
+                    match (tag, owner) {
+                        (backend::DATA_ROW, Some(Owner::Xid)) => {
+                            self.xid_row = Some(parse_xid_row(body))
+                        }
+                        (backend::DATA_ROW, _) => {
+                            if let Some(lsn) = first_text(body).and_then(parse_lsn) {
+                                self.acked_lsn = Some(lsn);
+                            }
+                        }
+                        (backend::READY_FOR_QUERY, Some(Owner::Xid)) => {
                             self.wire.pop_front();
                             self.journal.set_xid(self.xid_row.take().flatten());
+                        }
+                        (backend::READY_FOR_QUERY, _) => {
+                            self.wire.pop_front();
                         }
                         _ => {}
                     }
@@ -470,12 +510,23 @@ impl Session {
     }
 }
 
-/// The xid in the gateway's xid query's DataRow (`None` for NULL: nothing was written).
-fn parse_xid_row(body: &[u8]) -> Option<u64> {
+/// The first column of a DataRow as text (`None` for NULL).
+fn first_text(body: &[u8]) -> Option<&str> {
     // DataRow: int16 column count, then int32 length (-1 for NULL) and the text value.
     let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
     let text = body.get(6..6 + usize::try_from(len).ok()?)?;
-    std::str::from_utf8(text).ok()?.parse().ok()
+    std::str::from_utf8(text).ok()
+}
+
+/// The xid in the gateway's xid query's DataRow (`None` for NULL: nothing was written).
+fn parse_xid_row(body: &[u8]) -> Option<u64> {
+    first_text(body)?.parse().ok()
+}
+
+/// A `pg_lsn` in its text form (`16/B374D848`) as a number.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// The ErrorResponse a client gets when its transaction could not be carried over.
@@ -518,6 +569,15 @@ mod tests {
         let len = i32::from_be_bytes(XID_QUERY[1..5].try_into().unwrap()) as usize;
         assert_eq!(len + 1, XID_QUERY.len());
         assert_eq!(XID_QUERY.last(), Some(&0));
+    }
+
+    #[test]
+    fn lsn_query_is_well_formed_and_lsns_parse() {
+        let len = i32::from_be_bytes(LSN_QUERY[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 1, LSN_QUERY.len());
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("junk"), None);
     }
 
     #[test]

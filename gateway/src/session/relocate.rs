@@ -345,6 +345,15 @@ impl Session {
         fresh: &mut Fresh,
         promotion: &Promotion,
     ) -> Result<(), SessionError> {
+        // Autocommit writes carry no xid; the WAL position taken right after each must be
+        // within what the standby had replayed when it was promoted.
+        if let (Some(acked), Some(end)) = (self.acked_lsn, promotion.wal_end) {
+            if acked > end {
+                return Err(self.lost_commit(format!(
+                    "a write this session committed (WAL position {acked:X}) is missing on the new primary, which received WAL only up to {end:X}: it was lost with the old primary (asynchronous replication)"
+                )));
+            }
+        }
         let Some(xid) = self.journal.last_committed_xid() else {
             return Ok(());
         };
@@ -361,18 +370,15 @@ impl Session {
         if status.as_deref() == Some("committed") {
             return Ok(());
         }
+        Err(self.lost_commit(format!("a transaction this session committed (xid {xid}, status there: {}) is missing on the new primary: it was lost with the old primary (asynchronous replication)", status.as_deref().unwrap_or("never assigned"))))
+    }
+
+    /// Counts, logs and reports a commit the client saw that the new primary lacks.
+    fn lost_commit(&self, message: String) -> SessionError {
         metrics::counter!("understudy_lost_commits_total").increment(1);
-        tracing::error!(
-            session = self.guard.info().id,
-            xid,
-            ?status,
-            "a commit acknowledged to the client is not on the new primary (asynchronous replication lost it)"
-        );
+        tracing::error!(session = self.guard.info().id, "{message}");
         count_move("lost_commit");
-        Err(cannot_move(
-            "08007",
-            format!("a transaction this session committed (xid {xid}) is missing on the new primary: it was lost with the old primary (asynchronous replication)"),
-        ))
+        cannot_move("08007", message)
     }
 
     /// What the new primary says of `xid`, the open transaction's, whose COMMIT was in flight.
@@ -627,6 +633,12 @@ impl Session {
             }
         }
         let rest = &in_flight[housekeeping..];
+        tracing::debug!(
+            in_flight = in_flight.len(),
+            housekeeping,
+            first_closed = rest.first().map(|g| g.closed),
+            "aborting the replayed transaction"
+        );
         match rest.first() {
             Some(first) if first.closed => {
                 // Its answer comes from the new backend, which aborts the transaction.

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# Understudy journaling overhead: throughput through the current gateway (session journal,
+# response digests, xid capture before COMMIT — always on) against the plain gateway that
+# existed before journaling (git commit 0b3b717, "Gateway: wire framing, startup/TLS, auth relay
+# …, data-path pump …"), and against a direct connection. Target: current/plain >= 0.95.
+#
+# What it does
+#   - builds target/release/understudy (unless SKIP_BUILD=1) and the plain gateway: a git
+#     worktree of $PLAIN_REV under /tmp (removed at the end with `git worktree remove --force`),
+#     built with `cargo build --release -p understudy` into $PLAIN_TARGET_DIR (default
+#     target/bench-plain-<rev>); the binary is kept there as understudy-<full sha>, so later runs
+#     skip the worktree and the build (REBUILD_PLAIN=1 forces them);
+#   - one throwaway PostgreSQL 15 primary (as user postgres, everything on 127.0.0.1): trust auth,
+#     max_connections=100, shared_buffers=256MB, synchronous_commit=off (fsync on; -N measures the
+#     gateways, not the disk's flush latency), max_wal_size=4GB; `pgbench -i -s $SCALE` + VACUUM;
+#   - targets, each a gateway with the single backend (no standby, so nothing else differs):
+#       direct   pgbench → PostgreSQL
+#       plain    0b3b717 `understudy run --listen … --backend …` (its runtime: #[tokio::main], a
+#                multi-thread runtime with one worker per CPU)
+#       current  target/release/understudy, same flags, default configuration
+#       current-mt  (only when the current gateway knows the `worker_threads` key and its default
+#                is not already multi-thread) the current gateway with `worker_threads = 0` (one per CPU),
+#                i.e. the plain gateway's runtime: current-mt/plain isolates the journal from the
+#                runtime choice, current/plain is what a user gets with the defaults;
+#   - workloads pgbench `-S` (simple protocol), `-S -M prepared`, `-N` (BEGIN, UPDATE, SELECT,
+#     INSERT, END: a writing transaction, so the xid capture before COMMIT is exercised) at
+#     `-c $CLIENTS -j $THREADS -T $DURATION -n`; each workload runs $ROUNDS rounds, every round
+#     runs every target once (order rotated each round), preceded by $WARMUP s untimed per target;
+#   - report: median TPS ("without initial connection time") per workload and target, ratios
+#     current/plain (target >= 0.95), current/direct, plain/direct, raw runs, and how busy the
+#     machine was just before each run (0.5 s sample of /proc/stat, after waiting up to
+#     QUIET_WAIT s for a quiet moment; >= 10 % means something else was running and the numbers
+#     deserve suspicion). Written to $RESULTS
+#     (default bench/overhead-latest.md).
+#
+# How long: workloads(3) x targets(3-4) x ROUNDS x (DURATION + WARMUP) + ~20 s setup.
+#   Defaults (DURATION=10 ROUNDS=3 WARMUP=2, 4 targets): ~7.5 minutes; DURATION=5 ROUNDS=3: ~4.5.
+#   Plus the builds the first time (the plain gateway from scratch: a few minutes on 2 CPUs).
+#
+# Knobs (environment):
+#   DURATION=10  ROUNDS=3  WARMUP=2  SCALE=10  CLIENTS=8  THREADS=2
+#   PLAIN_REV=0b3b717   PLAIN_TARGET_DIR=target/bench-plain-<rev>   REBUILD_PLAIN=1
+#   MT=auto|0    run the current-mt target when possible (auto) or never (0)
+#   SKIP_BUILD=1 use the existing target/release/understudy (the plain one is still built if missing)
+#   QUIET_MAX=15 QUIET_WAIT=60  before each run wait up to QUIET_WAIT s for the machine to be at
+#                most QUIET_MAX % busy (0.5 s samples; QUIET_WAIT=0: never wait)
+#   RESULTS=...  KEEP_TMP=1  PGBIN=/usr/lib/postgresql/15/bin
+#
+# Usage: bench/overhead.sh   (as root)
+
+set -euo pipefail
+export LC_ALL=C
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+WARMUP=${WARMUP:-2}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-8}
+THREADS=${THREADS:-2}
+PLAIN_REV=${PLAIN_REV:-0b3b717}
+MT=${MT:-auto}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+QUIET_MAX=${QUIET_MAX:-15}
+QUIET_WAIT=${QUIET_WAIT:-60}
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+RESULTS=${RESULTS:-$BENCH_DIR/overhead-latest.md}
+GATEWAY_BIN=$ROOT/target/release/understudy
+PLAIN_TARGET_DIR=${PLAIN_TARGET_DIR:-$ROOT/target/bench-plain-$PLAIN_REV}
+
+log() { printf '[overhead %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root (PostgreSQL is started as user postgres with runuser)"
+for tool in pgbench psql runuser python3 git cargo; do
+    command -v "$tool" >/dev/null || die "$tool not found"
+done
+[[ -x $PGBIN/initdb && -x $PGBIN/pg_ctl ]] || die "PostgreSQL binaries not found in $PGBIN"
+
+TMP=""
+WORKTREE=""
+PG_DATA=""
+declare -A GW_PID=()
+cleanup() {
+    local rc=$?
+    set +e
+    for t in "${!GW_PID[@]}"; do
+        local pid=${GW_PID[$t]}
+        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
+        fi
+    done
+    if [[ -n $PG_DATA && -f $PG_DATA/postmaster.pid ]]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [[ -n $WORKTREE ]]; then
+        git -C "$ROOT" worktree remove --force "$WORKTREE" >/dev/null 2>&1 || rm -rf "$WORKTREE"
+        git -C "$ROOT" worktree prune >/dev/null 2>&1
+    fi
+    if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+            log "temp dir kept: $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() { # port seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+background_busy() { # machine busy % over 0.5 s
+    local a b
+    a=$(head -n1 /proc/stat)
+    sleep 0.5
+    b=$(head -n1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " "); tot = 0
+        for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
+}
+
+# Before each measured run: wait (up to QUIET_WAIT s) until the machine is at most QUIET_MAX %
+# busy without us; prints the last sample. On a shared 2-CPU box a concurrent build or test run
+# moves TPS by tens of percent; this keeps most runs out of such bursts, the report shows the rest.
+wait_quiet() {
+    local b waited=0
+    while :; do
+        b=$(background_busy)
+        if [[ $b -le $QUIET_MAX || $waited -ge $QUIET_WAIT ]]; then
+            echo "$b"
+            return
+        fi
+        [[ $waited -eq 0 ]] && log "machine ${b}% busy (something else is running); waiting up to ${QUIET_WAIT}s for <= ${QUIET_MAX}%"
+        sleep 1
+        waited=$((waited + 2)) # the sample takes 0.5 s, the sleep 1 s; counted generously
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# 1. builds
+if [[ $SKIP_BUILD != 1 ]]; then
+    log "cargo build --release -p understudy (current tree)"
+    (cd "$ROOT" && cargo build --release -p understudy)
+fi
+[[ -x $GATEWAY_BIN ]] || die "$GATEWAY_BIN missing (build it or unset SKIP_BUILD)"
+PLAIN_FULL=$(git -C "$ROOT" rev-parse --verify "$PLAIN_REV^{commit}") || die "no commit $PLAIN_REV"
+TMP=$(mktemp -d /tmp/understudy-overhead.XXXXXX)
+chmod 755 "$TMP"
+# The plain binary is cached by commit: a fresh worktree has fresh mtimes, so cargo would
+# recompile the workspace crates (minutes on 2 CPUs) even with the target dir kept.
+PLAIN_CACHED=$PLAIN_TARGET_DIR/understudy-$PLAIN_FULL
+if [[ -x $PLAIN_CACHED && ${REBUILD_PLAIN:-0} != 1 ]]; then
+    log "plain gateway $PLAIN_REV: cached binary $PLAIN_CACHED"
+else
+    WORKTREE=$TMP/plain-src
+    log "git worktree add $WORKTREE $PLAIN_REV; cargo build --release -p understudy (target dir $PLAIN_TARGET_DIR)"
+    git -C "$ROOT" worktree add --detach "$WORKTREE" "$PLAIN_FULL" >"$TMP/worktree.log" 2>&1 \
+        || { cat "$TMP/worktree.log" >&2; die "git worktree add failed"; }
+    CARGO_TARGET_DIR=$PLAIN_TARGET_DIR cargo build --release --manifest-path "$WORKTREE/Cargo.toml" -p understudy \
+        || die "building $PLAIN_REV failed"
+    cp "$PLAIN_TARGET_DIR/release/understudy" "$PLAIN_CACHED.tmp" && mv "$PLAIN_CACHED.tmp" "$PLAIN_CACHED"
+    git -C "$ROOT" worktree remove --force "$WORKTREE" && WORKTREE=""
+    git -C "$ROOT" worktree prune || true
+fi
+PLAIN_BIN=$TMP/understudy-plain
+cp "$PLAIN_CACHED" "$PLAIN_BIN"
+
+# ---------------------------------------------------------------------------------------------
+# 2. PostgreSQL
+mkdir -p "$TMP/pg"
+chown postgres:postgres "$TMP/pg"
+PG_DATA=$TMP/pg/data
+PG_PORT=$(free_port)
+log "initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
+runuser -u postgres -- "$PGBIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-sync >"$TMP/pg/initdb.log" 2>&1 \
+    || { cat "$TMP/pg/initdb.log" >&2; die "initdb failed"; }
+cat >>"$PG_DATA/postgresql.conf" <<EOF
+
+# --- understudy overhead bench ---
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$TMP/pg'
+max_connections = 100
+shared_buffers = 256MB
+synchronous_commit = off
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+logging_collector = off
+log_min_messages = warning
+EOF
+cat >"$PG_DATA/pg_hba.conf" <<EOF
+local all all trust
+host  all all 127.0.0.1/32 trust
+EOF
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$TMP/pg/postgres.log" -w -t 60 start >/dev/null \
+    || { tail -n 30 "$TMP/pg/postgres.log" >&2; die "postgres did not start"; }
+export PGUSER=postgres PGSSLMODE=disable PGGSSENCMODE=disable PGAPPNAME=understudy-overhead
+unset PGPASSWORD PGHOST PGPORT PGDATABASE PGSERVICE
+DB=bench
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -c "CREATE DATABASE $DB" >/dev/null
+log "pgbench -i -s $SCALE"
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" "$DB" >"$TMP/pg/pgbench-init.log" 2>&1 \
+    || { cat "$TMP/pg/pgbench-init.log" >&2; die "pgbench -i failed"; }
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# 3. gateways (all running for the whole benchmark; idle ones cost nothing)
+declare -A PORT=([direct]=$PG_PORT)
+start_gateway() { # name binary [extra args...]
+    local name=$1 bin=$2
+    shift 2
+    local port
+    port=$(free_port)
+    RUST_LOG=${RUST_LOG:-warn} "$bin" run --listen "127.0.0.1:$port" --backend "127.0.0.1:$PG_PORT" "$@" \
+        >"$TMP/gw-$name.log" 2>&1 &
+    GW_PID[$name]=$!
+    if ! wait_port "$port" 20; then
+        kill -KILL "${GW_PID[$name]}" 2>/dev/null || true
+        unset 'GW_PID[$name]'
+        return 1
+    fi
+    PORT[$name]=$port
+}
+TARGETS=(direct plain current)
+start_gateway plain "$PLAIN_BIN" || { cat "$TMP/gw-plain.log" >&2; die "plain gateway did not start"; }
+start_gateway current "$GATEWAY_BIN" || { cat "$TMP/gw-current.log" >&2; die "current gateway did not start"; }
+CURRENT_RUNTIME="multi-thread, one worker per CPU (#[tokio::main]; no worker_threads setting)"
+MT_NOTE=""
+if grep -q 'worker_threads' "$ROOT/gateway/src/config.rs" 2>/dev/null; then
+    # the key exists in this tree (the binary is checked by starting it): what is its default?
+    wt_default=$(sed -n 's/^ *worker_threads: \([0-9]*\),.*/\1/p' "$ROOT/gateway/src/config.rs" | head -n1)
+    CURRENT_RUNTIME="worker_threads = ${wt_default:-?} (default)"
+    if [[ $MT != 0 && ${wt_default:-} != 0 ]]; then
+        printf 'listen = "127.0.0.1:%s"\nbackends = ["127.0.0.1:%s"]\nworker_threads = 0\n' \
+            "$(free_port)" "$PG_PORT" >"$TMP/current-mt.toml"
+        mt_port=$(sed -n 's/^listen = "127.0.0.1:\([0-9]*\)"/\1/p' "$TMP/current-mt.toml")
+        RUST_LOG=${RUST_LOG:-warn} "$GATEWAY_BIN" run --config "$TMP/current-mt.toml" >"$TMP/gw-current-mt.log" 2>&1 &
+        GW_PID[current-mt]=$!
+        if wait_port "$mt_port" 20; then
+            PORT[current-mt]=$mt_port
+            TARGETS+=(current-mt)
+        else
+            MT_NOTE="current-mt skipped: the gateway did not start with worker_threads = 0 ($(head -c 300 "$TMP/gw-current-mt.log" | tr '\n' ' '))"
+            kill -KILL "${GW_PID[current-mt]}" 2>/dev/null || true
+            unset 'GW_PID[current-mt]'
+        fi
+    fi
+fi
+for t in "${TARGETS[@]}"; do
+    psql -X -q -t -A -h 127.0.0.1 -p "${PORT[$t]}" -d "$DB" -c "SELECT 1" >/dev/null \
+        || die "$t (port ${PORT[$t]}) does not answer"
+done
+log "targets: ${TARGETS[*]} (current runtime: $CURRENT_RUNTIME)"
+[[ -z $MT_NOTE ]] || log "$MT_NOTE"
+
+# ---------------------------------------------------------------------------------------------
+# 4. measurement
+RAW=$TMP/raw.tsv # workload target round tps latency_ms busy
+: >"$RAW"
+WORKLOADS=("-S" "-S -M prepared" "-N")
+parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
+parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
+alive() {
+    [[ $1 == direct ]] && return 0
+    kill -0 "${GW_PID[$1]}" 2>/dev/null || { tail -n 30 "$TMP/gw-$1.log" >&2; die "gateway $1 died"; }
+}
+LOAD_START=$(cut -d' ' -f1 /proc/loadavg)
+n_targets=${#TARGETS[@]}
+for w in "${WORKLOADS[@]}"; do
+    read -r -a wargs <<<"$w"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for ((k = 0; k < n_targets; k++)); do
+            t=${TARGETS[$(((k + r - 1) % n_targets))]}
+            alive "$t"
+            if [[ $WARMUP -gt 0 ]]; then
+                pgbench -n -h 127.0.0.1 -p "${PORT[$t]}" -c "$CLIENTS" -j "$THREADS" -T "$WARMUP" "${wargs[@]}" "$DB" \
+                    >/dev/null 2>&1 || true
+            fi
+            busy=$(wait_quiet)
+            out=$TMP/run-${w// /_}-$t-$r.txt
+            pgbench -n -h 127.0.0.1 -p "${PORT[$t]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" "${wargs[@]}" "$DB" \
+                >"$out" 2>&1 || { log "pgbench $w against $t exited non-zero:"; tail -n 10 "$out" >&2; }
+            tps=$(parse_tps "$out")
+            lat=$(parse_lat "$out")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-nan}" "${lat:-nan}" "$busy" >>"$RAW"
+            log "pgbench $w round $r/$ROUNDS $t: ${tps:-?} tps (machine busy before: ${busy}%)"
+        done
+    done
+done
+LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
+
+# ---------------------------------------------------------------------------------------------
+# 5. report
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
+[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
+PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
+REPORT=$TMP/report.md
+python3 - "$RAW" "${TARGETS[*]}" >"$REPORT" <<PY
+import math, statistics, sys
+raw, targets = sys.argv[1], sys.argv[2].split()
+rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
+def med(w, t):
+    v = [float(r[3]) for r in rows if r[0] == w and r[1] == t and r[3] != "nan"]
+    return statistics.median(v) if v else float("nan")
+W = ["-S", "-S -M prepared", "-N"]
+print("# Understudy journaling overhead")
+print()
+print("$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(uname -r)), PostgreSQL $PG_VERSION; pgbench -c $CLIENTS -j $THREADS -T $DURATION,")
+print("ROUNDS=$ROUNDS (median; targets interleaved, order rotated each round, ${WARMUP} s warm-up before each run), SCALE=$SCALE,")
+print("synchronous_commit=off, trust auth, one PostgreSQL, everything on 127.0.0.1. Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
+print()
+print("- **direct**: pgbench → PostgreSQL")
+print("- **plain**: the gateway before journaling, commit $PLAIN_REV ($(git -C "$ROOT" log -1 --format=%s "$PLAIN_FULL" | cut -c1-60)…), multi-thread runtime (#[tokio::main])")
+print("- **current**: $GIT_REV, default configuration ($CURRENT_RUNTIME): session journal, response digests, xid capture before COMMIT")
+if "current-mt" in targets:
+    print("- **current-mt**: the same binary with \`worker_threads = 0\` (one worker per CPU, the plain gateway's runtime): current-mt/plain isolates the journal's cost from the runtime choice")
+note = """$MT_NOTE"""
+if note: print(f"- {note}")
+bg = [float(r[5]) for r in rows]
+if bg:
+    print()
+    print(f"Machine busy in the 0.5 s before each run (nothing of the benchmark running): median {statistics.median(bg):.0f} %, max {max(bg):.0f} %"
+          + (" — **something else was running; treat the numbers with care**" if max(bg) >= 10 else "") + ".")
+print()
+print("## Median TPS")
+print()
+print("| workload | " + " | ".join(targets) + " |")
+print("|---|" + "---:|" * len(targets))
+for w in W:
+    print(f"| \`{w}\` | " + " | ".join(f"{med(w,t):,.0f}" for t in targets) + " |")
+print()
+print("## Ratios")
+print()
+pairs = [("current", "plain"), ("current", "direct"), ("plain", "direct")]
+if "current-mt" in targets:
+    pairs[1:1] = [("current-mt", "plain")]
+print("| workload | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " | current/plain ≥ 0.95 |")
+print("|---|" + "---:|" * len(pairs) + ":---:|")
+verdicts = []
+for w in W:
+    cells = [med(w, a) / med(w, b) for a, b in pairs]
+    ok = cells[0] >= 0.95
+    verdicts.append((w, cells[0], ok, (med(w, "current-mt") / med(w, "plain")) if "current-mt" in targets else None))
+    print(f"| \`{w}\` | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {'met' if ok else '**missed**'} |")
+print()
+print("## Targets")
+print()
+for w, c, ok, mt in verdicts:
+    extra = f" (current-mt/plain {mt:.3f})" if mt is not None else ""
+    print(f"- \`{w}\`: current/plain {c:.3f} vs ≥ 0.95 → {'met' if ok else 'MISSED'}{extra}")
+print()
+print("Run-to-run noise on this machine is several percent between rounds of the same target (see the raw runs);")
+print("a ratio within a few percent of 0.95 is not a clear verdict either way.")
+print()
+print("## Raw runs")
+print()
+print("| workload | target | round | tps | latency avg (ms) | machine busy before (%) |")
+print("|---|---|---:|---:|---:|---:|")
+for r in rows:
+    tps = "nan" if r[3] == "nan" else f"{float(r[3]):,.1f}"
+    print(f"| \`{r[0]}\` | {r[1]} | {r[2]} | {tps} | {r[4]} | {r[5]} |")
+PY
+cp "$REPORT" "$RESULTS"
+echo
+cat "$REPORT"
+echo
+log "report written to $RESULTS"

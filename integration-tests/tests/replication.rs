@@ -1,0 +1,481 @@
+//! Failover under both replication modes. Synchronous: nothing a client saw commit can be lost,
+//! so every session carries on, and a write whose answer was lost is resolved (or reported
+//! 08007), never invented nor applied twice. Asynchronous: a commit the client saw succeed can
+//! be lost with the old primary; the gateway must say so (08007, FATAL) instead of carrying on
+//! as if it had not happened. The standby's WAL receiver is frozen with SIGSTOP to choose
+//! exactly which WAL the standby gets.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_postgres::{Client, NoTls};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+
+async fn setup(cluster: &Cluster, sql: &str) {
+    cluster.superuser().await.batch_execute(sql).await.unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+}
+
+async fn values(client: &Client) -> Vec<i32> {
+    client
+        .query("SELECT a FROM t ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn server_port(client: &Client) -> u16 {
+    let port: i32 = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    u16::try_from(port).expect("a TCP port")
+}
+
+/// The cluster as seen after the gateway's failover: the promoted standby is `primary`.
+async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
+    if cluster.pg.primary.is_in_recovery().await.is_err() {
+        cluster.reseed().await;
+    }
+    cluster
+}
+
+/// Connects and keeps the connection's own ending (the error a FATAL the client did not ask
+/// for closes it with) in a channel.
+async fn connect_watched(
+    gw: &TestGateway,
+    user: &str,
+) -> (Client, oneshot::Receiver<Option<tokio_postgres::Error>>) {
+    let (client, conn) = gw.pg_config(user).connect(NoTls).await.unwrap();
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(conn.await.err());
+    });
+    (client, rx)
+}
+
+/// The sum of every series of metric `name` in Prometheus text.
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?;
+            if !labels.is_empty() && !labels.starts_with('{') {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A process stopped with SIGSTOP, continued with SIGCONT when released or dropped (so a
+/// failing test never leaves a frozen server process behind).
+struct Frozen {
+    pid: Option<i32>,
+}
+
+impl Frozen {
+    fn freeze(pid: i32) -> Self {
+        signal("STOP", pid);
+        Self { pid: Some(pid) }
+    }
+
+    fn thaw(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            signal("CONT", pid);
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.thaw();
+    }
+}
+
+fn signal(name: &str, pid: i32) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// The standby's WAL receiver, frozen: what the primary writes from now on waits in the
+/// receiver's socket. With asynchronous replication commits are acknowledged to clients
+/// meanwhile; with synchronous replication they wait.
+struct WalGap {
+    receiver: Frozen,
+    /// Superuser connection straight to the standby.
+    on_standby: Client,
+    standby_port: u16,
+}
+
+impl WalGap {
+    async fn open(cluster: &Cluster) -> Self {
+        cluster.pg.wait_standby_caught_up().await.unwrap();
+        let standby = cluster.pg.standby.as_ref().unwrap();
+        let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
+        let pid: i32 = on_standby
+            .query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        Self {
+            receiver: Frozen::freeze(pid),
+            on_standby,
+            standby_port: standby.port(),
+        }
+    }
+
+    /// Continues the receiver at once (after the primary was killed, before the gateway can
+    /// promote): it reads and applies the WAL waiting in its socket, so nothing is lost.
+    fn close_now(mut self) {
+        self.receiver.thaw();
+    }
+
+    /// After the primary was killed: waits until the gateway runs `pg_promote()` on the standby
+    /// (it does once the receiver has been silent past `standby_silence_ms`), then continues the
+    /// receiver. Promotion has asked it to stop, so it exits on the pending SIGTERM without
+    /// reading the WAL waiting in its socket; continued any earlier, it would read and apply
+    /// that WAL and nothing would be lost (tried: the row is then on the new primary).
+    async fn close_after_promotion_began(mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let promoting: i64 = self
+                .on_standby
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE query LIKE '%pg_promote(%' AND state = 'active'
+                        AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if promoting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway never called pg_promote()"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.receiver.thaw();
+    }
+}
+
+/// Runs `sql` on `client` in a task (sent at once; answered when the gateway is done with the
+/// failover).
+fn spawn_statement(
+    client: Client,
+    sql: &'static str,
+) -> tokio::task::JoinHandle<(Client, Result<(), tokio_postgres::Error>)> {
+    tokio::spawn(async move {
+        let r = client.simple_query(sql).await.map(drop);
+        (client, r)
+    })
+}
+
+/// Asserts that a session ended with FATAL 08007 naming a commit lost with the old primary:
+/// as the answer to `next`, its statement, or (had the FATAL come first) as its connection's
+/// end.
+async fn assert_lost_commit_fatal(
+    next: tokio::task::JoinHandle<(Client, Result<(), tokio_postgres::Error>)>,
+    conn_end: oneshot::Receiver<Option<tokio_postgres::Error>>,
+) {
+    let (client, r) = tokio::time::timeout(PATIENCE, next)
+        .await
+        .expect("the session's next statement is answered")
+        .unwrap();
+    let e = r.expect_err("the session cannot carry on past a lost commit");
+    let conn_error = match e.as_db_error() {
+        Some(_) => None,
+        None => tokio::time::timeout(PATIENCE, conn_end)
+            .await
+            .expect("the connection ends")
+            .unwrap(),
+    };
+    let db = e
+        .as_db_error()
+        .or_else(|| conn_error.as_ref().and_then(|e| e.as_db_error()))
+        .unwrap_or_else(|| panic!("no server error: {e:?}, connection: {conn_error:?}"));
+    assert_eq!(db.code().code(), "08007", "{db:?}");
+    assert_eq!(db.severity(), "FATAL", "{db:?}");
+    assert!(
+        db.message().contains("missing on the new primary") && db.message().contains("lost"),
+        "the message names the lost commit: {}",
+        db.message()
+    );
+    assert!(client.is_closed(), "the session is over");
+}
+
+/// Waits until the gateway routes new sessions to the backend on `port`.
+async fn wait_routed_to(gw: &TestGateway, port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    while gw
+        .handle
+        .shared()
+        .topology
+        .current_primary()
+        .map(|b| b.port)
+        != Some(port)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never routed to {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn lost_commits_counted(gw: &TestGateway) -> f64 {
+    metric_total(
+        &gw.admin_get("/metrics").await,
+        "understudy_lost_commits_total",
+    )
+}
+
+/// Synchronous replication: a session with an open transaction and an idle one that had just
+/// committed both carry on, on their own connections, on the promoted standby; the idle
+/// session's acknowledged commit is found there, the open transaction is replayed, and every
+/// commit lands exactly once.
+#[tokio::test]
+async fn synchronous_sessions_continue() {
+    let mut cluster = Cluster::build(|o| o.synchronous = true).await;
+    let standby_port = cluster.pg.standby.as_ref().unwrap().port();
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let idle = gw.connect(roles::SCRAM).await;
+    let open = gw.connect(roles::MD5).await;
+    // Separate statements, so that the gateway captures the xid before COMMIT: after the
+    // failover it checks that this acknowledged commit is on the new primary.
+    for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
+        idle.batch_execute(sql).await.unwrap();
+    }
+    open.batch_execute("BEGIN").await.unwrap();
+    open.batch_execute("INSERT INTO t VALUES (10)")
+        .await
+        .unwrap();
+    let insert = open.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    open.execute(&insert, &[&11]).await.unwrap();
+
+    cluster.kill_primary().await;
+
+    idle.batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("the idle session carries on");
+    for sql in ["BEGIN", "INSERT INTO t VALUES (3)", "COMMIT"] {
+        idle.batch_execute(sql).await.unwrap();
+    }
+    open.execute(&insert, &[&12])
+        .await
+        .expect("the open transaction carries on");
+    assert_eq!(
+        values(&open).await,
+        [1, 2, 3, 10, 11, 12],
+        "inside the replayed transaction"
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(server_port(&idle).await, standby_port);
+    assert_eq!(server_port(&open).await, standby_port);
+
+    let cluster = cluster_on_new_primary(&mut cluster).await;
+    assert_eq!(
+        values(&cluster.superuser().await).await,
+        [1, 2, 3, 10, 11, 12]
+    );
+}
+
+/// Synchronous replication, a COMMIT in flight (held up by a deferred trigger) when the primary
+/// dies, in a transaction whose writes were all Bind/Execute of a statement prepared earlier
+/// (what drivers with a statement cache send). The old primary never committed it. The client
+/// may hear COMMIT only if the rows are on the new primary; otherwise it must get 08007.
+#[tokio::test]
+async fn synchronous_commit_in_flight_after_prepared_writes() {
+    let mut cluster = Cluster::build(|o| o.synchronous = true).await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let insert = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&insert, &[&1]).await.unwrap();
+    c.execute(&insert, &[&2]).await.unwrap();
+    let commit = tokio::spawn(async move {
+        let r = c.batch_execute("COMMIT").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_primary().await;
+    let (c, r) = commit.await.unwrap();
+
+    let rows = values(&c).await;
+    match r {
+        Ok(()) => assert_eq!(rows, [1, 2], "COMMIT acknowledged: the rows must exist"),
+        Err(e) => assert_eq!(
+            sqlstate(&e),
+            Some("08007"),
+            "a COMMIT whose outcome is unknown gets 08007: {e:?}"
+        ),
+    }
+    let cluster = cluster_on_new_primary(&mut cluster).await;
+    assert_eq!(values(&cluster.superuser().await).await, rows);
+}
+
+/// Synchronous replication, an autocommit INSERT (Bind/Execute of a statement prepared earlier)
+/// in flight when the primary dies after committing it: the commit waits for the standby,
+/// whose WAL receiver is frozen, and the receiver is continued once the primary is dead, so
+/// the standby has the row but the client never got the answer. The gateway cannot know
+/// whether the write was applied: the client must get 08007, and the row must exist once.
+#[tokio::test]
+async fn synchronous_autocommit_write_in_flight_is_not_applied_twice() {
+    let mut cluster = Cluster::build(|o| o.synchronous = true).await;
+    setup(&cluster, "CREATE TABLE t(a int); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let insert = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    let gap = WalGap::open(&cluster).await;
+    let write = tokio::spawn(async move {
+        let r = c.execute(&insert, &[&7]).await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !write.is_finished(),
+        "the commit waits for the frozen standby"
+    );
+    cluster.kill_primary().await;
+    gap.close_now();
+    let (c, r) = write.await.unwrap();
+
+    let rows = values(&c).await;
+    assert_eq!(rows, [7], "the committed INSERT exists exactly once");
+    match r {
+        Ok(n) => panic!("the gateway ran the in-flight write again (INSERT 0 {n})"),
+        Err(e) => assert_eq!(sqlstate(&e), Some("08007"), "{e:?}"),
+    }
+}
+
+/// Asynchronous replication loses a commit: the standby's WAL receiver is frozen (SIGSTOP),
+/// a transaction commits through the gateway (the client sees success), and the primary is
+/// killed; the receiver is continued only once the gateway's `pg_promote()` runs (see
+/// [`WalGap::close_after_promotion_began`]). The session that saw the commit gets FATAL 08007
+/// naming the lost commit on its next statement, `understudy_lost_commits_total` counts it, and
+/// a new connection works and indeed lacks the row.
+#[tokio::test]
+async fn lost_commit_ends_the_session_with_08007() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
+        .await;
+    let (c, conn_end) = connect_watched(&gw, roles::SCRAM).await;
+    for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
+        c.batch_execute(sql).await.unwrap();
+    }
+
+    let gap = WalGap::open(&cluster).await;
+    // Separate statements: the gateway captures the xid before COMMIT.
+    for sql in ["BEGIN", "INSERT INTO t VALUES (2)", "COMMIT"] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    assert_eq!(
+        values(&gap.on_standby).await,
+        [1],
+        "the standby has not received the second commit"
+    );
+    let standby_port = gap.standby_port;
+
+    cluster.kill_primary().await;
+    // Sent while the gateway waits for the promotion: its answer is how the session ends.
+    let next = spawn_statement(c, "SELECT 1");
+    gap.close_after_promotion_began().await;
+
+    assert_lost_commit_fatal(next, conn_end).await;
+    assert!(lost_commits_counted(&gw).await >= 1.0);
+    let fresh = gw.connect(roles::SCRAM).await;
+    assert_eq!(values(&fresh).await, [1], "the second commit is gone");
+    fresh
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&fresh).await, standby_port);
+    assert_eq!(values(&fresh).await, [1, 3]);
+}
+
+/// As [`lost_commit_ends_the_session_with_08007`], for commits the gateway captures no xid for:
+/// an autocommit INSERT, `BEGIN; INSERT; COMMIT` sent as one Query string, and a transaction
+/// whose only write is Bind/Execute of a statement prepared earlier. All three were
+/// acknowledged and all are lost, so all three sessions must end with FATAL 08007 (DESIGN.md,
+/// Failover step 6: "detect, count, log, report, never hide").
+#[tokio::test]
+async fn lost_commits_without_captured_xid_end_their_sessions() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
+        .await;
+    let (autocommit, autocommit_end) = connect_watched(&gw, roles::SCRAM).await;
+    let (one_string, one_string_end) = connect_watched(&gw, roles::MD5).await;
+    let (prepared, prepared_end) = connect_watched(&gw, roles::CLEARTEXT).await;
+    let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    autocommit
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    let gap = WalGap::open(&cluster).await;
+    autocommit
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    one_string
+        .batch_execute("BEGIN; INSERT INTO t VALUES (3); COMMIT")
+        .await
+        .unwrap();
+    prepared.batch_execute("BEGIN").await.unwrap();
+    prepared.execute(&insert, &[&4]).await.unwrap();
+    prepared.batch_execute("COMMIT").await.unwrap();
+    let lost_before = lost_commits_counted(&gw).await;
+
+    cluster.kill_primary().await;
+    let next_autocommit = spawn_statement(autocommit, "SELECT 1");
+    let next_one_string = spawn_statement(one_string, "SELECT 1");
+    let next_prepared = spawn_statement(prepared, "SELECT 1");
+    let standby_port = gap.standby_port;
+    gap.close_after_promotion_began().await;
+
+    wait_routed_to(&gw, standby_port).await;
+    let fresh = gw.connect(roles::TRUST).await;
+    assert_eq!(values(&fresh).await, [1], "the three commits are lost");
+    assert_lost_commit_fatal(next_autocommit, autocommit_end).await;
+    assert_lost_commit_fatal(next_one_string, one_string_end).await;
+    assert_lost_commit_fatal(next_prepared, prepared_end).await;
+    assert!(lost_commits_counted(&gw).await >= lost_before + 3.0);
+}

@@ -493,9 +493,9 @@ GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain -- gateway protocol replay 2>/dev/null | head -n1) ]]; then GIT_REV="$GIT_REV (dirty tree)"; fi
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 REPORT=$TMP/report.md
-python3 - "$PROBE_OUT" "$FAILOVER_TSV" "$TMP/gateway.log" "$FAILOVERS" "$COMPLETED" "$ABORTED" "$CLIENTS" "$TMP/metrics.txt" >"$REPORT" <<PY
+python3 - "$PROBE_OUT" "$FAILOVER_TSV" "$TMP/gateway.log" "$FAILOVERS" "$COMPLETED" "$ABORTED" "$CLIENTS" "$TMP/metrics.txt" "$TMP" >"$REPORT" <<PY
 import re, statistics, sys
-probe_out, tsv, gwlog, wanted, completed, aborted, clients, metrics = sys.argv[1:9]
+probe_out, tsv, gwlog, wanted, completed, aborted, clients, metrics, tmpdir = sys.argv[1:10]
 wanted, completed = int(wanted), int(completed)
 clients = [c for c in clients.split(",") if c]
 lines = open(probe_out).read().splitlines()
@@ -522,6 +522,28 @@ def ts_ns(l):  # tracing's RFC 3339 UTC timestamp at the start of the line
         return None
     return int(d.timestamp()) * 10**9 + d.microsecond * 1000
 down = [l for l in gw if "primary is down; failing over" in l]
+# PostgreSQL's own view, from the server logs of every incarnation (ms resolution)
+import glob
+pgev = []  # (ns, kind)
+for f in glob.glob(tmpdir + "/logs/*.log") + glob.glob(tmpdir + "/node*/postgres.log"):
+    for l in open(f, errors="replace"):
+        kind = ("eof" if "could not receive data from WAL stream" in l else
+                "ready" if "database system is ready to accept connections" in l else None)
+        if kind is None:
+            continue
+        try:
+            d = datetime.strptime(l[:23], "%Y-%m-%d %H:%M:%S.%f")
+        except ValueError:
+            continue
+        from datetime import timezone
+        d = d.replace(tzinfo=timezone.utc)
+        pgev.append((int(d.timestamp()) * 10**9 + d.microsecond * 1000, kind))
+pgev.sort()
+def pg_after(kind, t0):
+    for t, k in pgev:
+        if k == kind and t >= t0 - 1_000_000:  # log lines have ms resolution
+            return (t - t0) / 1e6
+    return None
 def first_after(cands, t0):
     for l in cands:
         t = ts_ns(l)
@@ -550,9 +572,10 @@ print(f"Failovers: {completed} of {wanted} completed" + (f" — **stopped: {abor
 print()
 print("## Stall per failover (ms)")
 print()
-hdr = "| # | killed → new | " + " | ".join(f"{c} stall" for c in clients) + " | kill → gateway says primary down | gateway promotion (took_ms) | client errors | re-seed s | machine busy before kill % |"
+hdr = "| # | killed → new | " + " | ".join(f"{c} stall" for c in clients) + " | kill → standby's WAL receiver loses it (PG log) | kill → gateway says primary down | kill → promoted standby ready (PG log) | gateway promotion (took_ms) | client errors | re-seed s | machine busy before kill % |"
 print(hdr)
-print("|---:|---|" + "---:|" * len(clients) + "---:|---:|---|---:|---:|")
+print("|---:|---|" + "---:|" * len(clients) + "---:|---:|---:|---:|---|---:|---:|")
+eof_ms, ready_ms = [], []
 detect_ms, promo_ms = [], []
 ids = sorted({k[0] for k in stalls})
 fo_by = {int(r[0]): r for r in fo}
@@ -570,16 +593,20 @@ for i in ids:
         if d.get("late_old", "0") != "0": s += f" (late_old={d['late_old']})"
         cells.append(s)
         if d.get("errors", "0") != "0": errs.append(f"{c}: {d['errors']}")
-    dm = pm = None
+    dm = pm = em = rm = None
     if r:
         t0 = int(r[3])
+        em = pg_after("eof", t0)
+        rm = pg_after("ready", t0)
+        if em is not None: eof_ms.append(em)
+        if rm is not None: ready_ms.append(rm)
         _, td = first_after(down, t0)
         if td is not None:
             dm = (td - t0) / 1e6; detect_ms.append(dm)
         lp, _ = first_after(promo, t0)
         if lp is not None and took(lp) is not None:
             pm = took(lp); promo_ms.append(pm)
-    print(f"| {i} | {ports} | " + " | ".join(cells) + f" | {'?' if dm is None else f'{dm:.1f}'} | {'?' if pm is None else pm} | {', '.join(errs) or '0'} | {r[5] if r else '?'} | {r[6] if r else '?'} |")
+    print(f"| {i} | {ports} | " + " | ".join(cells) + f" | {'?' if em is None else f'{em:.0f}'} | {'?' if dm is None else f'{dm:.1f}'} | {'?' if rm is None else f'{rm:.0f}'} | {'?' if pm is None else pm} | {', '.join(errs) or '0'} | {r[5] if r else '?'} | {r[6] if r else '?'} |")
 print()
 print("## Summary")
 print()
@@ -597,9 +624,14 @@ for c in clients + ["all"]:
     verdict.append((c, p50, mx, ok50, okmx))
     print(f"| {c} | {len(v)} | {p50:.1f} | {pct(v,90):.1f} | {mx:.1f} | {statistics.mean(v):.1f} | {min(v):.1f} | {'met' if ok50 else '**missed**'} | {'met' if okmx else '**missed**'} |")
 print()
+if eof_ms:
+    print(f"Kill → the standby's WAL receiver sees the connection close (PostgreSQL log, ms resolution): p50 {statistics.median(eof_ms):.0f} ms,"
+          f" max {max(eof_ms):.0f} ms — the time the kernel takes to tear the killed processes down; no client can notice earlier.")
 if detect_ms:
     print(f"Detection (kill instant → gateway logs 'primary is down; failing over', i.e. a session noticed the broken backend and the"
           f" health probe was refused): p50 {statistics.median(detect_ms):.1f} ms, max {max(detect_ms):.1f} ms.")
+if ready_ms:
+    print(f"Kill → the promoted standby logs 'ready to accept connections': p50 {statistics.median(ready_ms):.0f} ms, max {max(ready_ms):.0f} ms.")
 if promo_ms:
     print(f"Gateway promotion time (coordinator: failure noticed → standby promoted, log \`took_ms\`): "
           f"p50 {statistics.median(promo_ms):.0f} ms, max {max(promo_ms)} ms over {len(promo_ms)} failovers.")
@@ -616,6 +648,32 @@ if errors:
     print("\`\`\`")
     for l in errors: print(l)
     print("\`\`\`")
+    doubt = {kv(l)["seq"]: kv(l)["present"] for l in lines if l.startswith("doubt ")}
+    werr = [kv(l) for l in errors if " client=write " in l and "seq" in kv(l)]
+    if werr:
+        print()
+        print("Write errors: when the INSERT was sent relative to the kill (sent_ms < 0: in flight when the primary died;"
+              " > 0: sent to the gateway after the primary was already dead) and whether it is in the table at the end:")
+        print()
+        print("| failover | seq | sqlstate | sent_ms | answered after kill ms | in the table |")
+        print("|---:|---:|---|---:|---:|:---:|")
+        for d in werr:
+            pres = {"1": "yes", "0": "no"}.get(doubt.get(d["seq"], "?"), "?")
+            print(f"| {d['failover']} | {d['seq']} | {d['sqlstate']} | {d.get('sent_ms','?')} | {d.get('after_kill_ms','?')} | {pres} |")
+        by = {}
+        for d in werr:
+            try:
+                sm = float(d.get("sent_ms", "nan"))
+                when = ("sent before the kill (in flight)" if sm < 0 else
+                        "sent < 1 ms after the kill instant (the kill takes effect within about that)" if sm < 1 else
+                        "sent ≥ 1 ms after the kill (the primary was already dead)")
+            except ValueError:
+                when = "?"
+            pres = {"1": "applied", "0": "not applied"}.get(doubt.get(d["seq"], "?"), "?")
+            by[(d["sqlstate"], when, pres)] = by.get((d["sqlstate"], when, pres), 0) + 1
+        print()
+        for (code, when, pres), n in sorted(by.items()):
+            print(f"- {code}, {when}, {pres}: {n}")
     dup = [l for l in errors if "sqlstate=23505" in l and "failover_probe_pkey" in l]
     if dup:
         print()

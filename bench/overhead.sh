@@ -27,10 +27,12 @@
 #     `-c $CLIENTS -j $THREADS -T $DURATION -n`; each workload runs $ROUNDS rounds, every round
 #     runs every target once (order rotated each round), preceded by $WARMUP s untimed per target;
 #   - report: median TPS ("without initial connection time") per workload and target, ratios
-#     current/plain (target >= 0.95), current/direct, plain/direct, raw runs, and how busy the
-#     machine was just before each run (0.5 s sample of /proc/stat, after waiting up to
-#     QUIET_WAIT s for a quiet moment; >= 10 % means something else was running and the numbers
-#     deserve suspicion). Written to $RESULTS
+#     current/plain (target >= 0.95), current/direct, plain/direct, raw runs. On a shared machine
+#     other work moves TPS by tens of percent, so each run is guarded twice: before it, a wait
+#     (up to QUIET_WAIT s) for the machine to be quiet; during it, CPU accounting: /proc/stat busy
+#     ticks minus those of PostgreSQL (postmaster incl. reaped backends, live children), the
+#     gateways and pgbench (bash `time`) = what other processes took ("foreign %"); runs above
+#     FOREIGN_MAX % are left out of the medians. Written to $RESULTS
 #     (default bench/overhead-latest.md).
 #
 # How long: workloads(3) x targets(3-4) x ROUNDS x (DURATION + WARMUP) + ~20 s setup.
@@ -44,6 +46,9 @@
 #   SKIP_BUILD=1 use the existing target/release/understudy (the plain one is still built if missing)
 #   QUIET_MAX=15 QUIET_WAIT=60  before each run wait up to QUIET_WAIT s for the machine to be at
 #                most QUIET_MAX % busy (0.5 s samples; QUIET_WAIT=0: never wait)
+#   FOREIGN_MAX=10  a run during which other processes (not PostgreSQL, the gateways, pgbench)
+#                took more than this % of the machine's CPU is left out of the medians (shown
+#                in the raw table; when every run of a cell is over, all are used and marked *)
 #   RESULTS=...  KEEP_TMP=1  PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/overhead.sh   (as root)
@@ -64,6 +69,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 QUIET_MAX=${QUIET_MAX:-15}
 QUIET_WAIT=${QUIET_WAIT:-60}
+FOREIGN_MAX=${FOREIGN_MAX:-10}
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -151,6 +157,35 @@ wait_quiet() {
         sleep 1
         waited=$((waited + 2)) # the sample takes 0.5 s, the sleep 1 s; counted generously
     done
+}
+
+# CPU accounting (clock ticks, USER_HZ) to tell how much of the machine something else took
+# during a run: foreign = machine busy ticks - PostgreSQL's - the gateways' - pgbench's.
+#   machine_ticks: all CPUs' total and busy ticks from /proc/stat (user..steal);
+#   our_ticks: the postmaster (own + reaped children: exited backends) + its live children + the
+#              gateways; pgbench's own is measured with bash's `time` (TIMEFORMAT, seconds).
+machine_ticks() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, t - $5 - $6; exit }' /proc/stat
+}
+# Sum of CPU ticks of the postmaster (own + reaped children), its live children and the
+# gateways; pure bash (no fork per process).
+our_ticks() {
+    local pm f line rest sum=0 gw=" ${GW_PID[*]} "
+    read -r pm <"$PG_DATA/postmaster.pid"
+    for f in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$f" || continue
+        rest=${line##*) }
+        # shellcheck disable=SC2086
+        set -- $rest # $1 state, $2 ppid, ... $12 utime, $13 stime, $14 cutime, $15 cstime
+        local pid=${f#/proc/}
+        pid=${pid%/stat}
+        if [[ $pid == "$pm" ]]; then
+            sum=$((sum + ${12} + ${13} + ${14} + ${15}))
+        elif [[ $2 == "$pm" || $gw == *" $pid "* ]]; then
+            sum=$((sum + ${12} + ${13}))
+        fi
+    done
+    echo "$sum"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +307,7 @@ log "targets: ${TARGETS[*]} (current runtime: $CURRENT_RUNTIME)"
 
 # ---------------------------------------------------------------------------------------------
 # 4. measurement
-RAW=$TMP/raw.tsv # workload target round tps latency_ms busy
+RAW=$TMP/raw.tsv # workload target round tps latency_ms busy_before_pct foreign_during_pct
 : >"$RAW"
 WORKLOADS=("-S" "-S -M prepared" "-N")
 parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
@@ -295,12 +330,22 @@ for w in "${WORKLOADS[@]}"; do
             fi
             busy=$(wait_quiet)
             out=$TMP/run-${w// /_}-$t-$r.txt
-            pgbench -n -h 127.0.0.1 -p "${PORT[$t]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" "${wargs[@]}" "$DB" \
-                >"$out" 2>&1 || { log "pgbench $w against $t exited non-zero:"; tail -n 10 "$out" >&2; }
+            read -r s0_total s0_busy < <(machine_ticks)
+            o0=$(our_ticks)
+            rc=0
+            { TIMEFORMAT='%U %S'; time pgbench -n -h 127.0.0.1 -p "${PORT[$t]}" -c "$CLIENTS" -j "$THREADS" \
+                -T "$DURATION" "${wargs[@]}" "$DB" >"$out" 2>&1 || rc=$?; } 2>"$TMP/pgbench-cpu.txt"
+            [[ $rc -eq 0 ]] || { log "pgbench $w against $t exited $rc:"; tail -n 10 "$out" >&2; }
+            o1=$(our_ticks)
+            read -r s1_total s1_busy < <(machine_ticks)
+            # CPU the rest of the machine took during the run, in % of all CPUs
+            foreign=$(awk -v t="$((s1_total - s0_total))" -v b="$((s1_busy - s0_busy))" -v o="$((o1 - o0))" \
+                '{ pg = ($1 + $2) * 100 } END { f = (t > 0 ? 100 * (b - o - pg) / t : 0); if (f < 0) f = 0; printf "%.0f", f }' \
+                "$TMP/pgbench-cpu.txt")
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-nan}" "${lat:-nan}" "$busy" >>"$RAW"
-            log "pgbench $w round $r/$ROUNDS $t: ${tps:-?} tps (machine busy before: ${busy}%)"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-nan}" "${lat:-nan}" "$busy" "$foreign" >>"$RAW"
+            log "pgbench $w round $r/$ROUNDS $t: ${tps:-?} tps (machine busy before: ${busy}%, other processes during the run: ${foreign}%)"
         done
     done
 done
@@ -317,9 +362,18 @@ python3 - "$RAW" "${TARGETS[*]}" >"$REPORT" <<PY
 import math, statistics, sys
 raw, targets = sys.argv[1], sys.argv[2].split()
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
+FOREIGN_MAX = float("$FOREIGN_MAX")
+marked = set()
 def med(w, t):
-    v = [float(r[3]) for r in rows if r[0] == w and r[1] == t and r[3] != "nan"]
+    cell = [r for r in rows if r[0] == w and r[1] == t and r[3] != "nan"]
+    clean = [r for r in cell if float(r[6]) <= FOREIGN_MAX]
+    if not clean:
+        clean = cell
+        if cell: marked.add((w, t))
+    v = [float(r[3]) for r in clean]
     return statistics.median(v) if v else float("nan")
+def n_clean(w, t):
+    return sum(1 for r in rows if r[0] == w and r[1] == t and r[3] != "nan" and float(r[6]) <= FOREIGN_MAX)
 W = ["-S", "-S -M prepared", "-N"]
 print("# Understudy journaling overhead")
 print()
@@ -334,18 +388,22 @@ if "current-mt" in targets:
     print("- **current-mt**: the same binary with \`worker_threads = 0\` (one worker per CPU, the plain gateway's runtime): current-mt/plain isolates the journal's cost from the runtime choice")
 note = """$MT_NOTE"""
 if note: print(f"- {note}")
-bg = [float(r[5]) for r in rows]
-if bg:
+fg = [float(r[6]) for r in rows]
+if fg:
+    dirty = sum(1 for x in fg if x > FOREIGN_MAX)
     print()
-    print(f"Machine busy in the 0.5 s before each run (nothing of the benchmark running): median {statistics.median(bg):.0f} %, max {max(bg):.0f} %"
-          + (" — **something else was running; treat the numbers with care**" if max(bg) >= 10 else "") + ".")
+    print(f"Other processes' CPU during the runs (machine busy minus PostgreSQL, gateways, pgbench; % of all CPUs): median {statistics.median(fg):.0f} %,"
+          f" max {max(fg):.0f} %; {dirty} of {len(fg)} runs above FOREIGN_MAX={FOREIGN_MAX:.0f} % are left out of the medians"
+          + (" — **the machine was shared; treat the numbers with care**" if dirty > len(fg) // 4 else "") + ".")
 print()
 print("## Median TPS")
 print()
 print("| workload | " + " | ".join(targets) + " |")
 print("|---|" + "---:|" * len(targets))
 for w in W:
-    print(f"| \`{w}\` | " + " | ".join(f"{med(w,t):,.0f}" for t in targets) + " |")
+    print(f"| \`{w}\` | " + " | ".join(f"{med(w,t):,.0f}{'*' if (w,t) in marked else ''} ({n_clean(w,t) if (w,t) not in marked else 'all'})" for t in targets) + " |")
+print()
+print("(n) = runs in the median (clean runs); * = no clean run, median of all runs.")
 print()
 print("## Ratios")
 print()
@@ -372,11 +430,12 @@ print("a ratio within a few percent of 0.95 is not a clear verdict either way.")
 print()
 print("## Raw runs")
 print()
-print("| workload | target | round | tps | latency avg (ms) | machine busy before (%) |")
-print("|---|---|---:|---:|---:|---:|")
+print("| workload | target | round | tps | latency avg (ms) | machine busy before (%) | other processes during (%) |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for r in rows:
     tps = "nan" if r[3] == "nan" else f"{float(r[3]):,.1f}"
-    print(f"| \`{r[0]}\` | {r[1]} | {r[2]} | {tps} | {r[4]} | {r[5]} |")
+    flag = " (left out)" if float(r[6]) > FOREIGN_MAX else ""
+    print(f"| \`{r[0]}\` | {r[1]} | {r[2]} | {tps} | {r[4]} | {r[5]} | {r[6]}{flag} |")
 PY
 cp "$REPORT" "$RESULTS"
 echo

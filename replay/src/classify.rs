@@ -66,6 +66,8 @@ pub struct Classified {
     pub statements: Vec<Statement>,
     /// Hazards found anywhere in the string.
     pub hazards: Vec<Hazard>,
+    /// Whether a statement is COPY … FROM STDIN: the client's data follows the query.
+    pub copies: bool,
 }
 
 impl Classified {
@@ -166,6 +168,7 @@ pub fn classify(sql: &str) -> Classified {
         } else {
             Statement::Write
         };
+        out.copies |= is(0, "COPY") && facts.from_stdin;
         if is(0, "CREATE") && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
@@ -200,6 +203,7 @@ struct Facts<'a> {
     program: bool,
     advisory_lock: bool,
     dblink: bool,
+    from_stdin: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -250,6 +254,7 @@ impl<'a> Facts<'a> {
             f.program |= is("PROGRAM");
             f.advisory_lock |= starts("pg_advisory_lock") || starts("pg_try_advisory_lock");
             f.dblink |= starts("dblink");
+            f.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case("FROM");
             prev = word;
         }
         f

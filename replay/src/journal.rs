@@ -92,6 +92,11 @@ pub struct Group {
     pub begins: bool,
     /// Whether it is a simple Query holding nothing but COMMIT (whose answer is known).
     pub sole_commit: bool,
+    /// Whether it holds a COPY … FROM STDIN, whose data follows the query.
+    pub copies: bool,
+    /// COPY data is expected and has not ended (CopyDone/CopyFail) yet; meanwhile the server
+    /// discards Sync and Flush (docs 55.2.6).
+    copy_in_pending: bool,
     /// Whether it runs statements (Query, Execute, FunctionCall), as opposed to housekeeping
     /// such as Close or Describe that a driver sends on its own.
     pub runs: bool,
@@ -120,6 +125,8 @@ impl Group {
             commits: false,
             begins: false,
             sole_commit: false,
+            copies: false,
+            copy_in_pending: false,
             runs: false,
             changes: Vec::new(),
             parses: Vec::new(),
@@ -248,6 +255,7 @@ struct Effects {
     may_write: bool,
     commits: bool,
     begins: bool,
+    copies: bool,
 }
 
 /// Why the open transaction cannot be replayed.
@@ -293,6 +301,8 @@ pub struct Journal {
     pending: Vec<PendingChange>,
     /// What each prepared statement (by name; "" for the unnamed one) does when executed.
     statements: std::collections::HashMap<String, Effects>,
+    /// Whether the last client message will be answered with a ReadyForQuery.
+    expects_ready: bool,
 }
 
 impl Journal {
@@ -311,6 +321,7 @@ impl Journal {
             last_committed_xid: None,
             pending: Vec::new(),
             statements: std::collections::HashMap::new(),
+            expects_ready: false,
         }
     }
 
@@ -347,6 +358,12 @@ impl Journal {
     /// The xid of the last commit the client saw succeed.
     pub fn last_committed_xid(&self) -> Option<u64> {
         self.last_committed_xid
+    }
+
+    /// Whether the last message passed to [`Journal::on_client_message`] will be answered with
+    /// a ReadyForQuery (Query, FunctionCall, and a Sync the server does not discard).
+    pub fn expects_ready(&self) -> bool {
+        self.expects_ready
     }
 
     /// Whether the client has sent extended-protocol messages not yet closed by a Sync.
@@ -392,6 +409,8 @@ impl Journal {
                 group.may_write |= classified.may_write();
                 group.commits |= commits;
                 group.begins |= classified.statements.contains(&Statement::Begin);
+                group.copies |= classified.copies;
+                group.copy_in_pending |= classified.copies;
                 group.sole_commit =
                     group.request.is_empty() && classified.statements == [Statement::Commit];
                 // The xid is assigned at a transaction's first write, so asking just before the
@@ -399,14 +418,11 @@ impl Journal {
                 if commits && self.txn_status == b'T' && (self.txn_may_write || group.may_write) {
                     before = Before::CaptureXid;
                 }
-                for hazard in &classified.hazards {
-                    match hazard {
-                        Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
-                        Hazard::Unreplayable(why) => {
-                            self.unreplayable.get_or_insert(Unreplayable::Hazard(why));
-                        }
-                    }
-                }
+                record_hazards(
+                    &classified.hazards,
+                    &mut self.unmovable,
+                    &mut self.unreplayable,
+                );
                 let stmts = crate::classify::split_statements(sql);
                 for (stmt, class) in stmts.iter().zip(&classified.statements) {
                     if let Statement::Session(change) = class {
@@ -429,18 +445,16 @@ impl Journal {
                     may_write: classified.may_write(),
                     commits: classified.statements.contains(&Statement::Commit),
                     begins: classified.statements.contains(&Statement::Begin),
+                    copies: classified.copies,
                 };
                 if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
                     before = Before::CaptureXid;
                 }
-                for hazard in &classified.hazards {
-                    match hazard {
-                        Hazard::Unmovable(why) => self.unmovable = self.unmovable.or(Some(why)),
-                        Hazard::Unreplayable(why) => {
-                            self.unreplayable.get_or_insert(Unreplayable::Hazard(why));
-                        }
-                    }
-                }
+                record_hazards(
+                    &classified.hazards,
+                    &mut self.unmovable,
+                    &mut self.unreplayable,
+                );
                 self.statements.insert(name.to_owned(), effects);
                 let name = (!name.is_empty()).then(|| name.to_owned());
                 group.parses.push((name, Bytes::copy_from_slice(raw)));
@@ -456,6 +470,8 @@ impl Journal {
                 group.may_write |= effects.may_write;
                 group.commits |= effects.commits;
                 group.begins |= effects.begins;
+                group.copies |= effects.copies;
+                group.copy_in_pending |= effects.copies;
                 if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
                     before = Before::CaptureXid;
                 }
@@ -474,12 +490,23 @@ impl Journal {
         if self.journal_bytes > self.max_bytes && self.unreplayable.is_none() {
             self.unreplayable = Some(Unreplayable::TooLarge(self.max_bytes));
         }
-        if frontend::expects_ready_for_query(tag) {
+        let copy_end = matches!(tag, frontend::COPY_DONE | frontend::COPY_FAIL);
+        // A Sync sent while COPY data is still expected is discarded by the server.
+        let closes = frontend::expects_ready_for_query(tag)
+            && !(tag == frontend::SYNC && group.copy_in_pending);
+        if copy_end {
+            group.copy_in_pending = false;
+        }
+        if closes {
             group.closed = true;
-            let autocommit = self.txn_status == b'I' && !(group.begins && !group.commits);
-            if autocommit && group.may_write && before == Before::Forward {
-                before = Before::CaptureLsnAfter;
-            }
+        }
+        self.expects_ready = closes;
+        // After the message that ends an autocommit write: for a simple-query COPY that is the
+        // end of its data (a query slipped in earlier would land inside the COPY).
+        let ends_write = (closes && !group.copy_in_pending) || (copy_end && group.closed);
+        let autocommit = self.txn_status == b'I' && !(group.begins && !group.commits);
+        if ends_write && autocommit && group.may_write && before == Before::Forward {
+            before = Before::CaptureLsnAfter;
         }
         before
     }
@@ -600,6 +627,23 @@ impl Journal {
         self.xid = None;
         if self.groups.is_empty() {
             self.unreplayable = None;
+        }
+    }
+}
+
+/// Keeps the first reason a session cannot move and the first reason its transaction cannot be
+/// replayed.
+fn record_hazards(
+    hazards: &[Hazard],
+    unmovable: &mut Option<&'static str>,
+    unreplayable: &mut Option<Unreplayable>,
+) {
+    for hazard in hazards {
+        match hazard {
+            Hazard::Unmovable(why) => *unmovable = unmovable.or(Some(why)),
+            Hazard::Unreplayable(why) => {
+                unreplayable.get_or_insert(Unreplayable::Hazard(why));
+            }
         }
     }
 }
@@ -757,6 +801,48 @@ mod tests {
         let mut k = Journal::new(1 << 20);
         k.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
         assert!(k.groups()[0].may_write);
+    }
+
+    #[test]
+    fn wal_position_follows_autocommit_writes_and_copy_data() {
+        let mut j = Journal::new(1 << 20);
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            Before::CaptureLsnAfter
+        );
+        j.on_ready_for_query(b'I');
+        assert_eq!(
+            j.on_client_message(b'Q', &query("SELECT 1")),
+            Before::Forward
+        );
+        j.on_ready_for_query(b'I');
+        assert_eq!(
+            j.on_client_message(b'Q', &query("COPY t FROM STDIN")),
+            Before::Forward
+        );
+        assert_eq!(
+            j.on_client_message(b'd', &msg(b'd', b"1\n")),
+            Before::Forward
+        );
+        assert_eq!(
+            j.on_client_message(b'c', &msg(b'c', b"")),
+            Before::CaptureLsnAfter
+        );
+        j.on_ready_for_query(b'I');
+        // Extended protocol: the Sync sent right after Execute is discarded during COPY.
+        j.on_client_message(b'P', &msg(b'P', b"\0COPY t FROM STDIN\0\0\0"));
+        j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        assert_eq!(j.on_client_message(b'S', &msg(b'S', b"")), Before::Forward);
+        assert!(!j.expects_ready());
+        j.on_client_message(b'd', &msg(b'd', b"1\n"));
+        assert_eq!(j.on_client_message(b'c', &msg(b'c', b"")), Before::Forward);
+        assert_eq!(
+            j.on_client_message(b'S', &msg(b'S', b"")),
+            Before::CaptureLsnAfter
+        );
+        assert!(j.expects_ready());
+        assert_eq!(j.groups().len(), 1);
     }
 
     #[test]

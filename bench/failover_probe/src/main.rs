@@ -24,12 +24,16 @@
 //! ```text
 //! ready client=read port=5433
 //! stall failover=3 client=read ms=231.4 port=5434 old_port=5433 errors=0 reconnected=0 late_old=0
-//! error failover=3 client=write seq=812 after_kill_ms=1.2 sqlstate=08007 severity=ERROR message=...
+//! error failover=3 client=write seq=812 after_kill_ms=131.2 sent_ms=-0.4 sqlstate=08007 severity=ERROR message=...
 //! lost failover=3 client=write after_kill_ms=... message=...       (connection lost; reconnects)
 //! synced id=7 port=5434 client=read                                 (answer to `sync 7`)
+//! doubt client=write seq=812 present=0          (one per INSERT that got an error: in the table?)
 //! verify client=write acked=1234 present=1234 missing=0 duplicates=0 in_doubt=1 in_doubt_present=0
 //! done
 //! ```
+//!
+//! (`sent_ms`: when the failing statement was sent, relative to the kill instant: negative means
+//! it was in flight when the primary died.)
 //!
 //! Other commands: `sync <id>` (each client answers `synced` after its next successful statement
 //! that started after the command arrived: proof both clients are running), `quit`.
@@ -353,9 +357,18 @@ async fn run_client(
                     in_doubt.insert(seq);
                 }
                 let (code, severity, msg) = describe(&e);
+                // sent_ms < 0: the statement was sent before the kill (in flight when the
+                // primary died); > 0: sent after the primary was already dead
                 let (fid, after) = match st.failover_at(done) {
-                    Some(k) => (k.id.to_string(), format!("{:.1}", (done - k.t0) as f64 / 1e6)),
-                    None => ("-".into(), "-".into()),
+                    Some(k) => (
+                        k.id.to_string(),
+                        format!(
+                            "{:.1} sent_ms={:.1}",
+                            (done - k.t0) as f64 / 1e6,
+                            (started - k.t0) as f64 / 1e6
+                        ),
+                    ),
+                    None => ("-".into(), "- sent_ms=-".into()),
                 };
                 st.clients.get_mut(&name).unwrap().errors_since.push(done);
                 let closed = conn.as_ref().is_some_and(|c| c.client.is_closed());
@@ -463,6 +476,12 @@ async fn main() {
                 let missing = acked.iter().filter(|s| !present.contains_key(s)).count();
                 let duplicates = present.values().filter(|&&n| n > 1).count();
                 let in_doubt_present = in_doubt.iter().filter(|s| present.contains_key(s)).count();
+                for s in &in_doubt {
+                    say(format!(
+                        "doubt client={name} seq={s} present={}",
+                        u8::from(present.contains_key(s))
+                    ));
+                }
                 say(format!(
                     "verify client={name} acked={} present={} missing={missing} duplicates={duplicates} in_doubt={} in_doubt_present={in_doubt_present}",
                     acked.len(),

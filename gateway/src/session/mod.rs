@@ -274,7 +274,7 @@ impl Session {
                 self.pump.up.insert_ready(XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
-            if frontend::expects_ready_for_query(tag) {
+            if self.journal.expects_ready() {
                 self.awaiting_ready += 1;
                 self.wire.push_back(Owner::Client);
             }

@@ -504,7 +504,8 @@ impl Journal {
         // After the message that ends an autocommit write: for a simple-query COPY that is the
         // end of its data (a query slipped in earlier would land inside the COPY).
         let ends_write = (closes && !group.copy_in_pending) || (copy_end && group.closed);
-        let autocommit = self.txn_status == b'I' && !(group.begins && !group.commits);
+        // Outside a transaction block, unless this very request opens one it leaves open.
+        let autocommit = self.txn_status == b'I' && (!group.begins || group.commits);
         if ends_write && autocommit && group.may_write && before == Before::Forward {
             before = Before::CaptureLsnAfter;
         }

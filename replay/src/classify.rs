@@ -68,6 +68,9 @@ pub struct Classified {
     pub hazards: Vec<Hazard>,
     /// Whether a statement is COPY … FROM STDIN: the client's data follows the query.
     pub copies: bool,
+    /// Byte range in the query string of each [`Statement::Session`] statement, in order: the
+    /// text a new backend is given to restore it.
+    pub session_spans: Vec<std::ops::Range<usize>>,
 }
 
 impl Classified {
@@ -89,8 +92,11 @@ impl Classified {
 /// Classifies every statement of `sql`.
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
-    for stmt in split_statements(sql) {
-        let facts = Facts::of(stmt);
+    let mut lex = Lexer::new(sql);
+    while lex.pos < sql.len() {
+        let start = lex.pos;
+        let facts = Facts::scan(&mut lex);
+        let stmt = &sql[start..facts.end];
         let w = |i: usize| facts.lead[i];
         let is = |i: usize, k: &str| w(i).eq_ignore_ascii_case(k);
         if w(0).is_empty() {
@@ -184,6 +190,9 @@ pub fn classify(sql: &str) -> Classified {
             out.hazards
                 .push(Hazard::Unreplayable("COPY with an external program"));
         }
+        if matches!(statement, Statement::Session(_)) {
+            out.session_spans.push(start..facts.end);
+        }
         out.statements.push(statement);
     }
     out.hazards.dedup();
@@ -195,6 +204,8 @@ pub fn classify(sql: &str) -> Classified {
 struct Facts<'a> {
     /// The first four tokens (words as written, `*` for a star, empty for anything else).
     lead: [&'a str; 4],
+    /// Where the statement's text ends (before its semicolon, if any).
+    end: usize,
     /// A word or function that writes or locks: a SELECT with it is no read.
     writes: bool,
     temp: bool,
@@ -207,29 +218,22 @@ struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    fn of(stmt: &'a str) -> Self {
-        const WRITE_WORDS: [&str; 6] = ["INSERT", "UPDATE", "DELETE", "MERGE", "FOR", "INTO"];
-        const WRITE_FUNCTIONS: [&str; 10] = [
-            "nextval",
-            "setval",
-            "pg_notify",
-            "txid_current",
-            "pg_current_xact_id",
-            "lo_import",
-            "lo_export",
-            "lo_create",
-            "lo_unlink",
-            "lo_put",
-        ];
-        let mut f = Facts::default();
-        let mut lex = Lexer::new(stmt);
+    /// Reads one statement from `lex`, up to and including its semicolon.
+    fn scan(lex: &mut Lexer<'a>) -> Self {
+        let mut f = Facts {
+            end: lex.src.len(),
+            ..Facts::default()
+        };
         let mut n = 0;
         let mut prev = "";
         while let Some(tok) = lex.next_token() {
             let word = match tok {
                 Token::Word(w) => w,
                 Token::Other('*') => "*",
-                Token::Semicolon => break,
+                Token::Semicolon => {
+                    f.end = lex.pos - 1;
+                    break;
+                }
                 _ => "",
             };
             if n < f.lead.len() {
@@ -240,24 +244,57 @@ impl<'a> Facts<'a> {
                 prev = "";
                 continue;
             }
-            let is = |k: &str| word.eq_ignore_ascii_case(k);
-            let starts = |k: &str| {
-                word.len() >= k.len()
-                    && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
-            };
-            f.writes |= WRITE_WORDS.iter().any(|k| is(k))
-                || WRITE_FUNCTIONS.iter().any(|k| is(k))
-                || starts("pg_advisory");
-            f.temp |= is("TEMP") || is("TEMPORARY");
-            f.into_temp |= (is("TEMP") || is("TEMPORARY")) && prev.eq_ignore_ascii_case("INTO");
-            f.with_hold |= is("HOLD") && prev.eq_ignore_ascii_case("WITH");
-            f.program |= is("PROGRAM");
-            f.advisory_lock |= starts("pg_advisory_lock") || starts("pg_try_advisory_lock");
-            f.dblink |= starts("dblink");
-            f.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case("FROM");
+            f.note(word, prev);
             prev = word;
         }
         f
+    }
+
+    /// Notes what `word` (after `prev`) tells; dispatching on the first letter keeps the
+    /// common case, a word that is none of these, to one comparison.
+    fn note(&mut self, word: &str, prev: &str) {
+        let is = |k: &str| word.eq_ignore_ascii_case(k);
+        let starts = |k: &str| {
+            word.len() >= k.len() && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
+        };
+        match word.as_bytes()[0].to_ascii_lowercase() {
+            b'd' => {
+                self.writes |= is("DELETE");
+                self.dblink |= starts("dblink");
+            }
+            b'f' => self.writes |= is("FOR"),
+            b'h' => self.with_hold |= is("HOLD") && prev.eq_ignore_ascii_case("WITH"),
+            b'i' => self.writes |= is("INSERT") || is("INTO"),
+            b'l' => {
+                self.writes |= ["lo_import", "lo_export", "lo_create", "lo_unlink", "lo_put"]
+                    .iter()
+                    .any(|k| is(k))
+            }
+            b'm' => self.writes |= is("MERGE"),
+            b'n' => self.writes |= is("nextval"),
+            b'p' => {
+                self.program |= is("PROGRAM");
+                if starts("pg_") {
+                    self.writes |=
+                        is("pg_notify") || is("pg_current_xact_id") || starts("pg_advisory");
+                    self.advisory_lock |=
+                        starts("pg_advisory_lock") || starts("pg_try_advisory_lock");
+                }
+            }
+            b's' => {
+                self.writes |= is("setval");
+                self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case("FROM");
+            }
+            b't' => {
+                self.writes |= is("txid_current");
+                if is("TEMP") || is("TEMPORARY") {
+                    self.temp = true;
+                    self.into_temp |= prev.eq_ignore_ascii_case("INTO");
+                }
+            }
+            b'u' => self.writes |= is("UPDATE"),
+            _ => {}
+        }
     }
 }
 
@@ -273,23 +310,6 @@ fn set_variable(stmt: &str) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// Splits a query string at top-level semicolons.
-pub fn split_statements(sql: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut lex = Lexer::new(sql);
-    while let Some(tok) = lex.next_token() {
-        if tok == Token::Semicolon {
-            out.push(&sql[start..lex.pos - 1]);
-            start = lex.pos;
-        }
-    }
-    if start < sql.len() {
-        out.push(&sql[start..]);
-    }
-    out
 }
 
 /// The identifier after the first `skip` words: a bare word lower-cased, a quoted one as is.
@@ -372,6 +392,10 @@ impl<'a> Lexer<'a> {
                         }
                     }
                     return Some(Token::Word(&self.src[start..self.pos]));
+                }
+                c if c.is_ascii() => {
+                    self.pos += 1;
+                    return Some(Token::Other(char::from(c)));
                 }
                 _ => {
                     let c = self.src[self.pos..].chars().next()?;

@@ -423,17 +423,18 @@ impl Journal {
                     &mut self.unmovable,
                     &mut self.unreplayable,
                 );
-                let stmts = crate::classify::split_statements(sql);
-                for (stmt, class) in stmts.iter().zip(&classified.statements) {
-                    if let Statement::Session(change) = class {
-                        if let SessionChange::Prepare(name) = change {
-                            group.prepares.push(name.clone());
-                        }
-                        group.changes.push(PendingChange {
-                            change: change.clone(),
-                            sql: stmt.trim().to_owned(),
-                        });
+                let sessions = classified.statements.iter().filter_map(|s| match s {
+                    Statement::Session(change) => Some(change),
+                    _ => None,
+                });
+                for (change, span) in sessions.zip(&classified.session_spans) {
+                    if let SessionChange::Prepare(name) = change {
+                        group.prepares.push(name.clone());
                     }
+                    group.changes.push(PendingChange {
+                        change: change.clone(),
+                        sql: sql[span.clone()].trim().to_owned(),
+                    });
                 }
             }
             frontend::PARSE => {
@@ -749,6 +750,20 @@ mod tests {
         j.on_client_message(b'Q', &query("DISCARD ALL"));
         answer(&mut j, b"DISCARD ALL", b'I');
         assert!(j.state().restore_sql().is_empty());
+    }
+
+    #[test]
+    fn empty_statements_do_not_shift_session_text() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(
+            b'Q',
+            &query(";; /* c */ ; SET search_path TO a; SELECT 1;; SET work_mem = '8MB';"),
+        );
+        answer(&mut j, b"SET", b'I');
+        assert_eq!(
+            j.state().restore_sql(),
+            ["SET search_path TO a", "SET work_mem = '8MB'"]
+        );
     }
 
     #[test]

@@ -63,10 +63,7 @@ impl Pipe {
     /// Puts `bytes` (whole messages of the gateway's own) into the stream at `ready`, which
     /// must be a message boundary; they count as inspected.
     pub fn insert_ready(&mut self, bytes: &[u8]) {
-        let tail = self.buf.split_off(self.ready);
-        self.buf.extend_from_slice(bytes);
-        self.buf.unsplit(tail);
-        self.ready += bytes.len();
+        self.splice_at_ready(0, bytes);
     }
 
     /// Removes `n` bytes starting at `ready` (a message the peer must not see).
@@ -75,9 +72,22 @@ impl Pipe {
             self.buf.advance(n);
             return;
         }
-        let tail = self.buf.split_off(self.ready + n);
-        self.buf.truncate(self.ready);
-        self.buf.unsplit(tail);
+        self.splice_at_ready(n, &[]);
+    }
+
+    /// Replaces the `remove` bytes at `ready` with `insert`, which then count as inspected.
+    /// Done in place: the bytes after move, nothing is allocated unless the buffer must grow.
+    pub fn splice_at_ready(&mut self, remove: usize, insert: &[u8]) {
+        let at = self.ready;
+        let len = self.buf.len();
+        let new_len = len - remove + insert.len();
+        if new_len > len {
+            self.buf.resize(new_len, 0);
+        }
+        self.buf.copy_within(at + remove..len, at + insert.len());
+        self.buf.truncate(new_len);
+        self.buf[at..at + insert.len()].copy_from_slice(insert);
+        self.ready += insert.len();
     }
 
     /// Drops the inspected bytes not yet written (they will not be written to this peer).
@@ -247,5 +257,36 @@ impl Pump {
     /// Writes out everything ready towards the backend.
     pub async fn flush_backend(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.up.poll_write_to(&mut self.backend, cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe(bytes: &[u8], ready: usize) -> Pipe {
+        let mut p = Pipe::new(BytesMut::from(bytes), 1 << 20);
+        p.ready = ready;
+        p
+    }
+
+    #[test]
+    fn splices_grow_shrink_and_keep_the_rest() {
+        let mut p = pipe(b"aaHEADbody", 2);
+        p.splice_at_ready(4, b"LONGER-HEAD");
+        assert_eq!(&p.buf[..], b"aaLONGER-HEADbody");
+        assert_eq!(p.ready, 13);
+        let mut p = pipe(b"aaHEADbody", 2);
+        p.splice_at_ready(4, b"H");
+        assert_eq!(&p.buf[..], b"aaHbody");
+        assert_eq!(p.ready, 3);
+        let mut p = pipe(b"aaXXbb", 2);
+        p.remove_at_ready(2);
+        assert_eq!((&p.buf[..], p.ready), (&b"aabb"[..], 2));
+        let mut p = pipe(b"XXbb", 0);
+        p.remove_at_ready(2);
+        assert_eq!((&p.buf[..], p.ready), (&b"bb"[..], 0));
+        p.insert_ready(b"Z");
+        assert_eq!((&p.buf[..], p.ready), (&b"Zbb"[..], 1));
     }
 }

@@ -456,3 +456,85 @@ fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
+/// client gets exactly the server's answer to its COMMIT, in the simple and the extended
+/// protocol. If the capture itself fails (EXECUTE on the function revoked), the COMMIT is
+/// answered with that error rather than a silent "ROLLBACK", and the session's later
+/// transactions commit without the capture.
+#[tokio::test]
+async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_rollback() {
+    let cluster = Cluster::primary_only().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute("CREATE TABLE x(a int); GRANT ALL ON x TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let tags = |msgs: Vec<raw::Msg>| {
+        msgs.into_iter()
+            .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+            .collect::<Vec<_>>()
+    };
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    c.send(&raw::query("BEGIN; INSERT INTO x VALUES (1)")).await;
+    c.read_until(b'Z').await;
+    c.send(&raw::query("COMMIT")).await;
+    assert_eq!(
+        tags(c.read_until(b'Z').await),
+        [('C', "COMMIT\0".into()), ('Z', "I".into())]
+    );
+    c.send(&raw::query("BEGIN; INSERT INTO x VALUES (2)")).await;
+    c.read_until(b'Z').await;
+    let mut batch = raw::msg(b'P', b"\0COMMIT\0\0\0");
+    batch.extend(raw::msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(raw::msg(b'S', b""));
+    c.send(&batch).await;
+    assert_eq!(
+        tags(c.read_until(b'Z').await),
+        [
+            ('1', String::new()),
+            ('2', String::new()),
+            ('C', "COMMIT\0".into()),
+            ('Z', "I".into())
+        ]
+    );
+
+    admin
+        .batch_execute("REVOKE EXECUTE ON FUNCTION pg_current_xact_id_if_assigned() FROM PUBLIC")
+        .await
+        .unwrap();
+    // The failed capture aborted the transaction, so the server answers the COMMIT
+    // "ROLLBACK"; the client gets the capture's error instead, and the transaction is over.
+    let s = gw.connect(roles::SCRAM).await;
+    s.batch_execute("BEGIN; INSERT INTO x VALUES (3)")
+        .await
+        .unwrap();
+    let e = s.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("42501"), "{e}");
+    s.batch_execute("BEGIN; INSERT INTO x VALUES (4)")
+        .await
+        .unwrap();
+    s.batch_execute("COMMIT").await.unwrap();
+    // The same in the extended protocol.
+    let e = gw.connect(roles::SCRAM).await;
+    e.batch_execute("BEGIN; INSERT INTO x VALUES (5)")
+        .await
+        .unwrap();
+    let err = e.execute("COMMIT", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), Some("42501"), "{err}");
+    e.batch_execute("BEGIN; INSERT INTO x VALUES (6)")
+        .await
+        .unwrap();
+    e.execute("COMMIT", &[]).await.unwrap();
+
+    let rows = admin
+        .query("SELECT a FROM x ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0))
+        .collect::<Vec<_>>();
+    assert_eq!(rows, [1, 2, 4, 6]);
+}

@@ -518,6 +518,14 @@ impl Journal {
         self.groups.iter_mut().find(|g| !g.answered)
     }
 
+    /// Whether the request group now being answered holds a COMMIT.
+    pub fn answering_commit(&self) -> bool {
+        self.groups
+            .iter()
+            .find(|g| !g.answered)
+            .is_some_and(|g| g.commits)
+    }
+
     /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
     pub fn on_server_bytes(&mut self, tag: u8, bytes: &[u8]) {
         if !digested(tag) {

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -46,6 +47,17 @@ enum End {
     /// Anything else; the client may need to be told.
     Failed(SessionError),
 }
+
+/// What the data path stopped for.
+enum Wakeup {
+    /// The session is over.
+    End(End),
+    /// The backend connection broke or closed.
+    BackendLost(std::io::Error),
+}
+
+/// Socket events one wake-up may handle before the session yields to the others.
+const EVENTS_PER_WAKE: usize = 64;
 
 /// Who is waiting for each ReadyForQuery the backend owes, in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +123,12 @@ pub struct Session {
     /// The last value of every ParameterStatus the server reported.
     server_params: Vec<(String, String)>,
     poison: Poison,
+    /// Whether COMMITs are preceded by the xid query; off once it failed in this session
+    /// (e.g. EXECUTE on `pg_current_xact_id_if_assigned` revoked), so one failure is all.
+    capture_xid: bool,
+    /// The error of a failed xid query: the transaction is aborted, so the client's COMMIT
+    /// behind it will be answered `ROLLBACK`; the client gets this error in its place.
+    doomed_commit: Option<Vec<u8>>,
 }
 
 impl Session {
@@ -143,6 +161,8 @@ impl Session {
             held_fatal: None,
             server_params,
             poison: Poison::None,
+            capture_xid: true,
+            doomed_commit: None,
         }
     }
 
@@ -168,16 +188,13 @@ impl Session {
             self.draining = true;
         }
         loop {
-            if self.draining && self.at_transaction_boundary() {
-                return End::Failed(SessionError::Shutdown);
-            }
             enum Wake {
-                Io(Result<Event, PumpError>),
+                Data(Wakeup),
                 Shutdown,
             }
             let wake = tokio::select! {
                 biased;
-                e = poll_fn(|cx| self.pump.poll_event(cx)) => Wake::Io(e),
+                w = poll_fn(|cx| self.poll_data(cx)) => Wake::Data(w),
                 _ = shutdown.changed() => Wake::Shutdown,
             };
             let end = match wake {
@@ -189,28 +206,47 @@ impl Session {
                     }
                     Phase::Running => None,
                 },
-                Wake::Io(Ok(Event::FromClient(n))) => {
-                    self.shared.metrics.client_bytes.increment(n as u64);
-                    self.scan_up()
-                }
-                Wake::Io(Ok(Event::FromBackend(n))) => {
-                    self.shared.metrics.backend_bytes.increment(n as u64);
-                    self.scan_down()
-                }
-                Wake::Io(Ok(Event::ClientEof)) => Some(End::ClientDone),
-                Wake::Io(Err(PumpError::Client(e))) => {
-                    Some(End::Failed(SessionError::ClientGone(e)))
-                }
-                Wake::Io(Ok(Event::BackendEof)) => {
-                    self.backend_failed(std::io::ErrorKind::UnexpectedEof.into())
-                        .await
-                }
-                Wake::Io(Err(PumpError::Backend(e))) => self.backend_failed(e).await,
+                Wake::Data(Wakeup::End(end)) => Some(end),
+                Wake::Data(Wakeup::BackendLost(e)) => self.backend_failed(e).await,
             };
             if let Some(end) = end {
                 return end;
             }
         }
+    }
+
+    /// Moves bytes both ways and inspects them until both sockets would block, so one wake-up
+    /// handles everything that is ready (a round trip is two wake-ups, not four).
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Wakeup> {
+        for _ in 0..EVENTS_PER_WAKE {
+            if self.draining && self.at_transaction_boundary() {
+                return Poll::Ready(Wakeup::End(End::Failed(SessionError::Shutdown)));
+            }
+            let end = match ready!(self.pump.poll_event(cx)) {
+                Ok(Event::FromClient(n)) => {
+                    self.shared.metrics.client_bytes.increment(n as u64);
+                    self.scan_up()
+                }
+                Ok(Event::FromBackend(n)) => {
+                    self.shared.metrics.backend_bytes.increment(n as u64);
+                    self.scan_down()
+                }
+                Ok(Event::ClientEof) => Some(End::ClientDone),
+                Err(PumpError::Client(e)) => Some(End::Failed(SessionError::ClientGone(e))),
+                Ok(Event::BackendEof) => {
+                    return Poll::Ready(Wakeup::BackendLost(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Err(PumpError::Backend(e)) => return Poll::Ready(Wakeup::BackendLost(e)),
+            };
+            if let Some(end) = end {
+                return Poll::Ready(Wakeup::End(end));
+            }
+        }
+        // A session that always has bytes ready yields to the others now and then.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// The backend connection ended: either the server ended the session (forward its word)
@@ -270,7 +306,10 @@ impl Session {
             let at = self.pump.up.ready;
             let raw = &self.pump.up.buf[at..at + n];
             let before = self.journal.on_client_message(tag, raw);
-            if before == Before::CaptureXid {
+            if before == Before::CaptureXid && self.capture_xid {
+                // A query of its own, not a statement in front of the COMMIT in the same
+                // string: the server flushes its answer at its ReadyForQuery, so the xid is
+                // known before the COMMIT runs, even if the primary dies during it.
                 self.pump.up.insert_ready(XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
@@ -352,12 +391,12 @@ impl Session {
             }
             let owner = self.wire.front().copied();
             let internal = owner.is_some_and(|o| o != Owner::Client);
+            let doomed = self.doomed_commit.is_some();
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
-            let (step, n) = match down
-                .scanner
-                .next(&down.buf[at..], |t| internal || wanted(t))
-            {
+            let (step, n) = match down.scanner.next(&down.buf[at..], |t| {
+                internal || wanted(t) || doomed && t == backend::COMMAND_COMPLETE
+            }) {
                 Ok(s) => s,
                 // The server's framing is trusted; a broken one means a broken connection.
                 Err(e) => {
@@ -369,6 +408,25 @@ impl Session {
             match step {
                 Step::NeedMore => return None,
                 Step::Whole { tag, body } if internal => {
+                    if tag == backend::ERROR_RESPONSE {
+                        let err = ErrorView::parse(body);
+                        if owner != Some(Owner::Lsn) {
+                            tracing::warn!(session = self.guard.info().id, code = err.code, message = err.message, "the xid query before a COMMIT failed; this session commits without it from now on");
+                            self.capture_xid = false;
+                        }
+                        if err.is_fatal() {
+                            // The server is ending the session: the client hears why.
+                            self.wire.pop_front();
+                            continue;
+                        }
+                        if owner == Some(Owner::Xid) {
+                            let mut raw = Vec::with_capacity(n);
+                            raw.push(tag);
+                            raw.extend_from_slice(&(n as u32 - 1).to_be_bytes());
+                            raw.extend_from_slice(body);
+                            self.doomed_commit = Some(raw);
+                        }
+                    }
                     match (tag, owner) {
                         (backend::DATA_ROW, Some(Owner::Xid)) => {
                             self.xid_row = Some(parse_xid_row(body))
@@ -388,6 +446,19 @@ impl Session {
                         _ => {}
                     }
                     self.pump.down.remove_at_ready(n);
+                }
+                Step::Whole {
+                    tag: backend::COMMAND_COMPLETE,
+                    body,
+                } if doomed && body == b"ROLLBACK\0" && self.journal.answering_commit() => {
+                    // The COMMIT the failed xid query doomed: answer it with that error.
+                    let err = self.doomed_commit.take().unwrap_or_default();
+                    count_error(
+                        ErrorView::parse(err.get(5..).unwrap_or_default()).code,
+                        "server",
+                    );
+                    self.journal.on_server_message(backend::ERROR_RESPONSE);
+                    self.pump.down.splice_at_ready(n, &err);
                 }
                 Step::Whole { tag, body } => {
                     match tag {
@@ -445,6 +516,9 @@ impl Session {
     }
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
+        if status == b'I' {
+            self.doomed_commit = None;
+        }
         if status == b'I' && self.txn_status != b'I' {
             self.shared.metrics.transactions.increment(1);
         }

@@ -56,7 +56,7 @@
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   SKIP_BUILD=1 use the existing target/release/understudy
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
-#                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct)
+#                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct proxy_cpu_us_per_tx preemptions_per_tx)
 #   KEEP_TMP=1   keep the temp dir (logs) after the run
 #   IDLE_WAIT=0  seconds to wait, before each run, for other work on the machine to stop
 #   PGBIN=/usr/lib/postgresql/15/bin
@@ -327,7 +327,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
-RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct
+RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct [proxy_cpu_us_per_tx preemptions_per_tx]
 : >"$RAW"
 
 check_target_alive() {
@@ -355,6 +355,22 @@ run_pgbench() {
 }
 parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
 parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
+parse_tx() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1" | head -n1; }
+# proxy_usage target -> "cpu_ticks preemptions" of the proxy process (user+system CPU in clock
+# ticks, involuntary context switches), summed over its threads; "0 0" for direct.
+proxy_usage() {
+    local pid
+    case $1 in
+    understudy) pid=$GW_PID ;;
+    pgbouncer) pid=$PGB_PID ;;
+    *) echo "0 0"; return ;;
+    esac
+    local ticks preempt
+    ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    preempt=$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "/proc/$pid/status")
+    echo "$ticks $preempt"
+}
+CLK_TCK=$(getconf CLK_TCK)
 
 WORKLOAD_NAMES=("-S" "-S -M prepared" "-N")
 
@@ -374,10 +390,15 @@ for w in "${WORKLOAD_NAMES[@]}"; do
         for t in "${TARGETS[@]}"; do
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
             load=$(quiet_busy)
+            read -r ticks0 preempt0 < <(proxy_usage "$t")
             run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
+            read -r ticks1 preempt1 < <(proxy_usage "$t")
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
-            printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" >>"$RAW"
+            tx=$(parse_tx "$out")
+            cost=$(awk -v a="$ticks0" -v b="$ticks1" -v p="$preempt0" -v q="$preempt1" -v tx="${tx:-0}" -v hz="$CLK_TCK" \
+                'BEGIN { if (tx > 0) printf "%.1f\t%.3f", (b - a) * 1e6 / hz / tx, (q - p) / tx; else printf "NaN\tNaN" }')
+            printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" "$cost" >>"$RAW"
             log "pgbench $w  round $r/$ROUNDS  $(printf '%-10s' "$t") tps ${tps:-FAILED}"
         done
     done
@@ -535,7 +556,7 @@ raw, clients = sys.argv[1], int(sys.argv[2])
 gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n, login_d, login_u, login_b = map(int, sys.argv[3:13])
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
 def med(kind, w, t, col):
-    vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t]
+    vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t and len(r) > col]
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
 stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5}
@@ -575,6 +596,19 @@ print("TPS: median over rounds; ratio: median over rounds of TPS_target/TPS_dire
 print()
 print("added µs/stmt = (clients/TPS_target − clients/TPS_direct) / round trips per transaction (1 for -S, 5 for -N):")
 print("the extra wall time each statement costs under load, on this 2-CPU machine mostly CPU the proxy takes from PostgreSQL and pgbench.")
+print()
+print("## Proxy cost per transaction (same runs, median over rounds)")
+print()
+print("| workload | understudy CPU µs/tx | pgbouncer CPU µs/tx | understudy preemptions/tx | pgbouncer preemptions/tx |")
+print("|---|---:|---:|---:|---:|")
+for w in ["-S", "-S -M prepared", "-N"]:
+    cu, cb = (med("tput", w, t, 7) for t in ("understudy", "pgbouncer"))
+    pu, pb = (med("tput", w, t, 8) for t in ("understudy", "pgbouncer"))
+    print(f"| \`{w}\` | {cu:.1f} | {cb:.1f} | {pu:.3f} | {pb:.3f} |")
+print()
+print("CPU: user + system time of the proxy process (/proc/PID/stat) over the run / transactions; preemptions:")
+print("involuntary context switches of the proxy per transaction. Less noisy than TPS on a shared 2-CPU machine:")
+print("the proxy's own work, whatever PostgreSQL and pgbench were doing.")
 print()
 d, u, b = (med("lat", "probe", t, 5) for t in ("direct", "understudy", "pgbouncer"))
 pinned = "pgbench, PostgreSQL and the proxies all" if "$LAT_PIN" == "all" else "pgbench"

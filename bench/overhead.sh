@@ -200,7 +200,13 @@ TMP=$(mktemp -d /tmp/understudy-overhead.XXXXXX)
 chmod 755 "$TMP"
 # The plain binary is cached by commit: a fresh worktree has fresh mtimes, so cargo would
 # recompile the workspace crates (minutes on 2 CPUs) even with the target dir kept.
-PLAIN_CACHED=$PLAIN_TARGET_DIR/understudy-$PLAIN_FULL
+# It is built with the current tree's release profile, so the two binaries differ in code only.
+PROFILE_ENV=(
+    CARGO_PROFILE_RELEASE_LTO="$(sed -n 's/^lto *= *"\{0,1\}\([a-z]*\)"\{0,1\}/\1/p' "$ROOT/Cargo.toml" | head -n1)"
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS="$(sed -n 's/^codegen-units *= *\([0-9]*\)/\1/p' "$ROOT/Cargo.toml" | head -n1)"
+)
+PROFILE_TAG=$(printf '%s' "${PROFILE_ENV[*]}" | tr -c 'A-Za-z0-9=' '_')
+PLAIN_CACHED=$PLAIN_TARGET_DIR/understudy-$PLAIN_FULL-$PROFILE_TAG
 if [[ -x $PLAIN_CACHED && ${REBUILD_PLAIN:-0} != 1 ]]; then
     log "plain gateway $PLAIN_REV: cached binary $PLAIN_CACHED"
 else
@@ -208,7 +214,7 @@ else
     log "git worktree add $WORKTREE $PLAIN_REV; cargo build --release -p understudy (target dir $PLAIN_TARGET_DIR)"
     git -C "$ROOT" worktree add --detach "$WORKTREE" "$PLAIN_FULL" >"$TMP/worktree.log" 2>&1 \
         || { cat "$TMP/worktree.log" >&2; die "git worktree add failed"; }
-    CARGO_TARGET_DIR=$PLAIN_TARGET_DIR cargo build --release --manifest-path "$WORKTREE/Cargo.toml" -p understudy \
+    env "${PROFILE_ENV[@]}" CARGO_TARGET_DIR="$PLAIN_TARGET_DIR" cargo build --release --manifest-path "$WORKTREE/Cargo.toml" -p understudy \
         || die "building $PLAIN_REV failed"
     cp "$PLAIN_TARGET_DIR/release/understudy" "$PLAIN_CACHED.tmp" && mv "$PLAIN_CACHED.tmp" "$PLAIN_CACHED"
     git -C "$ROOT" worktree remove --force "$WORKTREE" && WORKTREE=""

@@ -410,21 +410,21 @@ impl Session {
                 Step::Whole { tag, body } if internal => {
                     if tag == backend::ERROR_RESPONSE {
                         let err = ErrorView::parse(body);
-                        if owner != Some(Owner::Lsn) {
-                            tracing::warn!(session = self.guard.info().id, code = err.code, message = err.message, "the xid query before a COMMIT failed; this session commits without it from now on");
-                            self.capture_xid = false;
-                        }
                         if err.is_fatal() {
                             // The server is ending the session: the client hears why.
                             self.wire.pop_front();
                             continue;
                         }
                         if owner == Some(Owner::Xid) {
-                            let mut raw = Vec::with_capacity(n);
-                            raw.push(tag);
-                            raw.extend_from_slice(&(n as u32 - 1).to_be_bytes());
-                            raw.extend_from_slice(body);
-                            self.doomed_commit = Some(raw);
+                            tracing::warn!(
+                                session = self.guard.info().id,
+                                code = err.code,
+                                message = err.message,
+                                "the xid query before a COMMIT failed; this session commits without it from now on"
+                            );
+                            self.capture_xid = false;
+                            let len = (n as u32 - 1).to_be_bytes();
+                            self.doomed_commit = Some([&[tag][..], &len, body].concat());
                         }
                     }
                     match (tag, owner) {

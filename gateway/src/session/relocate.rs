@@ -538,7 +538,7 @@ impl Session {
                     .to_backend
                     .extend_from_slice(&raise("08007", IN_DOUBT));
             } else {
-                if g.commits && in_txn && self.journal.txn_may_write() {
+                if g.commits && in_txn && self.journal.txn_may_write() && self.capture_xid {
                     resumed.to_backend.extend_from_slice(XID_QUERY);
                     resumed.owners.push(Owner::Xid);
                 }

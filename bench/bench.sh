@@ -272,7 +272,11 @@ psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
 GW_PORT=$(free_port)
 GW_ADMIN_PORT=$(free_port)
 start_gateway() { # port admin_port logfile -> sets STARTED_PID
-    RUST_LOG=${RUST_LOG:-warn} "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
+    # setsid: the gateway runs in a session of its own, as a service (and PgBouncer, which
+    # daemonizes) would. In the script's session it would share one scheduler autogroup with
+    # pgbench (kernel.sched_autogroup_enabled=1), and the clients it wakes would preempt it
+    # twice as often as they preempt PgBouncer.
+    RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
         --admin-listen "127.0.0.1:$2" >"$3" 2>&1 &
     STARTED_PID=$!
     wait_port 127.0.0.1 "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }

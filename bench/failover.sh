@@ -340,7 +340,8 @@ seed_standby 1 0
 # ---------------------------------------------------------------------------------------------
 # 3. gateway and probe
 log "starting understudy on 127.0.0.1:$GW_PORT (admin $ADMIN_PORT), --promote auto"
-RUST_LOG=${RUST_LOG:-info} "$GATEWAY_BIN" run --listen "127.0.0.1:$GW_PORT" \
+# setsid: a session (and scheduler autogroup) of its own, as a service would run; see bench.sh.
+RUST_LOG=${RUST_LOG:-info} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$GW_PORT" \
     --backend "127.0.0.1:${PORT[0]}" --backend "127.0.0.1:${PORT[1]}" \
     --admin-listen "127.0.0.1:$ADMIN_PORT" --promote auto >"$TMP/gateway.log" 2>&1 &
 GW_PID=$!

@@ -269,7 +269,11 @@ start_gateway() { # name binary [extra args...]
     shift 2
     local port
     port=$(free_port)
-    RUST_LOG=${RUST_LOG:-warn} "$bin" run --listen "127.0.0.1:$port" --backend "127.0.0.1:$PG_PORT" "$@" \
+    # setsid: the gateway runs in a session of its own, as a service (and PgBouncer, which
+    # daemonizes) would. In the script's session it would share one scheduler autogroup with
+    # pgbench (kernel.sched_autogroup_enabled=1), and the clients it wakes would preempt it
+    # twice as often as they preempt PgBouncer.
+    RUST_LOG=${RUST_LOG:-warn} setsid "$bin" run --listen "127.0.0.1:$port" --backend "127.0.0.1:$PG_PORT" "$@" \
         >"$TMP/gw-$name.log" 2>&1 &
     GW_PID[$name]=$!
     if ! wait_port "$port" 20; then
@@ -292,7 +296,7 @@ if grep -q 'worker_threads' "$ROOT/gateway/src/config.rs" 2>/dev/null; then
         printf 'listen = "127.0.0.1:%s"\nbackends = ["127.0.0.1:%s"]\nworker_threads = 0\n' \
             "$(free_port)" "$PG_PORT" >"$TMP/current-mt.toml"
         mt_port=$(sed -n 's/^listen = "127.0.0.1:\([0-9]*\)"/\1/p' "$TMP/current-mt.toml")
-        RUST_LOG=${RUST_LOG:-warn} "$GATEWAY_BIN" run --config "$TMP/current-mt.toml" >"$TMP/gw-current-mt.log" 2>&1 &
+        RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --config "$TMP/current-mt.toml" >"$TMP/gw-current-mt.log" 2>&1 &
         GW_PID[current-mt]=$!
         if wait_port "$mt_port" 20; then
             PORT[current-mt]=$mt_port

@@ -190,9 +190,25 @@ async fn statement_in_flight_completes() {
 
 /// A COMMIT in flight (held up by a deferred trigger) when the primary dies: the gateway
 /// captured the xid, finds the transaction did not commit on the new primary, replays it, and
-/// the client gets its COMMIT; the rows exist once.
+/// the client gets its COMMIT; the rows exist once. The writes come in one string, so the xid
+/// is asked for just before the COMMIT.
 #[tokio::test]
 async fn commit_in_flight_is_resolved() {
+    commit_in_flight(&["BEGIN; INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)"]).await;
+}
+
+/// The same with each statement sent on its own: the xid rides along with the first write.
+#[tokio::test]
+async fn commit_in_flight_after_separate_writes_is_resolved() {
+    commit_in_flight(&[
+        "BEGIN",
+        "INSERT INTO t VALUES (1)",
+        "INSERT INTO t VALUES (2)",
+    ])
+    .await;
+}
+
+async fn commit_in_flight(statements: &[&str]) {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(
         &cluster,
@@ -205,9 +221,9 @@ async fn commit_in_flight_is_resolved() {
     .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
-        .await
-        .unwrap();
+    for sql in statements {
+        c.batch_execute(sql).await.unwrap();
+    }
     let commit = tokio::spawn(async move {
         let r = c.batch_execute("COMMIT").await;
         (c, r)

@@ -500,6 +500,24 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
             ('Z', "I".into())
         ]
     );
+    // A writing statement sent on its own in a transaction block carries the xid query after
+    // it, in the same string: the answer is still the statement's alone.
+    c.send(&raw::query("BEGIN")).await;
+    c.read_until(b'Z').await;
+    c.send(&raw::query(
+        "INSERT INTO x VALUES (10) RETURNING a -- a comment the newline ends",
+    ))
+    .await;
+    let answer = tags(c.read_until(b'Z').await);
+    let kinds: String = answer.iter().map(|(t, _)| *t).collect();
+    assert_eq!(kinds, "TDCZ", "{answer:?}");
+    assert_eq!(answer[2].1, "INSERT 0 1\0");
+    assert_eq!(answer[3].1, "T");
+    c.send(&raw::query("COMMIT")).await;
+    assert_eq!(
+        tags(c.read_until(b'Z').await),
+        [('C', "COMMIT\0".into()), ('Z', "I".into())]
+    );
 
     admin
         .batch_execute("REVOKE EXECUTE ON FUNCTION pg_current_xact_id_if_assigned() FROM PUBLIC")
@@ -517,6 +535,18 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .await
         .unwrap();
     s.batch_execute("COMMIT").await.unwrap();
+    // The xid query after a write: the write's string fails with its error, as a whole.
+    let w = gw.connect(roles::SCRAM).await;
+    w.batch_execute("BEGIN").await.unwrap();
+    let e = w
+        .batch_execute("INSERT INTO x VALUES (7)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), Some("42501"), "{e}");
+    w.batch_execute("ROLLBACK").await.unwrap();
+    w.batch_execute("BEGIN").await.unwrap();
+    w.batch_execute("INSERT INTO x VALUES (8)").await.unwrap();
+    w.batch_execute("COMMIT").await.unwrap();
     // The same in the extended protocol.
     let e = gw.connect(roles::SCRAM).await;
     e.batch_execute("BEGIN; INSERT INTO x VALUES (5)")
@@ -536,5 +566,5 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .iter()
         .map(|r| r.get::<_, i32>(0))
         .collect::<Vec<_>>();
-    assert_eq!(rows, [1, 2, 4, 6]);
+    assert_eq!(rows, [1, 2, 4, 6, 8, 10]);
 }

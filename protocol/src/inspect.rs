@@ -43,6 +43,17 @@ impl<'a> ErrorView<'a> {
     }
 }
 
+/// Name of the first column in a RowDescription body.
+pub fn first_field_name(body: &[u8]) -> Option<&str> {
+    // int16 column count, then per column a NUL-terminated name and fixed fields.
+    let fields = body.get(2..)?;
+    if body.get(..2)? == [0, 0] {
+        return None;
+    }
+    let end = fields.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&fields[..end]).ok()
+}
+
 /// Status byte of a ReadyForQuery body (`I`, `T` or `E`).
 pub fn ready_for_query_status(body: &[u8]) -> Option<u8> {
     match body {
@@ -69,6 +80,17 @@ pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_field_name_of_row_descriptions() {
+        let mut body = vec![0, 2];
+        body.extend_from_slice(b"understudy_xid\0");
+        body.extend_from_slice(&[0; 18]);
+        assert_eq!(first_field_name(&body), Some("understudy_xid"));
+        assert_eq!(first_field_name(&[0, 0]), None);
+        assert_eq!(first_field_name(&[0, 1, b'a']), None);
+        assert_eq!(first_field_name(&[0]), None);
+    }
 
     #[test]
     fn error_view_reads_fields() {

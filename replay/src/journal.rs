@@ -274,6 +274,9 @@ pub enum Before {
     Forward,
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
+    /// The message is a Query of one writing statement inside a transaction block whose xid is
+    /// not known yet: ask for the xid in the same string, right after the statement.
+    CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
     /// commit is what tells later whether a failover lost it.
@@ -414,9 +417,21 @@ impl Journal {
                 group.sole_commit =
                     group.request.is_empty() && classified.statements == [Statement::Commit];
                 // The xid is assigned at a transaction's first write, so asking just before the
-                // string that commits gives it whenever an earlier request wrote.
-                if commits && self.txn_status == b'T' && (self.txn_may_write || group.may_write) {
+                // string that commits gives it whenever an earlier request wrote; a single
+                // writing statement inside the block can carry the question itself, for free.
+                if commits
+                    && self.txn_status == b'T'
+                    && self.xid.is_none()
+                    && (self.txn_may_write || group.may_write)
+                {
                     before = Before::CaptureXid;
+                } else if self.txn_status == b'T'
+                    && self.xid.is_none()
+                    && group.request.is_empty()
+                    && classified.statements == [Statement::Write]
+                    && !classified.copies
+                {
+                    before = Before::CaptureXidAfter;
                 }
                 record_hazards(
                     &classified.hazards,
@@ -448,7 +463,12 @@ impl Journal {
                     begins: classified.statements.contains(&Statement::Begin),
                     copies: classified.copies,
                 };
-                if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
+                if effects.commits
+                    && first
+                    && self.txn_status == b'T'
+                    && self.txn_may_write
+                    && self.xid.is_none()
+                {
                     before = Before::CaptureXid;
                 }
                 record_hazards(
@@ -473,7 +493,12 @@ impl Journal {
                 group.begins |= effects.begins;
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
-                if effects.commits && first && self.txn_status == b'T' && self.txn_may_write {
+                if effects.commits
+                    && first
+                    && self.txn_status == b'T'
+                    && self.txn_may_write
+                    && self.xid.is_none()
+                {
                     before = Before::CaptureXid;
                 }
             }
@@ -624,7 +649,7 @@ impl Journal {
         self.abandon();
     }
 
-    /// Records the xid captured before a COMMIT (`None`: no xid was assigned, nothing written).
+    /// Records the open transaction's xid as captured (`None`: none assigned yet).
     pub fn set_xid(&mut self, xid: Option<u64>) {
         self.xid = xid;
     }
@@ -702,6 +727,44 @@ mod tests {
         answer(&mut j, b"COMMIT", b'I');
         assert!(j.groups().is_empty());
         assert_eq!(j.last_committed_xid(), Some(742));
+    }
+
+    #[test]
+    fn a_lone_write_in_a_block_asks_for_the_xid_and_commit_then_need_not() {
+        let mut j = Journal::new(1 << 20);
+        // Outside a block, or with several statements, or COPY: no.
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            Before::CaptureLsnAfter
+        );
+        answer(&mut j, b"INSERT 0 1", b'I');
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        for sql in ["SELECT 1", "INSERT INTO t VALUES (2); SELECT 1", "COPY t FROM STDIN"] {
+            assert_eq!(j.on_client_message(b'Q', &query(sql)), Before::Forward, "{sql}");
+            answer(&mut j, b"", b'T');
+        }
+        assert_eq!(
+            j.on_client_message(b'Q', &query("UPDATE t SET a = 3")),
+            Before::CaptureXidAfter
+        );
+        // The statement touched no row: no xid yet, so the next write asks again.
+        j.set_xid(None);
+        answer(&mut j, b"UPDATE 0", b'T');
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (4)")),
+            Before::CaptureXidAfter
+        );
+        j.set_xid(Some(900));
+        answer(&mut j, b"INSERT 0 1", b'T');
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (5)")),
+            Before::Forward
+        );
+        answer(&mut j, b"INSERT 0 1", b'T');
+        assert_eq!(j.on_client_message(b'Q', &query("COMMIT")), Before::Forward);
+        answer(&mut j, b"COMMIT", b'I');
+        assert_eq!(j.last_committed_xid(), Some(900));
     }
 
     #[test]

@@ -36,6 +36,26 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// whose answer is lost can be looked up on the new primary.
 const XID_QUERY: &[u8] = b"Q\0\0\0\x2cSELECT pg_current_xact_id_if_assigned()\0";
 
+/// Appended to a client's one-statement Query in a transaction block: the xid comes back in
+/// the same answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
+/// from anything the client's statement returns.
+const XID_SUFFIX: &[u8] = b"\n;SELECT pg_current_xact_id_if_assigned() AS understudy_xid\0";
+
+/// Where the answer to a Query with [`XID_SUFFIX`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XidSuffix {
+    /// No such Query is being answered.
+    None,
+    /// The client's statement is being answered.
+    Statement,
+    /// The client's statement completed; the xid query's answer is next.
+    Completed,
+    /// Inside the xid query's answer (after its RowDescription).
+    Answer,
+    /// The xid query's answer is over; the ReadyForQuery is the client's.
+    Done,
+}
+
 /// The query the gateway slips in after an autocommit write: a WAL position at or past its
 /// commit, to check against what a promoted standby had replayed.
 const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
@@ -66,8 +86,18 @@ enum Owner {
     Client,
     /// The gateway's xid query: consume.
     Xid,
+    /// The client, whose one-statement Query carries the xid query after its statement: the
+    /// answers to that are consumed (see [`XidSuffix`]), the rest forwarded.
+    ClientThenXid,
     /// The gateway's WAL position query: consume.
     Lsn,
+}
+
+impl Owner {
+    /// Whether the client waits for this ReadyForQuery.
+    fn is_client(self) -> bool {
+        matches!(self, Owner::Client | Owner::ClientThenXid)
+    }
 }
 
 /// What the gateway needs to log in again for this session on another server.
@@ -129,6 +159,8 @@ pub struct Session {
     /// The error of a failed xid query: the transaction is aborted, so the client's COMMIT
     /// behind it will be answered `ROLLBACK`; the client gets this error in its place.
     doomed_commit: Option<Vec<u8>>,
+    /// Progress through the answer to a Query that carries the xid query.
+    xid_suffix: XidSuffix,
 }
 
 impl Session {
@@ -163,6 +195,7 @@ impl Session {
             poison: Poison::None,
             capture_xid: true,
             doomed_commit: None,
+            xid_suffix: XidSuffix::None,
         }
     }
 
@@ -313,19 +346,47 @@ impl Session {
                 self.pump.up.insert_ready(XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
+            let suffixed = before == Before::CaptureXidAfter
+                && self.capture_xid
+                && tag == frontend::QUERY
+                && self.append_xid_query(n);
             if self.journal.expects_ready() {
                 self.awaiting_ready += 1;
-                self.wire.push_back(Owner::Client);
+                self.wire.push_back(if suffixed {
+                    Owner::ClientThenXid
+                } else {
+                    Owner::Client
+                });
             }
             if matches!(tag, frontend::QUERY | frontend::EXECUTE) {
                 self.shared.metrics.queries.increment(1);
             }
-            self.pump.up.ready += n;
+            if !suffixed {
+                self.pump.up.ready += n;
+            }
             if before == Before::CaptureLsnAfter {
                 self.pump.up.insert_ready(LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
             }
         }
+    }
+
+    /// Appends the xid query to the client's Query of `n` bytes at `ready` (one writing
+    /// statement in a transaction block) and passes the message over; its answer comes before
+    /// the client's ReadyForQuery, with no flush of its own. Returns false (nothing done) if
+    /// the message would grow past the protocol's limit.
+    fn append_xid_query(&mut self, n: usize) -> bool {
+        // The length word counts itself but not the type byte; the old NUL is replaced.
+        let Ok(len) = i32::try_from(n - 2 + XID_SUFFIX.len()) else {
+            return false;
+        };
+        let pipe = &mut self.pump.up;
+        let at = pipe.ready;
+        pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
+        // Everything but the terminating NUL, which the suffix brings along.
+        pipe.ready += n - 1;
+        pipe.splice_at_ready(1, XID_SUFFIX);
+        true
     }
 
     /// After a diverged replay the client is owed a 40001 for its next request; the backend
@@ -390,12 +451,22 @@ impl Session {
                 return None;
             }
             let owner = self.wire.front().copied();
-            let internal = owner.is_some_and(|o| o != Owner::Client);
+            let internal = owner.is_some_and(|o| !o.is_client());
+            if owner == Some(Owner::ClientThenXid) && self.xid_suffix == XidSuffix::None {
+                self.xid_suffix = XidSuffix::Statement;
+            }
+            let suffix = self.xid_suffix;
             let doomed = self.doomed_commit.is_some();
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
             let (step, n) = match down.scanner.next(&down.buf[at..], |t| {
-                internal || wanted(t) || doomed && t == backend::COMMAND_COMPLETE
+                internal
+                    || wanted(t)
+                    || doomed && t == backend::COMMAND_COMPLETE
+                    || matches!(suffix, XidSuffix::Statement | XidSuffix::Answer)
+                        && t == backend::COMMAND_COMPLETE
+                    || suffix == XidSuffix::Completed && t == backend::ROW_DESCRIPTION
+                    || suffix == XidSuffix::Answer && t == backend::DATA_ROW
             }) {
                 Ok(s) => s,
                 // The server's framing is trusted; a broken one means a broken connection.
@@ -445,6 +516,18 @@ impl Session {
                         }
                         _ => {}
                     }
+                    self.pump.down.remove_at_ready(n);
+                }
+                Step::Whole { tag, body }
+                    if !matches!(suffix, XidSuffix::None | XidSuffix::Done)
+                        && on_xid_suffix(
+                            &mut self.xid_suffix,
+                            &mut self.journal,
+                            &mut self.capture_xid,
+                            tag,
+                            body,
+                        ) =>
+                {
                     self.pump.down.remove_at_ready(n);
                 }
                 Step::Whole {
@@ -516,6 +599,7 @@ impl Session {
     }
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
+        self.xid_suffix = XidSuffix::None;
         if status == b'I' {
             self.doomed_commit = None;
         }
@@ -581,6 +665,48 @@ impl Session {
         }
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
         result
+    }
+}
+
+/// Follows the answer to a Query that carries the xid query; returns whether the message
+/// is the xid query's (consumed) rather than the client's.
+fn on_xid_suffix(
+    state: &mut XidSuffix,
+    journal: &mut Journal,
+    capture_xid: &mut bool,
+    tag: u8,
+    body: &[u8],
+) -> bool {
+    match (*state, tag) {
+        (XidSuffix::Statement, backend::COMMAND_COMPLETE) => {
+            *state = XidSuffix::Completed;
+            false
+        }
+        (XidSuffix::Completed, backend::ROW_DESCRIPTION)
+            if inspect::first_field_name(body) == Some("understudy_xid") =>
+        {
+            *state = XidSuffix::Answer;
+            true
+        }
+        (XidSuffix::Answer, backend::DATA_ROW) => {
+            journal.set_xid(parse_xid_row(body));
+            true
+        }
+        (XidSuffix::Answer, backend::COMMAND_COMPLETE) => {
+            *state = XidSuffix::Done;
+            true
+        }
+        (XidSuffix::Completed | XidSuffix::Answer, backend::ERROR_RESPONSE) => {
+            // The xid query failed after the client's statement succeeded: the
+            // transaction is aborted, and the client must hear it with this error.
+            tracing::warn!(
+                "the xid query after a write failed; this session does without it from now on"
+            );
+            *capture_xid = false;
+            *state = XidSuffix::Done;
+            false
+        }
+        _ => false,
     }
 }
 

@@ -237,6 +237,7 @@ impl Session {
         self.pump.up.discard_ready();
         self.wire.clear();
         self.xid_row = None;
+        self.xid_suffix = super::XidSuffix::None;
         Ok((left > 0).then_some((self.down_tag, left)))
     }
 
@@ -518,6 +519,8 @@ impl Session {
                 return self.diverge(fresh, &in_flight, resumed).await;
             }
             metrics::counter!("understudy_replays_total", "outcome" => "ok").increment(1);
+            // The replayed transaction has an xid of its own on the new primary, not known yet.
+            self.journal.set_xid(None);
         }
         self.resend_in_flight(&in_flight, in_txn, &mut resumed);
         self.consume_seen_prefix(fresh, in_flight.first().copied(), partial, &mut resumed)
@@ -685,7 +688,7 @@ impl Session {
             self.journal.on_server_bytes(*tag, &raw[take.to_owned()..]);
         }
         self.wire = resumed.owners.iter().copied().collect();
-        self.awaiting_ready = self.wire.iter().filter(|o| **o == Owner::Client).count() as u32;
+        self.awaiting_ready = self.wire.iter().filter(|o| o.is_client()).count() as u32;
         if !resumed.to_backend.is_empty() {
             // Goes out ahead of anything the client sends next.
             let unscanned = self.pump.up.buf.split_off(0);

@@ -740,8 +740,16 @@ mod tests {
         answer(&mut j, b"INSERT 0 1", b'I');
         j.on_client_message(b'Q', &query("BEGIN"));
         answer(&mut j, b"BEGIN", b'T');
-        for sql in ["SELECT 1", "INSERT INTO t VALUES (2); SELECT 1", "COPY t FROM STDIN"] {
-            assert_eq!(j.on_client_message(b'Q', &query(sql)), Before::Forward, "{sql}");
+        for sql in [
+            "SELECT 1",
+            "INSERT INTO t VALUES (2); SELECT 1",
+            "COPY t FROM STDIN",
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::Forward,
+                "{sql}"
+            );
             answer(&mut j, b"", b'T');
         }
         assert_eq!(

@@ -153,8 +153,9 @@ pub struct Session {
     /// The last value of every ParameterStatus the server reported.
     server_params: Vec<(String, String)>,
     poison: Poison,
-    /// Whether COMMITs are preceded by the xid query; off once it failed in this session
-    /// (e.g. EXECUTE on `pg_current_xact_id_if_assigned` revoked), so one failure is all.
+    /// Whether the gateway captures xids (after lone writes, before COMMITs); off once the
+    /// capture failed in this session (e.g. EXECUTE on `pg_current_xact_id_if_assigned`
+    /// revoked), so one failure is all.
     capture_xid: bool,
     /// The error of a failed xid query: the transaction is aborted, so the client's COMMIT
     /// behind it will be answered `ROLLBACK`; the client gets this error in its place.

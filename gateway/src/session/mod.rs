@@ -525,6 +525,7 @@ impl Session {
                             &mut self.xid_suffix,
                             &mut self.journal,
                             &mut self.capture_xid,
+                            self.guard.info().id,
                             tag,
                             body,
                         ) =>
@@ -675,6 +676,7 @@ fn on_xid_suffix(
     state: &mut XidSuffix,
     journal: &mut Journal,
     capture_xid: &mut bool,
+    session: u64,
     tag: u8,
     body: &[u8],
 ) -> bool {
@@ -700,7 +702,11 @@ fn on_xid_suffix(
         (XidSuffix::Completed | XidSuffix::Answer, backend::ERROR_RESPONSE) => {
             // The xid query failed after the client's statement succeeded: the
             // transaction is aborted, and the client must hear it with this error.
+            let err = ErrorView::parse(body);
             tracing::warn!(
+                session,
+                code = err.code,
+                message = err.message,
                 "the xid query after a write failed; this session does without it from now on"
             );
             *capture_xid = false;

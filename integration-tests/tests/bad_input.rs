@@ -30,7 +30,9 @@ fn watch_for_gateway_panics() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let in_gateway = info.location().is_some_and(|l| {
-                l.file().contains("gateway/src/") || l.file().contains("protocol/src/")
+                ["gateway/src/", "protocol/src/", "replay/src/"]
+                    .iter()
+                    .any(|dir| l.file().contains(dir))
             });
             if in_gateway {
                 GATEWAY_PANICS.fetch_add(1, Ordering::SeqCst);
@@ -250,6 +252,40 @@ async fn malformed_messages_after_login_end_only_their_session() {
 
     still_answers(&neighbour).await;
     gw.connect(roles::TRUST).await; // and the gateway still takes new sessions
+    assert_no_gateway_panics();
+}
+
+/// SQL the server cannot even tokenize (an unclosed quoted identifier ending in a multi-byte
+/// character, an unclosed string, dollar quote or comment) gets the server's own syntax error,
+/// by the simple and the extended protocol, and the session goes on.
+#[tokio::test]
+async fn unfinished_sql_gets_the_servers_syntax_error() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    let client = gw.connect(roles::TRUST).await;
+    for sql in [
+        "LISTEN \"é",
+        "COPY t FROM STDIN \" é",
+        "SELECT 'é",
+        "SELECT $q$ é",
+        "SELECT 1 /* é",
+        "PREPARE \"ü",
+    ] {
+        let e = client
+            .simple_query(sql)
+            .await
+            .expect_err("the server refuses it");
+        assert_eq!(sqlstate(&e), Some("42601"), "simple query {sql:?}: {e}");
+        let e = client
+            .prepare(sql)
+            .await
+            .expect_err("the server refuses it");
+        assert_eq!(sqlstate(&e), Some("42601"), "Parse of {sql:?}: {e}");
+        still_answers(&client).await;
+    }
+    still_answers(&neighbour).await;
     assert_no_gateway_panics();
 }
 

@@ -92,6 +92,16 @@ impl Classified {
 /// Classifies every statement of `sql`.
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
+    classify_into(sql, &mut out);
+    out
+}
+
+/// Classifies every statement of `sql` into `out`, reusing its buffers.
+pub fn classify_into(sql: &str, out: &mut Classified) {
+    out.statements.clear();
+    out.hazards.clear();
+    out.copies = false;
+    out.session_spans.clear();
     let mut lex = Lexer::new(sql);
     while lex.pos < sql.len() {
         let start = lex.pos;
@@ -102,80 +112,85 @@ pub fn classify(sql: &str) -> Classified {
         if w(0).is_empty() {
             continue;
         }
-        let statement = if is(0, "BEGIN") || is(0, "START") {
-            Statement::Begin
-        } else if (is(0, "COMMIT") || is(0, "END")) && is(1, "PREPARED") {
-            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
-            Statement::Write
-        } else if is(0, "COMMIT") || is(0, "END") {
-            Statement::Commit
-        } else if (is(0, "ROLLBACK") || is(0, "ABORT")) && (is(1, "TO") || is(2, "TO")) {
-            Statement::Savepoint
-        } else if is(0, "ROLLBACK") && is(1, "PREPARED") {
-            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
-            Statement::Write
-        } else if is(0, "ROLLBACK") || is(0, "ABORT") {
-            Statement::Rollback
-        } else if is(0, "SAVEPOINT") || is(0, "RELEASE") {
-            Statement::Savepoint
-        } else if [
-            "SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH", "MOVE",
-        ]
-        .iter()
-        .any(|k| is(0, k))
-        {
-            if facts.writes {
+        let mut upper = [0u8; 10];
+        let first = w(0).as_bytes();
+        let keyword = if first.len() <= upper.len() {
+            upper[..first.len()].copy_from_slice(first);
+            upper[..first.len()].make_ascii_uppercase();
+            &upper[..first.len()]
+        } else {
+            // Longer than any keyword below.
+            &[]
+        };
+        let statement = match keyword {
+            b"BEGIN" | b"START" => Statement::Begin,
+            b"COMMIT" | b"END" if is(1, "PREPARED") => {
+                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write
-            } else {
-                Statement::Read
             }
-        } else if is(0, "SET") {
-            if is(1, "LOCAL") || is(1, "TRANSACTION") || is(1, "CONSTRAINTS") {
+            b"COMMIT" | b"END" => Statement::Commit,
+            b"ROLLBACK" | b"ABORT" if is(1, "TO") || is(2, "TO") => Statement::Savepoint,
+            b"ROLLBACK" if is(1, "PREPARED") => {
+                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+                Statement::Write
+            }
+            b"ROLLBACK" | b"ABORT" => Statement::Rollback,
+            b"SAVEPOINT" | b"RELEASE" => Statement::Savepoint,
+            b"SELECT" | b"WITH" | b"VALUES" | b"TABLE" | b"SHOW" | b"EXPLAIN" | b"FETCH"
+            | b"MOVE" => {
+                if facts.writes {
+                    Statement::Write
+                } else {
+                    Statement::Read
+                }
+            }
+            b"SET" if is(1, "LOCAL") || is(1, "TRANSACTION") || is(1, "CONSTRAINTS") => {
                 Statement::TransactionSetting
-            } else {
-                Statement::Session(SessionChange::Set(set_variable(stmt)))
             }
-        } else if is(0, "RESET") {
-            Statement::Session(SessionChange::Reset(if is(1, "ALL") || w(1).is_empty() {
-                None
-            } else {
-                Some(name_after(stmt, 1))
-            }))
-        } else if is(0, "DISCARD") {
-            Statement::Session(SessionChange::Discard)
-        } else if is(0, "PREPARE") && is(1, "TRANSACTION") {
-            out.hazards.push(Hazard::Unreplayable("two-phase commit"));
-            Statement::Write
-        } else if is(0, "PREPARE") {
-            Statement::Session(SessionChange::Prepare(name_after(stmt, 1)))
-        } else if is(0, "DEALLOCATE") {
-            let skip = if is(1, "PREPARE") { 2 } else { 1 };
-            Statement::Session(SessionChange::Deallocate(
-                if is(skip, "ALL") || w(skip).is_empty() {
+            b"SET" => Statement::Session(SessionChange::Set(set_variable(stmt))),
+            b"RESET" => {
+                Statement::Session(SessionChange::Reset(if is(1, "ALL") || w(1).is_empty() {
                     None
                 } else {
-                    Some(name_after(stmt, skip))
-                },
-            ))
-        } else if is(0, "LISTEN") {
-            Statement::Session(SessionChange::Listen(name_after(stmt, 1)))
-        } else if is(0, "UNLISTEN") {
-            Statement::Session(SessionChange::Unlisten(if w(1) == "*" || w(1).is_empty() {
-                None
-            } else {
-                Some(name_after(stmt, 1))
-            }))
-        } else if is(0, "DECLARE") {
-            if facts.with_hold {
-                out.hazards
-                    .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
+                    Some(name_after(stmt, 1))
+                }))
             }
-            Statement::Read
-        } else {
-            Statement::Write
+            b"DISCARD" => Statement::Session(SessionChange::Discard),
+            b"PREPARE" if is(1, "TRANSACTION") => {
+                out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+                Statement::Write
+            }
+            b"PREPARE" => Statement::Session(SessionChange::Prepare(name_after(stmt, 1))),
+            b"DEALLOCATE" => {
+                let skip = if is(1, "PREPARE") { 2 } else { 1 };
+                Statement::Session(SessionChange::Deallocate(
+                    if is(skip, "ALL") || w(skip).is_empty() {
+                        None
+                    } else {
+                        Some(name_after(stmt, skip))
+                    },
+                ))
+            }
+            b"LISTEN" => Statement::Session(SessionChange::Listen(name_after(stmt, 1))),
+            b"UNLISTEN" => {
+                Statement::Session(SessionChange::Unlisten(if w(1) == "*" || w(1).is_empty() {
+                    None
+                } else {
+                    Some(name_after(stmt, 1))
+                }))
+            }
+            b"DECLARE" => {
+                if facts.with_hold {
+                    out.hazards
+                        .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
+                }
+                Statement::Read
+            }
+            _ => Statement::Write,
         };
-        out.copies |= is(0, "COPY") && facts.from_stdin;
-        if is(0, "CREATE") && facts.temp || facts.into_temp {
+        let copy = keyword == b"COPY";
+        out.copies |= copy && facts.from_stdin;
+        if keyword == b"CREATE" && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
         if facts.advisory_lock {
@@ -186,7 +201,7 @@ pub fn classify(sql: &str) -> Classified {
             out.hazards
                 .push(Hazard::Unreplayable("dblink acts on another server"));
         }
-        if is(0, "COPY") && facts.program {
+        if copy && facts.program {
             out.hazards
                 .push(Hazard::Unreplayable("COPY with an external program"));
         }
@@ -196,7 +211,6 @@ pub fn classify(sql: &str) -> Classified {
         out.statements.push(statement);
     }
     out.hazards.dedup();
-    out
 }
 
 /// What one pass over a statement's tokens finds, without allocating.
@@ -336,6 +350,42 @@ enum Token<'a> {
     Other(char),
 }
 
+const SPACE: u8 = 1;
+const WORD: u8 = 2;
+const DIGIT: u8 = 4;
+const DOLLAR: u8 = 8;
+
+/// What each byte can be in a token: whitespace, the start of a word (a letter, `_`, or any
+/// byte of a non-ASCII character), a digit, or `$` (inside a word or a parameter).
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') {
+            SPACE
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            WORD
+        } else if c.is_ascii_digit() {
+            DIGIT
+        } else if c == b'$' {
+            DOLLAR
+        } else {
+            0
+        };
+        i += 1;
+    }
+    t
+};
+
+/// The first position at or after `from` whose byte is in none of the classes `mask`.
+fn skip_while(bytes: &[u8], from: usize, mask: u8) -> usize {
+    bytes[from..]
+        .iter()
+        .position(|&c| CLASS[usize::from(c)] & mask == 0)
+        .map_or(bytes.len(), |p| from + p)
+}
+
 /// Skips whitespace, `--` and nested `/* */` comments, and string literals ('…', E'…', $tag$…$tag$).
 struct Lexer<'a> {
     src: &'a str,
@@ -351,57 +401,62 @@ impl<'a> Lexer<'a> {
         &self.src.as_bytes()[self.pos..]
     }
 
+    #[inline(always)]
     fn next_token(&mut self) -> Option<Token<'a>> {
+        let bytes = self.src.as_bytes();
         loop {
-            let b = *self.rest().first()?;
-            match b {
-                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.pos += 1,
-                b'-' if self.rest().starts_with(b"--") => {
-                    let end = self.rest().iter().position(|&c| c == b'\n');
-                    self.pos = end.map_or(self.src.len(), |e| self.pos + e + 1);
-                }
-                b'/' if self.rest().starts_with(b"/*") => self.skip_block_comment(),
-                b';' => {
-                    self.pos += 1;
-                    return Some(Token::Semicolon);
-                }
-                b'\'' => {
-                    self.skip_string(false);
-                    return Some(Token::Other('\''));
-                }
-                b'E' | b'e' if self.rest().get(1) == Some(&b'\'') => {
-                    self.pos += 1;
-                    self.skip_string(true);
-                    return Some(Token::Other('\''));
-                }
-                b'"' => {
-                    let start = self.pos + 1;
-                    let end = self.rest()[1..].iter().position(|&c| c == b'"');
-                    self.pos = end.map_or(self.src.len(), |e| start + e + 1);
-                    let content = &self.src[start..self.pos.saturating_sub(1).max(start)];
-                    return Some(Token::Quoted(content));
-                }
-                b'$' if self.skip_dollar_quote() => return Some(Token::Other('$')),
-                c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+            let b = *bytes.get(self.pos)?;
+            match CLASS[usize::from(b)] {
+                SPACE => self.pos += 1,
+                WORD => {
                     let start = self.pos;
-                    while let Some(&c) = self.rest().first() {
-                        if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 {
-                            self.pos += 1;
-                        } else {
-                            break;
-                        }
+                    self.pos = skip_while(bytes, start + 1, WORD | DIGIT | DOLLAR);
+                    // E'…' is a string with backslash escapes, not a word.
+                    if self.pos == start + 1
+                        && (b == b'E' || b == b'e')
+                        && bytes.get(self.pos) == Some(&b'\'')
+                    {
+                        self.skip_string(true);
+                        return Some(Token::Other('\''));
                     }
                     return Some(Token::Word(&self.src[start..self.pos]));
                 }
-                c if c.is_ascii() => {
-                    self.pos += 1;
-                    return Some(Token::Other(char::from(c)));
+                // A number is one token, whatever its length.
+                DIGIT => {
+                    self.pos = skip_while(bytes, self.pos + 1, DIGIT);
+                    return Some(Token::Other('0'));
                 }
-                _ => {
-                    let c = self.src[self.pos..].chars().next()?;
-                    self.pos += c.len_utf8();
-                    return Some(Token::Other(c));
-                }
+                _ => match b {
+                    b'-' if self.rest().starts_with(b"--") => {
+                        let end = self.rest().iter().position(|&c| c == b'\n');
+                        self.pos = end.map_or(self.src.len(), |e| self.pos + e + 1);
+                    }
+                    b'/' if self.rest().starts_with(b"/*") => self.skip_block_comment(),
+                    b';' => {
+                        self.pos += 1;
+                        return Some(Token::Semicolon);
+                    }
+                    b'\'' => {
+                        self.skip_string(false);
+                        return Some(Token::Other('\''));
+                    }
+                    b'"' => {
+                        let start = self.pos + 1;
+                        // An unclosed identifier runs to the end of the text.
+                        let (end, next) = match self.rest()[1..].iter().position(|&c| c == b'"') {
+                            Some(e) => (start + e, start + e + 1),
+                            None => (self.src.len(), self.src.len()),
+                        };
+                        self.pos = next;
+                        return Some(Token::Quoted(&self.src[start..end]));
+                    }
+                    b'$' if self.skip_dollar_quote() => return Some(Token::Other('$')),
+                    // Every byte of a non-ASCII character is a word byte, so this is ASCII.
+                    _ => {
+                        self.pos += 1;
+                        return Some(Token::Other(char::from(b)));
+                    }
+                },
             }
         }
     }
@@ -616,6 +671,8 @@ mod tests {
             "DEALLOCATE PREPARE",
             "$1$",
             "\u{0}",
+            "LISTEN \"é",
+            "STDIN \" é",
         ] {
             let _ = classify(sql);
         }

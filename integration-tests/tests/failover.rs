@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
+use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway};
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -237,6 +238,63 @@ async fn commit_in_flight(statements: &[&str]) {
         [1, 2]
     );
     c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+}
+
+/// A client whose encoding is LATIN1 sends text that is not UTF-8: its write is still known
+/// as a write, so the COMMIT in flight at the failover is resolved as for any other client
+/// (not taken for a read-only transaction and answered without its rows), and the rows exist
+/// once, with their text.
+#[tokio::test]
+async fn commit_in_flight_in_latin1_is_resolved() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY, s text); GRANT ALL ON t TO PUBLIC;
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    let ok = |msgs: &[Msg]| {
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "no error: {msgs:?}");
+    };
+    for sql in [
+        &b"SET client_encoding = 'LATIN1'"[..],
+        b"BEGIN",
+        b"INSERT INTO t VALUES (1, 'caf\xe9')",
+        b"INSERT INTO t VALUES (2, '\xfcber')",
+    ] {
+        let mut body = sql.to_vec();
+        body.push(0);
+        c.send(&msg(b'Q', &body)).await;
+        ok(&c.read_until(b'Z').await);
+    }
+    c.send(&query("COMMIT")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_primary().await;
+    let answer = c.read_until(b'Z').await;
+    ok(&answer);
+    assert!(
+        answer
+            .iter()
+            .any(|m| m.tag == b'C' && m.body == b"COMMIT\0"),
+        "COMMIT answered: {answer:?}"
+    );
+    assert_eq!(answer.last().map(|m| m.body.clone()), Some(b"I".to_vec()));
+    let rows: Vec<(i32, String)> = cluster_on_new_primary(&mut cluster)
+        .await
+        .superuser()
+        .await
+        .query("SELECT a, s FROM t ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [(1, "café".to_owned()), (2, "über".to_owned())]);
 }
 
 /// A replay that would not reproduce what the client saw (now() differs) gets 40001 inside an

@@ -5,13 +5,14 @@
 //! follows it), an extended-protocol batch up to its Sync, or a FunctionCall. Responses arrive in
 //! request order, so the oldest unanswered group owns every response byte.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 use understudy_protocol::tags::{backend, frontend};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::classify::{classify, Hazard, SessionChange, Statement};
+use crate::classify::{classify_into, Classified, Hazard, SessionChange, Statement};
 
 /// A digest of response bytes: length and xxh3 of the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +55,12 @@ impl DigestBuilder {
         self.len += bytes.len() as u64;
     }
 
+    /// Starts over, as if new.
+    fn reset(&mut self) {
+        self.hasher.reset();
+        self.len = 0;
+    }
+
     /// The digest so far.
     pub fn digest(&self) -> Digest {
         Digest {
@@ -76,8 +83,8 @@ pub fn digested(tag: u8) -> bool {
 pub struct Group {
     /// The exact request messages, as sent.
     pub request: BytesMut,
-    /// Digest of the response so far.
-    pub response: DigestBuilder,
+    /// Digest of the response, once answered (until then, see [`Journal::answer_so_far`]).
+    pub answer: Digest,
     /// Whether a message that expects a ReadyForQuery (Query, Sync, FunctionCall) ended it.
     pub closed: bool,
     /// Whether its ReadyForQuery arrived.
@@ -117,7 +124,7 @@ impl Group {
     fn new() -> Self {
         Self {
             request: BytesMut::new(),
-            response: DigestBuilder::default(),
+            answer: Digest::default(),
             closed: false,
             answered: false,
             failed: false,
@@ -135,7 +142,37 @@ impl Group {
             prepares: Vec::new(),
         }
     }
+
+    /// This group emptied for reuse by the next request, keeping its buffers; `None` when they
+    /// grew too large to keep around in an idle session.
+    fn recycled(mut self) -> Option<Self> {
+        if self.request.capacity() > SPARE_REQUEST_CAPACITY {
+            return None;
+        }
+        self.request.clear();
+        self.answer = Digest::default();
+        self.closed = false;
+        self.answered = false;
+        self.failed = false;
+        self.may_write = false;
+        self.commits = false;
+        self.begins = false;
+        self.sole_commit = false;
+        self.copies = false;
+        self.copy_in_pending = false;
+        self.runs = false;
+        self.changes.clear();
+        self.parses.clear();
+        self.parses_done = 0;
+        self.closes.clear();
+        self.prepares.clear();
+        Some(self)
+    }
 }
+
+/// The largest request buffer an answered group may keep for the next request (most requests
+/// are far smaller; a bulk load's buffer is freed).
+const SPARE_REQUEST_CAPACITY: usize = 4096;
 
 #[derive(Debug, Clone)]
 struct PendingChange {
@@ -288,6 +325,13 @@ pub enum Before {
 pub struct Journal {
     state: SessionState,
     groups: Vec<Group>,
+    /// An answered group kept for the next request, so a request costs no allocation.
+    spare: Option<Group>,
+    /// Digest of the answer so far of the oldest unanswered group (the one the server is
+    /// answering: responses come in request order).
+    live: DigestBuilder,
+    /// The last classification, kept for its buffers.
+    classified: Classified,
     journal_bytes: usize,
     max_bytes: usize,
     /// Transaction status of the last ReadyForQuery.
@@ -314,6 +358,9 @@ impl Journal {
         Self {
             state: SessionState::default(),
             groups: Vec::new(),
+            spare: None,
+            live: DigestBuilder::default(),
+            classified: Classified::default(),
             journal_bytes: 0,
             max_bytes,
             txn_status: b'I',
@@ -393,7 +440,8 @@ impl Journal {
             frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
         ) && self.groups.last().is_some_and(|g| g.closed && !g.answered);
         if !attach_to_last && self.groups.last().is_none_or(|g| g.closed) {
-            self.groups.push(Group::new());
+            let group = self.spare.take().unwrap_or_else(Group::new);
+            self.groups.push(group);
         }
         let mut before = Before::Forward;
         let Some(group) = self.groups.last_mut() else {
@@ -406,8 +454,9 @@ impl Journal {
         );
         match tag {
             frontend::QUERY => {
-                let sql = cstr(body);
-                let classified = classify(sql);
+                let sql = text(cstr(body).0);
+                classify_into(&sql, &mut self.classified);
+                let classified = &self.classified;
                 let commits = classified.statements.contains(&Statement::Commit);
                 group.may_write |= classified.may_write();
                 group.commits |= commits;
@@ -443,6 +492,10 @@ impl Journal {
                     _ => None,
                 });
                 for (change, span) in sessions.zip(&classified.session_spans) {
+                    if matches!(sql, Cow::Owned(_)) {
+                        // The text to restore it is not the text the client sent.
+                        self.unmovable = self.unmovable.or(Some(NOT_UTF8));
+                    }
                     if let SessionChange::Prepare(name) = change {
                         group.prepares.push(name.clone());
                     }
@@ -453,9 +506,11 @@ impl Journal {
                 }
             }
             frontend::PARSE => {
-                let name = cstr(body);
-                let sql = body.get(name.len() + 1..).map(cstr).unwrap_or_default();
-                let classified = classify(sql);
+                let (name, rest) = cstr(body);
+                let name = name_key(name);
+                let sql = text(cstr(rest).0);
+                classify_into(&sql, &mut self.classified);
+                let classified = &self.classified;
                 // Parsing runs nothing; what the statement does counts when it is executed.
                 let effects = Effects {
                     may_write: classified.may_write(),
@@ -476,18 +531,21 @@ impl Journal {
                     &mut self.unmovable,
                     &mut self.unreplayable,
                 );
-                self.statements.insert(name.to_owned(), effects);
-                let name = (!name.is_empty()).then(|| name.to_owned());
+                self.statements.insert(name.clone().into_owned(), effects);
+                let name = (!name.is_empty()).then(|| name.into_owned());
                 group.parses.push((name, Bytes::copy_from_slice(raw)));
             }
             frontend::BIND => {
-                let portal = cstr(body);
-                let statement = body.get(portal.len() + 1..).map(cstr).unwrap_or_default();
+                let statement = name_key(cstr(cstr(body).1).0);
                 // A statement the journal never saw parsed may do anything.
-                let effects = self.statements.get(statement).copied().unwrap_or(Effects {
-                    may_write: true,
-                    ..Effects::default()
-                });
+                let effects = self
+                    .statements
+                    .get(&*statement)
+                    .copied()
+                    .unwrap_or(Effects {
+                        may_write: true,
+                        ..Effects::default()
+                    });
                 group.may_write |= effects.may_write;
                 group.commits |= effects.commits;
                 group.begins |= effects.begins;
@@ -503,9 +561,9 @@ impl Journal {
                 }
             }
             frontend::CLOSE if body.first() == Some(&b'S') => {
-                let name = cstr(&body[1..]);
+                let name = name_key(cstr(&body[1..]).0);
                 if !name.is_empty() {
-                    group.closes.push(name.to_owned());
+                    group.closes.push(name.into_owned());
                 }
             }
             frontend::FUNCTION_CALL => group.may_write = true,
@@ -543,6 +601,11 @@ impl Journal {
         self.groups.iter_mut().find(|g| !g.answered)
     }
 
+    /// Digest of what the client has received so far of the oldest unanswered group's answer.
+    pub fn answer_so_far(&self) -> Digest {
+        self.live.digest()
+    }
+
     /// Whether the request group now being answered holds a COMMIT.
     pub fn answering_commit(&self) -> bool {
         self.groups
@@ -556,8 +619,8 @@ impl Journal {
         if !digested(tag) {
             return;
         }
-        if let Some(g) = self.answering() {
-            g.response.update(bytes);
+        if self.groups.iter().any(|g| !g.answered) {
+            self.live.update(bytes);
         }
     }
 
@@ -578,6 +641,8 @@ impl Journal {
         if let Some(i) = self.groups.iter().position(|g| !g.answered) {
             let g = &mut self.groups[i];
             g.answered = true;
+            g.answer = self.live.digest();
+            self.live.reset();
             // Protocol-level statements are not transactional: they exist once parsed.
             for (name, parse) in g.parses.iter().take(g.parses_done) {
                 if let Some(name) = name {
@@ -629,6 +694,7 @@ impl Journal {
     /// without them: they were answered with an error, or the transaction is gone).
     pub fn abandon(&mut self) {
         self.groups.clear();
+        self.live.reset();
         self.pending.clear();
         self.journal_bytes = 0;
         self.txn_may_write = false;
@@ -656,6 +722,11 @@ impl Journal {
 
     /// Drops the answered groups once the transaction is over.
     fn clear_answered(&mut self) {
+        if self.spare.is_none() {
+            if let Some(i) = self.groups.iter().position(|g| g.answered) {
+                self.spare = self.groups.remove(i).recycled();
+            }
+        }
         self.groups.retain(|g| !g.answered);
         self.journal_bytes = self.groups.iter().map(|g| g.request.len()).sum();
         self.txn_may_write = false;
@@ -683,10 +754,34 @@ fn record_hazards(
     }
 }
 
-fn cstr(b: &[u8]) -> &str {
+/// The NUL-terminated string at the start of `b`, and what follows its NUL.
+fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    std::str::from_utf8(&b[..end]).unwrap_or("")
+    (&b[..end], b.get(end + 1..).unwrap_or_default())
 }
+
+/// SQL text as sent: in the client's encoding, which need not be UTF-8. Bytes that are not
+/// UTF-8 become U+FFFD, which the classifier reads as part of a word, as it does any
+/// non-ASCII character, so the keywords and quotes around them are still seen.
+fn text(b: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(b)
+}
+
+/// A statement's name as a map key: itself when UTF-8, else a NUL (never in a name) and its
+/// bytes in hex, so that different names stay different.
+fn name_key(b: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(name) => Cow::Borrowed(name),
+        Err(_) => Cow::Owned(
+            std::iter::once("\0".to_owned())
+                .chain(b.iter().map(|c| format!("{c:02x}")))
+                .collect(),
+        ),
+    }
+}
+
+/// Why a session cannot move when it changed its state in text that is not UTF-8.
+const NOT_UTF8: &str = "session state set in a client encoding other than UTF-8";
 
 #[cfg(test)]
 mod tests {
@@ -795,10 +890,7 @@ mod tests {
         a.on_server_bytes(b'D', b"row");
         b.on_server_bytes(b'N', b"a notice only one server sent");
         b.on_server_bytes(b'D', b"row");
-        assert_eq!(
-            a.groups()[0].response.digest(),
-            b.groups()[0].response.digest()
-        );
+        assert_eq!(a.answer_so_far(), b.answer_so_far());
     }
 
     #[test]
@@ -945,5 +1037,61 @@ mod tests {
         let mut j = Journal::new(1 << 20);
         j.on_client_message(b'Q', &query("CREATE TEMP TABLE x (a int)"));
         assert_eq!(j.unmovable(), Some("a temporary table"));
+    }
+
+    fn raw_query(sql: &[u8]) -> Vec<u8> {
+        let mut b = sql.to_vec();
+        b.push(0);
+        msg(b'Q', &b)
+    }
+
+    #[test]
+    fn text_in_other_client_encodings_is_still_classified() {
+        // 'café' in LATIN1: not UTF-8, still a write, inside a block and in autocommit.
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        assert_eq!(
+            j.on_client_message(b'Q', &raw_query(b"INSERT INTO t VALUES ('caf\xe9')")),
+            Before::CaptureXidAfter
+        );
+        answer(&mut j, b"INSERT 0 1", b'T');
+        assert!(j.txn_may_write());
+        j.on_client_message(b'Q', &query("COMMIT"));
+        answer(&mut j, b"COMMIT", b'I');
+        assert_eq!(
+            j.on_client_message(b'Q', &raw_query(b"UPDATE t SET a = '\xe9'")),
+            Before::CaptureLsnAfter
+        );
+        answer(&mut j, b"UPDATE 1", b'I');
+        assert_eq!(j.unmovable(), None);
+        // Its session state could not be given back as sent: the session stays put.
+        j.on_client_message(b'Q', &raw_query(b"SET application_name = 'caf\xe9'"));
+        answer(&mut j, b"SET", b'I');
+        assert_eq!(j.unmovable(), Some(NOT_UTF8));
+    }
+
+    #[test]
+    fn statement_names_in_other_encodings_stay_apart() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'P', &msg(b'P', b"\xe9\0UPDATE t SET a = 1\0\0\0"));
+        j.on_client_message(b'P', &msg(b'P', b"\xe8\0SELECT 1\0\0\0"));
+        j.on_client_message(b'P', &msg(b'P', b"\0SELECT 2\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        answer(&mut j, b"", b'I');
+        j.on_client_message(b'B', &msg(b'B', b"\0\xe9\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        assert!(
+            j.may_have_written(),
+            "the UPDATE under a LATIN1 name writes"
+        );
+        answer(&mut j, b"UPDATE 1", b'I');
+        j.on_client_message(b'B', &msg(b'B', b"\0\xe8\0\0\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        assert!(
+            !j.may_have_written(),
+            "the SELECT under another one does not"
+        );
     }
 }

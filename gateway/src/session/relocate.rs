@@ -10,7 +10,7 @@ use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::startup::CancelKey;
 use understudy_protocol::tags::backend;
-use understudy_replay::journal::{digested, DigestBuilder, Group, Unreplayable};
+use understudy_replay::journal::{digested, Digest, DigestBuilder, Group, Unreplayable};
 
 use super::{Owner, Poison, Session, XID_QUERY};
 use crate::auth::login::login;
@@ -102,7 +102,7 @@ impl Fresh {
                 digest.update(&raw);
             }
             if tag == backend::READY_FOR_QUERY {
-                return Ok(digest.digest() == group.response.digest());
+                return Ok(digest.digest() == group.answer);
             }
         }
     }
@@ -419,6 +419,8 @@ impl Session {
         let groups: Vec<Group> = self.journal.groups().to_vec();
         let answered: Vec<&Group> = groups.iter().filter(|g| g.answered).collect();
         let in_flight: Vec<&Group> = groups.iter().filter(|g| !g.answered).collect();
+        // What the client has of the first in-flight group's answer.
+        let seen_answer = self.journal.answer_so_far();
         let in_txn = self.journal.txn_status() != b'I';
         let mut resumed = Resumed::default();
         let fatal = |m: &str| cannot_move("40001", m.to_owned());
@@ -450,13 +452,13 @@ impl Session {
                     let mut answer = BytesMut::new();
                     answer.extend_from_slice(b"C\0\0\0\x0bCOMMIT\0");
                     encode::ready_for_query(&mut answer, b'I');
-                    let seen = first.response.digest().len as usize;
+                    let seen = seen_answer.len as usize;
                     if seen > answer.len() || partial.is_some() && seen == 0 {
                         return Err(fatal(DIVERGED));
                     }
                     let mut check = DigestBuilder::default();
                     check.update(&answer[..seen]);
-                    if check.digest() != first.response.digest() {
+                    if check.digest() != seen_answer {
                         return Err(fatal(DIVERGED));
                     }
                     resumed.to_client.extend_from_slice(&answer[seen..]);
@@ -467,7 +469,7 @@ impl Session {
                     return Ok(resumed);
                 }
                 CommitOutcome::InDoubt => {
-                    if first.response.digest().len > 0 {
+                    if seen_answer.len > 0 {
                         return Err(cannot_move("08007", IN_DOUBT.to_owned()));
                     }
                     self.journal.abandon();
@@ -516,14 +518,15 @@ impl Session {
                     outcome,
                     "open transaction not carried over; client gets 40001"
                 );
-                return self.diverge(fresh, &in_flight, resumed).await;
+                return self.diverge(fresh, &in_flight, seen_answer, resumed).await;
             }
             metrics::counter!("understudy_replays_total", "outcome" => "ok").increment(1);
             // The replayed transaction has an xid of its own on the new primary, not known yet.
             self.journal.set_xid(None);
         }
         self.resend_in_flight(&in_flight, in_txn, &mut resumed);
-        self.consume_seen_prefix(fresh, in_flight.first().copied(), partial, &mut resumed)
+        let first = in_flight.first().map(|_| seen_answer);
+        self.consume_seen_prefix(fresh, first, partial, &mut resumed)
             .await?;
         Ok(resumed)
     }
@@ -555,15 +558,16 @@ impl Session {
     }
 
     /// Reads from the new backend the part of the first unanswered request's answer that the
-    /// client already has, and checks it is the same.
+    /// client already has (`first`: its digest, if a request is in flight), and checks it is
+    /// the same.
     async fn consume_seen_prefix(
         &mut self,
         fresh: &mut Fresh,
-        first: Option<&Group>,
+        first: Option<Digest>,
         partial: Option<(u8, usize)>,
         resumed: &mut Resumed,
     ) -> Result<(), SessionError> {
-        let seen = first.map_or(0, |g| g.response.digest().len);
+        let seen = first.map_or(0, |d| d.len);
         if seen == 0 {
             if partial.is_some() {
                 return Err(cannot_move(
@@ -598,7 +602,7 @@ impl Session {
                 resumed.split = Some((tag, raw.clone(), take));
             }
         }
-        if digest.digest() != first.response.digest() {
+        if digest.digest() != first {
             metrics::counter!("understudy_replays_total", "outcome" => "diverged").increment(1);
             return Err(cannot_move("40001", DIVERGED.to_owned()));
         }
@@ -612,12 +616,17 @@ impl Session {
         &mut self,
         fresh: &mut Fresh,
         in_flight: &[&Group],
+        seen_answer: Digest,
         mut resumed: Resumed,
     ) -> Result<Resumed, SessionError> {
         let abort = |e: String| cannot_move("40001", format!("{DIVERGED} ({e})"));
         fresh.query("ROLLBACK").await.map_err(abort)?;
         fresh.query("BEGIN").await.map_err(abort)?;
-        let first_seen = in_flight.first().map_or(0, |g| g.response.digest().len);
+        let first_seen = if in_flight.is_empty() {
+            0
+        } else {
+            seen_answer.len
+        };
         if first_seen > 0 {
             return Err(cannot_move("40001", DIVERGED.to_owned()));
         }

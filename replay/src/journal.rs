@@ -764,7 +764,11 @@ fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
 /// UTF-8 become U+FFFD, which the classifier reads as part of a word, as it does any
 /// non-ASCII character, so the keywords and quotes around them are still seen.
 fn text(b: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(b)
+    // from_utf8 checks ASCII a word at a time; the lossy reader goes character by character.
+    match std::str::from_utf8(b) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(b),
+    }
 }
 
 /// A statement's name as a map key: itself when UTF-8, else a NUL (never in a name) and its

@@ -49,6 +49,8 @@
 #   FOREIGN_MAX=10  a run during which other processes (not PostgreSQL, the gateways, pgbench)
 #                took more than this % of the machine's CPU is left out of the medians (shown
 #                in the raw table; when every run of a cell is over, all are used and marked *)
+#   INSTR=auto|0 INSTR_TX=3000  count each gateway's user-space instructions per transaction
+#                under callgrind afterwards (auto: when valgrind is installed; about 2 minutes)
 #   RESULTS=...  KEEP_TMP=1  PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/overhead.sh   (as root)
@@ -70,6 +72,8 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 QUIET_MAX=${QUIET_MAX:-15}
 QUIET_WAIT=${QUIET_WAIT:-60}
 FOREIGN_MAX=${FOREIGN_MAX:-10}
+INSTR=${INSTR:-auto}
+INSTR_TX=${INSTR_TX:-3000}
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -361,6 +365,42 @@ for w in "${WORKLOADS[@]}"; do
 done
 LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
 
+# User-space instructions per transaction of each gateway, counted by callgrind: a figure that
+# the machine's noise does not move, where TPS moves by several percent between rounds.
+INSTR_RAW=$TMP/instr.tsv # workload target instructions_per_tx
+: >"$INSTR_RAW"
+if [[ $INSTR != 0 ]] && command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
+    for t in plain current; do
+        bin=$PLAIN_BIN
+        [[ $t == current ]] && bin=$GATEWAY_BIN
+        for w in "${WORKLOADS[@]}"; do
+            read -r -a wargs <<<"$w"
+            port=$(free_port)
+            out=$TMP/callgrind-$t-${w// /_}.out
+            RUST_LOG=${RUST_LOG:-warn} setsid valgrind --tool=callgrind --callgrind-out-file="$out" \
+                "$bin" run --listen "127.0.0.1:$port" --backend "127.0.0.1:$PG_PORT" >"$TMP/callgrind-$t.log" 2>&1 &
+            vg=$!
+            GW_PID[callgrind]=$vg
+            wait_port "$port" 60 || { tail -n 20 "$TMP/callgrind-$t.log" >&2; die "$t did not start under valgrind"; }
+            # Logins and the first queries are not what is counted.
+            pgbench -n -h 127.0.0.1 -p "$port" -c 4 -j 1 -t 100 "${wargs[@]}" "$DB" >/dev/null 2>&1 || true
+            callgrind_control -z "$vg" >/dev/null
+            pgbench -n -h 127.0.0.1 -p "$port" -c 4 -j 1 -t $((INSTR_TX / 4)) "${wargs[@]}" "$DB" >"$out.pgbench" 2>&1 \
+                || { tail -n 5 "$out.pgbench" >&2; die "pgbench under callgrind failed"; }
+            callgrind_control -d "$vg" >/dev/null
+            kill "$vg" 2>/dev/null
+            wait "$vg" 2>/dev/null || true
+            unset 'GW_PID[callgrind]'
+            ir=$(awk '/^summary:/ { print $2; exit }' "$out.1")
+            tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out.pgbench")
+            printf '%s\t%s\t%s\n' "$w" "$t" "$((ir / tx))" >>"$INSTR_RAW"
+            log "callgrind $w $t: $((ir / tx)) instructions per transaction"
+        done
+    done
+elif [[ $INSTR != 0 ]]; then
+    log "valgrind is not installed (apt-get install -y valgrind): no instruction counts"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 5. report
 GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -368,9 +408,9 @@ DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml 
 [[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 REPORT=$TMP/report.md
-python3 - "$RAW" "${TARGETS[*]}" >"$REPORT" <<PY
+python3 - "$RAW" "${TARGETS[*]}" "$INSTR_RAW" >"$REPORT" <<PY
 import math, statistics, sys
-raw, targets = sys.argv[1], sys.argv[2].split()
+raw, targets, instr_raw = sys.argv[1], sys.argv[2].split(), sys.argv[3]
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
 FOREIGN_MAX = float("$FOREIGN_MAX")
 marked = set()
@@ -438,6 +478,20 @@ print()
 print("Run-to-run noise on this machine is several percent between rounds of the same target (see the raw runs);")
 print("a ratio within a few percent of 0.95 is not a clear verdict either way.")
 print()
+instr = {(r[0], r[1]): int(r[2]) for r in (l.rstrip("\n").split("\t") for l in open(instr_raw) if l.strip())}
+if instr:
+    print("## Gateway instructions per transaction (user space, callgrind)")
+    print()
+    print("| workload | plain | current | current/plain |")
+    print("|---|---:|---:|---:|")
+    for w in W:
+        p, c = instr.get((w, "plain")), instr.get((w, "current"))
+        if p and c:
+            print(f"| \`{w}\` | {p:,} | {c:,} | {c / p:.2f} |")
+    print()
+    print("Each gateway alone under \`valgrind --tool=callgrind\`, $INSTR_TX transactions of 4 pgbench clients after 400 uncounted;")
+    print("the kernel's share of the work (system calls, TCP), the same for both, is not counted.")
+    print()
 print("## Raw runs")
 print()
 print("| workload | target | round | tps | latency avg (ms) | machine busy before (%) | other processes during (%) |")

@@ -53,6 +53,14 @@ pub mod roles {
 /// How long anything in a test may take before it counts as hung.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// SQL that makes the COMMIT of a transaction that inserted `a = 1` into table `t` take 1.5 s
+/// (a deferred constraint trigger), so a test can kill the primary while that COMMIT runs.
+pub const SLOW_COMMIT: &str = "
+    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+    CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();";
+
 /// A PostgreSQL primary, optionally with a streaming standby, removed on drop.
 pub struct Cluster {
     /// The servers.

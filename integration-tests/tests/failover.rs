@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, SLOW_COMMIT};
 
 /// Connects and forwards the connection's notifications to a channel.
 async fn connect_listening(
@@ -213,11 +213,7 @@ async fn commit_in_flight(statements: &[&str]) {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(
         &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+        &format!("CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"),
     )
     .await;
     let gw = cluster.failover_gateway().await;
@@ -249,11 +245,9 @@ async fn commit_in_flight_in_latin1_is_resolved() {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(
         &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY, s text); GRANT ALL ON t TO PUBLIC;
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+        &format!(
+            "CREATE TABLE t(a int PRIMARY KEY, s text); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"
+        ),
     )
     .await;
     let gw = cluster.failover_gateway().await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT};
 
 async fn setup(cluster: &Cluster, sql: &str) {
     cluster.superuser().await.batch_execute(sql).await.unwrap();
@@ -306,11 +306,7 @@ async fn synchronous_commit_in_flight_after_prepared_writes() {
     let mut cluster = Cluster::build(|o| o.synchronous = true).await;
     setup(
         &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW WHEN (NEW.a = 1) EXECUTE FUNCTION slow_commit();",
+        &format!("CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"),
     )
     .await;
     let gw = cluster.failover_gateway().await;

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
 
 use bytes::{Bytes, BytesMut};
 use understudy_protocol::tags::{backend, frontend};
@@ -776,11 +777,13 @@ fn text(b: &[u8]) -> Cow<'_, str> {
 fn name_key(b: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(b) {
         Ok(name) => Cow::Borrowed(name),
-        Err(_) => Cow::Owned(
-            std::iter::once("\0".to_owned())
-                .chain(b.iter().map(|c| format!("{c:02x}")))
-                .collect(),
-        ),
+        Err(_) => {
+            let mut key = String::from("\0");
+            for c in b {
+                let _ = write!(key, "{c:02x}");
+            }
+            Cow::Owned(key)
+        }
     }
 }
 

@@ -18,17 +18,20 @@
 #       plain    0b3b717 `understudy run --listen … --backend …` (its runtime: #[tokio::main], a
 #                multi-thread runtime with one worker per CPU)
 #       current  target/release/understudy, same flags, default configuration
-#       current-mt  (only when the current gateway knows the `worker_threads` key and its default
-#                is not already multi-thread) the current gateway with `worker_threads = 0` (one per CPU),
-#                i.e. the plain gateway's runtime: current-mt/plain isolates the journal from the
-#                runtime choice, current/plain is what a user gets with the defaults;
+#       current-mt  (with MT=auto, only when the current gateway knows the `worker_threads` key
+#                and its default is not already multi-thread) the current gateway with
+#                `worker_threads = 0` (one per CPU), i.e. the plain gateway's runtime:
+#                current-mt/plain isolates the journal from the runtime choice, current/plain
+#                is what a user gets with the defaults;
 #   - workloads pgbench `-S` (simple protocol), `-S -M prepared`, `-N` (BEGIN, UPDATE, SELECT,
 #     INSERT, END: a writing transaction, so the xid capture before COMMIT is exercised) at
 #     `-c $CLIENTS -j $THREADS -T $DURATION -n`; each workload runs $ROUNDS rounds, every round
 #     runs every target once (order rotated each round), preceded by $WARMUP s untimed per target;
 #   - report: median TPS ("without initial connection time") per workload and target, ratios
-#     current/plain (target >= 0.95), current/direct, plain/direct, raw runs. On a shared machine
-#     other work moves TPS by tens of percent, so each run is guarded twice: before it, a wait
+#     current/plain, current/direct, plain/direct, and the verdict's figure: the median over
+#     rounds of current/plain within each round (target >= 0.95), with a 95 % interval; raw
+#     runs. On a shared machine other work moves TPS by tens of percent, so each run is guarded
+#     twice: before it, a wait
 #     (up to QUIET_WAIT s) for the machine to be quiet; during it, CPU accounting: /proc/stat busy
 #     ticks minus those of PostgreSQL (postmaster incl. reaped backends, live children), the
 #     gateways and pgbench (bash `time`) = what other processes took ("foreign %"); runs above
@@ -36,13 +39,16 @@
 #     (default bench/overhead-latest.md).
 #
 # How long: workloads(3) x targets(3-4) x ROUNDS x (DURATION + WARMUP) + ~20 s setup.
-#   Defaults (DURATION=10 ROUNDS=3 WARMUP=2, 4 targets): ~7.5 minutes; DURATION=5 ROUNDS=3: ~4.5.
+#   Defaults (DURATION=5 ROUNDS=10 WARMUP=2, 3 targets): ~11 minutes, plus ~2 for callgrind.
+#   Many short interleaved rounds beat a few long ones here: TPS drifts by ±15 % over minutes.
 #   Plus the builds the first time (the plain gateway from scratch: a few minutes on 2 CPUs).
 #
 # Knobs (environment):
 #   DURATION=10  ROUNDS=3  WARMUP=2  SCALE=10  CLIENTS=8  THREADS=2
+#   WORKLOADS="-S,-S -M prepared,-N"  the pgbench workloads, comma-separated (e.g. WORKLOADS=-N
+#                ROUNDS=9 for a closer look at one)
 #   PLAIN_REV=0b3b717   PLAIN_TARGET_DIR=target/bench-plain-<rev>   REBUILD_PLAIN=1
-#   MT=auto|0    run the current-mt target when possible (auto) or never (0)
+#   MT=0|auto    never run the current-mt target (0, the default), or when possible (auto)
 #   SKIP_BUILD=1 use the existing target/release/understudy (the plain one is still built if missing)
 #   QUIET_MAX=15 QUIET_WAIT=60  before each run wait up to QUIET_WAIT s for the machine to be at
 #                most QUIET_MAX % busy (0.5 s samples; QUIET_WAIT=0: never wait)
@@ -58,14 +64,14 @@
 set -euo pipefail
 export LC_ALL=C
 
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-10}
 WARMUP=${WARMUP:-2}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-8}
 THREADS=${THREADS:-2}
 PLAIN_REV=${PLAIN_REV:-0b3b717}
-MT=${MT:-auto}
+MT=${MT:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -74,6 +80,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 FOREIGN_MAX=${FOREIGN_MAX:-10}
 INSTR=${INSTR:-auto}
 INSTR_TX=${INSTR_TX:-3000}
+IFS=, read -r -a WORKLOADS <<<"${WORKLOADS:--S,-S -M prepared,-N}"
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -165,11 +172,13 @@ wait_quiet() {
 
 # CPU accounting (clock ticks, USER_HZ) to tell how much of the machine something else took
 # during a run: foreign = machine busy ticks - PostgreSQL's - the gateways' - pgbench's.
-#   machine_ticks: all CPUs' total and busy ticks from /proc/stat (user..steal);
+#   machine_ticks: all CPUs' total and busy ticks from /proc/stat (user..steal); interrupt and
+#              softirq time is not busy here: it is charged to no process, and on loopback
+#              it is mostly the run's own TCP (a fifth of the machine at 40k round trips/s)
 #   our_ticks: the postmaster (own + reaped children: exited backends) + its live children + the
 #              gateways; pgbench's own is measured with bash's `time` (TIMEFORMAT, seconds).
 machine_ticks() {
-    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, t - $5 - $6; exit }' /proc/stat
+    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, t - $5 - $6 - $7 - $8; exit }' /proc/stat
 }
 # Sum of CPU ticks of the postmaster (own + reaped children), its live children and the
 # gateways; pure bash (no fork per process).
@@ -323,7 +332,6 @@ log "targets: ${TARGETS[*]} (current runtime: $CURRENT_RUNTIME)"
 # 4. measurement
 RAW=$TMP/raw.tsv # workload target round tps latency_ms busy_before_pct foreign_during_pct
 : >"$RAW"
-WORKLOADS=("-S" "-S -M prepared" "-N")
 parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
 parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
 alive() {
@@ -408,9 +416,12 @@ DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml 
 [[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 REPORT=$TMP/report.md
-python3 - "$RAW" "${TARGETS[*]}" "$INSTR_RAW" >"$REPORT" <<PY
+python3 - "$RAW" "${TARGETS[*]}" "$INSTR_RAW" "$(IFS=,; echo "${WORKLOADS[*]}")" >"$REPORT" <<PY
 import math, statistics, sys
+sys.path.insert(0, "$BENCH_DIR")
+from stats import fmt_ci, paired
 raw, targets, instr_raw = sys.argv[1], sys.argv[2].split(), sys.argv[3]
+W = sys.argv[4].split(",")
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
 FOREIGN_MAX = float("$FOREIGN_MAX")
 marked = set()
@@ -422,9 +433,16 @@ def med(w, t):
         if cell: marked.add((w, t))
     v = [float(r[3]) for r in clean]
     return statistics.median(v) if v else float("nan")
+def paired_ratio(w, a, b):
+    # Rounds where both runs are clean, else all rounds.
+    def by_round(t):
+        return {r[2]: (float(r[3]), float(r[6]) <= FOREIGN_MAX) for r in rows if r[0] == w and r[1] == t and r[3] != "nan"}
+    x, y = by_round(a), by_round(b)
+    both = [k for k in x if k in y]
+    clean = [k for k in both if x[k][1] and y[k][1]] or both
+    return paired({k: x[k][0] for k in clean}, {k: y[k][0] for k in clean})
 def n_clean(w, t):
     return sum(1 for r in rows if r[0] == w and r[1] == t and r[3] != "nan" and float(r[6]) <= FOREIGN_MAX)
-W = ["-S", "-S -M prepared", "-N"]
 print("# Understudy journaling overhead")
 print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(uname -r)), PostgreSQL $PG_VERSION; pgbench -c $CLIENTS -j $THREADS -T $DURATION,")
@@ -460,21 +478,25 @@ print()
 pairs = [("current", "plain"), ("current", "direct"), ("plain", "direct")]
 if "current-mt" in targets:
     pairs[1:1] = [("current-mt", "plain")]
-print("| workload | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " | current/plain ≥ 0.95 |")
-print("|---|" + "---:|" * len(pairs) + ":---:|")
+print("| workload | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " | current/plain per round (n, 95 % CI) | current/plain ≥ 0.95 |")
+print("|---|" + "---:|" * (len(pairs) + 1) + ":---:|")
 verdicts = []
 for w in W:
     cells = [med(w, a) / med(w, b) for a, b in pairs]
-    ok = cells[0] >= 0.95
-    verdicts.append((w, cells[0], ok, (med(w, "current-mt") / med(w, "plain")) if "current-mt" in targets else None))
-    print(f"| \`{w}\` | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {'met' if ok else '**missed**'} |")
+    pr, pn, ci = paired_ratio(w, "current", "plain")
+    ok = pr >= 0.95
+    ci = fmt_ci(ci)
+    verdicts.append((w, pr, ci, ok, (med(w, "current-mt") / med(w, "plain")) if "current-mt" in targets else None))
+    print(f"| \`{w}\` | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {pr:.3f} ({pn}, {ci}) | {'met' if ok else '**missed**'} |")
 print()
 print("## Targets")
 print()
-for w, c, ok, mt in verdicts:
+for w, c, ci, ok, mt in verdicts:
     extra = f" (current-mt/plain {mt:.3f})" if mt is not None else ""
-    print(f"- \`{w}\`: current/plain {c:.3f} vs ≥ 0.95 → {'met' if ok else 'MISSED'}{extra}")
+    print(f"- \`{w}\`: current/plain per round {c:.3f} (95 % CI {ci}) vs ≥ 0.95 → {'met' if ok else 'MISSED'}{extra}")
 print()
+print("current/plain per round: the median, over rounds, of the two targets' ratio within one round (the machine's")
+print("slow drift cancels), with a distribution-free 95 % interval for that median.")
 print("Run-to-run noise on this machine is several percent between rounds of the same target (see the raw runs);")
 print("a ratio within a few percent of 0.95 is not a clear verdict either way.")
 print()

@@ -1,5 +1,11 @@
 //! Graceful shutdown, broadcast to every task: first drain, then force.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
 use tokio::sync::watch;
 
 /// How far the gateway is into shutting down.
@@ -61,11 +67,77 @@ impl Shutdown {
         self.reached(Phase::Draining).await
     }
 
-    /// Resolves at the next phase change after the current one.
-    pub async fn changed(&mut self) {
-        if self.0.changed().await.is_err() {
-            std::future::pending::<()>().await
+    /// Resolves at the next phase change after the current one. Cheap to poll again and
+    /// again (a session polls it at every socket wake-up): until the channel signals, a poll is
+    /// a flag check, not a look at the channel.
+    pub fn changed(&mut self) -> Changed<impl Future<Output = ()> + '_> {
+        let receiver = &mut self.0;
+        let inner = Box::pin(async move {
+            if receiver.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        });
+        let bell = Arc::new(Bell::default());
+        Changed {
+            inner,
+            bell_waker: Waker::from(bell.clone()),
+            bell,
+            task: None,
         }
+    }
+}
+
+/// The future [`Shutdown::changed`] returns.
+pub struct Changed<F> {
+    inner: Pin<Box<F>>,
+    /// Rung by the channel, through `bell_waker`, the waker `inner` is polled with.
+    bell: Arc<Bell>,
+    bell_waker: Waker,
+    /// The task's waker as last handed to the bell.
+    task: Option<Waker>,
+}
+
+/// Remembers that the channel woke `inner`, and wakes the task.
+#[derive(Default)]
+struct Bell {
+    rung: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for Bell {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.rung.store(true, Ordering::Release);
+        if let Some(task) = &*self.task.lock().unwrap_or_else(PoisonError::into_inner) {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Changed<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            // First poll, or the task's waker changed: hand it over, and look at the channel.
+            *this
+                .bell
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+            this.task = Some(cx.waker().clone());
+            this.bell.rung.store(true, Ordering::Relaxed);
+        }
+        if !this.bell.rung.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.bell_waker))
     }
 }
 
@@ -92,5 +164,47 @@ impl Signals {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn changed_fires_at_each_phase_change_and_not_before() {
+        let (trigger, mut shutdown) = channel();
+        {
+            let mut changed = std::pin::pin!(shutdown.changed());
+            // Polled many times with nothing sent: still pending.
+            for _ in 0..3 {
+                assert!(futures_poll(changed.as_mut()).is_pending());
+            }
+            trigger.advance(Phase::Draining);
+            tokio::time::timeout(std::time::Duration::from_secs(5), changed)
+                .await
+                .expect("the change wakes the task");
+        }
+        assert_eq!(shutdown.phase(), Phase::Draining);
+        // Not backwards, and a repeated phase is no change.
+        let waiting = tokio::spawn(async move {
+            shutdown.changed().await;
+            shutdown.phase()
+        });
+        trigger.advance(Phase::Running);
+        trigger.advance(Phase::Draining);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        trigger.advance(Phase::Force);
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert_eq!(
+            woken.expect("the change wakes the task").unwrap(),
+            Phase::Force
+        );
+    }
+
+    fn futures_poll<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
+        let waker = Waker::noop();
+        f.poll(&mut Context::from_waker(waker))
     }
 }

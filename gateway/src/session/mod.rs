@@ -228,7 +228,9 @@ impl Session {
             }
             let wake = tokio::select! {
                 biased;
-                w = poll_fn(|cx| self.poll_data(cx)) => Wake::Data(w),
+                // Out of tokio's cooperative budget, which would account for every read and
+                // write: `poll_data` yields by itself after EVENTS_PER_WAKE events.
+                w = tokio::task::unconstrained(poll_fn(|cx| self.poll_data(cx))) => Wake::Data(w),
                 _ = shutdown.changed() => Wake::Shutdown,
             };
             let end = match wake {

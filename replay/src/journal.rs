@@ -144,12 +144,8 @@ impl Group {
         }
     }
 
-    /// This group emptied for reuse by the next request, keeping its buffers; `None` when they
-    /// grew too large to keep around in an idle session.
-    fn recycled(mut self) -> Option<Self> {
-        if self.request.capacity() > SPARE_REQUEST_CAPACITY {
-            return None;
-        }
+    /// This group emptied for reuse by the next request, keeping its buffers.
+    fn recycled(mut self) -> Self {
         self.request.clear();
         self.answer = Digest::default();
         self.closed = false;
@@ -167,13 +163,16 @@ impl Group {
         self.parses_done = 0;
         self.closes.clear();
         self.prepares.clear();
-        Some(self)
+        self
     }
 }
 
-/// The largest request buffer an answered group may keep for the next request (most requests
-/// are far smaller; a bulk load's buffer is freed).
-const SPARE_REQUEST_CAPACITY: usize = 4096;
+/// At most this many answered groups are kept for the next requests (a transaction's worth of
+/// small ones)...
+const SPARE_GROUPS: usize = 8;
+/// ...holding at most this many request bytes together, so an idle session stays small (most
+/// requests are far smaller; a bulk load's buffer is freed).
+const SPARE_BYTES: usize = 4096;
 
 #[derive(Debug, Clone)]
 struct PendingChange {
@@ -326,8 +325,8 @@ pub enum Before {
 pub struct Journal {
     state: SessionState,
     groups: Vec<Group>,
-    /// An answered group kept for the next request, so a request costs no allocation.
-    spare: Option<Group>,
+    /// Answered groups kept for the next requests, so a request costs no allocation.
+    spares: Vec<Group>,
     /// Digest of the answer so far of the oldest unanswered group (the one the server is
     /// answering: responses come in request order).
     live: DigestBuilder,
@@ -359,7 +358,7 @@ impl Journal {
         Self {
             state: SessionState::default(),
             groups: Vec::new(),
-            spare: None,
+            spares: Vec::new(),
             live: DigestBuilder::default(),
             classified: Classified::default(),
             journal_bytes: 0,
@@ -441,7 +440,7 @@ impl Journal {
             frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
         ) && self.groups.last().is_some_and(|g| g.closed && !g.answered);
         if !attach_to_last && self.groups.last().is_none_or(|g| g.closed) {
-            let group = self.spare.take().unwrap_or_else(Group::new);
+            let group = self.spares.pop().unwrap_or_else(Group::new);
             self.groups.push(group);
         }
         let mut before = Before::Forward;
@@ -723,12 +722,15 @@ impl Journal {
 
     /// Drops the answered groups once the transaction is over.
     fn clear_answered(&mut self) {
-        if self.spare.is_none() {
-            if let Some(i) = self.groups.iter().position(|g| g.answered) {
-                self.spare = self.groups.remove(i).recycled();
+        // Requests are answered in order: the answered groups are the first ones.
+        let answered = self.groups.iter().take_while(|g| g.answered).count();
+        let mut kept: usize = self.spares.iter().map(|g| g.request.capacity()).sum();
+        for g in self.groups.drain(..answered) {
+            if self.spares.len() < SPARE_GROUPS && kept + g.request.capacity() <= SPARE_BYTES {
+                kept += g.request.capacity();
+                self.spares.push(g.recycled());
             }
         }
-        self.groups.retain(|g| !g.answered);
         self.journal_bytes = self.groups.iter().map(|g| g.request.len()).sum();
         self.txn_may_write = false;
         self.xid = None;
@@ -810,6 +812,39 @@ mod tests {
     fn answer(j: &mut Journal, bytes: &[u8], status: u8) {
         j.on_server_bytes(b'C', bytes);
         j.on_ready_for_query(status);
+    }
+
+    #[test]
+    fn answered_groups_are_reused_clean_and_bounded() {
+        let mut j = Journal::new(1 << 20);
+        for round in 0..3 {
+            j.on_client_message(b'Q', &query("BEGIN"));
+            answer(&mut j, b"BEGIN", b'T');
+            // Twelve writes, one of them larger than all spares may hold together.
+            for i in 0..12 {
+                let pad = if i == 5 {
+                    "x".repeat(SPARE_BYTES)
+                } else {
+                    String::new()
+                };
+                j.on_client_message(
+                    b'Q',
+                    &query(&format!("INSERT INTO t VALUES ({i}) -- {pad}")),
+                );
+                answer(&mut j, b"INSERT 0 1", b'T');
+            }
+            j.on_client_message(b'Q', &query("COMMIT"));
+            answer(&mut j, b"COMMIT", b'I');
+            assert!(j.groups().is_empty(), "round {round}");
+            assert!(j.spares.len() <= SPARE_GROUPS);
+            let kept: usize = j.spares.iter().map(|g| g.request.capacity()).sum();
+            assert!(kept <= SPARE_BYTES, "round {round}: {kept} bytes kept");
+        }
+        // A reused group starts empty: a read after all those writes is a read.
+        j.on_client_message(b'Q', &query("SELECT 1"));
+        let g = &j.groups()[0];
+        assert!(!g.may_write && !g.commits && !g.begins && !g.answered);
+        assert_eq!(&g.request[..], &query("SELECT 1")[..]);
     }
 
     #[test]

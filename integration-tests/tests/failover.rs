@@ -242,6 +242,37 @@ async fn commit_in_flight(statements: &[&str]) {
 /// once, with their text.
 #[tokio::test]
 async fn commit_in_flight_in_latin1_is_resolved() {
+    commit_in_flight_in_encoding(
+        &[
+            b"SET client_encoding = 'LATIN1'",
+            b"BEGIN",
+            b"INSERT INTO t VALUES (1, 'caf\xe9')",
+            b"INSERT INTO t VALUES (2, '\xfcber')",
+        ],
+        &[(1, "café"), (2, "über")],
+    )
+    .await;
+}
+
+/// In SJIS the second byte of 表 (0x95 0x5C) is a backslash: inside E'…' it must not be read
+/// as escaping the quote after it, or the INSERT that follows in the same string would be
+/// hidden inside a literal and the transaction taken for read-only.
+#[tokio::test]
+async fn commit_in_flight_in_sjis_is_resolved() {
+    commit_in_flight_in_encoding(
+        &[
+            b"SET client_encoding = 'SJIS'",
+            b"BEGIN",
+            b"SELECT E'\x95\x5c' AS k; INSERT INTO t VALUES (1, '\x95\x5c')",
+        ],
+        &[(1, "表")],
+    )
+    .await;
+}
+
+/// Runs `statements` (raw bytes, each a Query), then kills the primary with the COMMIT in
+/// flight: the client gets COMMIT, and the new primary has exactly `rows`.
+async fn commit_in_flight_in_encoding(statements: &[&[u8]], rows: &[(i32, &str)]) {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(
         &cluster,
@@ -255,12 +286,7 @@ async fn commit_in_flight_in_latin1_is_resolved() {
     let ok = |msgs: &[Msg]| {
         assert!(msgs.iter().all(|m| m.tag != b'E'), "no error: {msgs:?}");
     };
-    for sql in [
-        &b"SET client_encoding = 'LATIN1'"[..],
-        b"BEGIN",
-        b"INSERT INTO t VALUES (1, 'caf\xe9')",
-        b"INSERT INTO t VALUES (2, '\xfcber')",
-    ] {
+    for sql in statements {
         let mut body = sql.to_vec();
         body.push(0);
         c.send(&msg(b'Q', &body)).await;
@@ -278,7 +304,7 @@ async fn commit_in_flight_in_latin1_is_resolved() {
         "COMMIT answered: {answer:?}"
     );
     assert_eq!(answer.last().map(|m| m.body.clone()), Some(b"I".to_vec()));
-    let rows: Vec<(i32, String)> = cluster_on_new_primary(&mut cluster)
+    let found: Vec<(i32, String)> = cluster_on_new_primary(&mut cluster)
         .await
         .superuser()
         .await
@@ -288,7 +314,8 @@ async fn commit_in_flight_in_latin1_is_resolved() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(rows, [(1, "café".to_owned()), (2, "über".to_owned())]);
+    let expected: Vec<(i32, String)> = rows.iter().map(|&(a, s)| (a, s.to_owned())).collect();
+    assert_eq!(found, expected);
 }
 
 /// A replay that would not reproduce what the client saw (now() differs) gets 40001 inside an

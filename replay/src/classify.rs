@@ -92,17 +92,28 @@ impl Classified {
 /// Classifies every statement of `sql`.
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
-    classify_into(sql, &mut out);
+    classify_into(sql, Strings::Standard, &mut out);
     out
 }
 
+/// How `'…'` string literals read: PostgreSQL's `standard_conforming_strings`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strings {
+    /// `on`, the default: a backslash is an ordinary character (only `E'…'` has escapes).
+    #[default]
+    Standard,
+    /// `off`: backslashes escape in every string, `\'` included.
+    BackslashEscapes,
+}
+
 /// Classifies every statement of `sql` into `out`, reusing its buffers.
-pub fn classify_into(sql: &str, out: &mut Classified) {
+pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
     out.statements.clear();
     out.hazards.clear();
     out.copies = false;
     out.session_spans.clear();
     let mut lex = Lexer::new(sql);
+    lex.backslash_strings = strings == Strings::BackslashEscapes;
     while lex.pos < sql.len() {
         let start = lex.pos;
         let facts = Facts::scan(&mut lex);
@@ -390,11 +401,17 @@ fn skip_while(bytes: &[u8], from: usize, mask: u8) -> usize {
 struct Lexer<'a> {
     src: &'a str,
     pos: usize,
+    /// Whether backslashes escape in `'…'` too (see [`Strings`]).
+    backslash_strings: bool,
 }
 
 impl<'a> Lexer<'a> {
     fn new(src: &'a str) -> Self {
-        Self { src, pos: 0 }
+        Self {
+            src,
+            pos: 0,
+            backslash_strings: false,
+        }
     }
 
     fn rest(&self) -> &'a [u8] {
@@ -437,7 +454,7 @@ impl<'a> Lexer<'a> {
                         return Some(Token::Semicolon);
                     }
                     b'\'' => {
-                        self.skip_string(false);
+                        self.skip_string(self.backslash_strings);
                         return Some(Token::Other('\''));
                     }
                     b'"' => {
@@ -624,6 +641,28 @@ mod tests {
             kinds("UNLISTEN *"),
             [Statement::Session(SessionChange::Unlisten(None))]
         );
+    }
+
+    #[test]
+    fn strings_read_as_standard_conforming_strings_says() {
+        let mut out = Classified::default();
+        let mut kinds = |sql: &str, strings| {
+            classify_into(sql, strings, &mut out);
+            out.statements.clone()
+        };
+        // `off`: the backslash escapes the quote, the literal is "it's", the INSERT is seen.
+        let escaped = r"SELECT 'it\'s'; INSERT INTO t VALUES (1)";
+        assert_eq!(
+            kinds(escaped, Strings::BackslashEscapes),
+            [Statement::Read, Statement::Write]
+        );
+        // `on`: the literal is `a\`, then comes the INSERT, as the server reads it.
+        let plain = r"SELECT 'a\'; INSERT INTO t VALUES (1)";
+        assert_eq!(
+            kinds(plain, Strings::Standard),
+            [Statement::Read, Statement::Write]
+        );
+        assert_eq!(kinds(plain, Strings::BackslashEscapes), [Statement::Read]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use understudy_protocol::tags::{backend, frontend};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::classify::{classify_into, Classified, Hazard, SessionChange, Statement};
+use crate::classify::{classify_into, Classified, Hazard, SessionChange, Statement, Strings};
 
 /// A digest of response bytes: length and xxh3 of the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -350,6 +350,10 @@ pub struct Journal {
     statements: std::collections::HashMap<String, Effects>,
     /// Whether the last client message will be answered with a ReadyForQuery.
     expects_ready: bool,
+    /// The client encoding, when its multi-byte characters may contain ASCII bytes.
+    multibyte: Option<MultiByte>,
+    /// How string literals read (`standard_conforming_strings`).
+    strings: Strings,
 }
 
 impl Journal {
@@ -372,6 +376,8 @@ impl Journal {
             pending: Vec::new(),
             statements: std::collections::HashMap::new(),
             expects_ready: false,
+            multibyte: None,
+            strings: Strings::Standard,
         }
     }
 
@@ -454,8 +460,8 @@ impl Journal {
         );
         match tag {
             frontend::QUERY => {
-                let sql = text(cstr(body).0);
-                classify_into(&sql, &mut self.classified);
+                let sql = text(cstr(body).0, self.multibyte);
+                classify_into(&sql, self.strings, &mut self.classified);
                 let classified = &self.classified;
                 let commits = classified.statements.contains(&Statement::Commit);
                 group.may_write |= classified.may_write();
@@ -508,8 +514,8 @@ impl Journal {
             frontend::PARSE => {
                 let (name, rest) = cstr(body);
                 let name = name_key(name);
-                let sql = text(cstr(rest).0);
-                classify_into(&sql, &mut self.classified);
+                let sql = text(cstr(rest).0, self.multibyte);
+                classify_into(&sql, self.strings, &mut self.classified);
                 let classified = &self.classified;
                 // Parsing runs nothing; what the statement does counts when it is executed.
                 let effects = Effects {
@@ -599,6 +605,22 @@ impl Journal {
     /// The group that owns the next response bytes.
     fn answering(&mut self) -> Option<&mut Group> {
         self.groups.iter_mut().find(|g| !g.answered)
+    }
+
+    /// Notes a parameter the server reports (at login and on change): the client encoding and
+    /// `standard_conforming_strings` decide how later SQL text is read.
+    pub fn on_parameter_status(&mut self, name: &str, value: &str) {
+        match name {
+            "client_encoding" => self.multibyte = MultiByte::from_name(value),
+            "standard_conforming_strings" => {
+                self.strings = if value.eq_ignore_ascii_case("off") {
+                    Strings::BackslashEscapes
+                } else {
+                    Strings::Standard
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Digest of what the client has received so far of the oldest unanswered group's answer.
@@ -765,8 +787,24 @@ fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
 
 /// SQL text as sent: in the client's encoding, which need not be UTF-8. Bytes that are not
 /// UTF-8 become U+FFFD, which the classifier reads as part of a word, as it does any
-/// non-ASCII character, so the keywords and quotes around them are still seen.
-fn text(b: &[u8]) -> Cow<'_, str> {
+/// non-ASCII character, so the keywords and quotes around them are still seen. In an encoding
+/// whose characters may end in an ASCII byte, each whole character becomes one U+FFFD, so
+/// that a `\` inside one does not escape the quote after it.
+fn text(b: &[u8], multibyte: Option<MultiByte>) -> Cow<'_, str> {
+    if let Some(mb) = multibyte.filter(|_| !b.is_ascii()) {
+        let mut text = String::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i].is_ascii() {
+                text.push(char::from(b[i]));
+                i += 1;
+            } else {
+                text.push(char::REPLACEMENT_CHARACTER);
+                i += mb.char_len(&b[i..]);
+            }
+        }
+        return Cow::Owned(text);
+    }
     // from_utf8 checks ASCII a word at a time; the lossy reader goes character by character.
     match std::str::from_utf8(b) {
         Ok(text) => Cow::Borrowed(text),
@@ -786,6 +824,45 @@ fn name_key(b: &[u8]) -> Cow<'_, str> {
             }
             Cow::Owned(key)
         }
+    }
+}
+
+/// A client-only encoding (PostgreSQL cannot store it) whose multi-byte characters may
+/// contain ASCII bytes such as `\` or `;`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MultiByte {
+    /// SJIS, SHIFT_JIS_2004: two bytes, but 0xA1–0xDF (half-width kana) stand alone.
+    Sjis,
+    /// BIG5, GBK, UHC: two bytes.
+    TwoByte,
+    /// GB18030: two bytes, or four when the second is a digit.
+    Gb18030,
+    /// JOHAB: two bytes (three after 0x8F).
+    Johab,
+}
+
+impl MultiByte {
+    /// The encoding a `client_encoding` value names, if it is one of these.
+    fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "SJIS" | "SHIFT_JIS_2004" => Some(Self::Sjis),
+            "BIG5" | "GBK" | "UHC" => Some(Self::TwoByte),
+            "GB18030" => Some(Self::Gb18030),
+            "JOHAB" => Some(Self::Johab),
+            _ => None,
+        }
+    }
+
+    /// The length of the non-ASCII character `b` starts with, as the server counts it, cut to
+    /// what is there.
+    fn char_len(self, b: &[u8]) -> usize {
+        let len = match self {
+            Self::Sjis if (0xa1..=0xdf).contains(&b[0]) => 1,
+            Self::Gb18030 if b.get(1).is_some_and(u8::is_ascii_digit) => 4,
+            Self::Johab if b[0] == 0x8f => 3,
+            _ => 2,
+        };
+        len.min(b.len())
     }
 }
 
@@ -1085,6 +1162,49 @@ mod tests {
         let mut b = sql.to_vec();
         b.push(0);
         msg(b'Q', &b)
+    }
+
+    #[test]
+    fn backslash_bytes_inside_characters_and_escaping_strings_are_read_as_the_server_does() {
+        // SJIS 表 is 0x95 0x5C: its second byte is a backslash, which must not escape the quote.
+        let sql = b"SELECT E'\x95\x5c' AS k; INSERT INTO t VALUES (1, '\x95\x5c')";
+        let writes = |j: &mut Journal| {
+            j.on_client_message(b'Q', &query("BEGIN"));
+            answer(j, b"BEGIN", b'T');
+            j.on_client_message(b'Q', &raw_query(sql));
+            answer(j, b"INSERT 0 1", b'T');
+            let wrote = j.txn_may_write();
+            j.on_client_message(b'Q', &query("ROLLBACK"));
+            answer(j, b"ROLLBACK", b'I');
+            wrote
+        };
+        let mut j = Journal::new(1 << 20);
+        j.on_parameter_status("client_encoding", "SJIS");
+        assert!(writes(&mut j), "the INSERT after E'表' is seen");
+        // Half-width kana stand alone: the quote after one is a quote.
+        j.on_client_message(b'Q', &raw_query(b"SELECT '\xb1'; INSERT INTO t VALUES (2)"));
+        assert!(j.groups()[0].may_write);
+        answer(&mut j, b"INSERT 0 1", b'I');
+        for (encoding, bytes) in [
+            ("BIG5", &b"\xa5\x5c"[..]),
+            ("GBK", b"\x81\x5c"),
+            ("GB18030", b"\x81\x30\x81\x30\x81\x5c"),
+            ("JOHAB", b"\x88\x5c"),
+        ] {
+            j.on_parameter_status("client_encoding", encoding);
+            let mut sql = b"SELECT E'".to_vec();
+            sql.extend_from_slice(bytes);
+            sql.extend_from_slice(b"'; DELETE FROM t");
+            j.on_client_message(b'Q', &raw_query(&sql));
+            assert!(j.groups()[0].may_write, "{encoding}");
+            answer(&mut j, b"DELETE 1", b'I');
+        }
+        // With standard_conforming_strings off, '\'' does not end a literal.
+        j.on_parameter_status("client_encoding", "UTF8");
+        j.on_parameter_status("standard_conforming_strings", "off");
+        j.on_client_message(b'Q', &query(r"SELECT 'it\'s'; DELETE FROM t"));
+        assert!(j.groups()[0].may_write);
+        answer(&mut j, b"DELETE 1", b'I');
     }
 
     #[test]

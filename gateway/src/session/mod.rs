@@ -175,13 +175,16 @@ impl Session {
         server_params: Vec<(String, String)>,
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
-        let max_replay = shared.config.failover.max_replay_bytes;
+        let mut journal = Journal::new(shared.config.failover.max_replay_bytes);
+        for (name, value) in &server_params {
+            journal.on_parameter_status(name, value);
+        }
         Self {
             pump,
             guard,
             shared,
             relogin,
-            journal: Journal::new(max_replay),
+            journal,
             wire: VecDeque::new(),
             xid_row: None,
             acked_lsn: None,
@@ -567,6 +570,7 @@ impl Session {
                         }
                         backend::PARAMETER_STATUS => {
                             if let Some((name, value)) = inspect::parameter_status(body) {
+                                self.journal.on_parameter_status(name, value);
                                 record_param(&mut self.server_params, name, value);
                             }
                         }

@@ -291,6 +291,7 @@ impl Session {
             let known = self.server_params.iter().find(|(n, _)| n == name);
             if known.is_none_or(|(_, v)| v != value) {
                 encode::parameter_status(&mut changed, name, value);
+                self.journal.on_parameter_status(name, value);
                 super::record_param(&mut self.server_params, name, value);
             }
         }

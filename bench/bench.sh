@@ -93,6 +93,10 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS=${RESULTS:-$BENCH_DIR/results-latest.md}
+# The source the gateway is built from, noted before the run (files edited meanwhile are not in it).
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
+[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 GATEWAY_BIN=$ROOT/target/release/understudy
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -577,8 +581,6 @@ read -r PGB_BASE PGB_OPEN PGB_QUERIED PGB_LOGIN <"$TMP/mem-pgbouncer"
 
 # ---------------------------------------------------------------------------------------------
 # 7. report
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n1) ]]; then GIT_REV="$GIT_REV (dirty tree)"; fi
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 | awk '{print $NF}')
 

@@ -85,6 +85,10 @@ IFS=, read -r -a WORKLOADS <<<"${WORKLOADS:--S,-S -M prepared,-N}"
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS=${RESULTS:-$BENCH_DIR/overhead-latest.md}
+# The source the gateway is built from, noted before the run (files edited meanwhile are not in it).
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
+[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 GATEWAY_BIN=$ROOT/target/release/understudy
 PLAIN_TARGET_DIR=${PLAIN_TARGET_DIR:-$ROOT/target/bench-plain-$PLAIN_REV}
 
@@ -411,9 +415,6 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. report
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 PG_VERSION=$("$PGBIN/postgres" --version | awk '{print $3}')
 REPORT=$TMP/report.md
 python3 - "$RAW" "${TARGETS[*]}" "$INSTR_RAW" "$(IFS=,; echo "${WORKLOADS[*]}")" >"$REPORT" <<PY

@@ -92,7 +92,7 @@ impl Classified {
 /// Classifies every statement of `sql`.
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
-    classify_into(sql, Strings::Standard, &mut out);
+    classify_into(sql.as_bytes(), Strings::Standard, &mut out);
     out
 }
 
@@ -106,8 +106,55 @@ pub enum Strings {
     BackslashEscapes,
 }
 
-/// Classifies every statement of `sql` into `out`, reusing its buffers.
-pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
+/// A word of up to 16 bytes as one number, upper-cased, so that telling which keyword it is
+/// takes one comparison per candidate instead of a byte-string compare; 0 for longer words.
+const fn key(word: &[u8]) -> u128 {
+    if word.len() > 16 {
+        return 0;
+    }
+    let mut k = 0u128;
+    let mut i = 0;
+    while i < word.len() {
+        k = k << 8 | word[i].to_ascii_uppercase() as u128;
+        i += 1;
+    }
+    k
+}
+
+/// The keywords a statement may start with that [`classify_into`] tells apart.
+mod kw {
+    use super::key;
+    pub const ABORT: u128 = key(b"ABORT");
+    pub const BEGIN: u128 = key(b"BEGIN");
+    pub const COMMIT: u128 = key(b"COMMIT");
+    pub const COPY: u128 = key(b"COPY");
+    pub const CREATE: u128 = key(b"CREATE");
+    pub const DEALLOCATE: u128 = key(b"DEALLOCATE");
+    pub const DECLARE: u128 = key(b"DECLARE");
+    pub const DISCARD: u128 = key(b"DISCARD");
+    pub const END: u128 = key(b"END");
+    pub const EXPLAIN: u128 = key(b"EXPLAIN");
+    pub const FETCH: u128 = key(b"FETCH");
+    pub const LISTEN: u128 = key(b"LISTEN");
+    pub const MOVE: u128 = key(b"MOVE");
+    pub const PREPARE: u128 = key(b"PREPARE");
+    pub const RELEASE: u128 = key(b"RELEASE");
+    pub const RESET: u128 = key(b"RESET");
+    pub const ROLLBACK: u128 = key(b"ROLLBACK");
+    pub const SAVEPOINT: u128 = key(b"SAVEPOINT");
+    pub const SELECT: u128 = key(b"SELECT");
+    pub const SET: u128 = key(b"SET");
+    pub const SHOW: u128 = key(b"SHOW");
+    pub const START: u128 = key(b"START");
+    pub const TABLE: u128 = key(b"TABLE");
+    pub const UNLISTEN: u128 = key(b"UNLISTEN");
+    pub const VALUES: u128 = key(b"VALUES");
+    pub const WITH: u128 = key(b"WITH");
+}
+
+/// Classifies every statement of `sql` (in the client's encoding, see [`Lexer`]) into `out`,
+/// reusing its buffers.
+pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.statements.clear();
     out.hazards.clear();
     out.copies = false;
@@ -119,60 +166,57 @@ pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
         let facts = Facts::scan(&mut lex);
         let stmt = &sql[start..facts.end];
         let w = |i: usize| facts.lead[i];
-        let is = |i: usize, k: &str| w(i).eq_ignore_ascii_case(k);
+        let is = |i: usize, k: &str| w(i).eq_ignore_ascii_case(k.as_bytes());
         if w(0).is_empty() {
             continue;
         }
-        let mut upper = [0u8; 10];
-        let first = w(0).as_bytes();
-        let keyword = if first.len() <= upper.len() {
-            upper[..first.len()].copy_from_slice(first);
-            upper[..first.len()].make_ascii_uppercase();
-            &upper[..first.len()]
-        } else {
-            // Longer than any keyword below.
-            &[]
-        };
+        let keyword = key(w(0));
         let statement = match keyword {
-            b"BEGIN" | b"START" => Statement::Begin,
-            b"COMMIT" | b"END" if is(1, "PREPARED") => {
+            kw::BEGIN | kw::START => Statement::Begin,
+            kw::COMMIT | kw::END if is(1, "PREPARED") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write
             }
-            b"COMMIT" | b"END" => Statement::Commit,
-            b"ROLLBACK" | b"ABORT" if is(1, "TO") || is(2, "TO") => Statement::Savepoint,
-            b"ROLLBACK" if is(1, "PREPARED") => {
+            kw::COMMIT | kw::END => Statement::Commit,
+            kw::ROLLBACK | kw::ABORT if is(1, "TO") || is(2, "TO") => Statement::Savepoint,
+            kw::ROLLBACK if is(1, "PREPARED") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write
             }
-            b"ROLLBACK" | b"ABORT" => Statement::Rollback,
-            b"SAVEPOINT" | b"RELEASE" => Statement::Savepoint,
-            b"SELECT" | b"WITH" | b"VALUES" | b"TABLE" | b"SHOW" | b"EXPLAIN" | b"FETCH"
-            | b"MOVE" => {
+            kw::ROLLBACK | kw::ABORT => Statement::Rollback,
+            kw::SAVEPOINT | kw::RELEASE => Statement::Savepoint,
+            kw::SELECT
+            | kw::WITH
+            | kw::VALUES
+            | kw::TABLE
+            | kw::SHOW
+            | kw::EXPLAIN
+            | kw::FETCH
+            | kw::MOVE => {
                 if facts.writes {
                     Statement::Write
                 } else {
                     Statement::Read
                 }
             }
-            b"SET" if is(1, "LOCAL") || is(1, "TRANSACTION") || is(1, "CONSTRAINTS") => {
+            kw::SET if is(1, "LOCAL") || is(1, "TRANSACTION") || is(1, "CONSTRAINTS") => {
                 Statement::TransactionSetting
             }
-            b"SET" => Statement::Session(SessionChange::Set(set_variable(stmt))),
-            b"RESET" => {
+            kw::SET => Statement::Session(SessionChange::Set(set_variable(stmt))),
+            kw::RESET => {
                 Statement::Session(SessionChange::Reset(if is(1, "ALL") || w(1).is_empty() {
                     None
                 } else {
                     Some(name_after(stmt, 1))
                 }))
             }
-            b"DISCARD" => Statement::Session(SessionChange::Discard),
-            b"PREPARE" if is(1, "TRANSACTION") => {
+            kw::DISCARD => Statement::Session(SessionChange::Discard),
+            kw::PREPARE if is(1, "TRANSACTION") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write
             }
-            b"PREPARE" => Statement::Session(SessionChange::Prepare(name_after(stmt, 1))),
-            b"DEALLOCATE" => {
+            kw::PREPARE => Statement::Session(SessionChange::Prepare(name_after(stmt, 1))),
+            kw::DEALLOCATE => {
                 let skip = if is(1, "PREPARE") { 2 } else { 1 };
                 Statement::Session(SessionChange::Deallocate(
                     if is(skip, "ALL") || w(skip).is_empty() {
@@ -182,15 +226,15 @@ pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
                     },
                 ))
             }
-            b"LISTEN" => Statement::Session(SessionChange::Listen(name_after(stmt, 1))),
-            b"UNLISTEN" => {
-                Statement::Session(SessionChange::Unlisten(if w(1) == "*" || w(1).is_empty() {
+            kw::LISTEN => Statement::Session(SessionChange::Listen(name_after(stmt, 1))),
+            kw::UNLISTEN => Statement::Session(SessionChange::Unlisten(
+                if w(1) == b"*" || w(1).is_empty() {
                     None
                 } else {
                     Some(name_after(stmt, 1))
-                }))
-            }
-            b"DECLARE" => {
+                },
+            )),
+            kw::DECLARE => {
                 if facts.with_hold {
                     out.hazards
                         .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
@@ -199,9 +243,9 @@ pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
             }
             _ => Statement::Write,
         };
-        let copy = keyword == b"COPY";
+        let copy = keyword == kw::COPY;
         out.copies |= copy && facts.from_stdin;
-        if keyword == b"CREATE" && facts.temp || facts.into_temp {
+        if keyword == kw::CREATE && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
         if facts.advisory_lock {
@@ -228,7 +272,7 @@ pub fn classify_into(sql: &str, strings: Strings, out: &mut Classified) {
 #[derive(Default)]
 struct Facts<'a> {
     /// The first four tokens (words as written, `*` for a star, empty for anything else).
-    lead: [&'a str; 4],
+    lead: [&'a [u8]; 4],
     /// Where the statement's text ends (before its semicolon, if any).
     end: usize,
     /// A word or function that writes or locks: a SELECT with it is no read.
@@ -243,52 +287,63 @@ struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    /// Reads one statement from `lex`, up to and including its semicolon.
+    /// Reads one statement from `lex`, up to and including its semicolon: its first tokens
+    /// exactly, then only the words of the rest.
     fn scan(lex: &mut Lexer<'a>) -> Self {
         let mut f = Facts {
             end: lex.src.len(),
             ..Facts::default()
         };
-        let mut n = 0;
-        let mut prev = "";
-        while let Some(tok) = lex.next_token() {
+        let mut prev: &[u8] = b"";
+        for n in 0..f.lead.len() {
+            let Some(tok) = lex.next_token() else {
+                return f;
+            };
             let word = match tok {
                 Token::Word(w) => w,
-                Token::Other('*') => "*",
+                Token::Other(b'*') => b"*",
                 Token::Semicolon => {
                     f.end = lex.pos - 1;
-                    break;
+                    return f;
                 }
-                _ => "",
+                _ => b"",
             };
-            if n < f.lead.len() {
-                f.lead[n] = word;
-                n += 1;
-            }
-            if word.is_empty() || word == "*" {
-                prev = "";
+            f.lead[n] = word;
+            if word.is_empty() || word == b"*" {
+                prev = b"";
                 continue;
             }
             f.note(word, prev);
             prev = word;
+        }
+        while let Some(skimmed) = lex.skim() {
+            match skimmed {
+                Skimmed::Word { word, adjacent } => {
+                    f.note(word, if adjacent { prev } else { b"" });
+                    prev = word;
+                }
+                Skimmed::Semicolon => {
+                    f.end = lex.pos - 1;
+                    break;
+                }
+            }
         }
         f
     }
 
     /// Notes what `word` (after `prev`) tells; dispatching on the first letter keeps the
     /// common case, a word that is none of these, to one comparison.
-    fn note(&mut self, word: &str, prev: &str) {
-        let is = |k: &str| word.eq_ignore_ascii_case(k);
-        let starts = |k: &str| {
-            word.len() >= k.len() && word.as_bytes()[..k.len()].eq_ignore_ascii_case(k.as_bytes())
-        };
-        match word.as_bytes()[0].to_ascii_lowercase() {
+    fn note(&mut self, word: &[u8], prev: &[u8]) {
+        let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
+        let starts =
+            |k: &str| word.len() >= k.len() && word[..k.len()].eq_ignore_ascii_case(k.as_bytes());
+        match word[0].to_ascii_lowercase() {
             b'd' => {
                 self.writes |= is("DELETE");
                 self.dblink |= starts("dblink");
             }
             b'f' => self.writes |= is("FOR"),
-            b'h' => self.with_hold |= is("HOLD") && prev.eq_ignore_ascii_case("WITH"),
+            b'h' => self.with_hold |= is("HOLD") && prev.eq_ignore_ascii_case(b"WITH"),
             b'i' => self.writes |= is("INSERT") || is("INTO"),
             b'l' => {
                 self.writes |= ["lo_import", "lo_export", "lo_create", "lo_unlink", "lo_put"]
@@ -308,13 +363,13 @@ impl<'a> Facts<'a> {
             }
             b's' => {
                 self.writes |= is("setval");
-                self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case("FROM");
+                self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case(b"FROM");
             }
             b't' => {
                 self.writes |= is("txid_current");
                 if is("TEMP") || is("TEMPORARY") {
                     self.temp = true;
-                    self.into_temp |= prev.eq_ignore_ascii_case("INTO");
+                    self.into_temp |= prev.eq_ignore_ascii_case(b"INTO");
                 }
             }
             b'u' => self.writes |= is("UPDATE"),
@@ -324,7 +379,8 @@ impl<'a> Facts<'a> {
 }
 
 /// The variable a session-level SET assigns, via sqlparser; `None` when it cannot tell.
-fn set_variable(stmt: &str) -> Option<String> {
+fn set_variable(stmt: &[u8]) -> Option<String> {
+    let stmt = std::str::from_utf8(stmt).ok()?;
     let parsed = Parser::parse_sql(&PostgreSqlDialect {}, stmt).ok()?;
     let [sqlparser::ast::Statement::Set(set)] = parsed.as_slice() else {
         return None;
@@ -338,13 +394,15 @@ fn set_variable(stmt: &str) -> Option<String> {
 }
 
 /// The identifier after the first `skip` words: a bare word lower-cased, a quoted one as is.
-fn name_after(stmt: &str, skip: usize) -> String {
+fn name_after(stmt: &[u8], skip: usize) -> String {
     let mut lex = Lexer::new(stmt);
     let mut seen = 0;
     while let Some(tok) = lex.next_token() {
         match tok {
-            Token::Word(w) if seen == skip => return w.to_ascii_lowercase(),
-            Token::Quoted(q) if seen == skip => return q.to_owned(),
+            Token::Word(w) if seen == skip => {
+                return String::from_utf8_lossy(w).to_ascii_lowercase();
+            }
+            Token::Quoted(q) if seen == skip => return String::from_utf8_lossy(q).into_owned(),
             Token::Word(_) => seen += 1,
             _ => return String::new(),
         }
@@ -354,20 +412,45 @@ fn name_after(stmt: &str, skip: usize) -> String {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Token<'a> {
-    Word(&'a str),
+    Word(&'a [u8]),
     /// A double-quoted identifier's content.
-    Quoted(&'a str),
+    Quoted(&'a [u8]),
     Semicolon,
-    Other(char),
+    Other(u8),
+}
+
+/// What [`Lexer::skim`] stops at.
+enum Skimmed<'a> {
+    /// A word; `adjacent` when only whitespace and comments separate it from the token before.
+    Word {
+        word: &'a [u8],
+        adjacent: bool,
+    },
+    Semicolon,
+}
+
+/// What a [`SPECIAL`] byte turned out to start.
+enum Special<'a> {
+    /// A comment, skipped.
+    Comment,
+    Semicolon,
+    /// A string or dollar-quoted literal, skipped.
+    Literal,
+    /// A double-quoted identifier's content.
+    Quoted(&'a [u8]),
+    /// A byte that is a token by itself.
+    Other(u8),
 }
 
 const SPACE: u8 = 1;
 const WORD: u8 = 2;
 const DIGIT: u8 = 4;
 const DOLLAR: u8 = 8;
+/// A byte that may start a literal, a quoted identifier, a comment or the statement's end.
+const SPECIAL: u8 = 16;
 
 /// What each byte can be in a token: whitespace, the start of a word (a letter, `_`, or any
-/// byte of a non-ASCII character), a digit, or `$` (inside a word or a parameter).
+/// byte of a non-ASCII character), a digit, `$` (inside a word or a parameter), or special.
 const CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut i = 0;
@@ -380,7 +463,9 @@ const CLASS: [u8; 256] = {
         } else if c.is_ascii_digit() {
             DIGIT
         } else if c == b'$' {
-            DOLLAR
+            DOLLAR | SPECIAL
+        } else if matches!(c, b'\'' | b'"' | b'-' | b'/' | b';') {
+            SPECIAL
         } else {
             0
         };
@@ -398,15 +483,20 @@ fn skip_while(bytes: &[u8], from: usize, mask: u8) -> usize {
 }
 
 /// Skips whitespace, `--` and nested `/* */` comments, and string literals ('…', E'…', $tag$…$tag$).
+///
+/// It reads bytes in the client's encoding: every byte of a non-ASCII character counts as a
+/// letter, which holds in UTF-8, the single-byte encodings and EUC, whose multi-byte
+/// characters have no ASCII bytes. For the client-only encodings whose characters may end in
+/// an ASCII byte (SJIS, BIG5, …) the journal hands over a copy in which those bytes are masked.
 struct Lexer<'a> {
-    src: &'a str,
+    src: &'a [u8],
     pos: usize,
     /// Whether backslashes escape in `'…'` too (see [`Strings`]).
     backslash_strings: bool,
 }
 
 impl<'a> Lexer<'a> {
-    fn new(src: &'a str) -> Self {
+    fn new(src: &'a [u8]) -> Self {
         Self {
             src,
             pos: 0,
@@ -415,65 +505,118 @@ impl<'a> Lexer<'a> {
     }
 
     fn rest(&self) -> &'a [u8] {
-        &self.src.as_bytes()[self.pos..]
+        &self.src[self.pos..]
+    }
+
+    /// Reads the word that starts at `pos`; `None` (and the literal skipped) if it is the `E`
+    /// of an `E'…'` string instead.
+    #[inline(always)]
+    fn word(&mut self) -> Option<&'a [u8]> {
+        let start = self.pos;
+        self.pos = skip_while(self.src, start + 1, WORD | DIGIT | DOLLAR);
+        if self.pos == start + 1
+            && matches!(self.src[start], b'E' | b'e')
+            && self.src.get(self.pos) == Some(&b'\'')
+        {
+            self.skip_string(true);
+            return None;
+        }
+        Some(&self.src[start..self.pos])
+    }
+
+    /// Handles a [`SPECIAL`] byte at `pos`: skips the comment, literal or quoted identifier
+    /// it starts (`Skip`), or says it is a token of its own.
+    #[inline(always)]
+    fn special(&mut self) -> Special<'a> {
+        let b = self.src[self.pos];
+        match b {
+            b'-' if self.rest().starts_with(b"--") => {
+                let end = self.rest().iter().position(|&c| c == b'\n');
+                self.pos = end.map_or(self.src.len(), |e| self.pos + e + 1);
+                Special::Comment
+            }
+            b'/' if self.rest().starts_with(b"/*") => {
+                self.skip_block_comment();
+                Special::Comment
+            }
+            b';' => {
+                self.pos += 1;
+                Special::Semicolon
+            }
+            b'\'' => {
+                self.skip_string(self.backslash_strings);
+                Special::Literal
+            }
+            b'"' => {
+                let start = self.pos + 1;
+                // An unclosed identifier runs to the end of the text.
+                let (end, next) = match self.rest()[1..].iter().position(|&c| c == b'"') {
+                    Some(e) => (start + e, start + e + 1),
+                    None => (self.src.len(), self.src.len()),
+                };
+                self.pos = next;
+                Special::Quoted(&self.src[start..end])
+            }
+            b'$' if self.skip_dollar_quote() => Special::Literal,
+            b => {
+                self.pos += 1;
+                Special::Other(b)
+            }
+        }
     }
 
     #[inline(always)]
     fn next_token(&mut self) -> Option<Token<'a>> {
-        let bytes = self.src.as_bytes();
         loop {
-            let b = *bytes.get(self.pos)?;
-            match CLASS[usize::from(b)] {
-                SPACE => self.pos += 1,
-                WORD => {
-                    let start = self.pos;
-                    self.pos = skip_while(bytes, start + 1, WORD | DIGIT | DOLLAR);
-                    // E'…' is a string with backslash escapes, not a word.
-                    if self.pos == start + 1
-                        && (b == b'E' || b == b'e')
-                        && bytes.get(self.pos) == Some(&b'\'')
-                    {
-                        self.skip_string(true);
-                        return Some(Token::Other('\''));
-                    }
-                    return Some(Token::Word(&self.src[start..self.pos]));
-                }
+            let b = *self.src.get(self.pos)?;
+            let class = CLASS[usize::from(b)];
+            if class == SPACE {
+                self.pos += 1;
+            } else if class == WORD {
+                return Some(match self.word() {
+                    Some(w) => Token::Word(w),
+                    None => Token::Other(b'\''),
+                });
+            } else if class == DIGIT {
                 // A number is one token, whatever its length.
-                DIGIT => {
-                    self.pos = skip_while(bytes, self.pos + 1, DIGIT);
-                    return Some(Token::Other('0'));
+                self.pos = skip_while(self.src, self.pos + 1, DIGIT);
+                return Some(Token::Other(b'0'));
+            } else {
+                return Some(match self.special() {
+                    Special::Comment => continue,
+                    Special::Semicolon => Token::Semicolon,
+                    Special::Literal => Token::Other(b),
+                    Special::Quoted(q) => Token::Quoted(q),
+                    Special::Other(b) => Token::Other(b),
+                });
+            }
+        }
+    }
+
+    /// Moves to the next word or semicolon; numbers, operators, literals and quoted
+    /// identifiers on the way only break the adjacency of the words around them.
+    #[inline(always)]
+    fn skim(&mut self) -> Option<Skimmed<'a>> {
+        let mut adjacent = true;
+        loop {
+            let b = *self.src.get(self.pos)?;
+            let class = CLASS[usize::from(b)];
+            if class == SPACE {
+                self.pos += 1;
+            } else if class == WORD {
+                match self.word() {
+                    Some(word) => return Some(Skimmed::Word { word, adjacent }),
+                    None => adjacent = false,
                 }
-                _ => match b {
-                    b'-' if self.rest().starts_with(b"--") => {
-                        let end = self.rest().iter().position(|&c| c == b'\n');
-                        self.pos = end.map_or(self.src.len(), |e| self.pos + e + 1);
-                    }
-                    b'/' if self.rest().starts_with(b"/*") => self.skip_block_comment(),
-                    b';' => {
-                        self.pos += 1;
-                        return Some(Token::Semicolon);
-                    }
-                    b'\'' => {
-                        self.skip_string(self.backslash_strings);
-                        return Some(Token::Other('\''));
-                    }
-                    b'"' => {
-                        let start = self.pos + 1;
-                        // An unclosed identifier runs to the end of the text.
-                        let (end, next) = match self.rest()[1..].iter().position(|&c| c == b'"') {
-                            Some(e) => (start + e, start + e + 1),
-                            None => (self.src.len(), self.src.len()),
-                        };
-                        self.pos = next;
-                        return Some(Token::Quoted(&self.src[start..end]));
-                    }
-                    b'$' if self.skip_dollar_quote() => return Some(Token::Other('$')),
-                    // Every byte of a non-ASCII character is a word byte, so this is ASCII.
-                    _ => {
-                        self.pos += 1;
-                        return Some(Token::Other(char::from(b)));
-                    }
-                },
+            } else if class & SPECIAL == 0 {
+                self.pos += 1;
+                adjacent = false;
+            } else {
+                match self.special() {
+                    Special::Comment => {}
+                    Special::Semicolon => return Some(Skimmed::Semicolon),
+                    _ => adjacent = false,
+                }
             }
         }
     }
@@ -525,7 +668,7 @@ impl<'a> Lexer<'a> {
         }
         let body_start = self.pos + tag.len();
         let tag = &self.src[self.pos..body_start];
-        self.pos = match self.src[body_start..].find(tag) {
+        self.pos = match memchr::memmem::find(&self.src[body_start..], tag) {
             Some(end) => body_start + end + tag.len(),
             None => self.src.len(),
         };
@@ -647,7 +790,7 @@ mod tests {
     fn strings_read_as_standard_conforming_strings_says() {
         let mut out = Classified::default();
         let mut kinds = |sql: &str, strings| {
-            classify_into(sql, strings, &mut out);
+            classify_into(sql.as_bytes(), strings, &mut out);
             out.statements.clone()
         };
         // `off`: the backslash escapes the quote, the literal is "it's", the INSERT is seen.
@@ -685,6 +828,37 @@ mod tests {
         assert_eq!(
             classify("COPY t TO PROGRAM 'gzip > /tmp/x'").hazards,
             [Hazard::Unreplayable("COPY with an external program")]
+        );
+    }
+
+    #[test]
+    fn words_past_the_first_four_are_read_with_their_neighbours() {
+        assert!(classify("COPY public.t (a, b) FROM STDIN").copies);
+        assert!(classify("COPY t (a, b) FROM -- from where\n /* here */ STDIN").copies);
+        assert!(!classify("SELECT a FROM t WHERE b = 'FROM' || stdin").copies);
+        assert_eq!(
+            classify("SELECT a, b, c INTO TEMP t FROM x").hazards,
+            [Hazard::Unmovable("a temporary table")]
+        );
+        assert!(classify("SELECT a, b FROM t, u INTO TEMP").hazards.len() == 1);
+        assert!(classify("SELECT a, b FROM t INTO 'x' TEMP")
+            .hazards
+            .is_empty());
+        assert_eq!(
+            kinds("SELECT a, b FROM t /* x */ FOR UPDATE"),
+            [Statement::Write]
+        );
+        assert_eq!(
+            kinds(r"SELECT a, b, E'\'; INSERT', $q$; DELETE$q$ FROM t; VALUES (1)"),
+            [Statement::Read, Statement::Read]
+        );
+        assert_eq!(
+            classify("SELECT a, b, c, pg_try_advisory_lock(1)").hazards,
+            [Hazard::Unmovable("a session-level advisory lock")]
+        );
+        assert_eq!(
+            classify("SELECT a, \"pg_advisory_lock\", 'pg_advisory_lock(1)' FROM t").hazards,
+            []
         );
     }
 

@@ -460,8 +460,12 @@ impl Journal {
         );
         match tag {
             frontend::QUERY => {
-                let sql = text(cstr(body).0, self.multibyte);
-                classify_into(&sql, self.strings, &mut self.classified);
+                let sql = cstr(body).0;
+                classify_into(
+                    &lexable(sql, self.multibyte),
+                    self.strings,
+                    &mut self.classified,
+                );
                 let classified = &self.classified;
                 let commits = classified.statements.contains(&Statement::Commit);
                 group.may_write |= classified.may_write();
@@ -498,8 +502,9 @@ impl Journal {
                     _ => None,
                 });
                 for (change, span) in sessions.zip(&classified.session_spans) {
-                    if matches!(sql, Cow::Owned(_)) {
-                        // The text to restore it is not the text the client sent.
+                    let text = String::from_utf8_lossy(&sql[span.clone()]);
+                    if matches!(text, Cow::Owned(_)) {
+                        // The text to restore it would not be the text the client sent.
                         self.unmovable = self.unmovable.or(Some(NOT_UTF8));
                     }
                     if let SessionChange::Prepare(name) = change {
@@ -507,15 +512,18 @@ impl Journal {
                     }
                     group.changes.push(PendingChange {
                         change: change.clone(),
-                        sql: sql[span.clone()].trim().to_owned(),
+                        sql: text.trim().to_owned(),
                     });
                 }
             }
             frontend::PARSE => {
                 let (name, rest) = cstr(body);
                 let name = name_key(name);
-                let sql = text(cstr(rest).0, self.multibyte);
-                classify_into(&sql, self.strings, &mut self.classified);
+                classify_into(
+                    &lexable(cstr(rest).0, self.multibyte),
+                    self.strings,
+                    &mut self.classified,
+                );
                 let classified = &self.classified;
                 // Parsing runs nothing; what the statement does counts when it is executed.
                 let effects = Effects {
@@ -781,35 +789,30 @@ fn record_hazards(
 
 /// The NUL-terminated string at the start of `b`, and what follows its NUL.
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let end = memchr::memchr(0, b).unwrap_or(b.len());
     (&b[..end], b.get(end + 1..).unwrap_or_default())
 }
 
-/// SQL text as sent: in the client's encoding, which need not be UTF-8. Bytes that are not
-/// UTF-8 become U+FFFD, which the classifier reads as part of a word, as it does any
-/// non-ASCII character, so the keywords and quotes around them are still seen. In an encoding
-/// whose characters may end in an ASCII byte, each whole character becomes one U+FFFD, so
-/// that a `\` inside one does not escape the quote after it.
-fn text(b: &[u8], multibyte: Option<MultiByte>) -> Cow<'_, str> {
-    if let Some(mb) = multibyte.filter(|_| !b.is_ascii()) {
-        let mut text = String::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            if b[i].is_ascii() {
-                text.push(char::from(b[i]));
-                i += 1;
-            } else {
-                text.push(char::REPLACEMENT_CHARACTER);
-                i += mb.char_len(&b[i..]);
-            }
+/// SQL text as the classifier reads it: as sent, in the client's encoding, unless that is an
+/// encoding whose characters may end in an ASCII byte: then a copy in which every byte of
+/// each such character is 0x80, which reads as a letter, so that a `\` inside one does not
+/// escape the quote after it. Positions in both are the same.
+fn lexable(b: &[u8], multibyte: Option<MultiByte>) -> Cow<'_, [u8]> {
+    let Some(mb) = multibyte.filter(|_| !b.is_ascii()) else {
+        return Cow::Borrowed(b);
+    };
+    let mut text = b.to_vec();
+    let mut i = 0;
+    while i < text.len() {
+        if text[i].is_ascii() {
+            i += 1;
+        } else {
+            let end = i + mb.char_len(&text[i..]);
+            text[i..end].fill(0x80);
+            i = end;
         }
-        return Cow::Owned(text);
     }
-    // from_utf8 checks ASCII a word at a time; the lossy reader goes character by character.
-    match std::str::from_utf8(b) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(b),
-    }
+    Cow::Owned(text)
 }
 
 /// A statement's name as a map key: itself when UTF-8, else a NUL (never in a name) and its
@@ -867,7 +870,7 @@ impl MultiByte {
 }
 
 /// Why a session cannot move when it changed its state in text that is not UTF-8.
-const NOT_UTF8: &str = "session state set in a client encoding other than UTF-8";
+const NOT_UTF8: &str = "session state set in text that is not UTF-8";
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
@@ -160,6 +163,36 @@ pub enum Event {
     BackendEof,
 }
 
+/// The client socket's bit in [`Woken`] and [`Pump::armed`].
+const CLIENT: u8 = 1;
+/// The backend socket's bit.
+const BACKEND: u8 = 2;
+
+/// Which sockets' reads were woken since they last returned `Pending`, and the task to wake.
+#[derive(Default)]
+struct Woken {
+    task: AtomicWaker,
+    sockets: AtomicU8,
+}
+
+/// The waker a plain socket's read is polled with: it notes which socket is ready before it
+/// wakes the task, so a poll need not ask the socket that was not woken.
+struct ReadWaker {
+    woken: Arc<Woken>,
+    socket: u8,
+}
+
+impl Wake for ReadWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.sockets.fetch_or(self.socket, Ordering::AcqRel);
+        self.woken.task.wake();
+    }
+}
+
 /// Both sockets and both directions of one session.
 pub struct Pump {
     /// The client connection.
@@ -173,11 +206,24 @@ pub struct Pump {
     client_open: bool,
     backend_open: bool,
     client_first: bool,
+    woken: Arc<Woken>,
+    client_waker: Waker,
+    backend_waker: Waker,
+    /// Sockets whose read returned `Pending` with their [`ReadWaker`] and that were not woken
+    /// since: polling them again would only register the same waker again.
+    armed: u8,
 }
 
 impl Pump {
     /// Starts the data path with whatever each side sent past login.
     pub fn new(client: Stream, backend: Stream, up: Pipe, down: Pipe) -> Self {
+        let woken = Arc::new(Woken::default());
+        let waker = |socket| {
+            Waker::from(Arc::new(ReadWaker {
+                woken: woken.clone(),
+                socket,
+            }))
+        };
         Self {
             client,
             backend,
@@ -186,11 +232,19 @@ impl Pump {
             client_open: true,
             backend_open: true,
             client_first: false,
+            client_waker: waker(CLIENT),
+            backend_waker: waker(BACKEND),
+            woken,
+            armed: 0,
         }
     }
 
     /// Writes what is ready both ways, then reads from whichever side has something.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        // Registered before the sockets are looked at, so a wake-up from now on reaches the
+        // task even if it comes before this poll returns.
+        self.woken.task.register(cx.waker());
+        self.armed &= !self.woken.sockets.swap(0, Ordering::AcqRel);
         if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
             return Poll::Ready(Err(PumpError::Backend(e)));
         }
@@ -213,26 +267,40 @@ impl Pump {
     }
 
     fn poll_backend_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        if !self.backend_open || !self.down.wants_read() {
+        if !self.backend_open || !self.down.wants_read() || self.armed & BACKEND != 0 {
             return Poll::Pending;
         }
-        Poll::Ready(
-            match ready!(self.down.poll_read_from(&mut self.backend, cx)) {
-                Ok(0) => {
-                    self.backend_open = false;
-                    Ok(Event::BackendEof)
-                }
-                Ok(n) => Ok(Event::FromBackend(n)),
-                Err(e) => Err(PumpError::Backend(e)),
-            },
-        )
+        let read = poll_read_armed(
+            &mut self.down,
+            &mut self.backend,
+            &self.backend_waker,
+            BACKEND,
+            &mut self.armed,
+            cx,
+        );
+        Poll::Ready(match ready!(read) {
+            Ok(0) => {
+                self.backend_open = false;
+                Ok(Event::BackendEof)
+            }
+            Ok(n) => Ok(Event::FromBackend(n)),
+            Err(e) => Err(PumpError::Backend(e)),
+        })
     }
 
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        if !self.client_open || !self.up.wants_read() {
+        if !self.client_open || !self.up.wants_read() || self.armed & CLIENT != 0 {
             return Poll::Pending;
         }
-        Poll::Ready(match ready!(self.up.poll_read_from(&mut self.client, cx)) {
+        let read = poll_read_armed(
+            &mut self.up,
+            &mut self.client,
+            &self.client_waker,
+            CLIENT,
+            &mut self.armed,
+            cx,
+        );
+        Poll::Ready(match ready!(read) {
             Ok(0) => {
                 self.client_open = false;
                 Ok(Event::ClientEof)
@@ -247,6 +315,7 @@ impl Pump {
         self.backend = backend;
         self.down = down;
         self.backend_open = true;
+        self.armed &= !BACKEND;
     }
 
     /// Writes out everything ready towards the client.
@@ -258,6 +327,27 @@ impl Pump {
     pub async fn flush_backend(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.up.poll_write_to(&mut self.backend, cx)).await
     }
+}
+
+/// Reads from `stream` into `pipe`. A plain socket is read with its own `waker`, and marked in
+/// `armed` when it has nothing; a TLS stream may read or write its socket from either
+/// direction, so it is always read with the task's own waker and never armed.
+fn poll_read_armed(
+    pipe: &mut Pipe,
+    stream: &mut Stream,
+    waker: &Waker,
+    socket: u8,
+    armed: &mut u8,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if stream.is_tls() {
+        return pipe.poll_read_from(stream, cx);
+    }
+    let read = pipe.poll_read_from(stream, &mut Context::from_waker(waker));
+    if read.is_pending() {
+        *armed |= socket;
+    }
+    read
 }
 
 #[cfg(test)]
@@ -288,5 +378,48 @@ mod tests {
         assert_eq!((&p.buf[..], p.ready), (&b"bb"[..], 0));
         p.insert_ready(b"Z");
         assert_eq!((&p.buf[..], p.ready), (&b"Zbb"[..], 1));
+    }
+
+    async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(peer, listener.accept());
+        (peer.unwrap(), accepted.unwrap().0)
+    }
+
+    async fn next_event(pump: &mut Pump) -> Event {
+        let event = std::future::poll_fn(|cx| pump.poll_event(cx));
+        tokio::time::timeout(std::time::Duration::from_secs(5), event)
+            .await
+            .expect("the pump was not woken")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_sockets_are_not_asked_again_until_woken() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client_peer, client) = socket_pair().await;
+        let (mut backend_peer, backend) = socket_pair().await;
+        let mut pump = Pump::new(
+            Stream::Plain(client),
+            Stream::Plain(backend),
+            Pipe::new(BytesMut::new(), 1 << 20),
+            Pipe::new(BytesMut::new(), 1 << 20),
+        );
+        let idle = std::future::poll_fn(|cx| Poll::Ready(pump.poll_event(cx).is_pending()));
+        assert!(idle.await);
+        assert_eq!(pump.armed, CLIENT | BACKEND);
+        // The backend's waker says which socket it was: the client stays armed.
+        backend_peer.write_all(b"xyz").await.unwrap();
+        assert_eq!(next_event(&mut pump).await, Event::FromBackend(3));
+        client_peer.write_all(b"ab").await.unwrap();
+        assert_eq!(next_event(&mut pump).await, Event::FromClient(2));
+        assert_eq!(&pump.up.buf[..], b"ab");
+        assert_eq!(&pump.down.buf[..], b"xyz");
+        // Forwarding goes on both ways, and a closed peer is still seen.
+        pump.up.ready = 2;
+        drop(backend_peer);
+        assert_eq!(next_event(&mut pump).await, Event::BackendEof);
+        assert!(pump.up.buf.is_empty(), "the client's bytes were written");
     }
 }

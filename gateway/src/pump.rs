@@ -109,7 +109,19 @@ impl Pipe {
         self.buf.len() < HIGH_WATER || self.ready == 0
     }
 
+    #[inline]
     fn poll_write_to(&mut self, stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ready == 0 && !self.needs_flush {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_write_ready(stream, cx)
+    }
+
+    fn poll_write_ready(
+        &mut self,
+        stream: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         while self.ready > 0 {
             let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?;
             if n == 0 {
@@ -117,7 +129,8 @@ impl Pipe {
             }
             self.buf.advance(n);
             self.ready -= n;
-            self.needs_flush = true;
+            // A TCP socket has nothing to flush; TLS may hold a record back.
+            self.needs_flush = stream.is_tls();
         }
         if self.needs_flush {
             ready!(Pin::new(&mut *stream).poll_flush(cx))?;

@@ -333,6 +333,7 @@ impl<'a> Facts<'a> {
 
     /// Notes what `word` (after `prev`) tells; dispatching on the first letter keeps the
     /// common case, a word that is none of these, to one comparison.
+    #[inline(always)]
     fn note(&mut self, word: &[u8], prev: &[u8]) {
         let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
         let starts =
@@ -598,19 +599,17 @@ impl<'a> Lexer<'a> {
     #[inline(always)]
     fn skim(&mut self) -> Option<Skimmed<'a>> {
         let mut adjacent = true;
-        loop {
-            let b = *self.src.get(self.pos)?;
+        while let Some(&b) = self.src.get(self.pos) {
             let class = CLASS[usize::from(b)];
-            if class == SPACE {
+            if class & (WORD | SPECIAL) == 0 {
+                // Whitespace keeps words adjacent; a number or an operator does not.
+                adjacent &= class == SPACE;
                 self.pos += 1;
             } else if class == WORD {
                 match self.word() {
                     Some(word) => return Some(Skimmed::Word { word, adjacent }),
                     None => adjacent = false,
                 }
-            } else if class & SPECIAL == 0 {
-                self.pos += 1;
-                adjacent = false;
             } else {
                 match self.special() {
                     Special::Comment => {}
@@ -619,6 +618,7 @@ impl<'a> Lexer<'a> {
                 }
             }
         }
+        None
     }
 
     fn skip_block_comment(&mut self) {

@@ -780,13 +780,24 @@ async fn terminated_backend_forwards_the_servers_fatal() {
     );
     assert!(c.closed().await, "closed after the server's FATAL");
 
-    // The same through a driver: the connection ends with the server's error.
+    // The same through a driver: the connection ends with the server's error. The PID is
+    // asked over the simple protocol: a prepared statement would be closed by the driver in
+    // the background, and a FATAL that crosses that Close is taken as its answer, not the
+    // connection's end (the driver does that talking to PostgreSQL directly, too).
     let (client, conn) = connect_watched(gw.pg_config(roles::MD5)).await;
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
+    let rows = client
+        .simple_query("SELECT pg_backend_pid()")
         .await
+        .unwrap();
+    let pid: i32 = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
         .unwrap()
-        .get(0);
+        .parse()
+        .unwrap();
     su.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();

@@ -352,6 +352,8 @@ pub struct Journal {
     expects_ready: bool,
     /// The client encoding, when its multi-byte characters may contain ASCII bytes.
     multibyte: Option<MultiByte>,
+    /// Whether the client encoding is UTF-8.
+    utf8: bool,
     /// How string literals read (`standard_conforming_strings`).
     strings: Strings,
 }
@@ -377,6 +379,7 @@ impl Journal {
             statements: std::collections::HashMap::new(),
             expects_ready: false,
             multibyte: None,
+            utf8: true,
             strings: Strings::Standard,
         }
     }
@@ -503,8 +506,9 @@ impl Journal {
                 });
                 for (change, span) in sessions.zip(&classified.session_spans) {
                     let text = String::from_utf8_lossy(&sql[span.clone()]);
-                    if matches!(text, Cow::Owned(_)) {
-                        // The text to restore it would not be the text the client sent.
+                    if matches!(text, Cow::Owned(_)) || !self.utf8 && !text.is_ascii() {
+                        // The text to restore it would not be the text the client sent, or
+                        // would be read in whatever encoding the restore runs under.
                         self.unmovable = self.unmovable.or(Some(NOT_UTF8));
                     }
                     if let SessionChange::Prepare(name) = change {
@@ -619,7 +623,10 @@ impl Journal {
     /// `standard_conforming_strings` decide how later SQL text is read.
     pub fn on_parameter_status(&mut self, name: &str, value: &str) {
         match name {
-            "client_encoding" => self.multibyte = MultiByte::from_name(value),
+            "client_encoding" => {
+                self.multibyte = MultiByte::from_name(value);
+                self.utf8 = value.eq_ignore_ascii_case("UTF8");
+            }
             "standard_conforming_strings" => {
                 self.strings = if value.eq_ignore_ascii_case("off") {
                     Strings::BackslashEscapes
@@ -869,7 +876,7 @@ impl MultiByte {
     }
 }
 
-/// Why a session cannot move when it changed its state in text that is not UTF-8.
+/// Why a session cannot move when it changed its state in non-ASCII text that is not UTF-8.
 const NOT_UTF8: &str = "session state set in text that is not UTF-8";
 
 #[cfg(test)]
@@ -1232,6 +1239,31 @@ mod tests {
         assert_eq!(j.unmovable(), None);
         // Its session state could not be given back as sent: the session stays put.
         j.on_client_message(b'Q', &raw_query(b"SET application_name = 'caf\xe9'"));
+        answer(&mut j, b"SET", b'I');
+        assert_eq!(j.unmovable(), Some(NOT_UTF8));
+    }
+
+    #[test]
+    fn session_state_in_non_ascii_text_moves_only_in_utf8() {
+        // 0xC3 0xA9 is 'é' in UTF-8 and "Ã©" in LATIN1: only in UTF-8 can the gateway vouch
+        // for what a restore would set.
+        let set = raw_query(b"SET application_name = 'caf\xc3\xa9'");
+        let mut j = Journal::new(1 << 20);
+        j.on_parameter_status("client_encoding", "UTF8");
+        j.on_client_message(b'Q', &set);
+        answer(&mut j, b"SET", b'I');
+        assert_eq!(j.unmovable(), None);
+        j.on_client_message(b'Q', &query("SET client_encoding = 'LATIN1'"));
+        answer(&mut j, b"SET", b'I');
+        j.on_parameter_status("client_encoding", "LATIN1");
+        j.on_client_message(b'Q', &query("SET application_name = 'ascii'"));
+        answer(&mut j, b"SET", b'I');
+        assert_eq!(
+            j.unmovable(),
+            None,
+            "ASCII reads the same in every encoding"
+        );
+        j.on_client_message(b'Q', &set);
         answer(&mut j, b"SET", b'I');
         assert_eq!(j.unmovable(), Some(NOT_UTF8));
     }

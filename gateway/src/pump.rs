@@ -266,12 +266,13 @@ impl Pump {
         }
         // Alternate which side is read first so a busy one cannot starve the other.
         self.client_first = !self.client_first;
-        for client_side in [self.client_first, !self.client_first] {
-            let event = if client_side {
-                self.poll_client_read(cx)
-            } else {
-                self.poll_backend_read(cx)
-            };
+        let order = if self.client_first {
+            [CLIENT, BACKEND]
+        } else {
+            [BACKEND, CLIENT]
+        };
+        for socket in order {
+            let event = self.poll_read(socket, cx);
             if event.is_ready() {
                 return event;
             }
@@ -279,47 +280,52 @@ impl Pump {
         Poll::Pending
     }
 
-    fn poll_backend_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        if !self.backend_open || !self.down.wants_read() || self.armed & BACKEND != 0 {
+    /// Reads from the `socket` side, unless it is closed, its pipe is full, or it is armed. A
+    /// plain socket is read with its own waker and armed when it has nothing; a TLS stream may
+    /// read or write its socket from either direction, so it is always read with the task's
+    /// own waker and never armed.
+    fn poll_read(&mut self, socket: u8, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        let client = socket == CLIENT;
+        let (pipe, stream, waker, open) = if client {
+            (
+                &mut self.up,
+                &mut self.client,
+                &self.client_waker,
+                &mut self.client_open,
+            )
+        } else {
+            (
+                &mut self.down,
+                &mut self.backend,
+                &self.backend_waker,
+                &mut self.backend_open,
+            )
+        };
+        if !*open || !pipe.wants_read() || self.armed & socket != 0 {
             return Poll::Pending;
         }
-        let read = poll_read_armed(
-            &mut self.down,
-            &mut self.backend,
-            &self.backend_waker,
-            BACKEND,
-            &mut self.armed,
-            cx,
-        );
-        Poll::Ready(match ready!(read) {
-            Ok(0) => {
-                self.backend_open = false;
-                Ok(Event::BackendEof)
+        let read = if stream.is_tls() {
+            pipe.poll_read_from(stream, cx)
+        } else {
+            let read = pipe.poll_read_from(stream, &mut Context::from_waker(waker));
+            if read.is_pending() {
+                self.armed |= socket;
             }
-            Ok(n) => Ok(Event::FromBackend(n)),
-            Err(e) => Err(PumpError::Backend(e)),
-        })
-    }
-
-    fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        if !self.client_open || !self.up.wants_read() || self.armed & CLIENT != 0 {
-            return Poll::Pending;
-        }
-        let read = poll_read_armed(
-            &mut self.up,
-            &mut self.client,
-            &self.client_waker,
-            CLIENT,
-            &mut self.armed,
-            cx,
-        );
-        Poll::Ready(match ready!(read) {
-            Ok(0) => {
-                self.client_open = false;
-                Ok(Event::ClientEof)
+            read
+        };
+        Poll::Ready(match (ready!(read), client) {
+            (Ok(0), _) => {
+                *open = false;
+                Ok(if client {
+                    Event::ClientEof
+                } else {
+                    Event::BackendEof
+                })
             }
-            Ok(n) => Ok(Event::FromClient(n)),
-            Err(e) => Err(PumpError::Client(e)),
+            (Ok(n), true) => Ok(Event::FromClient(n)),
+            (Ok(n), false) => Ok(Event::FromBackend(n)),
+            (Err(e), true) => Err(PumpError::Client(e)),
+            (Err(e), false) => Err(PumpError::Backend(e)),
         })
     }
 
@@ -340,27 +346,6 @@ impl Pump {
     pub async fn flush_backend(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.up.poll_write_to(&mut self.backend, cx)).await
     }
-}
-
-/// Reads from `stream` into `pipe`. A plain socket is read with its own `waker`, and marked in
-/// `armed` when it has nothing; a TLS stream may read or write its socket from either
-/// direction, so it is always read with the task's own waker and never armed.
-fn poll_read_armed(
-    pipe: &mut Pipe,
-    stream: &mut Stream,
-    waker: &Waker,
-    socket: u8,
-    armed: &mut u8,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if stream.is_tls() {
-        return pipe.poll_read_from(stream, cx);
-    }
-    let read = pipe.poll_read_from(stream, &mut Context::from_waker(waker));
-    if read.is_pending() {
-        *armed |= socket;
-    }
-    read
 }
 
 #[cfg(test)]

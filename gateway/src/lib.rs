@@ -24,6 +24,7 @@ pub mod stream;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod wake;
 pub mod wire;
 
 pub use config::Config;

@@ -7,17 +7,16 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
-use atomic_waker::AtomicWaker;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
 use understudy_protocol::frame::{FrameError, FrameScanner, Step};
 
 use crate::stream::Stream;
+use crate::wake::Woken;
 
 /// Server messages are not limited by the gateway (the server's own limit is 1 GB); this only
 /// keeps a corrupt length word from being believed.
@@ -181,31 +180,6 @@ const CLIENT: u8 = 1;
 /// The backend socket's bit.
 const BACKEND: u8 = 2;
 
-/// Which sockets' reads were woken since they last returned `Pending`, and the task to wake.
-#[derive(Default)]
-struct Woken {
-    task: AtomicWaker,
-    sockets: AtomicU8,
-}
-
-/// The waker a plain socket's read is polled with: it notes which socket is ready before it
-/// wakes the task, so a poll need not ask the socket that was not woken.
-struct ReadWaker {
-    woken: Arc<Woken>,
-    socket: u8,
-}
-
-impl Wake for ReadWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.sockets.fetch_or(self.socket, Ordering::AcqRel);
-        self.woken.task.wake();
-    }
-}
-
 /// Both sockets and both directions of one session.
 pub struct Pump {
     /// The client connection.
@@ -222,7 +196,7 @@ pub struct Pump {
     woken: Arc<Woken>,
     client_waker: Waker,
     backend_waker: Waker,
-    /// Sockets whose read returned `Pending` with their [`ReadWaker`] and that were not woken
+    /// Sockets whose read returned `Pending` with their own waker and that were not woken
     /// since: polling them again would only register the same waker again.
     armed: u8,
 }
@@ -230,13 +204,7 @@ pub struct Pump {
 impl Pump {
     /// Starts the data path with whatever each side sent past login.
     pub fn new(client: Stream, backend: Stream, up: Pipe, down: Pipe) -> Self {
-        let woken = Arc::new(Woken::default());
-        let waker = |socket| {
-            Waker::from(Arc::new(ReadWaker {
-                woken: woken.clone(),
-                socket,
-            }))
-        };
+        let woken = Woken::new(0);
         Self {
             client,
             backend,
@@ -245,8 +213,8 @@ impl Pump {
             client_open: true,
             backend_open: true,
             client_first: false,
-            client_waker: waker(CLIENT),
-            backend_waker: waker(BACKEND),
+            client_waker: woken.waker(CLIENT),
+            backend_waker: woken.waker(BACKEND),
             woken,
             armed: 0,
         }
@@ -256,8 +224,8 @@ impl Pump {
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
         // Registered before the sockets are looked at, so a wake-up from now on reaches the
         // task even if it comes before this poll returns.
-        self.woken.task.register(cx.waker());
-        self.armed &= !self.woken.sockets.swap(0, Ordering::AcqRel);
+        self.woken.register(cx.waker());
+        self.armed &= !self.woken.take();
         if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
             return Poll::Ready(Err(PumpError::Backend(e)));
         }

@@ -2,11 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::watch;
+
+use crate::wake::Woken;
 
 /// How far the gateway is into shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -77,12 +78,12 @@ impl Shutdown {
                 std::future::pending::<()>().await
             }
         });
-        let bell = Arc::new(Bell::default());
+        // Noted as rung, so the first poll looks at the channel.
+        let bell = Woken::new(1);
         Changed {
             inner,
-            bell_waker: Waker::from(bell.clone()),
+            bell_waker: bell.waker(1),
             bell,
-            task: None,
         }
     }
 }
@@ -90,31 +91,10 @@ impl Shutdown {
 /// The future [`Shutdown::changed`] returns.
 pub struct Changed<F> {
     inner: Pin<Box<F>>,
-    /// Rung by the channel, through `bell_waker`, the waker `inner` is polled with.
-    bell: Arc<Bell>,
+    /// Notes that the channel woke `inner` (through `bell_waker`, the waker `inner` is polled
+    /// with), and wakes the task.
+    bell: Arc<Woken>,
     bell_waker: Waker,
-    /// The task's waker as last handed to the bell.
-    task: Option<Waker>,
-}
-
-/// Remembers that the channel woke `inner`, and wakes the task.
-#[derive(Default)]
-struct Bell {
-    rung: AtomicBool,
-    task: Mutex<Option<Waker>>,
-}
-
-impl Wake for Bell {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.rung.store(true, Ordering::Release);
-        if let Some(task) = &*self.task.lock().unwrap_or_else(PoisonError::into_inner) {
-            task.wake_by_ref();
-        }
-    }
 }
 
 impl<F: Future<Output = ()>> Future for Changed<F> {
@@ -122,17 +102,8 @@ impl<F: Future<Output = ()>> Future for Changed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-            // First poll, or the task's waker changed: hand it over, and look at the channel.
-            *this
-                .bell
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-            this.task = Some(cx.waker().clone());
-            this.bell.rung.store(true, Ordering::Relaxed);
-        }
-        if !this.bell.rung.swap(false, Ordering::Acquire) {
+        this.bell.register(cx.waker());
+        if this.bell.take() == 0 {
             return Poll::Pending;
         }
         this.inner

@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::config::Promote;
 use crate::gateway::Shared;
 use crate::sessions::SessionStatus;
 use crate::shutdown::{Phase, Shutdown};
@@ -27,6 +28,11 @@ pub struct Status {
     pub state: &'static str,
     /// Live sessions.
     pub session_count: usize,
+    /// Who promotes a new primary (`auto`, `external`), or `off` when no session can move.
+    pub failover: Promote,
+    /// Why failover is off, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_off: Option<&'static str>,
     /// Configured backends and their roles.
     pub backends: Vec<BackendStatus>,
     /// Live sessions.
@@ -45,6 +51,11 @@ pub fn status(shared: &Shared) -> Status {
             Phase::Force => "stopping",
         },
         session_count: sessions.len(),
+        failover: match shared.failover.disabled() {
+            Some(_) => Promote::Off,
+            None => shared.failover.config().promote,
+        },
+        failover_off: shared.failover.disabled(),
         backends: shared.topology.statuses(),
         sessions,
     }

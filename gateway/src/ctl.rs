@@ -48,11 +48,15 @@ pub fn render_status(json: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "understudy {} on {}: {}, {} session(s)",
+        "understudy {} on {}: {}, {} session(s), failover {}",
         s(&json["version"]),
         s(&json["listen"]),
         s(&json["state"]),
-        s(&json["session_count"])
+        s(&json["session_count"]),
+        match json["failover_off"].as_str() {
+            Some(why) => format!("off ({why})"),
+            None => s(&json["failover"]),
+        }
     );
     let _ = writeln!(out, "\nBACKEND                 ROLE         ROUTED  ERROR");
     for b in json["backends"].as_array().into_iter().flatten() {

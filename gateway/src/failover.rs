@@ -33,9 +33,9 @@ pub enum FailoverError {
     /// The old primary answers as a primary: the session ended for another reason.
     #[error("the primary is still up")]
     PrimaryAlive,
-    /// Failover is turned off.
-    #[error("failover is disabled (failover.promote = \"off\")")]
-    Disabled,
+    /// No session can move (see [`Coordinator::disabled`]).
+    #[error("failover is disabled: {0}")]
+    Disabled(&'static str),
     /// No primary within the timeout, or promotion failed.
     #[error("no new primary: {0}")]
     NoPrimary(String),
@@ -63,6 +63,18 @@ impl Coordinator {
         &self.config
     }
 
+    /// Why no session can move, if none can: failover is turned off, or no other backend is
+    /// configured to move to. Such sessions need no xid or WAL position captured.
+    pub fn disabled(&self) -> Option<&'static str> {
+        if self.config.promote == Promote::Off {
+            Some("failover.promote = \"off\"")
+        } else if self.topology.backends().len() < 2 {
+            Some("only one backend is configured, so there is no server to move to")
+        } else {
+            None
+        }
+    }
+
     /// Whether `backend` answers as a primary (the health probe, with retries for a saturated
     /// machine: a refused connection is conclusive at once, a slow answer is not).
     pub async fn primary_alive(&self, backend: &Backend) -> bool {
@@ -82,8 +94,8 @@ impl Coordinator {
 
     /// The primary to move to after `failed` broke a session.
     pub async fn recover(&self, failed: &Backend) -> Result<Promotion, FailoverError> {
-        if self.config.promote == Promote::Off {
-            return Err(FailoverError::Disabled);
+        if let Some(why) = self.disabled() {
+            return Err(FailoverError::Disabled(why));
         }
         let mut last = self.last.lock().await;
         if let Some(p) = last.as_ref() {
@@ -258,7 +270,7 @@ fn refused(error: &str) -> bool {
 /// runs the failover even if no session has noticed (idle gateways fail over too). The
 /// coordinator re-probes before acting, so one missed probe on a busy machine does nothing.
 pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::shutdown::Shutdown) {
-    if shared.failover.config().promote == Promote::Off || shared.topology.backends().len() < 2 {
+    if shared.failover.disabled().is_some() {
         return;
     }
     let interval = Duration::from_millis(shared.config.topology_interval_ms.max(50));

@@ -457,6 +457,107 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// The last statement text of `pid`'s backend, as the server saw it (`pg_stat_activity`).
+async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
+    admin
+        .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The PID of `c`'s backend, asked over the simple protocol.
+async fn simple_backend_pid(c: &tokio_postgres::Client) -> i32 {
+    let messages = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
+    let row = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    row.expect("a row").get(0).unwrap().parse().unwrap()
+}
+
+/// The server runs what the client sends and nothing more unless a session could move: with a
+/// second backend, a lone write in a transaction block carries the xid query and an autocommit
+/// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither
+/// is sent, so revoking the function the capture uses changes nothing, and `/status` says why
+/// failover is off.
+#[tokio::test]
+async fn sessions_that_cannot_move_get_no_capture_statements() {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute("CREATE TABLE y(a int); GRANT ALL ON y TO PUBLIC")
+        .await
+        .unwrap();
+    let primary = cluster.pg.primary.addr().to_string();
+    let armed = cluster.gateway().await;
+    let single = cluster
+        .gateway_with(|c| c.backends = vec![primary.clone()])
+        .await;
+    let off = cluster
+        .gateway_with(|c| c.failover.promote = understudy::config::Promote::Off)
+        .await;
+    let write = "INSERT INTO y VALUES (1)";
+
+    let a = armed.connect(roles::SCRAM).await;
+    let a_pid = simple_backend_pid(&a).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute(write).await.unwrap();
+    let text = last_query(&admin, a_pid).await;
+    assert!(
+        text.starts_with(write) && text.contains("pg_current_xact_id_if_assigned()"),
+        "{text:?}"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute(write).await.unwrap();
+    // The WAL position query follows the write's answer in its own Query.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = last_query(&admin, a_pid).await;
+        if text != write {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(text.contains("pg_current_wal_insert_lsn()"), "{text:?}");
+
+    for (gw, why) in [(&single, "only one backend"), (&off, "promote")] {
+        let c = gw.connect(roles::SCRAM).await;
+        let c_pid = simple_backend_pid(&c).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(write).await.unwrap();
+        assert_eq!(last_query(&admin, c_pid).await, write);
+        c.batch_execute("COMMIT").await.unwrap();
+        c.batch_execute(write).await.unwrap();
+        // Time for a query behind the answer to show, had the gateway sent one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(last_query(&admin, c_pid).await, write);
+        let status = gw.status().await;
+        assert_eq!(status["failover"], "off", "{status:#}");
+        let reason = status["failover_off"].as_str().unwrap_or_default();
+        assert!(reason.contains(why), "{status:#}");
+    }
+
+    admin
+        .batch_execute("REVOKE EXECUTE ON FUNCTION pg_current_xact_id_if_assigned() FROM PUBLIC")
+        .await
+        .unwrap();
+    let c = single.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(write).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO y VALUES (1)")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM y", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 8);
+}
+
 /// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
 /// client gets exactly the server's answer to its COMMIT, in the simple and the extended
 /// protocol. If the capture itself fails (EXECUTE on the function revoked), the COMMIT is
@@ -464,7 +565,8 @@ fn rss_kib() -> u64 {
 /// transactions commit without the capture.
 #[tokio::test]
 async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_rollback() {
-    let cluster = Cluster::primary_only().await;
+    // A standby to move to, or the gateway would capture nothing.
+    let cluster = Cluster::primary_and_standby().await;
     let admin = cluster.superuser().await;
     admin
         .batch_execute("CREATE TABLE x(a int); GRANT ALL ON x TO PUBLIC")

@@ -49,6 +49,9 @@ async fn routes_to_the_primary_and_reports_it() {
     };
     assert_eq!(role_of(&primary), ("primary".to_owned(), true));
     assert_eq!(role_of(&standby), ("standby".to_owned(), false));
+    // The default promotion mode, armed: there is a second backend to move to.
+    assert_eq!(status["failover"], "external", "{status:#}");
+    assert!(status.get("failover_off").is_none(), "{status:#}");
     let session = status["sessions"]
         .as_array()
         .unwrap()

@@ -153,9 +153,13 @@ pub struct Session {
     /// The last value of every ParameterStatus the server reported.
     server_params: Vec<(String, String)>,
     poison: Poison,
-    /// Whether the gateway captures xids (after lone writes, before COMMITs); off once the
-    /// capture failed in this session (e.g. EXECUTE on `pg_current_xact_id_if_assigned`
-    /// revoked), so one failure is all.
+    /// Whether the session could move at all (failover on, another backend to move to): the
+    /// xid and WAL position captures serve a move only, so without one the server is asked
+    /// nothing the client did not send.
+    can_move: bool,
+    /// Whether the gateway captures xids (after lone writes, before COMMITs); off when the
+    /// session cannot move, and once the capture failed in this session (e.g. EXECUTE on
+    /// `pg_current_xact_id_if_assigned` revoked), so one failure is all.
     capture_xid: bool,
     /// The error of a failed xid query: the transaction is aborted, so the client's COMMIT
     /// behind it will be answered `ROLLBACK`; the client gets this error in its place.
@@ -176,6 +180,7 @@ impl Session {
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let mut journal = Journal::new(shared.config.failover.max_replay_bytes);
+        let can_move = shared.failover.disabled().is_none();
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }
@@ -197,7 +202,8 @@ impl Session {
             held_fatal: None,
             server_params,
             poison: Poison::None,
-            capture_xid: true,
+            can_move,
+            capture_xid: can_move,
             doomed_commit: None,
             xid_suffix: XidSuffix::None,
         }
@@ -370,7 +376,7 @@ impl Session {
             if !suffixed {
                 self.pump.up.ready += n;
             }
-            if before == Before::CaptureLsnAfter {
+            if before == Before::CaptureLsnAfter && self.can_move {
                 self.pump.up.insert_ready(LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
             }

@@ -138,7 +138,7 @@ impl Session {
         let failed = self.relogin.backend.clone();
         let promotion = match self.await_promotion(&failed).await {
             Ok(p) => p,
-            Err(FailoverError::PrimaryAlive | FailoverError::Disabled) => {
+            Err(FailoverError::PrimaryAlive | FailoverError::Disabled(_)) => {
                 return Err(self.release_fatal(cause))
             }
             Err(FailoverError::NoPrimary(why)) => {

@@ -13,6 +13,12 @@
 #      with a 95 % interval, and the added time per statement derived from the median TPS:
 #      (CLIENTS/TPS_target - CLIENTS/TPS_direct) / statements per transaction. Target:
 #      understudy/pgbouncer >= 1 (understudy's ratio to direct >= PgBouncer's) on every workload.
+#      With HA=1 (default) a fourth target, "understudy-ha", is the same gateway armed for failover:
+#      a second backend (a streaming standby of the cluster, started for the run), so its sessions
+#      can move and the server also runs the gateway's xid capture (one small statement per
+#      writing transaction) and WAL-position capture (after each autocommit write). The one-backend
+#      "understudy" can move no session and sends the server nothing the client did not; both
+#      journal alike. The standby replays the primary's WAL during every run, whatever the target.
 #   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
 #      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
 #      the microseconds each proxy adds per round trip. With LAT_PIN=all (default) PostgreSQL, the
@@ -38,6 +44,8 @@
 #     pg_hba `trust` for 127.0.0.1 (authentication is kept out of the measurement);
 #     `pgbench -i -s $SCALE`, then one VACUUM ANALYZE; every measured run uses `-n`;
 #   - understudy `run` with the default client_auth (passthrough: PostgreSQL decides the login);
+#     with HA=1 also a streaming standby (pg_basebackup -R, async) and a second understudy with
+#     both servers as backends (promote = "external", the default: it never promotes by itself);
 #   - pgbouncer pool_mode=session, auth_type=trust, max_client_conn=1000, default_pool_size=600.
 #   libpq is told PGSSLMODE=disable for all three targets.
 #
@@ -69,6 +77,7 @@
 #                ~30k page faults as 8 new backends map shared_buffers, against ~4.5k for
 #                reused ones); pooled: PgBouncer keeps them from run to run, as it would in
 #                production, which adds its pooling benefit to its proxy cost
+#   HA=1         also measure understudy armed for failover (see 1. above); HA=0 skips it
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -87,6 +96,7 @@ LAT_PIN=${LAT_PIN:-all}
 IDLE_WAIT=${IDLE_WAIT:-0}
 PGB_SERVERS=${PGB_SERVERS:-fresh}
 SKIP_BUILD=${SKIP_BUILD:-0}
+HA=${HA:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
@@ -114,13 +124,15 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 TMP=""
 PG_DATA=""
 GW_PID=""
+HAGW_PID=""
 MEMGW_PID=""
+SB_DATA=""
 PGB_PIDFILE=""
 PGB_PID=""
 cleanup() {
     local rc=$?
     set +e
-    for pid in "$GW_PID" "$MEMGW_PID"; do
+    for pid in "$GW_PID" "$HAGW_PID" "$MEMGW_PID"; do
         if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
             kill -KILL "$pid" 2>/dev/null
             wait "$pid" 2>/dev/null
@@ -134,9 +146,11 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$PGB_PID" 2>/dev/null
     fi
-    if [[ -n $PG_DATA && -f $PG_DATA/postmaster.pid ]]; then
-        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
-    fi
+    for data in "$SB_DATA" "$PG_DATA"; do
+        if [[ -n $data && -f $data/postmaster.pid ]]; then
+            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1
+        fi
+    done
     wait 2>/dev/null
     if [[ -n $TMP && -d $TMP ]]; then
         if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
@@ -269,6 +283,7 @@ EOF
 cat >"$PG_DATA/pg_hba.conf" <<EOF
 local all all trust
 host  all all 127.0.0.1/32 trust
+host  replication all 127.0.0.1/32 trust
 EOF
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$TMP/pg/postgres.log" -w -t 60 start >/dev/null \
     || { tail -n 30 "$TMP/pg/postgres.log" >&2; die "postgres did not start"; }
@@ -282,23 +297,54 @@ pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" "$DB" >"$TMP/pg/pgbench-ini
     || { cat "$TMP/pg/pgbench-init.log" >&2; die "pgbench -i failed"; }
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
 
+if [[ $HA == 1 ]]; then
+    SB_DATA=$TMP/pg/standby
+    SB_PORT=$(free_port)
+    log "streaming standby on 127.0.0.1:$SB_PORT (pg_basebackup -R)"
+    runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$SB_DATA" -R -X stream \
+        >"$TMP/pg/basebackup.log" 2>&1 || { cat "$TMP/pg/basebackup.log" >&2; die "pg_basebackup failed"; }
+    # The copied postgresql.conf names the primary's port; the last setting wins.
+    printf '\nport = %s\n' "$SB_PORT" >>"$SB_DATA/postgresql.conf"
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SB_DATA" -l "$TMP/pg/standby.log" -w -t 60 start >/dev/null \
+        || { tail -n 30 "$TMP/pg/standby.log" >&2; die "the standby did not start"; }
+    for _ in $(seq 100); do
+        streaming=$(psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+        [[ $streaming == 1 ]] && break
+        sleep 0.1
+    done
+    [[ $streaming == 1 ]] || die "the standby does not stream"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 3. understudy and pgbouncer
 GW_PORT=$(free_port)
 GW_ADMIN_PORT=$(free_port)
-start_gateway() { # port admin_port logfile -> sets STARTED_PID
+start_gateway() { # port admin_port logfile [more --backend flags] -> sets STARTED_PID
     # setsid: the gateway runs in a session of its own, as a service (and PgBouncer, which
     # daemonizes) would. In the script's session it would share one scheduler autogroup with
     # pgbench (kernel.sched_autogroup_enabled=1), and the clients it wakes would preempt it
     # twice as often as they preempt PgBouncer.
     RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
-        --admin-listen "127.0.0.1:$2" >"$3" 2>&1 &
+        --admin-listen "127.0.0.1:$2" "${@:4}" >"$3" 2>&1 &
     STARTED_PID=$!
     wait_port 127.0.0.1 "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }
 }
 log "starting understudy on 127.0.0.1:$GW_PORT (admin $GW_ADMIN_PORT)"
 start_gateway "$GW_PORT" "$GW_ADMIN_PORT" "$TMP/gw/understudy.log"
 GW_PID=$STARTED_PID
+if [[ $HA == 1 ]]; then
+    HAGW_PORT=$(free_port)
+    HAGW_ADMIN_PORT=$(free_port)
+    log "starting understudy-ha (backends: primary and standby) on 127.0.0.1:$HAGW_PORT"
+    start_gateway "$HAGW_PORT" "$HAGW_ADMIN_PORT" "$TMP/gw/understudy-ha.log" --backend "127.0.0.1:$SB_PORT"
+    HAGW_PID=$STARTED_PID
+    # Routed once the first role probe has found the primary.
+    for _ in $(seq 100); do
+        psql -X -q -t -A -h 127.0.0.1 -p "$HAGW_PORT" -d "$DB" -c "SELECT 1" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+fi
 
 PGB_PORT=$(free_port)
 PGB_DIR=$TMP/pgbouncer
@@ -337,9 +383,16 @@ PGB_PID=$(cat "$PGB_PIDFILE")
 
 TARGETS=(direct understudy pgbouncer)
 declare -A PORT=([direct]=$PG_PORT [understudy]=$GW_PORT [pgbouncer]=$PGB_PORT)
+# Throughput also runs the armed gateway; the latency probe (read-only, where the two
+# gateways do the same work) and the memory test do not.
+TPUT_TARGETS=("${TARGETS[@]}")
+if [[ $HA == 1 ]]; then
+    TPUT_TARGETS=(direct understudy understudy-ha pgbouncer)
+    PORT[understudy-ha]=$HAGW_PORT
+fi
 
 # sanity: every target answers
-for t in "${TARGETS[@]}"; do
+for t in "${TPUT_TARGETS[@]}"; do
     psql -X -q -t -A -h 127.0.0.1 -p "${PORT[$t]}" -d "$DB" -c "SELECT 1" >/dev/null \
         || die "$t (port ${PORT[$t]}) does not answer"
 done
@@ -352,6 +405,7 @@ RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct
 check_target_alive() {
     case $1 in
     understudy) kill -0 "$GW_PID" 2>/dev/null || { tail -n 40 "$TMP/gw/understudy.log" >&2; die "understudy died"; } ;;
+    understudy-ha) kill -0 "$HAGW_PID" 2>/dev/null || { tail -n 40 "$TMP/gw/understudy-ha.log" >&2; die "understudy-ha died"; } ;;
     pgbouncer) kill -0 "$PGB_PID" 2>/dev/null || { tail -n 40 "$PGB_DIR/pgbouncer.log" >&2; die "pgbouncer died"; } ;;
     esac
 }
@@ -399,6 +453,7 @@ proxy_usage() {
     local pid
     case $1 in
     understudy) pid=$GW_PID ;;
+    understudy-ha) pid=$HAGW_PID ;;
     pgbouncer) pid=$PGB_PID ;;
     *) echo "0 0"; return ;;
     esac
@@ -419,13 +474,13 @@ BUSY_START=$(background_busy)
 for w in "${WORKLOAD_NAMES[@]}"; do
     read -r -a wargs <<<"$w"
     if [[ $WARMUP -gt 0 ]]; then
-        for t in "${TARGETS[@]}"; do
+        for t in "${TPUT_TARGETS[@]}"; do
             run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
         done
     fi
     for ((r = 1; r <= ROUNDS; r++)); do
-        for ((k = 0; k < ${#TARGETS[@]}; k++)); do
-            t=${TARGETS[$(((k + r - 1) % ${#TARGETS[@]}))]}
+        for ((k = 0; k < ${#TPUT_TARGETS[@]}; k++)); do
+            t=${TPUT_TARGETS[$(((k + r - 1) % ${#TPUT_TARGETS[@]}))]}
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
             load=$(quiet_busy)
             read -r ticks0 preempt0 < <(proxy_usage "$t")
@@ -437,7 +492,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
             cost=$(awk -v a="$ticks0" -v b="$ticks1" -v p="$preempt0" -v q="$preempt1" -v tx="${tx:-0}" -v hz="$CLK_TCK" \
                 'BEGIN { if (tx > 0) printf "%.1f\t%.3f", (b - a) * 1e6 / hz / tx, (q - p) / tx; else printf "NaN\tNaN" }')
             printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" "$cost" >>"$RAW"
-            log "pgbench $w  round $r/$ROUNDS  $(printf '%-10s' "$t") tps ${tps:-FAILED}"
+            log "pgbench $w  round $r/$ROUNDS  $(printf '%-13s' "$t") tps ${tps:-FAILED}"
         done
     done
 done
@@ -559,8 +614,9 @@ measure_memory() { # label port pid outfile -> outfile holds "base opened querie
     [[ -s $4 ]] || die "idle-session test against $1 printed nothing usable"
 }
 
-log "memory: stopping the benchmark gateway, starting a fresh one alone"
+log "memory: stopping the benchmark gateways, starting a fresh one alone"
 stop_gateway "$GW_PID"; GW_PID=""
+[[ -z $HAGW_PID ]] || { stop_gateway "$HAGW_PID"; HAGW_PID=""; }
 MEM_PORT=$(free_port)
 MEM_ADMIN=$(free_port)
 start_gateway "$MEM_PORT" "$MEM_ADMIN" "$TMP/gw/understudy-mem.log"
@@ -638,6 +694,23 @@ print()
 print("added µs/stmt = (clients/TPS_target − clients/TPS_direct) / round trips per transaction (1 for -S, 5 for -N):")
 print("the extra wall time each statement costs under load, on this 2-CPU machine mostly CPU the proxy takes from PostgreSQL and pgbench.")
 print()
+ha = any(r[0] == "tput" and r[2] == "understudy-ha" for r in rows)
+if ha:
+    print("## Armed for failover (understudy-ha: a standby as second backend, same runs)")
+    print()
+    print("| workload | understudy-ha TPS (ratio) | understudy-ha/pgbouncer per round (n, 95 % CI) | understudy-ha/understudy per round (n, 95 % CI) | understudy-ha CPU µs/tx |")
+    print("|---|---:|---:|---:|---:|")
+    for w in ["-S", "-S -M prepared", "-N"]:
+        h = med("tput", w, "understudy-ha", 4)
+        rh = round_ratio(w, "understudy-ha")[0]
+        hb, hbn, hbci = round_ratio(w, "understudy-ha", "pgbouncer")
+        hu, hun, huci = round_ratio(w, "understudy-ha", "understudy")
+        print(f"| \`{w}\` | {h:,.0f} ({rh:.2f}) | {hb:.3f} ({hbn}, {fmt_ci(hbci)}) | {hu:.3f} ({hun}, {fmt_ci(huci)}) | {med('tput', w, 'understudy-ha', 7):.1f} |")
+    print()
+    print("understudy (one backend) can move no session, so it asks the server nothing the client did not; understudy-ha")
+    print("can, so the server also runs its xid capture (one small statement per writing transaction) and, after autocommit")
+    print("writes, its WAL-position query. The journal runs in both. -S is read-only: there the two should not differ.")
+    print()
 print("## Proxy cost per transaction (same runs, median over rounds)")
 print()
 print("| workload | understudy CPU µs/tx | pgbouncer CPU µs/tx | understudy preemptions/tx | pgbouncer preemptions/tx |")
@@ -682,6 +755,11 @@ for w, ok, ru, rb, ub, uci in verdicts:
     print(f"- \`{w}\`: understudy/pgbouncer per round {ub:.3f} (95 % CI {uci}; ratios to direct {ru:.3f} and {rb:.3f}) → {'met' if ok else 'MISSED'}")
 worst = max(gw1, gw2)
 print(f"- memory: {worst:.1f} KiB per idle session (worst of the two) vs ≤ 64 KiB → {'met' if worst <= 64 else 'MISSED'}")
+print()
+if ha:
+    for w in ["-S", "-S -M prepared", "-N"]:
+        hb, _, hbci = round_ratio(w, "understudy-ha", "pgbouncer")
+        print(f"- \`{w}\`, armed for failover (reference, not a target): understudy-ha/pgbouncer per round {hb:.3f} (95 % CI {fmt_ci(hbci)})")
 print()
 print("## Raw runs")
 print()

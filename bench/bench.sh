@@ -301,7 +301,7 @@ if [[ $HA == 1 ]]; then
     SB_DATA=$TMP/pg/standby
     SB_PORT=$(free_port)
     log "streaming standby on 127.0.0.1:$SB_PORT (pg_basebackup -R)"
-    runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$SB_DATA" -R -X stream \
+    runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$SB_DATA" -R -X stream -c fast \
         >"$TMP/pg/basebackup.log" 2>&1 || { cat "$TMP/pg/basebackup.log" >&2; die "pg_basebackup failed"; }
     # The copied postgresql.conf names the primary's port; the last setting wins.
     printf '\nport = %s\n' "$SB_PORT" >>"$SB_DATA/postgresql.conf"

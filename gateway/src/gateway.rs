@@ -175,6 +175,9 @@ impl Gateway {
             tokio::spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()))
         });
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "accepting connections");
+        if let Some(why) = shared.failover.disabled() {
+            tracing::info!(why, "failover is off: sessions end with their backend");
+        }
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {

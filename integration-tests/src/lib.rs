@@ -69,6 +69,10 @@ pub struct Cluster {
     pub bins: PgBinaries,
 }
 
+/// A standby that is down: a privileged loopback port nothing listens on (connections are
+/// refused at once, and no test server can take it).
+pub const DOWN_STANDBY: &str = "127.0.0.1:1";
+
 impl Cluster {
     /// A primary alone (fast; most gateway tests need no standby).
     pub async fn primary_only() -> Self {
@@ -136,12 +140,19 @@ impl Cluster {
             .expect("superuser connection to the primary")
     }
 
-    /// Gateway configuration for this cluster: ephemeral ports, every node as a backend.
+    /// Gateway configuration for this cluster: ephemeral ports, every node as a backend. A
+    /// cluster without a standby gets a second backend that refuses connections
+    /// ([`DOWN_STANDBY`]), so its gateway is armed for failover as a production one is (it
+    /// journals and captures xids) rather than a one-backend gateway, which can move nothing.
     pub fn gateway_config(&self) -> Config {
+        let mut backends: Vec<String> = self.pg.nodes().map(|n| n.addr().to_string()).collect();
+        if backends.len() < 2 {
+            backends.push(DOWN_STANDBY.to_owned());
+        }
         let mut c = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            backends: self.pg.nodes().map(|n| n.addr().to_string()).collect(),
+            backends,
             topology_interval_ms: 200,
             shutdown_timeout_ms: 5_000,
             ..Config::default()

@@ -558,6 +558,85 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
     assert_eq!(n, 8);
 }
 
+/// A Sync or Flush sent during COPY data is ignored by the server, so the gateway must not count
+/// it as owed a ReadyForQuery: the client gets exactly the server's answers (not, say, the
+/// answer to the WAL-position query the gateway sends after the COPY), and once every session
+/// is idle a shutdown closes them at once instead of waiting out `shutdown_timeout_ms`. Both
+/// for a gateway armed for failover and for one that cannot move sessions (which keeps no
+/// journal), in the simple and the extended protocol.
+#[tokio::test]
+async fn syncs_during_copy_data_are_owed_nothing() {
+    let cluster = Cluster::primary_only().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute("CREATE TABLE cp(a int); GRANT ALL ON cp TO PUBLIC")
+        .await
+        .unwrap();
+    let primary = cluster.pg.primary.addr().to_string();
+    let tags = |msgs: Vec<raw::Msg>| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    for (armed, n) in [(true, 0), (false, 4)] {
+        let gw = cluster
+            .gateway_with(|c| {
+                if !armed {
+                    c.backends = vec![primary.clone()];
+                }
+                c.shutdown_timeout_ms = 10_000;
+            })
+            .await;
+        let failover = &gw.status().await["failover"];
+        assert_eq!(failover == "off", !armed, "{failover}");
+
+        let mut raw = RawConn::login(gw.addr(), roles::TRUST).await;
+        raw.send(&raw::query("copy cp from stdin")).await;
+        assert_eq!(tags(raw.read_until(b'G').await), "G");
+        let mut data = raw::msg(b'd', format!("{}\n", n + 1).as_bytes());
+        data.extend(raw::msg(b'S', b""));
+        data.extend(raw::msg(b'H', b""));
+        data.extend(raw::msg(b'd', format!("{}\n", n + 2).as_bytes()));
+        data.extend(raw::msg(b'c', b""));
+        raw.send(&data).await;
+        assert_eq!(tags(raw.read_until(b'Z').await), "CZ");
+        // The extended protocol, the Sync right behind the Execute.
+        let mut batch = raw::msg(b'P', b"\0COPY cp FROM STDIN\0\0\0");
+        batch.extend(raw::msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        batch.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+        batch.extend(raw::msg(b'S', b""));
+        raw.send(&batch).await;
+        assert_eq!(tags(raw.read_until(b'G').await), "12G");
+        let mut data = raw::msg(b'd', format!("{}\n", n + 3).as_bytes());
+        data.extend(raw::msg(b'c', b""));
+        data.extend(raw::msg(b'S', b""));
+        raw.send(&data).await;
+        assert_eq!(tags(raw.read_until(b'Z').await), "CZ");
+        raw.send(&raw::query("SELECT 1")).await;
+        assert_eq!(tags(raw.read_until(b'Z').await), "TDCZ");
+
+        let c = gw.connect(roles::SCRAM).await;
+        let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(format!("{}\n", n + 4)))
+            .await
+            .unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 1);
+
+        let started = std::time::Instant::now();
+        gw.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "armed: {armed}: idle sessions waited {:?} to be closed",
+            started.elapsed()
+        );
+    }
+    let rows: Vec<i32> = admin
+        .query("SELECT a FROM cp ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, (1..=8).collect::<Vec<_>>());
+}
+
 /// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
 /// client gets exactly the server's answer to its COMMIT, in the simple and the extended
 /// protocol. If the capture itself fails (EXECUTE on the function revoked), the COMMIT is

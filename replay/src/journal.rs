@@ -356,6 +356,9 @@ pub struct Journal {
     utf8: bool,
     /// How string literals read (`standard_conforming_strings`).
     strings: Strings,
+    /// Whether requests, answers and session state are kept for a move; a journal of a session
+    /// that cannot move follows only message boundaries and COPY.
+    keeps: bool,
 }
 
 impl Journal {
@@ -381,6 +384,17 @@ impl Journal {
             multibyte: None,
             utf8: true,
             strings: Strings::Standard,
+            keeps: true,
+        }
+    }
+
+    /// A journal for a session that cannot move: it keeps no requests, answers or session
+    /// state, and reads SQL text only where it may hold a COPY (whose data and Syncs change
+    /// which messages get a ReadyForQuery).
+    pub fn boundaries_only() -> Self {
+        Self {
+            keeps: false,
+            ..Self::new(0)
         }
     }
 
@@ -443,11 +457,16 @@ impl Journal {
     /// Records a whole client message; says whether the xid must be captured first.
     pub fn on_client_message(&mut self, tag: u8, raw: &[u8]) -> Before {
         let body = raw.get(5..).unwrap_or_default();
-        // CopyData/CopyDone/CopyFail after a Query belong to that Query's group.
-        let attach_to_last = matches!(
-            tag,
-            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
-        ) && self.groups.last().is_some_and(|g| g.closed && !g.answered);
+        // CopyData/CopyDone/CopyFail after a Query belong to that Query's group, and so do a
+        // Sync or Flush sent while its COPY data is still expected (the server ignores them).
+        let attach_to_last = self.groups.last().is_some_and(|g| {
+            g.closed
+                && !g.answered
+                && (matches!(
+                    tag,
+                    frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+                ) || g.copy_in_pending && matches!(tag, frontend::SYNC | frontend::FLUSH))
+        });
         if !attach_to_last && self.groups.last().is_none_or(|g| g.closed) {
             let group = self.spares.pop().unwrap_or_else(Group::new);
             self.groups.push(group);
@@ -462,6 +481,32 @@ impl Journal {
             frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
         );
         match tag {
+            frontend::QUERY | frontend::PARSE if !self.keeps => {
+                let (name, rest) = match tag {
+                    frontend::QUERY => (&b""[..], body),
+                    _ => cstr(body),
+                };
+                let sql = cstr(rest).0;
+                let copies = mentions_copy(sql) && {
+                    classify_into(
+                        &lexable(sql, self.multibyte),
+                        self.strings,
+                        &mut self.classified,
+                    );
+                    self.classified.copies
+                };
+                if tag == frontend::QUERY {
+                    group.copies |= copies;
+                    group.copy_in_pending |= copies;
+                } else {
+                    // What else the statement does matters only to a move.
+                    let effects = Effects {
+                        copies,
+                        ..Effects::default()
+                    };
+                    self.statements.insert(name_key(name).into_owned(), effects);
+                }
+            }
             frontend::QUERY => {
                 let sql = cstr(body).0;
                 classify_into(
@@ -578,7 +623,7 @@ impl Journal {
                     before = Before::CaptureXid;
                 }
             }
-            frontend::CLOSE if body.first() == Some(&b'S') => {
+            frontend::CLOSE if self.keeps && body.first() == Some(&b'S') => {
                 let name = name_key(cstr(&body[1..]).0);
                 if !name.is_empty() {
                     group.closes.push(name.into_owned());
@@ -587,8 +632,10 @@ impl Journal {
             frontend::FUNCTION_CALL => group.may_write = true,
             _ => {}
         }
-        group.request.extend_from_slice(raw);
-        self.journal_bytes += raw.len();
+        if self.keeps {
+            group.request.extend_from_slice(raw);
+            self.journal_bytes += raw.len();
+        }
         if self.journal_bytes > self.max_bytes && self.unreplayable.is_none() {
             self.unreplayable = Some(Unreplayable::TooLarge(self.max_bytes));
         }
@@ -653,7 +700,7 @@ impl Journal {
 
     /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
     pub fn on_server_bytes(&mut self, tag: u8, bytes: &[u8]) {
-        if !digested(tag) {
+        if !self.keeps || !digested(tag) {
             return;
         }
         if self.groups.iter().any(|g| !g.answered) {
@@ -798,6 +845,15 @@ fn record_hazards(
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
     let end = memchr::memchr(0, b).unwrap_or(b.len());
     (&b[..end], b.get(end + 1..).unwrap_or_default())
+}
+
+/// Whether `sql` has the letters `copy` in a row, in any case: no COPY statement is without
+/// them (in SJIS-like encodings a character's second byte may add a false alarm, never hide one).
+fn mentions_copy(sql: &[u8]) -> bool {
+    memchr::memchr2_iter(b'c', b'C', sql).any(|i| {
+        sql.get(i + 1..i + 4)
+            .is_some_and(|rest| rest.eq_ignore_ascii_case(b"opy"))
+    })
 }
 
 /// SQL text as the classifier reads it: as sent, in the client's encoding, unless that is an
@@ -1079,6 +1135,75 @@ mod tests {
         j.on_client_message(b'S', &msg(b'S', b""));
         j.on_ready_for_query(b'I');
         assert_eq!(j.state().restore_parses().count(), 0);
+    }
+
+    #[test]
+    fn which_messages_get_a_ready_for_query_with_or_without_a_record() {
+        let parse = |sql: &str| msg(b'P', format!("s1\0{sql}\0\0\0").as_bytes());
+        let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        // Each message, whether it is owed a ReadyForQuery, and the one the server sends next.
+        let script: Vec<(Vec<u8>, bool, Option<u8>)> = vec![
+            (query("BEGIN; SET work_mem = '8MB'"), true, Some(b'T')),
+            (query("INSERT INTO t VALUES (1)"), true, Some(b'T')),
+            (query("COMMIT"), true, Some(b'I')),
+            // COPY in the simple protocol: a Sync or Flush sent during its data is ignored.
+            (query("copy t from stdin"), true, None),
+            (msg(b'd', b"1\n"), false, None),
+            (msg(b'S', b""), false, None),
+            (msg(b'H', b""), false, None),
+            (msg(b'c', b""), false, Some(b'I')),
+            // And in the extended protocol, with the Sync right behind the Execute.
+            (parse("COPY t FROM STDIN"), false, None),
+            (bind.clone(), false, None),
+            (msg(b'E', b"\0\0\0\0\0"), false, None),
+            (msg(b'S', b""), false, None),
+            (msg(b'd', b"2\n"), false, None),
+            (msg(b'c', b""), false, None),
+            (msg(b'S', b""), true, Some(b'I')),
+            // The same statement name, re-parsed as something else, copies nothing.
+            (parse("SELECT 'copy'"), false, None),
+            (bind, false, None),
+            (msg(b'S', b""), true, Some(b'I')),
+        ];
+        let mut full = Journal::new(1 << 20);
+        let mut bare = Journal::boundaries_only();
+        for (i, (raw, owed, ready)) in script.iter().enumerate() {
+            let mut expects = [false; 2];
+            for (j, journal) in [&mut full, &mut bare].into_iter().enumerate() {
+                journal.on_client_message(raw[0], raw);
+                expects[j] = journal.expects_ready();
+                journal.on_server_bytes(b'C', b"C\0\0\0\x0bINSERT\0");
+                if raw[0] == b'P' {
+                    journal.on_server_message(b'1');
+                }
+                if let Some(status) = ready {
+                    journal.on_ready_for_query(*status);
+                }
+            }
+            assert_eq!(expects[0], expects[1], "message {i}");
+            assert_eq!(expects[0], *owed, "message {i}");
+            if bare.has_open_batch() || !bare.groups().is_empty() {
+                assert!(
+                    bare.groups().iter().all(|g| g.request.is_empty()),
+                    "message {i}"
+                );
+            }
+            assert_eq!(bare.answer_so_far(), DigestBuilder::default().digest());
+        }
+        assert_eq!(full.state().restore_sql(), ["SET work_mem = '8MB'"]);
+        assert!(bare.state().restore_sql().is_empty());
+        assert_eq!(full.state().restore_parses().count(), 1);
+        assert_eq!(bare.state().restore_parses().count(), 0);
+    }
+
+    #[test]
+    fn copy_is_never_missed() {
+        for sql in ["COPY t FROM STDIN", "x; copy", "SELECT 1;CoPy t", "xcopyx"] {
+            assert!(mentions_copy(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["SELECT 1", "co py", "cop", "c", "UPDATE accounts SET c = 1"] {
+            assert!(!mentions_copy(sql.as_bytes()), "{sql}");
+        }
     }
 
     #[test]

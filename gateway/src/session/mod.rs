@@ -154,8 +154,8 @@ pub struct Session {
     server_params: Vec<(String, String)>,
     poison: Poison,
     /// Whether the session could move at all (failover on, another backend to move to): the
-    /// xid and WAL position captures serve a move only, so without one the server is asked
-    /// nothing the client did not send.
+    /// journal's record and the xid and WAL position captures serve a move only, so without
+    /// one the journal keeps nothing and the server is asked nothing the client did not send.
     can_move: bool,
     /// Whether the gateway captures xids (after lone writes, before COMMITs); off when the
     /// session cannot move, and once the capture failed in this session (e.g. EXECUTE on
@@ -179,8 +179,12 @@ impl Session {
         server_params: Vec<(String, String)>,
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
-        let mut journal = Journal::new(shared.config.failover.max_replay_bytes);
         let can_move = shared.failover.disabled().is_none();
+        let mut journal = if can_move {
+            Journal::new(shared.config.failover.max_replay_bytes)
+        } else {
+            Journal::boundaries_only()
+        };
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }

@@ -64,7 +64,7 @@ impl Coordinator {
     }
 
     /// Why no session can move, if none can: failover is turned off, or no other backend is
-    /// configured to move to. Such sessions need no xid or WAL position captured.
+    /// configured to move to. Such sessions keep no journal and capture no xid or WAL position.
     pub fn disabled(&self) -> Option<&'static str> {
         if self.config.promote == Promote::Off {
             Some("failover.promote = \"off\"")

@@ -563,6 +563,42 @@ async fn unmovable_session_gets_08006() {
     plain.query_one("SELECT 1", &[]).await.unwrap();
 }
 
+/// A gateway with one backend has nowhere to move a session: when the primary dies, its
+/// sessions end at once, as a direct connection would, not after `failover.timeout_ms` of
+/// waiting for a primary that cannot come.
+#[tokio::test]
+async fn one_backend_sessions_end_at_once_when_the_primary_dies() {
+    let mut cluster = Cluster::primary_only().await;
+    let primary = cluster.pg.primary.addr().to_string();
+    let gw = cluster
+        .gateway_with(|c| {
+            c.backends = vec![primary];
+            c.failover.timeout_ms = 20_000;
+        })
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    cluster.kill_primary().await;
+    let started = std::time::Instant::now();
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    // What a direct connection gets, depending on when the client asks: the server's own
+    // FATAL (passed on), the gateway's 08006 for the lost connection, or, for a FATAL that
+    // reached the driver while idle, a closed connection.
+    if let Some(db) = e.as_db_error() {
+        assert!(
+            ["08006", "57P01", "57P02"].contains(&db.code().code()),
+            "{db:?}"
+        );
+    } else {
+        assert!(e.is_closed(), "{e:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// With nobody to promote a standby (external promotion, no orchestrator), sessions wait
 /// `failover.timeout_ms` and then get FATAL 08006 saying so.
 #[tokio::test]

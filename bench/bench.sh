@@ -15,10 +15,11 @@
 #      understudy/pgbouncer >= 1 (understudy's ratio to direct >= PgBouncer's) on every workload.
 #      With HA=1 (default) a fourth target, "understudy-ha", is the same gateway armed for failover:
 #      a second backend (a streaming standby of the cluster, started for the run), so its sessions
-#      can move and the server also runs the gateway's xid capture (one small statement per
-#      writing transaction) and WAL-position capture (after each autocommit write). The one-backend
-#      "understudy" can move no session and sends the server nothing the client did not; both
-#      journal alike. The standby replays the primary's WAL during every run, whatever the target.
+#      can move: it journals every request and answer, and the server also runs its xid capture
+#      (one small statement per writing transaction) and WAL-position query (after each
+#      autocommit write). The one-backend "understudy" can move no session, keeps no journal and
+#      sends the server nothing the client did not. The standby replays the primary's WAL during
+#      every run, whatever the target.
 #   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
 #      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
 #      the microseconds each proxy adds per round trip. With LAT_PIN=all (default) PostgreSQL, the
@@ -707,9 +708,9 @@ if ha:
         hu, hun, huci = round_ratio(w, "understudy-ha", "understudy")
         print(f"| \`{w}\` | {h:,.0f} ({rh:.2f}) | {hb:.3f} ({hbn}, {fmt_ci(hbci)}) | {hu:.3f} ({hun}, {fmt_ci(huci)}) | {med('tput', w, 'understudy-ha', 7):.1f} |")
     print()
-    print("understudy (one backend) can move no session, so it asks the server nothing the client did not; understudy-ha")
-    print("can, so the server also runs its xid capture (one small statement per writing transaction) and, after autocommit")
-    print("writes, its WAL-position query. The journal runs in both. -S is read-only: there the two should not differ.")
+    print("understudy (one backend) can move no session, so it keeps no journal and asks the server nothing the client did")
+    print("not; understudy-ha can, so it journals every request and answer, and the server also runs its xid capture (one")
+    print("small statement per writing transaction) and, after autocommit writes, its WAL-position query.")
     print()
 print("## Proxy cost per transaction (same runs, median over rounds)")
 print()

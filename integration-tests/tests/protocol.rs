@@ -559,9 +559,8 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
 }
 
 /// A Sync or Flush sent during COPY data is ignored by the server, so the gateway must not count
-/// it as owed a ReadyForQuery: the client gets exactly the server's answers (not, say, the
-/// answer to the WAL-position query the gateway sends after the COPY), and once every session
-/// is idle a shutdown closes them at once instead of waiting out `shutdown_timeout_ms`. Both
+/// it as owed a ReadyForQuery: the client gets exactly the server's answers, and once every
+/// session is idle a shutdown closes them at once instead of waiting out `shutdown_timeout_ms`. Both
 /// for a gateway armed for failover and for one that cannot move sessions (which keeps no
 /// journal), in the simple and the extended protocol.
 #[tokio::test]

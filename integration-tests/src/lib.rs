@@ -69,6 +69,10 @@ pub struct Cluster {
     pub bins: PgBinaries,
 }
 
+/// Environment variable that makes [`Cluster::gateway_config`] leave a cluster without a
+/// standby with its one backend (a gateway that cannot move sessions and keeps no journal).
+pub const ONE_BACKEND_ENV: &str = "UNDERSTUDY_TEST_ONE_BACKEND";
+
 /// A standby that is down: a privileged loopback port nothing listens on (connections are
 /// refused at once, and no test server can take it).
 pub const DOWN_STANDBY: &str = "127.0.0.1:1";
@@ -143,10 +147,11 @@ impl Cluster {
     /// Gateway configuration for this cluster: ephemeral ports, every node as a backend. A
     /// cluster without a standby gets a second backend that refuses connections
     /// ([`DOWN_STANDBY`]), so its gateway is armed for failover as a production one is (it
-    /// journals and captures xids) rather than a one-backend gateway, which can move nothing.
+    /// journals and captures xids) rather than a one-backend gateway, which can move nothing;
+    /// with [`ONE_BACKEND_ENV`] set it does not, to run the same tests against that one.
     pub fn gateway_config(&self) -> Config {
         let mut backends: Vec<String> = self.pg.nodes().map(|n| n.addr().to_string()).collect();
-        if backends.len() < 2 {
+        if backends.len() < 2 && std::env::var_os(ONE_BACKEND_ENV).is_none() {
             backends.push(DOWN_STANDBY.to_owned());
         }
         let mut c = Config {

@@ -576,8 +576,10 @@ async fn syncs_during_copy_data_are_owed_nothing() {
     for (armed, n) in [(true, 0), (false, 4)] {
         let gw = cluster
             .gateway_with(|c| {
-                if !armed {
-                    c.backends = vec![primary.clone()];
+                c.backends = vec![primary.clone()];
+                if armed {
+                    c.backends
+                        .push(understudy_integration_tests::DOWN_STANDBY.to_owned());
                 }
                 c.shutdown_timeout_ms = 10_000;
             })

@@ -180,6 +180,17 @@ wait_port() { # host port seconds
     return 1
 }
 
+# wait_sql port sql want tenths: runs sql on port (database postgres) up to `tenths` times,
+# 0.1 s apart, until it prints want; fails if it never does
+wait_sql() {
+    local i
+    for ((i = 0; i < $4; i++)); do
+        [[ $(psql -X -q -t -A -h 127.0.0.1 -p "$1" -d postgres -c "$2") == "$3" ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
 # CPU busy % of the whole machine over 0.5 s while none of the benchmark's runs is going: what
 # something else (a build, a test suite) takes from the measurement that follows.
@@ -308,13 +319,8 @@ if [[ $HA == 1 ]]; then
     printf '\nport = %s\n' "$SB_PORT" >>"$SB_DATA/postgresql.conf"
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SB_DATA" -l "$TMP/pg/standby.log" -w -t 60 start >/dev/null \
         || { tail -n 30 "$TMP/pg/standby.log" >&2; die "the standby did not start"; }
-    for _ in $(seq 100); do
-        streaming=$(psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
-            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-        [[ $streaming == 1 ]] && break
-        sleep 0.1
-    done
-    [[ $streaming == 1 ]] || die "the standby does not stream"
+    wait_sql "$PG_PORT" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" 1 100 \
+        || die "the standby does not stream"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -418,13 +424,8 @@ fresh_pgbouncer_servers() {
     psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" \
         >/dev/null
-    local left
-    for _ in $(seq 50); do
-        left=$(psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
-        [[ $left == 0 ]] && break
-        sleep 0.1
-    done
+    wait_sql "$PG_PORT" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" 0 50 \
+        || true
     sleep 0.2 # PgBouncer reads the FATAL of each and drops it
 }
 

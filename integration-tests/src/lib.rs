@@ -337,6 +337,18 @@ impl TestGateway {
     }
 }
 
+/// The PID of `c`'s backend, asked over the simple protocol: a prepared statement would be
+/// closed by the driver in the background, and a FATAL that crosses that Close is taken as its
+/// answer rather than the connection's end.
+pub async fn backend_pid(c: &Client) -> i32 {
+    let messages = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
+    let pid = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    });
+    pid.expect("a row").parse().unwrap()
+}
+
 /// Runs a PostgreSQL client program with a timeout; returns its output.
 pub async fn run_program(program: PathBuf, args: &[&str], stdin: Option<&[u8]>) -> Output {
     use tokio::io::AsyncWriteExt;

@@ -16,7 +16,7 @@ use tokio_postgres::{Client, NoTls};
 use understudy::config::Config;
 use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{backend_pid, roles, sqlstate, Cluster, TestGateway, PATIENCE};
 
 // ---------------------------------------------------------------------------------------------
 // Private helpers
@@ -785,19 +785,7 @@ async fn terminated_backend_forwards_the_servers_fatal() {
     // the background, and a FATAL that crosses that Close is taken as its answer, not the
     // connection's end (the driver does that talking to PostgreSQL directly, too).
     let (client, conn) = connect_watched(gw.pg_config(roles::MD5)).await;
-    let rows = client
-        .simple_query("SELECT pg_backend_pid()")
-        .await
-        .unwrap();
-    let pid: i32 = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
-            _ => None,
-        })
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = backend_pid(&client).await;
     su.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, RawConn};
-use understudy_integration_tests::{roles, run_program, sqlstate, Cluster};
+use understudy_integration_tests::{backend_pid, roles, run_program, sqlstate, Cluster};
 
 fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
     msgs.iter()
@@ -466,16 +466,6 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
         .get(0)
 }
 
-/// The PID of `c`'s backend, asked over the simple protocol.
-async fn simple_backend_pid(c: &tokio_postgres::Client) -> i32 {
-    let messages = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
-    let row = messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => Some(row),
-        _ => None,
-    });
-    row.expect("a row").get(0).unwrap().parse().unwrap()
-}
-
 /// The server runs what the client sends and nothing more unless a session could move: with a
 /// second backend, a lone write in a transaction block carries the xid query and an autocommit
 /// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither
@@ -500,7 +490,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
     let write = "INSERT INTO y VALUES (1)";
 
     let a = armed.connect(roles::SCRAM).await;
-    let a_pid = simple_backend_pid(&a).await;
+    let a_pid = backend_pid(&a).await;
     a.batch_execute("BEGIN").await.unwrap();
     a.batch_execute(write).await.unwrap();
     let text = last_query(&admin, a_pid).await;
@@ -523,7 +513,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
 
     for (gw, why) in [(&single, "only one backend"), (&off, "promote")] {
         let c = gw.connect(roles::SCRAM).await;
-        let c_pid = simple_backend_pid(&c).await;
+        let c_pid = backend_pid(&c).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute(write).await.unwrap();
         assert_eq!(last_query(&admin, c_pid).await, write);

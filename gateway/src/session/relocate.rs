@@ -417,7 +417,12 @@ impl Session {
         promotion: &Promotion,
         partial: Option<(u8, usize)>,
     ) -> Result<Resumed, SessionError> {
-        let groups: Vec<Group> = self.journal.groups().to_vec();
+        let groups: Vec<Group> = self
+            .journal
+            .groups()
+            .iter()
+            .map(|g| (**g).clone())
+            .collect();
         let answered: Vec<&Group> = groups.iter().filter(|g| g.answered).collect();
         let in_flight: Vec<&Group> = groups.iter().filter(|g| !g.answered).collect();
         // What the client has of the first in-flight group's answer.

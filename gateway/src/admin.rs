@@ -69,7 +69,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::clock::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -123,7 +123,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                         "a crash is already under way\n".to_owned(),
                     );
                 }
-                match tokio::time::timeout(std::time::Duration::from_secs(10), killed).await {
+                match crate::clock::timeout(std::time::Duration::from_secs(10), killed).await {
                     Ok(Ok(())) => reply(
                         StatusCode::OK,
                         "text/plain",

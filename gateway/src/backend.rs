@@ -39,7 +39,7 @@ impl Connector {
             code: "08001",
             message: format!("could not connect to the database server at {backend}: {e}"),
         };
-        let mut stream = tokio::time::timeout(self.timeout, self.negotiate(backend))
+        let mut stream = crate::clock::timeout(self.timeout, self.negotiate(backend))
             .await
             .map_err(|_| unavailable(&format!("timed out after {:?}", self.timeout)))?
             .map_err(|e| unavailable(&e))?;

@@ -34,7 +34,7 @@ pub async fn forward(registry: &Registry, key: CancelKey, timeout: Duration) {
         while tcp.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let outcome = match tokio::time::timeout(timeout, work).await {
+    let outcome = match crate::clock::timeout(timeout, work).await {
         Ok(Ok(())) => "forwarded",
         Ok(Err(e)) => {
             tracing::warn!(backend = %target.backend, error = %e, "cancel request could not be forwarded");

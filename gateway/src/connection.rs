@@ -34,7 +34,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + shared.config.login_timeout();
     let handshake =
-        tokio::time::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()));
+        crate::clock::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()));
     let opening = tokio::select! {
         r = handshake => r,
         // A client still negotiating does not hold up a forced shutdown.
@@ -109,7 +109,7 @@ async fn report(mut stream: Stream, e: &SessionError) {
         count_error(code, "gateway");
         let mut buf = BytesMut::new();
         encode::error_response(&mut buf, Severity::Fatal, code, &message);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = crate::clock::timeout(std::time::Duration::from_secs(2), async {
             send(&mut stream, &buf).await?;
             stream.shutdown().await
         })
@@ -143,7 +143,7 @@ async fn session(
         .open(peer, stream.is_tls(), &user, &database);
     let mut client_buf = BytesMut::new();
     let mut forced = shutdown.clone();
-    let login = tokio::time::timeout_at(
+    let login = crate::clock::timeout_at(
         deadline,
         establish(shared, &mut stream, &mut client_buf, &startup, &mut guard),
     );

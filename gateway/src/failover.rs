@@ -85,7 +85,7 @@ impl Coordinator {
                 Err(e) if refused(&e) => return false,
                 Err(e) => {
                     tracing::debug!(%backend, attempt, error = %e, "health probe failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::clock::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
@@ -171,7 +171,7 @@ impl Coordinator {
                     Err(e) => last_error = format!("{standby}: {e}"),
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::clock::sleep(Duration::from_millis(50)).await;
             // The primary may have come back meanwhile: then this is no failover.
             if self.primary_alive(failed).await {
                 return Err(FailoverError::PrimaryAlive);
@@ -243,7 +243,7 @@ impl Coordinator {
             if let Some(p) = self.topology.current_primary().filter(|p| p != failed) {
                 return Ok((p, (None, None)));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            crate::clock::sleep(Duration::from_millis(100)).await;
         }
         Err(FailoverError::NoPrimary(format!(
             "no backend other than {failed} became primary within {:?}",
@@ -276,7 +276,7 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
     let interval = Duration::from_millis(shared.config.topology_interval_ms.max(50));
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = crate::clock::sleep(interval) => {}
             _ = shutdown.draining() => return,
         }
         let Some(primary) = shared.topology.current_primary() else {

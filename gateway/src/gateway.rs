@@ -190,7 +190,7 @@ impl Gateway {
                     // Out of file descriptors and the like: back off instead of spinning.
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        crate::clock::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
                 _ = shutdown.draining() => break,
@@ -204,7 +204,7 @@ impl Gateway {
         let trigger = shared.shutdown.clone();
         let timeout = shared.config.shutdown_timeout();
         let force = tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
+            crate::clock::sleep(timeout).await;
             trigger.advance(Phase::Force);
         });
         tracker.close();

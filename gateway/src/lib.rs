@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod ctl;
@@ -29,3 +30,20 @@ pub mod wire;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayHandle};
+
+/// The runtime the gateway runs on: `threads` workers (0: one per CPU), I/O only.
+///
+/// One thread suits a gateway sharing a small machine with PostgreSQL: no cross-thread
+/// wake-ups on the data path. It has no time driver: timers come from [`clock`].
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    builder.enable_io().build()
+}

@@ -463,7 +463,7 @@ async fn run_command(mut cmd: Command, limit: Duration) -> Result<String, LocalC
         .spawn()
         .map_err(io_err(format!("starting `{command}`")))?;
     // On timeout the future, and with it the child (kill_on_drop), is dropped.
-    let out = tokio::time::timeout(limit, child.wait_with_output())
+    let out = crate::clock::timeout(limit, child.wait_with_output())
         .await
         .map_err(|_| LocalClusterError::Timeout {
             what: format!("`{command}`"),
@@ -1043,7 +1043,7 @@ impl TemplateLock {
                     detail: String::new(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::clock::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -1232,7 +1232,7 @@ impl LocalNode {
                         START_TIMEOUT.as_secs()
                     )));
                 }
-                Err(_) => tokio::time::sleep(POLL).await,
+                Err(_) => crate::clock::sleep(POLL).await,
             }
         }
         info!(node = %self.name, port = self.port, pid = ?self.postmaster_pid(),
@@ -1264,7 +1264,7 @@ impl LocalNode {
         if let Some(pid) = self.postmaster_pid() {
             signal_processes(signal, &[pid]);
             if let Some(child) = self.postmaster.as_mut() {
-                match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+                match crate::clock::timeout(STOP_TIMEOUT, child.wait()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         warn!(node = %self.name, error = %e, "waiting for the postmaster failed")
@@ -1306,7 +1306,7 @@ impl LocalNode {
             if let Err(e) = child.start_kill() {
                 debug!(node = %self.name, error = %e, "postmaster already exited");
             }
-            if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+            if crate::clock::timeout(STOP_TIMEOUT, child.wait())
                 .await
                 .is_err()
             {
@@ -1337,7 +1337,7 @@ impl LocalNode {
                     detail: format!("; still running: {left:?} (postmaster running: {running})"),
                 });
             }
-            tokio::time::sleep(POLL).await;
+            crate::clock::sleep(POLL).await;
         }
     }
 
@@ -1371,7 +1371,7 @@ impl LocalNode {
                     detail: format!("\n{}", self.log_tail(LOG_TAIL_LINES)),
                 });
             }
-            tokio::time::sleep(POLL).await;
+            crate::clock::sleep(POLL).await;
         }
         info!(node = %self.name, elapsed_ms = started.elapsed().as_millis() as u64, "node promoted");
         Ok(())
@@ -1390,8 +1390,7 @@ impl LocalNode {
             .host("127.0.0.1")
             .port(self.port)
             .user(user)
-            .dbname(dbname)
-            .connect_timeout(Duration::from_secs(5));
+            .dbname(dbname);
         connect(
             &config,
             format!("connecting to node {} as {user}", self.name),
@@ -1407,8 +1406,7 @@ impl LocalNode {
             .port(self.port)
             .user(SUPERUSER)
             .dbname("postgres")
-            .application_name("understudy-local-cluster")
-            .connect_timeout(Duration::from_secs(5));
+            .application_name("understudy-local-cluster");
         connect(&config, format!("control connection to node {}", self.name)).await
     }
 
@@ -1456,7 +1454,15 @@ async fn connect(
     config: &tokio_postgres::Config,
     what: String,
 ) -> Result<Client, LocalClusterError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(pg_err(what))?;
+    const LIMIT: Duration = Duration::from_secs(5);
+    let Ok(connected) = crate::clock::timeout(LIMIT, config.connect(NoTls)).await else {
+        return Err(LocalClusterError::Timeout {
+            what,
+            waited: LIMIT,
+            detail: String::new(),
+        });
+    };
+    let (client, connection) = connected.map_err(pg_err(what))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "local cluster connection ended");
@@ -1639,7 +1645,7 @@ impl LocalCluster {
                     detail: format!("\n{}", standby.log_tail(LOG_TAIL_LINES)),
                 });
             }
-            tokio::time::sleep(POLL).await;
+            crate::clock::sleep(POLL).await;
         }
     }
 
@@ -1751,7 +1757,7 @@ impl LocalCluster {
                     detail: String::new(),
                 });
             }
-            tokio::time::sleep(POLL).await;
+            crate::clock::sleep(POLL).await;
         }
     }
 }
@@ -1797,7 +1803,7 @@ async fn wait_streaming(
                 ),
             });
         }
-        tokio::time::sleep(POLL).await;
+        crate::clock::sleep(POLL).await;
     }
 }
 

@@ -105,11 +105,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => args
             .into_config()
-            .and_then(|config| runtime(config.worker_threads)?.block_on(run(config))),
-        Command::Demo(args) => runtime(1).and_then(|rt| rt.block_on(understudy::demo::run(args))),
-        Command::Ctl { admin, command } => {
-            runtime(1).and_then(|rt| rt.block_on(ctl(admin, command)))
-        }
+            .and_then(|config| understudy::runtime(config.worker_threads)?.block_on(run(config))),
+        Command::Demo(args) => understudy::runtime(1)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(understudy::demo::run(args))),
+        Command::Ctl { admin, command } => understudy::runtime(1)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ctl(admin, command))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -118,21 +120,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The tokio runtime: `threads` workers (0: one per CPU). One thread suits a gateway sharing a
-/// small machine with PostgreSQL: no cross-thread wake-ups on the data path.
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if threads > 1 {
-            b.worker_threads(threads);
-        }
-        b
-    };
-    Ok(builder.enable_all().build()?)
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -355,7 +355,7 @@ mod tests {
 
     async fn next_event(pump: &mut Pump) -> Event {
         let event = std::future::poll_fn(|cx| pump.poll_event(cx));
-        tokio::time::timeout(std::time::Duration::from_secs(5), event)
+        crate::clock::timeout(std::time::Duration::from_secs(5), event)
             .await
             .expect("the pump was not woken")
             .unwrap()

@@ -152,7 +152,7 @@ mod tests {
                 assert!(futures_poll(changed.as_mut()).is_pending());
             }
             trigger.advance(Phase::Draining);
-            tokio::time::timeout(std::time::Duration::from_secs(5), changed)
+            crate::clock::timeout(std::time::Duration::from_secs(5), changed)
                 .await
                 .expect("the change wakes the task");
         }
@@ -167,7 +167,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         trigger.advance(Phase::Force);
-        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        let woken = crate::clock::timeout(std::time::Duration::from_secs(5), waiting).await;
         assert_eq!(
             woken.expect("the change wakes the task").unwrap(),
             Phase::Force

@@ -139,7 +139,7 @@ impl Topology {
     /// The primary, waiting up to `timeout` for one to be known.
     pub async fn primary(&self, timeout: Duration) -> Option<Backend> {
         let mut rx = self.primary.subscribe();
-        let found = tokio::time::timeout(timeout, rx.wait_for(|p| p.is_some())).await;
+        let found = crate::clock::timeout(timeout, rx.wait_for(|p| p.is_some())).await;
         let index = (*found.ok()?.ok()?)?;
         self.backends.get(index).cloned()
     }
@@ -157,7 +157,7 @@ impl Topology {
     /// Waits until the primary is known and differs from `old`.
     pub async fn primary_other_than(&self, old: &Backend, timeout: Duration) -> Option<Backend> {
         let mut rx = self.primary.subscribe();
-        let found = tokio::time::timeout(
+        let found = crate::clock::timeout(
             timeout,
             rx.wait_for(|p| p.is_some_and(|i| self.backends.get(i) != Some(old))),
         )
@@ -290,7 +290,7 @@ impl Topology {
         loop {
             self.probe_all().await;
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = crate::clock::sleep(self.interval) => {}
                 _ = shutdown.draining() => return,
             }
         }
@@ -310,13 +310,12 @@ pub async fn control_client(
         .port(backend.port)
         .user(&control.user)
         .dbname(&control.database)
-        .application_name(application_name)
-        .connect_timeout(timeout);
+        .application_name(application_name);
     if let Some(p) = &control.password {
         cfg.password(p);
     }
     let connect = cfg.connect(tokio_postgres::NoTls);
-    let (client, conn) = tokio::time::timeout(timeout, connect)
+    let (client, conn) = crate::clock::timeout(timeout, connect)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
         .map_err(|e| error_text(&e))?;
@@ -347,7 +346,7 @@ pub async fn probe(
             .map_err(|e| error_text(&e))?;
         row.try_get::<_, bool>(0).map_err(|e| error_text(&e))
     };
-    match tokio::time::timeout(timeout, work).await {
+    match crate::clock::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }

@@ -34,7 +34,7 @@ async fn connect(port: u16, user: &str) -> tokio_postgres::Client {
                 return client;
             }
             Err(e) if Instant::now() > deadline => panic!("gateway never accepted: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => understudy::clock::sleep(Duration::from_millis(100)).await,
         }
     }
 }

@@ -248,21 +248,39 @@ impl Cluster {
     }
 }
 
-/// A gateway running in this process.
+/// A gateway running in this process, on a runtime of its own built as `understudy run` builds
+/// it (no time driver: a timer not made through `understudy::clock` panics here too).
 pub struct TestGateway {
     /// Its handle.
     pub handle: GatewayHandle,
+    /// Dropped with the gateway: its runtime thread then ends, and every task on it.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl TestGateway {
     /// Binds and starts a gateway.
     pub async fn start(config: Config) -> Self {
         understudy::telemetry::init_test_logging();
-        let gw = understudy::Gateway::bind(config)
-            .await
-            .expect("gateway binds");
-        let handle = gw.spawn();
-        let this = Self { handle };
+        let (started, handle) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("test-gateway".into())
+            .spawn(move || {
+                let runtime = understudy::runtime(1).expect("gateway runtime");
+                runtime.block_on(async move {
+                    let gw = understudy::Gateway::bind(config)
+                        .await
+                        .expect("gateway binds");
+                    let _ = started.send(gw.spawn());
+                    let _ = stopped.await;
+                });
+            })
+            .expect("gateway thread");
+        let handle = handle.await.expect("the gateway started");
+        let this = Self {
+            handle,
+            _stop: stop,
+        };
         this.wait_routed().await;
         this
     }

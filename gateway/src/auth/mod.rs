@@ -148,7 +148,7 @@ impl Secrets {
                 None => Ok(None),
             }
         };
-        tokio::time::timeout(self.timeout, work)
+        crate::clock::timeout(self.timeout, work)
             .await
             .map_err(|_| "auth_query timed out".to_owned())?
     }

@@ -648,7 +648,7 @@ impl Session {
             End::ClientDone => Ok(()),
             End::Failed(e) => Err(e),
         };
-        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
+        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
         if matches!(result, Err(SessionError::Shutdown)) && self.awaiting_ready > 0 {
             // A statement is still running: stop it, or it would commit after its client was
             // told the session is over.
@@ -657,12 +657,12 @@ impl Session {
             }
         }
         if let Err(e) = &result {
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_client()).await;
+            let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_client()).await;
             if let Some((code, message)) = e.client_report() {
                 count_error(code, "gateway");
                 let mut buf = BytesMut::new();
                 encode::error_response(&mut buf, Severity::Fatal, code, &message);
-                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
                     self.pump.client.write_all(&buf).await?;
                     self.pump.client.flush().await
                 })
@@ -674,14 +674,14 @@ impl Session {
             ) && self.pump.up.scanner.at_boundary()
             {
                 let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
-                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
                     self.pump.backend.write_all(&terminate).await?;
                     self.pump.backend.flush().await
                 })
                 .await;
             }
         }
-        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
+        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
         result
     }
 }

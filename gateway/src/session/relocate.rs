@@ -48,7 +48,7 @@ struct Fresh {
 
 impl Fresh {
     async fn recv(&mut self) -> Result<(u8, Bytes), String> {
-        let frame = tokio::time::timeout(
+        let frame = crate::clock::timeout(
             STEP_TIMEOUT,
             read_message(&mut self.stream, &mut self.buf, usize::MAX >> 1),
         )
@@ -196,7 +196,7 @@ impl Session {
         let shared = self.shared.clone();
         let recover = shared.failover.recover(failed);
         tokio::pin!(recover);
-        let mut tick = tokio::time::interval_at(
+        let mut tick = crate::clock::interval_at(
             tokio::time::Instant::now() + Duration::from_secs(1),
             Duration::from_secs(1),
         );

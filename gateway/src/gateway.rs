@@ -158,7 +158,7 @@ impl Gateway {
         &self.shared
     }
 
-    /// Serves until shutdown: on Draining stops accepting, lets sessions finish their
+    /// Serves until shutdown: on Draining answers new clients 57P03, lets sessions finish their
     /// transactions for `shutdown_timeout`, then forces the rest closed.
     pub async fn run(self) {
         let Gateway {
@@ -178,6 +178,10 @@ impl Gateway {
         if let Some(why) = shared.failover.disabled() {
             tracing::info!(why, "failover is off: sessions end with their backend");
         }
+        // While sessions drain the listener stays open, and a new client hears 57P03 (as
+        // PostgreSQL's postmaster answers while shutting down) instead of finding nobody there
+        // or, had the listener closed with it in the kernel's backlog, a reset.
+        let mut force = None;
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -193,23 +197,27 @@ impl Gateway {
                         crate::clock::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
-                _ = shutdown.draining() => break,
+                _ = shutdown.draining(), if force.is_none() => {
+                    tracing::info!(
+                        sessions = shared.registry.len(),
+                        "shutting down: closing sessions at their transaction boundaries"
+                    );
+                    let trigger = shared.shutdown.clone();
+                    let timeout = shared.config.shutdown_timeout();
+                    force = Some(tokio::spawn(async move {
+                        crate::clock::sleep(timeout).await;
+                        trigger.advance(Phase::Force);
+                    }));
+                    tracker.close();
+                }
+                // Every session, and every refusal since, is done.
+                _ = tracker.wait(), if force.is_some() => break,
             }
         }
         drop(listener);
-        tracing::info!(
-            sessions = shared.registry.len(),
-            "shutting down: closing sessions at their transaction boundaries"
-        );
-        let trigger = shared.shutdown.clone();
-        let timeout = shared.config.shutdown_timeout();
-        let force = tokio::spawn(async move {
-            crate::clock::sleep(timeout).await;
-            trigger.advance(Phase::Force);
-        });
-        tracker.close();
-        tracker.wait().await;
-        force.abort();
+        if let Some(force) = force {
+            force.abort();
+        }
         if let Some(admin) = admin {
             admin.abort();
         }

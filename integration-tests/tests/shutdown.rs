@@ -63,33 +63,13 @@ async fn count_rows(cluster: &Cluster, table: &str) -> i64 {
         .get(0)
 }
 
-/// Asserts a new client cannot start a session: connection refused, or 57P03.
+/// Asserts a new client cannot start a session while the gateway drains, and hears why: 57P03,
+/// as from PostgreSQL shutting down (the listener stays open until the gateway exits).
 async fn assert_refuses_new_sessions(gw: &TestGateway) {
     match gw.try_connect(gw.pg_config(roles::TRUST)).await {
         Ok(_) => panic!("a new session was accepted during shutdown"),
-        Err(e) => match sqlstate(&e) {
-            Some(code) => assert_eq!(code, "57P03", "{e}"),
-            None => {
-                let chain = error_chain(&e);
-                assert!(
-                    chain.to_lowercase().contains("refused"),
-                    "expected connection refused: {chain}"
-                )
-            }
-        },
+        Err(e) => assert_eq!(sqlstate(&e), Some("57P03"), "{e:?}"),
     }
-}
-
-/// An error and its causes, on one line (tokio-postgres keeps the I/O error as the source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 async fn wait_finished(gw: &TestGateway, within: Duration) {
@@ -123,10 +103,23 @@ async fn shutdown_closes_idle_sessions_and_lets_transactions_finish() {
     let busy_client = std::sync::Arc::new(busy.client);
     let statement = {
         let c = busy_client.clone();
+        // Over the simple protocol: a prepared statement would be closed by the driver in the
+        // background right after its answer, and the 57P01 that follows would be taken as the
+        // answer to that Close instead of as the connection's end.
         tokio::spawn(async move {
-            c.query_one("SELECT pg_sleep(1), 'finished'", &[])
+            c.simple_query("SELECT pg_sleep(1), 'finished'")
                 .await
-                .map(|row| row.get::<_, String>(1))
+                .map(|messages| {
+                    messages
+                        .iter()
+                        .find_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                                row.get(1).map(str::to_owned)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default()
+                })
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,7 +1,7 @@
 //! Sleeps and timeouts, driven by a thread of their own rather than by the sessions' runtime.
 //!
 //! The runtime that runs sessions is built without tokio's time driver ([`crate::runtime`]):
-//! with it, every park reads the clock twice and walks the timer wheel (about 420 instructions
+//! with it, every park reads the clock twice and walks the timer wheel (about 400 instructions
 //! per park, nearly one park per round trip under load), although a session in steady state
 //! has no timer at all. The timers made here live in a small runtime on the `understudy-timers`
 //! thread; when one fires it wakes its task wherever that task runs. Code in this crate uses

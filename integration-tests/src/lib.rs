@@ -268,15 +268,16 @@ impl TestGateway {
             .spawn(move || {
                 let runtime = understudy::runtime(1).expect("gateway runtime");
                 runtime.block_on(async move {
-                    let gw = understudy::Gateway::bind(config)
-                        .await
-                        .expect("gateway binds");
-                    let _ = started.send(gw.spawn());
+                    let bound = understudy::Gateway::bind(config).await;
+                    let _ = started.send(bound.map(understudy::Gateway::spawn));
                     let _ = stopped.await;
                 });
             })
             .expect("gateway thread");
-        let handle = handle.await.expect("the gateway started");
+        let handle = handle
+            .await
+            .expect("the gateway thread answers")
+            .expect("gateway binds");
         let this = Self {
             handle,
             _stop: stop,
@@ -360,11 +361,22 @@ impl TestGateway {
 /// answer rather than the connection's end.
 pub async fn backend_pid(c: &Client) -> i32 {
     let messages = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
-    let pid = messages.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-        _ => None,
-    });
-    pid.expect("a row").parse().unwrap()
+    simple_rows(&messages)[0][0].parse().unwrap()
+}
+
+/// The rows of a simple-protocol answer as text, `NULL` for a null.
+pub fn simple_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<String>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Runs a PostgreSQL client program with a timeout; returns its output.

@@ -8,20 +8,9 @@ use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, RawConn};
-use understudy_integration_tests::{backend_pid, roles, run_program, sqlstate, Cluster};
-
-fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("NULL").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+use understudy_integration_tests::{
+    backend_pid, roles, run_program, simple_rows, sqlstate, Cluster,
+};
 
 /// Simple query with several statements, errors in and out of transactions, and recovery.
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use understudy_integration_tests::raw::{msg, startup, RawConn};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE};
 
 /// A session's client and its connection task, whose result is the FATAL that ended it.
 struct Watched {
@@ -109,17 +109,7 @@ async fn shutdown_closes_idle_sessions_and_lets_transactions_finish() {
         tokio::spawn(async move {
             c.simple_query("SELECT pg_sleep(1), 'finished'")
                 .await
-                .map(|messages| {
-                    messages
-                        .iter()
-                        .find_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(row) => {
-                                row.get(1).map(str::to_owned)
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or_default()
-                })
+                .map(|messages| simple_rows(&messages)[0][1].clone())
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -61,6 +61,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
         Opening::Session { stream, startup } => (stream, startup),
     };
+    // Taken before the phase is read, so a drain that begins in between waits for this session.
+    let in_session = shared.sessions.token();
     let refusal = if permit.is_none() {
         Some(SessionError::refused(
             "53300",
@@ -80,6 +82,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         None
     };
     if let Some(e) = refusal {
+        drop(in_session);
         tracing::info!(%peer, error = %e, "connection refused");
         report(stream, &e).await;
         return;
@@ -101,6 +104,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => tracing::info!(%peer, %user, reason, error = %e, "session ended"),
     }
     drop(permit);
+    drop(in_session);
 }
 
 /// Tells the client why it is being turned away, if it can still hear it.

@@ -35,6 +35,9 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     /// Shutdown broadcast.
     pub shutdown: ShutdownTrigger,
+    /// Counts the sessions past startup: draining waits for these, not for clients that
+    /// have not sent a StartupMessage yet.
+    pub sessions: TaskTracker,
     /// Runs failovers.
     pub failover: crate::failover::Coordinator,
     /// Set by `understudy demo` only: where `POST /demo/crash-primary` asks for a crash.
@@ -116,6 +119,7 @@ impl Gateway {
             secrets,
             metrics: Metrics::new(),
             shutdown: trigger,
+            sessions: TaskTracker::new(),
             demo_crash: None,
         });
         Ok(Self {
@@ -159,7 +163,8 @@ impl Gateway {
     }
 
     /// Serves until shutdown: on Draining answers new clients 57P03, lets sessions finish their
-    /// transactions for `shutdown_timeout`, then forces the rest closed.
+    /// transactions for `shutdown_timeout`, then forces the rest closed; clients still before
+    /// their startup are closed once no session is left.
     pub async fn run(self) {
         let Gateway {
             shared,
@@ -209,8 +214,14 @@ impl Gateway {
                         trigger.advance(Phase::Force);
                     }));
                     tracker.close();
+                    shared.sessions.close();
                 }
-                // Every session, and every refusal since, is done.
+                // Every session is done: a client that has not sent its startup yet (a TCP
+                // health check, say) would only hold the gateway up, so it goes now.
+                _ = shared.sessions.wait(), if force.is_some() && shutdown.phase() < Phase::Force => {
+                    shared.shutdown.advance(Phase::Force);
+                }
+                // Every connection, and every refusal since, is done.
                 _ = tracker.wait(), if force.is_some() => break,
             }
         }

@@ -238,6 +238,57 @@ async fn clients_still_logging_in_do_not_hold_up_shutdown() {
     assert!(started.elapsed() < Duration::from_secs(4));
 }
 
+/// A client that connected but sent nothing (a TCP health check, say) does not hold the
+/// gateway up once the sessions are done: with 30 s login and shutdown timeouts, the gateway
+/// ends as soon as its last transaction commits. Until then such a client is still answered:
+/// a startup sent during the drain hears 57P03.
+#[tokio::test]
+async fn a_silent_client_does_not_hold_up_a_drained_gateway() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| {
+            cfg.shutdown_timeout_ms = 30_000;
+            cfg.login_timeout_ms = 30_000;
+        })
+        .await;
+    let mut silent = RawConn::open(gw.addr()).await;
+    let mut late = RawConn::open(gw.addr()).await;
+    let in_txn = connect_watched(&gw, roles::MD5).await;
+    in_txn.client.batch_execute("BEGIN").await.unwrap();
+
+    let started = Instant::now();
+    gw.handle.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !gw.handle.is_finished(),
+        "the open transaction holds the gateway"
+    );
+    late.send(&startup(
+        0,
+        &[("user", roles::TRUST), ("database", "postgres")],
+    ))
+    .await;
+    let refused = late.expect_error().await;
+    assert_eq!(
+        (refused.severity(), refused.code()),
+        ("FATAL".into(), "57P03".into())
+    );
+    assert!(late.closed().await, "the refused client is closed");
+
+    in_txn.client.batch_execute("COMMIT").await.expect("COMMIT");
+    assert_eq!(
+        ended_with(in_txn.conn, Duration::from_secs(2)).await,
+        "57P01"
+    );
+    wait_finished(&gw, Duration::from_secs(3)).await;
+    assert!(silent.closed().await, "the silent client is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "finished after {:?}, not at a 30 s timeout",
+        started.elapsed()
+    );
+}
+
 /// When `shutdown_timeout_ms` runs out during a statement, the statement is aborted, not left
 /// to finish: 57P01 means "your work was stopped", so the row the autocommit INSERT was about to
 /// write must not appear later, and the backend goes at once (it is not left running the query).

@@ -20,6 +20,11 @@
 #      autocommit write). The one-backend "understudy" can move no session, keeps no journal and
 #      sends the server nothing the client did not. The standby replays the primary's WAL during
 #      every run, whatever the target.
+#   1b. System calls per transaction: one more pgbench run per proxy and workload (same flags),
+#      with `perf stat -e 'syscalls:sys_enter_*' -p PID` counting every system call the proxy
+#      process makes (linux-perf is installed with apt when missing; skipped with a note where the
+#      tracepoints are not available). Counting slows the run, so its TPS is not used; the counts
+#      are exact, and on loopback the kernel work they stand for is most of a proxy's cost.
 #   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
 #      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
 #      the microseconds each proxy adds per round trip. With LAT_PIN=all (default) PostgreSQL, the
@@ -51,8 +56,9 @@
 #   libpq is told PGSSLMODE=disable for all three targets.
 #
 # How long: about 3 workloads x 3 targets x ROUNDS x DURATION + 3 x ROUNDS x DURATION (probe)
-#   + warm-ups (WARMUP s per target per workload) + ~30 s setup/memory test.
-#   Defaults (DURATION=5 ROUNDS=10): ~12 minutes, plus the cargo build when it is not up to date.
+#   + warm-ups (WARMUP s per target per workload) + 3 workloads x proxies x (DURATION + 1)
+#   (system calls) + ~30 s setup/memory test; with HA=1 the throughput runs have 4 targets.
+#   Defaults (DURATION=5 ROUNDS=10): ~17 minutes, plus the cargo build when it is not up to date.
 #   Many short rounds rather than a few long ones: TPS here drifts by ±15 % over minutes, and
 #   ten paired rounds give the per-round ratios a 95 % interval.
 #   The machine should be otherwise idle: before every run the script samples how busy the CPUs are
@@ -79,6 +85,7 @@
 #                reused ones); pooled: PgBouncer keeps them from run to run, as it would in
 #                production, which adds its pooling benefit to its proxy cost
 #   HA=1         also measure understudy armed for failover (see 1. above); HA=0 skips it
+#   SYSCALLS=1   count each proxy's system calls per transaction (see 1b. above); SYSCALLS=0 skips it
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -98,6 +105,7 @@ IDLE_WAIT=${IDLE_WAIT:-0}
 PGB_SERVERS=${PGB_SERVERS:-fresh}
 SKIP_BUILD=${SKIP_BUILD:-0}
 HA=${HA:-1}
+SYSCALLS=${SYSCALLS:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
@@ -500,6 +508,55 @@ for w in "${WORKLOAD_NAMES[@]}"; do
 done
 
 # ---------------------------------------------------------------------------------------------
+# 4b. system calls per transaction: one more run per proxy and workload, counted by perf's
+# syscall tracepoints (counting slows the run, so its TPS is not used). Exact where TPS is noisy:
+# the kernel work a proxy asks for per transaction, which on loopback is most of its cost.
+SYS=$TMP/syscalls.tsv # workload target syscall per_tx
+: >"$SYS"
+SYS_SKIPPED=""
+if [[ $SYSCALLS == 1 ]] && ! command -v perf >/dev/null; then
+    log "installing linux-perf with apt (for the system-call counts)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf; } >&2 || true
+fi
+if [[ $SYSCALLS != 1 ]]; then
+    SYS_SKIPPED="SYSCALLS=0"
+elif ! command -v perf >/dev/null; then
+    SYS_SKIPPED="perf is not installed"
+elif ! perf stat -e syscalls:sys_enter_sendto -o /dev/null true >/dev/null 2>&1; then
+    SYS_SKIPPED="perf cannot use the syscall tracepoints here"
+fi
+proxy_pid() {
+    case $1 in
+    understudy) echo "$GW_PID" ;;
+    understudy-ha) echo "$HAGW_PID" ;;
+    pgbouncer) echo "$PGB_PID" ;;
+    esac
+}
+if [[ -z $SYS_SKIPPED ]]; then
+    for w in "${WORKLOAD_NAMES[@]}"; do
+        read -r -a wargs <<<"$w"
+        for t in "${TPUT_TARGETS[@]}"; do
+            [[ $t != direct ]] || continue
+            counts=$TMP/sys-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t.csv
+            out=$counts.out
+            # Started first so the whole pgbench run is inside the counted window.
+            perf stat -x, -e 'syscalls:sys_enter_*' -p "$(proxy_pid "$t")" -o "$counts" -- sleep $((DURATION + 1)) &
+            perf_pid=$!
+            sleep 0.3
+            run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
+            wait "$perf_pid" || true
+            tx=$(parse_tx "$out")
+            awk -F, -v w="$w" -v t="$t" -v tx="${tx:-0}" \
+                '$1 ~ /^[0-9]+$/ && $1 > 0 && tx > 0 { sub(/^syscalls:sys_enter_/, "", $3); printf "%s\t%s\t%s\t%.4f\n", w, t, $3, $1 / tx }' \
+                "$counts" >>"$SYS"
+            log "system calls $w  $(printf '%-13s' "$t") $(awk -F'\t' -v w="$w" -v t="$t" '$1 == w && $2 == t { n += $4 } END { printf "%.2f", n }' "$SYS") per transaction"
+        done
+    done
+else
+    log "system-call counts skipped: $SYS_SKIPPED"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # 5. single-client latency probe, pinned to one CPU
 pin_servers() { # cpu list: PostgreSQL (postmaster and every backend), understudy, pgbouncer
     local pm pid
@@ -725,6 +782,37 @@ print()
 print("CPU: user + system time of the proxy process (/proc/PID/stat) over the run / transactions; preemptions:")
 print("involuntary context switches of the proxy per transaction. Less noisy than TPS on a shared 2-CPU machine:")
 print("the proxy's own work, whatever PostgreSQL and pgbench were doing.")
+print()
+print("## System calls per transaction (perf syscall tracepoints; one extra run per proxy and workload)")
+print()
+sysrows = [l.rstrip("\n").split("\t") for l in open("$SYS") if l.strip()]
+if not sysrows:
+    print("Not measured: $SYS_SKIPPED.")
+else:
+    kinds = {
+        "reads": {"read", "readv", "recvfrom", "recvmsg"},
+        "writes": {"write", "writev", "sendto", "sendmsg"},
+        "waits": {"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6"},
+    }
+    print("| workload | proxy | reads | writes | epoll/poll waits | other | total | most frequent other calls |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    proxies = list(dict.fromkeys(r[1] for r in sysrows))
+    for w in ["-S", "-S -M prepared", "-N"]:
+        for t in proxies:
+            calls = {r[2]: float(r[3]) for r in sysrows if r[0] == w and r[1] == t}
+            if not calls:
+                continue
+            part = {k: sum(v for c, v in calls.items() if c in names) for k, names in kinds.items()}
+            known = set().union(*kinds.values())
+            others = sorted(((v, c) for c, v in calls.items() if c not in known), reverse=True)
+            total = sum(calls.values())
+            top = ", ".join(f"{c} {v:.3f}" for v, c in others[:3] if v >= 0.001) or "—"
+            print(f"| \`{w}\` | {t} | {part['reads']:.3f} | {part['writes']:.3f} | {part['waits']:.3f} | "
+                  f"{total - sum(part.values()):.3f} | {total:.3f} | {top} |")
+    print()
+    print("Every system call the proxy process made during the run (connection set-up included, about 20 calls per")
+    print("client, spread over the run's transactions) / transactions. A proxy has to read and write each message")
+    print("once each way: 2 reads and 2 writes per round trip (-S: 1 round trip a transaction, -N: 5) is the floor.")
 print()
 d, u, b = (med("lat", "probe", t, 5) for t in ("direct", "understudy", "pgbouncer"))
 pinned = "pgbench, PostgreSQL and the proxies all" if "$LAT_PIN" == "all" else "pgbench"

@@ -516,7 +516,7 @@ SYS=$TMP/syscalls.tsv # workload target syscall per_tx
 SYS_SKIPPED=""
 if [[ $SYSCALLS == 1 ]] && ! command -v perf >/dev/null; then
     log "installing linux-perf with apt (for the system-call counts)"
-    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf; } >&2 || true
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf; } >&2 || true
 fi
 if [[ $SYSCALLS != 1 ]]; then
     SYS_SKIPPED="SYSCALLS=0"

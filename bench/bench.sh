@@ -457,16 +457,20 @@ run_pgbench() {
 parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
 parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
 parse_tx() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1" | head -n1; }
+# proxy_pid target -> the proxy's process id; nothing for direct.
+proxy_pid() {
+    case $1 in
+    understudy) echo "$GW_PID" ;;
+    understudy-ha) echo "$HAGW_PID" ;;
+    pgbouncer) echo "$PGB_PID" ;;
+    esac
+}
 # proxy_usage target -> "cpu_ticks preemptions" of the proxy process (user+system CPU in clock
 # ticks, involuntary context switches), summed over its threads; "0 0" for direct.
 proxy_usage() {
     local pid
-    case $1 in
-    understudy) pid=$GW_PID ;;
-    understudy-ha) pid=$HAGW_PID ;;
-    pgbouncer) pid=$PGB_PID ;;
-    *) echo "0 0"; return ;;
-    esac
+    pid=$(proxy_pid "$1")
+    [[ -n $pid ]] || { echo "0 0"; return; }
     local ticks preempt
     ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     preempt=$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "/proc/$pid/status")
@@ -525,13 +529,6 @@ elif ! command -v perf >/dev/null; then
 elif ! perf stat -e syscalls:sys_enter_sendto -o /dev/null true >/dev/null 2>&1; then
     SYS_SKIPPED="perf cannot use the syscall tracepoints here"
 fi
-proxy_pid() {
-    case $1 in
-    understudy) echo "$GW_PID" ;;
-    understudy-ha) echo "$HAGW_PID" ;;
-    pgbouncer) echo "$PGB_PID" ;;
-    esac
-}
 if [[ -z $SYS_SKIPPED ]]; then
     for w in "${WORKLOAD_NAMES[@]}"; do
         read -r -a wargs <<<"$w"

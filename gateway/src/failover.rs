@@ -75,14 +75,20 @@ impl Coordinator {
         }
     }
 
-    /// Whether `backend` answers as a primary (the health probe, with retries for a saturated
-    /// machine: a refused connection is conclusive at once, a slow answer is not).
+    /// Whether `backend` is up as a primary (the health probe, with retries for a saturated
+    /// machine: a refused connection is conclusive at once, a slow answer is not). A server
+    /// that answers but turns the probe away (too many connections, say) is up: a primary
+    /// does not change role without a restart.
     pub async fn primary_alive(&self, backend: &Backend) -> bool {
         let control = self.topology.control();
         for attempt in 0..self.config.probe_attempts.max(1) {
             match probe(backend, control, self.config.probe_timeout()).await {
                 Ok(in_recovery) => return !in_recovery,
-                Err(e) if refused(&e) => return false,
+                Err(e) if e.server_up => {
+                    tracing::warn!(%backend, error = %e, "the primary turns the health probe away but is up; no failover");
+                    return true;
+                }
+                Err(e) if refused(&e.text) => return false,
                 Err(e) => {
                     tracing::debug!(%backend, attempt, error = %e, "health probe failed");
                     crate::clock::sleep(Duration::from_millis(100)).await;

@@ -62,7 +62,7 @@ impl std::fmt::Display for Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Not probed yet.
+    /// Not probed yet, or up but turning the probe away since it was last unreachable.
     Unknown,
     /// Accepts writes.
     Primary,
@@ -229,7 +229,7 @@ impl Topology {
             let (b, control, timeout) = (b.clone(), self.control.clone(), self.timeout);
             set.spawn(async move { (i, probe(&b, &control, timeout).await) });
         }
-        let mut results = vec![Err("probe did not finish".to_owned()); self.backends.len()];
+        let mut results = vec![Err(ProbeError::down("probe did not finish")); self.backends.len()];
         while let Some(joined) = set.join_next().await {
             if let Ok((i, r)) = joined {
                 results[i] = r;
@@ -244,7 +244,14 @@ impl Topology {
                 let (role, error) = match result {
                     Ok(true) => (Role::Standby, None),
                     Ok(false) => (Role::Primary, None),
-                    Err(e) => (Role::Unreachable, Some(e)),
+                    // A server that turns the probe away is up: a full primary is still the
+                    // primary (demotion takes a restart), not a failover. A standby's promotion
+                    // shows once the probe gets in again.
+                    Err(e) if e.server_up => match probes[i].role {
+                        Role::Unreachable => (Role::Unknown, Some(e.text)),
+                        known => (known, Some(e.text)),
+                    },
+                    Err(e) => (Role::Unreachable, Some(e.text)),
                 };
                 match role {
                     Role::Primary if !fenced[i] => primaries.push(i),
@@ -305,6 +312,17 @@ pub async fn control_client(
     application_name: &str,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, String> {
+    open_control(backend, control, application_name, timeout)
+        .await
+        .map_err(|e| e.text)
+}
+
+async fn open_control(
+    backend: &Backend,
+    control: &Control,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, ProbeError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&backend.host)
         .port(backend.port)
@@ -317,10 +335,50 @@ pub async fn control_client(
     let connect = cfg.connect(tokio_postgres::NoTls);
     let (client, conn) = crate::clock::timeout(timeout, connect)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|e| error_text(&e))?;
+        .map_err(|_| ProbeError::down(format!("no answer within {timeout:?}")))?
+        .map_err(|e| ProbeError::from(&e))?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// Why a probe learned no role.
+#[derive(Debug, Clone)]
+pub struct ProbeError {
+    /// What happened, for logs and `/status`.
+    pub text: String,
+    /// The server answered with an error that it sends while running (too many connections,
+    /// a login it rejects, a statement timeout): it is up, whatever its role.
+    pub server_up: bool,
+}
+
+impl ProbeError {
+    fn down(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            server_up: false,
+        }
+    }
+}
+
+/// SQLSTATEs a server sends as it stops or before it is up: admin_shutdown, crash_shutdown,
+/// cannot_connect_now (starting up, shutting down, in crash recovery).
+const GOING_AWAY: [&str; 3] = ["57P01", "57P02", "57P03"];
+
+impl From<&tokio_postgres::Error> for ProbeError {
+    fn from(e: &tokio_postgres::Error) -> Self {
+        Self {
+            text: error_text(e),
+            server_up: e
+                .as_db_error()
+                .is_some_and(|db| !GOING_AWAY.contains(&db.code().code())),
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// A tokio-postgres error with its cause (its Display alone says only "db error").
@@ -337,18 +395,18 @@ pub async fn probe(
     backend: &Backend,
     control: &Control,
     timeout: Duration,
-) -> Result<bool, String> {
+) -> Result<bool, ProbeError> {
     let work = async {
-        let client = control_client(backend, control, "understudy-probe", timeout).await?;
+        let client = open_control(backend, control, "understudy-probe", timeout).await?;
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| error_text(&e))?;
-        row.try_get::<_, bool>(0).map_err(|e| error_text(&e))
+            .map_err(|e| ProbeError::from(&e))?;
+        row.try_get::<_, bool>(0).map_err(|e| ProbeError::from(&e))
     };
     match crate::clock::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Err(_) => Err(ProbeError::down(format!("no answer within {timeout:?}"))),
     }
 }
 

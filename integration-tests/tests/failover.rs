@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, SLOW_COMMIT};
+use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT};
 
 /// Connects and forwards the connection's notifications to a channel.
 async fn connect_listening(
@@ -532,6 +532,108 @@ async fn terminated_backend_is_no_failover() {
         .query_one("SELECT 1", &[])
         .await
         .unwrap();
+}
+
+/// A primary that answers but turns the control role away (its connection limit here; a full
+/// `max_connections` answers the same 53300) is up, not failed: `/status` keeps it the routed
+/// primary and shows why the probe failed, a backend the server ends is no failover, and
+/// sessions carry on.
+#[tokio::test]
+async fn a_primary_turning_the_probe_away_is_no_failover() {
+    let cluster = Cluster::primary_and_standby().await;
+    let gw = cluster
+        .gateway_with(|c| {
+            c.control.user = roles::TRUST.to_owned();
+            c.failover.promote = understudy::config::Promote::Auto;
+            c.failover.probe_timeout_ms = 500;
+            c.failover.timeout_ms = 20_000;
+            c.topology_interval_ms = 100;
+        })
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("CREATE TABLE kept(a int); INSERT INTO kept VALUES (1)")
+        .await
+        .unwrap();
+    cluster
+        .superuser()
+        .await
+        .batch_execute(&format!("ALTER ROLE {} CONNECTION LIMIT 0", roles::TRUST))
+        .await
+        .unwrap();
+    let primary = cluster.pg.primary.addr().to_string();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let status = gw.status().await;
+        let backend = status["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == primary)
+            .unwrap()
+            .clone();
+        if backend["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("53300"))
+        {
+            assert_eq!(backend["role"], "primary", "{status:#}");
+            assert_eq!(backend["routed"], true, "{status:#}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A session whose backend the server ends gets the server's FATAL at once, as when the
+    // primary lets the probe in, not a wait of failover.timeout_ms for a promotion.
+    let doomed = gw.connect(roles::SCRAM).await;
+    let pid = backend_pid(&doomed).await;
+    cluster
+        .superuser()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = doomed.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        sqlstate(&e) == Some("57P01") || e.is_closed(),
+        "the server's FATAL reaches the client: {e:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // Ten rounds of the health monitor later, nothing has moved.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = gw.status().await;
+    let routed: Vec<_> = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["routed"] == true)
+        .map(|b| (b["address"].clone(), b["role"].clone()))
+        .collect();
+    assert_eq!(
+        routed,
+        [(primary.clone().into(), "primary".into())],
+        "{status:#}"
+    );
+    let standby = cluster.pg.standby.as_ref().unwrap();
+    assert!(standby.is_in_recovery().await.unwrap(), "standby promoted");
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    let port: i32 = gw
+        .connect(roles::SCRAM)
+        .await
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(cluster.pg.primary.port()));
 }
 
 /// A session holding a temporary table cannot move: FATAL 08006 naming why; other sessions

@@ -426,13 +426,14 @@ check_target_alive() {
 }
 
 # Closes the server connections PgBouncer keeps idle (see PGB_SERVERS); nothing else is
-# connected between runs, and PgBouncer drops a server connection whose backend has ended.
+# connected between runs but Understudy's kept control connection (left alone), and PgBouncer
+# drops a server connection whose backend has ended.
 fresh_pgbouncer_servers() {
     [[ $PGB_SERVERS == fresh ]] || return 0
     psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" \
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" \
         >/dev/null
-    wait_sql "$PG_PORT" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" 0 50 \
+    wait_sql "$PG_PORT" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" 0 50 \
         || true
     sleep 0.2 # PgBouncer reads the FATAL of each and drops it
 }

@@ -78,13 +78,8 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let topology = Arc::new(Topology::new(&config).map_err(StartError::Setup)?);
-        let secrets = Secrets::load(
-            &config.auth,
-            &config.control,
-            topology.clone(),
-            config.connect_timeout(),
-        )
-        .map_err(StartError::Setup)?;
+        let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
+            .map_err(StartError::Setup)?;
         let connector = Connector {
             sslmode: config.backend_tls.sslmode,
             tls: crate::tls::backend_config(&config.backend_tls)?,

@@ -104,8 +104,27 @@ pub struct Topology {
     fenced: Mutex<Vec<bool>>,
     primary: watch::Sender<Option<usize>>,
     control: Control,
+    /// One control-plane connection per backend, kept between role probes and `auth_query`
+    /// look-ups so that neither makes the server start a process each time.
+    kept: Vec<Mutex<Option<Kept>>>,
     interval: Duration,
     timeout: Duration,
+}
+
+/// A kept control-plane connection.
+#[derive(Clone)]
+struct Kept {
+    client: Arc<tokio_postgres::Client>,
+    /// Its connection task, aborted when the connection is given up as broken or hung.
+    task: tokio::task::AbortHandle,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("closed", &self.client.is_closed())
+            .finish()
+    }
 }
 
 impl Topology {
@@ -127,6 +146,7 @@ impl Topology {
         ];
         Ok(Self {
             fenced: Mutex::new(vec![false; backends.len()]),
+            kept: backends.iter().map(|_| Mutex::new(None)).collect(),
             backends,
             probes: Mutex::new(probes),
             primary: watch::Sender::new(single),
@@ -223,11 +243,11 @@ impl Topology {
     }
 
     /// Probes every backend once and updates the primary.
-    pub async fn probe_all(&self) {
+    pub async fn probe_all(self: &Arc<Self>) {
         let mut set = tokio::task::JoinSet::new();
-        for (i, b) in self.backends.iter().enumerate() {
-            let (b, control, timeout) = (b.clone(), self.control.clone(), self.timeout);
-            set.spawn(async move { (i, probe(&b, &control, timeout).await) });
+        for i in 0..self.backends.len() {
+            let topology = self.clone();
+            set.spawn(async move { (i, topology.probe_kept(i).await) });
         }
         let mut results = vec![Err(ProbeError::down("probe did not finish")); self.backends.len()];
         while let Some(joined) = set.join_next().await {
@@ -292,6 +312,121 @@ impl Topology {
         }
     }
 
+    /// Asks backend `i` for its role over the kept control connection.
+    async fn probe_kept(&self, i: usize) -> Result<bool, ProbeError> {
+        let rows = self
+            .control_query(i, "SELECT pg_is_in_recovery()", &[])
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ProbeError::down("pg_is_in_recovery() returned no row"))?;
+        row.try_get::<_, bool>(0).map_err(|e| ProbeError::from(&e))
+    }
+
+    /// Runs `query` on the kept control connection to backend `i` within the connect
+    /// timeout, opening the connection first when there is none. A kept connection found
+    /// broken (the server restarted, or someone terminated it) is replaced and the query sent
+    /// once more, so a stale connection never reads as a backend that is down.
+    async fn control_query(
+        &self,
+        i: usize,
+        query: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ProbeError> {
+        let work = async {
+            let mut last = None;
+            for _ in 0..2 {
+                let (kept, fresh) = self.kept_connection(i).await?;
+                match kept.client.query(query, params).await {
+                    Ok(rows) => return Ok(rows),
+                    Err(e) => {
+                        let e = ProbeError::from(&e);
+                        if e.server_up && !kept.client.is_closed() {
+                            return Err(e);
+                        }
+                        self.give_up(i, &kept);
+                        if fresh {
+                            return Err(e);
+                        }
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| ProbeError::down("control connection lost")))
+        };
+        match crate::clock::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // A hung server: do not wait on that connection again.
+                if let Some(kept) = self.kept_now(i) {
+                    self.give_up(i, &kept);
+                }
+                Err(ProbeError::down(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// The kept connection to backend `i`, and whether it was opened just now.
+    async fn kept_connection(&self, i: usize) -> Result<(Kept, bool), ProbeError> {
+        if let Some(kept) = self.kept_now(i).filter(|k| !k.client.is_closed()) {
+            return Ok((kept, false));
+        }
+        let (client, conn) = open_control(
+            &self.backends[i],
+            &self.control,
+            "understudy-control",
+            self.timeout,
+        )
+        .await?;
+        let kept = Kept {
+            client: Arc::new(client),
+            task: tokio::spawn(conn).abort_handle(),
+        };
+        let mut slot = self.kept[i].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.replace(kept.clone()) {
+            old.task.abort();
+        }
+        Ok((kept, true))
+    }
+
+    fn kept_now(&self, i: usize) -> Option<Kept> {
+        self.kept[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Closes `kept` and forgets it, unless another task has replaced it already.
+    fn give_up(&self, i: usize, kept: &Kept) {
+        let mut slot = self.kept[i].lock().unwrap_or_else(|e| e.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|k| Arc::ptr_eq(&k.client, &kept.client))
+        {
+            *slot = None;
+        }
+        kept.task.abort();
+    }
+
+    /// Runs `query` on `backend` (one of the configured ones) over its kept control
+    /// connection (see [`Topology::control_query`]).
+    pub async fn query_backend(
+        &self,
+        backend: &Backend,
+        query: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ProbeError> {
+        let i = self
+            .backends
+            .iter()
+            .position(|b| b == backend)
+            .ok_or_else(|| ProbeError::down(format!("{backend} is not a configured backend")))?;
+        self.control_query(i, query, params).await
+    }
+
     /// Re-probes every `topology_interval_ms` until shutdown.
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
@@ -312,17 +447,22 @@ pub async fn control_client(
     application_name: &str,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, String> {
-    open_control(backend, control, application_name, timeout)
+    let (client, conn) = open_control(backend, control, application_name, timeout)
         .await
-        .map_err(|e| e.text)
+        .map_err(|e| e.text)?;
+    tokio::spawn(conn);
+    Ok(client)
 }
+
+type ControlConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
 
 async fn open_control(
     backend: &Backend,
     control: &Control,
     application_name: &str,
     timeout: Duration,
-) -> Result<tokio_postgres::Client, ProbeError> {
+) -> Result<(tokio_postgres::Client, ControlConnection), ProbeError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&backend.host)
         .port(backend.port)
@@ -333,12 +473,10 @@ async fn open_control(
         cfg.password(p);
     }
     let connect = cfg.connect(tokio_postgres::NoTls);
-    let (client, conn) = crate::clock::timeout(timeout, connect)
+    crate::clock::timeout(timeout, connect)
         .await
         .map_err(|_| ProbeError::down(format!("no answer within {timeout:?}")))?
-        .map_err(|e| ProbeError::from(&e))?;
-    tokio::spawn(conn);
-    Ok(client)
+        .map_err(|e| ProbeError::from(&e))
 }
 
 /// Why a probe learned no role.
@@ -397,7 +535,8 @@ pub async fn probe(
     timeout: Duration,
 ) -> Result<bool, ProbeError> {
     let work = async {
-        let client = open_control(backend, control, "understudy-probe", timeout).await?;
+        let (client, conn) = open_control(backend, control, "understudy-probe", timeout).await?;
+        tokio::spawn(conn);
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await

@@ -534,8 +534,9 @@ async fn terminated_backend_is_no_failover() {
         .unwrap();
 }
 
-/// A primary that answers but turns the control role away (its connection limit here; a full
-/// `max_connections` answers the same 53300) is up, not failed: `/status` keeps it the routed
+/// A primary that answers but turns the control role away (its connection limit here, once
+/// the kept control connection is gone; a full `max_connections` answers the same 53300) is
+/// up, not failed: `/status` keeps it the routed
 /// primary and shows why the probe failed, a backend the server ends is no failover, and
 /// sessions carry on.
 #[tokio::test]
@@ -557,7 +558,12 @@ async fn a_primary_turning_the_probe_away_is_no_failover() {
     cluster
         .superuser()
         .await
-        .batch_execute(&format!("ALTER ROLE {} CONNECTION LIMIT 0", roles::TRUST))
+        .batch_execute(&format!(
+            "ALTER ROLE {} CONNECTION LIMIT 0;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'understudy-control'",
+            roles::TRUST
+        ))
         .await
         .unwrap();
     let primary = cluster.pg.primary.addr().to_string();

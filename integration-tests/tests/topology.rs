@@ -1,7 +1,7 @@
 //! With several backends the gateway routes every session to the one not in recovery, and
 //! follows a promotion; the admin listener reports backends, sessions and metrics.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use understudy_integration_tests::{roles, sqlstate, Cluster, PATIENCE};
 
@@ -126,4 +126,149 @@ async fn follows_a_promotion_for_new_sessions() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// PIDs of the gateway's kept control connections on the primary.
+async fn control_pids(cluster: &Cluster) -> Vec<i32> {
+    cluster
+        .superuser()
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'understudy-control'
+              ORDER BY pid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits until the primary has exactly one kept control connection, other than `not`.
+async fn one_control_pid(cluster: &Cluster, not: &[i32]) -> i32 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let [pid] = control_pids(cluster).await[..] {
+            if !not.contains(&pid) {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            control_pids(cluster).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Role probes and auth_query look-ups share one kept control connection per backend instead
+/// of logging in (a server process started) each time.
+#[tokio::test]
+async fn control_connection_is_kept_for_probes_and_auth_query() {
+    let cluster = Cluster::primary_and_standby().await;
+    let gw = cluster
+        .gateway_with(|c| {
+            c.topology_interval_ms = 100;
+            c.auth.auth_query = Some(understudy::config::DEFAULT_AUTH_QUERY.to_owned());
+        })
+        .await;
+    let pid = one_control_pid(&cluster, &[]).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let c = gw.connect(roles::SCRAM).await;
+        c.query_one("SELECT 1", &[]).await.unwrap();
+        sessions.push(c);
+    }
+    let status = gw.status().await;
+    let listed = status["sessions"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{status:#}");
+    assert!(
+        listed.iter().all(|s| s["movable"] == "yes"),
+        "auth_query found the verifier for every login: {status:#}"
+    );
+    // Five probe rounds later, still the same server process.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(control_pids(&cluster).await, [pid]);
+}
+
+/// A kept control connection that an administrator terminates is replaced without the
+/// backend ever reading as unreachable; one whose server process hangs is given up after the
+/// connect timeout and replaced too.
+#[tokio::test]
+async fn a_terminated_or_hung_control_connection_is_replaced() {
+    let cluster = Cluster::primary_and_standby().await;
+    let gw = cluster
+        .gateway_with(|c| {
+            c.topology_interval_ms = 50;
+            c.connect_timeout_ms = 1_000;
+        })
+        .await;
+    let primary = cluster.pg.primary.addr().to_string();
+    let first = one_control_pid(&cluster, &[]).await;
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let admin = gw.admin();
+    let watcher = tokio::spawn(async move {
+        let mut roles = Vec::new();
+        while !*stopped.borrow() {
+            let text = understudy::ctl::get(admin, "/status").await.unwrap();
+            let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let backend = status["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["address"] == primary.as_str())
+                .cloned()
+                .unwrap();
+            roles.push(backend["role"].as_str().unwrap().to_owned());
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+        roles
+    });
+    cluster
+        .superuser()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    let second = one_control_pid(&cluster, &[first]).await;
+    // A few more probe rounds on the new connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    let roles = watcher.await.unwrap();
+    assert!(roles.len() > 5, "{roles:?}");
+    assert!(roles.iter().all(|r| r == "primary"), "{roles:?}");
+
+    let signal = |sig: &str, pid: i32| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP", second);
+    let third = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let pids = control_pids(&cluster).await;
+            if let Some(&p) = pids.iter().find(|&&p| p != second) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    signal("-CONT", second);
+    let third = third.expect("no new control connection while the kept one hung");
+    // The hung one was closed by the gateway: continued, its server process sees EOF and ends.
+    assert_eq!(one_control_pid(&cluster, &[second]).await, third);
+    gw.connect(roles::SCRAM)
+        .await
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
 }

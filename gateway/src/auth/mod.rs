@@ -16,9 +16,9 @@ use std::sync::Arc;
 use understudy_protocol::scram::ClientKey;
 use zeroize::Zeroizing;
 
-use crate::config::{Auth, Control, DEFAULT_AUTH_QUERY};
+use crate::config::{Auth, DEFAULT_AUTH_QUERY};
 use crate::sessions::Movability;
-use crate::topology::{control_client, error_text, Topology};
+use crate::topology::{error_text, Topology};
 pub use userlist::Secret;
 
 /// What the gateway holds to log in as a role without its client.
@@ -77,7 +77,6 @@ impl std::fmt::Debug for Credential {
 pub struct Secrets {
     file: HashMap<String, Secret>,
     query: Option<String>,
-    control: Control,
     topology: Arc<Topology>,
     timeout: std::time::Duration,
 }
@@ -86,7 +85,6 @@ impl Secrets {
     /// Reads the auth file, if any.
     pub fn load(
         auth: &Auth,
-        control: &Control,
         topology: Arc<Topology>,
         timeout: std::time::Duration,
     ) -> Result<Self, String> {
@@ -101,7 +99,6 @@ impl Secrets {
         Ok(Self {
             file,
             query: auth.auth_query.clone(),
-            control: control.clone(),
             topology,
             timeout,
         })
@@ -131,12 +128,11 @@ impl Secrets {
             .await
             .ok_or("no primary to run auth_query on")?;
         let work = async {
-            let client =
-                control_client(&primary, &self.control, "understudy-auth", self.timeout).await?;
-            let rows = client
-                .query(query, &[&user])
+            let rows = self
+                .topology
+                .query_backend(&primary, query, &[&user])
                 .await
-                .map_err(|e| error_text(&e))?;
+                .map_err(|e| e.text)?;
             let secret: Option<String> = match rows.first() {
                 Some(row) => row.try_get(1).map_err(|e| error_text(&e))?,
                 None => None,

@@ -16,6 +16,7 @@ use crate::auth::verify::verify;
 use crate::auth::Credential;
 use crate::config::ClientAuth;
 use crate::error::SessionError;
+use crate::failover::FailoverError;
 use crate::gateway::Shared;
 use crate::handshake::{self, Opening};
 use crate::pump::{Pipe, Pump};
@@ -24,6 +25,7 @@ use crate::sessions::{CancelTarget, SessionGuard};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
 use crate::telemetry::count_error;
+use crate::topology::Backend;
 use crate::wire::send;
 
 /// Serves one accepted client connection to its end.
@@ -207,60 +209,38 @@ async fn establish(
     if startup.minor > 0 || !options.is_empty() {
         encode::negotiate_protocol_version(&mut greeting, 0, options);
     }
-    let secret = if mode != ClientAuth::Passthrough || shared.secrets.configured() {
-        match shared.secrets.lookup(user).await {
-            Ok(s) => s,
-            Err(e) if mode == ClientAuth::Passthrough => {
-                tracing::warn!(%user, error = %e, "secret lookup failed; session will not be movable");
-                None
-            }
-            Err(e) => {
-                return Err(SessionError::BackendUnavailable {
-                    code: "08001",
-                    message: format!("could not look up credentials: {e}"),
-                })
-            }
-        }
-    } else {
-        None
-    };
-    let primary = shared
-        .topology
-        .primary(shared.config.connect_timeout())
-        .await
-        .ok_or_else(|| SessionError::BackendUnavailable {
-            code: "08001",
-            message: "no primary database server is available".to_owned(),
-        })?;
     if !greeting.is_empty() {
         send(stream, &greeting)
             .await
             .map_err(SessionError::ClientGone)?;
         greeting.clear();
     }
+    // The gateway checks the client itself before it opens a backend for it; relaying, it
+    // opens the backend first, so that a login that finds the primary dead waits for the
+    // failover and looks the secret up on the new primary.
+    let checked =
+        if mode == ClientAuth::Passthrough {
+            None
+        } else {
+            let secret = shared.secrets.lookup(user).await.map_err(|e| {
+                SessionError::BackendUnavailable {
+                    code: "08001",
+                    message: format!("could not look up credentials: {e}"),
+                }
+            })?;
+            let mut client = ClientEnd {
+                stream: &mut *stream,
+                buf: &mut *client_buf,
+            };
+            Some(verify(&mut client, mode, user, secret).await?)
+        };
+    let (primary, mut backend) = open_primary(shared, startup).await?;
     let mut client = ClientEnd {
         stream,
         buf: client_buf,
     };
     let mut backend_buf = BytesMut::new();
-    let (mut backend, credential) = if mode == ClientAuth::Passthrough {
-        let mut backend = shared
-            .connector
-            .open(&primary, startup.server_params())
-            .await?;
-        let mut ends = Ends {
-            client: &mut client,
-            backend: &mut backend,
-            backend_buf: &mut backend_buf,
-        };
-        let credential = relay(&mut ends, user, secret.as_ref()).await?;
-        (backend, credential)
-    } else {
-        let credential = verify(&mut client, mode, user, secret).await?;
-        let mut backend = shared
-            .connector
-            .open(&primary, startup.server_params())
-            .await?;
+    let credential = if let Some(credential) = checked {
         match login(&mut backend, &mut backend_buf, user, &credential).await {
             Ok(()) => {}
             Err(LoginError::Server(frame)) => {
@@ -270,7 +250,22 @@ async fn establish(
             Err(LoginError::Failed(e)) => return Err(e),
         }
         encode::auth_ok(&mut greeting);
-        (backend, credential)
+        credential
+    } else {
+        let secret = if shared.secrets.configured() {
+            shared.secrets.lookup(user).await.unwrap_or_else(|e| {
+                tracing::warn!(%user, error = %e, "secret lookup failed; session will not be movable");
+                None
+            })
+        } else {
+            None
+        };
+        let mut ends = Ends {
+            client: &mut client,
+            backend: &mut backend,
+            backend_buf: &mut backend_buf,
+        };
+        relay(&mut ends, user, secret.as_ref()).await?
     };
     if let Credential::Missing(why) = &credential {
         tracing::debug!(%user, why, "session cannot be moved without its client");
@@ -323,4 +318,53 @@ async fn establish(
             credential,
         },
     })
+}
+
+/// The primary and a connection to it with the StartupMessage sent. When the primary cannot
+/// be reached and sessions can move, the login waits for the failover (which first makes
+/// sure the primary is really gone) and connects to the new primary instead.
+async fn open_primary(
+    shared: &Arc<Shared>,
+    startup: &StartupMessage,
+) -> Result<(Backend, Stream), SessionError> {
+    let primary = current_primary(shared).await?;
+    let unreachable = match shared
+        .connector
+        .open(&primary, startup.server_params())
+        .await
+    {
+        Ok(backend) => return Ok((primary, backend)),
+        Err(e @ SessionError::BackendUnavailable { .. })
+            if shared.failover.disabled().is_none() =>
+        {
+            e
+        }
+        Err(e) => return Err(e),
+    };
+    match shared.failover.recover(&primary).await {
+        Ok(promotion) => {
+            tracing::info!(primary = %promotion.primary, "login waited for the failover");
+            let backend = shared
+                .connector
+                .open(&promotion.primary, startup.server_params())
+                .await?;
+            Ok((promotion.primary, backend))
+        }
+        Err(FailoverError::PrimaryAlive) => Err(unreachable),
+        Err(e) => Err(SessionError::BackendUnavailable {
+            code: "08001",
+            message: format!("{unreachable}; {e}"),
+        }),
+    }
+}
+
+async fn current_primary(shared: &Arc<Shared>) -> Result<Backend, SessionError> {
+    shared
+        .topology
+        .primary(shared.config.connect_timeout())
+        .await
+        .ok_or_else(|| SessionError::BackendUnavailable {
+            code: "08001",
+            message: "no primary database server is available".to_owned(),
+        })
 }

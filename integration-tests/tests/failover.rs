@@ -642,6 +642,39 @@ async fn a_primary_turning_the_probe_away_is_no_failover() {
     assert_eq!(port, i32::from(cluster.pg.primary.port()));
 }
 
+/// A client that logs in while the primary is dead, before anything else has noticed, waits for
+/// the failover its login sets off and gets a session on the new primary, one that can move
+/// again (its secret was looked up there), rather than `08001`.
+#[tokio::test]
+async fn a_login_during_the_failover_waits_for_the_new_primary() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        &format!(
+            "CREATE TABLE t(a int); INSERT INTO t VALUES (1); GRANT SELECT ON t TO {}",
+            roles::SCRAM
+        ),
+    )
+    .await;
+    // No probe round and no health monitor round during the test: only the login can notice.
+    let gw = cluster
+        .failover_gateway_with(|c| c.topology_interval_ms = 600_000)
+        .await;
+    cluster.kill_primary().await;
+    let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+    let c = gw.connect(roles::SCRAM).await;
+    let row = c
+        .query_one("SELECT inet_server_port(), (SELECT count(*) FROM t)", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), standby_port);
+    assert_eq!(row.get::<_, i64>(1), 1);
+    let status = gw.status().await;
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{status:#}");
+    assert_eq!(sessions[0]["movable"], "yes", "{status:#}");
+}
+
 /// A session holding a temporary table cannot move: FATAL 08006 naming why; other sessions
 /// move.
 #[tokio::test]

@@ -327,7 +327,14 @@ async fn open_primary(
     shared: &Arc<Shared>,
     startup: &StartupMessage,
 ) -> Result<(Backend, Stream), SessionError> {
-    let primary = current_primary(shared).await?;
+    let primary = shared
+        .topology
+        .primary(shared.config.connect_timeout())
+        .await
+        .ok_or_else(|| SessionError::BackendUnavailable {
+            code: "08001",
+            message: "no primary database server is available".to_owned(),
+        })?;
     let unreachable = match shared
         .connector
         .open(&primary, startup.server_params())
@@ -356,15 +363,4 @@ async fn open_primary(
             message: format!("{unreachable}; {e}"),
         }),
     }
-}
-
-async fn current_primary(shared: &Arc<Shared>) -> Result<Backend, SessionError> {
-    shared
-        .topology
-        .primary(shared.config.connect_timeout())
-        .await
-        .ok_or_else(|| SessionError::BackendUnavailable {
-            code: "08001",
-            message: "no primary database server is available".to_owned(),
-        })
 }

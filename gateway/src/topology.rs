@@ -334,25 +334,22 @@ impl Topology {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, ProbeError> {
         let work = async {
-            let mut last = None;
-            for _ in 0..2 {
+            let mut retried = false;
+            loop {
                 let (kept, fresh) = self.kept_connection(i).await?;
-                match kept.client.query(query, params).await {
+                let e = match kept.client.query(query, params).await {
                     Ok(rows) => return Ok(rows),
-                    Err(e) => {
-                        let e = ProbeError::from(&e);
-                        if e.server_up && !kept.client.is_closed() {
-                            return Err(e);
-                        }
-                        self.give_up(i, &kept);
-                        if fresh {
-                            return Err(e);
-                        }
-                        last = Some(e);
-                    }
+                    Err(e) => ProbeError::from(&e),
+                };
+                if e.server_up && !kept.client.is_closed() {
+                    return Err(e);
                 }
+                self.give_up(i, &kept);
+                if fresh || retried {
+                    return Err(e);
+                }
+                retried = true;
             }
-            Err(last.unwrap_or_else(|| ProbeError::down("control connection lost")))
         };
         match crate::clock::timeout(self.timeout, work).await {
             Ok(r) => r,

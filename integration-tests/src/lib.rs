@@ -144,6 +144,15 @@ impl Cluster {
             .expect("superuser connection to the primary")
     }
 
+    /// Ends server process `pid` on the primary (`pg_terminate_backend`).
+    pub async fn terminate_backend(&self, pid: i32) {
+        self.superuser()
+            .await
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("pg_terminate_backend");
+    }
+
     /// Gateway configuration for this cluster: ephemeral ports, every node as a backend. A
     /// cluster without a standby gets a second backend that refuses connections
     /// ([`DOWN_STANDBY`]), so its gateway is armed for failover as a production one is (it
@@ -354,6 +363,16 @@ impl TestGateway {
     pub async fn shutdown(self) {
         self.handle.shutdown().await
     }
+}
+
+/// The entry for backend `address` in a `/status` document.
+pub fn backend_status<'a>(status: &'a serde_json::Value, address: &str) -> &'a serde_json::Value {
+    status["backends"]
+        .as_array()
+        .expect("backends in /status")
+        .iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("{address} not in /status: {status:#}"))
 }
 
 /// The PID of `c`'s backend, asked over the simple protocol: a prepared statement would be

@@ -8,7 +8,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT};
+use understudy_integration_tests::{
+    backend_pid, backend_status, roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+};
 
 /// Connects and forwards the connection's notifications to a channel.
 async fn connect_listening(
@@ -26,13 +28,6 @@ async fn connect_listening(
     (client, rx)
 }
 
-async fn backend_pid(c: &Client) -> i32 {
-    c.query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 async fn values(cluster: &Cluster, table: &str) -> Vec<i32> {
     cluster
         .superuser()
@@ -43,6 +38,20 @@ async fn values(cluster: &Cluster, table: &str) -> Vec<i32> {
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// Has the server end `c`'s backend while the primary is healthy, and checks the client gets
+/// the server's FATAL (or, idle, a closed connection), not a failover; returns how long it took.
+async fn server_ends_backend(cluster: &Cluster, c: &Client) -> Duration {
+    let pid = backend_pid(c).await;
+    cluster.terminate_backend(pid).await;
+    let started = std::time::Instant::now();
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        sqlstate(&e) == Some("57P01") || e.is_closed(),
+        "the server's FATAL reaches the client: {e:?}"
+    );
+    started.elapsed()
 }
 
 async fn setup(cluster: &Cluster, sql: &str) {
@@ -509,18 +518,7 @@ async fn terminated_backend_is_no_failover() {
     let cluster = Cluster::primary_and_standby().await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    let pid = backend_pid(&c).await;
-    cluster
-        .superuser()
-        .await
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
-    assert!(
-        sqlstate(&e) == Some("57P01") || e.is_closed(),
-        "the server's FATAL reaches the client: {e:?}"
-    );
+    server_ends_backend(&cluster, &c).await;
     assert!(!cluster.pg.primary.is_in_recovery().await.unwrap());
     let standby = cluster.pg.standby.as_ref().unwrap();
     assert!(
@@ -570,13 +568,7 @@ async fn a_primary_turning_the_probe_away_is_no_failover() {
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
         let status = gw.status().await;
-        let backend = status["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == primary)
-            .unwrap()
-            .clone();
+        let backend = backend_status(&status, &primary);
         if backend["error"]
             .as_str()
             .is_some_and(|e| e.contains("53300"))
@@ -591,24 +583,8 @@ async fn a_primary_turning_the_probe_away_is_no_failover() {
     // A session whose backend the server ends gets the server's FATAL at once, as when the
     // primary lets the probe in, not a wait of failover.timeout_ms for a promotion.
     let doomed = gw.connect(roles::SCRAM).await;
-    let pid = backend_pid(&doomed).await;
-    cluster
-        .superuser()
-        .await
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let e = doomed.query_one("SELECT 1", &[]).await.unwrap_err();
-    assert!(
-        sqlstate(&e) == Some("57P01") || e.is_closed(),
-        "the server's FATAL reaches the client: {e:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    let took = server_ends_backend(&cluster, &doomed).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
     // Ten rounds of the health monitor later, nothing has moved.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = gw.status().await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_integration_tests::{roles, sqlstate, Cluster, PATIENCE};
+use understudy_integration_tests::{backend_status, roles, sqlstate, Cluster, PATIENCE};
 
 /// Sessions go to the primary whatever the order of the backends, and `/status` says so.
 #[tokio::test]
@@ -215,14 +215,8 @@ async fn a_terminated_or_hung_control_connection_is_replaced() {
         while !*stopped.borrow() {
             let text = understudy::ctl::get(admin, "/status").await.unwrap();
             let status: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let backend = status["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|b| b["address"] == primary.as_str())
-                .cloned()
-                .unwrap();
-            roles.push(backend["role"].as_str().unwrap().to_owned());
+            let role = &backend_status(&status, &primary)["role"];
+            roles.push(role.as_str().unwrap().to_owned());
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
                 _ = stopped.changed() => {}
@@ -230,12 +224,7 @@ async fn a_terminated_or_hung_control_connection_is_replaced() {
         }
         roles
     });
-    cluster
-        .superuser()
-        .await
-        .execute("SELECT pg_terminate_backend($1)", &[&first])
-        .await
-        .unwrap();
+    cluster.terminate_backend(first).await;
     let second = one_control_pid(&cluster, &[first]).await;
     // A few more probe rounds on the new connection.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -144,8 +144,9 @@ impl Coordinator {
     }
 
     /// `promote = "auto"`: with two witnesses that the primary is gone (this gateway cannot
-    /// reach it, and the standby's WAL receiver has lost it), let the standby replay all it
-    /// received, promote it, and read its next xid before any session writes.
+    /// reach it, and the standby's WAL receiver has lost it), promote the standby (which first
+    /// replays all it received), and read where replay ended and its next xid before any
+    /// session writes.
     async fn promote_standby(
         &self,
         failed: &Backend,
@@ -173,7 +174,7 @@ impl Coordinator {
                     };
                 match self.try_promote(&client, standby).await {
                     Ok(Some(next_xid)) => return Ok((standby.clone(), next_xid)),
-                    Ok(None) => {}
+                    Ok(None) => last_error = format!("{standby} still hears the primary"),
                     Err(e) => last_error = format!("{standby}: {e}"),
                 }
             }
@@ -186,9 +187,9 @@ impl Coordinator {
         Err(FailoverError::NoPrimary(last_error))
     }
 
-    /// One attempt on one standby: `Ok(None)` means "not yet" (it still hears the primary, or
-    /// has WAL left to replay); `Ok(Some(next_xid))` means it is the primary now, with its next
-    /// xid as of the promotion when the gateway promoted it.
+    /// One attempt on one standby: `Ok(None)` means "not yet" (it still hears the primary);
+    /// `Ok(Some(..))` means it is the primary now, with its next xid and where its replay
+    /// ended when the gateway promoted it.
     async fn try_promote(
         &self,
         client: &tokio_postgres::Client,
@@ -200,9 +201,7 @@ impl Coordinator {
                 "SELECT pg_is_in_recovery(),
                         (SELECT status = 'streaming'
                                 AND now() - last_msg_receipt_time < $1 * interval '1 millisecond'
-                           FROM pg_stat_wal_receiver),
-                        pg_last_wal_receive_lsn() IS NULL
-                          OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()",
+                           FROM pg_stat_wal_receiver)",
                 &[&(self.config.standby_silence_ms as f64)],
             )
             .await
@@ -217,16 +216,9 @@ impl Coordinator {
             tracing::debug!(%standby, "standby still hears the primary; not promoting");
             return Ok(None);
         }
-        let replayed: bool = row.get(2);
-        if !replayed {
-            return Ok(None);
-        }
-        let wal_end: Option<String> = client
-            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
-            .await
-            .map_err(e)?
-            .get(0);
-        let wal_end = wal_end.as_deref().and_then(crate::session::parse_lsn);
+        // Before it ends recovery the standby replays every whole record it received; a record
+        // the primary died in the middle of sending is never whole, so "replayed all received"
+        // is not something to wait for. Where replay ended is read once it has.
         let promoted: bool = client
             .query_one("SELECT pg_promote(true, 60)", &[])
             .await
@@ -235,6 +227,12 @@ impl Coordinator {
         if !promoted {
             return Err("pg_promote() did not finish".to_owned());
         }
+        let wal_end: Option<String> = client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .map_err(e)?
+            .get(0);
+        let wal_end = wal_end.as_deref().and_then(crate::session::parse_lsn);
         Ok(Some((Some(next_xid(client).await?), wal_end)))
     }
 

@@ -736,3 +736,34 @@ async fn no_new_primary_within_the_timeout_is_fatal() {
     assert!(db.message().contains("no new primary"), "{}", db.message());
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// The primary dies while a transaction that wrote much is open: the standby received the WAL
+/// the primary had flushed, which ends in the middle of a record (only a commit would have
+/// flushed the rest), so it never "replays all it received". It is promoted all the same, the
+/// transaction is replayed there, and its COMMIT commits every row once.
+#[tokio::test]
+async fn large_open_write_fails_over() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    cluster.kill_primary().await;
+    c.batch_execute("INSERT INTO t VALUES (0, ''); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t")
+            .await
+            .len(),
+        20_001
+    );
+}

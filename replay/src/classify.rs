@@ -21,7 +21,8 @@ pub enum Statement {
     Rollback,
     /// SAVEPOINT, RELEASE, ROLLBACK TO: replayable inside the transaction.
     Savepoint,
-    /// Reads only (SELECT without locking or writing CTEs, SHOW, VALUES, TABLE, EXPLAIN).
+    /// Reads only (SELECT without locking or writing CTEs, SHOW, VALUES, TABLE, EXPLAIN,
+    /// COPY … TO STDOUT of a table or such a query).
     Read,
     /// Anything that may write or whose effect is unknown.
     Write,
@@ -241,6 +242,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 }
                 Statement::Read
             }
+            kw::COPY if facts.to_stdout && !facts.writes && !facts.from_stdin => Statement::Read,
             _ => Statement::Write,
         };
         let copy = keyword == kw::COPY;
@@ -284,6 +286,7 @@ struct Facts<'a> {
     advisory_lock: bool,
     dblink: bool,
     from_stdin: bool,
+    to_stdout: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -365,6 +368,7 @@ impl<'a> Facts<'a> {
             b's' => {
                 self.writes |= is("setval");
                 self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case(b"FROM");
+                self.to_stdout |= is("STDOUT") && prev.eq_ignore_ascii_case(b"TO");
             }
             b't' => {
                 self.writes |= is("txid_current");
@@ -836,6 +840,21 @@ mod tests {
         assert!(classify("COPY public.t (a, b) FROM STDIN").copies);
         assert!(classify("COPY t (a, b) FROM -- from where\n /* here */ STDIN").copies);
         assert!(!classify("SELECT a FROM t WHERE b = 'FROM' || stdin").copies);
+        assert_eq!(kinds("COPY public.t (a, b) TO STDOUT"), [Statement::Read]);
+        assert_eq!(
+            kinds("COPY (SELECT a FROM t ORDER BY a) TO /* out */ stdout (FORMAT binary)"),
+            [Statement::Read]
+        );
+        assert_eq!(
+            kinds("COPY (INSERT INTO t VALUES (1) RETURNING a) TO STDOUT"),
+            [Statement::Write]
+        );
+        assert_eq!(
+            kinds("COPY (SELECT nextval('s')) TO STDOUT"),
+            [Statement::Write]
+        );
+        assert_eq!(kinds("COPY t TO '/tmp/t.csv'"), [Statement::Write]);
+        assert_eq!(kinds("COPY t FROM STDIN"), [Statement::Write]);
         assert_eq!(
             classify("SELECT a, b, c INTO TEMP t FROM x").hazards,
             [Hazard::Unmovable("a temporary table")]

@@ -179,7 +179,7 @@ async fn session(
         stream,
         established.backend,
         Pipe::new(established.client_buf, max),
-        Pipe::new(established.backend_buf, crate::pump::SERVER_MESSAGE_LIMIT),
+        Pipe::from_server(established.backend_buf),
     );
     Session::new(
         pump,

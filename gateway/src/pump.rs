@@ -20,7 +20,11 @@ use crate::wake::Woken;
 
 /// Server messages are not limited by the gateway (the server's own limit is 1 GB); this only
 /// keeps a corrupt length word from being believed.
-pub const SERVER_MESSAGE_LIMIT: usize = i32::MAX as usize;
+const SERVER_MESSAGE_LIMIT: usize = i32::MAX as usize;
+/// Server messages up to this size reach the client whole, so that whatever the gateway must
+/// say itself (an error ending an answer, a FATAL) lands at a message boundary; longer ones
+/// stream through in pieces, keeping the gateway's memory bounded.
+const SERVER_WHOLE_UP_TO: usize = 64 * 1024;
 
 /// A direction stops reading when this much is buffered and ready to forward.
 const HIGH_WATER: usize = 256 * 1024;
@@ -55,6 +59,14 @@ impl Pipe {
     /// Bytes received but not inspected yet.
     pub fn unscanned(&self) -> &[u8] {
         &self.buf[self.ready..]
+    }
+
+    /// A pipe for the server's messages (see [`SERVER_WHOLE_UP_TO`]).
+    pub fn from_server(buf: BytesMut) -> Self {
+        Self {
+            scanner: FrameScanner::new(SERVER_MESSAGE_LIMIT).whole_up_to(SERVER_WHOLE_UP_TO),
+            ..Self::new(buf, SERVER_MESSAGE_LIMIT)
+        }
     }
 
     /// Scans the next message boundary in the bytes not inspected yet (see [`FrameScanner::next`]).

@@ -737,37 +737,6 @@ async fn no_new_primary_within_the_timeout_is_fatal() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
-/// The primary dies while a transaction that wrote much is open: the standby received the WAL
-/// the primary had flushed, which ends in the middle of a record (only a commit would have
-/// flushed the rest), so it never "replays all it received". It is promoted all the same, the
-/// transaction is replayed there, and its COMMIT commits every row once.
-#[tokio::test]
-async fn large_open_write_fails_over() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
-    c.batch_execute(
-        "BEGIN; INSERT INTO t SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g",
-    )
-    .await
-    .unwrap();
-    cluster.kill_primary().await;
-    c.batch_execute("INSERT INTO t VALUES (0, ''); COMMIT")
-        .await
-        .unwrap();
-    assert_eq!(
-        values(cluster_on_new_primary(&mut cluster).await, "t")
-            .await
-            .len(),
-        20_001
-    );
-}
-
 /// COPY TO STDOUT interrupted by the failover mid-stream: the client gets every row once, in
 /// order, as if nothing happened (the new primary's copy is read past what the client had).
 #[tokio::test]
@@ -808,4 +777,137 @@ async fn copy_out_in_flight_completes() {
             .unwrap();
         assert_eq!(a, i as i32 + 1, "row {i} in order, once");
     }
+}
+
+/// An autocommit write whose answer the client was part way through when the primary died is
+/// not run again: its answer ends in ERROR 08007 (as an answer may end in an error at any
+/// message boundary), nothing of it is applied, and the session goes on.
+#[tokio::test]
+async fn autocommit_write_seen_in_part_gets_08007() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    // The server inserts every row before it sends the first RETURNING row, and commits
+    // after the last: 30 MB of them cannot all fit in the socket buffers and the gateway's,
+    // so the client has the first rows while the server, blocked sending, has not committed.
+    let rows = c
+        .query_raw(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series(1, 30000) g
+             RETURNING a, pad",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(rows);
+    let mut seen = 0;
+    let mut killed = false;
+    let error = loop {
+        match rows.next().await {
+            Some(Ok(row)) => {
+                seen += 1;
+                assert_eq!(row.get::<_, i32>(0), seen);
+                if !killed {
+                    killed = true;
+                    cluster.kill_primary().await;
+                }
+            }
+            Some(Err(e)) => break e,
+            None => panic!("the write finished although its primary was killed"),
+        }
+    };
+    assert_eq!(sqlstate(&error), Some("08007"), "{error:?}");
+    assert!(seen < 30_000);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the killed write is not applied on the new primary");
+}
+
+/// A string ending a transaction (`SELECT …; COMMIT`) whose first result the client was
+/// receiving when the primary died: the transaction is replayed, the result continues where
+/// the client stopped, and the COMMIT commits the transaction's write once.
+#[tokio::test]
+async fn commit_string_seen_in_part_completes() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
+         CREATE TABLE big(a int, pad text); GRANT ALL ON big TO PUBLIC;
+         INSERT INTO big SELECT g, repeat('y', 500) FROM generate_series(1, 4000) g",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let stream = c
+        .simple_query_raw(
+            // No ORDER BY: a sort would hold every row back until the last was read. The
+            // standby's copy of the table is the same pages, so a scan returns the same order.
+            "SELECT a, pad FROM big WHERE pg_sleep(0.0005)::text = ''; COMMIT",
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(stream);
+    let mut rows = Vec::new();
+    let mut commands = 0;
+    let mut killed = false;
+    while let Some(m) = stream.next().await {
+        match m.unwrap() {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                rows.push(r.get(0).unwrap().parse::<i32>().unwrap());
+                if !killed {
+                    killed = true;
+                    cluster.kill_primary().await;
+                }
+            }
+            tokio_postgres::SimpleQueryMessage::CommandComplete(_) => commands += 1,
+            _ => {}
+        }
+    }
+    assert!(killed);
+    assert_eq!(rows, (1..=4000).collect::<Vec<_>>());
+    assert_eq!(commands, 2, "the SELECT and the COMMIT complete");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1]
+    );
+}
+
+/// The primary dies while a transaction that wrote much is open: the standby received the WAL
+/// the primary had flushed, which ends in the middle of a record (only a commit would have
+/// flushed the rest), so it never "replays all it received". It is promoted all the same, the
+/// transaction is replayed there, and its COMMIT commits every row once.
+#[tokio::test]
+async fn large_open_write_fails_over() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    cluster.kill_primary().await;
+    c.batch_execute("INSERT INTO t VALUES (0, ''); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t")
+            .await
+            .len(),
+        20_001
+    );
 }

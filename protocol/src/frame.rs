@@ -59,6 +59,7 @@ pub enum FrameError {
 pub struct FrameScanner {
     body_left: usize,
     max_len: usize,
+    whole_up_to: usize,
 }
 
 impl FrameScanner {
@@ -67,7 +68,15 @@ impl FrameScanner {
         Self {
             body_left: 0,
             max_len,
+            whole_up_to: 0,
         }
+    }
+
+    /// The same scanner, returning every message of at most `len` bytes (length word
+    /// included) whole, whatever its type: a peer forwarded to is then never left inside one.
+    pub fn whole_up_to(mut self, len: usize) -> Self {
+        self.whole_up_to = len;
+        self
     }
 
     /// Continues in the middle of a streamed message with `body_left` bytes still to come
@@ -124,7 +133,7 @@ impl FrameScanner {
             });
         }
         let body_len = len - 4;
-        if whole(tag) {
+        if len <= self.whole_up_to || whole(tag) {
             let end = HEADER_LEN + body_len;
             return Ok(match buf.get(HEADER_LEN..end) {
                 Some(body) => (Step::Whole { tag, body }, end),
@@ -192,6 +201,39 @@ mod tests {
             assert_eq!(events, ["Z[73]", "D:10", "Z[84]"], "split at {split}");
             assert!(s.at_boundary());
         }
+    }
+
+    #[test]
+    fn small_messages_of_any_type_come_whole() {
+        let mut stream = msg(b'D', &[1u8; 10]);
+        stream.extend(msg(b'D', &[2u8; 100]));
+        let mut s = FrameScanner::new(1 << 20).whole_up_to(20);
+        // Not all of the first message yet: nothing to forward.
+        assert_eq!(
+            s.next(&stream[..8], |_| false).unwrap(),
+            (Step::NeedMore, 0)
+        );
+        let (step, n) = s.next(&stream, |_| false).unwrap();
+        assert_eq!(
+            step,
+            Step::Whole {
+                tag: b'D',
+                body: &[1u8; 10][..]
+            }
+        );
+        // Over the bound: streamed as before.
+        let (step, m) = s.next(&stream[n..n + 50], |_| false).unwrap();
+        assert_eq!(
+            (step, m),
+            (
+                Step::Streamed {
+                    tag: b'D',
+                    body_len: 100
+                },
+                50
+            )
+        );
+        assert_eq!(s.body_left(), 55);
     }
 
     #[test]

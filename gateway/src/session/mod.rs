@@ -475,7 +475,9 @@ impl Session {
             let doomed = self.doomed_commit.is_some();
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
-            let (step, n) = match down.scanner.next(&down.buf[at..], |t| {
+            // The messages to look into; any other comes whole only when small (see
+            // `Pipe::from_server`), and is passed on like a streamed one.
+            let look = |t| {
                 internal
                     || wanted(t)
                     || doomed && t == backend::COMMAND_COMPLETE
@@ -483,7 +485,8 @@ impl Session {
                         && t == backend::COMMAND_COMPLETE
                     || suffix == XidSuffix::Completed && t == backend::ROW_DESCRIPTION
                     || suffix == XidSuffix::Answer && t == backend::DATA_ROW
-            }) {
+            };
+            let (step, n) = match down.scanner.next(&down.buf[at..], look) {
                 Ok(s) => s,
                 // The server's framing is trusted; a broken one means a broken connection.
                 Err(e) => {
@@ -494,6 +497,12 @@ impl Session {
             };
             match step {
                 Step::NeedMore => return None,
+                Step::Whole { tag, .. } if !look(tag) => {
+                    self.journal
+                        .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
+                    self.journal.on_server_message(tag);
+                    self.pump.down.ready += n;
+                }
                 Step::Whole { tag, body } if internal => {
                     if tag == backend::ERROR_RESPONSE {
                         let err = ErrorView::parse(body);
@@ -658,7 +667,11 @@ impl Session {
         }
         if let Err(e) = &result {
             let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_client()).await;
-            if let Some((code, message)) = e.client_report() {
+            // A client left in the middle of a message would read the FATAL as part of it.
+            let report = e
+                .client_report()
+                .filter(|_| self.pump.down.scanner.at_boundary());
+            if let Some((code, message)) = report {
                 count_error(code, "gateway");
                 let mut buf = BytesMut::new();
                 encode::error_response(&mut buf, Severity::Fatal, code, &message);

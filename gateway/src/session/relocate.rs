@@ -16,7 +16,7 @@ use super::{Owner, Poison, Session, XID_QUERY};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{FailoverError, Promotion};
-use crate::pump::{Pipe, SERVER_MESSAGE_LIMIT};
+use crate::pump::Pipe;
 use crate::sessions::CancelTarget;
 use crate::stream::Stream;
 use crate::wire::{read_message, send, ReadError};
@@ -44,6 +44,8 @@ enum CommitOutcome {
 struct Fresh {
     stream: Stream,
     buf: BytesMut,
+    /// ParameterStatus messages for the values that differ on the new server.
+    changed_params: BytesMut,
 }
 
 impl Fresh {
@@ -232,7 +234,10 @@ impl Session {
             .await
             .map_err(SessionError::ClientGone)?;
         let left = self.pump.down.scanner.body_left();
-        self.pump.down = Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT);
+        self.pump.down = Pipe::from_server(BytesMut::new());
+        // Until the move completes that message, the client is in the middle of it (so a
+        // failed move closes the connection without writing a FATAL into it).
+        self.pump.down.scanner.resume_body(left);
         // Scanned client bytes not yet written are in the journal; they go out again below.
         self.pump.up.discard_ready();
         self.wire.clear();
@@ -286,20 +291,21 @@ impl Session {
             self.backend_pid = pid;
         }
         // Parameters that differ on the new server are reported, as the server would.
-        let mut changed = BytesMut::new();
+        let mut changed_params = BytesMut::new();
         for (name, value) in &greeting.params {
             let known = self.server_params.iter().find(|(n, _)| n == name);
             if known.is_none_or(|(_, v)| v != value) {
-                encode::parameter_status(&mut changed, name, value);
+                encode::parameter_status(&mut changed_params, name, value);
                 self.journal.on_parameter_status(name, value);
                 super::record_param(&mut self.server_params, name, value);
             }
         }
-        if !changed.is_empty() {
-            self.pump.down.insert_ready(&changed);
-        }
         self.relogin.backend = promotion.primary.clone();
-        Ok(Fresh { stream, buf })
+        Ok(Fresh {
+            stream,
+            buf,
+            changed_params,
+        })
     }
 
     /// Gives the new backend the session's SETs, prepared statements and LISTENs.
@@ -471,7 +477,7 @@ impl Session {
                     self.journal.settle_commit();
                     self.txn_status = b'I';
                     // Requests pipelined after the COMMIT run as new ones.
-                    self.resend_in_flight(&in_flight[1..], false, &mut resumed);
+                    self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
                     return Ok(resumed);
                 }
                 CommitOutcome::InDoubt => {
@@ -484,7 +490,7 @@ impl Session {
                         .to_backend
                         .extend_from_slice(&raise("08007", IN_DOUBT));
                     resumed.owners.push(Owner::Client);
-                    self.resend_in_flight(&in_flight[1..], false, &mut resumed);
+                    self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
                     return Ok(resumed);
                 }
                 CommitOutcome::NotCommitted => {}
@@ -530,8 +536,19 @@ impl Session {
             // The replayed transaction has an xid of its own on the new primary, not known yet.
             self.journal.set_xid(None);
         }
-        self.resend_in_flight(&in_flight, in_txn, &mut resumed);
-        let first = in_flight.first().map(|_| seen_answer);
+        let first = match in_flight.first() {
+            // Not run again: its 08007 ends the answer, as an error may at any message boundary.
+            Some(g) if in_doubt(g, in_txn) && seen_answer.len > 0 => {
+                if partial.is_some() {
+                    return Err(cannot_move("08007", IN_DOUBT.to_owned()));
+                }
+                None
+            }
+            Some(_) => Some(seen_answer),
+            None => None,
+        };
+        let first_seen = first.is_some_and(|d| d.len > 0);
+        self.resend_in_flight(&in_flight, in_txn, first_seen, &mut resumed);
         self.consume_seen_prefix(fresh, first, partial, &mut resumed)
             .await?;
         Ok(resumed)
@@ -540,17 +557,32 @@ impl Session {
     /// Queues the unanswered requests for the new backend. Outside a transaction a request
     /// that may have written cannot be re-run (the old primary may have applied it): the
     /// client gets 08007 in its place, from the new backend so that answers stay in order.
-    fn resend_in_flight(&mut self, in_flight: &[&Group], in_txn: bool, resumed: &mut Resumed) {
+    /// `first_seen`: the client has part of the first one's answer, which is read again and
+    /// checked before anything else the new backend says.
+    fn resend_in_flight(
+        &mut self,
+        in_flight: &[&Group],
+        in_txn: bool,
+        first_seen: bool,
+        resumed: &mut Resumed,
+    ) {
         let mut in_txn = in_txn;
-        for g in in_flight {
-            let in_doubt = !in_txn && g.may_write && !g.begins && g.closed;
-            if in_doubt {
+        for (i, g) in in_flight.iter().enumerate() {
+            if in_doubt(g, in_txn) {
                 metrics::counter!("understudy_in_doubt_statements_total").increment(1);
                 resumed
                     .to_backend
                     .extend_from_slice(&raise("08007", IN_DOUBT));
             } else {
-                if g.commits && in_txn && self.journal.txn_may_write() && self.capture_xid {
+                // Not ahead of an answer being checked: the xid then stays unknown, and a
+                // second failover during this COMMIT gives 08007.
+                let checked = i == 0 && first_seen;
+                if g.commits
+                    && in_txn
+                    && self.journal.txn_may_write()
+                    && self.capture_xid
+                    && !checked
+                {
                     resumed.to_backend.extend_from_slice(XID_QUERY);
                     resumed.owners.push(Owner::Xid);
                 }
@@ -596,6 +628,11 @@ impl Session {
             let (tag, raw) = fresh.recv().await.map_err(|e| {
                 cannot_move("08006", format!("replay on the new primary failed: {e}"))
             })?;
+            if tag == backend::READY_FOR_QUERY {
+                // The answer ended before reaching what the client had.
+                metrics::counter!("understudy_replays_total", "outcome" => "diverged").increment(1);
+                return Err(cannot_move("40001", DIVERGED.to_owned()));
+            }
             if !digested(tag) {
                 continue;
             }
@@ -687,15 +724,15 @@ impl Session {
 
     /// Puts the new backend on the data path in the old one's place.
     fn finish_move(&mut self, fresh: Fresh, resumed: Resumed) {
-        let Fresh { stream, buf } = fresh;
-        let greeting_changes = std::mem::replace(
-            &mut self.pump.down,
-            Pipe::new(BytesMut::new(), SERVER_MESSAGE_LIMIT),
-        );
-        self.pump
-            .replace_backend(stream, Pipe::new(buf, SERVER_MESSAGE_LIMIT));
-        let mut to_client = BytesMut::from(&greeting_changes.buf[..]);
-        to_client.extend_from_slice(&resumed.to_client);
+        let Fresh {
+            stream,
+            buf,
+            changed_params,
+        } = fresh;
+        self.pump.replace_backend(stream, Pipe::from_server(buf));
+        // After the rest of a message the client got part of, never inside it.
+        let mut to_client = resumed.to_client;
+        to_client.extend_from_slice(&changed_params);
         if !to_client.is_empty() {
             self.pump.down.insert_ready(&to_client);
         }
@@ -739,6 +776,12 @@ impl Fresh {
             }
         }
     }
+}
+
+/// Whether an unanswered request must not run again: outside a transaction a request that may
+/// have written may have been applied by the old primary, so the client gets 08007 instead.
+fn in_doubt(g: &Group, in_txn: bool) -> bool {
+    !in_txn && g.may_write && !g.begins && g.closed
 }
 
 fn count_move(outcome: &'static str) {

@@ -35,6 +35,8 @@ pub struct Status {
     pub failover_off: Option<&'static str>,
     /// Configured backends and their roles.
     pub backends: Vec<BackendStatus>,
+    /// Spare connections open to the primary, ready for logins.
+    pub spare_backends: usize,
     /// Live sessions.
     pub sessions: Vec<SessionStatus>,
 }
@@ -57,6 +59,7 @@ pub fn status(shared: &Shared) -> Status {
         },
         failover_off: shared.failover.disabled(),
         backends: shared.topology.statuses(),
+        spare_backends: shared.connector.spares.as_ref().map_or(0, |s| s.len()),
         sessions,
     }
 }

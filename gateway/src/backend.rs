@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendSslMode, Keepalive};
 use crate::error::SessionError;
+use crate::spares::Spares;
 use crate::stream::{tune_socket, Stream};
 use crate::tls::server_name;
 use crate::topology::Backend;
@@ -25,29 +26,48 @@ pub struct Connector {
     pub timeout: Duration,
     /// Keepalive for backend sockets.
     pub keepalive: Keepalive,
+    /// Connections opened ahead of logins, if any are kept.
+    pub spares: Option<Arc<Spares>>,
 }
 
 impl Connector {
-    /// Connects to `backend` and sends a protocol 3.0 StartupMessage with `params` as given.
+    /// Connects to `backend` and sends a protocol 3.0 StartupMessage with `params` as given,
+    /// on a spare connection when one is ready.
     pub async fn open<'a>(
         &self,
         backend: &Backend,
         params: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> Result<Stream, SessionError> {
+        let mut buf = BytesMut::with_capacity(256);
+        postgres_startup(&mut buf, params);
+        if let Some(mut spare) = self.spares.as_ref().and_then(|s| s.take(backend)) {
+            // The server has read nothing from a spare, so sending the StartupMessage again
+            // on a new connection when this one turns out dead starts nothing twice.
+            if send(&mut spare, &buf).await.is_ok()
+                && crate::spares::answered(spare.tcp(), self.timeout).await
+            {
+                return Ok(spare);
+            }
+            tracing::debug!(%backend, "spare backend connection was gone; opening another");
+        }
+        let mut stream = self.connect(backend).await?;
+        send(&mut stream, &buf)
+            .await
+            .map_err(SessionError::BackendLost)?;
+        Ok(stream)
+    }
+
+    /// Opens a connection to `backend` (TCP, then TLS as `sslmode` says) within the timeout.
+    pub async fn connect(&self, backend: &Backend) -> Result<Stream, SessionError> {
         let started = Instant::now();
         let unavailable = |e: &dyn std::fmt::Display| SessionError::BackendUnavailable {
             code: "08001",
             message: format!("could not connect to the database server at {backend}: {e}"),
         };
-        let mut stream = crate::clock::timeout(self.timeout, self.negotiate(backend))
+        let stream = crate::clock::timeout(self.timeout, self.negotiate(backend))
             .await
             .map_err(|_| unavailable(&format!("timed out after {:?}", self.timeout)))?
             .map_err(|e| unavailable(&e))?;
-        let mut buf = BytesMut::with_capacity(256);
-        postgres_startup(&mut buf, params);
-        send(&mut stream, &buf)
-            .await
-            .map_err(SessionError::BackendLost)?;
         metrics::histogram!("understudy_backend_connect_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(stream)

@@ -22,6 +22,11 @@ pub struct Config {
     pub max_message_size: usize,
     /// Time allowed to open a backend connection (TCP and TLS), in milliseconds.
     pub connect_timeout_ms: u64,
+    /// Backend connections kept open to the primary ahead of logins (0: none), so that a
+    /// login does not wait for the server to start a process.
+    pub spare_backends: usize,
+    /// Age at which a spare is replaced, in ms; below the server's `authentication_timeout`.
+    pub spare_max_age_ms: u64,
     /// Time allowed for a client to complete startup and authentication, in milliseconds.
     pub login_timeout_ms: u64,
     /// On SIGTERM/SIGINT, time open transactions get to finish before sessions are closed, in ms.
@@ -53,6 +58,8 @@ impl Default for Config {
             max_client_connections: 1000,
             max_message_size: 256 << 20,
             connect_timeout_ms: 5_000,
+            spare_backends: 2,
+            spare_max_age_ms: 30_000,
             login_timeout_ms: 15_000,
             shutdown_timeout_ms: 30_000,
             topology_interval_ms: 1_000,
@@ -282,6 +289,9 @@ impl Config {
         }
         if self.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024 bytes");
+        }
+        if self.spare_backends > 0 && self.spare_max_age_ms < 1_000 {
+            return invalid("spare_max_age_ms must be at least 1000");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");

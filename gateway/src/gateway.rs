@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -12,6 +13,7 @@ use crate::backend::Connector;
 use crate::config::Config;
 use crate::sessions::Registry;
 use crate::shutdown::{self, Phase, ShutdownTrigger};
+use crate::spares::Spares;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 
@@ -85,6 +87,12 @@ impl Gateway {
             tls: crate::tls::backend_config(&config.backend_tls)?,
             timeout: config.connect_timeout(),
             keepalive: config.tcp_keepalive.clone(),
+            spares: (config.spare_backends > 0).then(|| {
+                Arc::new(Spares::new(
+                    config.spare_backends,
+                    Duration::from_millis(config.spare_max_age_ms),
+                ))
+            }),
         };
         let client_tls = crate::tls::server_config(&config.tls)?;
         let listener =
@@ -170,6 +178,13 @@ impl Gateway {
         let mut shutdown = shared.shutdown.subscribe();
         tracker.spawn(shared.topology.clone().run(shutdown.clone()));
         tracker.spawn(crate::failover::monitor(shared.clone(), shutdown.clone()));
+        if let Some(spares) = shared.connector.spares.clone() {
+            tracker.spawn(spares.keep(
+                shared.connector.clone(),
+                shared.topology.clone(),
+                shutdown.clone(),
+            ));
+        }
         // The admin listener keeps answering while sessions drain; it stops with the gateway.
         let admin = admin.map(|admin| {
             tokio::spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()))

@@ -21,6 +21,7 @@ pub mod pump;
 pub mod session;
 pub mod sessions;
 pub mod shutdown;
+pub mod spares;
 pub mod stream;
 pub mod telemetry;
 pub mod tls;

@@ -28,6 +28,10 @@ pub fn prometheus() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!("understudy_sessions_open", "Client sessions open now");
+    describe_gauge!(
+        "understudy_backend_spares",
+        "Spare backend connections ready for logins"
+    );
     describe_counter!("understudy_sessions_total", "Client sessions accepted");
     describe_counter!(
         "understudy_sessions_ended_total",

@@ -174,6 +174,11 @@ impl Topology {
         (*self.primary.borrow()).and_then(|i| self.backends.get(i).cloned())
     }
 
+    /// Notices each change of the primary sessions are routed to.
+    pub fn primary_changes(&self) -> watch::Receiver<Option<usize>> {
+        self.primary.subscribe()
+    }
+
     /// Waits until the primary is known and differs from `old`.
     pub async fn primary_other_than(&self, old: &Backend, timeout: Duration) -> Option<Backend> {
         let mut rx = self.primary.subscribe();

@@ -126,6 +126,18 @@ async fn follows_a_promotion_for_new_sessions() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The spares now wait on the new primary.
+    wait_spares(&gw, 2).await;
+    let su = standby
+        .client(roles::SUPERUSER, "postgres")
+        .await
+        .expect("superuser connection to the new primary");
+    let mark = server_clock(&su).await;
+    let c = gw.connect(roles::SCRAM).await;
+    assert!(
+        started_before(&su, &c, mark).await,
+        "no spare on the new primary"
+    );
 }
 
 /// PIDs of the gateway's kept control connections on the primary.
@@ -260,4 +272,116 @@ async fn a_terminated_or_hung_control_connection_is_replaced() {
         .query_one("SELECT 1", &[])
         .await
         .unwrap();
+}
+
+/// Waits until the gateway reports `n` spare backend connections.
+async fn wait_spares(gw: &understudy_integration_tests::TestGateway, n: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while gw.status().await["spare_backends"] != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} spares: {}",
+            gw.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the backend behind `c` was started before `mark` (the server's clock, in seconds).
+async fn started_before(
+    su: &tokio_postgres::Client,
+    c: &tokio_postgres::Client,
+    mark: f64,
+) -> bool {
+    let pid = understudy_integration_tests::backend_pid(c).await;
+    su.query_one(
+        "SELECT extract(epoch FROM backend_start)::float8 < $2 FROM pg_stat_activity WHERE pid = $1",
+        &[&pid, &mark],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The server's clock, in seconds since the epoch.
+async fn server_clock(su: &tokio_postgres::Client) -> f64 {
+    su.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Logins get a backend the server started before the client came (a spare), with the
+/// client's own user, database and parameters, and each spare taken is replaced.
+#[tokio::test]
+async fn logins_use_spare_backend_connections() {
+    let cluster = Cluster::primary_only().await;
+    let su = cluster.superuser().await;
+    let gw = cluster.gateway_with(|c| c.spare_backends = 2).await;
+    for round in 0..4 {
+        wait_spares(&gw, 2).await;
+        let mark = server_clock(&su).await;
+        let mut config = gw.pg_config(roles::SCRAM);
+        config.application_name(format!("spare-{round}"));
+        let (c, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert!(
+            started_before(&su, &c, mark).await,
+            "round {round}: the backend was started for this login, not ahead of it"
+        );
+        let row = c
+            .query_one(
+                "SELECT current_user::text, current_database()::text, current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), roles::SCRAM);
+        assert_eq!(row.get::<_, String>(1), "postgres");
+        assert_eq!(row.get::<_, String>(2), format!("spare-{round}"));
+        // A wrong password on a spare is still the server's verdict.
+        let mut wrong = gw.pg_config(roles::SCRAM);
+        wrong.password("not-the-password");
+        let e = gw.try_connect(wrong).await.unwrap_err();
+        assert_eq!(sqlstate(&e), Some("28P01"), "{e}");
+    }
+    // Without spares the backend is started for the login.
+    let plain = cluster.gateway_with(|c| c.spare_backends = 0).await;
+    assert_eq!(plain.status().await["spare_backends"], 0);
+    let mark = server_clock(&su).await;
+    let c = plain.connect(roles::SCRAM).await;
+    assert!(!started_before(&su, &c, mark).await);
+}
+
+/// Spares the server has dropped (here its `authentication_timeout` ran out) are noticed at
+/// login and replaced: the login gets a new connection and never sees the dead one.
+#[tokio::test]
+async fn spares_the_server_dropped_are_replaced() {
+    let cluster = Cluster::primary_only().await;
+    let su = cluster.superuser().await;
+    for sql in [
+        "ALTER SYSTEM SET authentication_timeout = '1s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        su.batch_execute(sql).await.unwrap();
+    }
+    let gw = cluster
+        .gateway_with(|c| {
+            c.spare_backends = 2;
+            c.spare_max_age_ms = 600_000;
+        })
+        .await;
+    for _ in 0..3 {
+        wait_spares(&gw, 2).await;
+        // Both spares outlive the server's patience.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let mark = server_clock(&su).await;
+        let c = gw.connect(roles::SCRAM).await;
+        assert!(
+            !started_before(&su, &c, mark).await,
+            "a dead spare was used"
+        );
+        let n: i32 = c.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
+        assert_eq!(n, 42);
+    }
 }

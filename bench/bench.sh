@@ -37,8 +37,10 @@
 #      sessions through it over raw sockets (StartupMessage -> ReadyForQuery), and the gateway's
 #      VmRSS (/proc/PID/status) before and after gives KiB per idle session; measured again after
 #      each session ran one `SELECT 1`. Target: <= 64 KiB per idle session. PgBouncer's figure is
-#      measured the same way for reference, and the time each login takes (sequential) is shown
-#      for direct, understudy and PgBouncer.
+#      measured the same way for reference.
+#   4. Login time: $LOGIN_ROUNDS interleaved rounds (order rotated) of $LOGIN_SESSIONS sequential
+#      logins held open, through direct, understudy (the fresh gateway of 3., default spare
+#      backend connections) and PgBouncer; reported: the median of the rounds' mean login time.
 #
 # Setup (all throwaway, all on 127.0.0.1, everything removed on exit)
 #   - builds target/release/understudy (unless SKIP_BUILD=1);
@@ -72,6 +74,7 @@
 #   SCALE=10     pgbench scale factor            CLIENTS=8   clients for the throughput runs
 #   THREADS=2    pgbench -j                      WARMUP=2    seconds of untimed warm-up per target
 #   SESSIONS=500 idle sessions for the memory test (max_connections is 600)
+#   LOGIN_ROUNDS=5 LOGIN_SESSIONS=100  login probe rounds, and logins per target and round
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   SKIP_BUILD=1 use the existing target/release/understudy
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
@@ -99,6 +102,8 @@ CLIENTS=${CLIENTS:-8}
 THREADS=${THREADS:-2}
 WARMUP=${WARMUP:-2}
 SESSIONS=${SESSIONS:-500}
+LOGIN_ROUNDS=${LOGIN_ROUNDS:-5}
+LOGIN_SESSIONS=${LOGIN_SESSIONS:-100}
 LAT_CPU=${LAT_CPU:-1}
 LAT_PIN=${LAT_PIN:-all}
 IDLE_WAIT=${IDLE_WAIT:-0}
@@ -681,16 +686,53 @@ MEMGW_PID=$STARTED_PID
 sleep 1
 log "memory: $SESSIONS idle sessions through understudy"
 measure_memory understudy "$MEM_PORT" "$MEMGW_PID" "$TMP/mem-understudy"
-read -r GW_BASE GW_OPEN GW_QUERIED GW_LOGIN <"$TMP/mem-understudy"
-stop_gateway "$MEMGW_PID"; MEMGW_PID=""
+read -r GW_BASE GW_OPEN GW_QUERIED _ <"$TMP/mem-understudy"
 sleep 1 # let the backends exit (max_connections is 600)
-log "login time: $SESSIONS sessions opened directly (reference)"
-measure_memory direct "$PG_PORT" - "$TMP/mem-direct"
-read -r _ _ _ DIRECT_LOGIN <"$TMP/mem-direct"
+
+# Login time, interleaved like the throughput runs: each round opens $LOGIN_SESSIONS sessions one
+# after another (held open, as an application's pool fills) through each target, in rotated order.
+cat >"$TMP/login_probe.py" <<'PY'
+"""Sequential logins (raw StartupMessage, trust); prints raw rows: login probe TARGET ROUND NaN MS NaN."""
+import socket, struct, sys, time
+
+rounds, n, user, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+targets = [(t.split("=")[0], int(t.split("=")[1])) for t in sys.argv[5:]]
+params = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
+                  (("user", user), ("database", db), ("application_name", "understudy-bench-login"))) + b"\0"
+startup = struct.pack("!II", 8 + len(params), 196608) + params
+
+def login(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(startup)
+    buf = b""
+    while b"Z\0\0\0\x05I" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit(f"login to port {port} failed: {buf[:200]!r}")
+        buf += chunk
+    return s
+
+for r in range(1, rounds + 1):
+    for k in range(len(targets)):
+        name, port = targets[(k + r - 1) % len(targets)]
+        t0 = time.monotonic()
+        socks = [login(port) for _ in range(n)]
+        ms = (time.monotonic() - t0) * 1000 / n
+        for s in socks:
+            s.sendall(b"X\0\0\0\4")
+            s.close()
+        print(f"login\tprobe\t{name}\t{r}\tNaN\t{ms:.4f}\tNaN", flush=True)
+        time.sleep(0.5)
+PY
+log "login time: $LOGIN_ROUNDS rounds of $LOGIN_SESSIONS sequential logins, direct / understudy / pgbouncer interleaved"
+python3 "$TMP/login_probe.py" "$LOGIN_ROUNDS" "$LOGIN_SESSIONS" postgres "$DB" \
+    direct="$PG_PORT" understudy="$MEM_PORT" pgbouncer="$PGB_PORT" >>"$RAW" \
+    || die "login probe failed"
+stop_gateway "$MEMGW_PID"; MEMGW_PID=""
 sleep 1
 log "memory: $SESSIONS idle sessions through pgbouncer (reference)"
 measure_memory pgbouncer "$PGB_PORT" "$PGB_PID" "$TMP/mem-pgbouncer"
-read -r PGB_BASE PGB_OPEN PGB_QUERIED PGB_LOGIN <"$TMP/mem-pgbouncer"
+read -r PGB_BASE PGB_OPEN PGB_QUERIED _ <"$TMP/mem-pgbouncer"
 
 # ---------------------------------------------------------------------------------------------
 # 7. report
@@ -700,12 +742,12 @@ PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 | awk '{print $N
 LOAD_END=$(loadavg)
 REPORT=$TMP/report.md
 python3 - "$RAW" "$CLIENTS" "$GW_BASE" "$GW_OPEN" "$GW_QUERIED" "$PGB_BASE" "$PGB_OPEN" "$PGB_QUERIED" "$SESSIONS" \
-    "$DIRECT_LOGIN" "$GW_LOGIN" "$PGB_LOGIN" >"$REPORT" <<PY
+    "$LOGIN_SESSIONS" "$LOGIN_ROUNDS" >"$REPORT" <<PY
 import math, statistics, sys
 sys.path.insert(0, "$BENCH_DIR")
 from stats import fmt_ci, paired
 raw, clients = sys.argv[1], int(sys.argv[2])
-gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n, login_d, login_u, login_b = map(int, sys.argv[3:13])
+gw_base, gw_open, gw_q, pgb_base, pgb_open, pgb_q, n, login_n, login_rounds = map(int, sys.argv[3:12])
 rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
 def med(kind, w, t, col):
     vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t and len(r) > col]
@@ -834,8 +876,10 @@ print()
 print("RSS with sessions open: after login / after one \`SELECT 1\` each. PgBouncer's server connections are pooled")
 print("(opened at the first query, kept after the benchmark), so its figures are a reference, not a like-for-like.")
 print()
-print(f"Login time (sequential, {n} sessions, raw StartupMessage, trust): direct {login_d/1000:.2f} ms, "
-      f"understudy {login_u/1000:.2f} ms ({(login_u-login_d)/1000:+.2f} ms), pgbouncer {login_b/1000:.2f} ms.")
+login_d, login_u, login_b = (med("login", "probe", t, 5) for t in ("direct", "understudy", "pgbouncer"))
+print(f"Login time (median of {login_rounds} interleaved rounds of {login_n} sequential logins held open, raw "
+      f"StartupMessage, trust): direct {login_d:.2f} ms, understudy {login_u:.2f} ms ({login_u-login_d:+.2f} ms), "
+      f"pgbouncer {login_b:.2f} ms (it hands out pooled server connections).")
 print()
 print("## Targets")
 print()

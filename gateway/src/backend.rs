@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendSslMode, Keepalive};
 use crate::error::SessionError;
-use crate::spares::Spares;
+use crate::spares::{Answer, Spares};
 use crate::stream::{tune_socket, Stream};
 use crate::tls::server_name;
 use crate::topology::Backend;
@@ -41,14 +41,27 @@ impl Connector {
         let mut buf = BytesMut::with_capacity(256);
         postgres_startup(&mut buf, params);
         if let Some(mut spare) = self.spares.as_ref().and_then(|s| s.take(backend)) {
-            // The server has read nothing from a spare, so sending the StartupMessage again
-            // on a new connection when this one turns out dead starts nothing twice.
-            if send(&mut spare, &buf).await.is_ok()
-                && crate::spares::answered(spare.tcp(), self.timeout).await
-            {
-                return Ok(spare);
+            // The server has read nothing from a spare it closed, so sending the StartupMessage
+            // again on a new connection starts nothing twice.
+            let answer = match send(&mut spare, &buf).await {
+                Ok(()) => crate::spares::answer(spare.tcp(), self.timeout).await,
+                Err(_) => Answer::Closed,
+            };
+            match answer {
+                Answer::Answered => return Ok(spare),
+                Answer::Closed => {
+                    tracing::debug!(%backend, "spare backend connection was closed; opening another")
+                }
+                Answer::Silent => {
+                    return Err(SessionError::BackendUnavailable {
+                        code: "08001",
+                        message: format!(
+                            "the database server at {backend} did not answer within {:?}",
+                            self.timeout
+                        ),
+                    })
+                }
             }
-            tracing::debug!(%backend, "spare backend connection was gone; opening another");
         }
         let mut stream = self.connect(backend).await?;
         send(&mut stream, &buf)

@@ -8,8 +8,9 @@
 //! the client and nothing about the session differs; the server does not count it in
 //! `max_connections` or list it in `pg_stat_activity` until then. A server drops a connection
 //! that sends nothing for `authentication_timeout` (60 s by default), so spares are replaced
-//! after `spare_max_age_ms`, and one found closed, or that does not answer its StartupMessage
-//! in time, is given up for a connection made on the spot.
+//! after `spare_max_age_ms`, and one found closed is given up for a connection made on the
+//! spot. One that gets no answer to its StartupMessage within the connect timeout reads as an
+//! unreachable server, as a connection attempt that timed out would.
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
@@ -168,18 +169,33 @@ fn peek(tcp: &TcpStream) -> std::io::Result<usize> {
     socket2::SockRef::from(tcp).peek(&mut byte)
 }
 
-/// Waits until the server answers on a spare: false when it closes the connection instead or
-/// says nothing within `timeout` (a spare to a host that went away).
-pub async fn answered(tcp: &TcpStream, timeout: Duration) -> bool {
+/// What became of a StartupMessage sent on a spare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The server's answer has begun to arrive.
+    Answered,
+    /// The server had closed the connection (before reading the message).
+    Closed,
+    /// Nothing came back in time: the server's host is not answering.
+    Silent,
+}
+
+/// Waits until the server answers on a spare, closes it, or `timeout` passes.
+pub async fn answer(tcp: &TcpStream, timeout: Duration) -> Answer {
     let wait = async {
         loop {
             tcp.readable().await?;
             match tcp.try_io(Interest::READABLE, || peek(tcp)) {
-                Ok(n) => return Ok::<bool, std::io::Error>(n > 0),
+                Ok(0) => return Ok::<Answer, std::io::Error>(Answer::Closed),
+                Ok(_) => return Ok(Answer::Answered),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
     };
-    matches!(crate::clock::timeout(timeout, wait).await, Ok(Ok(true)))
+    match crate::clock::timeout(timeout, wait).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Answer::Closed,
+        Err(_) => Answer::Silent,
+    }
 }

@@ -99,6 +99,11 @@ impl Spares {
         ready.front().map(|s| s.born + self.max_age)
     }
 
+    fn close_all(&self) {
+        self.ready().clear();
+        metrics::gauge!("understudy_backend_spares").set(0.0);
+    }
+
     /// Opens spares to the current primary and replaces them as they are taken or age, until
     /// shutdown.
     pub async fn keep(
@@ -113,7 +118,11 @@ impl Spares {
             let expiry = self.prune(primary.as_ref());
             let missing = primary.as_ref().filter(|_| self.len() < self.want);
             let wait = if let Some(backend) = missing {
-                match connector.connect(backend).await {
+                let opened = tokio::select! {
+                    opened = connector.connect(backend) => opened,
+                    _ = shutdown.draining() => return self.close_all(),
+                };
+                match opened {
                     Ok(stream) => {
                         let mut ready = self.ready();
                         ready.push_back(Spare {
@@ -144,9 +153,7 @@ impl Spares {
             .await
             .unwrap_or(false);
             if stop {
-                self.ready().clear();
-                metrics::gauge!("understudy_backend_spares").set(0.0);
-                return;
+                return self.close_all();
             }
         }
     }

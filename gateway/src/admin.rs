@@ -59,7 +59,11 @@ pub fn status(shared: &Shared) -> Status {
         },
         failover_off: shared.failover.disabled(),
         backends: shared.topology.statuses(),
-        spare_backends: shared.connector.spares.as_ref().map_or(0, |s| s.len()),
+        spare_backends: shared
+            .connector
+            .spares
+            .as_ref()
+            .map_or(0, |s| s.ready_count()),
         sessions,
     }
 }

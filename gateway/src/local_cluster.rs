@@ -507,7 +507,7 @@ fn file_tail(path: &Path, n: usize) -> String {
 
 /// Sends `signal` (a name such as "KILL") to every PID in one `kill(1)` call, so they die
 /// within microseconds of each other. Best effort: PIDs already gone are ignored.
-fn signal_processes(signal: &str, pids: &[u32]) {
+pub fn signal_processes(signal: &str, pids: &[u32]) {
     if pids.is_empty() {
         return;
     }
@@ -1162,6 +1162,14 @@ impl LocalNode {
     /// PID of the running postmaster, `None` when not started, stopped, or killed and reaped.
     pub fn postmaster_pid(&self) -> Option<u32> {
         self.postmaster.as_ref().and_then(Child::id)
+    }
+
+    /// Live server processes of this node other than the postmaster (backends, auxiliaries).
+    pub fn server_processes(&self) -> Vec<u32> {
+        let postmaster = self.postmaster_pid();
+        let mut pids = node_processes(&self.data_dir, postmaster);
+        pids.retain(|&pid| Some(pid) != postmaster);
+        pids
     }
 
     /// Whether the postmaster is alive, without reaping it: an exited postmaster stays a zombie

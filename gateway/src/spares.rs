@@ -73,7 +73,7 @@ impl Spares {
                     break;
                 }
             }
-            metrics::gauge!("understudy_backend_spares").set(ready.len() as f64);
+            publish(ready.len());
             found
         };
         self.taken.notify_one();
@@ -81,13 +81,8 @@ impl Spares {
     }
 
     /// Spares ready now.
-    pub fn len(&self) -> usize {
+    pub fn ready_count(&self) -> usize {
         self.ready().len()
-    }
-
-    /// Whether no spare is ready.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Drops spares that are too old or not for `primary`; returns when the oldest left
@@ -95,13 +90,13 @@ impl Spares {
     fn prune(&self, primary: Option<&Backend>) -> Option<Instant> {
         let mut ready = self.ready();
         ready.retain(|s| Some(&s.backend) == primary && s.born.elapsed() < self.max_age);
-        metrics::gauge!("understudy_backend_spares").set(ready.len() as f64);
+        publish(ready.len());
         ready.front().map(|s| s.born + self.max_age)
     }
 
     fn close_all(&self) {
         self.ready().clear();
-        metrics::gauge!("understudy_backend_spares").set(0.0);
+        publish(0);
     }
 
     /// Opens spares to the current primary and replaces them as they are taken or age, until
@@ -116,7 +111,7 @@ impl Spares {
         loop {
             let primary = topology.current_primary();
             let expiry = self.prune(primary.as_ref());
-            let missing = primary.as_ref().filter(|_| self.len() < self.want);
+            let missing = primary.as_ref().filter(|_| self.ready_count() < self.want);
             let wait = if let Some(backend) = missing {
                 let opened = tokio::select! {
                     opened = connector.connect(backend) => opened,
@@ -130,7 +125,7 @@ impl Spares {
                             stream,
                             born: Instant::now(),
                         });
-                        metrics::gauge!("understudy_backend_spares").set(ready.len() as f64);
+                        publish(ready.len());
                         continue;
                     }
                     Err(e) => {
@@ -157,6 +152,11 @@ impl Spares {
             }
         }
     }
+}
+
+/// Reports the number of spares ready.
+fn publish(ready: usize) {
+    metrics::gauge!("understudy_backend_spares").set(ready as f64);
 }
 
 /// Whether nothing has arrived on a spare: a server sends nothing before the StartupMessage,

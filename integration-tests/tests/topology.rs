@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use understudy::local_cluster::signal_processes;
 use understudy_integration_tests::{backend_status, roles, sqlstate, Cluster, PATIENCE};
 
 /// Sessions go to the primary whatever the order of the backends, and `/status` says so.
@@ -386,36 +387,18 @@ async fn spares_the_server_dropped_are_replaced() {
     }
 }
 
-/// The server processes waiting on spares: the postmaster's children that still carry its
-/// command line (a backend retitles itself once it has read its StartupMessage).
+/// The server processes waiting on spares: those that still carry the postmaster's command
+/// line (a backend retitles itself once it has read its StartupMessage).
 fn spare_processes(cluster: &Cluster) -> Vec<u32> {
-    let postmaster = cluster.pg.primary.postmaster_pid().expect("postmaster");
+    let primary = &cluster.pg.primary;
     let cmdline = |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).ok();
-    let own = cmdline(postmaster).expect("postmaster command line");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(postmaster) && cmdline(pid).as_ref() == Some(&own)
-        })
+    let own = cmdline(primary.postmaster_pid().expect("postmaster"));
+    assert!(own.is_some(), "postmaster command line");
+    primary
+        .server_processes()
+        .into_iter()
+        .filter(|&pid| cmdline(pid) == own)
         .collect()
-}
-
-fn signal(pids: &[u32], sig: &str) {
-    for pid in pids {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    }
 }
 
 /// A spare whose server process does not answer the StartupMessage reads as an unreachable
@@ -433,12 +416,12 @@ async fn a_silent_spare_reads_as_an_unreachable_server() {
     wait_spares(&gw, 2).await;
     let spares = spare_processes(&cluster);
     assert_eq!(spares.len(), 2, "spare server processes: {spares:?}");
-    signal(&spares, "-STOP");
+    signal_processes("STOP", &spares);
     let e = gw
         .try_connect(gw.pg_config(roles::SCRAM))
         .await
         .unwrap_err();
-    signal(&spares, "-CONT");
+    signal_processes("CONT", &spares);
     assert_eq!(sqlstate(&e), Some("08001"), "{e}");
     let c = gw.connect(roles::SCRAM).await;
     let n: i32 = c.query_one("SELECT 6 * 7", &[]).await.unwrap().get(0);

@@ -84,6 +84,11 @@ pub struct Keepalive {
     pub interval_secs: u64,
     /// Unanswered probes before the connection is dropped.
     pub retries: u32,
+    /// How long sent data may go unacknowledged before the connection is dropped
+    /// (TCP_USER_TIMEOUT), in ms; 0 leaves it to the kernel (~15 minutes of retransmits).
+    /// Unset: what keepalive allows an idle peer, so a dead peer is dropped as fast
+    /// whether or not data was in flight (keepalive does not probe a connection that has).
+    pub user_timeout_ms: Option<u64>,
 }
 
 impl Default for Keepalive {
@@ -92,6 +97,21 @@ impl Default for Keepalive {
             idle_secs: 30,
             interval_secs: 10,
             retries: 3,
+            user_timeout_ms: None,
+        }
+    }
+}
+
+impl Keepalive {
+    /// The TCP_USER_TIMEOUT to set; `None` leaves the kernel's.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        match self.user_timeout_ms {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None if self.idle_secs == 0 => None,
+            None => Some(Duration::from_secs(
+                self.idle_secs + self.interval_secs.max(1) * u64::from(self.retries.max(1)),
+            )),
         }
     }
 }
@@ -371,6 +391,24 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.auth.client_auth, ClientAuth::ScramSha256);
+    }
+
+    #[test]
+    fn user_timeout_follows_keepalive_unless_set() {
+        let mut k = Keepalive::default();
+        assert_eq!(k.user_timeout(), Some(Duration::from_secs(60)));
+        k.idle_secs = 0;
+        assert_eq!(k.user_timeout(), None, "keepalive off: the kernel's");
+        k.user_timeout_ms = Some(2_500);
+        assert_eq!(k.user_timeout(), Some(Duration::from_millis(2_500)));
+        k.idle_secs = 30;
+        k.user_timeout_ms = Some(0);
+        assert_eq!(k.user_timeout(), None, "0: the kernel's");
+        let parsed: Config = toml::from_str("[tcp_keepalive]\nuser_timeout_ms = 4000").unwrap();
+        assert_eq!(
+            parsed.tcp_keepalive.user_timeout(),
+            Some(Duration::from_secs(4))
+        );
     }
 
     /// Every configuration key is documented in the README's reference table.

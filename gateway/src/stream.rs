@@ -71,9 +71,12 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Turns on TCP_NODELAY and keepalive on a fresh socket.
+/// Turns on TCP_NODELAY, keepalive and the user timeout on a fresh socket.
 pub fn tune_socket(s: &TcpStream, keepalive: &crate::config::Keepalive) -> io::Result<()> {
     s.set_nodelay(true)?;
+    if let Some(timeout) = keepalive.user_timeout() {
+        socket2::SockRef::from(s).set_tcp_user_timeout(Some(timeout))?;
+    }
     if keepalive.idle_secs > 0 {
         let ka = socket2::TcpKeepalive::new()
             .with_time(std::time::Duration::from_secs(keepalive.idle_secs))

@@ -7,6 +7,7 @@
 //! let client = gw.connect("scram_user").await;
 //! ```
 
+pub mod netns;
 pub mod raw;
 pub mod tls;
 

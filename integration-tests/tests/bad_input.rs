@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
-use understudy::config::Config;
+use understudy::config::{Config, Keepalive};
+use understudy_integration_tests::netns::NetNs;
 use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{backend_pid, roles, sqlstate, Cluster, TestGateway, PATIENCE};
@@ -741,6 +742,174 @@ async fn backend_goes_as_soon_as_its_client() {
         );
     }
     still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A gateway that takes clients on `ns`'s host end of the link, with keepalive probing after
+/// 1 s idle, every 1 s, twice: a peer that stops answering is dropped after about 3 s.
+async fn gateway_for(cluster: &Cluster, ns: &NetNs) -> TestGateway {
+    cluster
+        .gateway_with(|c| {
+            c.listen = SocketAddr::from((ns.host_addr, 0));
+            c.tcp_keepalive = Keepalive {
+                idle_secs: 1,
+                interval_secs: 1,
+                retries: 2,
+                ..Keepalive::default()
+            };
+        })
+        .await
+}
+
+/// A tokio-postgres session to `gw`, which listens on `ns`'s host end.
+async fn neighbour_via(gw: &TestGateway, ns: &NetNs) -> Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(ns.host_addr.to_string())
+        .port(gw.addr().port())
+        .user(roles::TRUST)
+        .dbname("postgres")
+        .application_name("neighbour");
+    let (client, conn) = cfg.connect(NoTls).await.expect("neighbour connects");
+    tokio::spawn(conn);
+    client
+}
+
+/// psql inside `ns`, connected to `gw` as `app`, reading commands from its stdin.
+fn psql_in(cluster: &Cluster, ns: &NetNs, gw: &TestGateway, app: &str) -> tokio::process::Child {
+    ns.command(cluster.program("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(ns.host_addr.to_string())
+        .args([
+            "-p",
+            &gw.addr().port().to_string(),
+            "-U",
+            roles::TRUST,
+            "-d",
+            "postgres",
+        ])
+        .env("PGAPPNAME", app)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql in the namespace")
+}
+
+/// Waits until `app`'s backend is in `state` (pg_stat_activity).
+async fn wait_state(cluster: &Cluster, app: &str, state: &str) {
+    let su = cluster.superuser().await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = $2",
+                &[&app, &state],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{app} never got to {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long `app`'s backend outlives the moment its client dropped off the network; panics
+/// when it is still there after [`PATIENCE`].
+async fn backend_lifetime_after(cluster: &Cluster, app: &str, cut: Instant) -> Duration {
+    cluster.wait_backends_named(app, 0).await;
+    cut.elapsed()
+}
+
+/// A client that drops off the network in the middle of a transaction (no FIN, no RST: the
+/// link goes down) is found dead by keepalive: its backend goes, its transaction is rolled back
+/// and its row locks are released, while another session carries on.
+#[tokio::test]
+async fn client_dropping_off_the_network_while_idle_is_found_by_keepalive() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let ns = NetNs::create();
+    let gw = gateway_for(&cluster, &ns).await;
+    let neighbour = neighbour_via(&gw, &ns).await;
+    neighbour
+        .batch_execute(
+            "CREATE TABLE dropped (id int PRIMARY KEY, v int); INSERT INTO dropped VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
+
+    let mut psql = psql_in(&cluster, &ns, &gw, "dropped_idle");
+    let mut stdin = psql.stdin.take().expect("psql stdin");
+    stdin
+        .write_all(
+            b"BEGIN;\nUPDATE dropped SET v = 1 WHERE id = 1;\nINSERT INTO dropped VALUES (2, 2);\n",
+        )
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
+    wait_state(&cluster, "dropped_idle", "idle in transaction").await;
+    // Let psql acknowledge the last answer: the connection is idle, with nothing in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    ns.cut();
+    let took = backend_lifetime_after(&cluster, "dropped_idle", Instant::now()).await;
+    assert!(
+        took < Duration::from_secs(15),
+        "the backend of a dead client lingered {took:?} (keepalive gives up after ~3 s)"
+    );
+    neighbour
+        .batch_execute("SET lock_timeout = '2s'; UPDATE dropped SET v = 3 WHERE id = 1")
+        .await
+        .expect("the dead client's row lock is gone");
+    let rows: Vec<(i32, i32)> = neighbour
+        .query("SELECT id, v FROM dropped ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        [(1, 3)],
+        "nothing of the dead client's transaction is kept"
+    );
+    still_answers(&neighbour).await;
+    let _ = psql.kill().await;
+    assert_no_gateway_panics();
+}
+
+/// A client that drops off the network while a large result streams to it is found dead
+/// although keepalive never probes a connection with data in flight: the gateway's
+/// unacknowledged writes time out (TCP_USER_TIMEOUT), and the backend goes instead of sitting
+/// in ClientWrite for the ~15 minutes the kernel would retransmit.
+#[tokio::test]
+async fn client_dropping_off_the_network_mid_result_is_found_by_the_user_timeout() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let ns = NetNs::create();
+    let gw = gateway_for(&cluster, &ns).await;
+    let neighbour = neighbour_via(&gw, &ns).await;
+
+    let mut psql = psql_in(&cluster, &ns, &gw, "dropped_streaming");
+    let mut stdin = psql.stdin.take().expect("psql stdin");
+    // In the select list the series streams (in FROM it would be materialized first).
+    stdin
+        .write_all(b"COPY (SELECT generate_series(1, 100000000), repeat('x', 1000)) TO STDOUT;\n")
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
+    wait_state(&cluster, "dropped_streaming", "active").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    ns.cut();
+    let took = backend_lifetime_after(&cluster, "dropped_streaming", Instant::now()).await;
+    assert!(
+        took < Duration::from_secs(15),
+        "the backend of a dead client lingered {took:?} (the user timeout is ~3 s)"
+    );
+    still_answers(&neighbour).await;
+    let _ = psql.kill().await;
     assert_no_gateway_panics();
 }
 

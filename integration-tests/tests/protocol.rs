@@ -315,6 +315,58 @@ async fn startup_parameters_and_parameter_status() {
     assert_eq!(String::from_utf8_lossy(&data.body[6..]), pid.to_string());
 }
 
+/// Everything the server says at login and in answer to SET, RESET and a rolled-back SET
+/// reaches the client verbatim and in the server's order, as it does on a direct connection:
+/// ParameterStatus included (only BackendKeyData's secret is the gateway's own).
+#[tokio::test]
+async fn server_messages_match_a_direct_connection_byte_for_byte() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let params = [
+        ("user", roles::TRUST),
+        ("database", "postgres"),
+        ("application_name", "verbatim"),
+        ("client_encoding", "latin1"),
+        ("DateStyle", "sql, dmy"),
+        (
+            "options",
+            "-c TimeZone=Europe/Vienna -c standard_conforming_strings=on",
+        ),
+    ];
+    let script = [
+        "SET TimeZone = 'Asia/Tokyo'; SET application_name = 'renamed'",
+        "BEGIN; SET DateStyle = 'german'; SHOW DateStyle; ROLLBACK",
+        "RESET ALL",
+        "SELECT 1/0",
+        "SHOW TimeZone",
+    ];
+    let transcript = |addr| async move {
+        let mut rc = RawConn::open(addr).await;
+        rc.send(&raw::startup(0, &params)).await;
+        let mut all = rc.read_until(b'Z').await;
+        for sql in script {
+            rc.send(&raw::query(sql)).await;
+            all.extend(rc.read_until(b'Z').await);
+        }
+        // The secret differs by design; the PID is the backend's own, checked elsewhere.
+        for m in &mut all {
+            if m.tag == b'K' {
+                m.body.truncate(0);
+            }
+        }
+        all.into_iter()
+            .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+            .collect::<Vec<_>>()
+    };
+    let direct = transcript(cluster.pg.primary.addr()).await;
+    let through = transcript(gw.addr()).await;
+    assert!(
+        direct.iter().filter(|(t, _)| *t == 'S').count() > 10,
+        "the server reported its parameters: {direct:?}"
+    );
+    assert_eq!(through, direct);
+}
+
 /// A result far larger than the gateway's buffers streams through with backpressure: while
 /// the client does not read, the gateway does not buffer the result.
 #[tokio::test]

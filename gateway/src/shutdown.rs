@@ -1,13 +1,10 @@
 //! Graceful shutdown, broadcast to every task: first drain, then force.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use tokio::sync::watch;
 
-use crate::wake::Woken;
+use crate::wake::Changed;
 
 /// How far the gateway is into shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,47 +65,10 @@ impl Shutdown {
         self.reached(Phase::Draining).await
     }
 
-    /// Resolves at the next phase change after the current one. Cheap to poll again and
-    /// again (a session polls it at every socket wake-up): until the channel signals, a poll is
-    /// a flag check, not a look at the channel.
+    /// Resolves at the next phase change after the current one; cheap to poll again and
+    /// again (a session polls it at every socket wake-up).
     pub fn changed(&mut self) -> Changed<impl Future<Output = ()> + '_> {
-        let receiver = &mut self.0;
-        let inner = Box::pin(async move {
-            if receiver.changed().await.is_err() {
-                std::future::pending::<()>().await
-            }
-        });
-        // Noted as rung, so the first poll looks at the channel.
-        let bell = Woken::new(1);
-        Changed {
-            inner,
-            bell_waker: bell.waker(1),
-            bell,
-        }
-    }
-}
-
-/// The future [`Shutdown::changed`] returns.
-pub struct Changed<F> {
-    inner: Pin<Box<F>>,
-    /// Notes that the channel woke `inner` (through `bell_waker`, the waker `inner` is polled
-    /// with), and wakes the task.
-    bell: Arc<Woken>,
-    bell_waker: Waker,
-}
-
-impl<F: Future<Output = ()>> Future for Changed<F> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        this.bell.register(cx.waker());
-        if this.bell.take() == 0 {
-            return Poll::Pending;
-        }
-        this.inner
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.bell_waker))
+        crate::wake::changed(&mut self.0)
     }
 }
 
@@ -140,6 +100,9 @@ impl Signals {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
     use super::*;
 
     #[tokio::test]

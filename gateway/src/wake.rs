@@ -1,8 +1,12 @@
 //! Wakers that note which of a task's sources woke it, so the task's next poll asks only those.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::sync::watch;
 
 use atomic_waker::AtomicWaker;
 
@@ -56,5 +60,46 @@ impl Wake for SourceWaker {
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.sources.fetch_or(self.bit, Ordering::AcqRel);
         self.woken.task.wake();
+    }
+}
+
+/// Resolves at `receiver`'s next change (never, once its sender is gone). Cheap to poll again
+/// and again: until the channel signals, a poll is a flag check, not a look at the channel.
+pub fn changed<T>(receiver: &mut watch::Receiver<T>) -> Changed<impl Future<Output = ()> + '_> {
+    let inner = Box::pin(async move {
+        if receiver.changed().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    });
+    // Noted as rung, so the first poll looks at the channel.
+    let bell = Woken::new(1);
+    Changed {
+        inner,
+        bell_waker: bell.waker(1),
+        bell,
+    }
+}
+
+/// The future [`changed`] returns.
+pub struct Changed<F> {
+    inner: Pin<Box<F>>,
+    /// Notes that the channel woke `inner` (through `bell_waker`, the waker `inner` is polled
+    /// with), and wakes the task.
+    bell: Arc<Woken>,
+    bell_waker: Waker,
+}
+
+impl<F: Future<Output = ()>> Future for Changed<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.bell.register(cx.waker());
+        if this.bell.take() == 0 {
+            return Poll::Pending;
+        }
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.bell_waker))
     }
 }

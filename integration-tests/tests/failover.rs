@@ -1,4 +1,4 @@
-//! The primary is SIGKILLed under live sessions; each session carries on, on the same client
+//! The primary is SIGKILLed (or frozen) under live sessions; each session carries on, on the same client
 //! connection, on the promoted standby: state restored, open transactions replayed and checked,
 //! nothing applied twice, and precise SQLSTATEs where carrying on is impossible.
 
@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
+use understudy::local_cluster::signal_processes;
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     backend_pid, backend_status, roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
@@ -907,5 +908,99 @@ async fn large_open_write_fails_over() {
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         (0..=20_000).collect::<Vec<_>>()
+    );
+}
+
+/// A primary that stops answering without closing its connections (every process frozen, as
+/// on a hung host: the kernel still ACKs, so no socket ever errors) is failed over by the
+/// health monitor, and every session leaves it at once: a statement in flight gets its answer
+/// from the new primary, an idle session's next query runs there, and the transaction open
+/// across it commits there exactly once. The old primary, woken, applied none of it.
+#[tokio::test]
+async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let busy = gw.connect(roles::SCRAM).await;
+    let idle = gw.connect(roles::SCRAM).await;
+    idle.batch_execute("SET application_name = 'idle across'")
+        .await
+        .unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    // The postmaster first, so it forks nothing that escapes the freeze.
+    let postmaster: Vec<u32> = cluster.pg.primary.postmaster_pid().into_iter().collect();
+    signal_processes("STOP", &postmaster);
+    let frozen = cluster.pg.primary.server_processes();
+    signal_processes("STOP", &frozen);
+
+    let in_flight = tokio::time::timeout(PATIENCE, busy.batch_execute("INSERT INTO t VALUES (2)"))
+        .await
+        .expect("the statement sent to the frozen primary is answered by the new one");
+    in_flight.unwrap();
+    let row = tokio::time::timeout(
+        PATIENCE,
+        idle.query_one(
+            "SELECT pg_is_in_recovery(), inet_server_port(), current_setting('application_name')",
+            &[],
+        ),
+    )
+    .await
+    .expect("the idle session's next query runs on the new primary")
+    .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), standby_port);
+    assert_eq!(row.get::<_, String>(2), "idle across");
+    busy.batch_execute("INSERT INTO t VALUES (3); COMMIT")
+        .await
+        .unwrap();
+
+    // Woken, the old primary finds its client connections gone: the transaction it held
+    // rolls back there.
+    signal_processes("CONT", &postmaster);
+    signal_processes("CONT", &frozen);
+    let old = cluster
+        .pg
+        .primary
+        .client("postgres", "postgres")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let open: i64 = old
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&roles::SCRAM],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old primary still has the gateway's sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on_old: i64 = old
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_old, 0, "nothing was applied on the fenced primary");
+    drop(old);
+    cluster.kill_primary().await;
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2, 3]
     );
 }

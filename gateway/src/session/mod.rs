@@ -234,10 +234,14 @@ impl Session {
         if shutdown.phase() >= Phase::Draining {
             self.draining = true;
         }
+        // A failover that fences this session's primary moves the session even if its backend
+        // connection never breaks (a frozen or partitioned host ACKs or drops silently).
+        let mut primary_changes = self.shared.topology.primary_changes();
         loop {
             enum Wake {
                 Data(Wakeup),
                 Shutdown,
+                PrimaryChanged,
             }
             let wake = tokio::select! {
                 biased;
@@ -245,6 +249,7 @@ impl Session {
                 // write: `poll_data` yields by itself after EVENTS_PER_WAKE events.
                 w = tokio::task::unconstrained(poll_fn(|cx| self.poll_data(cx))) => Wake::Data(w),
                 _ = shutdown.changed() => Wake::Shutdown,
+                _ = crate::wake::changed(&mut primary_changes) => Wake::PrimaryChanged,
             };
             let end = match wake {
                 Wake::Shutdown => match shutdown.phase() {
@@ -257,6 +262,22 @@ impl Session {
                 },
                 Wake::Data(Wakeup::End(end)) => Some(end),
                 Wake::Data(Wakeup::BackendLost(e)) => self.backend_failed(e).await,
+                Wake::PrimaryChanged => {
+                    if self.shared.topology.is_fenced(&self.relogin.backend) {
+                        tracing::info!(
+                            session = self.guard.info().id,
+                            old = %self.relogin.backend,
+                            "the session's primary was failed over; leaving it"
+                        );
+                        let cause = std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the primary was failed over",
+                        );
+                        self.backend_failed(cause).await
+                    } else {
+                        None
+                    }
+                }
             };
             if let Some(end) = end {
                 return end;

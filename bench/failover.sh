@@ -21,7 +21,7 @@
 #     only kills again once it reports sync_state='sync'. SYNC_REP=0: asynchronous throughout;
 #   - understudy `run --backend PRIMARY --backend STANDBY --promote auto`, every other setting at
 #     its default (failover.probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000,
-#     standby_silence_ms=5000), RUST_LOG=info, stderr kept in gateway.log;
+#     standby_silence_ms=2000), RUST_LOG=info, stderr kept in gateway.log;
 #   - bench/failover_probe (a small Rust client, built with cargo): each client holds ONE
 #     connection through the gateway for the whole run and runs one statement every
 #     $INTERVAL_MS ms (10):
@@ -561,7 +561,7 @@ print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, $(nproc) CPUs ($(uname -r)).")
 print("Primary + streaming hot standby on 127.0.0.1, " + ("synchronous replication (synchronous_standby_names='*', synchronous_commit=on)" if "$SYNC_REP" == "1" else "asynchronous replication") + ", fsync=$FSYNC, trust auth.")
 print("Gateway: \`understudy run --backend PRIMARY --backend STANDBY --promote auto\`, all other settings default")
-print("(probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000, standby_silence_ms=5000).")
+print("(probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000, standby_silence_ms=2000).")
 print("Clients (bench/failover_probe), each on ONE connection through the gateway for the whole run, one statement every ${INTERVAL_MS} ms:")
 print("\`read\` = \`SELECT inet_server_port()\` (simple protocol); \`write\` = autocommit \`INSERT … RETURNING inet_server_port()\`")
 print("(extended protocol, named prepared statement).")

@@ -229,7 +229,8 @@ pub struct Failover {
     pub probe_timeout_ms: u64,
     /// Consecutive failed probes before a primary that does not refuse connections is dead.
     pub probe_attempts: u32,
-    /// How long the standby's WAL receiver may be silent and still count as connected, in ms.
+    /// How long past its own ping (`wal_receiver_timeout / 2`) the standby's WAL receiver may
+    /// go without hearing the primary and still count as connected, in ms.
     pub standby_silence_ms: u64,
 }
 
@@ -241,7 +242,7 @@ impl Default for Failover {
             max_replay_bytes: 16 << 20,
             probe_timeout_ms: 1_000,
             probe_attempts: 3,
-            standby_silence_ms: 5_000,
+            standby_silence_ms: 2_000,
         }
     }
 }

@@ -198,11 +198,11 @@ impl Coordinator {
         let e = |e: tokio_postgres::Error| e.to_string();
         let row = client
             .query_one(
-                "SELECT pg_is_in_recovery(),
-                        (SELECT status = 'streaming'
-                                AND now() - last_msg_receipt_time < $1 * interval '1 millisecond'
-                           FROM pg_stat_wal_receiver)",
-                &[&(self.config.standby_silence_ms as f64)],
+                "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status,
+                        (extract(epoch FROM now() - r.last_msg_receipt_time) * 1000)::float8,
+                        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_receiver_timeout')
+                   FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true",
+                &[],
             )
             .await
             .map_err(e)?;
@@ -211,9 +211,14 @@ impl Coordinator {
             // Promoted by someone else: accept it, but its next xid is not ours to know.
             return Ok(Some((None, None)));
         }
-        let still_streaming: Option<bool> = row.get(1);
-        if still_streaming == Some(true) {
-            tracing::debug!(%standby, "standby still hears the primary; not promoting");
+        let receiver = WalReceiver {
+            running: row.get(1),
+            status: row.get(2),
+            silence_ms: row.get(3),
+            timeout_ms: row.get::<_, Option<i64>>(4).unwrap_or(0),
+        };
+        if receiver.hears_primary(self.config.standby_silence_ms)? {
+            tracing::debug!(%standby, ?receiver, "standby still hears the primary; not promoting");
             return Ok(None);
         }
         // Before it ends recovery the standby replays every whole record it received; a record
@@ -256,6 +261,43 @@ impl Coordinator {
     }
 }
 
+/// What a standby's `pg_stat_wal_receiver` says of its connection to the primary.
+#[derive(Debug, Clone, PartialEq)]
+struct WalReceiver {
+    /// A WAL receiver process exists.
+    running: bool,
+    /// Its status; `None` when the role may not see it (or there is no receiver).
+    status: Option<String>,
+    /// Time since it last heard the primary, in ms.
+    silence_ms: Option<f64>,
+    /// The standby's `wal_receiver_timeout`, in ms (0: off).
+    timeout_ms: i64,
+}
+
+impl WalReceiver {
+    /// Whether the receiver still hears the primary: streaming, and heard from more recently
+    /// than its own ping plus `grace_ms`. A receiver pings the primary after
+    /// `wal_receiver_timeout / 2` of silence (an idle primary sends nothing before that), so
+    /// only silence past the ping's answer is a witness; with the timeout off it never pings,
+    /// and only a receiver that stopped streaming is one.
+    fn hears_primary(&self, grace_ms: u64) -> Result<bool, String> {
+        if !self.running {
+            return Ok(false);
+        }
+        let Some(status) = &self.status else {
+            return Err("the control role may not read pg_stat_wal_receiver (grant it pg_read_all_stats), so the standby cannot witness that the primary is gone".to_owned());
+        };
+        if status != "streaming" {
+            return Ok(false);
+        }
+        if self.timeout_ms <= 0 {
+            return Ok(true);
+        }
+        let bound = self.timeout_ms as f64 / 2.0 + grace_ms as f64;
+        Ok(self.silence_ms.is_none_or(|silence| silence < bound))
+    }
+}
+
 /// The next xid the server will assign, read without assigning one.
 async fn next_xid(client: &tokio_postgres::Client) -> Result<u64, String> {
     let text: String = client
@@ -294,5 +336,69 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
             Err(FailoverError::PrimaryAlive) => {}
             Err(e) => tracing::warn!(error = %e, "health monitor: failover did not complete"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receiver(status: Option<&str>, silence_ms: f64, timeout_ms: i64) -> WalReceiver {
+        WalReceiver {
+            running: true,
+            status: status.map(str::to_owned),
+            silence_ms: Some(silence_ms),
+            timeout_ms,
+        }
+    }
+
+    #[test]
+    fn silence_witnesses_only_past_the_receivers_ping() {
+        // An idle, healthy primary: 20 s of silence is normal before a 60 s timeout's ping.
+        assert_eq!(
+            receiver(Some("streaming"), 20_000.0, 60_000).hears_primary(2_000),
+            Ok(true)
+        );
+        assert_eq!(
+            receiver(Some("streaming"), 31_900.0, 60_000).hears_primary(2_000),
+            Ok(true)
+        );
+        assert_eq!(
+            receiver(Some("streaming"), 32_100.0, 60_000).hears_primary(2_000),
+            Ok(false)
+        );
+        assert_eq!(
+            receiver(Some("streaming"), 4_600.0, 5_000).hears_primary(2_000),
+            Ok(false)
+        );
+        // Timeout off: the receiver never pings, so silence proves nothing.
+        assert_eq!(
+            receiver(Some("streaming"), 1e9, 0).hears_primary(2_000),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn a_receiver_that_stopped_streaming_or_is_gone_has_lost_the_primary() {
+        assert_eq!(
+            receiver(Some("waiting"), 0.0, 5_000).hears_primary(2_000),
+            Ok(false)
+        );
+        let gone = WalReceiver {
+            running: false,
+            status: None,
+            silence_ms: None,
+            timeout_ms: 5_000,
+        };
+        assert_eq!(gone.hears_primary(2_000), Ok(false));
+    }
+
+    #[test]
+    fn a_receiver_the_role_may_not_see_is_no_witness() {
+        let hidden = receiver(None, 0.0, 5_000);
+        assert!(hidden
+            .hears_primary(2_000)
+            .unwrap_err()
+            .contains("pg_read_all_stats"));
     }
 }

@@ -821,7 +821,9 @@ fn parse_df_available_kib(output: &str) -> Option<u64> {
 /// `dynamic_shared_memory_type = mmap` keeps dynamic shared memory in the data directory: the
 /// default (posix) leaves a /dev/shm/PostgreSQL.* file behind for every SIGKILLed postmaster.
 /// `wal_retrieve_retry_interval` is short so a standby reconnects (and notices a promotion
-/// request) quickly instead of sleeping 5 s after its primary died.
+/// request) quickly instead of sleeping 5 s after its primary died. `wal_receiver_timeout` is
+/// 5 s so the standby pings a silent primary after 2.5 s: a failover gateway counts a standby's
+/// silence as a witness only past that ping (plus `failover.standby_silence_ms`).
 fn render_node_conf(opts: &ClusterOptions, node: &LocalNode) -> String {
     let mut conf = format!(
         "# Written by understudy's local_cluster for node {name}.\n\
@@ -837,6 +839,7 @@ fn render_node_conf(opts: &ClusterOptions, node: &LocalNode) -> String {
          hot_standby = on\n\
          hot_standby_feedback = on\n\
          wal_retrieve_retry_interval = '200ms'\n\
+         wal_receiver_timeout = '5s'\n\
          dynamic_shared_memory_type = mmap\n\
          password_encryption = 'scram-sha-256'\n\
          fsync = off\n\

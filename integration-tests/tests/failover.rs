@@ -1,6 +1,6 @@
-//! The primary is SIGKILLed (or frozen) under live sessions; each session carries on, on the same client
-//! connection, on the promoted standby: state restored, open transactions replayed and checked,
-//! nothing applied twice, and precise SQLSTATEs where carrying on is impossible.
+//! The primary is SIGKILLed (or frozen) under live sessions; each session carries on, on the
+//! same client connection, on the promoted standby: state restored, open transactions replayed
+//! and checked, nothing applied twice, and precise SQLSTATEs where carrying on is impossible.
 
 use std::time::Duration;
 

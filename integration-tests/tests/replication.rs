@@ -3,7 +3,8 @@
 //! 08007), never invented nor applied twice. Asynchronous: a commit the client saw succeed can
 //! be lost with the old primary; the gateway must say so (08007, FATAL) instead of carrying on
 //! as if it had not happened. The standby's WAL receiver is frozen with SIGSTOP to choose
-//! exactly which WAL the standby gets.
+//! exactly which WAL the standby gets. And the standby as a witness: a primary it still hears
+//! is never promoted away from, however idle.
 
 use std::time::{Duration, Instant};
 
@@ -140,7 +141,7 @@ impl WalGap {
     }
 
     /// After the primary was killed: waits until the gateway runs `pg_promote()` on the standby
-    /// (it does once the receiver has been silent past `standby_silence_ms`), then continues the
+    /// (once the receiver has been silent past its ping and `standby_silence_ms`), then continues the
     /// receiver. Promotion has asked it to stop, so it exits on the pending SIGTERM without
     /// reading the WAL waiting in its socket; continued any earlier, it would read and apply
     /// that WAL and nothing would be lost (tried: the row is then on the new primary).
@@ -483,4 +484,81 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
     assert_lost_commit_fatal(next_one_string, one_string_end).await;
     assert_lost_commit_fatal(next_prepared, prepared_end).await;
     assert!(lost_commits_counted(&gw).await >= lost_before + 3.0);
+}
+
+/// A partition between the gateway and a healthy, idle primary makes no second primary. Here
+/// every primary process but its WAL sender is frozen: the gateway's probes go unanswered, so
+/// it fails over, while the standby still hears the primary. An idle primary sends nothing
+/// until the receiver pings it (after `wal_receiver_timeout / 2`, 30 s here), and the
+/// standby's silence before then is no witness: the standby stays a standby, and once the
+/// primary answers again the session carries on there.
+#[tokio::test]
+async fn a_primary_the_standby_still_hears_is_not_promoted_away_from() {
+    let cluster = Cluster::primary_and_standby().await;
+    let primary_port = cluster.pg.primary.port();
+    let on_standby = cluster
+        .pg
+        .standby
+        .as_ref()
+        .unwrap()
+        .client("postgres", "postgres")
+        .await
+        .unwrap();
+    for sql in [
+        "ALTER SYSTEM SET wal_receiver_timeout = '60s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        on_standby.batch_execute(sql).await.unwrap();
+    }
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    assert_eq!(server_port(&c).await, primary_port);
+    let sender: i32 = cluster
+        .superuser()
+        .await
+        .query_one("SELECT pid FROM pg_stat_replication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut processes: Vec<u32> = cluster.pg.primary.postmaster_pid().into_iter().collect();
+    processes.extend(cluster.pg.primary.server_processes());
+    let frozen: Vec<Frozen> = processes
+        .into_iter()
+        .filter(|&pid| i64::from(pid) != i64::from(sender))
+        .map(|pid| Frozen::freeze(pid as i32))
+        .collect();
+
+    // Long enough for the gateway to find the primary gone and try to promote, several times
+    // longer than a promotion takes once the standby has lost the primary.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let in_recovery: bool = on_standby
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            in_recovery,
+            "the standby was promoted while it still heard the primary"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = gw.admin_get("/metrics").await;
+    assert!(
+        metric_total(&metrics, "understudy_failovers_total") >= 1.0,
+        "the gateway found the primary gone and tried to fail over"
+    );
+    let receiver: String = on_standby
+        .query_one("SELECT status FROM pg_stat_wal_receiver", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(receiver, "streaming");
+
+    drop(frozen);
+    let row = tokio::time::timeout(PATIENCE, c.query_one("SELECT inet_server_port()", &[]))
+        .await
+        .expect("the session carries on once the primary answers")
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), i32::from(primary_port));
 }

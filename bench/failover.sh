@@ -34,10 +34,13 @@
 #   1. `sync` the probe: both clients have completed a statement on the current primary after the
 #      previous failover's re-seed; then $SETTLE s of steady traffic, and a wait for a quiet
 #      machine (see QUIET_MAX: on a shared box other work would otherwise land in the stall);
-#   2. the instant is read (bash $EPOCHREALTIME, CLOCK_REALTIME, no fork) and right after it the
-#      primary's whole process group (the postmaster is a session leader: pg_ctl setsid()s it, its
-#      children share its pgid) gets SIGKILL in one kill(2) call (once every client recovered, a
-#      sweep of /proc kills any process of the node outside the group: none expected; counted);
+#   2. every process of the primary is listed from /proc (the postmaster first; each child is
+#      its own process group, PostgreSQL setsid()s them, so a group kill would reach the
+#      postmaster alone), then the instant is read (bash $EPOCHREALTIME, CLOCK_REALTIME, no fork)
+#      and right after it the builtin kill sends SIGKILL to all of them, microseconds apart (once
+#      every client recovered, a sweep of /proc kills any process of the node forked between
+#      the listing and the kill: none expected; counted). Runs before 2026-12-04 killed the
+#      process group, i.e. the postmaster alone; its children exited on noticing, ~15 ms later;
 #   3. the script tells the probe "kill <id> <instant ns> <port>"; per client, the stall is the
 #      time from the instant to the completion of its first successful statement answered by
 #      another server (every statement returns inet_server_port(), so a statement the old primary
@@ -61,6 +64,10 @@
 #   FAILOVERS=20      failovers to run               INTERVAL_MS=10   ms between statements
 #   CLIENTS=read,write  probe clients                SETTLE=1         s of steady traffic before a kill
 #   SYNC_REP=1        synchronous replication (see above)
+#   FAULT=kill        kill: SIGKILL the primary's processes; stop: SIGSTOP them instead (a hung
+#                     host: no socket closes, its kernel still ACKs, so only timeouts reveal it;
+#                     the standby's wal_receiver_timeout is 5 s), then SIGKILL it once every client
+#                     recovered. The stall targets are for kill.
 #   FSYNC=on          PostgreSQL fsync (a SIGKILL loses nothing from the page cache either way)
 #   STALL_TIMEOUT=40  s to wait for every client to recover from one kill before giving up
 #   QUIET_MAX=25 QUIET_WAIT=60  before each kill wait up to QUIET_WAIT s until the machine is at
@@ -83,6 +90,7 @@ INTERVAL_MS=${INTERVAL_MS:-10}
 CLIENTS=${CLIENTS:-read,write}
 SETTLE=${SETTLE:-1}
 SYNC_REP=${SYNC_REP:-1}
+FAULT=${FAULT:-kill}
 FSYNC=${FSYNC:-on}
 STALL_TIMEOUT=${STALL_TIMEOUT:-40}
 QUIET_MAX=${QUIET_MAX:-25}
@@ -229,6 +237,12 @@ node_pids() {
     done
 }
 
+case $FAULT in
+    kill) FAULT_SIGNAL=KILL ;;
+    stop) FAULT_SIGNAL=STOP ;;
+    *) die "FAULT must be kill or stop, not '$FAULT'" ;;
+esac
+
 # ---------------------------------------------------------------------------------------------
 # 1. build
 if [[ $SKIP_BUILD != 1 ]]; then
@@ -285,6 +299,7 @@ hot_standby = on
 max_wal_senders = 10
 wal_keep_size = '256MB'
 wal_retrieve_retry_interval = '200ms'
+wal_receiver_timeout = '5s'
 dynamic_shared_memory_type = mmap
 synchronous_commit = on
 fsync = $FSYNC
@@ -422,14 +437,13 @@ for ((f = 1; f <= FAILOVERS; f++)); do
     busy=$(wait_quiet)
 
     pm=$(postmaster_pid "$PRIMARY")
-    pgid=$(awk '{print $5}' "/proc/$pm/stat" 2>/dev/null || echo "")
     dead_dir=${NODE_DATA[$PRIMARY]}
-    if [[ $pgid != "$pm" ]]; then
-        die "postmaster $pm of ${PORT[$PRIMARY]} is not a process-group leader (pgid '$pgid')"
-    fi
-    # --- the kill: timestamp, then one kill(2) for the whole process group ---
+    # listed before the instant, so the /proc scan costs the stall nothing
+    victims=("$pm")
+    for p in $(node_pids "$dead_dir"); do [[ $p == "$pm" ]] || victims+=("$p"); done
+    # --- the kill: timestamp, then the signal to every process of the node ---
     t=$EPOCHREALTIME
-    kill -KILL -- "-$pgid"
+    kill "-$FAULT_SIGNAL" "${victims[@]}" 2>/dev/null || true
     t0=${t/./}000
     echo "kill $f $t0 ${PORT[$PRIMARY]}" >&7
 
@@ -447,13 +461,15 @@ for ((f = 1; f <= FAILOVERS; f++)); do
         break
     fi
 
-    # anything of the dead node still alive outside its process group (not expected; swept only
-    # now so that scanning /proc takes no CPU from the failover being measured)
+    # a frozen primary, fenced by now, is killed for the re-seed
+    if [[ $FAULT == stop ]]; then kill -KILL "${victims[@]}" 2>/dev/null || true; fi
+    # anything of the dead node still alive, forked between the listing and the kill (not
+    # expected; swept only now so that scanning /proc takes no CPU from the failover measured)
     extra=0
     for p in $(node_pids "$dead_dir"); do
         kill -KILL "$p" 2>/dev/null && extra=$((extra + 1))
     done
-    [[ $extra == 0 ]] || log "failover $f: $extra process(es) of the dead node survived the group kill; killed now"
+    [[ $extra == 0 ]] || log "failover $f: $extra process(es) of the dead node escaped the kill; killed now"
 
     # --- re-seed the dead primary's slot as a standby of the new primary ---
     rs_start=$EPOCHREALTIME
@@ -565,7 +581,8 @@ print("(probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000, stan
 print("Clients (bench/failover_probe), each on ONE connection through the gateway for the whole run, one statement every ${INTERVAL_MS} ms:")
 print("\`read\` = \`SELECT inet_server_port()\` (simple protocol); \`write\` = autocommit \`INSERT … RETURNING inet_server_port()\`")
 print("(extended protocol, named prepared statement).")
-print("Fault: SIGKILL of the primary's whole process group (postmaster + all children, one kill(2)) after ${SETTLE} s of steady traffic.")
+print("Fault: SIGKILL of every process of the primary (postmaster and children, microseconds apart) after ${SETTLE} s of steady traffic." if "$FAULT" == "kill" else
+      "Fault: SIGSTOP of every process of the primary (postmaster and children, microseconds apart: a hung host, no connection closes) after ${SETTLE} s of steady traffic; standbys run with wal_receiver_timeout = 5 s; the frozen node is SIGKILLed once every client recovered. The stall targets below are for SIGKILL.")
 print("Stall = kill instant → completion of that connection's first successful statement answered by the new primary.")
 print("After each failover the dead node is re-seeded (pg_basebackup) as a standby of the new primary and re-adopted by the gateway.")
 print()

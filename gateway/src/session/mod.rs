@@ -237,6 +237,9 @@ impl Session {
         // A failover that fences this session's primary moves the session even if its backend
         // connection never breaks (a frozen or partitioned host ACKs or drops silently).
         let mut primary_changes = self.shared.topology.primary_changes();
+        // Looked at once straight away: a failover may have fenced the primary this session
+        // logged in to before it got here.
+        primary_changes.mark_changed();
         loop {
             enum Wake {
                 Data(Wakeup),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 use understudy::config::Config;
-use understudy::local_cluster::{ClusterOptions, LocalCluster, PgBinaries};
+use understudy::local_cluster::{signal_processes, ClusterOptions, LocalCluster, PgBinaries};
 use understudy::GatewayHandle;
 
 /// Roles every test cluster has, with the pg_hba method that applies to each.
@@ -211,6 +211,17 @@ impl Cluster {
     pub async fn kill_primary(&mut self) {
         self.pg.primary.kill_all().await;
         let _ = self.pg.primary.wait_gone().await;
+    }
+
+    /// Freezes every process of the primary but `keep` with SIGSTOP, the postmaster first (so
+    /// it forks nothing that escapes): a hung host, whose kernel still ACKs and never closes a
+    /// connection. Thawed when the result is dropped.
+    pub fn freeze_primary(&self, keep: &[u32]) -> Frozen {
+        let primary = &self.pg.primary;
+        let mut pids: Vec<u32> = primary.postmaster_pid().into_iter().collect();
+        pids.extend(primary.server_processes());
+        pids.retain(|pid| !keep.contains(pid));
+        Frozen::freeze(pids)
     }
 
     /// SIGKILLs only the primary's postmaster (its backends notice and exit on their own).
@@ -424,4 +435,25 @@ pub async fn run_program(program: PathBuf, args: &[&str], stdin: Option<&[u8]>) 
 /// SQLSTATE of a tokio-postgres error, if the server (or gateway) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
+}
+
+/// Processes stopped with SIGSTOP, continued with SIGCONT when thawed or dropped (so a failing
+/// test never leaves a frozen server process behind).
+pub struct Frozen(Vec<u32>);
+
+impl Frozen {
+    /// Stops `pids`, in order, in one kill(1) call.
+    pub fn freeze(pids: Vec<u32>) -> Self {
+        signal_processes("STOP", &pids);
+        Self(pids)
+    }
+
+    /// Continues them now.
+    pub fn thaw(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_processes("CONT", &self.0);
+    }
 }

@@ -774,9 +774,19 @@ async fn neighbour_via(gw: &TestGateway, ns: &NetNs) -> Client {
     client
 }
 
-/// psql inside `ns`, connected to `gw` as `app`, reading commands from its stdin.
-fn psql_in(cluster: &Cluster, ns: &NetNs, gw: &TestGateway, app: &str) -> tokio::process::Child {
-    ns.command(cluster.program("psql"))
+/// Runs `script` in psql inside `ns` (connected to `gw`, application name `app`), waits until
+/// its backend is in `state` and a little more (for psql to acknowledge what it got), then cuts
+/// the link; returns psql and how long its backend outlived the cut (panics past [`PATIENCE`]).
+async fn cut_off_while(
+    cluster: &Cluster,
+    ns: &NetNs,
+    gw: &TestGateway,
+    app: &str,
+    script: &[u8],
+    state: &str,
+) -> (tokio::process::Child, Duration) {
+    let mut psql = ns
+        .command(cluster.program("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
         .arg(ns.host_addr.to_string())
         .args([
@@ -791,11 +801,13 @@ fn psql_in(cluster: &Cluster, ns: &NetNs, gw: &TestGateway, app: &str) -> tokio:
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
-        .expect("psql in the namespace")
-}
+        .expect("psql in the namespace");
+    let mut stdin = psql.stdin.take().expect("psql stdin");
+    stdin.write_all(script).await.unwrap();
+    stdin.flush().await.unwrap();
+    // Kept open: psql waits for more rather than exiting.
+    psql.stdin = Some(stdin);
 
-/// Waits until `app`'s backend is in `state` (pg_stat_activity).
-async fn wait_state(cluster: &Cluster, app: &str, state: &str) {
     let su = cluster.superuser().await;
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -808,18 +820,17 @@ async fn wait_state(cluster: &Cluster, app: &str, state: &str) {
             .unwrap()
             .get(0);
         if n == 1 {
-            return;
+            break;
         }
         assert!(Instant::now() < deadline, "{app} never got to {state}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
-/// How long `app`'s backend outlives the moment its client dropped off the network; panics
-/// when it is still there after [`PATIENCE`].
-async fn backend_lifetime_after(cluster: &Cluster, app: &str, cut: Instant) -> Duration {
+    ns.cut();
+    let cut = Instant::now();
     cluster.wait_backends_named(app, 0).await;
-    cut.elapsed()
+    (psql, cut.elapsed())
 }
 
 /// A client that drops off the network in the middle of a transaction (no FIN, no RST: the
@@ -839,21 +850,16 @@ async fn client_dropping_off_the_network_while_idle_is_found_by_keepalive() {
         .await
         .unwrap();
 
-    let mut psql = psql_in(&cluster, &ns, &gw, "dropped_idle");
-    let mut stdin = psql.stdin.take().expect("psql stdin");
-    stdin
-        .write_all(
-            b"BEGIN;\nUPDATE dropped SET v = 1 WHERE id = 1;\nINSERT INTO dropped VALUES (2, 2);\n",
-        )
-        .await
-        .unwrap();
-    stdin.flush().await.unwrap();
-    wait_state(&cluster, "dropped_idle", "idle in transaction").await;
-    // Let psql acknowledge the last answer: the connection is idle, with nothing in flight.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    ns.cut();
-    let took = backend_lifetime_after(&cluster, "dropped_idle", Instant::now()).await;
+    // Cut once psql has acknowledged the last answer: idle, with nothing in flight.
+    let (mut psql, took) = cut_off_while(
+        &cluster,
+        &ns,
+        &gw,
+        "dropped_idle",
+        b"BEGIN;\nUPDATE dropped SET v = 1 WHERE id = 1;\nINSERT INTO dropped VALUES (2, 2);\n",
+        "idle in transaction",
+    )
+    .await;
     assert!(
         took < Duration::from_secs(15),
         "the backend of a dead client lingered {took:?} (keepalive gives up after ~3 s)"
@@ -891,19 +897,16 @@ async fn client_dropping_off_the_network_mid_result_is_found_by_the_user_timeout
     let gw = gateway_for(&cluster, &ns).await;
     let neighbour = neighbour_via(&gw, &ns).await;
 
-    let mut psql = psql_in(&cluster, &ns, &gw, "dropped_streaming");
-    let mut stdin = psql.stdin.take().expect("psql stdin");
     // In the select list the series streams (in FROM it would be materialized first).
-    stdin
-        .write_all(b"COPY (SELECT generate_series(1, 100000000), repeat('x', 1000)) TO STDOUT;\n")
-        .await
-        .unwrap();
-    stdin.flush().await.unwrap();
-    wait_state(&cluster, "dropped_streaming", "active").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    ns.cut();
-    let took = backend_lifetime_after(&cluster, "dropped_streaming", Instant::now()).await;
+    let (mut psql, took) = cut_off_while(
+        &cluster,
+        &ns,
+        &gw,
+        "dropped_streaming",
+        b"COPY (SELECT generate_series(1, 100000000), repeat('x', 1000)) TO STDOUT;\n",
+        "active",
+    )
+    .await;
     assert!(
         took < Duration::from_secs(15),
         "the backend of a dead client lingered {took:?} (the user timeout is ~3 s)"

@@ -7,7 +7,6 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use understudy::local_cluster::signal_processes;
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     backend_pid, backend_status, roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
@@ -935,11 +934,7 @@ async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
         .await
         .unwrap();
 
-    // The postmaster first, so it forks nothing that escapes the freeze.
-    let postmaster: Vec<u32> = cluster.pg.primary.postmaster_pid().into_iter().collect();
-    signal_processes("STOP", &postmaster);
-    let frozen = cluster.pg.primary.server_processes();
-    signal_processes("STOP", &frozen);
+    let frozen = cluster.freeze_primary(&[]);
 
     let in_flight = tokio::time::timeout(PATIENCE, busy.batch_execute("INSERT INTO t VALUES (2)"))
         .await
@@ -964,8 +959,7 @@ async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
 
     // Woken, the old primary finds its client connections gone: the transaction it held
     // rolls back there.
-    signal_processes("CONT", &postmaster);
-    signal_processes("CONT", &frozen);
+    frozen.thaw();
     let old = cluster
         .pg
         .primary

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT};
+use understudy_integration_tests::{
+    roles, sqlstate, Cluster, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
+};
 
 async fn setup(cluster: &Cluster, sql: &str) {
     cluster.superuser().await.batch_execute(sql).await.unwrap();
@@ -73,40 +75,6 @@ fn metric_total(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A process stopped with SIGSTOP, continued with SIGCONT when released or dropped (so a
-/// failing test never leaves a frozen server process behind).
-struct Frozen {
-    pid: Option<i32>,
-}
-
-impl Frozen {
-    fn freeze(pid: i32) -> Self {
-        signal("STOP", pid);
-        Self { pid: Some(pid) }
-    }
-
-    fn thaw(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            signal("CONT", pid);
-        }
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        self.thaw();
-    }
-}
-
-fn signal(name: &str, pid: i32) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 /// The standby's WAL receiver, frozen: what the primary writes from now on waits in the
 /// receiver's socket. With asynchronous replication commits are acknowledged to clients
 /// meanwhile; with synchronous replication they wait.
@@ -128,7 +96,7 @@ impl WalGap {
             .unwrap()
             .get(0);
         Self {
-            receiver: Frozen::freeze(pid),
+            receiver: Frozen::freeze(vec![pid.unsigned_abs()]),
             on_standby,
             standby_port: standby.port(),
         }
@@ -136,7 +104,7 @@ impl WalGap {
 
     /// Continues the receiver at once (after the primary was killed, before the gateway can
     /// promote): it reads and applies the WAL waiting in its socket, so nothing is lost.
-    fn close_now(mut self) {
+    fn close_now(self) {
         self.receiver.thaw();
     }
 
@@ -145,7 +113,7 @@ impl WalGap {
     /// receiver. Promotion has asked it to stop, so it exits on the pending SIGTERM without
     /// reading the WAL waiting in its socket; continued any earlier, it would read and apply
     /// that WAL and nothing would be lost (tried: the row is then on the new primary).
-    async fn close_after_promotion_began(mut self) {
+    async fn close_after_promotion_began(self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let promoting: i64 = self
@@ -520,13 +488,7 @@ async fn a_primary_the_standby_still_hears_is_not_promoted_away_from() {
         .await
         .unwrap()
         .get(0);
-    let mut processes: Vec<u32> = cluster.pg.primary.postmaster_pid().into_iter().collect();
-    processes.extend(cluster.pg.primary.server_processes());
-    let frozen: Vec<Frozen> = processes
-        .into_iter()
-        .filter(|&pid| i64::from(pid) != i64::from(sender))
-        .map(|pid| Frozen::freeze(pid as i32))
-        .collect();
+    let frozen = cluster.freeze_primary(&[sender.unsigned_abs()]);
 
     // Long enough for the gateway to find the primary gone and try to promote, several times
     // longer than a promotion takes once the standby has lost the primary.
@@ -555,7 +517,7 @@ async fn a_primary_the_standby_still_hears_is_not_promoted_away_from() {
         .get(0);
     assert_eq!(receiver, "streaming");
 
-    drop(frozen);
+    frozen.thaw();
     let row = tokio::time::timeout(PATIENCE, c.query_one("SELECT inet_server_port()", &[]))
         .await
         .expect("the session carries on once the primary answers")

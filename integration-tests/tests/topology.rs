@@ -3,8 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy::local_cluster::signal_processes;
-use understudy_integration_tests::{backend_status, roles, sqlstate, Cluster, PATIENCE};
+use understudy_integration_tests::{backend_status, roles, sqlstate, Cluster, Frozen, PATIENCE};
 
 /// Sessions go to the primary whatever the order of the backends, and `/status` says so.
 #[tokio::test]
@@ -416,12 +415,12 @@ async fn a_silent_spare_reads_as_an_unreachable_server() {
     wait_spares(&gw, 2).await;
     let spares = spare_processes(&cluster);
     assert_eq!(spares.len(), 2, "spare server processes: {spares:?}");
-    signal_processes("STOP", &spares);
+    let frozen = Frozen::freeze(spares);
     let e = gw
         .try_connect(gw.pg_config(roles::SCRAM))
         .await
         .unwrap_err();
-    signal_processes("CONT", &spares);
+    frozen.thaw();
     assert_eq!(sqlstate(&e), Some("08001"), "{e}");
     let c = gw.connect(roles::SCRAM).await;
     let n: i32 = c.query_one("SELECT 6 * 7", &[]).await.unwrap().get(0);

@@ -933,6 +933,10 @@ async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
     busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
+    // Replication is asynchronous: the WAL position the gateway noted after the idle session's
+    // SET (it treats a SET as a possible write) must have reached the standby, else the move
+    // rightly ends that session with 08007 instead of carrying on.
+    cluster.pg.wait_standby_caught_up().await.unwrap();
 
     let frozen = cluster.freeze_primary(&[]);
 

@@ -454,6 +454,74 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
     assert!(lost_commits_counted(&gw).await >= lost_before + 3.0);
 }
 
+/// Asynchronous replication loses one session's commit; another session whose statements since
+/// then only changed its own state (SET, PREPARE, LISTEN) committed nothing that could be lost,
+/// and carries on, with that state, on the new primary. The first session gets 08007. (Each
+/// autocommit session change used to be followed by the WAL-position check; the position then
+/// included the other session's commit, and the second session was ended with 08007 too.)
+#[tokio::test]
+async fn session_changes_lose_no_commit() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
+        .await;
+    let (writer, writer_end) = connect_watched(&gw, roles::SCRAM).await;
+    let setter = gw.connect(roles::MD5).await;
+
+    let gap = WalGap::open(&cluster).await;
+    writer
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    for sql in [
+        "SET application_name = 'kept'",
+        "PREPARE two AS SELECT 2",
+        "LISTEN moved",
+    ] {
+        setter.batch_execute(sql).await.unwrap();
+    }
+    let standby_port = gap.standby_port;
+
+    cluster.kill_primary().await;
+    let next_writer = spawn_statement(writer, "SELECT 1");
+    let next_setter = tokio::spawn(async move {
+        let r = setter
+            .query_one(
+                "SELECT current_setting('application_name'), inet_server_port()",
+                &[],
+            )
+            .await;
+        (setter, r)
+    });
+    gap.close_after_promotion_began().await;
+
+    assert_lost_commit_fatal(next_writer, writer_end).await;
+    let (setter, r) = tokio::time::timeout(PATIENCE, next_setter)
+        .await
+        .expect("the session that changed only its state is answered")
+        .unwrap();
+    let row = r.expect("the session that changed only its state carries on");
+    assert_eq!(row.get::<_, String>(0), "kept");
+    assert_eq!(i64::from(row.get::<_, i32>(1)), i64::from(standby_port));
+    let two = setter.simple_query("EXECUTE two").await.unwrap();
+    assert!(
+        two.iter().any(
+            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))
+        ),
+        "the prepared statement moved: {two:?}"
+    );
+    assert_eq!(
+        values(&setter).await,
+        Vec::<i32>::new(),
+        "the commit is gone"
+    );
+}
+
 /// A partition between the gateway and a healthy, idle primary makes no second primary. Here
 /// every primary process but its WAL sender is frozen: the gateway's probes go unanswered, so
 /// it fails over, while the standby still hears the primary. An idle primary sends nothing

@@ -75,11 +75,17 @@ pub struct Classified {
 }
 
 impl Classified {
-    /// Whether any statement may write.
+    /// Whether any statement may write, counting session-state changes.
     pub fn may_write(&self) -> bool {
         self.statements
             .iter()
             .any(|s| matches!(s, Statement::Write | Statement::Session(_)))
+    }
+
+    /// Whether any statement may write data, which outlives the backend (session-state
+    /// changes do not: a new backend has none of them until they are run again).
+    pub fn may_write_data(&self) -> bool {
+        self.statements.contains(&Statement::Write)
     }
 
     /// Whether the string ends a transaction block.

@@ -779,9 +779,11 @@ impl Fresh {
 }
 
 /// Whether an unanswered request must not run again: outside a transaction a request that may
-/// have written may have been applied by the old primary, so the client gets 08007 instead.
+/// have written data may have been applied by the old primary, so the client gets 08007
+/// instead. A session-state change (SET, PREPARE, LISTEN …) died with the old backend whether
+/// it ran there or not, and the restored state does not hold it: it runs again.
 fn in_doubt(g: &Group, in_txn: bool) -> bool {
-    !in_txn && g.may_write && !g.begins && g.closed
+    !in_txn && g.may_write_data && !g.begins && g.closed
 }
 
 fn count_move(outcome: &'static str) {

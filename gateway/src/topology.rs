@@ -108,7 +108,11 @@ pub struct Topology {
     /// look-ups so that neither makes the server start a process each time.
     kept: Vec<Mutex<Option<Kept>>>,
     interval: Duration,
+    /// Bound on an `auth_query` look-up (a login waits on it).
     timeout: Duration,
+    /// Bound on a role probe: a server that does not answer within it is unreachable, and a
+    /// routed primary in that state is probed again by the failover coordinator.
+    probe_timeout: Duration,
 }
 
 /// A kept control-plane connection.
@@ -153,6 +157,7 @@ impl Topology {
             control: config.control.clone(),
             interval: Duration::from_millis(config.topology_interval_ms.max(50)),
             timeout: config.connect_timeout(),
+            probe_timeout: config.failover.probe_timeout(),
         })
     }
 
@@ -320,7 +325,7 @@ impl Topology {
     /// Asks backend `i` for its role over the kept control connection.
     async fn probe_kept(&self, i: usize) -> Result<bool, ProbeError> {
         let rows = self
-            .control_query(i, "SELECT pg_is_in_recovery()", &[])
+            .control_query(i, "SELECT pg_is_in_recovery()", &[], self.probe_timeout)
             .await?;
         let row = rows
             .first()
@@ -328,23 +333,33 @@ impl Topology {
         row.try_get::<_, bool>(0).map_err(|e| ProbeError::from(&e))
     }
 
-    /// Runs `query` on the kept control connection to backend `i` within the connect
-    /// timeout, opening the connection first when there is none. A kept connection found
-    /// broken (the server restarted, or someone terminated it) is replaced and the query sent
-    /// once more, so a stale connection never reads as a backend that is down.
+    /// Runs `query` on the kept control connection to backend `i`, opening the connection
+    /// first when there is none (within the connect timeout); the server has `answer_within`
+    /// to answer the query itself. A kept connection found broken (the server restarted, or
+    /// someone terminated it) is replaced and the query sent once more, so a stale connection
+    /// never reads as a backend that is down; one that does not answer in time is closed.
     async fn control_query(
         &self,
         i: usize,
         query: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        answer_within: Duration,
     ) -> Result<Vec<tokio_postgres::Row>, ProbeError> {
+        let silent = || ProbeError::down(format!("no answer within {answer_within:?}"));
         let work = async {
             let mut retried = false;
             loop {
                 let (kept, fresh) = self.kept_connection(i).await?;
-                let e = match kept.client.query(query, params).await {
-                    Ok(rows) => return Ok(rows),
-                    Err(e) => ProbeError::from(&e),
+                let answer =
+                    crate::clock::timeout(answer_within, kept.client.query(query, params)).await;
+                let e = match answer {
+                    Ok(Ok(rows)) => return Ok(rows),
+                    Ok(Err(e)) => ProbeError::from(&e),
+                    Err(_) => {
+                        // A hung server: do not wait on that connection again.
+                        self.give_up(i, &kept);
+                        return Err(silent());
+                    }
                 };
                 if e.server_up && !kept.client.is_closed() {
                     return Err(e);
@@ -356,17 +371,15 @@ impl Topology {
                 retried = true;
             }
         };
-        match crate::clock::timeout(self.timeout, work).await {
+        // Bounds the whole, a retry included.
+        let bound = self.timeout + answer_within;
+        match crate::clock::timeout(bound, work).await {
             Ok(r) => r,
             Err(_) => {
-                // A hung server: do not wait on that connection again.
                 if let Some(kept) = self.kept_now(i) {
                     self.give_up(i, &kept);
                 }
-                Err(ProbeError::down(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                )))
+                Err(ProbeError::down(format!("no answer within {bound:?}")))
             }
         }
     }
@@ -414,7 +427,7 @@ impl Topology {
     }
 
     /// Runs `query` on `backend` (one of the configured ones) over its kept control
-    /// connection (see [`Topology::control_query`]).
+    /// connection within the connect timeout (see [`Topology::control_query`]).
     pub async fn query_backend(
         &self,
         backend: &Backend,
@@ -426,7 +439,7 @@ impl Topology {
             .iter()
             .position(|b| b == backend)
             .ok_or_else(|| ProbeError::down(format!("{backend} is not a configured backend")))?;
-        self.control_query(i, query, params).await
+        self.control_query(i, query, params, self.timeout).await
     }
 
     /// Re-probes every `topology_interval_ms` until shutdown.

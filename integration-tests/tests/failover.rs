@@ -952,7 +952,9 @@ async fn large_open_write_fails_over() {
 /// on a hung host: the kernel still ACKs, so no socket ever errors) is failed over by the
 /// health monitor, and every session leaves it at once: a statement in flight gets its answer
 /// from the new primary, an idle session's next query runs there, and the transaction open
-/// across it commits there exactly once. The old primary, woken, applied none of it.
+/// across it commits there exactly once. The old primary, woken, applied none of it. The
+/// role probe finds the silence within `failover.probe_timeout_ms`: a connect timeout longer
+/// than the test's patience plays no part.
 #[tokio::test]
 async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
     let mut cluster = Cluster::primary_and_standby().await;
@@ -962,7 +964,9 @@ async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
         "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
     )
     .await;
-    let gw = cluster.failover_gateway().await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.connect_timeout_ms = 2 * PATIENCE.as_millis() as u64)
+        .await;
     let busy = gw.connect(roles::SCRAM).await;
     let idle = gw.connect(roles::SCRAM).await;
     idle.batch_execute("SET application_name = 'idle across'")

@@ -323,6 +323,8 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
     loop {
         tokio::select! {
             _ = crate::clock::sleep(interval) => {}
+            // Straight from the probe that found it, rather than up to an interval later.
+            _ = shared.topology.primary_lost() => {}
             _ = shutdown.draining() => return,
         }
         let Some(primary) = shared.topology.current_primary() else {

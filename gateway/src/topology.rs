@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, Control};
 use crate::shutdown::Shutdown;
@@ -103,6 +103,8 @@ pub struct Topology {
     /// they come back in recovery (as standbys of the new primary).
     fenced: Mutex<Vec<bool>>,
     primary: watch::Sender<Option<usize>>,
+    /// Told when a probe finds the routed primary unreachable.
+    primary_lost: Notify,
     control: Control,
     /// One control-plane connection per backend, kept between role probes and `auth_query`
     /// look-ups so that neither makes the server start a process each time.
@@ -154,6 +156,7 @@ impl Topology {
             backends,
             probes: Mutex::new(probes),
             primary: watch::Sender::new(single),
+            primary_lost: Notify::new(),
             control: config.control.clone(),
             interval: Duration::from_millis(config.topology_interval_ms.max(50)),
             timeout: config.connect_timeout(),
@@ -218,11 +221,10 @@ impl Topology {
 
     /// Whether the last probe of `b` failed to reach it.
     pub fn unreachable(&self, b: &Backend) -> bool {
-        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
         self.backends
             .iter()
             .position(|x| x == b)
-            .is_some_and(|i| probes[i].role == Role::Unreachable)
+            .is_some_and(|i| probes_unreachable(&self.probes, i))
     }
 
     /// The gateway's control-plane login settings.
@@ -320,6 +322,15 @@ impl Topology {
             }
             self.primary.send_replace(next);
         }
+        if next.is_some_and(|i| probes_unreachable(&self.probes, i)) {
+            self.primary_lost.notify_one();
+        }
+    }
+
+    /// Completes once a probe has found the routed primary unreachable (at once if one did
+    /// since the last call).
+    pub async fn primary_lost(&self) {
+        self.primary_lost.notified().await;
     }
 
     /// Asks backend `i` for its role over the kept control connection.
@@ -452,6 +463,11 @@ impl Topology {
             }
         }
     }
+}
+
+/// Whether the last probe of backend `i` failed to reach it.
+fn probes_unreachable(probes: &Mutex<Vec<Probe>>, i: usize) -> bool {
+    probes.lock().unwrap_or_else(|e| e.into_inner())[i].role == Role::Unreachable
 }
 
 /// A control-plane connection to `backend` as the control role; its connection task ends

@@ -320,20 +320,37 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
         return;
     }
     let interval = Duration::from_millis(shared.config.topology_interval_ms.max(50));
+    let topology = &shared.topology;
+    let mut routed = topology.current_primary();
     loop {
         tokio::select! {
             _ = crate::clock::sleep(interval) => {}
             // Straight from the probe that found it, rather than up to an interval later.
-            _ = shared.topology.primary_lost() => {}
+            _ = topology.primary_lost() => {}
             _ = shutdown.draining() => return,
         }
-        let Some(primary) = shared.topology.current_primary() else {
+        let before = std::mem::replace(&mut routed, topology.current_primary());
+        let Some(primary) = routed.clone() else {
             continue;
         };
-        if !shared.topology.unreachable(&primary) {
-            continue;
-        }
-        match shared.failover.recover(&primary).await {
+        // The routed primary stopped answering; or the probes found another primary (promoted
+        // by an orchestrator) while the old one stopped answering, which is a failover too: its
+        // sessions must leave it, and only a fenced primary makes them.
+        let failed = if topology.unreachable(&primary) {
+            primary
+        } else {
+            match before {
+                Some(old)
+                    if old != primary
+                        && topology.unreachable(&old)
+                        && !topology.is_fenced(&old) =>
+                {
+                    old
+                }
+                _ => continue,
+            }
+        };
+        match shared.failover.recover(&failed).await {
             Ok(p) => tracing::info!(primary = %p.primary, "health monitor: failed over"),
             Err(FailoverError::PrimaryAlive) => {}
             Err(e) => tracing::warn!(error = %e, "health monitor: failover did not complete"),

@@ -112,8 +112,9 @@ pub struct Topology {
     interval: Duration,
     /// Bound on an `auth_query` look-up (a login waits on it).
     timeout: Duration,
-    /// Bound on a role probe: a server that does not answer within it is unreachable, and a
-    /// routed primary in that state is probed again by the failover coordinator.
+    /// Bound on a role probe (opening the kept connection when there is none, and the query):
+    /// a server that does not answer within it is unreachable, and a routed primary in that
+    /// state is probed again by the failover coordinator.
     probe_timeout: Duration,
 }
 
@@ -322,7 +323,12 @@ impl Topology {
             }
             self.primary.send_replace(next);
         }
-        if next.is_some_and(|i| probes_unreachable(&self.probes, i)) {
+        // The routed primary, or the one just routed away from, stopped answering.
+        if [current, next]
+            .into_iter()
+            .flatten()
+            .any(|i| probes_unreachable(&self.probes, i))
+        {
             self.primary_lost.notify_one();
         }
     }
@@ -344,33 +350,24 @@ impl Topology {
         row.try_get::<_, bool>(0).map_err(|e| ProbeError::from(&e))
     }
 
-    /// Runs `query` on the kept control connection to backend `i`, opening the connection
-    /// first when there is none (within the connect timeout); the server has `answer_within`
-    /// to answer the query itself. A kept connection found broken (the server restarted, or
-    /// someone terminated it) is replaced and the query sent once more, so a stale connection
-    /// never reads as a backend that is down; one that does not answer in time is closed.
+    /// Runs `query` on the kept control connection to backend `i` within `timeout`, opening
+    /// the connection first when there is none. A kept connection found broken (the server
+    /// restarted, or someone terminated it) is replaced and the query sent once more, so a
+    /// stale connection never reads as a backend that is down.
     async fn control_query(
         &self,
         i: usize,
         query: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-        answer_within: Duration,
+        timeout: Duration,
     ) -> Result<Vec<tokio_postgres::Row>, ProbeError> {
-        let silent = || ProbeError::down(format!("no answer within {answer_within:?}"));
         let work = async {
             let mut retried = false;
             loop {
                 let (kept, fresh) = self.kept_connection(i).await?;
-                let answer =
-                    crate::clock::timeout(answer_within, kept.client.query(query, params)).await;
-                let e = match answer {
-                    Ok(Ok(rows)) => return Ok(rows),
-                    Ok(Err(e)) => ProbeError::from(&e),
-                    Err(_) => {
-                        // A hung server: do not wait on that connection again.
-                        self.give_up(i, &kept);
-                        return Err(silent());
-                    }
+                let e = match kept.client.query(query, params).await {
+                    Ok(rows) => return Ok(rows),
+                    Err(e) => ProbeError::from(&e),
                 };
                 if e.server_up && !kept.client.is_closed() {
                     return Err(e);
@@ -382,15 +379,14 @@ impl Topology {
                 retried = true;
             }
         };
-        // Bounds the whole, a retry included.
-        let bound = self.timeout + answer_within;
-        match crate::clock::timeout(bound, work).await {
+        match crate::clock::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => {
+                // A hung server: do not wait on that connection again.
                 if let Some(kept) = self.kept_now(i) {
                     self.give_up(i, &kept);
                 }
-                Err(ProbeError::down(format!("no answer within {bound:?}")))
+                Err(ProbeError::down(format!("no answer within {timeout:?}")))
             }
         }
     }

@@ -775,6 +775,64 @@ async fn no_new_primary_within_the_timeout_is_fatal() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// External promotion with the old primary frozen (a hung host): the orchestrator promotes the
+/// standby, and the gateway follows within its probe timeout. The old primary answers no probe,
+/// and a connect timeout longer than the test's patience plays no part: neither noticing the
+/// silence nor the rounds that look for the new primary wait for it. The open transaction is
+/// replayed there and commits once.
+#[tokio::test]
+async fn external_promotion_past_a_frozen_primary_is_followed() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster
+        .failover_gateway_with(|c| {
+            c.failover.promote = understudy::config::Promote::External;
+            c.connect_timeout_ms = 2 * PATIENCE.as_millis() as u64;
+        })
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let frozen = cluster.freeze_primary(&[]);
+    cluster
+        .pg
+        .standby
+        .as_ref()
+        .unwrap()
+        .promote()
+        .await
+        .unwrap();
+
+    tokio::time::timeout(PATIENCE, c.batch_execute("INSERT INTO t VALUES (2)"))
+        .await
+        .expect("the session follows the promoted standby")
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(cluster.pg.standby.as_ref().unwrap().port()));
+    let rows: Vec<i32> = c
+        .query("SELECT a FROM t ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [1, 2]);
+    // Woken, the old primary (still one: nobody demoted it) lost the transaction with its
+    // client connection.
+    drop(frozen);
+    assert_eq!(values(&cluster, "t").await, Vec::<i32>::new());
+}
+
 /// COPY TO STDOUT interrupted by the failover mid-stream: the client gets every row once, in
 /// order, as if nothing happened (the new primary's copy is read past what the client had).
 #[tokio::test]

@@ -80,8 +80,14 @@ impl Coordinator {
     /// that answers but turns the probe away (too many connections, say) is up: a primary
     /// does not change role without a restart.
     pub async fn primary_alive(&self, backend: &Backend) -> bool {
+        self.primary_answers(backend, self.config.probe_attempts.max(1))
+            .await
+    }
+
+    /// Whether `backend` answers as a primary within `attempts` health probes.
+    async fn primary_answers(&self, backend: &Backend, attempts: u32) -> bool {
         let control = self.topology.control();
-        for attempt in 0..self.config.probe_attempts.max(1) {
+        for attempt in 0..attempts {
             match probe(backend, control, self.config.probe_timeout()).await {
                 Ok(in_recovery) => return !in_recovery,
                 Err(e) if e.server_up => {
@@ -179,8 +185,10 @@ impl Coordinator {
                 }
             }
             crate::clock::sleep(Duration::from_millis(50)).await;
-            // The primary may have come back meanwhile: then this is no failover.
-            if self.primary_alive(failed).await {
+            // The primary may have come back meanwhile: then this is no failover. One answer
+            // says so; its absence was confirmed already, and each round of the full
+            // confirmation would put off the promotion by that much.
+            if self.primary_answers(failed, 1).await {
                 return Err(FailoverError::PrimaryAlive);
             }
         }

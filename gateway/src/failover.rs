@@ -152,7 +152,8 @@ impl Coordinator {
     /// `promote = "auto"`: with two witnesses that the primary is gone (this gateway cannot
     /// reach it, and the standby's WAL receiver has lost it), promote the standby (which first
     /// replays all it received), and read where replay ended and its next xid before any
-    /// session writes.
+    /// session writes. Standbys that still hear the primary are asked again every
+    /// [`WITNESS_POLL`], each over a connection kept for the whole failover.
     async fn promote_standby(
         &self,
         failed: &Backend,
@@ -167,29 +168,44 @@ impl Coordinator {
             .filter(|b| *b != failed && !self.topology.is_fenced(b))
             .cloned()
             .collect();
+        let mut clients: Vec<Option<tokio_postgres::Client>> =
+            candidates.iter().map(|_| None).collect();
+        // The primary may come back meanwhile: then this is no failover. One answer says so
+        // (its absence was confirmed already). Watched only between attempts, never during
+        // one: a promotion under way is not abandoned.
+        let came_back = async {
+            while !self.primary_answers(failed, 1).await {
+                crate::clock::sleep(WITNESS_POLL).await;
+            }
+        };
+        tokio::pin!(came_back);
         let mut last_error = String::from("no standby configured");
         while Instant::now() < deadline {
-            for standby in &candidates {
-                let client =
+            for (standby, slot) in candidates.iter().zip(&mut clients) {
+                if slot.as_ref().is_none_or(|c| c.is_closed()) {
                     match control_client(standby, control, "understudy-failover", timeout).await {
-                        Ok(c) => c,
+                        Ok(c) => *slot = Some(c),
                         Err(e) => {
                             last_error = format!("{standby}: {e}");
                             continue;
                         }
-                    };
-                match self.try_promote(&client, standby).await {
+                    }
+                }
+                let Some(client) = slot.as_ref() else {
+                    continue;
+                };
+                match self.try_promote(client, standby).await {
                     Ok(Some(next_xid)) => return Ok((standby.clone(), next_xid)),
                     Ok(None) => last_error = format!("{standby} still hears the primary"),
-                    Err(e) => last_error = format!("{standby}: {e}"),
+                    Err(e) => {
+                        last_error = format!("{standby}: {e}");
+                        *slot = None;
+                    }
                 }
             }
-            crate::clock::sleep(Duration::from_millis(50)).await;
-            // The primary may have come back meanwhile: then this is no failover. One answer
-            // says so; its absence was confirmed already, and each round of the full
-            // confirmation would put off the promotion by that much.
-            if self.primary_answers(failed, 1).await {
-                return Err(FailoverError::PrimaryAlive);
+            tokio::select! {
+                _ = &mut came_back => return Err(FailoverError::PrimaryAlive),
+                _ = crate::clock::sleep(WITNESS_POLL) => {}
             }
         }
         Err(FailoverError::NoPrimary(last_error))
@@ -204,15 +220,17 @@ impl Coordinator {
         standby: &Backend,
     ) -> Result<Option<(Option<u64>, Option<u64>)>, String> {
         let e = |e: tokio_postgres::Error| e.to_string();
-        let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status,
-                        (extract(epoch FROM now() - r.last_msg_receipt_time) * 1000)::float8,
-                        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_receiver_timeout')
-                   FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true",
-                &[],
-            )
+        let timeout = self.config.probe_timeout();
+        let witness = client.query_one(
+            "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status,
+                    (extract(epoch FROM now() - r.last_msg_receipt_time) * 1000)::float8,
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_receiver_timeout')
+               FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true",
+            &[],
+        );
+        let row = crate::clock::timeout(timeout, witness)
             .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
             .map_err(e)?;
         let in_recovery: bool = row.get(0);
         if !in_recovery {
@@ -268,6 +286,9 @@ impl Coordinator {
         )))
     }
 }
+
+/// Pause between promotion attempts on standbys that still hear the primary.
+const WITNESS_POLL: Duration = Duration::from_millis(50);
 
 /// What a standby's `pg_stat_wal_receiver` says of its connection to the primary.
 #[derive(Debug, Clone, PartialEq)]

@@ -103,7 +103,8 @@ pub struct Topology {
     /// they come back in recovery (as standbys of the new primary).
     fenced: Mutex<Vec<bool>>,
     primary: watch::Sender<Option<usize>>,
-    /// Told when a probe finds the routed primary unreachable.
+    /// Told when a probe finds the routed primary, or the one it just routed away from,
+    /// unreachable.
     primary_lost: Notify,
     control: Control,
     /// One control-plane connection per backend, kept between role probes and `auth_query`
@@ -333,8 +334,8 @@ impl Topology {
         }
     }
 
-    /// Completes once a probe has found the routed primary unreachable (at once if one did
-    /// since the last call).
+    /// Completes once a probe has found the routed primary, or the one it just routed away
+    /// from, unreachable (at once if one did since the last call).
     pub async fn primary_lost(&self) {
         self.primary_lost.notified().await;
     }

@@ -348,15 +348,10 @@ async fn synchronous_autocommit_write_in_flight_is_not_applied_twice() {
     }
 }
 
-/// Asynchronous replication loses a commit: the standby's WAL receiver is frozen (SIGSTOP),
-/// a transaction commits through the gateway (the client sees success), and the primary is
-/// killed; the receiver is continued only once the gateway's `pg_promote()` runs (see
-/// [`WalGap::close_after_promotion_began`]). The session that saw the commit gets FATAL 08007
-/// naming the lost commit on its next statement, `understudy_lost_commits_total` counts it, and
-/// a new connection works and indeed lacks the row.
-#[tokio::test]
-async fn lost_commit_ends_the_session_with_08007() {
-    let mut cluster = Cluster::primary_and_standby().await;
+/// Asynchronous replication, table `t(a int PRIMARY KEY)`, and a gateway that promotes once
+/// the standby has been silent for its ping time plus 1 s.
+async fn asynchronous_with_table() -> (Cluster, TestGateway) {
+    let cluster = Cluster::primary_and_standby().await;
     setup(
         &cluster,
         "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
@@ -365,6 +360,18 @@ async fn lost_commit_ends_the_session_with_08007() {
     let gw = cluster
         .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
         .await;
+    (cluster, gw)
+}
+
+/// Asynchronous replication loses a commit: the standby's WAL receiver is frozen (SIGSTOP),
+/// a transaction commits through the gateway (the client sees success), and the primary is
+/// killed; the receiver is continued only once the gateway's `pg_promote()` runs (see
+/// [`WalGap::close_after_promotion_began`]). The session that saw the commit gets FATAL 08007
+/// naming the lost commit on its next statement, `understudy_lost_commits_total` counts it, and
+/// a new connection works and indeed lacks the row.
+#[tokio::test]
+async fn lost_commit_ends_the_session_with_08007() {
+    let (mut cluster, gw) = asynchronous_with_table().await;
     let (c, conn_end) = connect_watched(&gw, roles::SCRAM).await;
     for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
         c.batch_execute(sql).await.unwrap();
@@ -406,15 +413,7 @@ async fn lost_commit_ends_the_session_with_08007() {
 /// Failover step 6: "detect, count, log, report, never hide").
 #[tokio::test]
 async fn lost_commits_without_captured_xid_end_their_sessions() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster
-        .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
-        .await;
+    let (mut cluster, gw) = asynchronous_with_table().await;
     let (autocommit, autocommit_end) = connect_watched(&gw, roles::SCRAM).await;
     let (one_string, one_string_end) = connect_watched(&gw, roles::MD5).await;
     let (prepared, prepared_end) = connect_watched(&gw, roles::CLEARTEXT).await;
@@ -461,15 +460,7 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
 /// included the other session's commit, and the second session was ended with 08007 too.)
 #[tokio::test]
 async fn session_changes_lose_no_commit() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster
-        .failover_gateway_with(|c| c.failover.standby_silence_ms = 1_000)
-        .await;
+    let (mut cluster, gw) = asynchronous_with_table().await;
     let (writer, writer_end) = connect_watched(&gw, roles::SCRAM).await;
     let setter = gw.connect(roles::MD5).await;
 

@@ -1006,6 +1006,36 @@ async fn large_open_write_fails_over() {
     );
 }
 
+/// A transaction that only changed session state, its COMMIT in flight when the primary hangs
+/// (frozen, so the COMMIT is never answered): whatever the old primary did with it, the new
+/// backend has none of it, so the transaction is replayed and committed there. The client gets
+/// its COMMIT and keeps the setting, not the 08007 of a transaction that wrote data.
+#[tokio::test]
+async fn commit_in_flight_of_session_changes_is_replayed() {
+    let cluster = Cluster::primary_and_standby().await;
+    let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    for sql in ["BEGIN", "SET application_name = 'committed'", "SELECT 1"] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let frozen = cluster.freeze_primary(&[]);
+    tokio::time::timeout(PATIENCE, c.batch_execute("COMMIT"))
+        .await
+        .expect("the COMMIT sent to the frozen primary is answered by the new one")
+        .expect("the transaction commits on the new primary");
+    let row = c
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "committed");
+    assert_eq!(row.get::<_, i32>(1), standby_port);
+    drop(frozen);
+}
+
 /// A primary that stops answering without closing its connections (every process frozen, as
 /// on a hung host: the kernel still ACKs, so no socket ever errors) is failed over by the
 /// health monitor, and every session leaves it at once: a statement in flight gets its answer

@@ -349,6 +349,8 @@ pub struct Journal {
     txn_status: u8,
     /// Whether the open transaction may have written.
     txn_may_write: bool,
+    /// Whether the open transaction may have written data (see [`Group::may_write_data`]).
+    txn_may_write_data: bool,
     /// The open transaction's xid, once captured before its COMMIT.
     xid: Option<u64>,
     unreplayable: Option<Unreplayable>,
@@ -385,6 +387,7 @@ impl Journal {
             max_bytes,
             txn_status: b'I',
             txn_may_write: false,
+            txn_may_write_data: false,
             xid: None,
             unreplayable: None,
             unmovable: None,
@@ -458,6 +461,12 @@ impl Journal {
     /// Whether the open transaction may have written (answered requests only).
     pub fn txn_may_write(&self) -> bool {
         self.txn_may_write
+    }
+
+    /// Whether the open transaction may have written data, not only changed session state
+    /// (answered requests only).
+    pub fn txn_may_write_data(&self) -> bool {
+        self.txn_may_write_data
     }
 
     /// Whether the open transaction (or an unanswered autocommit request) may have written.
@@ -538,10 +547,12 @@ impl Journal {
                 // The xid is assigned at a transaction's first write, so asking just before the
                 // string that commits gives it whenever an earlier request wrote; a single
                 // writing statement inside the block can carry the question itself, for free.
+                // A transaction that only changed session state needs none: after a failover
+                // it is replayed whatever became of it.
                 if commits
                     && self.txn_status == b'T'
                     && self.xid.is_none()
-                    && (self.txn_may_write || group.may_write)
+                    && (self.txn_may_write_data || group.may_write_data)
                 {
                     before = Before::CaptureXid;
                 } else if self.txn_status == b'T'
@@ -597,7 +608,7 @@ impl Journal {
                 if effects.commits
                     && first
                     && self.txn_status == b'T'
-                    && self.txn_may_write
+                    && self.txn_may_write_data
                     && self.xid.is_none()
                 {
                     before = Before::CaptureXid;
@@ -632,7 +643,7 @@ impl Journal {
                 if effects.commits
                     && first
                     && self.txn_status == b'T'
-                    && self.txn_may_write
+                    && self.txn_may_write_data
                     && self.xid.is_none()
                 {
                     before = Before::CaptureXid;
@@ -762,7 +773,7 @@ impl Journal {
                     self.state.parsed.remove(name);
                 }
             }
-            let (may_write, failed) = (g.may_write, g.failed);
+            let (may_write, may_write_data, failed) = (g.may_write, g.may_write_data, g.failed);
             let changes = std::mem::take(&mut g.changes);
             if !failed {
                 for c in changes {
@@ -774,6 +785,7 @@ impl Journal {
                 }
             }
             self.txn_may_write |= may_write && status != b'I';
+            self.txn_may_write_data |= may_write_data && status != b'I';
         }
         let was_in_txn = self.txn_status != b'I';
         self.txn_status = status;
@@ -806,6 +818,7 @@ impl Journal {
         self.pending.clear();
         self.journal_bytes = 0;
         self.txn_may_write = false;
+        self.txn_may_write_data = false;
         self.xid = None;
         self.unreplayable = None;
         self.txn_status = b'I';
@@ -842,6 +855,7 @@ impl Journal {
         }
         self.journal_bytes = self.groups.iter().map(|g| g.request.len()).sum();
         self.txn_may_write = false;
+        self.txn_may_write_data = false;
         self.xid = None;
         if self.groups.is_empty() {
             self.unreplayable = None;
@@ -1370,6 +1384,32 @@ mod tests {
         answer(&mut j, b"", b'I');
         j.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
         assert!(j.groups()[0].may_write_data);
+    }
+
+    #[test]
+    fn a_transaction_of_session_changes_needs_no_xid() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'Q', &query("SET application_name = 'x'"));
+        answer(&mut j, b"SET", b'T');
+        assert!(j.txn_may_write() && !j.txn_may_write_data());
+        assert_eq!(
+            j.on_client_message(b'Q', &query("COMMIT")),
+            Before::Forward,
+            "nothing to look up after a failover: it is replayed"
+        );
+        answer(&mut j, b"COMMIT", b'I');
+        assert!(!j.txn_may_write() && !j.txn_may_write_data());
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'Q', &query("SET a.b = 1; UPDATE t SET a = 1"));
+        answer(&mut j, b"UPDATE 1", b'T');
+        assert!(j.txn_may_write_data());
+        assert_eq!(
+            j.on_client_message(b'Q', &query("COMMIT")),
+            Before::CaptureXid
+        );
     }
 
     #[test]

@@ -444,6 +444,9 @@ impl Session {
                 // No xid: the transaction wrote nothing, or its xid answer was lost with the
                 // COMMIT's; either way the new primary has nothing of it unless replayed.
                 None if !self.journal.txn_may_write() => CommitOutcome::Committed,
+                // Only session state changed, which lives in the backend: the new one has it
+                // only if the transaction runs and commits there, whatever the old one did.
+                None if !self.journal.txn_may_write_data() => CommitOutcome::NotCommitted,
                 None => CommitOutcome::InDoubt,
             };
             metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {
@@ -579,7 +582,7 @@ impl Session {
                 let checked = i == 0 && first_seen;
                 if g.commits
                     && in_txn
-                    && self.journal.txn_may_write()
+                    && self.journal.txn_may_write_data()
                     && self.capture_xid
                     && !checked
                 {

@@ -54,6 +54,19 @@ async fn server_ends_backend(cluster: &Cluster, c: &Client) -> Duration {
     started.elapsed()
 }
 
+/// Runs `work` (requests the server takes a while to answer) in a task, SIGKILLs the primary
+/// `after` it started, and returns what `work` came to.
+async fn kill_primary_during<T: Send + 'static>(
+    cluster: &mut Cluster,
+    after: Duration,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let task = tokio::spawn(work);
+    tokio::time::sleep(after).await;
+    cluster.kill_primary().await;
+    task.await.unwrap()
+}
+
 async fn setup(cluster: &Cluster, sql: &str) {
     cluster.superuser().await.batch_execute(sql).await.unwrap();
     cluster.pg.wait_standby_caught_up().await.unwrap();
@@ -178,16 +191,14 @@ async fn statement_in_flight_completes() {
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    let slow = tokio::spawn(async move {
+    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
         let r = c
             .query_one("SELECT 7 FROM pg_sleep(1.5)", &[])
             .await
             .map(|r| r.get::<_, i32>(0));
         (c, r)
-    });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    cluster.kill_primary().await;
-    let (c, r) = slow.await.unwrap();
+    })
+    .await;
     assert_eq!(r.unwrap(), 7);
     c.batch_execute("INSERT INTO t VALUES (2); COMMIT")
         .await
@@ -230,13 +241,11 @@ async fn commit_in_flight(statements: &[&str]) {
     for sql in statements {
         c.batch_execute(sql).await.unwrap();
     }
-    let commit = tokio::spawn(async move {
+    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(500), async move {
         let r = c.batch_execute("COMMIT").await;
         (c, r)
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.kill_primary().await;
-    let (c, r) = commit.await.unwrap();
+    })
+    .await;
     r.expect("COMMIT succeeds after the failover");
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
@@ -378,15 +387,13 @@ async fn autocommit_write_in_flight_gets_08007() {
     .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    let slow = tokio::spawn(async move {
+    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
         let r = c
             .batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)")
             .await;
         (c, r)
-    });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    cluster.kill_primary().await;
-    let (c, r) = slow.await.unwrap();
+    })
+    .await;
     assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
     let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
@@ -401,15 +408,13 @@ async fn session_change_in_flight_runs_again() {
     let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    let slow = tokio::spawn(async move {
+    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
         let r = c
             .simple_query("SET application_name = 'moved'; SELECT 7 FROM pg_sleep(1.5)")
             .await;
         (c, r)
-    });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    cluster.kill_primary().await;
-    let (c, r) = slow.await.unwrap();
+    })
+    .await;
     let rows: Vec<String> = r
         .expect("the statement runs again on the new primary")
         .iter()

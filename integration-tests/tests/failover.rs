@@ -1014,21 +1014,36 @@ async fn large_open_write_fails_over() {
 /// A transaction that only changed session state, its COMMIT in flight when the primary hangs
 /// (frozen, so the COMMIT is never answered): whatever the old primary did with it, the new
 /// backend has none of it, so the transaction is replayed and committed there. The client gets
-/// its COMMIT and keeps the setting, not the 08007 of a transaction that wrote data.
+/// its COMMIT and keeps the setting, not the 08007 of a transaction that wrote data. One whose
+/// COMMIT string also writes (`INSERT …; COMMIT`) is in doubt all the same: 08007, nothing run.
 #[tokio::test]
 async fn commit_in_flight_of_session_changes_is_replayed() {
     let cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
     let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
+    let writer = gw.connect(roles::MD5).await;
     for sql in ["BEGIN", "SET application_name = 'committed'", "SELECT 1"] {
         c.batch_execute(sql).await.unwrap();
+        writer.batch_execute(sql).await.unwrap();
     }
     let frozen = cluster.freeze_primary(&[]);
-    tokio::time::timeout(PATIENCE, c.batch_execute("COMMIT"))
-        .await
-        .expect("the COMMIT sent to the frozen primary is answered by the new one")
-        .expect("the transaction commits on the new primary");
+    let (committed, written) = tokio::time::timeout(
+        PATIENCE,
+        futures_util::future::join(
+            c.batch_execute("COMMIT"),
+            writer.batch_execute("INSERT INTO t VALUES (1); COMMIT"),
+        ),
+    )
+    .await
+    .expect("the COMMITs sent to the frozen primary are answered by the new one");
+    committed.expect("the transaction commits on the new primary");
+    assert_eq!(sqlstate(&written.unwrap_err()), Some("08007"));
     let row = c
         .query_one(
             "SELECT current_setting('application_name'), inet_server_port()",
@@ -1038,6 +1053,8 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "committed");
     assert_eq!(row.get::<_, i32>(1), standby_port);
+    let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
+    assert!(rows.is_empty(), "the in-doubt INSERT was not run again");
     drop(frozen);
 }
 

@@ -446,7 +446,10 @@ impl Session {
                 None if !self.journal.txn_may_write() => CommitOutcome::Committed,
                 // Only session state changed, which lives in the backend: the new one has it
                 // only if the transaction runs and commits there, whatever the old one did.
-                None if !self.journal.txn_may_write_data() => CommitOutcome::NotCommitted,
+                // (The string with the COMMIT may write data itself: that is in doubt.)
+                None if !self.journal.txn_may_write_data() && !first.may_write_data => {
+                    CommitOutcome::NotCommitted
+                }
                 None => CommitOutcome::InDoubt,
             };
             metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {

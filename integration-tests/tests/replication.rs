@@ -348,6 +348,47 @@ async fn synchronous_autocommit_write_in_flight_is_not_applied_twice() {
     }
 }
 
+/// Synchronous replication, a transaction's INSERT and COMMIT sent together (pipelined): the
+/// INSERT is answered, the COMMIT waits for the standby, whose WAL receiver is frozen and
+/// continued once the primary is dead, so the commit is on the standby but its answer never
+/// came. The gateway looks the xid up on the new primary, finds it committed, and answers the
+/// COMMIT itself: nothing runs again (the table has no key, so a replay would be a second row).
+#[tokio::test]
+async fn synchronous_commit_in_flight_that_committed_is_not_run_again() {
+    let mut cluster = Cluster::build(|o| o.synchronous = true).await;
+    setup(&cluster, "CREATE TABLE t(a int); GRANT ALL ON t TO PUBLIC").await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let gap = WalGap::open(&cluster).await;
+    let pipelined = tokio::spawn(async move {
+        let (insert, commit) = futures_util::future::join(
+            c.batch_execute("INSERT INTO t VALUES (7)"),
+            c.batch_execute("COMMIT"),
+        )
+        .await;
+        (c, insert, commit)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pipelined.is_finished(),
+        "the commit waits for the frozen standby"
+    );
+    cluster.kill_primary().await;
+    gap.close_now();
+    let (c, insert, commit) = tokio::time::timeout(PATIENCE, pipelined)
+        .await
+        .expect("the pipeline is answered")
+        .unwrap();
+    insert.unwrap();
+    commit.expect("the commit is found on the new primary");
+    assert_eq!(
+        values(&c).await,
+        [7],
+        "the committed INSERT exists exactly once"
+    );
+}
+
 /// Asynchronous replication, table `t(a int PRIMARY KEY)`, and a gateway that promotes once
 /// the standby has been silent for its ping time plus 1 s.
 async fn asynchronous_with_table() -> (Cluster, TestGateway) {

@@ -1058,6 +1058,61 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
     drop(frozen);
 }
 
+/// A COMMIT pipelined behind a write, neither answered when the primary hangs (frozen). A
+/// transaction whose xid is known (an earlier write was answered) is looked up: never committed
+/// on the new primary, so it is replayed and the client gets both answers. Without an xid the
+/// old primary might have run both and committed with the answers lost on the way: the write
+/// and the COMMIT get 08007, nothing is run again, and the session goes on.
+#[tokio::test]
+async fn pipelined_commit_behind_an_unanswered_write() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let known = gw.connect(roles::SCRAM).await;
+    let unknown = gw.connect(roles::MD5).await;
+    known.batch_execute("BEGIN").await.unwrap();
+    known
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    unknown.batch_execute("BEGIN").await.unwrap();
+    let frozen = cluster.freeze_primary(&[]);
+    let ((inserted, committed), (insert_unknown, commit_unknown)) = tokio::time::timeout(
+        PATIENCE,
+        futures_util::future::join(
+            futures_util::future::join(
+                known.batch_execute("INSERT INTO t VALUES (2)"),
+                known.batch_execute("COMMIT"),
+            ),
+            futures_util::future::join(
+                unknown.batch_execute("INSERT INTO t VALUES (3)"),
+                unknown.batch_execute("COMMIT"),
+            ),
+        ),
+    )
+    .await
+    .expect("the pipelines sent to the frozen primary are answered by the new one");
+    inserted.expect("replayed: the transaction never committed there");
+    committed.unwrap();
+    assert_eq!(sqlstate(&insert_unknown.unwrap_err()), Some("08007"));
+    assert_eq!(sqlstate(&commit_unknown.unwrap_err()), Some("08007"));
+    let one: i32 = unknown.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let rows: Vec<i32> = known
+        .query("SELECT a FROM t ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [1, 2], "the in-doubt INSERT was not run again");
+    drop(frozen);
+}
+
 /// A primary that stops answering without closing its connections (every process frozen, as
 /// on a hung host: the kernel still ACKs, so no socket ever errors) is failed over by the
 /// health monitor, and every session leaves it at once: a statement in flight gets its answer

@@ -503,6 +503,40 @@ impl Session {
             }
         }
 
+        // A COMMIT queued behind requests that may write data, none of them answered (a
+        // pipeline): the old primary may have run them all and committed, their answers lost on
+        // the way, so running them again could apply them twice. Only an xid the new primary
+        // has never committed says it is safe; otherwise every one of them, the COMMIT
+        // included, is in doubt, as an autocommit write in flight is.
+        let commit_at = in_flight.iter().position(|g| g.commits).filter(|&i| i > 0);
+        if let Some(at) =
+            commit_at.filter(|&at| in_txn && in_flight[..at].iter().any(|g| g.may_write_data))
+        {
+            let outcome = match self.journal.xid() {
+                Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
+                None => CommitOutcome::InDoubt,
+            };
+            if outcome != CommitOutcome::NotCommitted {
+                if seen_answer.len > 0 || partial.is_some() {
+                    return Err(cannot_move("08007", IN_DOUBT.to_owned()));
+                }
+                metrics::counter!("understudy_in_doubt_commits_total", "outcome" => "unknown")
+                    .increment(1);
+                self.journal.abandon();
+                self.txn_status = b'I';
+                for g in &in_flight[..=at] {
+                    if g.closed {
+                        resumed
+                            .to_backend
+                            .extend_from_slice(&raise("08007", IN_DOUBT));
+                        resumed.owners.push(Owner::Client);
+                    }
+                }
+                self.resend_in_flight(&in_flight[at + 1..], false, false, &mut resumed);
+                return Ok(resumed);
+            }
+        }
+
         if in_txn {
             let replayable = self.journal.unreplayable().is_none();
             let mut same = replayable;

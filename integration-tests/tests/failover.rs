@@ -376,7 +376,8 @@ async fn diverging_replay_gets_40001() {
 }
 
 /// An autocommit write running when the primary dies may or may not have been applied: the
-/// client gets 08007 and the session continues.
+/// client gets 08007 and the session continues. So does a whole transaction sent as one string
+/// (`BEGIN; …; COMMIT`), which commits as an autocommit write does. Neither runs again.
 #[tokio::test]
 async fn autocommit_write_in_flight_gets_08007() {
     let mut cluster = Cluster::primary_and_standby().await;
@@ -387,16 +388,27 @@ async fn autocommit_write_in_flight_gets_08007() {
     .await;
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
-    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
-        let r = c
-            .batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)")
+    let whole = gw.connect(roles::MD5).await;
+    let (c, whole, r, w) =
+        kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+            let (r, w) = futures_util::future::join(
+                c.batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)"),
+                whole.batch_execute("BEGIN; INSERT INTO t SELECT 8 FROM pg_sleep(1.5); COMMIT"),
+            )
             .await;
-        (c, r)
-    })
-    .await;
+            (c, whole, r, w)
+        })
+        .await;
     assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
-    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
+    assert_eq!(sqlstate(&w.unwrap_err()), Some("08007"));
+    for session in [&c, &whole] {
+        let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+    assert!(
+        c.query("SELECT a FROM t", &[]).await.unwrap().is_empty(),
+        "neither write ran again"
+    );
 }
 
 /// A session-state change in flight when the primary dies runs again on the new primary: it

@@ -503,16 +503,15 @@ impl Session {
             }
         }
 
-        // A COMMIT queued behind requests that may write data, none of them answered (a
-        // pipeline): the old primary may have run them all and committed, their answers lost on
-        // the way, so running them again could apply them twice. Only an xid the new primary
-        // has never committed says it is safe; otherwise every one of them, the COMMIT
-        // included, is in doubt, as an autocommit write in flight is.
-        let commit_at = in_flight.iter().position(|g| g.commits).filter(|&i| i > 0);
-        if let Some(at) =
-            commit_at.filter(|&at| in_txn && in_flight[..at].iter().any(|g| g.may_write_data))
-        {
-            let outcome = match self.journal.xid() {
+        // A COMMIT queued behind requests that may write data in its transaction, none of them
+        // answered (a pipeline): the old primary may have run them all and committed, their
+        // answers lost on the way, so running them again could apply them twice. Only an xid
+        // the new primary has never committed says it is safe; otherwise every one of them, the
+        // COMMIT included, is in doubt, as an autocommit write in flight is.
+        if let Some((at, already_open)) = commit_behind_writes(&in_flight, in_txn) {
+            // The xid is the transaction's that was open before them: one begun in the
+            // pipeline has none known.
+            let outcome = match self.journal.xid().filter(|_| already_open) {
                 Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
                 None => CommitOutcome::InDoubt,
             };
@@ -819,13 +818,113 @@ impl Fresh {
 }
 
 /// Whether an unanswered request must not run again: outside a transaction a request that may
-/// have written data may have been applied by the old primary, so the client gets 08007
-/// instead. A session-state change (SET, PREPARE, LISTEN …) died with the old backend whether
-/// it ran there or not, and the restored state does not hold it: it runs again.
+/// have written data (on its own, or in a transaction it both begins and commits) may have been
+/// applied by the old primary, so the client gets 08007 instead. A session-state change (SET,
+/// PREPARE, LISTEN …) died with the old backend whether it ran there or not, and the restored
+/// state does not hold it: it runs again.
 fn in_doubt(g: &Group, in_txn: bool) -> bool {
-    !in_txn && g.may_write_data && !g.begins && g.closed
+    !in_txn && g.may_write_data && (!g.begins || g.commits) && g.closed
+}
+
+/// The first unanswered request that commits a transaction in which an earlier unanswered
+/// request may have written data, and whether that transaction was open before the first of
+/// them (`in_txn` says whether one was). Requests are judged whole, without the order of the
+/// statements inside a string: one that writes and begins counts as writing inside the
+/// transaction, one that commits and begins as leaving one open. More doubt, never less.
+fn commit_behind_writes(in_flight: &[&Group], in_txn: bool) -> Option<(usize, bool)> {
+    let mut open = in_txn;
+    let mut already_open = in_txn;
+    let mut wrote = false;
+    for (i, g) in in_flight.iter().enumerate() {
+        if g.commits && open && wrote {
+            return Some((i, already_open));
+        }
+        if g.begins && !open {
+            open = true;
+            already_open = false;
+        }
+        wrote |= open && g.may_write_data;
+        if g.commits {
+            open = g.begins;
+            already_open = false;
+            wrote = false;
+        }
+    }
+    None
 }
 
 fn count_move(outcome: &'static str) {
     metrics::counter!("understudy_session_moves_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use understudy_replay::journal::Journal;
+
+    /// The unanswered request groups of Query strings `sent` after `answered` ones (each
+    /// answered with the status given), and whether a transaction was open in between.
+    fn in_flight(answered: &[(&str, u8)], sent: &[&str]) -> (Vec<Group>, bool) {
+        let query = |sql: &str| {
+            let mut q = BytesMut::new();
+            postgres_protocol::message::frontend::query(sql, &mut q).unwrap();
+            q
+        };
+        let mut j = Journal::new(1 << 20);
+        for (sql, status) in answered {
+            j.on_client_message(b'Q', &query(sql));
+            j.on_ready_for_query(*status);
+        }
+        for sql in sent {
+            j.on_client_message(b'Q', &query(sql));
+        }
+        let groups = j.groups().iter().filter(|g| !g.answered);
+        (
+            groups.map(|g| (**g).clone()).collect(),
+            j.txn_status() != b'I',
+        )
+    }
+
+    fn behind(answered: &[(&str, u8)], sent: &[&str]) -> Option<(usize, bool)> {
+        let (groups, in_txn) = in_flight(answered, sent);
+        commit_behind_writes(&groups.iter().collect::<Vec<_>>(), in_txn)
+    }
+
+    #[test]
+    fn a_commit_behind_unanswered_writes_is_found() {
+        let open = [("BEGIN", b'T')];
+        assert_eq!(
+            behind(&open, &["INSERT INTO t VALUES (1)", "COMMIT"]),
+            Some((1, true))
+        );
+        assert_eq!(behind(&open, &["SELECT 1", "SET a.b = 1", "COMMIT"]), None);
+        assert_eq!(
+            behind(&[], &["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"]),
+            Some((2, false))
+        );
+        assert_eq!(
+            behind(&[], &["BEGIN; INSERT INTO t VALUES (1)", "COMMIT"]),
+            Some((1, false))
+        );
+        // A COMMIT first ends the open transaction; the one begun after it has no xid known.
+        assert_eq!(
+            behind(&open, &["COMMIT", "BEGIN", "UPDATE t SET a = 2", "COMMIT"]),
+            Some((3, false))
+        );
+        // Autocommit writes are judged one by one (see `in_doubt`).
+        assert_eq!(behind(&[], &["INSERT INTO t VALUES (1)", "COMMIT"]), None);
+    }
+
+    #[test]
+    fn a_whole_transaction_in_one_string_is_in_doubt_like_an_autocommit_write() {
+        let (groups, in_txn) = in_flight(&[], &["BEGIN; INSERT INTO t VALUES (1); COMMIT"]);
+        assert!(in_doubt(&groups[0], in_txn));
+        let (groups, in_txn) = in_flight(&[], &["BEGIN; INSERT INTO t VALUES (1)"]);
+        assert!(
+            !in_doubt(&groups[0], in_txn),
+            "its transaction is still open"
+        );
+        let (groups, in_txn) = in_flight(&[], &["SET a.b = 1"]);
+        assert!(!in_doubt(&groups[0], in_txn));
+    }
 }

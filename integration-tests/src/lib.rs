@@ -395,6 +395,18 @@ pub async fn backend_pid(c: &Client) -> i32 {
     simple_rows(&messages)[0][0].parse().unwrap()
 }
 
+/// The session's `application_name` and the port of the server it is on.
+pub async fn application_name_and_port(c: &Client) -> (String, i32) {
+    let row = c
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// The rows of a simple-protocol answer as text, `NULL` for a null.
 pub fn simple_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<String>> {
     messages

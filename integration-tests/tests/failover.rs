@@ -9,7 +9,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    backend_pid, backend_status, roles, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+    application_name_and_port, backend_pid, backend_status, roles, simple_rows, sqlstate, Cluster,
+    TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -427,24 +428,12 @@ async fn session_change_in_flight_runs_again() {
         (c, r)
     })
     .await;
-    let rows: Vec<String> = r
-        .expect("the statement runs again on the new primary")
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(rows, ["7"]);
-    let row = c
-        .query_one(
-            "SELECT current_setting('application_name'), inet_server_port()",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "moved");
-    assert_eq!(row.get::<_, i32>(1), standby_port);
+    let answer = r.expect("the statement runs again on the new primary");
+    assert_eq!(simple_rows(&answer), [["7"]]);
+    assert_eq!(
+        application_name_and_port(&c).await,
+        ("moved".to_owned(), standby_port)
+    );
 }
 
 /// A pipeline of extended-protocol statements inside a transaction, in flight when the primary
@@ -1056,15 +1045,10 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
     .expect("the COMMITs sent to the frozen primary are answered by the new one");
     committed.expect("the transaction commits on the new primary");
     assert_eq!(sqlstate(&written.unwrap_err()), Some("08007"));
-    let row = c
-        .query_one(
-            "SELECT current_setting('application_name'), inet_server_port()",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "committed");
-    assert_eq!(row.get::<_, i32>(1), standby_port);
+    assert_eq!(
+        application_name_and_port(&c).await,
+        ("committed".to_owned(), standby_port)
+    );
     let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
     assert!(rows.is_empty(), "the in-doubt INSERT was not run again");
     drop(frozen);

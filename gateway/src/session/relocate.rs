@@ -826,17 +826,18 @@ fn in_doubt(g: &Group, in_txn: bool) -> bool {
     !in_txn && g.may_write_data && (!g.begins || g.commits) && g.closed
 }
 
-/// The first unanswered request that commits a transaction in which an earlier unanswered
-/// request may have written data, and whether that transaction was open before the first of
-/// them (`in_txn` says whether one was). Requests are judged whole, without the order of the
-/// statements inside a string: one that writes and begins counts as writing inside the
-/// transaction, one that commits and begins as leaving one open. More doubt, never less.
+/// The first unanswered request, after the first, that commits a transaction in which it or
+/// an earlier unanswered request may have written data, and whether that transaction was open
+/// before the first of them (`in_txn` says whether one was; a COMMIT first in line is settled
+/// on its own). Requests are judged whole, without the order of the statements inside a
+/// string: one that writes and begins counts as writing inside the transaction, one that
+/// commits and begins as leaving one open. More doubt, never less.
 fn commit_behind_writes(in_flight: &[&Group], in_txn: bool) -> Option<(usize, bool)> {
     let mut open = in_txn;
     let mut already_open = in_txn;
     let mut wrote = false;
     for (i, g) in in_flight.iter().enumerate() {
-        if g.commits && open && wrote {
+        if g.commits && open && (wrote || i > 0 && g.may_write_data) {
             return Some((i, already_open));
         }
         if g.begins && !open {
@@ -898,6 +899,13 @@ mod tests {
             Some((1, true))
         );
         assert_eq!(behind(&open, &["SELECT 1", "SET a.b = 1", "COMMIT"]), None);
+        // The COMMIT's own string writes.
+        assert_eq!(
+            behind(&open, &["SELECT 1", "INSERT INTO t VALUES (1); COMMIT"]),
+            Some((1, true))
+        );
+        // First in line, it is settled on its own.
+        assert_eq!(behind(&open, &["INSERT INTO t VALUES (1); COMMIT"]), None);
         assert_eq!(
             behind(&[], &["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"]),
             Some((2, false))

@@ -490,14 +490,7 @@ impl Session {
                     if seen_answer.len > 0 {
                         return Err(cannot_move("08007", IN_DOUBT.to_owned()));
                     }
-                    self.journal.abandon();
-                    self.txn_status = b'I';
-                    resumed
-                        .to_backend
-                        .extend_from_slice(&raise("08007", IN_DOUBT));
-                    resumed.owners.push(Owner::Client);
-                    self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
-                    return Ok(resumed);
+                    return Ok(self.give_up_in_doubt(1, &in_flight[1..], resumed));
                 }
                 CommitOutcome::NotCommitted => {}
             }
@@ -521,18 +514,8 @@ impl Session {
                 }
                 metrics::counter!("understudy_in_doubt_commits_total", "outcome" => "unknown")
                     .increment(1);
-                self.journal.abandon();
-                self.txn_status = b'I';
-                for g in &in_flight[..=at] {
-                    if g.closed {
-                        resumed
-                            .to_backend
-                            .extend_from_slice(&raise("08007", IN_DOUBT));
-                        resumed.owners.push(Owner::Client);
-                    }
-                }
-                self.resend_in_flight(&in_flight[at + 1..], false, false, &mut resumed);
-                return Ok(resumed);
+                let doubtful = in_flight[..=at].iter().filter(|g| g.closed).count();
+                return Ok(self.give_up_in_doubt(doubtful, &in_flight[at + 1..], resumed));
             }
         }
 
@@ -591,6 +574,26 @@ impl Session {
         self.consume_seen_prefix(fresh, first, partial, &mut resumed)
             .await?;
         Ok(resumed)
+    }
+
+    /// Forgets the open transaction; `doubtful` requests get 08007 from the new backend (so
+    /// that answers stay in order) and the `rest` go out as new ones.
+    fn give_up_in_doubt(
+        &mut self,
+        doubtful: usize,
+        rest: &[&Group],
+        mut resumed: Resumed,
+    ) -> Resumed {
+        self.journal.abandon();
+        self.txn_status = b'I';
+        for _ in 0..doubtful {
+            resumed
+                .to_backend
+                .extend_from_slice(&raise("08007", IN_DOUBT));
+            resumed.owners.push(Owner::Client);
+        }
+        self.resend_in_flight(rest, false, false, &mut resumed);
+        resumed
     }
 
     /// Queues the unanswered requests for the new backend. Outside a transaction a request

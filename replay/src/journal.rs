@@ -335,6 +335,8 @@ pub struct Journal {
         reason = "moving ~170-byte groups cost 4 copies per request"
     )]
     groups: Vec<Box<Group>>,
+    /// How many of `groups` are answered: the first ones, as the server answers in order.
+    answered: usize,
     /// Answered groups kept for the next requests, so a request costs no allocation.
     #[expect(clippy::vec_box, reason = "as `groups`")]
     spares: Vec<Box<Group>>,
@@ -380,6 +382,7 @@ impl Journal {
         Self {
             state: SessionState::default(),
             groups: Vec::new(),
+            answered: 0,
             spares: Vec::new(),
             live: DigestBuilder::default(),
             classified: Classified::default(),
@@ -693,10 +696,7 @@ impl Journal {
 
     /// The group that owns the next response bytes.
     fn answering(&mut self) -> Option<&mut Group> {
-        self.groups
-            .iter_mut()
-            .find(|g| !g.answered)
-            .map(|g| &mut **g)
+        self.groups.get_mut(self.answered).map(|g| &mut **g)
     }
 
     /// Notes a parameter the server reports (at login and on change): the client encoding and
@@ -725,10 +725,7 @@ impl Journal {
 
     /// Whether the request group now being answered holds a COMMIT.
     pub fn answering_commit(&self) -> bool {
-        self.groups
-            .iter()
-            .find(|g| !g.answered)
-            .is_some_and(|g| g.commits)
+        self.groups.get(self.answered).is_some_and(|g| g.commits)
     }
 
     /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
@@ -736,7 +733,7 @@ impl Journal {
         if !self.keeps || !digested(tag) {
             return;
         }
-        if self.groups.iter().any(|g| !g.answered) {
+        if self.answered < self.groups.len() {
             self.live.update(bytes);
         }
     }
@@ -755,8 +752,8 @@ impl Journal {
 
     /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
     pub fn on_ready_for_query(&mut self, status: u8) {
-        if let Some(i) = self.groups.iter().position(|g| !g.answered) {
-            let g = &mut self.groups[i];
+        if let Some(g) = self.groups.get_mut(self.answered) {
+            self.answered += 1;
             g.answered = true;
             if self.keeps {
                 g.answer = self.live.digest();
@@ -792,11 +789,9 @@ impl Journal {
         if status == b'I' {
             let committed = was_in_txn
                 && self
-                    .groups
-                    .iter()
-                    .rev()
-                    .find(|g| g.answered)
-                    .is_some_and(|g| g.commits && !g.failed);
+                    .answered
+                    .checked_sub(1)
+                    .is_some_and(|i| self.groups[i].commits && !self.groups[i].failed);
             if committed {
                 for c in std::mem::take(&mut self.pending) {
                     self.state.apply(&c.change, &c.sql);
@@ -814,6 +809,7 @@ impl Journal {
     /// without them: they were answered with an error, or the transaction is gone).
     pub fn abandon(&mut self) {
         self.groups.clear();
+        self.answered = 0;
         self.live.reset();
         self.pending.clear();
         self.journal_bytes = 0;
@@ -843,8 +839,7 @@ impl Journal {
 
     /// Drops the answered groups once the transaction is over.
     fn clear_answered(&mut self) {
-        // Requests are answered in order: the answered groups are the first ones.
-        let answered = self.groups.iter().take_while(|g| g.answered).count();
+        let answered = std::mem::take(&mut self.answered);
         let mut kept: usize = self.spares.iter().map(|g| g.request.capacity()).sum();
         for mut g in self.groups.drain(..answered) {
             if self.spares.len() < SPARE_GROUPS && kept + g.request.capacity() <= SPARE_BYTES {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
+use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 use understudy_protocol::frame::{FrameError, FrameScanner, Step};
 
@@ -134,7 +135,10 @@ impl Pipe {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         while self.ready > 0 {
-            let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?;
+            let n = match stream {
+                Stream::Plain(tcp) => ready!(poll_send(tcp, &self.buf[..self.ready], cx))?,
+                _ => ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?,
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -161,7 +165,53 @@ impl Pipe {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
             self.buf.reserve(READ_CHUNK);
         }
-        poll_read_buf(Pin::new(stream), cx, &mut self.buf)
+        match stream {
+            Stream::Plain(tcp) => poll_recv(tcp, &mut self.buf, cx),
+            _ => poll_read_buf(Pin::new(stream), cx, &mut self.buf),
+        }
+    }
+}
+
+/// Reads what a plain socket has into `buf`'s spare room, straight from tokio's readiness
+/// state: the `AsyncRead` layers (cooperative budget, `ReadBuf`) cost more than the recv's
+/// own user-space work, and a readable socket needs none of them.
+fn poll_recv(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    let room = buf.capacity() - buf.len();
+    loop {
+        let mut read = None;
+        let result = tcp.try_io(Interest::READABLE, || {
+            let n = tcp.try_read_buf(buf)?;
+            read = Some(n);
+            // A read that did not fill the room drained the socket (edge-triggered epoll):
+            // tokio is told so, as its own reads tell it, and waits for the next readiness
+            // event instead of asking the socket again for a read that would block. The
+            // readiness noted before this read is what is cleared, so data that arrives after
+            // it is never missed.
+            if 0 < n && n < room {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        return match (result, read) {
+            (_, Some(n)) => Poll::Ready(Ok(n)),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready!(tcp.poll_read_ready(cx))?;
+                continue;
+            }
+            (Err(e), None) => Poll::Ready(Err(e)),
+            (Ok(n), None) => Poll::Ready(Ok(n)),
+        };
+    }
+}
+
+/// Writes to a plain socket without the `AsyncWrite` layers (see [`poll_recv`]).
+fn poll_send(tcp: &TcpStream, bytes: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    loop {
+        match tcp.try_write(bytes) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(tcp.poll_write_ready(cx))?,
+            result => return Poll::Ready(result),
+        }
     }
 }
 

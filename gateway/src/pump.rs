@@ -282,12 +282,25 @@ impl Pump {
         }
     }
 
+    /// The record of which sources woke the task; bits 0 and 1 are the sockets', the others
+    /// free for the pump's owner (see [`crate::wake::changed_on`]).
+    pub fn woken(&self) -> &Arc<Woken> {
+        &self.woken
+    }
+
+    /// Registers the task to be woken by any source of [`Pump::woken`] and returns the bits
+    /// that woke it since the last call; the sockets among them will be read again. Call it
+    /// once at the start of each poll of the task, before [`Pump::poll_event`]: a source that
+    /// fires from then on wakes the task again.
+    pub fn take_wakes(&mut self, cx: &Context<'_>) -> u8 {
+        self.woken.register(cx.waker());
+        let rung = self.woken.take();
+        self.armed &= !rung;
+        rung
+    }
+
     /// Writes what is ready both ways, then reads from whichever side has something.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
-        // Registered before the sockets are looked at, so a wake-up from now on reaches the
-        // task even if it comes before this poll returns.
-        self.woken.register(cx.waker());
-        self.armed &= !self.woken.take();
         if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
             return Poll::Ready(Err(PumpError::Backend(e)));
         }
@@ -416,7 +429,10 @@ mod tests {
     }
 
     async fn next_event(pump: &mut Pump) -> Event {
-        let event = std::future::poll_fn(|cx| pump.poll_event(cx));
+        let event = std::future::poll_fn(|cx| {
+            pump.take_wakes(cx);
+            pump.poll_event(cx)
+        });
         crate::clock::timeout(std::time::Duration::from_secs(5), event)
             .await
             .expect("the pump was not woken")
@@ -434,7 +450,10 @@ mod tests {
             Pipe::new(BytesMut::new(), 1 << 20),
             Pipe::new(BytesMut::new(), 1 << 20),
         );
-        let idle = std::future::poll_fn(|cx| Poll::Ready(pump.poll_event(cx).is_pending()));
+        let idle = std::future::poll_fn(|cx| {
+            pump.take_wakes(cx);
+            Poll::Ready(pump.poll_event(cx).is_pending())
+        });
         assert!(idle.await);
         assert_eq!(pump.armed, CLIENT | BACKEND);
         // The backend's waker says which socket it was: the client stays armed.

@@ -1,10 +1,11 @@
 //! Graceful shutdown, broadcast to every task: first drain, then force.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::wake::Changed;
+use crate::wake::{Change, Changed, Woken};
 
 /// How far the gateway is into shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -69,6 +70,15 @@ impl Shutdown {
     /// again (a session polls it at every socket wake-up).
     pub fn changed(&mut self) -> Changed<impl Future<Output = ()> + '_> {
         crate::wake::changed(&mut self.0)
+    }
+
+    /// The next phase change as source `bit` of a shared `woken` (see [`crate::wake::changed_on`]).
+    pub fn changed_on(
+        &mut self,
+        woken: &Arc<Woken>,
+        bit: u8,
+    ) -> Change<impl Future<Output = ()> + '_> {
+        crate::wake::changed_on(&mut self.0, woken, bit)
     }
 }
 

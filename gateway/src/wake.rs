@@ -66,27 +66,61 @@ impl Wake for SourceWaker {
 /// Resolves at `receiver`'s next change (never, once its sender is gone). Cheap to poll again
 /// and again: until the channel signals, a poll is a flag check, not a look at the channel.
 pub fn changed<T>(receiver: &mut watch::Receiver<T>) -> Changed<impl Future<Output = ()> + '_> {
+    const BIT: u8 = 1;
+    // Noted as rung, so the first poll looks at the channel.
+    let bell = Woken::new(BIT);
+    Changed {
+        change: changed_on(receiver, &bell, BIT),
+        bell,
+    }
+}
+
+/// `receiver`'s next change as source `bit` of `woken`, which the owner shares with other
+/// sources: it registers the task and takes the bits once for all of them (see
+/// [`Change::poll_rung`]).
+pub fn changed_on<'a, T>(
+    receiver: &'a mut watch::Receiver<T>,
+    woken: &Arc<Woken>,
+    bit: u8,
+) -> Change<impl Future<Output = ()> + 'a> {
     let inner = Box::pin(async move {
         if receiver.changed().await.is_err() {
             std::future::pending::<()>().await
         }
     });
-    // Noted as rung, so the first poll looks at the channel.
-    let bell = Woken::new(1);
-    Changed {
+    Change {
         inner,
-        bell_waker: bell.waker(1),
-        bell,
+        waker: woken.waker(bit),
+        bit,
     }
 }
 
-/// The future [`changed`] returns.
-pub struct Changed<F> {
+/// A watch channel's next change, as one source of a shared [`Woken`] (see [`changed_on`]).
+pub struct Change<F> {
     inner: Pin<Box<F>>,
-    /// Notes that the channel woke `inner` (through `bell_waker`, the waker `inner` is polled
-    /// with), and wakes the task.
+    /// The waker `inner` is polled with: it notes `bit`, then wakes the task.
+    waker: Waker,
+    bit: u8,
+}
+
+impl<F: Future<Output = ()>> Change<F> {
+    /// Whether the channel changed, looked at only if `rung` (the bits taken from the shared
+    /// [`Woken`]) has this source's bit: otherwise it has not signalled since the last look.
+    /// A new `Change` must be looked at once, to be registered with its channel.
+    pub fn poll_rung(&mut self, rung: u8) -> Poll<()> {
+        if rung & self.bit == 0 {
+            return Poll::Pending;
+        }
+        self.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&self.waker))
+    }
+}
+
+/// The future [`changed`] returns: a [`Change`] with a [`Woken`] of its own.
+pub struct Changed<F> {
+    change: Change<F>,
     bell: Arc<Woken>,
-    bell_waker: Waker,
 }
 
 impl<F: Future<Output = ()>> Future for Changed<F> {
@@ -95,11 +129,7 @@ impl<F: Future<Output = ()>> Future for Changed<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         this.bell.register(cx.waker());
-        if this.bell.take() == 0 {
-            return Poll::Pending;
-        }
-        this.inner
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.bell_waker))
+        let rung = this.bell.take();
+        this.change.poll_rung(rung)
     }
 }

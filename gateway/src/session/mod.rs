@@ -78,6 +78,10 @@ enum Wakeup {
 
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
+/// The shutdown phase's bit in the pump's record of what woke the session.
+const SHUTDOWN_BIT: u8 = 1 << 6;
+/// The primary's changes' bit in that record.
+const PRIMARY_BIT: u8 = 1 << 7;
 
 /// Who is waiting for each ReadyForQuery the backend owes, in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,19 +244,40 @@ impl Session {
         // Looked at once straight away: a failover may have fenced the primary this session
         // logged in to before it got here.
         primary_changes.mark_changed();
+        // The sockets, the shutdown phase and the primary share one record of what woke the
+        // task: one registration and one look at it per wake-up.
+        let woken = self.pump.woken().clone();
         loop {
             enum Wake {
                 Data(Wakeup),
                 Shutdown,
                 PrimaryChanged,
             }
-            let wake = tokio::select! {
-                biased;
-                // Out of tokio's cooperative budget, which would account for every read and
-                // write: `poll_data` yields by itself after EVENTS_PER_WAKE events.
-                w = tokio::task::unconstrained(poll_fn(|cx| self.poll_data(cx))) => Wake::Data(w),
-                _ = shutdown.changed() => Wake::Shutdown,
-                _ = crate::wake::changed(&mut primary_changes) => Wake::PrimaryChanged,
+            let wake = {
+                let mut shutdown_changed = shutdown.changed_on(&woken, SHUTDOWN_BIT);
+                let mut primary_changed =
+                    crate::wake::changed_on(&mut primary_changes, &woken, PRIMARY_BIT);
+                // New watches, each looked at once to be registered with its channel.
+                let mut rung = SHUTDOWN_BIT | PRIMARY_BIT;
+                // Not wrapped in `unconstrained`: tokio's cooperative budget counts only the
+                // readiness waits of sockets that would block, and `poll_data` yields by itself
+                // after EVENTS_PER_WAKE events.
+                poll_fn(|cx| {
+                    rung |= self.pump.take_wakes(cx);
+                    if let Poll::Ready(w) = self.poll_data(cx) {
+                        return Poll::Ready(Wake::Data(w));
+                    }
+                    // A source found ready ends this loop; the next one looks at all of them.
+                    let looked = std::mem::take(&mut rung);
+                    if shutdown_changed.poll_rung(looked).is_ready() {
+                        return Poll::Ready(Wake::Shutdown);
+                    }
+                    if primary_changed.poll_rung(looked).is_ready() {
+                        return Poll::Ready(Wake::PrimaryChanged);
+                    }
+                    Poll::Pending
+                })
+                .await
             };
             let end = match wake {
                 Wake::Shutdown => match shutdown.phase() {

@@ -151,7 +151,14 @@ async fn session(
     let mut forced = shutdown.clone();
     let login = crate::clock::timeout_at(
         deadline,
-        establish(shared, &mut stream, &mut client_buf, &startup, &mut guard),
+        // Boxed: the session's data path should not carry the login's state in its stack frame.
+        Box::pin(establish(
+            shared,
+            &mut stream,
+            &mut client_buf,
+            &startup,
+            &mut guard,
+        )),
     );
     let login_result = tokio::select! {
         r = login => r,
@@ -181,16 +188,16 @@ async fn session(
         Pipe::new(established.client_buf, max),
         Pipe::from_server(established.backend_buf),
     );
-    Session::new(
+    let session = Session::new(
         pump,
         guard,
         shared.clone(),
         established.relogin,
         established.backend_pid,
         established.server_params,
-    )
-    .run(shutdown)
-    .await
+    );
+    // Boxed: the data path's poll should not carry the construction's temporaries.
+    Box::pin(session.run(shutdown)).await
 }
 
 /// Logs in to the primary for the client and relays the server's greeting.

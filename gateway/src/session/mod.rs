@@ -220,7 +220,9 @@ impl Session {
     /// Forwards until the client leaves, the server ends the session, or shutdown.
     pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), SessionError> {
         let end = self.forward(&mut shutdown).await;
-        self.close(end).await
+        // Boxed, like the other cold paths: the poll of the data path should not carry
+        // their state in its stack frame.
+        Box::pin(self.close(end)).await
     }
 
     fn at_transaction_boundary(&self) -> bool {
@@ -289,7 +291,7 @@ impl Session {
                     Phase::Running => None,
                 },
                 Wake::Data(Wakeup::End(end)) => Some(end),
-                Wake::Data(Wakeup::BackendLost(e)) => self.backend_failed(e).await,
+                Wake::Data(Wakeup::BackendLost(e)) => Box::pin(self.backend_failed(e)).await,
                 Wake::PrimaryChanged => {
                     if self.shared.topology.is_fenced(&self.relogin.backend) {
                         tracing::info!(
@@ -301,7 +303,7 @@ impl Session {
                             std::io::ErrorKind::ConnectionAborted,
                             "the primary was failed over",
                         );
-                        self.backend_failed(cause).await
+                        Box::pin(self.backend_failed(cause)).await
                     } else {
                         None
                     }

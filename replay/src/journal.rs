@@ -1024,6 +1024,44 @@ mod tests {
     }
 
     #[test]
+    fn answers_go_to_the_oldest_unanswered_group_however_long_the_transaction() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        for i in 0..100 {
+            j.on_client_message(b'Q', &query(&format!("INSERT INTO t VALUES ({i})")));
+            answer(&mut j, b"INSERT 0 1", b'T');
+        }
+        // Three pipelined requests; the second one fails.
+        for sql in ["SELECT 1", "SELECT 1/0", "SELECT 2"] {
+            j.on_client_message(b'Q', &query(sql));
+        }
+        answer(&mut j, b"SELECT 1", b'T');
+        j.on_server_message(backend::ERROR_RESPONSE);
+        j.on_ready_for_query(b'E');
+        let g = j.groups();
+        assert_eq!(g.len(), 104);
+        assert!(g[101].answered && !g[101].failed);
+        assert!(g[102].answered && g[102].failed);
+        assert!(!g[103].answered && !g[103].failed);
+        j.on_server_message(backend::ERROR_RESPONSE);
+        j.on_ready_for_query(b'E');
+        assert!(j.groups()[103].failed);
+        j.on_client_message(b'Q', &query("ROLLBACK"));
+        answer(&mut j, b"ROLLBACK", b'I');
+        assert!(j.groups().is_empty());
+        // The next requests are answered from the first group on again.
+        for sql in ["SELECT 3", "SELECT 4"] {
+            j.on_client_message(b'Q', &query(sql));
+        }
+        j.on_server_message(backend::ERROR_RESPONSE);
+        assert!(j.groups()[0].failed && !j.groups()[1].failed);
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.groups().len(), 1);
+        assert!(!j.groups()[0].answered);
+    }
+
+    #[test]
     fn transaction_groups_are_kept_until_idle() {
         let mut j = Journal::new(1 << 20);
         assert_eq!(j.on_client_message(b'Q', &query("BEGIN")), Before::Forward);

@@ -178,30 +178,32 @@ impl Pipe {
 fn poll_recv(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     let room = buf.capacity() - buf.len();
     loop {
+        // Stays `None` when tokio knows the socket has nothing: the read is not even tried.
         let mut read = None;
-        let result = tcp.try_io(Interest::READABLE, || {
-            let n = tcp.try_read_buf(buf)?;
-            read = Some(n);
+        let _ = tcp.try_io(Interest::READABLE, || {
+            let result = tcp.try_read_buf(buf);
             // A read that did not fill the room drained the socket (edge-triggered epoll):
             // tokio is told so, as its own reads tell it, and waits for the next readiness
             // event instead of asking the socket again for a read that would block. The
             // readiness noted before this read is what is cleared, so data that arrives after
             // it is never missed.
-            if 0 < n && n < room {
+            let drained = match &result {
+                Ok(n) => 0 < *n && *n < room,
+                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            };
+            read = Some(result);
+            if drained {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
-                Ok(n)
+                Ok(())
             }
         });
-        return match (result, read) {
-            (_, Some(n)) => Poll::Ready(Ok(n)),
-            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
-                ready!(tcp.poll_read_ready(cx))?;
-                continue;
-            }
-            (Err(e), None) => Poll::Ready(Err(e)),
-            (Ok(n), None) => Poll::Ready(Ok(n)),
-        };
+        match read {
+            None => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(result) => return Poll::Ready(result),
+        }
+        ready!(tcp.poll_read_ready(cx))?;
     }
 }
 

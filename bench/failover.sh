@@ -56,8 +56,9 @@
 # Output: per-failover stalls per client, p50 / p90 / max / mean per client and overall, client
 # errors (an autocommit INSERT in flight at the kill may get 08007 "outcome unknown", by design;
 # reads should get none), lost connections, and the write invariant (every acknowledged INSERT
-# present exactly once at the end). Written to $RESULTS (default bench/failover-latest.md), with
-# the gateway's failover log lines and every WARN/ERROR line it printed.
+# present exactly once at the end). Written to $RESULTS (default bench/failover-latest.md;
+# with FAULT=stop, bench/failover-stop-latest.md), with the gateway's failover log lines and
+# every WARN/ERROR line it printed.
 # Targets (from the issue): stall p50 <= 0.5 s, max <= 1 s.
 #
 # Knobs (environment):
@@ -101,7 +102,11 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
-RESULTS=${RESULTS:-$BENCH_DIR/failover-latest.md}
+if [[ $FAULT == stop ]]; then
+    RESULTS=${RESULTS:-$BENCH_DIR/failover-stop-latest.md}
+else
+    RESULTS=${RESULTS:-$BENCH_DIR/failover-latest.md}
+fi
 GATEWAY_BIN=$ROOT/target/release/understudy
 PROBE_DIR=$BENCH_DIR/failover_probe
 PROBE_BIN=$PROBE_DIR/target/release/failover_probe

@@ -6,7 +6,7 @@
 //! request order, so the oldest unanswered group owns every response byte.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 
 use bytes::{Bytes, BytesMut};
@@ -361,8 +361,9 @@ pub struct Journal {
     last_committed_xid: Option<u64>,
     /// Changes waiting for the open transaction to commit.
     pending: Vec<PendingChange>,
-    /// What each prepared statement (by name; "" for the unnamed one) does when executed.
-    statements: std::collections::HashMap<String, Effects>,
+    /// What each prepared statement (by its name's bytes; empty for the unnamed one) does when
+    /// executed.
+    statements: HashMap<Vec<u8>, Effects, foldhash::fast::RandomState>,
     /// Whether the last client message will be answered with a ReadyForQuery.
     expects_ready: bool,
     /// The client encoding, when its multi-byte characters may contain ASCII bytes.
@@ -396,7 +397,7 @@ impl Journal {
             unmovable: None,
             last_committed_xid: None,
             pending: Vec::new(),
-            statements: std::collections::HashMap::new(),
+            statements: HashMap::default(),
             expects_ready: false,
             multibyte: None,
             utf8: true,
@@ -527,7 +528,7 @@ impl Journal {
                         copies,
                         ..Effects::default()
                     };
-                    self.statements.insert(name_key(name).into_owned(), effects);
+                    set_effects(&mut self.statements, name, effects);
                 }
             }
             frontend::QUERY => {
@@ -592,8 +593,8 @@ impl Journal {
                 }
             }
             frontend::PARSE => {
-                let (name, rest) = cstr(body);
-                let name = name_key(name);
+                let (raw_name, rest) = cstr(body);
+                let name = name_key(raw_name);
                 classify_into(
                     &lexable(cstr(rest).0, self.multibyte),
                     self.strings,
@@ -621,22 +622,18 @@ impl Journal {
                     &mut self.unmovable,
                     &mut self.unreplayable,
                 );
-                self.statements.insert(name.clone().into_owned(), effects);
+                set_effects(&mut self.statements, raw_name, effects);
                 let name = (!name.is_empty()).then(|| name.into_owned());
                 group.parses.push((name, Bytes::copy_from_slice(raw)));
             }
             frontend::BIND => {
-                let statement = name_key(cstr(cstr(body).1).0);
+                let statement = cstr(cstr(body).1).0;
                 // A statement the journal never saw parsed may do anything.
-                let effects = self
-                    .statements
-                    .get(&*statement)
-                    .copied()
-                    .unwrap_or(Effects {
-                        may_write: true,
-                        may_write_data: true,
-                        ..Effects::default()
-                    });
+                let effects = self.statements.get(statement).copied().unwrap_or(Effects {
+                    may_write: true,
+                    may_write_data: true,
+                    ..Effects::default()
+                });
                 group.may_write |= effects.may_write;
                 group.may_write_data |= effects.may_write_data;
                 group.commits |= effects.commits;
@@ -854,6 +851,21 @@ impl Journal {
         self.xid = None;
         if self.groups.is_empty() {
             self.unreplayable = None;
+        }
+    }
+}
+
+/// Records what the statement `name` does; a name seen before keeps its key (no allocation for
+/// the unnamed statement parsed again and again).
+fn set_effects(
+    statements: &mut HashMap<Vec<u8>, Effects, foldhash::fast::RandomState>,
+    name: &[u8],
+    effects: Effects,
+) {
+    match statements.get_mut(name) {
+        Some(known) => *known = effects,
+        None => {
+            statements.insert(name.to_vec(), effects);
         }
     }
 }

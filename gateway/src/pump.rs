@@ -7,7 +7,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
@@ -17,7 +16,6 @@ use tokio_util::io::poll_read_buf;
 use understudy_protocol::frame::{FrameError, FrameScanner, Step};
 
 use crate::stream::Stream;
-use crate::wake::Woken;
 
 /// Server messages are not limited by the gateway (the server's own limit is 1 GB); this only
 /// keeps a corrupt length word from being believed.
@@ -157,16 +155,19 @@ impl Pipe {
         Poll::Ready(Ok(()))
     }
 
+    /// Reads into the pipe; `armed` as [`poll_recv`]'s (a TLS stream is never armed: it may
+    /// read or write its socket from either direction, so it is always polled).
     fn poll_read_from(
         &mut self,
         stream: &mut Stream,
         cx: &mut Context<'_>,
+        armed: &mut bool,
     ) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
             self.buf.reserve(READ_CHUNK);
         }
         match stream {
-            Stream::Plain(tcp) => poll_recv(tcp, &mut self.buf, cx),
+            Stream::Plain(tcp) => poll_recv(tcp, &mut self.buf, cx, armed),
             _ => poll_read_buf(Pin::new(stream), cx, &mut self.buf),
         }
     }
@@ -175,7 +176,18 @@ impl Pipe {
 /// Reads what a plain socket has into `buf`'s spare room, straight from tokio's readiness
 /// state: the `AsyncRead` layers (cooperative budget, `ReadBuf`) cost more than the recv's
 /// own user-space work, and a readable socket needs none of them.
-fn poll_recv(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+///
+/// `armed` says the task's waker is registered with the socket and tokio has seen no
+/// readiness since; it is set when the read returns `Pending`. An armed socket that still has
+/// no readiness costs one atomic load, not a new registration: tokio takes a registered waker
+/// only when it sets readiness, and only a read tried here clears readiness (then `armed` is
+/// cleared too).
+fn poll_recv(
+    tcp: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    armed: &mut bool,
+) -> Poll<io::Result<usize>> {
     let room = buf.capacity() - buf.len();
     loop {
         // Stays `None` when tokio knows the socket has nothing: the read is not even tried.
@@ -199,11 +211,20 @@ fn poll_recv(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<
             }
         });
         match read {
+            None if *armed => return Poll::Pending,
             None => {}
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Some(result) => return Poll::Ready(result),
+            Some(result) => {
+                *armed = false;
+                match result {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return Poll::Ready(result),
+                }
+            }
         }
-        ready!(tcp.poll_read_ready(cx))?;
+        if tcp.poll_read_ready(cx)?.is_pending() {
+            *armed = true;
+            return Poll::Pending;
+        }
     }
 }
 
@@ -239,7 +260,7 @@ pub enum Event {
     BackendEof,
 }
 
-/// The client socket's bit in [`Woken`] and [`Pump::armed`].
+/// The client socket's bit in [`Pump::armed`].
 const CLIENT: u8 = 1;
 /// The backend socket's bit.
 const BACKEND: u8 = 2;
@@ -257,18 +278,16 @@ pub struct Pump {
     client_open: bool,
     backend_open: bool,
     client_first: bool,
-    woken: Arc<Woken>,
-    client_waker: Waker,
-    backend_waker: Waker,
-    /// Sockets whose read returned `Pending` with their own waker and that were not woken
-    /// since: polling them again would only register the same waker again.
+    /// The task's waker the sockets were last registered with.
+    task: Option<Waker>,
+    /// Plain sockets registered with `task` that tokio has seen no readiness on since: the
+    /// registration stands, so they are not registered again until a read is tried.
     armed: u8,
 }
 
 impl Pump {
     /// Starts the data path with whatever each side sent past login.
     pub fn new(client: Stream, backend: Stream, up: Pipe, down: Pipe) -> Self {
-        let woken = Woken::new(0);
         Self {
             client,
             backend,
@@ -277,32 +296,18 @@ impl Pump {
             client_open: true,
             backend_open: true,
             client_first: false,
-            client_waker: woken.waker(CLIENT),
-            backend_waker: woken.waker(BACKEND),
-            woken,
+            task: None,
             armed: 0,
         }
     }
 
-    /// The record of which sources woke the task; bits 0 and 1 are the sockets', the others
-    /// free for the pump's owner (see [`crate::wake::changed_on`]).
-    pub fn woken(&self) -> &Arc<Woken> {
-        &self.woken
-    }
-
-    /// Registers the task to be woken by any source of [`Pump::woken`] and returns the bits
-    /// that woke it since the last call; the sockets among them will be read again. Call it
-    /// once at the start of each poll of the task, before [`Pump::poll_event`]: a source that
-    /// fires from then on wakes the task again.
-    pub fn take_wakes(&mut self, cx: &Context<'_>) -> u8 {
-        self.woken.register(cx.waker());
-        let rung = self.woken.take();
-        self.armed &= !rung;
-        rung
-    }
-
     /// Writes what is ready both ways, then reads from whichever side has something.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
+        // A registration made with another task's waker would wake that task, not this one.
+        if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            self.task = Some(cx.waker().clone());
+            self.armed = 0;
+        }
         if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
             return Poll::Ready(Err(PumpError::Backend(e)));
         }
@@ -325,38 +330,23 @@ impl Pump {
         Poll::Pending
     }
 
-    /// Reads from the `socket` side, unless it is closed, its pipe is full, or it is armed. A
-    /// plain socket is read with its own waker and armed when it has nothing; a TLS stream may
-    /// read or write its socket from either direction, so it is always read with the task's
-    /// own waker and never armed.
+    /// Reads from the `socket` side, unless it is closed or its pipe is full.
     fn poll_read(&mut self, socket: u8, cx: &mut Context<'_>) -> Poll<Result<Event, PumpError>> {
         let client = socket == CLIENT;
-        let (pipe, stream, waker, open) = if client {
-            (
-                &mut self.up,
-                &mut self.client,
-                &self.client_waker,
-                &mut self.client_open,
-            )
+        let (pipe, stream, open) = if client {
+            (&mut self.up, &mut self.client, &mut self.client_open)
         } else {
-            (
-                &mut self.down,
-                &mut self.backend,
-                &self.backend_waker,
-                &mut self.backend_open,
-            )
+            (&mut self.down, &mut self.backend, &mut self.backend_open)
         };
-        if !*open || !pipe.wants_read() || self.armed & socket != 0 {
+        if !*open || !pipe.wants_read() {
             return Poll::Pending;
         }
-        let read = if stream.is_tls() {
-            pipe.poll_read_from(stream, cx)
+        let mut armed = self.armed & socket != 0;
+        let read = pipe.poll_read_from(stream, cx, &mut armed);
+        self.armed = if armed {
+            self.armed | socket
         } else {
-            let read = pipe.poll_read_from(stream, &mut Context::from_waker(waker));
-            if read.is_pending() {
-                self.armed |= socket;
-            }
-            read
+            self.armed & !socket
         };
         Poll::Ready(match (ready!(read), client) {
             (Ok(0), _) => {
@@ -431,10 +421,7 @@ mod tests {
     }
 
     async fn next_event(pump: &mut Pump) -> Event {
-        let event = std::future::poll_fn(|cx| {
-            pump.take_wakes(cx);
-            pump.poll_event(cx)
-        });
+        let event = std::future::poll_fn(|cx| pump.poll_event(cx));
         crate::clock::timeout(std::time::Duration::from_secs(5), event)
             .await
             .expect("the pump was not woken")
@@ -452,15 +439,13 @@ mod tests {
             Pipe::new(BytesMut::new(), 1 << 20),
             Pipe::new(BytesMut::new(), 1 << 20),
         );
-        let idle = std::future::poll_fn(|cx| {
-            pump.take_wakes(cx);
-            Poll::Ready(pump.poll_event(cx).is_pending())
-        });
+        let idle = std::future::poll_fn(|cx| Poll::Ready(pump.poll_event(cx).is_pending()));
         assert!(idle.await);
         assert_eq!(pump.armed, CLIENT | BACKEND);
-        // The backend's waker says which socket it was: the client stays armed.
+        // The backend's readiness disarms it alone: the client's registration stands.
         backend_peer.write_all(b"xyz").await.unwrap();
         assert_eq!(next_event(&mut pump).await, Event::FromBackend(3));
+        assert_eq!(pump.armed & CLIENT, CLIENT);
         client_peer.write_all(b"ab").await.unwrap();
         assert_eq!(next_event(&mut pump).await, Event::FromClient(2));
         assert_eq!(&pump.up.buf[..], b"ab");

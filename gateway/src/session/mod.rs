@@ -28,6 +28,7 @@ use crate::sessions::SessionGuard;
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::count_error;
 use crate::topology::Backend;
+use crate::wake::Woken;
 
 /// How long a closing session may take to hand its last bytes to a peer.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -78,10 +79,10 @@ enum Wakeup {
 
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
-/// The shutdown phase's bit in the pump's record of what woke the session.
-const SHUTDOWN_BIT: u8 = 1 << 6;
+/// The shutdown phase's bit in the session's record of what else woke it (see [`Woken`]).
+const SHUTDOWN_BIT: u8 = 1;
 /// The primary's changes' bit in that record.
-const PRIMARY_BIT: u8 = 1 << 7;
+const PRIMARY_BIT: u8 = 2;
 
 /// Who is waiting for each ReadyForQuery the backend owes, in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,9 +247,9 @@ impl Session {
         // Looked at once straight away: a failover may have fenced the primary this session
         // logged in to before it got here.
         primary_changes.mark_changed();
-        // The sockets, the shutdown phase and the primary share one record of what woke the
-        // task: one registration and one look at it per wake-up.
-        let woken = self.pump.woken().clone();
+        // The shutdown phase and the primary share one record of which of them woke the task:
+        // one look at it per wake-up. The sockets wake the task directly (see `Pump`).
+        let woken = Woken::new(0);
         loop {
             enum Wake {
                 Data(Wakeup),
@@ -265,7 +266,8 @@ impl Session {
                 // readiness waits of sockets that would block, and `poll_data` yields by itself
                 // after EVENTS_PER_WAKE events.
                 poll_fn(|cx| {
-                    rung |= self.pump.take_wakes(cx);
+                    woken.register(cx.waker());
+                    rung |= woken.take();
                     if let Poll::Ready(w) = self.poll_data(cx) {
                         return Poll::Ready(Wake::Data(w));
                     }

@@ -113,10 +113,121 @@ impl Default for Metrics {
     }
 }
 
+/// A session's traffic, counted locally and added to the shared counters when a transaction
+/// (or a statement outside one) ends, when more than [`Tally::FLUSH_BYTES`] are pending, and
+/// when the session ends: one update of each shared counter (two atomic operations) per
+/// transaction rather than per statement and direction.
+pub struct Tally {
+    client_bytes: u64,
+    backend_bytes: u64,
+    queries: u64,
+    counters: [Counter; 3],
+}
+
+impl Tally {
+    /// Pending bytes, either way, that are added at once rather than at the transaction's end.
+    pub const FLUSH_BYTES: u64 = 1 << 20;
+
+    /// A tally for `metrics`' client bytes, backend bytes and queries.
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            client_bytes: 0,
+            backend_bytes: 0,
+            queries: 0,
+            counters: [
+                metrics.client_bytes.clone(),
+                metrics.backend_bytes.clone(),
+                metrics.queries.clone(),
+            ],
+        }
+    }
+
+    /// Counts `n` bytes from the client.
+    #[inline]
+    pub fn client_bytes(&mut self, n: usize) {
+        self.client_bytes += n as u64;
+        if self.client_bytes > Self::FLUSH_BYTES {
+            self.flush();
+        }
+    }
+
+    /// Counts `n` bytes from the backend.
+    #[inline]
+    pub fn backend_bytes(&mut self, n: usize) {
+        self.backend_bytes += n as u64;
+        if self.backend_bytes > Self::FLUSH_BYTES {
+            self.flush();
+        }
+    }
+
+    /// Counts one Query or Execute.
+    #[inline]
+    pub fn query(&mut self) {
+        self.queries += 1;
+    }
+
+    /// Adds what is pending to the shared counters.
+    pub fn flush(&mut self) {
+        let pending = [
+            std::mem::take(&mut self.client_bytes),
+            std::mem::take(&mut self.backend_bytes),
+            std::mem::take(&mut self.queries),
+        ];
+        for (counter, n) in self.counters.iter().zip(pending) {
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Counts an ErrorResponse by SQLSTATE; `origin` is `server` or `gateway`.
 pub fn count_error(code: &str, origin: &'static str) {
     metrics::counter!("understudy_errors_total", "sqlstate" => code.to_owned(), "origin" => origin)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// What the tally adds shows up at a flush, past the byte threshold, and at its end; never
+    /// twice.
+    #[test]
+    fn a_tally_adds_at_flushes_past_the_threshold_and_when_dropped() {
+        let cells: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let counter = |i: usize| Counter::from_arc(cells[i].clone());
+        let read = || -> Vec<u64> { cells.iter().map(|c| c.load(Ordering::Relaxed)).collect() };
+        let mut tally = Tally {
+            client_bytes: 0,
+            backend_bytes: 0,
+            queries: 0,
+            counters: [counter(0), counter(1), counter(2)],
+        };
+        tally.client_bytes(10);
+        tally.backend_bytes(20);
+        tally.query();
+        assert_eq!(read(), [0, 0, 0], "nothing before a flush");
+        tally.flush();
+        assert_eq!(read(), [10, 20, 1]);
+        tally.flush();
+        assert_eq!(read(), [10, 20, 1], "a second flush adds nothing");
+        tally.backend_bytes(Tally::FLUSH_BYTES as usize + 1);
+        assert_eq!(read(), [10, 21 + Tally::FLUSH_BYTES, 1], "a large answer is added at once");
+        tally.client_bytes(5);
+        tally.query();
+        drop(tally);
+        assert_eq!(read(), [15, 21 + Tally::FLUSH_BYTES, 2], "the rest when the session ends");
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

@@ -26,7 +26,7 @@ use crate::gateway::Shared;
 use crate::pump::{Event, Pump, PumpError};
 use crate::sessions::SessionGuard;
 use crate::shutdown::{Phase, Shutdown};
-use crate::telemetry::count_error;
+use crate::telemetry::{count_error, Tally};
 use crate::topology::Backend;
 use crate::wake::Woken;
 
@@ -133,6 +133,8 @@ pub struct Session {
     pump: Pump,
     guard: SessionGuard,
     shared: Arc<Shared>,
+    /// Bytes and queries not yet added to the shared counters.
+    tally: Tally,
     relogin: Relogin,
     journal: Journal,
     wire: VecDeque<Owner>,
@@ -196,6 +198,7 @@ impl Session {
         Self {
             pump,
             guard,
+            tally: Tally::new(&shared.metrics),
             shared,
             relogin,
             journal,
@@ -326,11 +329,11 @@ impl Session {
             }
             let end = match ready!(self.pump.poll_event(cx)) {
                 Ok(Event::FromClient(n)) => {
-                    self.shared.metrics.client_bytes.increment(n as u64);
+                    self.tally.client_bytes(n);
                     self.scan_up()
                 }
                 Ok(Event::FromBackend(n)) => {
-                    self.shared.metrics.backend_bytes.increment(n as u64);
+                    self.tally.backend_bytes(n);
                     self.scan_down()
                 }
                 Ok(Event::ClientEof) => Some(End::ClientDone),
@@ -428,7 +431,7 @@ impl Session {
                 });
             }
             if matches!(tag, frontend::QUERY | frontend::EXECUTE) {
-                self.shared.metrics.queries.increment(1);
+                self.tally.query();
             }
             if !suffixed {
                 self.pump.up.ready += n;
@@ -682,6 +685,7 @@ impl Session {
         self.xid_suffix = XidSuffix::None;
         if status == b'I' {
             self.doomed_commit = None;
+            self.tally.flush();
         }
         if status == b'I' && self.txn_status != b'I' {
             self.shared.metrics.transactions.increment(1);

@@ -27,13 +27,14 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::process::{Child, Command};
+use tokio::io::AsyncReadExt;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 
@@ -421,7 +422,7 @@ fn remove_tree(path: &Path) {
 
 /// A command for a PostgreSQL program: as the server user when we are root, without the
 /// caller's PG* environment (PGDATA, PGPORT, ... would silently redirect initdb and
-/// pg_basebackup), killed if its handle is dropped.
+/// pg_basebackup).
 fn server_command(program: &Path, user: Option<&RunAs>, cwd: &Path) -> Command {
     let mut cmd = Command::new(program);
     for (key, _) in std::env::vars_os() {
@@ -429,10 +430,7 @@ fn server_command(program: &Path, user: Option<&RunAs>, cwd: &Path) -> Command {
             cmd.env_remove(&key);
         }
     }
-    cmd.env("LC_ALL", "C")
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.env("LC_ALL", "C").current_dir(cwd).stdin(Stdio::null());
     if let Some(u) = user {
         cmd.uid(u.uid)
             .gid(u.gid)
@@ -444,13 +442,74 @@ fn server_command(program: &Path, user: Option<&RunAs>, cwd: &Path) -> Command {
 }
 
 fn describe_command(cmd: &Command) -> String {
-    let std = cmd.as_std();
-    let mut line = std.get_program().to_string_lossy().into_owned();
-    for arg in std.get_args() {
+    let mut line = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
         line.push(' ');
         line.push_str(&arg.to_string_lossy());
     }
     line
+}
+
+/// How often a child process is asked whether it exited.
+const CHILD_POLL: Duration = Duration::from_millis(10);
+
+/// Waits up to `limit` for `child` to exit and reaps it; `None` if it still runs.
+///
+/// Asked every [`CHILD_POLL`] rather than told by SIGCHLD: the gateway's runtime is built
+/// without tokio's process driver, which would otherwise look for exited children at every
+/// park of the data path.
+async fn wait_child(child: &mut Child, limit: Duration) -> Option<io::Result<ExitStatus>> {
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(Ok(status)),
+            Ok(None) if started.elapsed() >= limit => return None,
+            Ok(None) => crate::clock::sleep(CHILD_POLL).await,
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// A child process that is killed and reaped if its handle is dropped before it exited (a
+/// command that timed out, or whose caller gave up).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            // SIGKILL cannot be ignored: the wait is short.
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Reads a child's pipe to its end without blocking the runtime.
+async fn read_pipe(pipe: Option<impl Into<std::os::fd::OwnedFd>>) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if let Some(pipe) = pipe {
+        tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into())?
+            .read_to_end(&mut bytes)
+            .await?;
+    }
+    Ok(bytes)
+}
+
+/// Runs `child` to its end, collecting what it writes.
+async fn collect_output(child: &mut Child) -> io::Result<Output> {
+    let (stdout, stderr) = tokio::try_join!(
+        read_pipe(child.stdout.take()),
+        read_pipe(child.stderr.take())
+    )?;
+    // Both pipes are closed: the child exited or is about to (the caller bounds the wait).
+    let status = wait_child(child, Duration::MAX)
+        .await
+        .unwrap_or_else(|| Err(io::Error::other("the command did not exit")))?;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Runs a command to completion within `limit`; its stdout on success, an error quoting its
@@ -459,11 +518,12 @@ async fn run_command(mut cmd: Command, limit: Duration) -> Result<String, LocalC
     let command = describe_command(&cmd);
     debug!(%command, "running");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd
-        .spawn()
-        .map_err(io_err(format!("starting `{command}`")))?;
-    // On timeout the future, and with it the child (kill_on_drop), is dropped.
-    let out = crate::clock::timeout(limit, child.wait_with_output())
+    let mut child = KillOnDrop(
+        cmd.spawn()
+            .map_err(io_err(format!("starting `{command}`")))?,
+    );
+    // On timeout the child is killed and reaped (`KillOnDrop`).
+    let out = crate::clock::timeout(limit, collect_output(&mut child.0))
         .await
         .map_err(|_| LocalClusterError::Timeout {
             what: format!("`{command}`"),
@@ -1164,7 +1224,7 @@ impl LocalNode {
 
     /// PID of the running postmaster, `None` when not started, stopped, or killed and reaped.
     pub fn postmaster_pid(&self) -> Option<u32> {
-        self.postmaster.as_ref().and_then(Child::id)
+        self.postmaster.as_ref().map(Child::id)
     }
 
     /// Live server processes of this node other than the postmaster (backends, auxiliaries).
@@ -1275,12 +1335,12 @@ impl LocalNode {
         if let Some(pid) = self.postmaster_pid() {
             signal_processes(signal, &[pid]);
             if let Some(child) = self.postmaster.as_mut() {
-                match crate::clock::timeout(STOP_TIMEOUT, child.wait()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
+                match wait_child(child, STOP_TIMEOUT).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
                         warn!(node = %self.name, error = %e, "waiting for the postmaster failed")
                     }
-                    Err(_) => {
+                    None => {
                         self.kill_all().await;
                         return Err(LocalClusterError::Timeout {
                             what: format!("{what} of node {}", self.name),
@@ -1314,13 +1374,10 @@ impl LocalNode {
     /// SIGKILLs the postmaster (if not dead yet) and reaps it.
     async fn reap_postmaster(&mut self) {
         if let Some(child) = self.postmaster.as_mut() {
-            if let Err(e) = child.start_kill() {
+            if let Err(e) = child.kill() {
                 debug!(node = %self.name, error = %e, "postmaster already exited");
             }
-            if crate::clock::timeout(STOP_TIMEOUT, child.wait())
-                .await
-                .is_err()
-            {
+            if wait_child(child, STOP_TIMEOUT).await.is_none() {
                 warn!(node = %self.name, "killed postmaster was not reaped in time");
                 return;
             }
@@ -1431,13 +1488,13 @@ impl LocalNode {
             &node_processes(&self.data_dir, self.postmaster_pid()),
         );
         if let Some(child) = self.postmaster.as_mut() {
-            let _ = child.start_kill();
+            let _ = child.kill();
             let started = Instant::now();
             while matches!(child.try_wait(), Ok(None)) && started.elapsed() < DROP_TIMEOUT {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        // Dropping an unreaped child hands it to tokio's orphan reaper (kill_on_drop is set).
+        // A child still unreaped stays a zombie until this process exits.
         self.postmaster = None;
         self.may_have_processes = false;
     }
@@ -1541,8 +1598,7 @@ impl LocalCluster {
         let mut copy = Command::new("cp");
         copy.arg("-a")
             .arg(template.join("data"))
-            .arg(&cluster.primary.data_dir)
-            .kill_on_drop(true);
+            .arg(&cluster.primary.data_dir);
         run_command(copy, COMMAND_TIMEOUT).await?;
         write_node_files(&cluster.opts, &cluster.primary)?;
         cluster.primary.start().await?;

@@ -222,11 +222,19 @@ mod tests {
         tally.flush();
         assert_eq!(read(), [10, 20, 1], "a second flush adds nothing");
         tally.backend_bytes(Tally::FLUSH_BYTES as usize + 1);
-        assert_eq!(read(), [10, 21 + Tally::FLUSH_BYTES, 1], "a large answer is added at once");
+        assert_eq!(
+            read(),
+            [10, 21 + Tally::FLUSH_BYTES, 1],
+            "a large answer is added at once"
+        );
         tally.client_bytes(5);
         tally.query();
         drop(tally);
-        assert_eq!(read(), [15, 21 + Tally::FLUSH_BYTES, 2], "the rest when the session ends");
+        assert_eq!(
+            read(),
+            [15, 21 + Tally::FLUSH_BYTES, 2],
+            "the rest when the session ends"
+        );
     }
 }
 

@@ -28,7 +28,7 @@ use crate::sessions::SessionGuard;
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{count_error, Tally};
 use crate::topology::Backend;
-use crate::wake::Woken;
+use crate::wake::Bell;
 
 /// How long a closing session may take to hand its last bytes to a peer.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -79,7 +79,7 @@ enum Wakeup {
 
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
-/// The shutdown phase's bit in the session's record of what else woke it (see [`Woken`]).
+/// The shutdown phase's bit in the session's record of what else woke it (see [`Bell`]).
 const SHUTDOWN_BIT: u8 = 1;
 /// The primary's changes' bit in that record.
 const PRIMARY_BIT: u8 = 2;
@@ -252,7 +252,7 @@ impl Session {
         primary_changes.mark_changed();
         // The shutdown phase and the primary share one record of which of them woke the task:
         // one look at it per wake-up. The sockets wake the task directly (see `Pump`).
-        let woken = Woken::new(0);
+        let mut bell = Bell::new(0);
         loop {
             enum Wake {
                 Data(Wakeup),
@@ -260,17 +260,16 @@ impl Session {
                 PrimaryChanged,
             }
             let wake = {
-                let mut shutdown_changed = shutdown.changed_on(&woken, SHUTDOWN_BIT);
+                let mut shutdown_changed = shutdown.changed_on(bell.woken(), SHUTDOWN_BIT);
                 let mut primary_changed =
-                    crate::wake::changed_on(&mut primary_changes, &woken, PRIMARY_BIT);
+                    crate::wake::changed_on(&mut primary_changes, bell.woken(), PRIMARY_BIT);
                 // New watches, each looked at once to be registered with its channel.
                 let mut rung = SHUTDOWN_BIT | PRIMARY_BIT;
                 // Not wrapped in `unconstrained`: tokio's cooperative budget counts only the
                 // readiness waits of sockets that would block, and `poll_data` yields by itself
                 // after EVENTS_PER_WAKE events.
                 poll_fn(|cx| {
-                    woken.register(cx.waker());
-                    rung |= woken.take();
+                    rung |= bell.take(cx);
                     if let Poll::Ready(w) = self.poll_data(cx) {
                         return Poll::Ready(Wake::Data(w));
                     }

@@ -379,7 +379,7 @@ LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
 
 # User-space instructions per transaction of each gateway, counted by callgrind: a figure that
 # the machine's noise does not move, where TPS moves by several percent between rounds.
-INSTR_RAW=$TMP/instr.tsv # workload target instructions_per_tx
+INSTR_RAW=$TMP/instr.tsv # workload target instructions_per_tx atomic_rmw_per_tx
 : >"$INSTR_RAW"
 if [[ $INSTR != 0 ]] && command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
     for t in plain current; do
@@ -389,7 +389,7 @@ if [[ $INSTR != 0 ]] && command -v valgrind >/dev/null && command -v callgrind_c
             read -r -a wargs <<<"$w"
             port=$(free_port)
             out=$TMP/callgrind-$t-${w// /_}.out
-            RUST_LOG=${RUST_LOG:-warn} setsid valgrind --tool=callgrind --callgrind-out-file="$out" \
+            RUST_LOG=${RUST_LOG:-warn} setsid valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$out" \
                 "$bin" run --listen "127.0.0.1:$port" --backend "127.0.0.1:$PG_PORT" >"$TMP/callgrind-$t.log" 2>&1 &
             vg=$!
             GW_PID[callgrind]=$vg
@@ -405,8 +405,10 @@ if [[ $INSTR != 0 ]] && command -v valgrind >/dev/null && command -v callgrind_c
             unset 'GW_PID[callgrind]'
             ir=$(awk '/^summary:/ { print $2; exit }' "$out.1")
             tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out.pgbench")
-            printf '%s\t%s\t%s\n' "$w" "$t" "$((ir / tx))" >>"$INSTR_RAW"
-            log "callgrind $w $t: $((ir / tx)) instructions per transaction"
+            # Locked instructions executed (bench/rmw_count.py), two decimals per transaction.
+            rmw=$(python3 "$ROOT/bench/rmw_count.py" "$out.1" "$bin")
+            printf '%s\t%s\t%s\t%s\n' "$w" "$t" "$((ir / tx))" "$((rmw * 100 / tx))" >>"$INSTR_RAW"
+            log "callgrind $w $t: $((ir / tx)) instructions, $((rmw * 100 / tx))/100 atomic read-modify-writes per transaction"
         done
     done
 elif [[ $INSTR != 0 ]]; then
@@ -501,19 +503,22 @@ print("slow drift cancels), with a distribution-free 95 % interval for that medi
 print("Run-to-run noise on this machine is several percent between rounds of the same target (see the raw runs);")
 print("a ratio within a few percent of 0.95 is not a clear verdict either way.")
 print()
-instr = {(r[0], r[1]): int(r[2]) for r in (l.rstrip("\n").split("\t") for l in open(instr_raw) if l.strip())}
+instr_rows = [l.rstrip("\n").split("\t") for l in open(instr_raw) if l.strip()]
+instr = {(r[0], r[1]): int(r[2]) for r in instr_rows}
+rmw = {(r[0], r[1]): int(r[3]) / 100 for r in instr_rows}
 if instr:
     print("## Gateway instructions per transaction (user space, callgrind)")
     print()
-    print("| workload | plain | current | current/plain |")
-    print("|---|---:|---:|---:|")
+    print("| workload | plain | current | current/plain | atomic RMW plain | atomic RMW current |")
+    print("|---|---:|---:|---:|---:|---:|")
     for w in W:
         p, c = instr.get((w, "plain")), instr.get((w, "current"))
         if p and c:
-            print(f"| \`{w}\` | {p:,} | {c:,} | {c / p:.2f} |")
+            print(f"| \`{w}\` | {p:,} | {c:,} | {c / p:.2f} | {rmw[(w, 'plain')]:.1f} | {rmw[(w, 'current')]:.1f} |")
     print()
     print("Each gateway alone under \`valgrind --tool=callgrind\`, $INSTR_TX transactions of 4 pgbench clients after 400 uncounted;")
-    print("the kernel's share of the work (system calls, TCP), the same for both, is not counted.")
+    print("the kernel's share of the work (system calls, TCP), the same for both, is not counted. Atomic RMW: locked")
+    print("instructions executed per transaction (bench/rmw_count.py; about 20 cycles each, which the instruction count hides).")
     print()
 print("## Raw runs")
 print()

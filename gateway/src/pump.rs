@@ -266,6 +266,9 @@ const CLIENT: u8 = 1;
 const BACKEND: u8 = 2;
 
 /// Both sockets and both directions of one session.
+///
+/// The sockets may be written to directly, but are read only through [`Pump::poll_event`]:
+/// a read elsewhere could clear tokio's readiness behind the pump's record of armed sockets.
 pub struct Pump {
     /// The client connection.
     pub client: Stream,

@@ -13,7 +13,6 @@ use tokio::sync::watch;
 /// The task's waker stays registered when it is woken: a task that polls again and again
 /// with the same waker registers it once (see [`Bell`]), so a poll costs no atomic
 /// read-modify-write unless a source rang.
-#[derive(Default)]
 pub struct Woken {
     task: Mutex<Option<Waker>>,
     sources: AtomicU8,

@@ -435,7 +435,7 @@ impl Topology {
     }
 
     /// Runs `query` on `backend` (one of the configured ones) over its kept control
-    /// connection within the connect timeout (see [`Topology::control_query`]).
+    /// connection within the connect timeout, reconnecting once if that connection is broken.
     pub async fn query_backend(
         &self,
         backend: &Backend,

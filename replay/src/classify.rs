@@ -159,8 +159,8 @@ mod kw {
     pub const WITH: u128 = key(b"WITH");
 }
 
-/// Classifies every statement of `sql` (in the client's encoding, see [`Lexer`]) into `out`,
-/// reusing its buffers.
+/// Classifies every statement of `sql` (in the client's encoding, with the bytes of multi-byte
+/// characters that may end in ASCII masked) into `out`, reusing its buffers.
 pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.statements.clear();
     out.hazards.clear();

@@ -60,7 +60,7 @@ impl Pipe {
         &self.buf[self.ready..]
     }
 
-    /// A pipe for the server's messages: those up to 64 KiB are scanned whole, longer ones streamed.
+    /// A pipe for the server's messages: up to 64 KiB scanned whole, longer ones streamed.
     pub fn from_server(buf: BytesMut) -> Self {
         Self {
             scanner: FrameScanner::new(SERVER_MESSAGE_LIMIT).whole_up_to(SERVER_WHOLE_UP_TO),

@@ -78,7 +78,9 @@
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   SKIP_BUILD=1 use the existing target/release/understudy
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
-#                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct proxy_cpu_us_per_tx preemptions_per_tx)
+#                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct proxy_cpu_us_per_tx
+#                preemptions_per_tx proxy_user_us_per_tx proxy_system_us_per_tx machine_cpu_us_per_tx machine_idle_pct
+#                tcp_segments_per_tx)
 #   KEEP_TMP=1   keep the temp dir (logs) after the run
 #   IDLE_WAIT=0  seconds to wait, before each run, for other work on the machine to stop
 #   PGB_SERVERS=fresh|pooled  fresh (default): PgBouncer's idle server connections are closed
@@ -419,7 +421,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
-RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct [proxy_cpu_us_per_tx preemptions_per_tx]
+RAW=$TMP/raw.tsv # kind workload target round tps latency_ms background_busy_pct [proxy_cpu_us_per_tx preemptions_per_tx proxy_user_us_per_tx proxy_system_us_per_tx machine_cpu_us_per_tx machine_idle_pct tcp_segments_per_tx]
 : >"$RAW"
 
 check_target_alive() {
@@ -471,16 +473,22 @@ proxy_pid() {
     pgbouncer) echo "$PGB_PID" ;;
     esac
 }
-# proxy_usage target -> "cpu_ticks preemptions" of the proxy process (user+system CPU in clock
-# ticks, involuntary context switches), summed over its threads; "0 0" for direct.
+# proxy_usage target -> "user_ticks system_ticks preemptions" of the proxy process (CPU in clock
+# ticks, involuntary context switches), summed over its threads; "0 0 0" for direct.
 proxy_usage() {
     local pid
     pid=$(proxy_pid "$1")
-    [[ -n $pid ]] || { echo "0 0"; return; }
+    [[ -n $pid ]] || { echo "0 0 0"; return; }
     local ticks preempt
-    ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    ticks=$(awk '{print $14, $15}' "/proc/$pid/stat")
     preempt=$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "/proc/$pid/status")
     echo "$ticks $preempt"
+}
+# machine_usage -> "busy_ticks idle_ticks tcp_segments_sent" of the whole machine (all CPUs,
+# every process: PostgreSQL, pgbench and the proxy alike; idle includes iowait)
+machine_usage() {
+    awk '/^cpu / { for (i = 2; i <= 9; i++) t += $i; printf "%d %d ", t - $5 - $6, $5 + $6 }' /proc/stat
+    awk '/^Tcp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "OutSegs") c = i } else print $c }' /proc/net/snmp
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -503,14 +511,21 @@ for w in "${WORKLOAD_NAMES[@]}"; do
             t=${TPUT_TARGETS[$(((k + r - 1) % ${#TPUT_TARGETS[@]}))]}
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
             load=$(quiet_busy)
-            read -r ticks0 preempt0 < <(proxy_usage "$t")
+            read -r user0 sys0 preempt0 < <(proxy_usage "$t")
+            read -r busy0 idle0 segs0 < <(machine_usage)
             run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
-            read -r ticks1 preempt1 < <(proxy_usage "$t")
+            read -r busy1 idle1 segs1 < <(machine_usage)
+            read -r user1 sys1 preempt1 < <(proxy_usage "$t")
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
             tx=$(parse_tx "$out")
-            cost=$(awk -v a="$ticks0" -v b="$ticks1" -v p="$preempt0" -v q="$preempt1" -v tx="${tx:-0}" -v hz="$CLK_TCK" \
-                'BEGIN { if (tx > 0) printf "%.1f\t%.3f", (b - a) * 1e6 / hz / tx, (q - p) / tx; else printf "NaN\tNaN" }')
+            cost=$(awk -v u0="$user0" -v u1="$user1" -v s0="$sys0" -v s1="$sys1" -v p="$preempt0" -v q="$preempt1" \
+                -v b0="$busy0" -v b1="$busy1" -v i0="$idle0" -v i1="$idle1" -v g0="$segs0" -v g1="$segs1" \
+                -v tx="${tx:-0}" -v hz="$CLK_TCK" 'BEGIN {
+                    if (tx <= 0) { printf "NaN\tNaN\tNaN\tNaN\tNaN\tNaN\tNaN"; exit }
+                    us = 1e6 / hz / tx; all = (b1 - b0) + (i1 - i0)
+                    printf "%.1f\t%.3f\t%.2f\t%.2f\t%.1f\t%.1f\t%.2f", (u1 - u0 + s1 - s0) * us, (q - p) / tx,
+                        (u1 - u0) * us, (s1 - s0) * us, (b1 - b0) * us, (all > 0 ? 100 * (i1 - i0) / all : 0), (g1 - g0) / tx }')
             printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" "$cost" >>"$RAW"
             log "pgbench $w  round $r/$ROUNDS  $(printf '%-13s' "$t") tps ${tps:-FAILED}"
         done
@@ -822,6 +837,28 @@ print()
 print("CPU: user + system time of the proxy process (/proc/PID/stat) over the run / transactions; preemptions:")
 print("involuntary context switches of the proxy per transaction. Less noisy than TPS on a shared 2-CPU machine:")
 print("the proxy's own work, whatever PostgreSQL and pgbench were doing.")
+print()
+print("## Where the machine's CPU goes (same runs, median over rounds)")
+print()
+print("| workload | target | machine CPU µs/tx | machine idle % | proxy user µs/tx | proxy system µs/tx | proxy user, % of machine CPU | TCP segments/tx |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+targets = [t for t in ("direct", "understudy", "understudy-ha", "pgbouncer") if any(r[0] == "tput" and r[2] == t for r in rows)]
+gaps = []
+for w in ["-S", "-S -M prepared", "-N"]:
+    for t in targets:
+        m, idle, pu, ps, segs = (med("tput", w, t, c) for c in (11, 12, 9, 10, 13))
+        if t == "direct":
+            print(f"| \`{w}\` | {t} | {m:.1f} | {idle:.1f} | — | — | — | {segs:.2f} |")
+        else:
+            print(f"| \`{w}\` | {t} | {m:.1f} | {idle:.1f} | {pu:.2f} | {ps:.2f} | {100 * pu / m:.1f} | {segs:.2f} |")
+    uu, bu, um = med("tput", w, "understudy", 9), med("tput", w, "pgbouncer", 9), med("tput", w, "understudy", 11)
+    gaps.append(f"\`{w}\` {uu - bu:+.2f} µs ({100 * (uu - bu) / um:+.2f} % of the machine's CPU per transaction)")
+print()
+print("Machine CPU: busy time of all CPUs (/proc/stat: PostgreSQL, pgbench and the proxy) over the run / transactions;")
+print("idle: the share of the run the CPUs had nothing to run (on a VM, mostly waiting for a halted CPU to be woken);")
+print("proxy user/system: the proxy process's user-space and kernel time; TCP segments: sent on the machine per")
+print("transaction (4 per round trip through a proxy and 2 direct is the floor: no pure ACKs, no split messages).")
+print("Understudy's user-space time minus PgBouncer's: " + "; ".join(gaps) + ".")
 print()
 print("## System calls per transaction (perf syscall tracepoints; one extra run per proxy and workload)")
 print()

@@ -91,6 +91,8 @@
 #                production, which adds its pooling benefit to its proxy cost
 #   HA=1         also measure understudy armed for failover (see 1. above); HA=0 skips it
 #   SYSCALLS=1   count each proxy's system calls per transaction (see 1b. above); SYSCALLS=0 skips it
+#   WORKLOADS="-S,-S -M prepared,-N"  the throughput workloads, comma-separated (e.g. WORKLOADS=-N
+#                ROUNDS=30 for a narrower interval on one of them)
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -113,6 +115,7 @@ PGB_SERVERS=${PGB_SERVERS:-fresh}
 SKIP_BUILD=${SKIP_BUILD:-0}
 HA=${HA:-1}
 SYSCALLS=${SYSCALLS:-1}
+WORKLOADS=${WORKLOADS:--S,-S -M prepared,-N}
 KEEP_TMP=${KEEP_TMP:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
@@ -129,6 +132,13 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (needs apt, runuser and taskset)"
+IFS=, read -r -a WORKLOAD_NAMES <<<"$WORKLOADS"
+for w in "${WORKLOAD_NAMES[@]}"; do
+    case $w in
+    "-S" | "-S -M prepared" | "-N") ;;
+    *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared and -N, comma-separated)" ;;
+    esac
+done
 for tool in pgbench psql taskset python3 runuser; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
@@ -492,7 +502,6 @@ machine_usage() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-WORKLOAD_NAMES=("-S" "-S -M prepared" "-N")
 
 # ---------------------------------------------------------------------------------------------
 # 4. throughput
@@ -769,6 +778,8 @@ def med(kind, w, t, col):
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
 stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5}
+# The workloads this run measured (WORKLOADS), in the usual order.
+WL = [w for w in stmts if any(r[0] == "tput" and r[1] == w for r in rows)]
 def tps_by_round(w, t):
     return {r[3]: float(r[4]) for r in rows if r[0] == "tput" and r[1] == w and r[2] == t}
 def round_ratio(w, t, base="direct"):
@@ -790,7 +801,7 @@ print()
 print("| workload | direct TPS | understudy TPS (ratio) | pgbouncer TPS (ratio) | understudy/pgbouncer per round (n, 95 % CI) | added µs/stmt understudy | added µs/stmt pgbouncer | understudy ≥ pgbouncer |")
 print("|---|---:|---:|---:|---:|---:|---:|:---:|")
 verdicts = []
-for w in ["-S", "-S -M prepared", "-N"]:
+for w in WL:
     d, u, b = (med("tput", w, t, 4) for t in ("direct", "understudy", "pgbouncer"))
     ru, rb = round_ratio(w, "understudy")[0], round_ratio(w, "pgbouncer")[0]
     ub, un, uci = round_ratio(w, "understudy", "pgbouncer")
@@ -814,7 +825,7 @@ if ha:
     print()
     print("| workload | understudy-ha TPS (ratio) | understudy-ha/pgbouncer per round (n, 95 % CI) | understudy-ha/understudy per round (n, 95 % CI) | understudy-ha CPU µs/tx |")
     print("|---|---:|---:|---:|---:|")
-    for w in ["-S", "-S -M prepared", "-N"]:
+    for w in WL:
         h = med("tput", w, "understudy-ha", 4)
         rh = round_ratio(w, "understudy-ha")[0]
         hb, hbn, hbci = round_ratio(w, "understudy-ha", "pgbouncer")
@@ -829,7 +840,7 @@ print("## Proxy cost per transaction (same runs, median over rounds)")
 print()
 print("| workload | understudy CPU µs/tx | pgbouncer CPU µs/tx | understudy preemptions/tx | pgbouncer preemptions/tx |")
 print("|---|---:|---:|---:|---:|")
-for w in ["-S", "-S -M prepared", "-N"]:
+for w in WL:
     cu, cb = (med("tput", w, t, 7) for t in ("understudy", "pgbouncer"))
     pu, pb = (med("tput", w, t, 8) for t in ("understudy", "pgbouncer"))
     print(f"| \`{w}\` | {cu:.1f} | {cb:.1f} | {pu:.3f} | {pb:.3f} |")
@@ -844,7 +855,7 @@ print("| workload | target | machine CPU µs/tx | machine idle % | proxy user µ
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 targets = [t for t in ("direct", "understudy", "understudy-ha", "pgbouncer") if any(r[0] == "tput" and r[2] == t for r in rows)]
 gaps = []
-for w in ["-S", "-S -M prepared", "-N"]:
+for w in WL:
     for t in targets:
         m, idle, pu, ps, segs = (med("tput", w, t, c) for c in (11, 12, 9, 10, 13))
         if t == "direct":
@@ -874,7 +885,7 @@ else:
     print("| workload | proxy | reads | writes | epoll/poll waits | other | total | most frequent other calls |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     proxies = list(dict.fromkeys(r[1] for r in sysrows))
-    for w in ["-S", "-S -M prepared", "-N"]:
+    for w in WL:
         for t in proxies:
             calls = {r[2]: float(r[3]) for r in sysrows if r[0] == w and r[1] == t}
             if not calls:
@@ -926,7 +937,7 @@ worst = max(gw1, gw2)
 print(f"- memory: {worst:.1f} KiB per idle session (worst of the two) vs ≤ 64 KiB → {'met' if worst <= 64 else 'MISSED'}")
 print()
 if ha:
-    for w in ["-S", "-S -M prepared", "-N"]:
+    for w in WL:
         hb, _, hbci = round_ratio(w, "understudy-ha", "pgbouncer")
         print(f"- \`{w}\`, armed for failover (reference, not a target): understudy-ha/pgbouncer per round {hb:.3f} (95 % CI {fmt_ci(hbci)})")
 print()

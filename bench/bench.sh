@@ -495,13 +495,13 @@ proxy_usage() {
     echo "$ticks $preempt"
 }
 # machine_usage -> "busy_ticks idle_ticks tcp_segments_sent" of the whole machine (all CPUs,
-# every process: PostgreSQL, pgbench and the proxy alike; idle includes iowait)
+# every process: PostgreSQL, pgbench and the proxy alike; idle includes iowait; time stolen by
+# the hypervisor is neither)
 machine_usage() {
-    awk '/^cpu / { for (i = 2; i <= 9; i++) t += $i; printf "%d %d ", t - $5 - $6, $5 + $6 }' /proc/stat
+    awk '/^cpu / { for (i = 2; i <= 8; i++) t += $i; printf "%d %d ", t - $5 - $6, $5 + $6 }' /proc/stat
     awk '/^Tcp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "OutSegs") c = i } else print $c }' /proc/net/snmp
 }
 CLK_TCK=$(getconf CLK_TCK)
-
 
 # ---------------------------------------------------------------------------------------------
 # 4. throughput
@@ -866,7 +866,7 @@ for w in WL:
     gaps.append(f"\`{w}\` {uu - bu:+.2f} µs ({100 * (uu - bu) / um:+.2f} % of the machine's CPU per transaction)")
 print()
 print("Machine CPU: busy time of all CPUs (/proc/stat: PostgreSQL, pgbench and the proxy) over the run / transactions;")
-print("idle: the share of the run the CPUs had nothing to run (on a VM, mostly waiting for a halted CPU to be woken);")
+print("idle: the share of the run the CPUs had nothing to run (every process waiting for a message, or for a halted CPU to wake);")
 print("proxy user/system: the proxy process's user-space and kernel time; TCP segments: sent on the machine per")
 print("transaction (4 per round trip through a proxy and 2 direct is the floor: no pure ACKs, no split messages).")
 print("Understudy's user-space time minus PgBouncer's: " + "; ".join(gaps) + ".")

@@ -453,21 +453,23 @@ fn describe_command(cmd: &Command) -> String {
 /// How often a child process is asked whether it exited.
 const CHILD_POLL: Duration = Duration::from_millis(10);
 
-/// Waits up to `limit` for `child` to exit and reaps it; `None` if it still runs.
+/// Waits for `child` to exit and reaps it.
 ///
 /// Asked every [`CHILD_POLL`] rather than told by SIGCHLD: the gateway's runtime is built
 /// without tokio's process driver, which would otherwise look for exited children at every
 /// park of the data path.
-async fn wait_child(child: &mut Child, limit: Duration) -> Option<io::Result<ExitStatus>> {
-    let started = Instant::now();
+async fn reap(child: &mut Child) -> io::Result<ExitStatus> {
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(Ok(status)),
-            Ok(None) if started.elapsed() >= limit => return None,
-            Ok(None) => crate::clock::sleep(CHILD_POLL).await,
-            Err(e) => return Some(Err(e)),
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
         }
+        crate::clock::sleep(CHILD_POLL).await;
     }
+}
+
+/// Waits up to `limit` for `child` to exit and reaps it; `None` if it still runs.
+async fn wait_child(child: &mut Child, limit: Duration) -> Option<io::Result<ExitStatus>> {
+    crate::clock::timeout(limit, reap(child)).await.ok()
 }
 
 /// A child process that is killed and reaped if its handle is dropped before it exited (a
@@ -502,9 +504,7 @@ async fn collect_output(child: &mut Child) -> io::Result<Output> {
         read_pipe(child.stderr.take())
     )?;
     // Both pipes are closed: the child exited or is about to (the caller bounds the wait).
-    let status = wait_child(child, Duration::MAX)
-        .await
-        .unwrap_or_else(|| Err(io::Error::other("the command did not exit")))?;
+    let status = reap(child).await?;
     Ok(Output {
         status,
         stdout,

@@ -26,7 +26,7 @@
 #      tracepoints are not available). Counting slows the run, so its TPS is not used; the counts
 #      are exact, and on loopback the kernel work they stand for is most of a proxy's cost.
 #   2. Latency probe: one client, `-S -M prepared` (one round trip a transaction), `taskset -c
-#      $LAT_CPU pgbench -c 1 -j 1`, $ROUNDS interleaved rounds. Reported: median "latency average" and
+#      $LAT_CPU pgbench -c 1 -j 1`, $LAT_ROUNDS interleaved rounds. Reported: median "latency average" and
 #      the microseconds each proxy adds per round trip. With LAT_PIN=all (default) PostgreSQL, the
 #      gateway and PgBouncer are pinned to the same CPU for the probe (taskset -a -p, undone after):
 #      on a small VM an idle second CPU makes every cross-CPU wake-up cost a variable few tens of
@@ -57,7 +57,7 @@
 #   - pgbouncer pool_mode=session, auth_type=trust, max_client_conn=1000, default_pool_size=600.
 #   libpq is told PGSSLMODE=disable for all three targets.
 #
-# How long: about 3 workloads x 3 targets x ROUNDS x DURATION + 3 x ROUNDS x DURATION (probe)
+# How long: about 3 workloads x 3 targets x ROUNDS x DURATION + 3 x LAT_ROUNDS x DURATION (probe)
 #   + warm-ups (WARMUP s per target per workload) + 3 workloads x proxies x (DURATION + 1)
 #   (system calls) + ~30 s setup/memory test; with HA=1 the throughput runs have 4 targets.
 #   Defaults (DURATION=5 ROUNDS=10): ~17 minutes, plus the cargo build when it is not up to date.
@@ -76,6 +76,7 @@
 #   SESSIONS=500 idle sessions for the memory test (max_connections is 600)
 #   LOGIN_ROUNDS=5 LOGIN_SESSIONS=100  login probe rounds, and logins per target and round
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
+#   LAT_ROUNDS=$ROUNDS  rounds of the latency probe (e.g. LAT_ROUNDS=3 with ROUNDS=30)
 #   SKIP_BUILD=1 use the existing target/release/understudy
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
 #                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct proxy_cpu_us_per_tx
@@ -101,6 +102,7 @@ set -euo pipefail
 
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-10}
+LAT_ROUNDS=${LAT_ROUNDS:-$ROUNDS}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-8}
 THREADS=${THREADS:-2}
@@ -138,6 +140,9 @@ for w in "${WORKLOAD_NAMES[@]}"; do
     "-S" | "-S -M prepared" | "-N") ;;
     *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared and -N, comma-separated)" ;;
     esac
+done
+for knob in DURATION ROUNDS LAT_ROUNDS; do
+    [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive whole number, not '${!knob}'"
 done
 for tool in pgbench psql taskset python3 runuser; do
     command -v "$tool" >/dev/null || die "$tool not found"
@@ -455,15 +460,21 @@ fresh_pgbouncer_servers() {
     sleep 0.2 # PgBouncer reads the FATAL of each and drops it
 }
 
-# run_pgbench target outfile seconds [prefix...] -- [pgbench args...]
+# prepare_target target: checks the target is up and gives PgBouncer fresh server connections
+# (PGB_SERVERS). Called before a run's measurements start, so that this work (a psql, the
+# backends' exits, a pause) counts neither as the run's CPU nor as its idle time.
+prepare_target() {
+    check_target_alive "$1"
+    [[ $1 != pgbouncer ]] || fresh_pgbouncer_servers
+}
+
+# run_pgbench target outfile seconds [prefix...] -- [pgbench args...]; after prepare_target.
 run_pgbench() {
     local target=$1 out=$2 secs=$3
     shift 3
     local prefix=()
     while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
     shift
-    check_target_alive "$target"
-    [[ $target != pgbouncer ]] || fresh_pgbouncer_servers
     local rc=0
     "${prefix[@]}" pgbench -n -h 127.0.0.1 -p "${PORT[$target]}" -T "$secs" "$@" "$DB" >"$out" 2>&1 || rc=$?
     if [[ $rc -ne 0 ]]; then
@@ -512,6 +523,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
     read -r -a wargs <<<"$w"
     if [[ $WARMUP -gt 0 ]]; then
         for t in "${TPUT_TARGETS[@]}"; do
+            prepare_target "$t"
             run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
         done
     fi
@@ -519,6 +531,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
         for ((k = 0; k < ${#TPUT_TARGETS[@]}; k++)); do
             t=${TPUT_TARGETS[$(((k + r - 1) % ${#TPUT_TARGETS[@]}))]}
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
+            prepare_target "$t"
             load=$(quiet_busy)
             read -r user0 sys0 preempt0 < <(proxy_usage "$t")
             read -r busy0 idle0 segs0 < <(machine_usage)
@@ -567,6 +580,7 @@ if [[ -z $SYS_SKIPPED ]]; then
             counts=$TMP/sys-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t.csv
             out=$counts.out
             # Started first so the whole pgbench run is inside the counted window.
+            prepare_target "$t"
             perf stat -x, -e 'syscalls:sys_enter_*' -p "$(proxy_pid "$t")" -o "$counts" -- sleep $((DURATION + 1)) &
             perf_pid=$!
             sleep 0.3
@@ -600,19 +614,21 @@ else
 fi
 if [[ $WARMUP -gt 0 ]]; then
     for t in "${TARGETS[@]}"; do
+        prepare_target "$t"
         run_pgbench "$t" "$TMP/warmup.out" "$WARMUP" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
     done
 fi
-for ((r = 1; r <= ROUNDS; r++)); do
+for ((r = 1; r <= LAT_ROUNDS; r++)); do
     for ((k = 0; k < ${#TARGETS[@]}; k++)); do
         t=${TARGETS[$(((k + r - 1) % ${#TARGETS[@]}))]}
         out=$TMP/lat-$t-$r.out
+        prepare_target "$t"
         load=$(quiet_busy)
         run_pgbench "$t" "$out" "$DURATION" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
         tps=$(parse_tps "$out")
         lat=$(parse_lat "$out")
         printf 'lat\t%s\t%s\t%s\t%s\t%s\t%s\n' "probe" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" >>"$RAW"
-        log "latency probe round $r/$ROUNDS  $(printf '%-10s' "$t") latency ${lat:-FAILED} ms"
+        log "latency probe round $r/$LAT_ROUNDS  $(printf '%-10s' "$t") latency ${lat:-FAILED} ms"
     done
 done
 

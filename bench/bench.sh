@@ -513,6 +513,22 @@ machine_usage() {
     awk '/^Tcp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "OutSegs") c = i } else print $c }' /proc/net/snmp
 }
 CLK_TCK=$(getconf CLK_TCK)
+# pm_children -> how many processes the postmaster has (background workers, backends, spares)
+pm_children() { pgrep -c -P "$(head -n1 "$PG_DATA/postmaster.pid")" || true; }
+# end_backends N: ends the client backends a run left behind (PgBouncer keeps its server
+# connections; Understudy's and direct's backends end with their clients) and waits, up to 3 s,
+# for the postmaster to be back at N children. The same psql runs after every target's run, so
+# each run's machine CPU includes the exits of the backends it started, whoever started them.
+end_backends() {
+    local i
+    psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" \
+        >/dev/null
+    for ((i = 0; i < 60; i++)); do
+        [[ $(pm_children) -gt $1 ]] || return 0
+        sleep 0.05
+    done
+}
 
 # ---------------------------------------------------------------------------------------------
 # 4. throughput
@@ -534,20 +550,25 @@ for w in "${WORKLOAD_NAMES[@]}"; do
             prepare_target "$t"
             load=$(quiet_busy)
             read -r user0 sys0 preempt0 < <(proxy_usage "$t")
+            children=$(pm_children)
             read -r busy0 idle0 segs0 < <(machine_usage)
             run_pgbench "$t" "$out" "$DURATION" -- -c "$CLIENTS" -j "$THREADS" "${wargs[@]}"
             read -r busy1 idle1 segs1 < <(machine_usage)
             read -r user1 sys1 preempt1 < <(proxy_usage "$t")
+            # Busy time counts until the run's backends have exited; idle time and segments stop
+            # with pgbench.
+            end_backends "$children"
+            read -r busy2 _ _ < <(machine_usage)
             tps=$(parse_tps "$out")
             lat=$(parse_lat "$out")
             tx=$(parse_tx "$out")
             cost=$(awk -v u0="$user0" -v u1="$user1" -v s0="$sys0" -v s1="$sys1" -v p="$preempt0" -v q="$preempt1" \
-                -v b0="$busy0" -v b1="$busy1" -v i0="$idle0" -v i1="$idle1" -v g0="$segs0" -v g1="$segs1" \
+                -v b0="$busy0" -v b1="$busy1" -v b2="$busy2" -v i0="$idle0" -v i1="$idle1" -v g0="$segs0" -v g1="$segs1" \
                 -v tx="${tx:-0}" -v hz="$CLK_TCK" 'BEGIN {
                     if (tx <= 0) { printf "NaN\tNaN\tNaN\tNaN\tNaN\tNaN\tNaN"; exit }
                     us = 1e6 / hz / tx; all = (b1 - b0) + (i1 - i0)
                     printf "%.1f\t%.3f\t%.2f\t%.2f\t%.1f\t%.1f\t%.2f", (u1 - u0 + s1 - s0) * us, (q - p) / tx,
-                        (u1 - u0) * us, (s1 - s0) * us, (b1 - b0) * us, (all > 0 ? 100 * (i1 - i0) / all : 0), (g1 - g0) / tx }')
+                        (u1 - u0) * us, (s1 - s0) * us, (b2 - b0) * us, (all > 0 ? 100 * (i1 - i0) / all : 0), (g1 - g0) / tx }')
             printf 'tput\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$t" "$r" "${tps:-NaN}" "${lat:-NaN}" "$load" "$cost" >>"$RAW"
             log "pgbench $w  round $r/$ROUNDS  $(printf '%-13s' "$t") tps ${tps:-FAILED}"
         done
@@ -881,7 +902,8 @@ for w in WL:
     uu, bu, um = med("tput", w, "understudy", 9), med("tput", w, "pgbouncer", 9), med("tput", w, "understudy", 11)
     gaps.append(f"\`{w}\` {uu - bu:+.2f} µs ({100 * (uu - bu) / um:+.2f} % of the machine's CPU per transaction)")
 print()
-print("Machine CPU: busy time of all CPUs (/proc/stat: PostgreSQL, pgbench and the proxy) over the run / transactions;")
+print("Machine CPU: busy time of all CPUs (/proc/stat: PostgreSQL, pgbench and the proxy) / transactions, from the run's start")
+print("until the backends it started have exited (PgBouncer's pooled ones are ended after its run, and the same psql runs after every run);")
 print("idle: the share of the run the CPUs had nothing to run (every process waiting for a message, or for a halted CPU to wake);")
 print("proxy user/system: the proxy process's user-space and kernel time; TCP segments: sent on the machine per")
 print("transaction (4 per round trip through a proxy and 2 direct is the floor: no pure ACKs, no split messages).")

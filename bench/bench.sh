@@ -447,16 +447,21 @@ check_target_alive() {
     esac
 }
 
+# The cluster's client backends, PgBouncer's server connections among them, but not the
+# gateways' kept control connections (a FROM ... WHERE clause of pg_stat_activity).
+CLIENT_BACKENDS="FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'"
+# Ends every client backend (PgBouncer drops a server connection whose backend has ended).
+terminate_client_backends() {
+    psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres \
+        -c "SELECT count(pg_terminate_backend(pid)) $CLIENT_BACKENDS" >/dev/null
+}
+
 # Closes the server connections PgBouncer keeps idle (see PGB_SERVERS); nothing else is
-# connected between runs but Understudy's kept control connection (left alone), and PgBouncer
-# drops a server connection whose backend has ended.
+# connected between runs but the gateways' control connections and spares.
 fresh_pgbouncer_servers() {
     [[ $PGB_SERVERS == fresh ]] || return 0
-    psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" \
-        >/dev/null
-    wait_sql "$PG_PORT" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" 0 50 \
-        || true
+    terminate_client_backends
+    wait_sql "$PG_PORT" "SELECT count(*) $CLIENT_BACKENDS" 0 50 || true
     sleep 0.2 # PgBouncer reads the FATAL of each and drops it
 }
 
@@ -515,15 +520,14 @@ machine_usage() {
 CLK_TCK=$(getconf CLK_TCK)
 # pm_children -> how many processes the postmaster has (background workers, backends, spares)
 pm_children() { pgrep -c -P "$(head -n1 "$PG_DATA/postmaster.pid")" || true; }
-# end_backends N: ends the client backends a run left behind (PgBouncer keeps its server
-# connections; Understudy's and direct's backends end with their clients) and waits, up to 3 s,
-# for the postmaster to be back at N children. The same psql runs after every target's run, so
-# each run's machine CPU includes the exits of the backends it started, whoever started them.
+# end_backends N: with PGB_SERVERS=fresh, ends the client backends a run left behind (PgBouncer
+# keeps its server connections; Understudy's and direct's backends end with their clients); then
+# waits, up to 3 s, for the postmaster to be back at N children. The same psql runs after every
+# target's run, so each run's machine CPU includes the exits of the backends it started, whoever
+# started them. With PGB_SERVERS=pooled PgBouncer keeps its server connections, as it would.
 end_backends() {
     local i
-    psql -X -q -t -A -h 127.0.0.1 -p "$PG_PORT" -d postgres -c \
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'understudy-control'" \
-        >/dev/null
+    [[ $PGB_SERVERS != fresh ]] || terminate_client_backends
     for ((i = 0; i < 60; i++)); do
         [[ $(pm_children) -gt $1 ]] || return 0
         sleep 0.05

@@ -124,16 +124,13 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS=${RESULTS:-$BENCH_DIR/results-latest.md}
-# The source the gateway is built from, noted before the run (files edited meanwhile are not in it).
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
 GATEWAY_BIN=$ROOT/target/release/understudy
+BENCH_NAME=bench
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+GIT_REV=$(git_rev "$ROOT")
 
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-[[ $(id -u) -eq 0 ]] || die "run as root (needs apt, runuser and taskset)"
+require_root "needs apt, runuser and taskset"
 IFS=, read -r -a WORKLOAD_NAMES <<<"$WORKLOADS"
 for w in "${WORKLOAD_NAMES[@]}"; do
     case $w in
@@ -144,9 +141,7 @@ done
 for knob in DURATION ROUNDS LAT_ROUNDS; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive whole number, not '${!knob}'"
 done
-for tool in pgbench psql taskset python3 runuser; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
+require_tools pgbench psql taskset python3 runuser
 [[ -x $PGBIN/initdb && -x $PGBIN/pg_ctl ]] || die "PostgreSQL binaries not found in $PGBIN"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -163,12 +158,7 @@ PGB_PID=""
 cleanup() {
     local rc=$?
     set +e
-    for pid in "$GW_PID" "$HAGW_PID" "$MEMGW_PID"; do
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null
-            wait "$pid" 2>/dev/null
-        fi
-    done
+    kill_now "$GW_PID" "$HAGW_PID" "$MEMGW_PID"
     if [[ -n $PGB_PIDFILE && -s $PGB_PIDFILE ]]; then
         PGB_PID=$(cat "$PGB_PIDFILE")
     fi
@@ -177,38 +167,14 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$PGB_PID" 2>/dev/null
     fi
-    for data in "$SB_DATA" "$PG_DATA"; do
-        if [[ -n $data && -f $data/postmaster.pid ]]; then
-            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1
-        fi
-    done
+    stop_cluster "$SB_DATA"
+    stop_cluster "$PG_DATA"
     wait 2>/dev/null
-    if [[ -n $TMP && -d $TMP ]]; then
-        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-            log "temp dir kept: $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
+    finish_tmp "$rc"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # host port seconds
-    local i
-    for ((i = 0; i < $3 * 10; i++)); do
-        if python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.2)' "$1" "$2" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
 # wait_sql port sql want tenths: runs sql on port (database postgres) up to `tenths` times,
 # 0.1 s apart, until it prints want; fails if it never does
@@ -222,33 +188,7 @@ wait_sql() {
 }
 
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
-# CPU busy % of the whole machine over 0.5 s while none of the benchmark's runs is going: what
-# something else (a build, a test suite) takes from the measurement that follows.
-background_busy() {
-    local a b
-    a=$(head -n1 /proc/stat)
-    sleep 0.5
-    b=$(head -n1 /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        n = split(a, x, " "); split(b, y, " "); tot = 0
-        for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]  # user..steal (guest is inside user)
-        idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
-}
 ALL_CPUS=0-$(($(nproc) - 1))
-
-# background_busy, after waiting up to IDLE_WAIT seconds for the machine to drop below 10 % busy
-quiet_busy() {
-    local busy waited=0
-    busy=$(background_busy)
-    while [[ $busy -ge 10 && $waited -lt $IDLE_WAIT ]]; do
-        sleep 2
-        waited=$((waited + 3))
-        busy=$(background_busy)
-    done
-    [[ $waited -eq 0 ]] || log "waited ${waited}s for other work on the machine (now ${busy}% busy)"
-    echo "$busy"
-}
 
 # SIGINT, then SIGKILL after a few seconds: understudy's drain waits for shutdown_timeout (30 s)
 stop_gateway() {
@@ -305,39 +245,11 @@ mkdir -p "$TMP/pg" "$TMP/pgbouncer" "$TMP/gw"
 chown postgres:postgres "$TMP/pg" "$TMP/pgbouncer"
 PG_DATA=$TMP/pg/data
 PG_PORT=$(free_port)
-log "temp dir $TMP; initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
-runuser -u postgres -- "$PGBIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-sync >"$TMP/pg/initdb.log" 2>&1 \
-    || { cat "$TMP/pg/initdb.log" >&2; die "initdb failed"; }
-cat >>"$PG_DATA/postgresql.conf" <<EOF
-
-# --- understudy bench ---
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$TMP/pg'
-max_connections = 600
-shared_buffers = 256MB
-synchronous_commit = off
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-logging_collector = off
-log_min_messages = warning
-EOF
-cat >"$PG_DATA/pg_hba.conf" <<EOF
-local all all trust
-host  all all 127.0.0.1/32 trust
-host  replication all 127.0.0.1/32 trust
-EOF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$TMP/pg/postgres.log" -w -t 60 start >/dev/null \
-    || { tail -n 30 "$TMP/pg/postgres.log" >&2; die "postgres did not start"; }
-
 export PGUSER=postgres PGSSLMODE=disable PGGSSENCMODE=disable PGAPPNAME=understudy-bench
 unset PGPASSWORD PGHOST PGPORT PGDATABASE PGSERVICE
-DB=bench
-psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -c "CREATE DATABASE $DB" >/dev/null
-log "pgbench -i -s $SCALE"
-pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" "$DB" >"$TMP/pg/pgbench-init.log" 2>&1 \
-    || { cat "$TMP/pg/pgbench-init.log" >&2; die "pgbench -i failed"; }
-psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
+DB=bench # init_primary's
+log "temp dir $TMP; initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
+init_primary "$TMP/pg" "$PG_PORT" 600 "$SCALE"
 
 if [[ $HA == 1 ]]; then
     SB_DATA=$TMP/pg/standby
@@ -365,7 +277,7 @@ start_gateway() { # port admin_port logfile [more --backend flags] -> sets START
     RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
         --admin-listen "127.0.0.1:$2" "${@:4}" >"$3" 2>&1 &
     STARTED_PID=$!
-    wait_port 127.0.0.1 "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }
+    wait_port "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }
 }
 log "starting understudy on 127.0.0.1:$GW_PORT (admin $GW_ADMIN_PORT)"
 start_gateway "$GW_PORT" "$GW_ADMIN_PORT" "$TMP/gw/understudy.log"
@@ -414,7 +326,7 @@ chown -R postgres:postgres "$PGB_DIR"
 log "starting pgbouncer on 127.0.0.1:$PGB_PORT"
 runuser -u postgres -- "$PGBOUNCER_BIN" -d "$PGB_DIR/pgbouncer.ini" >"$PGB_DIR/stdout.log" 2>&1 \
     || { cat "$PGB_DIR/stdout.log" "$PGB_DIR/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer did not start"; }
-wait_port 127.0.0.1 "$PGB_PORT" 30 || { cat "$PGB_DIR/pgbouncer.log" >&2; die "pgbouncer not listening"; }
+wait_port "$PGB_PORT" 30 || { cat "$PGB_DIR/pgbouncer.log" >&2; die "pgbouncer not listening"; }
 for _ in $(seq 50); do [[ -s $PGB_PIDFILE ]] && break; sleep 0.1; done
 PGB_PID=$(cat "$PGB_PIDFILE")
 
@@ -488,9 +400,6 @@ run_pgbench() {
     fi
     return 0
 }
-parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
-parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
-parse_tx() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1" | head -n1; }
 # proxy_pid target -> the proxy's process id; nothing for direct.
 proxy_pid() {
     case $1 in
@@ -552,7 +461,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
             t=${TPUT_TARGETS[$(((k + r - 1) % ${#TPUT_TARGETS[@]}))]}
             out=$TMP/tput-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t-$r.out
             prepare_target "$t"
-            load=$(quiet_busy)
+            load=$(wait_quiet 9 "$IDLE_WAIT")
             read -r user0 sys0 preempt0 < <(proxy_usage "$t")
             children=$(pm_children)
             read -r busy0 idle0 segs0 < <(machine_usage)
@@ -648,7 +557,7 @@ for ((r = 1; r <= LAT_ROUNDS; r++)); do
         t=${TARGETS[$(((k + r - 1) % ${#TARGETS[@]}))]}
         out=$TMP/lat-$t-$r.out
         prepare_target "$t"
-        load=$(quiet_busy)
+        load=$(wait_quiet 9 "$IDLE_WAIT")
         run_pgbench "$t" "$out" "$DURATION" taskset -c "$LAT_CPU" -- -c 1 -j 1 -S -M prepared
         tps=$(parse_tps "$out")
         lat=$(parse_lat "$out")

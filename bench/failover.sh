@@ -111,13 +111,12 @@ GATEWAY_BIN=$ROOT/target/release/understudy
 PROBE_DIR=$BENCH_DIR/failover_probe
 PROBE_BIN=$PROBE_DIR/target/release/failover_probe
 
-log() { printf '[failover %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+BENCH_NAME=failover
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 
-[[ $(id -u) -eq 0 ]] || die "run as root (PostgreSQL is started as user postgres with runuser)"
-for tool in psql runuser python3 curl; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
+require_root "PostgreSQL is started as user postgres with runuser"
+require_tools psql runuser python3 curl
 for p in initdb pg_ctl pg_basebackup postgres; do
     [[ -x $PGBIN/$p ]] || die "$PGBIN/$p not found"
 done
@@ -135,83 +134,19 @@ cleanup() {
     local rc=$?
     set +e
     exec 7>&- 2>/dev/null
-    if [[ -n $PROBE_PID ]] && kill -0 "$PROBE_PID" 2>/dev/null; then
-        kill -KILL "$PROBE_PID" 2>/dev/null
-        wait "$PROBE_PID" 2>/dev/null
-    fi
-    if [[ -n $GW_PID ]] && kill -0 "$GW_PID" 2>/dev/null; then
-        kill -KILL "$GW_PID" 2>/dev/null
-        wait "$GW_PID" 2>/dev/null
-    fi
+    kill_now "$PROBE_PID" "$GW_PID"
     for s in 0 1; do
         local d=${NODE_DATA[$s]}
         if [[ -n $d && -f $d/postmaster.pid ]]; then
-            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" -m immediate -w -t 20 stop >/dev/null 2>&1
+            stop_cluster "$d"
             release_shm "$d"
         fi
     done
-    if [[ -n $TMP && -d $TMP ]]; then
-        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-            log "temp dir kept: $TMP (gateway.log, probe.out, node logs)"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
+    finish_tmp "$rc" "gateway.log, probe.out, node logs"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# A port below the ephemeral range, free now: an ephemeral port could be taken by an outgoing
-# connection while a node is down between a kill and its re-seed.
-free_port() {
-    python3 - <<'PY'
-import random, socket
-lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-while True:
-    p = random.randint(20000, max(20001, lo - 1))
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); s.close(); print(p); break
-    except OSError:
-        s.close()
-PY
-}
-
-wait_port() { # port seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-background_busy() { # machine busy % over 0.5 s (/proc/stat)
-    local a b
-    a=$(head -n1 /proc/stat)
-    sleep 0.5
-    b=$(head -n1 /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        n = split(a, x, " "); split(b, y, " "); tot = 0
-        for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]
-        idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
-}
-# waits (up to QUIET_WAIT s) until the machine is at most QUIET_MAX % busy; prints the last sample
-wait_quiet() {
-    local b waited=0
-    while :; do
-        b=$(background_busy)
-        if [[ $b -le $QUIET_MAX || $waited -ge $QUIET_WAIT ]]; then
-            echo "$b"
-            return
-        fi
-        [[ $waited -eq 0 ]] && log "machine ${b}% busy (something else is running); waiting up to ${QUIET_WAIT}s for <= ${QUIET_MAX}%"
-        sleep 1
-        waited=$((waited + 2))
-    done
-}
 
 sql() { # port db sql...  (as postgres, trust over TCP)
     local port=$1 db=$2
@@ -439,7 +374,7 @@ for ((f = 1; f <= FAILOVERS; f++)); do
         break
     fi
     sleep "$SETTLE"
-    busy=$(wait_quiet)
+    busy=$(wait_quiet "$QUIET_MAX" "$QUIET_WAIT")
 
     pm=$(postmaster_pid "$PRIMARY")
     dead_dir=${NODE_DATA[$PRIMARY]}

@@ -85,20 +85,15 @@ IFS=, read -r -a WORKLOADS <<<"${WORKLOADS:--S,-S -M prepared,-N}"
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS=${RESULTS:-$BENCH_DIR/overhead-latest.md}
-# The source the gateway is built from, noted before the run (files edited meanwhile are not in it).
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git -C "$ROOT" status --porcelain -- gateway protocol replay Cargo.toml Cargo.lock 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-[[ -z $DIRTY ]] || GIT_REV="$GIT_REV + uncommitted changes in: $DIRTY"
+BENCH_NAME=overhead
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+GIT_REV=$(git_rev "$ROOT")
 GATEWAY_BIN=$ROOT/target/release/understudy
 PLAIN_TARGET_DIR=${PLAIN_TARGET_DIR:-$ROOT/target/bench-plain-$PLAIN_REV}
 
-log() { printf '[overhead %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-[[ $(id -u) -eq 0 ]] || die "run as root (PostgreSQL is started as user postgres with runuser)"
-for tool in pgbench psql runuser python3 git cargo; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
+require_root "PostgreSQL is started as user postgres with runuser"
+require_tools pgbench psql runuser python3 git cargo
 [[ -x $PGBIN/initdb && -x $PGBIN/pg_ctl ]] || die "PostgreSQL binaries not found in $PGBIN"
 
 TMP=""
@@ -108,71 +103,17 @@ declare -A GW_PID=()
 cleanup() {
     local rc=$?
     set +e
-    for t in "${!GW_PID[@]}"; do
-        local pid=${GW_PID[$t]}
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null
-            wait "$pid" 2>/dev/null
-        fi
-    done
-    if [[ -n $PG_DATA && -f $PG_DATA/postmaster.pid ]]; then
-        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
-    fi
+    kill_now "${GW_PID[@]}"
+    stop_cluster "$PG_DATA"
     if [[ -n $WORKTREE ]]; then
         git -C "$ROOT" worktree remove --force "$WORKTREE" >/dev/null 2>&1 || rm -rf "$WORKTREE"
         git -C "$ROOT" worktree prune >/dev/null 2>&1
     fi
-    if [[ -n $TMP && -d $TMP ]]; then
-        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-            log "temp dir kept: $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
+    finish_tmp "$rc"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() { # port seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-background_busy() { # machine busy % over 0.5 s
-    local a b
-    a=$(head -n1 /proc/stat)
-    sleep 0.5
-    b=$(head -n1 /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        n = split(a, x, " "); split(b, y, " "); tot = 0
-        for (i = 2; i <= 9 && i <= n; i++) tot += y[i] - x[i]
-        idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
-}
-
-# Before each measured run: wait (up to QUIET_WAIT s) until the machine is at most QUIET_MAX %
-# busy without us; prints the last sample. On a shared 2-CPU box a concurrent build or test run
-# moves TPS by tens of percent; this keeps most runs out of such bursts, the report shows the rest.
-wait_quiet() {
-    local b waited=0
-    while :; do
-        b=$(background_busy)
-        if [[ $b -le $QUIET_MAX || $waited -ge $QUIET_WAIT ]]; then
-            echo "$b"
-            return
-        fi
-        [[ $waited -eq 0 ]] && log "machine ${b}% busy (something else is running); waiting up to ${QUIET_WAIT}s for <= ${QUIET_MAX}%"
-        sleep 1
-        waited=$((waited + 2)) # the sample takes 0.5 s, the sleep 1 s; counted generously
-    done
-}
 
 # CPU accounting (clock ticks, USER_HZ) to tell how much of the machine something else took
 # during a run: foreign = machine busy ticks - PostgreSQL's - the gateways' - pgbench's.
@@ -246,37 +187,11 @@ mkdir -p "$TMP/pg"
 chown postgres:postgres "$TMP/pg"
 PG_DATA=$TMP/pg/data
 PG_PORT=$(free_port)
-log "initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
-runuser -u postgres -- "$PGBIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-sync >"$TMP/pg/initdb.log" 2>&1 \
-    || { cat "$TMP/pg/initdb.log" >&2; die "initdb failed"; }
-cat >>"$PG_DATA/postgresql.conf" <<EOF
-
-# --- understudy overhead bench ---
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$TMP/pg'
-max_connections = 100
-shared_buffers = 256MB
-synchronous_commit = off
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-logging_collector = off
-log_min_messages = warning
-EOF
-cat >"$PG_DATA/pg_hba.conf" <<EOF
-local all all trust
-host  all all 127.0.0.1/32 trust
-EOF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_DATA" -l "$TMP/pg/postgres.log" -w -t 60 start >/dev/null \
-    || { tail -n 30 "$TMP/pg/postgres.log" >&2; die "postgres did not start"; }
 export PGUSER=postgres PGSSLMODE=disable PGGSSENCMODE=disable PGAPPNAME=understudy-overhead
 unset PGPASSWORD PGHOST PGPORT PGDATABASE PGSERVICE
-DB=bench
-psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -c "CREATE DATABASE $DB" >/dev/null
-log "pgbench -i -s $SCALE"
-pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" "$DB" >"$TMP/pg/pgbench-init.log" 2>&1 \
-    || { cat "$TMP/pg/pgbench-init.log" >&2; die "pgbench -i failed"; }
-psql -X -q -h 127.0.0.1 -p "$PG_PORT" -d "$DB" -c "VACUUM ANALYZE" >/dev/null
+DB=bench # init_primary's
+log "initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
+init_primary "$TMP/pg" "$PG_PORT" 100 "$SCALE"
 
 # ---------------------------------------------------------------------------------------------
 # 3. gateways (all running for the whole benchmark; idle ones cost nothing)
@@ -336,8 +251,6 @@ log "targets: ${TARGETS[*]} (current runtime: $CURRENT_RUNTIME)"
 # 4. measurement
 RAW=$TMP/raw.tsv # workload target round tps latency_ms busy_before_pct foreign_during_pct
 : >"$RAW"
-parse_tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n1; }
-parse_lat() { sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$1" | head -n1; }
 alive() {
     [[ $1 == direct ]] && return 0
     kill -0 "${GW_PID[$1]}" 2>/dev/null || { tail -n 30 "$TMP/gw-$1.log" >&2; die "gateway $1 died"; }
@@ -354,7 +267,7 @@ for w in "${WORKLOADS[@]}"; do
                 pgbench -n -h 127.0.0.1 -p "${PORT[$t]}" -c "$CLIENTS" -j "$THREADS" -T "$WARMUP" "${wargs[@]}" "$DB" \
                     >/dev/null 2>&1 || true
             fi
-            busy=$(wait_quiet)
+            busy=$(wait_quiet "$QUIET_MAX" "$QUIET_WAIT")
             out=$TMP/run-${w// /_}-$t-$r.txt
             read -r s0_total s0_busy < <(machine_ticks)
             o0=$(our_ticks)

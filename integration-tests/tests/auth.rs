@@ -65,6 +65,46 @@ async fn login_error(config: &tokio_postgres::Config, what: &str) -> (String, St
     }
 }
 
+/// A wrong password for `role` and a role that does not exist are both refused with 28P01, the
+/// code PostgreSQL itself gives for either (so a client cannot tell which roles exist).
+async fn assert_bad_logins_refused(gw: &TestGateway, role: &str) {
+    for (user, password, what) in [
+        (role, "wrong", "wrong password"),
+        ("no_such_role", "whatever", "unknown role"),
+    ] {
+        let (code, message) =
+            login_error(&gateway_config(gw, user, Some(password), "postgres"), what).await;
+        assert_eq!(code, "28P01", "{what}: {message}");
+    }
+}
+
+/// The gateway looks secrets up at each login: a role created a moment ago logs in (and its
+/// session is movable), and once its password is changed the old one gets 28P01 and the new one
+/// logs in.
+async fn fresh_role_follows_password_changes(cluster: &Cluster, gw: &TestGateway) {
+    let su = cluster.superuser().await;
+    su.batch_execute("CREATE ROLE fresh_user LOGIN PASSWORD 'fresh-one'")
+        .await
+        .expect("create role");
+    let config = |password| gateway_config(gw, "fresh_user", Some(password), "postgres");
+    let client = try_login(&config("fresh-one"))
+        .await
+        .expect("a role created a moment ago logs in");
+    assert_eq!(current_user(&client).await, "fresh_user");
+    assert_movable(gw, &client, "fresh_user", true).await;
+
+    su.batch_execute("ALTER ROLE fresh_user PASSWORD 'changed-pw'")
+        .await
+        .expect("alter role");
+    let (code, _) = login_error(&config("fresh-one"), "old password after ALTER ROLE").await;
+    assert_eq!(code, "28P01");
+    let client = try_login(&config("changed-pw"))
+        .await
+        .expect("new password works");
+    assert_eq!(current_user(&client).await, "fresh_user");
+    assert_movable(gw, &client, "fresh_user", true).await;
+}
+
 /// `current_user` of a session.
 async fn current_user(client: &Client) -> String {
     client
@@ -262,40 +302,7 @@ async fn passthrough_with_auth_query_makes_sessions_movable() {
         sessions.push(client);
     }
 
-    let su = cluster.superuser().await;
-    su.batch_execute("CREATE ROLE fresh_user LOGIN PASSWORD 'fresh-one'")
-        .await
-        .expect("create role");
-    let client = try_login(&gateway_config(
-        &gw,
-        "fresh_user",
-        Some("fresh-one"),
-        "postgres",
-    ))
-    .await
-    .expect("a role created a moment ago logs in");
-    assert_eq!(current_user(&client).await, "fresh_user");
-    assert_movable(&gw, &client, "fresh_user", true).await;
-
-    su.batch_execute("ALTER ROLE fresh_user PASSWORD 'changed-pw'")
-        .await
-        .expect("alter role");
-    let (code, _) = login_error(
-        &gateway_config(&gw, "fresh_user", Some("fresh-one"), "postgres"),
-        "old password after ALTER ROLE",
-    )
-    .await;
-    assert_eq!(code, "28P01");
-    let client = try_login(&gateway_config(
-        &gw,
-        "fresh_user",
-        Some("changed-pw"),
-        "postgres",
-    ))
-    .await
-    .expect("new password works");
-    assert_eq!(current_user(&client).await, "fresh_user");
-    assert_movable(&gw, &client, "fresh_user", true).await;
+    fresh_role_follows_password_changes(&cluster, &gw).await;
 
     for role in [roles::SCRAM, roles::MD5] {
         let (code, _) = login_error(
@@ -328,18 +335,7 @@ async fn gateway_scram_with_auth_file() {
     assert_eq!(current_user(&client).await, roles::SCRAM);
     assert_movable(&gw, &client, roles::SCRAM, true).await;
 
-    let (code, message) = login_error(
-        &gateway_config(&gw, roles::SCRAM, Some("wrong"), "postgres"),
-        "wrong password",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
-    let (code, message) = login_error(
-        &gateway_config(&gw, "no_such_role", Some("whatever"), "postgres"),
-        "unknown user",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
+    assert_bad_logins_refused(&gw, roles::SCRAM).await;
 
     // The first session is untouched by the failures.
     assert_eq!(current_user(&client).await, roles::SCRAM);
@@ -365,18 +361,7 @@ async fn gateway_md5_with_auth_file() {
     assert_eq!(current_user(&client).await, roles::MD5);
     assert_movable(&gw, &client, roles::MD5, true).await;
 
-    let (code, message) = login_error(
-        &gateway_config(&gw, roles::MD5, Some("wrong"), "postgres"),
-        "wrong password",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
-    let (code, message) = login_error(
-        &gateway_config(&gw, "no_such_role", Some("whatever"), "postgres"),
-        "unknown user",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
+    assert_bad_logins_refused(&gw, roles::MD5).await;
 }
 
 /// client_auth = scram-sha-256 with auth_query: secrets are looked up at each login, so a role
@@ -396,18 +381,7 @@ async fn gateway_scram_with_auth_query() {
     assert_eq!(current_user(&client).await, roles::SCRAM);
     assert_movable(&gw, &client, roles::SCRAM, true).await;
 
-    let (code, message) = login_error(
-        &gateway_config(&gw, roles::SCRAM, Some("wrong"), "postgres"),
-        "wrong password",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
-    let (code, message) = login_error(
-        &gateway_config(&gw, "no_such_role", Some("whatever"), "postgres"),
-        "unknown role",
-    )
-    .await;
-    assert_eq!(code, "28P01", "{message}");
+    assert_bad_logins_refused(&gw, roles::SCRAM).await;
     let (code, message) = login_error(
         &gateway_config(
             &gw,
@@ -420,39 +394,7 @@ async fn gateway_scram_with_auth_query() {
     .await;
     assert_eq!(code, "3D000", "{message}");
 
-    let su = cluster.superuser().await;
-    su.batch_execute("CREATE ROLE fresh_user LOGIN PASSWORD 'fresh-one'")
-        .await
-        .expect("create role");
-    let fresh = try_login(&gateway_config(
-        &gw,
-        "fresh_user",
-        Some("fresh-one"),
-        "postgres",
-    ))
-    .await
-    .expect("a role created a moment ago logs in");
-    assert_eq!(current_user(&fresh).await, "fresh_user");
-
-    su.batch_execute("ALTER ROLE fresh_user PASSWORD 'changed-pw'")
-        .await
-        .expect("alter role");
-    let (code, _) = login_error(
-        &gateway_config(&gw, "fresh_user", Some("fresh-one"), "postgres"),
-        "old password after ALTER ROLE",
-    )
-    .await;
-    assert_eq!(code, "28P01");
-    let fresh = try_login(&gateway_config(
-        &gw,
-        "fresh_user",
-        Some("changed-pw"),
-        "postgres",
-    ))
-    .await
-    .expect("new password works");
-    assert_eq!(current_user(&fresh).await, "fresh_user");
-    assert_movable(&gw, &fresh, "fresh_user", true).await;
+    fresh_role_follows_password_changes(&cluster, &gw).await;
 }
 
 /// Real libpq (psql) logs in through the gateway as the SCRAM and the md5 role and runs a query;

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers the benchmark scripts share; sourced, not run. The sourcing script sets BENCH_NAME (the
 # log prefix) and PGBIN first, and owns TMP and KEEP_TMP.
 

@@ -741,8 +741,8 @@ print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, PgBouncer $PGB_VERSION,")
 print("$(nproc) CPUs ($(uname -r)); DURATION=$DURATION s, ROUNDS=$ROUNDS (median), SCALE=$SCALE, -c $CLIENTS -j $THREADS,")
 print("synchronous_commit=off, trust auth, everything on 127.0.0.1. Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
-# The login rows have no sample (NaN), which would make the median meaningless.
-bg = [v for r in rows if len(r) > 6 and r[6] for v in [float(r[6])] if not math.isnan(v)]
+# Sampled before each throughput and latency run (the login probe's rows have none).
+bg = [float(r[6]) for r in rows if r[0] in ("tput", "lat")]
 if bg:
     print(f"Background CPU (machine busy % in the 0.5 s before each run, with the benchmark idle): median {statistics.median(bg):.0f} %, max {max(bg):.0f} %"
           + (" — **other work was running on the machine; treat the numbers with care**" if max(bg) >= 10 else "") + ".")

@@ -136,11 +136,9 @@ cleanup() {
     exec 7>&- 2>/dev/null
     kill_now "$PROBE_PID" "$GW_PID"
     for s in 0 1; do
-        local d=${NODE_DATA[$s]}
-        if [[ -n $d && -f $d/postmaster.pid ]]; then
-            stop_cluster "$d"
-            release_shm "$d"
-        fi
+        # Both look for postmaster.pid themselves; a killed postmaster leaves it behind.
+        stop_cluster "${NODE_DATA[$s]}"
+        release_shm "${NODE_DATA[$s]}"
     done
     finish_tmp "$rc" "gateway.log, probe.out, node logs"
     exit "$rc"

@@ -68,9 +68,22 @@ async fn kill_primary_during<T: Send + 'static>(
     task.await.unwrap()
 }
 
+/// The table most tests write to, open to every test role.
+const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
+
 async fn setup(cluster: &Cluster, sql: &str) {
     cluster.superuser().await.batch_execute(sql).await.unwrap();
     cluster.pg.wait_standby_caught_up().await.unwrap();
+}
+
+/// A primary and standby that ran `sql`, a failover gateway in front, and a session through
+/// it as the SCRAM role.
+async fn session_after(sql: &str) -> (Cluster, TestGateway, Client) {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, sql).await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    (cluster, gw, c)
 }
 
 async fn next_notification(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>) -> (i32, String) {
@@ -151,14 +164,7 @@ async fn idle_session_moves_with_its_state() {
 /// failover all commit, exactly once.
 #[tokio::test]
 async fn open_transaction_is_replayed() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
@@ -181,14 +187,7 @@ async fn open_transaction_is_replayed() {
 /// transaction then commits once.
 #[tokio::test]
 async fn statement_in_flight_completes() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
@@ -231,14 +230,10 @@ async fn commit_in_flight_after_separate_writes_is_resolved() {
 }
 
 async fn commit_in_flight(statements: &[&str]) {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        &format!("CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"),
-    )
+    let (mut cluster, _gw, c) = session_after(&format!(
+        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"
+    ))
     .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
     for sql in statements {
         c.batch_execute(sql).await.unwrap();
     }
@@ -342,14 +337,7 @@ async fn commit_in_flight_in_encoding(statements: &[&[u8]], rows: &[(i32, &str)]
 /// goes on.
 #[tokio::test]
 async fn diverging_replay_gets_40001() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
@@ -381,14 +369,7 @@ async fn diverging_replay_gets_40001() {
 /// (`BEGIN; …; COMMIT`), which commits as an autocommit write does. Neither runs again.
 #[tokio::test]
 async fn autocommit_write_in_flight_gets_08007() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, gw, c) = session_after(TABLE_T).await;
     let whole = gw.connect(roles::MD5).await;
     let (c, whole, r, w) =
         kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
@@ -440,14 +421,7 @@ async fn session_change_in_flight_runs_again() {
 /// dies, completes; every row is there once after COMMIT.
 #[tokio::test]
 async fn pipeline_in_flight_completes() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN").await.unwrap();
     let insert = c
         .prepare("INSERT INTO t SELECT $1 FROM pg_sleep(0.01)")
@@ -476,14 +450,7 @@ async fn pipeline_in_flight_completes() {
 /// transaction commits every row once.
 #[tokio::test]
 async fn copy_in_transaction_survives() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN; INSERT INTO t VALUES (0)")
         .await
         .unwrap();
@@ -508,14 +475,7 @@ async fn copy_in_transaction_survives() {
 /// Killing only the postmaster (its backends end themselves with a FATAL) fails over too.
 #[tokio::test]
 async fn postmaster_only_kill_fails_over() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
@@ -789,11 +749,7 @@ async fn no_new_primary_within_the_timeout_is_fatal() {
 #[tokio::test]
 async fn external_promotion_past_a_frozen_primary_is_followed() {
     let cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
+    setup(&cluster, TABLE_T).await;
     let gw = cluster
         .failover_gateway_with(|c| {
             c.failover.promote = understudy::config::Promote::External;
@@ -843,15 +799,11 @@ async fn external_promotion_past_a_frozen_primary_is_followed() {
 /// order, as if nothing happened (the new primary's copy is read past what the client had).
 #[tokio::test]
 async fn copy_out_in_flight_completes() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
+    let (mut cluster, _gw, c) = session_after(
         "CREATE TABLE t(a int PRIMARY KEY, h text); GRANT ALL ON t TO PUBLIC;
          INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 200000) g",
     )
     .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
     let stream = c
         .copy_out("COPY (SELECT a, h FROM t ORDER BY a) TO STDOUT")
         .await
@@ -886,14 +838,9 @@ async fn copy_out_in_flight_completes() {
 /// message boundary), nothing of it is applied, and the session goes on.
 #[tokio::test]
 async fn autocommit_write_seen_in_part_gets_08007() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) =
+        session_after("CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC")
+            .await;
     // The server inserts every row before it sends the first RETURNING row, and commits
     // after the last: 30 MB of them cannot all fit in the socket buffers and the gateway's,
     // so the client has the first rows while the server, blocked sending, has not committed.
@@ -937,16 +884,12 @@ async fn autocommit_write_seen_in_part_gets_08007() {
 /// the client stopped, and the COMMIT commits the transaction's write once.
 #[tokio::test]
 async fn commit_string_seen_in_part_completes() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
+    let (mut cluster, _gw, c) = session_after(
         "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC;
          CREATE TABLE big(a int, pad text); GRANT ALL ON big TO PUBLIC;
          INSERT INTO big SELECT g, repeat('y', 500) FROM generate_series(1, 4000) g",
     )
     .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
     c.batch_execute("BEGIN").await.unwrap();
     c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
     let stream = c
@@ -989,14 +932,9 @@ async fn commit_string_seen_in_part_completes() {
 /// transaction is replayed there, and its COMMIT commits every row once.
 #[tokio::test]
 async fn large_open_write_fails_over() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
-    let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (mut cluster, _gw, c) =
+        session_after("CREATE TABLE t(a int PRIMARY KEY, pad text); GRANT ALL ON t TO PUBLIC")
+            .await;
     c.batch_execute(
         "BEGIN; INSERT INTO t SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g",
     )
@@ -1020,11 +958,7 @@ async fn large_open_write_fails_over() {
 #[tokio::test]
 async fn commit_in_flight_of_session_changes_is_replayed() {
     let cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
+    setup(&cluster, TABLE_T).await;
     let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
@@ -1062,11 +996,7 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
 #[tokio::test]
 async fn pipelined_commit_behind_an_unanswered_write() {
     let cluster = Cluster::primary_and_standby().await;
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
+    setup(&cluster, TABLE_T).await;
     let gw = cluster.failover_gateway().await;
     let known = gw.connect(roles::SCRAM).await;
     let unknown = gw.connect(roles::MD5).await;
@@ -1120,11 +1050,7 @@ async fn pipelined_commit_behind_an_unanswered_write() {
 async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
     let mut cluster = Cluster::primary_and_standby().await;
     let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
-    setup(
-        &cluster,
-        "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC",
-    )
-    .await;
+    setup(&cluster, TABLE_T).await;
     let gw = cluster
         .failover_gateway_with(|c| c.connect_timeout_ms = 2 * PATIENCE.as_millis() as u64)
         .await;

@@ -371,10 +371,43 @@ impl TestGateway {
         serde_json::from_str(&self.admin_get("/status").await).expect("status JSON")
     }
 
+    /// The `/status` entry of `client`'s session, found by its backend PID.
+    pub async fn session_status(&self, client: &Client) -> serde_json::Value {
+        let pid = backend_pid(client).await;
+        let status = self.status().await;
+        status["sessions"]
+            .as_array()
+            .expect("sessions array")
+            .iter()
+            .find(|s| s["backend_pid"] == serde_json::json!(pid))
+            .unwrap_or_else(|| panic!("no session with backend_pid {pid} in {status:#}"))
+            .clone()
+    }
+
     /// Stops gracefully and waits.
     pub async fn shutdown(self) {
         self.handle.shutdown().await
     }
+}
+
+/// The value of every series of metric `name` in Prometheus text, with its labels.
+pub fn metric_series<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?;
+            if !labels.is_empty() && !labels.starts_with('{') {
+                return None;
+            }
+            Some((labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every series of metric `name` in Prometheus text.
+pub fn metric_total(text: &str, name: &str) -> f64 {
+    metric_series(text, name).iter().map(|(_, v)| v).sum()
 }
 
 /// The entry for backend `address` in a `/status` document.

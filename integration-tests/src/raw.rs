@@ -84,13 +84,19 @@ impl RawConn {
 
     /// Opens a connection and logs in as a trusted role; returns after ReadyForQuery.
     pub async fn login(addr: SocketAddr, user: &str) -> Self {
+        Self::login_as_app(addr, user, "raw").await.0
+    }
+
+    /// Logs in as a trusted role with `application_name` `app`; returns the connection after
+    /// ReadyForQuery and the messages up to it.
+    pub async fn login_as_app(addr: SocketAddr, user: &str, app: &str) -> (Self, Vec<Msg>) {
         let mut c = Self::open(addr).await;
         c.send(&startup(
             0,
             &[
                 ("user", user),
                 ("database", "postgres"),
-                ("application_name", "raw"),
+                ("application_name", app),
             ],
         ))
         .await;
@@ -99,7 +105,7 @@ impl RawConn {
             greeting.iter().all(|m| m.tag != b'E'),
             "login failed: {greeting:?}"
         );
-        c
+        (c, greeting)
     }
 
     /// Writes bytes (errors ignored: the peer may have closed on purpose).

@@ -114,25 +114,9 @@ async fn current_user(client: &Client) -> String {
         .get(0)
 }
 
-/// The `/status` entry of the session whose backend is `client`'s, found by backend PID.
-async fn status_of(gw: &TestGateway, client: &Client) -> serde_json::Value {
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0);
-    let status = gw.status().await;
-    let sessions = status["sessions"].as_array().expect("sessions array");
-    sessions
-        .iter()
-        .find(|s| s["backend_pid"] == serde_json::json!(pid))
-        .unwrap_or_else(|| panic!("no session with backend_pid {pid} in {status:#}"))
-        .clone()
-}
-
 /// Asserts the session's movability in `/status`: "yes", or "no" with a non-empty reason.
 async fn assert_movable(gw: &TestGateway, client: &Client, role: &str, movable: bool) {
-    let s = status_of(gw, client).await;
+    let s = gw.session_status(client).await;
     assert_eq!(s["user"], role, "{s:#}");
     assert_eq!(s["database"], "postgres", "{s:#}");
     if movable {

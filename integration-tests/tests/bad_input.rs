@@ -63,19 +63,7 @@ async fn still_answers(client: &Client) {
 
 /// A trusted raw session named `app`; returns it after ReadyForQuery with the greeting.
 async fn raw_session(addr: SocketAddr, app: &str) -> (RawConn, Vec<Msg>) {
-    let mut c = RawConn::open(addr).await;
-    c.send(&startup(
-        0,
-        &[
-            ("user", roles::TRUST),
-            ("database", "postgres"),
-            ("application_name", app),
-        ],
-    ))
-    .await;
-    let greeting = c.read_until(b'Z').await;
-    assert_no_error(&greeting);
-    (c, greeting)
+    RawConn::login_as_app(addr, roles::TRUST, app).await
 }
 
 fn assert_no_error(msgs: &[Msg]) {

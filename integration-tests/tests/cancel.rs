@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
-use understudy_integration_tests::raw::{query, startup, Msg, RawConn};
+use understudy_integration_tests::raw::{query, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{roles, sqlstate, Cluster, PATIENCE};
 
@@ -51,6 +51,14 @@ fn spawn_query(
     })
 }
 
+/// Awaits a query from [`spawn_query`] that was cancelled: it failed with 57014, in time.
+async fn assert_cancelled(query: JoinHandle<(Result<(), tokio_postgres::Error>, Duration)>) {
+    let (result, took) = query.await.unwrap();
+    let e = result.expect_err("the query was cancelled");
+    assert_eq!(sqlstate(&e), Some("57014"), "{e}");
+    assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
+}
+
 async fn assert_answers(client: &Client) {
     let one: i32 = client
         .query_one("SELECT 1", &[])
@@ -63,18 +71,7 @@ async fn assert_answers(client: &Client) {
 /// A trusted raw session named `app`: the connection, and the pid and secret from its
 /// BackendKeyData.
 async fn raw_session(addr: SocketAddr, app: &str) -> (RawConn, i32, i32) {
-    let mut c = RawConn::open(addr).await;
-    c.send(&startup(
-        0,
-        &[
-            ("user", roles::TRUST),
-            ("database", "postgres"),
-            ("application_name", app),
-        ],
-    ))
-    .await;
-    let greeting = c.read_until(b'Z').await;
-    assert!(greeting.iter().all(|m| m.tag != b'E'), "{greeting:?}");
+    let (c, greeting) = RawConn::login_as_app(addr, roles::TRUST, app).await;
     let key = greeting
         .iter()
         .find(|m| m.tag == b'K')
@@ -133,10 +130,7 @@ async fn cancel_token_stops_a_running_query() {
         .cancel_query(NoTls)
         .await
         .expect("cancel sent");
-    let (result, took) = sleeping.await.unwrap();
-    let e = result.expect_err("the query was cancelled");
-    assert_eq!(sqlstate(&e), Some("57014"), "{e}");
-    assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
+    assert_cancelled(sleeping).await;
 
     let (neighbour_result, _) = neighbour_sleep.await.unwrap();
     neighbour_result.expect("the neighbour's query is not cancelled");
@@ -242,10 +236,7 @@ async fn cancel_inside_tls_stops_the_query() {
         .cancel_query(ca.connector())
         .await
         .expect("cancel sent inside TLS");
-    let (result, took) = sleeping.await.unwrap();
-    let e = result.expect_err("the query was cancelled");
-    assert_eq!(sqlstate(&e), Some("57014"), "{e}");
-    assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
+    assert_cancelled(sleeping).await;
     assert_answers(&client).await;
 }
 
@@ -271,9 +262,6 @@ async fn cancel_gets_through_when_the_gateway_is_full() {
         .cancel_query(NoTls)
         .await
         .expect("cancel sent");
-    let (result, took) = sleeping.await.unwrap();
-    let e = result.expect_err("cancelled");
-    assert_eq!(sqlstate(&e), Some("57014"), "{e}");
-    assert!(took < CANCEL_LATENCY, "cancelled after {took:?}");
+    assert_cancelled(sleeping).await;
     assert_answers(&client).await;
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
 use understudy_integration_tests::{
-    roles, simple_rows, sqlstate, Cluster, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
+    metric_total, roles, simple_rows, sqlstate, Cluster, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 async fn setup(cluster: &Cluster, sql: &str) {
@@ -58,21 +58,6 @@ async fn connect_watched(
         let _ = tx.send(conn.await.err());
     });
     (client, rx)
-}
-
-/// The sum of every series of metric `name` in Prometheus text.
-fn metric_total(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let labels = series.strip_prefix(name)?;
-            if !labels.is_empty() && !labels.starts_with('{') {
-                return None;
-            }
-            value.parse::<f64>().ok()
-        })
-        .sum()
 }
 
 /// The standby's WAL receiver, frozen: what the primary writes from now on waits in the

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, SimpleQueryMessage};
-use understudy_integration_tests::{roles, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{
+    metric_series, metric_total, roles, sqlstate, Cluster, TestGateway, PATIENCE,
+};
 
 const ACCOUNTS: i32 = 10;
 const INITIAL_BALANCE: i64 = 1_000;
@@ -221,25 +223,6 @@ async fn wait_progress(total: &AtomicUsize, from: usize, more: usize) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The value of every series of metric `name` in Prometheus text, with its labels.
-fn metric_series<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let labels = series.strip_prefix(name)?;
-            if !labels.is_empty() && !labels.starts_with('{') {
-                return None;
-            }
-            Some((labels, value.parse().ok()?))
-        })
-        .collect()
-}
-
-fn metric_total(text: &str, name: &str) -> f64 {
-    metric_series(text, name).iter().map(|(_, v)| v).sum()
 }
 
 /// Four clients transfer money between ten accounts, each over one gateway connection that

@@ -89,21 +89,21 @@ async fn backend_facts(client: &Client) -> (bool, String) {
     (row.get(0), row.get(1))
 }
 
-/// The `/status` entry of `client`'s session, found by its backend PID.
-async fn status_of(gw: &TestGateway, client: &Client) -> serde_json::Value {
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0);
-    let status = gw.status().await;
-    status["sessions"]
-        .as_array()
-        .expect("sessions array")
-        .iter()
-        .find(|s| s["backend_pid"] == serde_json::json!(pid))
-        .unwrap_or_else(|| panic!("no session with backend_pid {pid} in {status:#}"))
-        .clone()
+/// Clients of `gw` are refused with 08001 and a message that names `cause` (any case): the
+/// gateway could not open the backend leg as its `backend_tls` demands.
+async fn assert_backend_leg_refused(gw: &TestGateway, cause: &str) {
+    for role in [roles::TRUST, roles::SCRAM] {
+        let e = gw
+            .try_connect(gw.pg_config(role))
+            .await
+            .expect_err("the backend leg cannot be opened as configured");
+        assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+        assert!(
+            message.to_lowercase().contains(&cause.to_lowercase()),
+            "{role}: unclear message {message:?}"
+        );
+    }
 }
 
 /// Runs psql with `conninfo` and `commands` (-c each), unaligned, tuples only, no psqlrc.
@@ -147,14 +147,14 @@ async fn tls_clients_verify_the_gateway_certificate() {
                 !backend_ssl,
                 "{role}: PostgreSQL has no TLS, yet the backend is TLS"
             );
-            let s = status_of(&gw, &client).await;
+            let s = gw.session_status(&client).await;
             assert_eq!(s["tls"], true, "client leg must be TLS: {s:#}");
             sessions.push(client);
         }
     }
 
     let plain = gw.connect(roles::SCRAM).await;
-    let s = status_of(&gw, &plain).await;
+    let s = gw.session_status(&plain).await;
     assert_eq!(s["tls"], false, "{s:#}");
 
     let stranger = TestCa::new();
@@ -263,18 +263,7 @@ async fn tls_required_but_not_offered_fails_cleanly() {
     let strict = cluster
         .gateway_with(|c| c.backend_tls.sslmode = BackendSslMode::Require)
         .await;
-    for role in [roles::TRUST, roles::SCRAM] {
-        let e = strict
-            .try_connect(strict.pg_config(role))
-            .await
-            .expect_err("backend TLS required but PostgreSQL has none");
-        assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
-        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
-        assert!(
-            message.contains("TLS"),
-            "{role}: unclear message {message:?}"
-        );
-    }
+    assert_backend_leg_refused(&strict, "TLS").await;
 }
 
 /// The backend leg follows `backend_tls.sslmode` against a PostgreSQL with TLS: `disable` is
@@ -306,7 +295,7 @@ async fn backend_tls_follows_sslmode() {
             let (backend_ssl, user) = backend_facts(&client).await;
             assert_eq!(user, role, "{mode:?}");
             assert_eq!(backend_ssl, encrypted, "{mode:?} {role}");
-            let s = status_of(&gw, &client).await;
+            let s = gw.session_status(&client).await;
             assert_eq!(s["tls"], false, "client leg is plain: {s:#}");
             let pid = s["backend_pid"].as_i64().expect("backend_pid") as i32;
             let row = su
@@ -330,18 +319,7 @@ async fn backend_tls_follows_sslmode() {
             c.backend_tls.root_cert = Some(root);
         })
         .await;
-    for role in [roles::TRUST, roles::SCRAM] {
-        let e = gw
-            .try_connect(gw.pg_config(role))
-            .await
-            .expect_err("a backend certificate from an unknown CA must be refused");
-        assert_eq!(sqlstate(&e), Some("08001"), "{role}: {e:?}");
-        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
-        assert!(
-            message.to_lowercase().contains("certificate"),
-            "{role}: unclear message {message:?}"
-        );
-    }
+    assert_backend_leg_refused(&gw, "certificate").await;
 }
 
 /// TLS on both legs with passthrough authentication. A client that can bind SCRAM to its TLS
@@ -385,7 +363,7 @@ async fn tls_on_both_legs() {
             Ok(client) => {
                 let (backend_ssl, user) = backend_facts(&client).await;
                 assert_eq!((backend_ssl, user.as_str()), (true, role));
-                let s = status_of(&gw, &client).await;
+                let s = gw.session_status(&client).await;
                 assert_eq!(s["tls"], true, "{s:#}");
                 assert_eq!(s["movable"], "yes", "{s:#}");
             }
@@ -462,7 +440,7 @@ async fn gateway_scram_over_tls_on_both_legs() {
         .unwrap_or_else(|e| panic!("tokio-postgres: {}", describe(&e)));
     let (backend_ssl, user) = backend_facts(&client).await;
     assert_eq!((backend_ssl, user.as_str()), (true, roles::SCRAM));
-    let s = status_of(&gw, &client).await;
+    let s = gw.session_status(&client).await;
     assert_eq!(
         (&s["tls"], &s["movable"]),
         (&serde_json::json!(true), &serde_json::json!("yes")),

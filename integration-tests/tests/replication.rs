@@ -479,6 +479,52 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
     assert!(lost_commits_counted(&gw).await >= lost_before + 3.0);
 }
 
+/// A client hears that its autocommit write succeeded only once the gateway holds a WAL
+/// position past its commit (the query for it follows the write): told earlier, a client whose
+/// primary died in between would carry on past a commit lost with it, unseen. Here that query
+/// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
+/// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
+/// client gets 08007 for the write instead of its success. The session goes on.
+#[tokio::test]
+async fn autocommit_write_is_answered_after_its_wal_position() {
+    let (mut cluster, gw) = asynchronous_with_table().await;
+    // A fresh backend: it has never looked up the WAL position function.
+    let writer = gw.connect(roles::SCRAM).await;
+    let gap = WalGap::open(&cluster).await;
+    let locker = cluster.superuser().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let write = spawn_statement(writer, "INSERT INTO t VALUES (2)");
+    let deadline = Instant::now() + PATIENCE;
+    while values(&locker).await.is_empty() {
+        assert!(Instant::now() < deadline, "the INSERT never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !write.is_finished(),
+        "the write was answered before the gateway knew a WAL position past its commit"
+    );
+
+    cluster.kill_primary().await;
+    let standby_port = gap.standby_port;
+    gap.close_after_promotion_began().await;
+    let (writer, r) = tokio::time::timeout(PATIENCE, write)
+        .await
+        .expect("the write is answered by the new primary")
+        .unwrap();
+    assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
+    assert_eq!(server_port(&writer).await, standby_port);
+    assert!(values(&writer).await.is_empty(), "the commit was lost");
+    writer
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    assert_eq!(values(&writer).await, [3]);
+}
+
 /// Asynchronous replication loses one session's commit; another session whose statements since
 /// then only changed its own state (SET, PREPARE, LISTEN) committed nothing that could be lost,
 /// and carries on, with that state, on the new primary. The first session gets 08007. (Each

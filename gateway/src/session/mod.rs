@@ -58,8 +58,12 @@ enum XidSuffix {
 }
 
 /// The query the gateway slips in after an autocommit write: a WAL position at or past its
-/// commit, to check against what a promoted standby had replayed.
+/// commit, to check against what a promoted standby had replayed. The write's ReadyForQuery
+/// waits for its answer (see `Session::held_ready`).
 const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
+
+/// Length of a ReadyForQuery message.
+const READY_LEN: usize = 6;
 
 /// Why the data path stopped.
 enum End {
@@ -142,6 +146,10 @@ pub struct Session {
     xid_row: Option<Option<u64>>,
     /// WAL position at or past the last autocommit write the client saw succeed.
     acked_lsn: Option<u64>,
+    /// The ReadyForQuery that ends an autocommit write, held back until the WAL position query
+    /// behind it is answered: a client told of a commit before its position is known could
+    /// carry on past that commit lost with a primary that died in between, unnoticed.
+    held_ready: Option<[u8; READY_LEN]>,
     /// Type byte of the server message being streamed in pieces.
     down_tag: u8,
     /// The backend PID the client was told at login.
@@ -205,6 +213,7 @@ impl Session {
             wire: VecDeque::new(),
             xid_row: None,
             acked_lsn: None,
+            held_ready: None,
             down_tag: 0,
             client_pid: backend_pid,
             backend_pid,
@@ -369,6 +378,11 @@ impl Session {
     fn release_fatal(&mut self, cause: std::io::Error) -> SessionError {
         match self.held_fatal.take() {
             Some((code, message, len)) => {
+                // A write's ReadyForQuery held for its WAL position: the write committed, and
+                // the server ended the session after it, not during it.
+                if let Some(ready) = self.held_ready.take() {
+                    self.pump.down.insert_ready(&ready);
+                }
                 self.pump.down.ready += len;
                 SessionError::ServerFatal { code, message }
             }
@@ -597,6 +611,9 @@ impl Session {
                         _ => {}
                     }
                     self.pump.down.remove_at_ready(n);
+                    if tag == backend::READY_FOR_QUERY && owner == Some(Owner::Lsn) {
+                        self.release_held_ready();
+                    }
                 }
                 Step::Whole { tag, body }
                     if !matches!(suffix, XidSuffix::None | XidSuffix::Done)
@@ -627,6 +644,14 @@ impl Session {
                 Step::Whole { tag, body } => {
                     match tag {
                         backend::READY_FOR_QUERY => {
+                            if n == READY_LEN && self.wire.get(1) == Some(&Owner::Lsn) {
+                                let mut ready = [0; READY_LEN];
+                                ready.copy_from_slice(&self.pump.down.buf[at..at + n]);
+                                self.held_ready = Some(ready);
+                                self.pump.down.remove_at_ready(n);
+                                self.wire.pop_front();
+                                continue;
+                            }
                             let status = inspect::ready_for_query_status(body).unwrap_or(b'I');
                             self.on_ready_for_query(status, at, n);
                         }
@@ -678,6 +703,18 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Passes on the client's ReadyForQuery held back for a WAL position now known.
+    fn release_held_ready(&mut self) {
+        let Some(ready) = self.held_ready.take() else {
+            return;
+        };
+        let at = self.pump.down.ready;
+        self.pump.down.insert_ready(&ready);
+        // Its owner, the client, was next in line until the WAL position query went first.
+        self.wire.push_front(Owner::Client);
+        self.on_ready_for_query(ready[READY_LEN - 1], at, READY_LEN);
     }
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {

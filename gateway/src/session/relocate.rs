@@ -241,6 +241,8 @@ impl Session {
         // Scanned client bytes not yet written are in the journal; they go out again below.
         self.pump.up.discard_ready();
         self.wire.clear();
+        // A write whose ReadyForQuery was held has no WAL position: it stays in flight.
+        self.held_ready = None;
         self.xid_row = None;
         self.xid_suffix = super::XidSuffix::None;
         Ok((left > 0).then_some((self.down_tag, left)))

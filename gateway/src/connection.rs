@@ -214,7 +214,7 @@ async fn establish(
     // Newer minor versions and protocol options are answered here; the server gets plain 3.0.
     let options: Vec<String> = startup.protocol_options().map(str::to_owned).collect();
     if startup.minor > 0 || !options.is_empty() {
-        encode::negotiate_protocol_version(&mut greeting, 0, options);
+        encode::negotiate_protocol_version(&mut greeting, options);
     }
     if !greeting.is_empty() {
         send(stream, &greeting)

@@ -168,11 +168,11 @@ fn request(code: i32) -> Vec<u8> {
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
 
-/// Parses a NegotiateProtocolVersion body: newest minor version and the options not supported.
+/// Parses a NegotiateProtocolVersion body: the version word and the options not supported.
 fn negotiate_protocol_version(m: &Msg) -> (i32, Vec<String>) {
     assert_eq!(m.tag, b'v', "expected NegotiateProtocolVersion, got {m:?}");
     let b = &m.body;
-    let minor = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let version = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     let count = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
     let names: Vec<String> = b[8..]
         .split(|&c| c == 0)
@@ -184,7 +184,7 @@ fn negotiate_protocol_version(m: &Msg) -> (i32, Vec<String>) {
         count as usize,
         "option count matches the names"
     );
-    (minor, names)
+    (version, names)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,8 +397,10 @@ async fn garbage_before_startup_gets_08p01_and_close() {
     assert_no_gateway_panics();
 }
 
-/// Protocol 2.0 is refused with 0A000; protocol 3.2 and `_pq_.` options get a
-/// NegotiateProtocolVersion (newest minor 0, the unsupported options) and then log in normally.
+/// Protocol 2.0 is refused with 0A000; protocol 3.2 and `_pq_.` options get the
+/// NegotiateProtocolVersion PostgreSQL itself sends (version 3.0, the unsupported options; an
+/// earlier gateway said version 0, which libpq 18 refuses as a downgrade below 3.0) and then
+/// log in normally.
 #[tokio::test]
 async fn protocol_versions_are_negotiated_like_postgresql() {
     watch_for_gateway_panics();
@@ -435,13 +437,21 @@ async fn protocol_versions_are_negotiated_like_postgresql() {
             ("application_name", "negotiated"),
         ];
         params.extend_from_slice(options);
+        let mut direct = RawConn::open(cluster.pg.primary.addr()).await;
+        direct.send(&startup(minor, &params)).await;
+        let server_says = negotiate_protocol_version(&direct.read_until(b'Z').await[0]);
         let mut c = RawConn::open(gw.addr()).await;
         c.send(&startup(minor, &params)).await;
         let greeting = c.read_until(b'Z').await;
         assert_no_error(&greeting);
+        let expected = (3 << 16, unsupported.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            server_says, expected,
+            "PostgreSQL, 3.{minor} with {options:?}"
+        );
         assert_eq!(
             negotiate_protocol_version(&greeting[0]),
-            (0, unsupported.iter().map(|s| s.to_string()).collect()),
+            expected,
             "3.{minor} with {options:?}"
         );
         assert!(

@@ -73,13 +73,17 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
     put(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
 }
 
-/// NegotiateProtocolVersion: newest minor version supported and the options not recognised.
-pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unsupported: Vec<String>) {
+/// NegotiateProtocolVersion for a server that speaks 3.0 and no protocol options: the version
+/// word is the whole version (`3 << 16`), as PostgreSQL sends it and libpq 18 reads it.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, unsupported: Vec<String>) {
     put(
         buf,
-        &NegotiateProtocolVersion::new(newest_minor, unsupported),
+        &NegotiateProtocolVersion::new(PROTOCOL_3_0, unsupported),
     );
 }
+
+/// Protocol version 3.0 as a version word.
+const PROTOCOL_3_0: i32 = 3 << 16;
 
 /// ParameterStatus.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {

@@ -210,6 +210,17 @@ async fn malformed_messages_after_login_end_only_their_session() {
     assert!(c.closed().await, "closed after an unknown message type");
     cluster.wait_backends_named("bad_type", 0).await;
 
+    // The same from the type byte alone, before the body its length promises (here, a second
+    // startup packet: type byte 0), as PostgreSQL answers it.
+    let (mut c, _) = raw_session(gw.addr(), "bad_type_early").await;
+    let again = startup(0, &[("user", roles::TRUST)]);
+    c.send(&again[..again.len() - 4]).await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "08P01");
+    assert_eq!(e.message(), "invalid frontend message type 0");
+    assert!(c.closed().await, "closed after an unknown message type");
+    cluster.wait_backends_named("bad_type_early", 0).await;
+
     // A length over max_message_size: rejected from the header alone.
     let (mut c, _) = raw_session(gw.addr(), "too_long").await;
     let mut huge = vec![b'Q'];

@@ -393,6 +393,18 @@ impl Session {
     /// Inspects new client bytes, whole message by whole message (the journal keeps them).
     fn scan_up(&mut self) -> Option<End> {
         loop {
+            // The type byte is judged as soon as it arrives, as PostgreSQL does: a client that
+            // sent an unknown one (a second startup packet, say) is not left waiting for the
+            // body its length word promises.
+            if let Some(&tag) = self.pump.up.unscanned().first() {
+                if !frontend::is_known(tag) {
+                    return Some(End::Failed(SessionError::refused(
+                        "08P01",
+                        "protocol_violation",
+                        format!("invalid frontend message type {tag}"),
+                    )));
+                }
+            }
             let (step, n) = match self.pump.up.scan(|_| true) {
                 Ok(s) => s,
                 Err(e) => return Some(End::Failed(client_frame_error(e))),
@@ -410,13 +422,6 @@ impl Session {
                 // Pass it on so the server ends the backend cleanly.
                 self.pump.up.ready += n;
                 return Some(End::ClientDone);
-            }
-            if !frontend::is_known(tag) {
-                return Some(End::Failed(SessionError::refused(
-                    "08P01",
-                    "protocol_violation",
-                    format!("invalid frontend message type {tag}"),
-                )));
             }
             if self.poison != Poison::None && self.answer_poisoned(tag, n) {
                 continue;

@@ -28,6 +28,9 @@ use crate::telemetry::count_error;
 use crate::topology::Backend;
 use crate::wire::send;
 
+/// How long the gateway tries to hand its last words to a client it closes before a session.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves one accepted client connection to its end.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let permit = shared.limit.clone().try_acquire_owned().ok();
@@ -57,8 +60,11 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(opening)) => opening,
     };
     let (stream, startup) = match opening {
-        Opening::Cancel(key) => {
+        Opening::Cancel { mut stream, key } => {
             crate::cancel::forward(&shared.registry, key, shared.config.connect_timeout()).await;
+            // Closed as PostgreSQL closes it: inside TLS with close_notify, which libpq 17+
+            // waits for (a bare close fails its cancel call, though the query was cancelled).
+            let _ = crate::clock::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
             return;
         }
         Opening::Session { stream, startup } => (stream, startup),
@@ -115,7 +121,7 @@ async fn report(mut stream: Stream, e: &SessionError) {
         count_error(code, "gateway");
         let mut buf = BytesMut::new();
         encode::error_response(&mut buf, Severity::Fatal, code, &message);
-        let _ = crate::clock::timeout(std::time::Duration::from_secs(2), async {
+        let _ = crate::clock::timeout(CLOSE_TIMEOUT, async {
             send(&mut stream, &buf).await?;
             stream.shutdown().await
         })

@@ -20,7 +20,12 @@ pub enum Opening {
         startup: StartupMessage,
     },
     /// A cancel of another session's query.
-    Cancel(CancelKey),
+    Cancel {
+        /// The connection it came on, to be closed once the cancel is passed on.
+        stream: Stream,
+        /// The key it names.
+        key: CancelKey,
+    },
 }
 
 /// Runs the startup phase on a fresh client connection.
@@ -71,7 +76,7 @@ pub async fn accept(
                     SessionError::refused("08P01", "bad_startup", "encryption requested twice"),
                 ));
             }
-            StartupPacket::Cancel(key) => return Ok(Opening::Cancel(key)),
+            StartupPacket::Cancel(key) => return Ok(Opening::Cancel { stream, key }),
             StartupPacket::Startup(startup) => return Ok(Opening::Session { stream, startup }),
         }
     }

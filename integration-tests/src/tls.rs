@@ -70,18 +70,22 @@ impl TestCa {
 
     /// tokio-postgres TLS connector trusting only this CA (verify-full semantics).
     pub fn connector(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        tokio_postgres_rustls::MakeRustlsConnect::new(self.client_config())
+    }
+
+    /// rustls client configuration trusting only this CA.
+    pub fn client_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile_certs(self.ca_pem.as_bytes()) {
             roots.add(cert).expect("CA cert");
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        tokio_postgres_rustls::MakeRustlsConnect::new(config)
+        .with_no_client_auth()
     }
 
     /// The directory holding the PEM files.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
@@ -238,6 +239,38 @@ async fn cancel_inside_tls_stops_the_query() {
         .expect("cancel sent inside TLS");
     assert_cancelled(sleeping).await;
     assert_answers(&client).await;
+
+    // The gateway ends a cancel connection as PostgreSQL does, inside TLS with close_notify:
+    // libpq 17+ waits for it and reports a bare close as a failed cancel.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    tcp.write_all(&packet(&[80_877_103])).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config()));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    // A CancelRequest whose key matches no session.
+    tls.write_all(&packet(&[80_877_102, 1, 2])).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes a cancel connection");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Ok(0),
+        "closed with close_notify, nothing said"
+    );
+}
+
+/// A startup-phase packet of `words`, behind its length word.
+fn packet(words: &[i32]) -> Vec<u8> {
+    let len = 4 * (words.len() + 1) as i32;
+    std::iter::once(len)
+        .chain(words.iter().copied())
+        .flat_map(i32::to_be_bytes)
+        .collect()
 }
 
 /// A cancel gets through even when the gateway is at `max_client_connections`: cancel

@@ -113,6 +113,11 @@ impl RawConn {
         let _ = self.tcp.write_all(bytes).await;
     }
 
+    /// Ends the stream towards the peer (a half-close); reading goes on.
+    pub async fn shutdown_write(&mut self) {
+        let _ = self.tcp.shutdown().await;
+    }
+
     /// Reads one message; None on EOF or after 10 s of silence.
     pub async fn read(&mut self) -> Option<Msg> {
         loop {

@@ -413,6 +413,61 @@ async fn terminate_closes_backend() {
     cluster.wait_backends_named("raw", 0).await;
 }
 
+/// Requests a client sends just before it leaves (in one write with its Terminate, or before
+/// it half-closes its socket) are answered as the server answers them directly, and then the
+/// connection ends; each write lands once. (The gateway used to close at once, answering
+/// nothing, though the server still ran them.)
+#[tokio::test]
+async fn answers_owed_when_the_client_leaves_are_delivered() {
+    let cluster = Cluster::primary_only().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE owed(a int); GRANT ALL ON owed TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let transcript = |addr, n: i32, half_close: bool| async move {
+        let mut rc = RawConn::login(addr, roles::TRUST).await;
+        let mut requests = raw::query(&format!("INSERT INTO owed VALUES ({n})"));
+        requests.extend(raw::query("SELECT 'last words'"));
+        if half_close {
+            rc.send(&requests).await;
+            rc.shutdown_write().await;
+        } else {
+            requests.extend(raw::msg(b'X', b""));
+            rc.send(&requests).await;
+        }
+        let mut all = Vec::new();
+        while let Some(m) = rc.read().await {
+            all.push((m.tag as char, String::from_utf8_lossy(&m.body).into_owned()));
+        }
+        all
+    };
+    for (n, half_close) in [(1, false), (2, true)] {
+        let direct = transcript(cluster.pg.primary.addr(), n, half_close).await;
+        assert!(
+            direct
+                .iter()
+                .any(|(t, b)| *t == 'D' && b.contains("last words")),
+            "{direct:?}"
+        );
+        let through = transcript(gw.addr(), n + 10, half_close).await;
+        assert_eq!(through, direct, "half-closed: {half_close}");
+    }
+    let rows: Vec<i32> = cluster
+        .superuser()
+        .await
+        .query("SELECT a FROM owed ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [1, 2, 11, 12]);
+    cluster.wait_backends_named("raw", 0).await;
+}
+
 /// psql works through the gateway, including libpq's large-object API (FunctionCall) and
 /// \copy; pgbench's transactions all land exactly once.
 #[tokio::test]

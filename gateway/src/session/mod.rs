@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use understudy_protocol::encode::{self, Severity};
 use understudy_protocol::frame::{FrameError, Step};
 use understudy_protocol::inspect::{self, ErrorView};
@@ -67,8 +67,8 @@ const READY_LEN: usize = 6;
 
 /// Why the data path stopped.
 enum End {
-    /// The client sent Terminate (forwarded) or closed its socket.
-    ClientDone,
+    /// The client sent Terminate (forwarded; `terminated`) or ended its stream.
+    ClientDone { terminated: bool },
     /// Anything else; the client may need to be told.
     Failed(SessionError),
 }
@@ -80,6 +80,9 @@ enum Wakeup {
     /// The backend connection broke or closed.
     BackendLost(std::io::Error),
 }
+
+/// Bytes read from the server at a time while passing on the answers a departed client is owed.
+const OWED_READ_CHUNK: usize = 8 * 1024;
 
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
@@ -235,7 +238,7 @@ impl Session {
         let end = self.forward(&mut shutdown).await;
         // Boxed, like the other cold paths: the poll of the data path should not carry
         // their state in its stack frame.
-        Box::pin(self.close(end)).await
+        Box::pin(self.close(end, &mut shutdown)).await
     }
 
     fn at_transaction_boundary(&self) -> bool {
@@ -344,7 +347,7 @@ impl Session {
                     self.tally.backend_bytes(n);
                     self.scan_down()
                 }
-                Ok(Event::ClientEof) => Some(End::ClientDone),
+                Ok(Event::ClientEof) => Some(End::ClientDone { terminated: false }),
                 Err(PumpError::Client(e)) => Some(End::Failed(SessionError::ClientGone(e))),
                 Ok(Event::BackendEof) => {
                     return Poll::Ready(Wakeup::BackendLost(
@@ -421,7 +424,7 @@ impl Session {
             if tag == frontend::TERMINATE {
                 // Pass it on so the server ends the backend cleanly.
                 self.pump.up.ready += n;
-                return Some(End::ClientDone);
+                return Some(End::ClientDone { terminated: true });
             }
             if self.poison != Poison::None && self.answer_poisoned(tag, n) {
                 continue;
@@ -748,14 +751,52 @@ impl Session {
         }
     }
 
+    /// The client left with answers still owed (requests pipelined before its Terminate, or
+    /// before the end of its stream, as a client that half-closes sends them): the server
+    /// answers them, as it would a direct client, and they are passed on until the server
+    /// closes, the client stops taking them, or shutdown is forced.
+    async fn pass_owed_answers(&mut self, terminated: bool, shutdown: &mut Shutdown) {
+        if self.awaiting_ready == 0 {
+            return;
+        }
+        if !terminated {
+            // The server learns of the client's end as it would directly: its input ends.
+            let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.backend.shutdown()).await;
+        }
+        let pass = async {
+            loop {
+                if self.scan_down().is_some() || self.pump.flush_client().await.is_err() {
+                    return;
+                }
+                self.pump.down.buf.reserve(OWED_READ_CHUNK);
+                match self.pump.backend.read_buf(&mut self.pump.down.buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            // The server's FATAL, if it ended the session with one, is its last word.
+            if self.held_fatal.is_some() {
+                let _ = self.release_fatal(std::io::ErrorKind::UnexpectedEof.into());
+                let _ = self.pump.flush_client().await;
+            }
+        };
+        tokio::select! {
+            () = pass => {}
+            () = shutdown.reached(Phase::Force) => {}
+        }
+    }
+
     /// Ends the session: pass on what is in flight, tell the client why if it must hear it,
     /// and close the backend at once (session mode: it lives and dies with its client).
-    async fn close(mut self, end: End) -> Result<(), SessionError> {
+    async fn close(mut self, end: End, shutdown: &mut Shutdown) -> Result<(), SessionError> {
+        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
         let result = match end {
-            End::ClientDone => Ok(()),
+            End::ClientDone { terminated } => {
+                self.pass_owed_answers(terminated, shutdown).await;
+                Ok(())
+            }
             End::Failed(e) => Err(e),
         };
-        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
         if matches!(result, Err(SessionError::Shutdown)) && self.awaiting_ready > 0 {
             // A statement is still running: stop it, or it would commit after its client was
             // told the session is over.

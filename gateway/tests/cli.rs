@@ -211,3 +211,45 @@ async fn demo_prints_a_working_psql_command_and_cleans_up() {
     assert!(status.success(), "demo exit status {status}");
     assert!(!dir.exists(), "demo left {} behind", dir.display());
 }
+
+/// A gateway that cannot start says why in one line on stderr, each cause once, and exits
+/// with failure: a missing config file, an unknown key, a port already taken.
+#[test]
+fn startup_errors_are_said_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("understudy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unknown_key = dir.join("unknown.toml");
+    std::fs::write(&unknown_key, "listen = \"127.0.0.1:6432\"\nbogus = 1\n").unwrap();
+    let missing = dir.join("missing.toml");
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec!["run", "--config", missing.to_str().unwrap()],
+            "No such file or directory",
+        ),
+        (
+            vec!["run", "--config", unknown_key.to_str().unwrap()],
+            "unknown field `bogus`",
+        ),
+        (
+            vec!["run", "--listen", &taken, "--backend", "127.0.0.1:1"],
+            "Address already in use",
+        ),
+    ];
+    for (args, cause) in cases {
+        let out = Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run understudy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        let lines = stderr
+            .lines()
+            .filter(|l| l.starts_with("understudy: "))
+            .count();
+        assert_eq!(lines, 1, "{args:?}: one line of its own: {stderr}");
+        assert_eq!(stderr.matches(cause).count(), 1, "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -21,6 +21,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // renders what it sees, which is nothing, and that is the embedder's choice.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        export_alerting_series();
         handle
     })
 }
@@ -73,6 +74,42 @@ fn describe() {
         Unit::Seconds,
         "Time from client connect to ReadyForQuery"
     );
+}
+
+/// Exports the series that alerts watch at 0 from the start rather than from their first
+/// event: a rule on their increase, or on their absence, needs them there.
+fn export_alerting_series() {
+    for name in [
+        "understudy_failovers_total",
+        "understudy_failover_failures_total",
+        "understudy_lost_commits_total",
+        "understudy_in_doubt_statements_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    let outcomes: [(&'static str, &[&'static str]); 4] = [
+        (
+            "understudy_in_doubt_commits_total",
+            &["committed", "replayed", "unknown"],
+        ),
+        (
+            "understudy_replays_total",
+            &["ok", "diverged", "unreplayable"],
+        ),
+        (
+            "understudy_session_moves_total",
+            &["moved", "unmovable", "no_credential", "lost_commit"],
+        ),
+        (
+            "understudy_cancel_requests_total",
+            &["forwarded", "failed", "timeout", "unknown_key"],
+        ),
+    ];
+    for (name, outcomes) in outcomes {
+        for &outcome in outcomes {
+            metrics::counter!(name, "outcome" => outcome).increment(0);
+        }
+    }
 }
 
 /// Handles to the hot-path metrics, looked up once.

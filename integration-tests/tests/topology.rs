@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_integration_tests::{backend_status, roles, sqlstate, Cluster, Frozen, PATIENCE};
+use understudy_integration_tests::{
+    backend_status, metric_series, metric_total, roles, sqlstate, Cluster, Frozen, PATIENCE,
+};
 
 /// Sessions go to the primary whatever the order of the backends, and `/status` says so.
 #[tokio::test]
@@ -67,13 +69,7 @@ async fn routes_to_the_primary_and_reports_it() {
     let e = c.batch_execute("SELECT * FROM nowhere").await.unwrap_err();
     assert_eq!(sqlstate(&e), Some("42P01"));
     let metrics = gw.admin_get("/metrics").await;
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let value = |name: &str| metric_total(&metrics, name);
     assert!(value("understudy_sessions_total") >= 1.0, "{metrics}");
     assert!(value("understudy_queries_total") >= 3.0);
     assert!(value("understudy_transactions_total") >= 1.0);
@@ -82,6 +78,23 @@ async fn routes_to_the_primary_and_reports_it() {
     assert!(value("understudy_sessions_open") >= 1.0);
     assert!(metrics.contains("sqlstate=\"42P01\""), "{metrics}");
     assert!(metrics.contains("understudy_backend_connect_seconds"));
+    // What alerts watch is exported before it first happens, every outcome at 0.
+    for (name, series) in [
+        ("understudy_failovers_total", 1),
+        ("understudy_failover_failures_total", 1),
+        ("understudy_lost_commits_total", 1),
+        ("understudy_in_doubt_statements_total", 1),
+        ("understudy_in_doubt_commits_total", 3),
+        ("understudy_replays_total", 3),
+        ("understudy_session_moves_total", 4),
+        ("understudy_cancel_requests_total", 4),
+    ] {
+        assert_eq!(
+            metric_series(&metrics, name).len(),
+            series,
+            "{name}: {metrics}"
+        );
+    }
     let missing = understudy::ctl::get(gw.admin(), "/nope").await.unwrap_err();
     assert!(missing.to_string().contains("404"), "{missing}");
 }

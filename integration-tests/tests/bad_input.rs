@@ -374,6 +374,31 @@ async fn garbage_before_startup_gets_08p01_and_close() {
     assert_fatal(&c.expect_error().await, "0A000");
     assert!(c.closed().await);
 
+    // A packet whose parameters do not end in the terminating NUL, or run past it, gets
+    // PostgreSQL's own words for it.
+    let full = startup(0, &[("user", roles::TRUST)]);
+    for (what, body) in [
+        ("unterminated", full[8..full.len() - 1].to_vec()),
+        ("bytes after the terminator", [&full[8..], b"x\0"].concat()),
+    ] {
+        let mut packet = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&full[4..8]);
+        packet.extend_from_slice(&body);
+        let mut said = Vec::new();
+        for addr in [cluster.pg.primary.addr(), gw.addr()] {
+            let mut c = RawConn::open(addr).await;
+            c.send(&packet).await;
+            let e = c.expect_error().await;
+            assert!(c.closed().await, "{what}: connection closed");
+            said.push((e.code(), e.message()));
+        }
+        assert_eq!(
+            said[1], said[0],
+            "{what}: the gateway says what PostgreSQL says"
+        );
+        assert_eq!(said[0].0, "08P01", "{what}");
+    }
+
     // A startup packet without a user is PostgreSQL's 28000.
     let mut c = RawConn::open(gw.addr()).await;
     c.send(&startup(0, &[("database", "postgres")])).await;

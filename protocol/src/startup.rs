@@ -183,7 +183,7 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
         params.push((name.to_owned(), value.to_owned()));
     }
     if !body.is_empty() {
-        return Err(StartupError::Malformed("bytes after the terminating NUL"));
+        return Err(StartupError::Malformed("expected terminator as last byte"));
     }
     Ok(params)
 }
@@ -192,7 +192,7 @@ fn cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a str, StartupError> {
     let end = buf
         .iter()
         .position(|&b| b == 0)
-        .ok_or(StartupError::Malformed("missing NUL terminator"))?;
+        .ok_or(StartupError::Malformed("expected terminator as last byte"))?;
     let s = std::str::from_utf8(&buf[..end]).map_err(|_| StartupError::Malformed("not UTF-8"))?;
     *buf = &buf[end + 1..];
     Ok(s)
@@ -265,7 +265,7 @@ mod tests {
         ));
         assert_eq!(
             parse_packet(&packet(196_608, b"user\0a")),
-            Err(StartupError::Malformed("missing NUL terminator"))
+            Err(StartupError::Malformed("expected terminator as last byte"))
         );
         assert_eq!(
             parse_packet(&packet(196_608, b"database\0a\0\0")),

@@ -420,6 +420,17 @@ pub fn backend_status<'a>(status: &'a serde_json::Value, address: &str) -> &'a s
         .unwrap_or_else(|| panic!("{address} not in /status: {status:#}"))
 }
 
+/// The first column of every row `sql` returns, as integers.
+pub async fn int_column(client: &Client, sql: &str) -> Vec<i32> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The PID of `c`'s backend, asked over the simple protocol: a prepared statement would be
 /// closed by the driver in the background, and a FATAL that crosses that Close is taken as its
 /// answer rather than the connection's end.

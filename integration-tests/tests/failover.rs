@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    application_name_and_port, backend_pid, backend_status, roles, simple_rows, sqlstate, Cluster,
-    TestGateway, PATIENCE, SLOW_COMMIT,
+    application_name_and_port, backend_pid, backend_status, int_column, roles, simple_rows,
+    sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -30,15 +30,8 @@ async fn connect_listening(
 }
 
 async fn values(cluster: &Cluster, table: &str) -> Vec<i32> {
-    cluster
-        .superuser()
-        .await
-        .query(&format!("SELECT a FROM {table} ORDER BY a"), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    let sql = format!("SELECT a FROM {table} ORDER BY a");
+    int_column(&cluster.superuser().await, &sql).await
 }
 
 /// Has the server end `c`'s backend while the primary is healthy, and checks the client gets
@@ -781,13 +774,7 @@ async fn external_promotion_past_a_frozen_primary_is_followed() {
         .unwrap()
         .get(0);
     assert_eq!(port, i32::from(cluster.pg.standby.as_ref().unwrap().port()));
-    let rows: Vec<i32> = c
-        .query("SELECT a FROM t ORDER BY a", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = int_column(&c, "SELECT a FROM t ORDER BY a").await;
     assert_eq!(rows, [1, 2]);
     // Woken, the old primary (still one: nobody demoted it) lost the transaction with its
     // client connection.
@@ -1028,13 +1015,7 @@ async fn pipelined_commit_behind_an_unanswered_write() {
     assert_eq!(sqlstate(&commit_unknown.unwrap_err()), Some("08007"));
     let one: i32 = unknown.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
-    let rows: Vec<i32> = known
-        .query("SELECT a FROM t ORDER BY a", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = int_column(&known, "SELECT a FROM t ORDER BY a").await;
     assert_eq!(rows, [1, 2], "the in-doubt INSERT was not run again");
     drop(frozen);
 }

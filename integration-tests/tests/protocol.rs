@@ -9,7 +9,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, RawConn};
 use understudy_integration_tests::{
-    backend_pid, roles, run_program, simple_rows, sqlstate, Cluster,
+    backend_pid, int_column, roles, run_program, simple_rows, sqlstate, Cluster,
 };
 
 /// Simple query with several statements, errors in and out of transactions, and recovery.
@@ -455,15 +455,8 @@ async fn answers_owed_when_the_client_leaves_are_delivered() {
         let through = transcript(gw.addr(), n + 10, half_close).await;
         assert_eq!(through, direct, "half-closed: {half_close}");
     }
-    let rows: Vec<i32> = cluster
-        .superuser()
-        .await
-        .query("SELECT a FROM owed ORDER BY a", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let su = cluster.superuser().await;
+    let rows = int_column(&su, "SELECT a FROM owed ORDER BY a").await;
     assert_eq!(rows, [1, 2, 11, 12]);
     cluster.wait_backends_named("raw", 0).await;
 }
@@ -714,13 +707,7 @@ async fn syncs_during_copy_data_are_owed_nothing() {
             started.elapsed()
         );
     }
-    let rows: Vec<i32> = admin
-        .query("SELECT a FROM cp ORDER BY a", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = int_column(&admin, "SELECT a FROM cp ORDER BY a").await;
     assert_eq!(rows, (1..=8).collect::<Vec<_>>());
 }
 

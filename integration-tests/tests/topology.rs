@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use understudy_integration_tests::{
-    backend_status, metric_series, metric_total, roles, sqlstate, Cluster, Frozen, PATIENCE,
+    backend_status, int_column, metric_series, metric_total, roles, sqlstate, Cluster, Frozen,
+    PATIENCE,
 };
 
 /// Sessions go to the primary whatever the order of the backends, and `/status` says so.
@@ -155,19 +156,12 @@ async fn follows_a_promotion_for_new_sessions() {
 
 /// PIDs of the gateway's kept control connections on the primary.
 async fn control_pids(cluster: &Cluster) -> Vec<i32> {
-    cluster
-        .superuser()
-        .await
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'understudy-control'
-              ORDER BY pid",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    int_column(
+        &cluster.superuser().await,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'understudy-control'
+          ORDER BY pid",
+    )
+    .await
 }
 
 /// Waits until the primary has exactly one kept control connection, other than `not`.

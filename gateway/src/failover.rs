@@ -353,10 +353,12 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
     let mut routed = topology.current_primary();
     loop {
         tokio::select! {
+            // First: a lost primary stays lost, and must not win every draw against shutdown.
+            biased;
+            _ = shutdown.draining() => return,
             _ = crate::clock::sleep(interval) => {}
             // Straight from the probe that found it, rather than up to an interval later.
             _ = topology.primary_lost() => {}
-            _ = shutdown.draining() => return,
         }
         let before = std::mem::replace(&mut routed, topology.current_primary());
         let Some(primary) = routed.clone() else {
@@ -379,7 +381,13 @@ pub async fn monitor(shared: Arc<crate::gateway::Shared>, mut shutdown: crate::s
                 _ => continue,
             }
         };
-        match shared.failover.recover(&failed).await {
+        // A failover waiting for an external promotion would hold a shutdown up for as long
+        // as `failover.timeout_ms`; sessions that still need it run their own.
+        let recovered = tokio::select! {
+            r = shared.failover.recover(&failed) => r,
+            _ = shutdown.draining() => return,
+        };
+        match recovered {
             Ok(p) => tracing::info!(primary = %p.primary, "health monitor: failed over"),
             Err(FailoverError::PrimaryAlive) => {}
             Err(e) => tracing::warn!(error = %e, "health monitor: failover did not complete"),

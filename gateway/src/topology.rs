@@ -453,7 +453,10 @@ impl Topology {
     /// Re-probes every `topology_interval_ms` until shutdown.
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
-            self.probe_all().await;
+            tokio::select! {
+                () = self.probe_all() => {}
+                _ = shutdown.draining() => return,
+            }
             tokio::select! {
                 _ = crate::clock::sleep(self.interval) => {}
                 _ = shutdown.draining() => return,

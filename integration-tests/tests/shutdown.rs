@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use understudy_integration_tests::raw::{msg, startup, RawConn};
-use understudy_integration_tests::{roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{
+    metric_total, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE,
+};
 
 /// A session's client and its connection task, whose result is the FATAL that ended it.
 struct Watched {
@@ -380,4 +382,59 @@ async fn shutdown_waits_for_sync_after_execute() {
         "the INSERT committed"
     );
     wait_finished(&gw, Duration::from_secs(3)).await;
+}
+
+/// A failover waiting for an external promotion that never comes does not hold a shutdown up
+/// beyond `shutdown_timeout_ms`: with no session the gateway ends at once (the health monitor
+/// stops waiting), and a session waiting for a new primary to move to is closed with 57P01 when
+/// the drain runs out, not at `failover.timeout_ms`. (Each used to wait for the failover's
+/// 20 s; the monitor could start a new one after each.)
+#[tokio::test]
+async fn a_pending_failover_does_not_hold_up_shutdown() {
+    for with_session in [false, true] {
+        let mut cluster = Cluster::primary_and_standby().await;
+        let gw = cluster
+            .failover_gateway_with(|c| {
+                c.failover.promote = understudy::config::Promote::External;
+                c.shutdown_timeout_ms = 1_000;
+            })
+            .await;
+        let session = match with_session {
+            true => Some(connect_watched(&gw, roles::SCRAM).await),
+            false => None,
+        };
+        cluster.kill_primary().await;
+        let waiting = session.map(|s| {
+            let client = s.client;
+            (
+                tokio::spawn(async move { client.simple_query("SELECT 1").await.map(drop) }),
+                s.conn,
+            )
+        });
+        // The health monitor has begun the failover, which waits for a promotion.
+        let deadline = Instant::now() + PATIENCE;
+        while metric_total(
+            &gw.admin_get("/metrics").await,
+            "understudy_failovers_total",
+        ) < 1.0
+        {
+            assert!(Instant::now() < deadline, "no failover began");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        gw.handle.begin_shutdown();
+        wait_finished(&gw, Duration::from_secs(4)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "with a session: {with_session}"
+        );
+        if let Some((statement, conn)) = waiting {
+            let e = statement.await.unwrap().expect_err("the session is closed");
+            assert_eq!(sqlstate(&e), Some("57P01"), "{e}");
+            // The FATAL was the statement's answer; the connection then just ends.
+            let _ = tokio::time::timeout(PATIENCE, conn)
+                .await
+                .expect("the connection ends");
+        }
+    }
 }

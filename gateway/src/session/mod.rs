@@ -297,33 +297,35 @@ impl Session {
                 })
                 .await
             };
-            let end = match wake {
+            let lost = match wake {
                 Wake::Shutdown => match shutdown.phase() {
-                    Phase::Force => Some(End::Failed(SessionError::Shutdown)),
+                    Phase::Force => return End::Failed(SessionError::Shutdown),
                     Phase::Draining => {
                         self.draining = true;
                         None
                     }
                     Phase::Running => None,
                 },
-                Wake::Data(Wakeup::End(end)) => Some(end),
-                Wake::Data(Wakeup::BackendLost(e)) => Box::pin(self.backend_failed(e)).await,
-                Wake::PrimaryChanged => {
-                    if self.shared.topology.is_fenced(&self.relogin.backend) {
-                        tracing::info!(
-                            session = self.guard.info().id,
-                            old = %self.relogin.backend,
-                            "the session's primary was failed over; leaving it"
-                        );
-                        let cause = std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "the primary was failed over",
-                        );
-                        Box::pin(self.backend_failed(cause)).await
-                    } else {
-                        None
-                    }
+                Wake::Data(Wakeup::End(end)) => return end,
+                Wake::Data(Wakeup::BackendLost(e)) => Some(e),
+                Wake::PrimaryChanged if self.shared.topology.is_fenced(&self.relogin.backend) => {
+                    tracing::info!(
+                        session = self.guard.info().id,
+                        old = %self.relogin.backend,
+                        "the session's primary was failed over; leaving it"
+                    );
+                    Some(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the primary was failed over",
+                    ))
                 }
+                Wake::PrimaryChanged => None,
+            };
+            let Some(cause) = lost else { continue };
+            // A forced shutdown does not wait for the failover a move waits for.
+            let end = tokio::select! {
+                end = Box::pin(self.backend_failed(cause)) => end,
+                _ = shutdown.reached(Phase::Force) => Some(End::Failed(SessionError::Shutdown)),
             };
             if let Some(end) = end {
                 return end;

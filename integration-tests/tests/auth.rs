@@ -325,6 +325,34 @@ async fn gateway_scram_with_auth_file() {
     assert_eq!(current_user(&client).await, roles::SCRAM);
 }
 
+/// client_auth = scram-sha-256 with an auth_file holding plain passwords: the gateway checks
+/// the client against a verifier of its own and logs in to PostgreSQL with the password, so
+/// every role gets in whatever the server asks of it (SCRAM, md5, cleartext), and is movable.
+/// (The ClientKey recovered from the client is salted with the gateway's verifier, not the
+/// server's: logging in with it was refused.)
+#[tokio::test]
+async fn gateway_scram_with_plain_passwords_in_the_auth_file() {
+    let cluster = Cluster::primary_only().await;
+    let logins = [
+        (roles::SCRAM, roles::SCRAM_PASSWORD),
+        (roles::MD5, roles::MD5_PASSWORD),
+        (roles::CLEARTEXT, roles::CLEARTEXT_PASSWORD),
+    ];
+    let userlist = write_userlist(&cluster, &logins);
+    let gw = cluster
+        .gateway_with(|c| {
+            c.auth.client_auth = ClientAuth::ScramSha256;
+            c.auth.auth_file = Some(userlist);
+        })
+        .await;
+    for (role, _) in logins {
+        let client = gw.connect(role).await;
+        assert_eq!(current_user(&client).await, role);
+        assert_movable(&gw, &client, role, true).await;
+    }
+    assert_bad_logins_refused(&gw, roles::MD5).await;
+}
+
 /// client_auth = md5 with an auth_file holding md5_user's stored md5 hash: the right password
 /// logs in (the gateway answers the server's md5 challenge with the hash) and is movable; a
 /// wrong password and an unknown user get 28P01.

@@ -121,9 +121,14 @@ async fn verify_scram(
     out.clear();
     encode::auth_sasl_final(&mut out, &server_final);
     client.send(&out).await?;
-    Ok(Credential::Scram {
-        client_key,
-        server_key: Some(server_key),
+    Ok(match secret {
+        // The ClientKey is salted with the verifier made here, not the server's: the backend
+        // gets the password itself.
+        Some(Secret::Plain(p)) => Credential::Password(p),
+        _ => Credential::Scram {
+            client_key,
+            server_key: Some(server_key),
+        },
     })
 }
 

@@ -278,7 +278,13 @@ async fn establish(
             backend: &mut backend,
             backend_buf: &mut backend_buf,
         };
-        relay(&mut ends, user, secret.as_ref()).await?
+        relay(
+            &mut ends,
+            user,
+            secret.as_ref(),
+            shared.secrets.configured(),
+        )
+        .await?
     };
     if let Credential::Missing(why) = &credential {
         tracing::debug!(%user, why, "session cannot be moved without its client");

@@ -40,10 +40,15 @@ async fn tls_gateway(cluster: &Cluster, ca: &TestCa, mode: BackendSslMode) -> Te
 /// tokio-postgres settings for `user` through the gateway with TLS required; `host` is the
 /// name the certificate is checked against (the socket always goes to 127.0.0.1).
 fn tls_config(gw: &TestGateway, user: &str, host: &str) -> tokio_postgres::Config {
+    tls_config_at(gw.addr().port(), user, host)
+}
+
+/// [`tls_config`] for whatever listens on `port` (the gateway, or PostgreSQL itself).
+fn tls_config_at(port: u16, user: &str, host: &str) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(host)
         .hostaddr(IpAddr::V4(Ipv4Addr::LOCALHOST))
-        .port(gw.addr().port())
+        .port(port)
         .user(user)
         .dbname("postgres")
         .ssl_mode(SslMode::Require)
@@ -394,6 +399,18 @@ async fn tls_on_both_legs() {
         err.contains("28P01"),
         "wrong password through the terminated exchange: {err}"
     );
+    // A role that does not exist fails the same way and at the same step as one with a wrong
+    // password, with PostgreSQL's own words: nothing tells a client which roles exist.
+    let mut said = Vec::new();
+    for port in [cluster.pg.primary.port(), gw.addr().port()] {
+        let mut nobody = tls_config_at(port, "nobody_here", "localhost");
+        nobody.password("whatever");
+        nobody.channel_binding(ChannelBinding::Prefer);
+        let e = connect_tls(&nobody, &ca).await.err().expect("refused");
+        said.push(describe(&e));
+    }
+    assert_eq!(said[1], said[0], "unknown role: gateway vs PostgreSQL");
+    assert!(said[0].contains("28P01"), "{}", said[0]);
 
     let conninfo = format!(
         "{} sslmode=require channel_binding=require",

@@ -101,6 +101,7 @@ pub async fn relay(
     ends: &mut Ends<'_, '_>,
     user: &str,
     secret: Option<&Secret>,
+    sources: bool,
 ) -> Result<Credential, SessionError> {
     let mut credential = Credential::NotNeeded;
     let mut scram = ScramTranscript::default();
@@ -201,7 +202,7 @@ pub async fn relay(
                     // that does offer it rejects that as a downgrade, so the gateway must
                     // check the client itself and log in with what it learns.
                     if data.first() == Some(&b'y') && ends.backend.is_tls() {
-                        return terminate_scram(ends, user, secret, data, frame).await;
+                        return terminate_scram(ends, user, secret, sources, data, frame).await;
                     }
                     scram.client_first = Some(data.to_vec());
                 }
@@ -229,11 +230,13 @@ pub async fn relay(
 }
 
 /// Completes a SCRAM login with the client as the server would, then logs in to the backend
-/// with the credential that yields, forwarding the backend's verdict.
+/// with the credential that yields, forwarding the backend's verdict. `sources`: whether an
+/// auth file or auth_query could have known the role's secret.
 async fn terminate_scram(
     ends: &mut Ends<'_, '_>,
     user: &str,
     secret: Option<&Secret>,
+    sources: bool,
     client_first: &[u8],
     sasl_request: Frame,
 ) -> Result<Credential, SessionError> {
@@ -244,21 +247,32 @@ async fn terminate_scram(
             format!("password authentication failed for user \"{user}\""),
         )
     };
-    let (verifier, credential_of) =
+    let made_up = |password: &[u8]| {
+        ScramVerifier::from_password(password, &rand::random::<[u8; 16]>(), 4096)
+            .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))
+    };
+    let (verifier, credential_of, known) =
         match secret {
-            Some(Secret::Scram(v)) => (v.clone(), None),
+            Some(Secret::Scram(v)) => (v.clone(), None, true),
             Some(Secret::Plain(p)) => (
-                ScramVerifier::from_password(p.as_bytes(), &rand::random::<[u8; 16]>(), 4096)
-                    .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))?,
+                made_up(p.as_bytes())?,
                 Some(Credential::Password(p.clone())),
+                true,
             ),
-            _ => return Err(SessionError::refused(
+            None | Some(Secret::Md5(_)) if !sources => return Err(SessionError::refused(
                 "28000",
                 "auth_unsupported",
                 "SCRAM channel binding cannot pass through the gateway, and it has no verifier \
                  for this role to check the password itself: configure auth.auth_query or \
                  auth.auth_file, or connect with channel_binding=disable",
             )),
+            // An unknown role, one without a password, or one with an md5 hash only: as
+            // PostgreSQL does, the exchange runs against a made-up verifier and fails at its end,
+            // so a client learns nothing of which roles exist.
+            None | Some(Secret::Md5(_)) => {
+                let noise = Zeroizing::new(rand::random::<[u8; 32]>());
+                (made_up(&noise[..])?, None, false)
+            }
         };
     let server_key = *verifier.server_key();
     let mut server = ScramServer::with_random_nonce(verifier);
@@ -269,9 +283,10 @@ async fn terminate_scram(
     encode::auth_sasl_continue(&mut out, &server_first);
     ends.send_client(&out).await?;
     let reply = ends.recv_client().await?;
-    let (server_final, client_key) = server
-        .handle_client_final(reply.body())
-        .map_err(|_| failed())?;
+    let (server_final, client_key) = match server.handle_client_final(reply.body()) {
+        Ok(done) if known => done,
+        _ => return Err(failed()),
+    };
     let credential = credential_of.unwrap_or(Credential::Scram {
         client_key,
         server_key: Some(server_key),

@@ -406,7 +406,7 @@ async fn tls_on_both_legs() {
         let mut nobody = tls_config_at(port, "nobody_here", "localhost");
         nobody.password("whatever");
         nobody.channel_binding(ChannelBinding::Prefer);
-        let e = connect_tls(&nobody, &ca).await.err().expect("refused");
+        let e = connect_tls(&nobody, &ca).await.expect_err("refused");
         said.push(describe(&e));
     }
     assert_eq!(said[1], said[0], "unknown role: gateway vs PostgreSQL");

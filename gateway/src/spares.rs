@@ -10,7 +10,9 @@
 //! that sends nothing for `authentication_timeout` (60 s by default), so spares are replaced
 //! after `spare_max_age_ms`, and one found closed is given up for a connection made on the
 //! spot. One that gets no answer to its StartupMessage within the connect timeout reads as an
-//! unreachable server, as a connection attempt that timed out would.
+//! unreachable server, as a connection attempt that timed out would. The process behind a spare
+//! keeps the `pg_hba.conf` the server had when it forked it, so spares are replaced once the
+//! role probe sees the server reload its configuration (within `topology_interval_ms`).
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
@@ -108,6 +110,7 @@ impl Spares {
         mut shutdown: Shutdown,
     ) {
         let mut primary_changes = topology.primary_changes();
+        let mut reloads = topology.config_reloads();
         loop {
             let primary = topology.current_primary();
             let expiry = self.prune(primary.as_ref());
@@ -138,20 +141,38 @@ impl Spares {
             };
             let until = wait.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             // Draining, or a trigger that is gone, ends the keeper.
-            let stop = crate::clock::timeout_at(until, async {
+            let woke = crate::clock::timeout_at(until, async {
                 tokio::select! {
-                    _ = self.taken.notified() => false,
-                    _ = primary_changes.changed() => false,
-                    _ = shutdown.draining() => true,
+                    _ = self.taken.notified() => Woke::Taken,
+                    _ = primary_changes.changed() => Woke::Taken,
+                    _ = reloads.changed() => Woke::Reloaded,
+                    _ = shutdown.draining() => Woke::Stop,
                 }
             })
             .await
-            .unwrap_or(false);
-            if stop {
-                return self.close_all();
+            .unwrap_or(Woke::Taken);
+            match woke {
+                Woke::Stop => return self.close_all(),
+                // A server process forked before a reload authenticates with the pg_hba.conf
+                // it was forked with: spares that old would let in whom the new one refuses.
+                Woke::Reloaded => {
+                    tracing::debug!("the server reloaded its configuration; spares replaced");
+                    self.close_all();
+                }
+                Woke::Taken => {}
             }
         }
     }
+}
+
+/// Why the keeper woke.
+enum Woke {
+    /// A spare was taken, or the primary changed, or a spare aged: look again.
+    Taken,
+    /// The server reloaded its configuration: every spare is older than that.
+    Reloaded,
+    /// Shutdown.
+    Stop,
 }
 
 /// Reports the number of spares ready.

@@ -106,6 +106,10 @@ pub struct Topology {
     /// Told when a probe finds the routed primary, or the one it just routed away from,
     /// unreachable.
     primary_lost: Notify,
+    /// Each backend's `pg_conf_load_time()` at its last probe.
+    conf_loaded: Mutex<Vec<Option<String>>>,
+    /// Counts the configuration reloads the probes have seen on any backend.
+    reloads: watch::Sender<u64>,
     control: Control,
     /// One control-plane connection per backend, kept between role probes and `auth_query`
     /// look-ups so that neither makes the server start a process each time.
@@ -153,12 +157,14 @@ impl Topology {
             backends.len()
         ];
         Ok(Self {
+            conf_loaded: Mutex::new(vec![None; backends.len()]),
             fenced: Mutex::new(vec![false; backends.len()]),
             kept: backends.iter().map(|_| Mutex::new(None)).collect(),
             backends,
             probes: Mutex::new(probes),
             primary: watch::Sender::new(single),
             primary_lost: Notify::new(),
+            reloads: watch::Sender::new(0),
             control: config.control.clone(),
             interval: Duration::from_millis(config.topology_interval_ms.max(50)),
             timeout: config.connect_timeout(),
@@ -187,6 +193,12 @@ impl Topology {
     /// Notices each change of the primary sessions are routed to.
     pub fn primary_changes(&self) -> watch::Receiver<Option<usize>> {
         self.primary.subscribe()
+    }
+
+    /// Changes each time a probe finds a backend has reloaded its configuration (`pg_hba.conf`
+    /// among it) since the probe before.
+    pub fn config_reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// Waits until the primary is known and differs from `old`.
@@ -271,13 +283,26 @@ impl Topology {
         }
         let now = Instant::now();
         let mut primaries = Vec::new();
+        let mut reloaded = false;
+        {
+            let mut conf_loaded = self.conf_loaded.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, result) in results.iter_mut().enumerate() {
+                if let Ok((_, Some(loaded))) = result {
+                    let seen = conf_loaded[i].replace(std::mem::take(loaded));
+                    reloaded |= seen.is_some_and(|s| Some(&s) != conf_loaded[i].as_ref());
+                }
+            }
+        }
+        if reloaded {
+            self.reloads.send_modify(|n| *n += 1);
+        }
         {
             let mut fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
             let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
             for (i, result) in results.into_iter().enumerate() {
                 let (role, error) = match result {
-                    Ok(true) => (Role::Standby, None),
-                    Ok(false) => (Role::Primary, None),
+                    Ok((true, _)) => (Role::Standby, None),
+                    Ok((false, _)) => (Role::Primary, None),
                     // A server that turns the probe away is up: a full primary is still the
                     // primary (demotion takes a restart), not a failover. A standby's promotion
                     // shows once the probe gets in again.
@@ -340,15 +365,24 @@ impl Topology {
         self.primary_lost.notified().await;
     }
 
-    /// Asks backend `i` for its role over the kept control connection.
-    async fn probe_kept(&self, i: usize) -> Result<bool, ProbeError> {
+    /// Asks backend `i` over the kept control connection whether it is in recovery, and when
+    /// it last loaded its configuration.
+    async fn probe_kept(&self, i: usize) -> Result<(bool, Option<String>), ProbeError> {
         let rows = self
-            .control_query(i, "SELECT pg_is_in_recovery()", &[], self.probe_timeout)
+            .control_query(
+                i,
+                "SELECT pg_is_in_recovery(), pg_conf_load_time()::text",
+                &[],
+                self.probe_timeout,
+            )
             .await?;
         let row = rows
             .first()
             .ok_or_else(|| ProbeError::down("pg_is_in_recovery() returned no row"))?;
-        row.try_get::<_, bool>(0).map_err(|e| ProbeError::from(&e))
+        let in_recovery = row
+            .try_get::<_, bool>(0)
+            .map_err(|e| ProbeError::from(&e))?;
+        Ok((in_recovery, row.try_get(1).ok()))
     }
 
     /// Runs `query` on the kept control connection to backend `i` within `timeout`, opening

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio_postgres::{Client, NoTls};
 use understudy::config::{ClientAuth, DEFAULT_AUTH_QUERY};
-use understudy_integration_tests::{roles, run_program, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{roles, run_program, sqlstate, Cluster, TestGateway, PATIENCE};
 
 /// Every role the harness creates, with the pg_hba method that applies to it.
 const ALL_ROLES: [&str; 4] = [roles::SCRAM, roles::MD5, roles::CLEARTEXT, roles::TRUST];
@@ -295,6 +295,52 @@ async fn passthrough_with_auth_query_makes_sessions_movable() {
         )
         .await;
         assert_eq!(code, "28P01", "{role}");
+    }
+}
+
+/// A `pg_hba.conf` change takes effect for logins through the gateway as soon as the role
+/// probe sees the server reload it: the spare connections, whose server processes were forked
+/// with the old rules, are replaced. (They let logins the new rules refuse in for up to
+/// `spare_max_age_ms`.)
+#[tokio::test]
+async fn a_pg_hba_reload_reaches_logins_through_spares() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|c| {
+            c.spare_backends = 2;
+            c.spare_max_age_ms = 600_000;
+        })
+        .await;
+    gw.connect(roles::TRUST).await;
+    let hba = cluster.pg.primary.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all {} 127.0.0.1/32 reject\n{rules}", roles::TRUST),
+    )
+    .unwrap();
+    cluster
+        .superuser()
+        .await
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let Err(direct) = direct_config(&cluster, roles::TRUST, None, "postgres")
+        .connect(NoTls)
+        .await
+    else {
+        panic!("PostgreSQL itself refuses the role now");
+    };
+    assert_eq!(sqlstate(&direct), Some("28000"), "{direct}");
+    // A few probe intervals (200 ms in tests).
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    for attempt in 0..3 {
+        let e = gw
+            .try_connect(gw.pg_config(roles::TRUST))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("login {attempt} got in past the new pg_hba.conf"));
+        assert_eq!(sqlstate(&e), Some("28000"), "{e}");
     }
 }
 

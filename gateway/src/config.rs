@@ -124,6 +124,8 @@ pub struct ClientTls {
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS.
+    pub required: bool,
 }
 
 /// libpq-style sslmode for backend connections.
@@ -316,6 +318,9 @@ impl Config {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
+        }
+        if self.tls.required && self.tls.cert.is_none() {
+            return invalid("tls.required needs tls.cert and tls.key");
         }
         if self.backend_tls.sslmode == BackendSslMode::VerifyFull
             && self.backend_tls.root_cert.is_none()

@@ -71,7 +71,17 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     };
     // Taken before the phase is read, so a drain that begins in between waits for this session.
     let in_session = shared.sessions.token();
-    let refusal = if permit.is_none() {
+    let refusal = if shared.config.tls.required && !stream.is_tls() {
+        // What PostgreSQL says when only hostssl lines would let the client in.
+        Some(SessionError::refused(
+            "28000",
+            "tls_required",
+            format!(
+                "connection without encryption refused for user \"{}\": the gateway requires TLS (tls.required); connect with sslmode=require",
+                startup.user().unwrap_or_default()
+            ),
+        ))
+    } else if permit.is_none() {
         Some(SessionError::refused(
             "53300",
             "too_many_connections",

@@ -181,6 +181,42 @@ async fn tls_clients_verify_the_gateway_certificate() {
     }
 }
 
+/// With `tls.required` a plain client is refused with 28000 and told to use TLS, before any
+/// password exchange, while TLS clients are served; the setting needs a certificate.
+#[tokio::test]
+async fn tls_required_refuses_plain_clients() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    let gw = cluster
+        .gateway_with(move |c| {
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.tls.required = true;
+        })
+        .await;
+    for role in [roles::SCRAM, roles::TRUST] {
+        let e = gw
+            .try_connect(gw.pg_config(role))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{role}: a plain client got in"));
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{role}: {e:?}"));
+        assert_eq!(db.code().code(), "28000", "{role}: {db:?}");
+        assert!(db.message().contains("requires TLS"), "{}", db.message());
+        let client = connect_tls(&tls_config(&gw, role, "localhost"), &ca)
+            .await
+            .unwrap_or_else(|e| panic!("{role} over TLS: {}", error_chain(&e)));
+        assert_eq!(gw.session_status(&client).await["tls"], true);
+    }
+    let mut config = cluster.gateway_config();
+    config.tls.required = true;
+    let refused = config
+        .validate()
+        .expect_err("tls.required without a certificate");
+    assert!(refused.to_string().contains("tls.required"), "{refused}");
+}
+
 /// psql (libpq) over TLS to the gateway: `sslmode=require`, and `sslmode=verify-full` against
 /// the test CA with host=localhost, both run a query and report an SSL connection; verify-full
 /// against another CA fails on the certificate. With the backend leg plain, SCRAM with libpq's

@@ -34,27 +34,24 @@ pub async fn accept(
     tls: Option<&Arc<rustls::ServerConfig>>,
 ) -> Result<Opening, (Option<Stream>, SessionError)> {
     let mut stream = Stream::Plain(tcp);
-    // SSLRequest and GSSENCRequest may each come once, in either order, before the real packet.
-    for _ in 0..3 {
+    // SSLRequest and GSSENCRequest may each come once, in either order, before the real packet
+    // (none after TLS is set up); as in PostgreSQL, one more is an unsupported protocol.
+    let (mut ssl_done, mut gss_done) = (false, false);
+    loop {
         let packet = match read_packet(&mut stream).await {
             Ok(p) => p,
             Err(Failure::Io(e)) => return Err((None, SessionError::ClientGone(e))),
-            Err(Failure::Startup(e)) => {
-                let code = e.sqlstate();
-                return Err((
-                    Some(stream),
-                    SessionError::refused(code, "bad_startup", e.to_string()),
-                ));
-            }
+            Err(Failure::Startup(e)) => return Err(refused(stream, e)),
         };
         match packet {
-            StartupPacket::SslRequest if !stream.is_tls() => {
+            StartupPacket::SslRequest if !ssl_done => {
+                ssl_done = true;
                 let Some(config) = tls else {
                     stream = answer(stream, b'N').await?;
                     continue;
                 };
                 let Stream::Plain(mut tcp) = stream else {
-                    unreachable!("checked !is_tls above")
+                    unreachable!("TLS is set up only here, once")
                 };
                 if let Err(e) = tcp.write_all(b"S").await {
                     return Err((None, SessionError::ClientGone(e)));
@@ -66,24 +63,34 @@ pub async fn accept(
                     Ok(tls) => stream = Stream::ServerTls(Box::new(tls)),
                     Err(e) => return Err((None, SessionError::ClientGone(e))),
                 }
+                gss_done = true;
             }
-            StartupPacket::GssEncRequest if !stream.is_tls() => {
+            StartupPacket::GssEncRequest if !gss_done => {
+                gss_done = true;
                 stream = answer(stream, b'N').await?;
             }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                return Err((
-                    Some(stream),
-                    SessionError::refused("08P01", "bad_startup", "encryption requested twice"),
-                ));
+                let minor = if matches!(packet, StartupPacket::SslRequest) {
+                    5679
+                } else {
+                    5680
+                };
+                let e = StartupError::UnsupportedProtocol { major: 1234, minor };
+                return Err(refused(stream, e));
             }
             StartupPacket::Cancel(key) => return Ok(Opening::Cancel { stream, key }),
             StartupPacket::Startup(startup) => return Ok(Opening::Session { stream, startup }),
         }
     }
-    Err((
+}
+
+/// The refusal of a bad startup packet, with the stream to tell the client on.
+fn refused(stream: Stream, e: StartupError) -> (Option<Stream>, SessionError) {
+    let code = e.sqlstate();
+    (
         Some(stream),
-        SessionError::refused("08P01", "bad_startup", "too many negotiation requests"),
-    ))
+        SessionError::refused(code, "bad_startup", e.to_string()),
+    )
 }
 
 async fn answer(mut stream: Stream, byte: u8) -> Result<Stream, (Option<Stream>, SessionError)> {

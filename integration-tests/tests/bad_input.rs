@@ -504,7 +504,8 @@ async fn protocol_versions_are_negotiated_like_postgresql() {
 }
 
 /// GSSENCRequest and SSLRequest (no TLS configured) are answered `N`, in either order, and the
-/// StartupMessage that follows logs in.
+/// StartupMessage that follows logs in; a second one of either is refused as PostgreSQL
+/// refuses it (0A000).
 #[tokio::test]
 async fn encryption_requests_are_declined_then_startup_proceeds() {
     watch_for_gateway_panics();
@@ -535,6 +536,28 @@ async fn encryption_requests_are_declined_then_startup_proceeds() {
         assert_no_error(&c.read_until(b'Z').await);
         assert_eq!(raw_select(&mut c, "SELECT 'plain'").await, ["plain"]);
     }
+
+    // One more of either is an unsupported protocol, in PostgreSQL's words (compared for
+    // SSLRequest: this PostgreSQL, built with GSSAPI, accepts GSSENCRequest).
+    let twice = |addr, code| async move {
+        let mut c = RawConn::open(addr).await;
+        c.send(&request(code)).await;
+        assert_eq!(c.read_byte().await, b'N', "{code}");
+        c.send(&request(code)).await;
+        let e = c.expect_error().await;
+        assert!(c.closed().await, "{code}: closed");
+        (e.code(), e.message())
+    };
+    let server_says = twice(cluster.pg.primary.addr(), SSL_REQUEST).await;
+    assert_eq!(twice(gw.addr(), SSL_REQUEST).await, server_says);
+    assert_eq!(server_says.0, "0A000");
+    assert_eq!(
+        twice(gw.addr(), GSSENC_REQUEST).await,
+        (
+            "0A000".to_owned(),
+            "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0".to_owned()
+        )
+    );
 
     // tokio-postgres's sslmode=prefer takes the `N` and carries on in the clear.
     let mut config = gw.pg_config(roles::TRUST);

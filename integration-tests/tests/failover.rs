@@ -359,30 +359,38 @@ async fn diverging_replay_gets_40001() {
 
 /// An autocommit write running when the primary dies may or may not have been applied: the
 /// client gets 08007 and the session continues. So does a whole transaction sent as one string
-/// (`BEGIN; …; COMMIT`), which commits as an autocommit write does. Neither runs again.
+/// (`BEGIN; …; COMMIT`), which commits as an autocommit write does, and a SELECT of a function
+/// that writes (run again, the write would be applied twice). None of them runs again.
 #[tokio::test]
 async fn autocommit_write_in_flight_gets_08007() {
-    let (mut cluster, gw, c) = session_after(TABLE_T).await;
+    let (mut cluster, gw, c) = session_after(&format!(
+        "{TABLE_T}; CREATE FUNCTION ins_fn(i int) RETURNS int LANGUAGE sql
+           AS $$ INSERT INTO t SELECT i FROM pg_sleep(1.5); SELECT i $$"
+    ))
+    .await;
     let whole = gw.connect(roles::MD5).await;
-    let (c, whole, r, w) =
+    let call = gw.connect(roles::CLEARTEXT).await;
+    let (c, whole, call, r, w, f) =
         kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
-            let (r, w) = futures_util::future::join(
+            let (r, w, f) = futures_util::future::join3(
                 c.batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)"),
                 whole.batch_execute("BEGIN; INSERT INTO t SELECT 8 FROM pg_sleep(1.5); COMMIT"),
+                call.batch_execute("SELECT ins_fn(7)"),
             )
             .await;
-            (c, whole, r, w)
+            (c, whole, call, r, w, f)
         })
         .await;
     assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
     assert_eq!(sqlstate(&w.unwrap_err()), Some("08007"));
-    for session in [&c, &whole] {
+    assert_eq!(sqlstate(&f.unwrap_err()), Some("08007"));
+    for session in [&c, &whole, &call] {
         let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(one, 1);
     }
     assert!(
         c.query("SELECT a FROM t", &[]).await.unwrap().is_empty(),
-        "neither write ran again"
+        "no write ran again"
     );
 }
 

@@ -139,6 +139,7 @@ mod kw {
     pub const DEALLOCATE: u128 = key(b"DEALLOCATE");
     pub const DECLARE: u128 = key(b"DECLARE");
     pub const DISCARD: u128 = key(b"DISCARD");
+    pub const DO: u128 = key(b"DO");
     pub const END: u128 = key(b"END");
     pub const EXPLAIN: u128 = key(b"EXPLAIN");
     pub const FETCH: u128 = key(b"FETCH");
@@ -178,6 +179,9 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
             continue;
         }
         let keyword = key(w(0));
+        // COPY of a table calls nothing: a word before parentheses there is the table, with
+        // its column list, or an option list.
+        let calls = facts.calls && (keyword != kw::COPY || w(1).is_empty());
         let statement = match keyword {
             kw::BEGIN | kw::START => Statement::Begin,
             kw::COMMIT | kw::END if is(1, "PREPARED") => {
@@ -200,7 +204,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
             | kw::EXPLAIN
             | kw::FETCH
             | kw::MOVE => {
-                if facts.writes {
+                if facts.writes || calls {
                     Statement::Write
                 } else {
                     Statement::Read
@@ -248,13 +252,24 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 }
                 Statement::Read
             }
-            kw::COPY if facts.to_stdout && !facts.writes && !facts.from_stdin => Statement::Read,
+            kw::COPY if facts.to_stdout && !facts.writes && !calls && !facts.from_stdin => {
+                Statement::Read
+            }
             _ => Statement::Write,
         };
         let copy = keyword == kw::COPY;
         out.copies |= copy && facts.from_stdin;
         if keyword == kw::CREATE && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
+        }
+        if keyword == kw::DO {
+            out.hazards.push(Hazard::Unmovable(
+                "a DO block (what it changed in the session cannot be followed)",
+            ));
+        }
+        if facts.set_config {
+            out.hazards
+                .push(Hazard::Unmovable("a setting changed with set_config()"));
         }
         if facts.advisory_lock {
             out.hazards
@@ -285,6 +300,11 @@ struct Facts<'a> {
     end: usize,
     /// A word or function that writes or locks: a SELECT with it is no read.
     writes: bool,
+    /// A call of a function not known to be read-only (a user's function may write): a
+    /// SELECT with one is no read either.
+    calls: bool,
+    /// A call of `set_config`, which changes a setting the journal cannot follow.
+    set_config: bool,
     temp: bool,
     into_temp: bool,
     with_hold: bool,
@@ -304,6 +324,8 @@ impl<'a> Facts<'a> {
             ..Facts::default()
         };
         let mut prev: &[u8] = b"";
+        // Calls matter only where they may turn a read into a write.
+        let mut calls = false;
         for n in 0..f.lead.len() {
             let Some(tok) = lex.next_token() else {
                 return f;
@@ -318,19 +340,32 @@ impl<'a> Facts<'a> {
                 _ => b"",
             };
             f.lead[n] = word;
+            if n == 0 {
+                calls = may_read(word);
+            } else if calls && matches!(tok, Token::Quoted(_)) {
+                f.calls |= lex.before_paren();
+            }
             if word.is_empty() || word == b"*" {
                 prev = b"";
                 continue;
             }
             f.note(word, prev);
+            // The statement's own keyword is no call (`COPY (`, `EXPLAIN (`).
+            if n > 0 && calls && lex.before_paren() {
+                f.note_call(word);
+            }
             prev = word;
         }
-        while let Some(skimmed) = lex.skim() {
+        while let Some(skimmed) = lex.skim(calls) {
             match skimmed {
                 Skimmed::Word { word, adjacent } => {
                     f.note(word, if adjacent { prev } else { b"" });
+                    if calls && lex.before_paren() {
+                        f.note_call(word);
+                    }
                     prev = word;
                 }
+                Skimmed::QuotedCall => f.calls = true,
                 Skimmed::Semicolon => {
                     f.end = lex.pos - 1;
                     break;
@@ -338,6 +373,13 @@ impl<'a> Facts<'a> {
             }
         }
         f
+    }
+
+    /// Notes a call of `word(`: a keyword that takes parentheses, a type modifier or a
+    /// read-only built-in function is no write; anything else may be.
+    #[inline(always)]
+    fn note_call(&mut self, word: &[u8]) {
+        self.calls |= !takes_parentheses(word);
     }
 
     /// Notes what `word` (after `prev`) tells; dispatching on the first letter keeps the
@@ -364,6 +406,8 @@ impl<'a> Facts<'a> {
             b'n' => self.writes |= is("nextval"),
             b'p' => {
                 self.program |= is("PROGRAM");
+                // `CREATE TABLE pg_temp.t` is as temporary as `CREATE TEMP TABLE t`.
+                self.temp |= is("pg_temp");
                 if starts("pg_") {
                     self.writes |=
                         is("pg_notify") || is("pg_current_xact_id") || starts("pg_advisory");
@@ -373,6 +417,7 @@ impl<'a> Facts<'a> {
             }
             b's' => {
                 self.writes |= is("setval");
+                self.set_config |= is("set_config");
                 self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case(b"FROM");
                 self.to_stdout |= is("STDOUT") && prev.eq_ignore_ascii_case(b"TO");
             }
@@ -437,6 +482,8 @@ enum Skimmed<'a> {
         word: &'a [u8],
         adjacent: bool,
     },
+    /// A quoted identifier called as a function: `"f"(…)`.
+    QuotedCall,
     Semicolon,
 }
 
@@ -607,7 +654,7 @@ impl<'a> Lexer<'a> {
     /// Moves to the next word or semicolon; numbers, operators, literals and quoted
     /// identifiers on the way only break the adjacency of the words around them.
     #[inline(always)]
-    fn skim(&mut self) -> Option<Skimmed<'a>> {
+    fn skim(&mut self, calls: bool) -> Option<Skimmed<'a>> {
         let mut adjacent = true;
         while let Some(&b) = self.src.get(self.pos) {
             let class = CLASS[usize::from(b)];
@@ -624,11 +671,23 @@ impl<'a> Lexer<'a> {
                 match self.special() {
                     Special::Comment => {}
                     Special::Semicolon => return Some(Skimmed::Semicolon),
+                    Special::Quoted(_) if calls && self.before_paren() => {
+                        return Some(Skimmed::QuotedCall)
+                    }
                     _ => adjacent = false,
                 }
             }
         }
         None
+    }
+
+    /// Whether the next byte past whitespace is `(`: the word just read is called.
+    #[inline(always)]
+    fn before_paren(&self) -> bool {
+        self.src[self.pos..]
+            .iter()
+            .find(|&&c| CLASS[usize::from(c)] != SPACE)
+            == Some(&b'(')
     }
 
     fn skip_block_comment(&mut self) {
@@ -686,6 +745,90 @@ impl<'a> Lexer<'a> {
     }
 }
 
+/// Whether a statement that starts with `word` may be a read, which a call would make a write.
+fn may_read(word: &[u8]) -> bool {
+    matches!(
+        key(word),
+        kw::SELECT | kw::WITH | kw::VALUES | kw::TABLE | kw::EXPLAIN | kw::COPY
+    )
+}
+
+/// Whether `word(` is no call of a function that may write: a keyword or type name that takes
+/// parentheses, or a built-in function that reads only. Anything else (a user's function,
+/// which may write) makes a SELECT a write.
+fn takes_parentheses(word: &[u8]) -> bool {
+    let mut lower = [0u8; 32];
+    let Some(lower) = lower.get_mut(..word.len()) else {
+        return false;
+    };
+    for (l, c) in lower.iter_mut().zip(word) {
+        *l = c.to_ascii_lowercase();
+    }
+    READ_ONLY_CALLS
+        .binary_search_by(|f| f.as_bytes().cmp(lower))
+        .is_ok()
+}
+
+/// Keywords and type names written before parentheses, and built-in functions that read
+/// only; sorted, lower-case.
+#[rustfmt::skip]
+const READ_ONLY_CALLS: &[&str] = &[
+    "abs", "acos", "age", "all", "and", "any", "array", "array_agg", "array_append", "array_cat",
+    "array_length", "array_lower", "array_position", "array_positions", "array_prepend",
+    "array_remove", "array_replace", "array_to_json", "array_to_string", "array_upper", "as",
+    "ascii", "asin", "atan", "atan2", "avg", "between", "bit", "bit_and", "bit_length", "bit_or",
+    "bool_and", "bool_or", "btrim", "by", "cardinality", "case", "cast", "cbrt", "ceil", "ceiling",
+    "char", "char_length", "character", "character_length", "chr", "clock_timestamp", "coalesce",
+    "col_description", "concat", "concat_ws", "convert", "convert_from", "convert_to", "corr",
+    "cos", "count", "cube", "cume_dist", "current_database", "current_schema", "current_schemas",
+    "current_setting", "date_bin", "date_part", "date_trunc", "decimal", "decode", "degrees",
+    "dense_rank", "digest", "distinct", "div", "else", "encode", "end", "every", "except", "exists",
+    "exp", "explain", "extract", "filter", "first_value", "float", "floor", "format", "format_type",
+    "from", "gcd", "gen_random_uuid", "generate_series", "generate_subscripts", "greatest", "group",
+    "grouping", "has_database_privilege", "has_schema_privilege", "has_table_privilege", "hashtext",
+    "having", "host", "ilike", "in", "initcap", "intersect", "interval", "is", "isfinite", "join",
+    "json_agg", "json_array_elements", "json_array_elements_text", "json_array_length",
+    "json_build_array", "json_build_object", "json_each", "json_each_text", "json_extract_path",
+    "json_extract_path_text", "json_object", "json_object_agg", "json_object_keys",
+    "json_populate_record", "json_populate_recordset", "json_strip_nulls", "json_typeof",
+    "jsonb_agg", "jsonb_array_elements", "jsonb_array_elements_text", "jsonb_array_length",
+    "jsonb_build_array", "jsonb_build_object", "jsonb_each", "jsonb_each_text",
+    "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_insert", "jsonb_object",
+    "jsonb_object_agg", "jsonb_object_keys", "jsonb_path_exists", "jsonb_path_query",
+    "jsonb_path_query_array", "jsonb_path_query_first", "jsonb_populate_record",
+    "jsonb_populate_recordset", "jsonb_pretty", "jsonb_set", "jsonb_strip_nulls", "jsonb_to_record",
+    "jsonb_to_recordset", "jsonb_typeof", "justify_days", "justify_hours", "justify_interval",
+    "lag", "last_value", "lateral", "lcm", "lead", "least", "left", "length", "like", "limit", "ln",
+    "localtime", "localtimestamp", "log", "log10", "lower", "lpad", "ltrim", "make_date",
+    "make_interval", "make_time", "make_timestamp", "make_timestamptz", "materialized", "max",
+    "md5", "min", "mod", "mode", "not", "now", "nth_value", "ntile", "nullif", "num_nonnulls",
+    "num_nulls", "numeric", "obj_description", "octet_length", "offset", "on", "or", "over",
+    "overlay", "percent_rank", "percentile_cont", "percentile_disc", "pg_backend_pid",
+    "pg_blocking_pids", "pg_client_encoding", "pg_column_size", "pg_conf_load_time",
+    "pg_current_wal_flush_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_lsn",
+    "pg_current_xact_id_if_assigned", "pg_database_size", "pg_encoding_to_char",
+    "pg_get_constraintdef", "pg_get_expr", "pg_get_functiondef", "pg_get_indexdef",
+    "pg_get_serial_sequence", "pg_get_userbyid", "pg_get_viewdef", "pg_has_role", "pg_indexes_size",
+    "pg_is_in_recovery", "pg_last_wal_receive_lsn", "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp", "pg_listening_channels", "pg_my_temp_schema",
+    "pg_postmaster_start_time", "pg_relation_filepath", "pg_relation_size", "pg_size_bytes",
+    "pg_size_pretty", "pg_sleep", "pg_sleep_for", "pg_sleep_until", "pg_table_is_visible",
+    "pg_table_size", "pg_tablespace_location", "pg_total_relation_size", "pg_trigger_depth",
+    "pg_typeof", "pg_wal_lsn_diff", "pg_walfile_name", "pg_xact_status", "pi", "position", "power",
+    "quote_ident", "quote_literal", "quote_nullable", "radians", "random", "rank", "recursive",
+    "regexp_count", "regexp_instr", "regexp_like", "regexp_match", "regexp_matches",
+    "regexp_replace", "regexp_split_to_array", "regexp_split_to_table", "regexp_substr", "repeat",
+    "replace", "reverse", "right", "rollup", "round", "row", "row_number", "row_to_json", "rows",
+    "rpad", "rtrim", "scale", "select", "sets", "sha224", "sha256", "sha384", "sha512", "sign",
+    "similar", "sin", "some", "split_part", "sqrt", "starts_with", "statement_timestamp", "stddev",
+    "stddev_pop", "stddev_samp", "stdout", "string_agg", "string_to_array", "strpos", "substr",
+    "substring", "sum", "tablesample", "tan", "then", "time", "timeofday", "timestamp", "to",
+    "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number", "to_regclass",
+    "to_timestamp", "transaction_timestamp", "translate", "treat", "trim", "trunc", "union",
+    "unnest", "upper", "using", "uuid_generate_v4", "values", "var_pop", "var_samp", "varchar",
+    "variance", "varying", "version", "when", "where", "width_bucket", "with", "zone",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,6 +877,63 @@ mod tests {
         assert_eq!(kinds("select $a$ ; $a$, $1"), [Statement::Read]);
         assert_eq!(kinds("-- only a comment\n"), Vec::<Statement>::new());
         assert!(classify("UPDATE t SET a = 1; SELECT 1").may_write());
+    }
+
+    /// A user's function may write, so a SELECT that calls one is no read: run again after a
+    /// failover, its write would be applied twice. Built-in functions that read, and keywords
+    /// and types written before parentheses, leave a SELECT a read.
+    #[test]
+    fn calls_of_functions_that_may_write() {
+        for sql in [
+            "SELECT ins_fn(1)",
+            "select /* c */ public.ins_fn(id) from t",
+            "SELECT (ins_fn(1))",
+            "SELECT * FROM t, LATERAL ins_fn(t.a) AS f",
+            "VALUES (ins_fn(2))",
+            "SELECT \"InsFn\"(1)",
+            "select count(*), ins_fn (x) from t",
+            "COPY (SELECT ins_fn(1)) TO STDOUT",
+            "WITH x AS (SELECT f()) SELECT * FROM x",
+        ] {
+            assert_eq!(kinds(sql), [Statement::Write], "{sql}");
+        }
+        for sql in [
+            "SELECT count(*), max(a), lower(b) FROM t WHERE a IN (1, 2) AND EXISTS (SELECT 1)",
+            "SELECT CAST(a AS numeric(10, 2)), coalesce(b, 'x')::varchar(3) FROM t",
+            "SELECT * FROM generate_series(1, 10) g JOIN (SELECT 1) s ON (true)",
+            "SELECT now(), pg_sleep(0.1), date_trunc('day', now()), extract(epoch FROM now())",
+            "SELECT row_number() OVER (PARTITION BY a ORDER BY b) FROM t",
+            "SELECT json_build_object('a', 1), string_agg(x, ',') FILTER (WHERE x <> '') FROM t",
+            "COPY t (a, b) TO STDOUT",
+            "COPY (SELECT lower(b) FROM t) TO STDOUT",
+            "EXPLAIN (COSTS OFF) SELECT 1",
+            "SELECT 'ins_fn(1)', $$ ins_fn(1) $$",
+        ] {
+            assert_eq!(kinds(sql), [Statement::Read], "{sql}");
+        }
+        assert!(READ_ONLY_CALLS.windows(2).all(|w| w[0] < w[1]), "sorted");
+        assert!(takes_parentheses(b"lower"), "lower");
+        assert!(takes_parentheses(b"LOWER"), "LOWER");
+    }
+
+    /// What a DO block or `set_config()` changes in the session, or a temporary table made by
+    /// schema, cannot be given to a new backend: the session cannot move.
+    #[test]
+    fn untracked_session_changes_make_a_session_unmovable() {
+        for sql in [
+            "DO $$ BEGIN EXECUTE 'CREATE TEMP TABLE tt (a int)'; END $$",
+            "SELECT set_config('search_path', 's2', false)",
+            "CREATE TABLE pg_temp.tt (a int)",
+        ] {
+            assert!(
+                classify(sql)
+                    .hazards
+                    .iter()
+                    .any(|h| matches!(h, Hazard::Unmovable(_))),
+                "{sql}"
+            );
+        }
+        assert!(classify("SELECT * FROM pg_temp.tt").hazards.is_empty());
     }
 
     #[test]

@@ -153,6 +153,38 @@ async fn idle_session_moves_with_its_state() {
     );
 }
 
+/// Session state set with the extended protocol (as JDBC and Npgsql send every statement)
+/// moves too: a `search_path` set that way still picks the table it picked before, in the
+/// replayed transaction and after it, and a LISTEN made that way still hears.
+#[tokio::test]
+async fn extended_protocol_session_state_moves() {
+    let (mut cluster, gw, _) = session_after(
+        "CREATE SCHEMA s2; GRANT ALL ON SCHEMA s2 TO PUBLIC;
+         CREATE TABLE t2(a int); CREATE TABLE s2.t2(a int); GRANT ALL ON t2, s2.t2 TO PUBLIC",
+    )
+    .await;
+    let (c, mut notes) = connect_listening(&gw, roles::SCRAM).await;
+    // `execute` sends Parse/Bind/Execute/Sync.
+    c.execute("SET search_path TO s2", &[]).await.unwrap();
+    c.execute("LISTEN moved", &[]).await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO t2 VALUES (1)", &[]).await.unwrap();
+
+    cluster.kill_primary().await;
+
+    c.execute("INSERT INTO t2 VALUES (2)", &[]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    c.execute("INSERT INTO t2 VALUES (3)", &[]).await.unwrap();
+    let su = cluster_on_new_primary(&mut cluster).await.superuser().await;
+    assert_eq!(
+        int_column(&su, "SELECT a FROM s2.t2 ORDER BY a").await,
+        [1, 2, 3]
+    );
+    assert!(int_column(&su, "SELECT a FROM public.t2").await.is_empty());
+    c.batch_execute("NOTIFY moved, 'here'").await.unwrap();
+    assert_eq!(next_notification(&mut notes).await.1, "here");
+}
+
 /// A transaction open across the failover is replayed: the rows written before and after the
 /// failover all commit, exactly once.
 #[tokio::test]

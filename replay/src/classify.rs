@@ -69,6 +69,9 @@ pub struct Classified {
     pub hazards: Vec<Hazard>,
     /// Whether a statement is COPY … FROM STDIN: the client's data follows the query.
     pub copies: bool,
+    /// Whether a statement is ROLLBACK TO SAVEPOINT, which undoes the transaction's settings
+    /// since that savepoint.
+    pub rolls_back_to: bool,
     /// Byte range in the query string of each [`Statement::Session`] statement, in order: the
     /// text a new backend is given to restore it.
     pub session_spans: Vec<std::ops::Range<usize>>,
@@ -166,6 +169,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.statements.clear();
     out.hazards.clear();
     out.copies = false;
+    out.rolls_back_to = false;
     out.session_spans.clear();
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
@@ -189,7 +193,10 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 Statement::Write
             }
             kw::COMMIT | kw::END => Statement::Commit,
-            kw::ROLLBACK | kw::ABORT if is(1, "TO") || is(2, "TO") => Statement::Savepoint,
+            kw::ROLLBACK | kw::ABORT if is(1, "TO") || is(2, "TO") => {
+                out.rolls_back_to = true;
+                Statement::Savepoint
+            }
             kw::ROLLBACK if is(1, "PREPARED") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write

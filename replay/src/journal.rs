@@ -148,6 +148,14 @@ impl Group {
         }
     }
 
+    /// Adds a session-state change the group makes when it succeeds.
+    fn add_change(&mut self, change: PendingChange) {
+        if let SessionChange::Prepare(name) = &change.change {
+            self.prepares.push(name.clone());
+        }
+        self.changes.push(change);
+    }
+
     /// Empties this group for reuse by the next request, keeping its buffers.
     fn recycle(&mut self) {
         self.request.clear();
@@ -298,6 +306,10 @@ struct Effects {
     commits: bool,
     begins: bool,
     copies: bool,
+    /// It changes session state (see `Journal::statement_changes`).
+    changes: bool,
+    /// It rolls back to a savepoint.
+    rolls_back_to: bool,
 }
 
 /// Why the open transaction cannot be replayed.
@@ -364,6 +376,9 @@ pub struct Journal {
     /// What each prepared statement (by its name's bytes; empty for the unnamed one) does when
     /// executed.
     statements: HashMap<Vec<u8>, Effects, foldhash::fast::RandomState>,
+    /// The session-state changes (SET, LISTEN, PREPARE …) of the prepared statements that make
+    /// them, by name as in `statements`: each execution applies them as a Query would.
+    statement_changes: HashMap<Vec<u8>, Vec<PendingChange>, foldhash::fast::RandomState>,
     /// Whether the last client message will be answered with a ReadyForQuery.
     expects_ready: bool,
     /// The client encoding, when its multi-byte characters may contain ASCII bytes.
@@ -398,6 +413,7 @@ impl Journal {
             last_committed_xid: None,
             pending: Vec::new(),
             statements: HashMap::default(),
+            statement_changes: HashMap::default(),
             expects_ready: false,
             multibyte: None,
             utf8: true,
@@ -496,6 +512,7 @@ impl Journal {
             self.groups.push(group);
         }
         let mut before = Before::Forward;
+        let mut rolls_back_to = false;
         let Some(group) = self.groups.last_mut() else {
             return before;
         };
@@ -572,25 +589,10 @@ impl Journal {
                     &mut self.unmovable,
                     &mut self.unreplayable,
                 );
-                let sessions = classified.statements.iter().filter_map(|s| match s {
-                    Statement::Session(change) => Some(change),
-                    _ => None,
-                });
-                for (change, span) in sessions.zip(&classified.session_spans) {
-                    let text = String::from_utf8_lossy(&sql[span.clone()]);
-                    if matches!(text, Cow::Owned(_)) || !self.utf8 && !text.is_ascii() {
-                        // The text to restore it would not be the text the client sent, or
-                        // would be read in whatever encoding the restore runs under.
-                        self.unmovable = self.unmovable.or(Some(NOT_UTF8));
-                    }
-                    if let SessionChange::Prepare(name) = change {
-                        group.prepares.push(name.clone());
-                    }
-                    group.changes.push(PendingChange {
-                        change: change.clone(),
-                        sql: text.trim().to_owned(),
-                    });
+                for change in pending_changes(classified, sql, self.utf8, &mut self.unmovable) {
+                    group.add_change(change);
                 }
+                rolls_back_to |= classified.rolls_back_to;
             }
             frontend::PARSE => {
                 let (raw_name, rest) = cstr(body);
@@ -602,13 +604,22 @@ impl Journal {
                 );
                 let classified = &self.classified;
                 // Parsing runs nothing; what the statement does counts when it is executed.
+                let changes =
+                    pending_changes(classified, cstr(rest).0, self.utf8, &mut self.unmovable);
                 let effects = Effects {
                     may_write: classified.may_write(),
                     may_write_data: classified.may_write_data(),
                     commits: classified.statements.contains(&Statement::Commit),
                     begins: classified.statements.contains(&Statement::Begin),
                     copies: classified.copies,
+                    changes: !changes.is_empty(),
+                    rolls_back_to: classified.rolls_back_to,
                 };
+                if effects.changes {
+                    self.statement_changes.insert(raw_name.to_vec(), changes);
+                } else if !self.statement_changes.is_empty() {
+                    self.statement_changes.remove(raw_name);
+                }
                 if effects.commits
                     && first
                     && self.txn_status == b'T'
@@ -640,6 +651,12 @@ impl Journal {
                 group.begins |= effects.begins;
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
+                if effects.changes {
+                    for change in self.statement_changes.get(statement).into_iter().flatten() {
+                        group.add_change(change.clone());
+                    }
+                }
+                rolls_back_to |= effects.rolls_back_to;
                 if effects.commits
                     && first
                     && self.txn_status == b'T'
@@ -688,12 +705,31 @@ impl Journal {
         if ends_write && autocommit && group.may_write_data && before == Before::Forward {
             before = Before::CaptureLsnAfter;
         }
+        if rolls_back_to {
+            self.note_rollback_to();
+        }
         before
     }
 
     /// The group that owns the next response bytes.
     fn answering(&mut self) -> Option<&mut Group> {
         self.groups.get_mut(self.answered).map(|g| &mut **g)
+    }
+
+    /// A ROLLBACK TO SAVEPOINT undoes the settings made since that savepoint, which the journal
+    /// does not tell apart from those made before it: with any made in the transaction, the
+    /// session state is no longer known and the session cannot move.
+    fn note_rollback_to(&mut self) {
+        let unanswered = self.groups[self.answered..].iter();
+        let settings = !self.pending.is_empty()
+            || unanswered
+                .flat_map(|g| &g.changes)
+                .any(|c| SessionState::transactional(&c.change));
+        if settings {
+            self.unmovable = self.unmovable.or(Some(
+                "a setting made in a transaction rolled back to a savepoint",
+            ));
+        }
     }
 
     /// Notes a parameter the server reports (at login and on change): the client encoding and
@@ -782,9 +818,12 @@ impl Journal {
             self.txn_may_write_data |= may_write_data && status != b'I';
         }
         let was_in_txn = self.txn_status != b'I';
+        // A COMMIT of a failed transaction is answered ROLLBACK, without an error.
+        let was_failed = self.txn_status == b'E';
         self.txn_status = status;
         if status == b'I' {
             let committed = was_in_txn
+                && !was_failed
                 && self
                     .answered
                     .checked_sub(1)
@@ -853,6 +892,35 @@ impl Journal {
             self.unreplayable = None;
         }
     }
+}
+
+/// The session-state changes among `classified`'s statements, with the text that restores
+/// each; text that would not restore what the client sent makes the session unmovable.
+fn pending_changes(
+    classified: &Classified,
+    sql: &[u8],
+    utf8: bool,
+    unmovable: &mut Option<&'static str>,
+) -> Vec<PendingChange> {
+    let sessions = classified.statements.iter().filter_map(|s| match s {
+        Statement::Session(change) => Some(change),
+        _ => None,
+    });
+    sessions
+        .zip(&classified.session_spans)
+        .map(|(change, span)| {
+            let text = String::from_utf8_lossy(&sql[span.clone()]);
+            if matches!(text, Cow::Owned(_)) || !utf8 && !text.is_ascii() {
+                // The text to restore it would not be the text the client sent, or would be
+                // read in whatever encoding the restore runs under.
+                *unmovable = unmovable.or(Some(NOT_UTF8));
+            }
+            PendingChange {
+                change: change.clone(),
+                sql: text.trim().to_owned(),
+            }
+        })
+        .collect()
 }
 
 /// Records what the statement `name` does; a name seen before keeps its key (no allocation for
@@ -1386,6 +1454,73 @@ mod tests {
         );
         assert!(j.expects_ready());
         assert_eq!(j.groups().len(), 1);
+    }
+
+    /// Extended-protocol SET, LISTEN, PREPARE and DEALLOCATE change the session as a Query
+    /// would, each time the statement runs; a transaction's settings count only once it
+    /// commits, not when its COMMIT is answered ROLLBACK; a ROLLBACK TO SAVEPOINT after
+    /// settings in the transaction leaves their state unknown, and the session unmovable.
+    #[test]
+    fn session_changes_follow_the_extended_protocol_and_the_transaction() {
+        let extended = |j: &mut Journal, sql: &str| {
+            j.on_client_message(b'P', &msg(b'P', format!("\0{sql}\0\0\0").as_bytes()));
+            j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+            j.on_client_message(b'S', &msg(b'S', b""));
+        };
+        let mut j = Journal::new(1 << 20);
+        for sql in [
+            "SET search_path TO s2",
+            "LISTEN ch",
+            "PREPARE p AS SELECT 1",
+            "PREPARE q AS SELECT 2",
+            "DEALLOCATE q",
+        ] {
+            extended(&mut j, sql);
+            answer(&mut j, b"", b'I');
+        }
+        let restore = j.state().restore_sql();
+        assert!(
+            restore.iter().any(|s| s == "SET search_path TO s2"),
+            "{restore:?}"
+        );
+        assert!(restore.iter().any(|s| s.contains("LISTEN")), "{restore:?}");
+        assert!(
+            restore.iter().any(|s| s == "PREPARE p AS SELECT 1"),
+            "{restore:?}"
+        );
+        assert!(
+            !restore.iter().any(|s| s.contains("PREPARE q")),
+            "{restore:?}"
+        );
+
+        // A failed transaction's SET: its COMMIT is answered ROLLBACK.
+        for (sql, status) in [
+            ("BEGIN", b'T'),
+            ("SET work_mem = '64MB'", b'T'),
+            ("SELECT 1/0", b'E'),
+            ("COMMIT", b'I'),
+        ] {
+            j.on_client_message(b'Q', &query(sql));
+            answer(&mut j, b"", status);
+        }
+        let restore = j.state().restore_sql();
+        assert!(
+            !restore.iter().any(|s| s.contains("work_mem")),
+            "{restore:?}"
+        );
+        assert_eq!(j.unmovable(), None);
+
+        for (sql, status) in [
+            ("BEGIN", b'T'),
+            ("SAVEPOINT a", b'T'),
+            ("SET work_mem = '64MB'", b'T'),
+            ("ROLLBACK TO SAVEPOINT a", b'T'),
+        ] {
+            j.on_client_message(b'Q', &query(sql));
+            answer(&mut j, b"", status);
+        }
+        assert!(j.unmovable().is_some());
     }
 
     #[test]

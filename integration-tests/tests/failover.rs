@@ -275,6 +275,70 @@ async fn commit_in_flight(statements: &[&str]) {
     c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
 }
 
+/// A COMMIT that committed on the old primary, and reached the standby, but was never
+/// answered (the primary waits for a synchronous standby that does not exist): the gateway
+/// finds its xid committed on the new primary and answers it as the server would have, for a
+/// COMMIT sent as a Query and for one sent with the extended protocol (as JDBC sends it),
+/// which used to get 08007. Nothing runs again.
+#[tokio::test]
+async fn a_committed_commit_whose_answer_was_lost_is_answered() {
+    for extended in [false, true] {
+        let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+        let su = cluster.superuser().await;
+        su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+            .await
+            .unwrap();
+        su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while simple_rows(
+            &c.simple_query("SHOW synchronous_standby_names")
+                .await
+                .unwrap(),
+        ) != [["nobody"]]
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reload never came"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let commit = tokio::spawn(async move {
+            let r = match extended {
+                true => c.execute("COMMIT", &[]).await.map(drop),
+                false => c.batch_execute("COMMIT").await,
+            };
+            (c, r)
+        });
+        let standby = cluster.pg.standby.as_ref().unwrap();
+        let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
+        while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit never streamed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !commit.is_finished(),
+            "the COMMIT waits for its synchronous standby"
+        );
+        cluster.kill_primary().await;
+        let (c, r) = tokio::time::timeout(PATIENCE, commit)
+            .await
+            .unwrap()
+            .unwrap();
+        r.unwrap_or_else(|e| panic!("extended {extended}: {e:?}"));
+        c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+        assert_eq!(
+            values(cluster_on_new_primary(&mut cluster).await, "t").await,
+            [1, 2],
+            "extended {extended}"
+        );
+    }
+}
+
 /// A client whose encoding is LATIN1 sends text that is not UTF-8: its write is still known
 /// as a write, so the COMMIT in flight at the failover is resolved as for any other client
 /// (not taken for a read-only transaction and answered without its rows), and the rows exist

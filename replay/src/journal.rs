@@ -101,8 +101,11 @@ pub struct Group {
     pub commits: bool,
     /// Whether it opens a transaction block (BEGIN).
     pub begins: bool,
-    /// Whether it is a simple Query holding nothing but COMMIT (whose answer is known).
+    /// Whether it runs nothing but a COMMIT (a Query of it alone, or one Bind of a statement
+    /// that is it alone), whose answer is known.
     pub sole_commit: bool,
+    /// Whether a Bind came in it.
+    bound: bool,
     /// Whether it holds a COPY … FROM STDIN, whose data follows the query.
     pub copies: bool,
     /// COPY data is expected and has not ended (CopyDone/CopyFail) yet; meanwhile the server
@@ -137,6 +140,7 @@ impl Group {
             commits: false,
             begins: false,
             sole_commit: false,
+            bound: false,
             copies: false,
             copy_in_pending: false,
             runs: false,
@@ -168,6 +172,7 @@ impl Group {
         self.commits = false;
         self.begins = false;
         self.sole_commit = false;
+        self.bound = false;
         self.copies = false;
         self.copy_in_pending = false;
         self.runs = false;
@@ -310,6 +315,8 @@ struct Effects {
     changes: bool,
     /// It rolls back to a savepoint.
     rolls_back_to: bool,
+    /// It is a COMMIT and nothing else.
+    sole_commit: bool,
 }
 
 /// Why the open transaction cannot be replayed.
@@ -614,6 +621,7 @@ impl Journal {
                     copies: classified.copies,
                     changes: !changes.is_empty(),
                     rolls_back_to: classified.rolls_back_to,
+                    sole_commit: classified.statements == [Statement::Commit],
                 };
                 if effects.changes {
                     self.statement_changes.insert(raw_name.to_vec(), changes);
@@ -651,6 +659,8 @@ impl Journal {
                 group.begins |= effects.begins;
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
+                group.sole_commit = !group.runs && !group.bound && effects.sole_commit;
+                group.bound = true;
                 if effects.changes {
                     for change in self.statement_changes.get(statement).into_iter().flatten() {
                         group.add_change(change.clone());

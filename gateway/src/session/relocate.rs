@@ -462,16 +462,16 @@ impl Session {
             .increment(1);
             tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
             // A COMMIT alone has a known answer; a string that also did other things does not.
+            let answer = match outcome {
+                CommitOutcome::Committed if first.sole_commit => commit_answer(&first.request),
+                _ => None,
+            };
             let outcome = match outcome {
-                CommitOutcome::Committed if !first.sole_commit => CommitOutcome::InDoubt,
+                CommitOutcome::Committed if answer.is_none() => CommitOutcome::InDoubt,
                 o => o,
             };
-            match outcome {
-                CommitOutcome::Committed => {
-                    // The server would have said exactly this.
-                    let mut answer = BytesMut::new();
-                    answer.extend_from_slice(b"C\0\0\0\x0bCOMMIT\0");
-                    encode::ready_for_query(&mut answer, b'I');
+            match (outcome, answer) {
+                (CommitOutcome::Committed, Some(answer)) => {
                     let seen = seen_answer.len as usize;
                     if seen > answer.len() || partial.is_some() && seen == 0 {
                         return Err(fatal(DIVERGED));
@@ -488,13 +488,13 @@ impl Session {
                     self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
                     return Ok(resumed);
                 }
-                CommitOutcome::InDoubt => {
+                (CommitOutcome::NotCommitted, _) => {}
+                _ => {
                     if seen_answer.len > 0 {
                         return Err(cannot_move("08007", IN_DOUBT.to_owned()));
                     }
                     return Ok(self.give_up_in_doubt(1, &in_flight[1..], resumed));
                 }
-                CommitOutcome::NotCommitted => {}
             }
         }
 
@@ -822,6 +822,41 @@ impl Fresh {
     }
 }
 
+/// What the server answers a request group that runs nothing but a COMMIT that commits: a
+/// Query of it, or its Parse, Bind, Describe, Execute, Close, Flush and Sync messages; `None`
+/// for anything else.
+fn commit_answer(request: &[u8]) -> Option<BytesMut> {
+    const COMMITTED: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
+    const NO_DATA: &[u8] = b"n\0\0\0\x04";
+    let mut answer = BytesMut::new();
+    let mut rest = request;
+    while let Some((&tag, after)) = rest.split_first() {
+        let len = i32::from_be_bytes(*after.first_chunk::<4>()?);
+        let (message, next) = rest.split_at_checked(1 + usize::try_from(len).ok()?)?;
+        match tag {
+            b'Q' if next.is_empty() && answer.is_empty() => {
+                answer.extend_from_slice(COMMITTED);
+                encode::ready_for_query(&mut answer, b'I');
+            }
+            b'P' => answer.extend_from_slice(b"1\0\0\0\x04"),
+            b'B' => answer.extend_from_slice(b"2\0\0\0\x04"),
+            // A statement's: no parameters, no rows; a portal's: no rows.
+            b'D' if message.get(5) == Some(&b'S') => {
+                answer.extend_from_slice(b"t\0\0\0\x06\0\0");
+                answer.extend_from_slice(NO_DATA);
+            }
+            b'D' => answer.extend_from_slice(NO_DATA),
+            b'E' => answer.extend_from_slice(COMMITTED),
+            b'C' => answer.extend_from_slice(b"3\0\0\0\x04"),
+            b'S' => encode::ready_for_query(&mut answer, b'I'),
+            b'H' => {}
+            _ => return None,
+        }
+        rest = next;
+    }
+    (!answer.is_empty()).then_some(answer)
+}
+
 /// Whether an unanswered request must not run again: outside a transaction a request that may
 /// have written data (on its own, or in a transaction it both begins and commits) may have been
 /// applied by the old primary, so the client gets 08007 instead. A session-state change (SET,
@@ -926,6 +961,37 @@ mod tests {
         );
         // Autocommit writes are judged one by one (see `in_doubt`).
         assert_eq!(behind(&[], &["INSERT INTO t VALUES (1)", "COMMIT"]), None);
+    }
+
+    #[test]
+    fn a_commit_alone_is_answered_as_the_server_answers_it() {
+        let m = |tag: u8, body: &[u8]| {
+            let mut v = vec![tag];
+            v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            v.extend_from_slice(body);
+            v
+        };
+        let simple = m(b'Q', b"COMMIT\0");
+        assert_eq!(
+            commit_answer(&simple).as_deref(),
+            Some(&b"C\0\0\0\x0bCOMMIT\0Z\0\0\0\x05I"[..])
+        );
+        let extended = [
+            m(b'P', b"\0COMMIT\0\0\0"),
+            m(b'B', b"\0\0\0\0\0\0\0\0"),
+            m(b'D', b"P\0"),
+            m(b'E', b"\0\0\0\0\0"),
+            m(b'S', b""),
+        ]
+        .concat();
+        assert_eq!(
+            commit_answer(&extended).as_deref(),
+            Some(&b"1\0\0\0\x042\0\0\0\x04n\0\0\0\x04C\0\0\0\x0bCOMMIT\0Z\0\0\0\x05I"[..])
+        );
+        // A FunctionCall, or a Query among other messages, has no known answer.
+        assert_eq!(commit_answer(&m(b'F', b"\0\0\0\x01")), None);
+        assert_eq!(commit_answer(&[simple.clone(), simple].concat()), None);
+        assert_eq!(commit_answer(&extended[..7]), None, "cut short");
     }
 
     #[test]

@@ -255,6 +255,52 @@ async fn synchronous_sessions_continue() {
     );
 }
 
+/// Synchronous replication while another session writes much and has not committed: that
+/// WAL is inserted but not yet flushed, so the standby has not received it. An autocommit write
+/// through the gateway is acknowledged (so it is on the standby), the primary dies, and the
+/// session carries on: the WAL position taken after the write is the flushed one, which its
+/// commit is within. (The insert position, taken before, counted the other session's WAL, and
+/// the session was ended with a FATAL 08007 for a commit that was not lost: in 1 of 3 runs of
+/// this test, whenever the other session inserted WAL between the write's commit and the
+/// position query.)
+#[tokio::test]
+async fn another_sessions_unflushed_wal_is_no_lost_commit() {
+    let mut cluster = Cluster::build(|o| o.synchronous = true).await;
+    setup(
+        &cluster,
+        "CREATE TABLE t(a int PRIMARY KEY); CREATE TABLE big(a int, pad text);
+         GRANT ALL ON t, big TO PUBLIC",
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let writer = gw.connect(roles::SCRAM).await;
+    let bulk = cluster.superuser().await;
+    let bulk_task = tokio::spawn(async move {
+        let _ = bulk
+            .batch_execute(
+                // In the select list the series streams; in FROM it would be built first.
+                "INSERT INTO big SELECT generate_series(1, 50000000), repeat('b', 200)",
+            )
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for a in 1..=20 {
+        writer
+            .execute("INSERT INTO t VALUES ($1)", &[&a])
+            .await
+            .unwrap();
+    }
+
+    cluster.kill_primary().await;
+    bulk_task.abort();
+
+    writer
+        .batch_execute("INSERT INTO t VALUES (21)")
+        .await
+        .expect("the session carries on: nothing it saw commit was lost");
+    assert_eq!(values(&writer).await, (1..=21).collect::<Vec<_>>());
+}
+
 /// Synchronous replication, a COMMIT in flight (held up by a deferred trigger) when the primary
 /// dies, in a transaction whose writes were all Bind/Execute of a statement prepared earlier
 /// (what drivers with a statement cache send). The old primary never committed it. The client

@@ -59,8 +59,13 @@ enum XidSuffix {
 
 /// The query the gateway slips in after an autocommit write: a WAL position at or past its
 /// commit, to check against what a promoted standby had replayed. The write's ReadyForQuery
-/// waits for its answer (see `Session::held_ready`).
-const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
+/// waits for its answer (see `Session::held_ready`). The commit was flushed before it was
+/// answered (unless `synchronous_commit` is off), so the flush position covers it without
+/// the WAL other sessions inserted but nobody flushed yet: counting that, a standby that had
+/// everything this session committed read as one that lost some of it.
+const LSN_QUERY: &[u8] =
+    b"Q\0\0\0\x90SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
+THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text\0";
 
 /// Length of a ReadyForQuery message.
 const READY_LEN: usize = 6;

@@ -161,15 +161,9 @@ impl Coordinator {
     ) -> Result<(Backend, (Option<u64>, Option<u64>)), FailoverError> {
         let control = self.topology.control();
         let timeout = self.config.probe_timeout();
-        let candidates: Vec<Backend> = self
-            .topology
-            .backends()
-            .iter()
-            .filter(|b| *b != failed && !self.topology.is_fenced(b))
-            .cloned()
-            .collect();
+        let backends = self.topology.backends();
         let mut clients: Vec<Option<tokio_postgres::Client>> =
-            candidates.iter().map(|_| None).collect();
+            backends.iter().map(|_| None).collect();
         // The primary may come back meanwhile: then this is no failover. One answer says so
         // (its absence was confirmed already). Watched only between attempts, never during
         // one: a promotion under way is not abandoned.
@@ -179,9 +173,14 @@ impl Coordinator {
             }
         };
         tokio::pin!(came_back);
-        let mut last_error = String::from("no standby configured");
+        let mut last_error = String::from("no standby to promote (none configured, or fenced)");
         while Instant::now() < deadline {
-            for (standby, slot) in candidates.iter().zip(&mut clients) {
+            // Looked at again each round: a fenced old primary the topology adopts back as a
+            // standby (seeded again after an earlier failover) is a candidate from then on.
+            for (standby, slot) in backends.iter().zip(&mut clients) {
+                if standby == failed || self.topology.is_fenced(standby) {
+                    continue;
+                }
                 if slot.as_ref().is_none_or(|c| c.is_closed()) {
                     match control_client(standby, control, "understudy-failover", timeout).await {
                         Ok(c) => *slot = Some(c),

@@ -185,6 +185,33 @@ async fn extended_protocol_session_state_moves() {
     assert_eq!(next_notification(&mut notes).await.1, "here");
 }
 
+/// A second crash right after a new standby was seeded in the old primary's place, before the
+/// role probe adopted it back (it was fenced as the old primary): the failover looks for
+/// candidates again each round and promotes it once adopted, instead of finding none at its
+/// start and waiting `failover.timeout_ms` (20 s here) for nothing, ending the session.
+#[tokio::test]
+async fn a_crash_before_the_seeded_standby_is_adopted_still_fails_over() {
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    cluster.kill_primary().await;
+    c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    cluster.reseed().await;
+    cluster.kill_primary().await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        c.batch_execute("INSERT INTO t VALUES (3)"),
+    )
+    .await
+    .expect("moved well within the failover timeout")
+    .expect("the session carries on");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        int_column(&c, "SELECT a FROM t ORDER BY a").await,
+        [1, 2, 3]
+    );
+}
+
 /// A transaction open across the failover is replayed: the rows written before and after the
 /// failover all commit, exactly once.
 #[tokio::test]

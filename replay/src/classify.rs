@@ -8,6 +8,8 @@
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use crate::read_only_calls::READ_ONLY_CALLS;
+
 /// What one statement does to the session and its transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Statement {
@@ -764,7 +766,8 @@ fn may_read(word: &[u8]) -> bool {
 /// parentheses, or a built-in function that reads only. Anything else (a user's function,
 /// which may write) makes a SELECT a write.
 fn takes_parentheses(word: &[u8]) -> bool {
-    let mut lower = [0u8; 32];
+    // PostgreSQL's names are at most 63 bytes.
+    let mut lower = [0u8; 64];
     let Some(lower) = lower.get_mut(..word.len()) else {
         return false;
     };
@@ -775,66 +778,6 @@ fn takes_parentheses(word: &[u8]) -> bool {
         .binary_search_by(|f| f.as_bytes().cmp(lower))
         .is_ok()
 }
-
-/// Keywords and type names written before parentheses, and built-in functions that read
-/// only; sorted, lower-case.
-#[rustfmt::skip]
-const READ_ONLY_CALLS: &[&str] = &[
-    "abs", "acos", "age", "all", "and", "any", "array", "array_agg", "array_append", "array_cat",
-    "array_length", "array_lower", "array_position", "array_positions", "array_prepend",
-    "array_remove", "array_replace", "array_to_json", "array_to_string", "array_upper", "as",
-    "ascii", "asin", "atan", "atan2", "avg", "between", "bit", "bit_and", "bit_length", "bit_or",
-    "bool_and", "bool_or", "btrim", "by", "cardinality", "case", "cast", "cbrt", "ceil", "ceiling",
-    "char", "char_length", "character", "character_length", "chr", "clock_timestamp", "coalesce",
-    "col_description", "concat", "concat_ws", "convert", "convert_from", "convert_to", "corr",
-    "cos", "count", "cube", "cume_dist", "current_database", "current_schema", "current_schemas",
-    "current_setting", "date_bin", "date_part", "date_trunc", "decimal", "decode", "degrees",
-    "dense_rank", "digest", "distinct", "div", "else", "encode", "end", "every", "except", "exists",
-    "exp", "explain", "extract", "filter", "first_value", "float", "floor", "format", "format_type",
-    "from", "gcd", "gen_random_uuid", "generate_series", "generate_subscripts", "greatest", "group",
-    "grouping", "has_database_privilege", "has_schema_privilege", "has_table_privilege", "hashtext",
-    "having", "host", "ilike", "in", "initcap", "intersect", "interval", "is", "isfinite", "join",
-    "json_agg", "json_array_elements", "json_array_elements_text", "json_array_length",
-    "json_build_array", "json_build_object", "json_each", "json_each_text", "json_extract_path",
-    "json_extract_path_text", "json_object", "json_object_agg", "json_object_keys",
-    "json_populate_record", "json_populate_recordset", "json_strip_nulls", "json_typeof",
-    "jsonb_agg", "jsonb_array_elements", "jsonb_array_elements_text", "jsonb_array_length",
-    "jsonb_build_array", "jsonb_build_object", "jsonb_each", "jsonb_each_text",
-    "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_insert", "jsonb_object",
-    "jsonb_object_agg", "jsonb_object_keys", "jsonb_path_exists", "jsonb_path_query",
-    "jsonb_path_query_array", "jsonb_path_query_first", "jsonb_populate_record",
-    "jsonb_populate_recordset", "jsonb_pretty", "jsonb_set", "jsonb_strip_nulls", "jsonb_to_record",
-    "jsonb_to_recordset", "jsonb_typeof", "justify_days", "justify_hours", "justify_interval",
-    "lag", "last_value", "lateral", "lcm", "lead", "least", "left", "length", "like", "limit", "ln",
-    "localtime", "localtimestamp", "log", "log10", "lower", "lpad", "ltrim", "make_date",
-    "make_interval", "make_time", "make_timestamp", "make_timestamptz", "materialized", "max",
-    "md5", "min", "mod", "mode", "not", "now", "nth_value", "ntile", "nullif", "num_nonnulls",
-    "num_nulls", "numeric", "obj_description", "octet_length", "offset", "on", "or", "over",
-    "overlay", "percent_rank", "percentile_cont", "percentile_disc", "pg_backend_pid",
-    "pg_blocking_pids", "pg_client_encoding", "pg_column_size", "pg_conf_load_time",
-    "pg_current_wal_flush_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_lsn",
-    "pg_current_xact_id_if_assigned", "pg_database_size", "pg_encoding_to_char",
-    "pg_get_constraintdef", "pg_get_expr", "pg_get_functiondef", "pg_get_indexdef",
-    "pg_get_serial_sequence", "pg_get_userbyid", "pg_get_viewdef", "pg_has_role", "pg_indexes_size",
-    "pg_is_in_recovery", "pg_last_wal_receive_lsn", "pg_last_wal_replay_lsn",
-    "pg_last_xact_replay_timestamp", "pg_listening_channels", "pg_my_temp_schema",
-    "pg_postmaster_start_time", "pg_relation_filepath", "pg_relation_size", "pg_size_bytes",
-    "pg_size_pretty", "pg_sleep", "pg_sleep_for", "pg_sleep_until", "pg_table_is_visible",
-    "pg_table_size", "pg_tablespace_location", "pg_total_relation_size", "pg_trigger_depth",
-    "pg_typeof", "pg_wal_lsn_diff", "pg_walfile_name", "pg_xact_status", "pi", "position", "power",
-    "quote_ident", "quote_literal", "quote_nullable", "radians", "random", "rank", "recursive",
-    "regexp_count", "regexp_instr", "regexp_like", "regexp_match", "regexp_matches",
-    "regexp_replace", "regexp_split_to_array", "regexp_split_to_table", "regexp_substr", "repeat",
-    "replace", "reverse", "right", "rollup", "round", "row", "row_number", "row_to_json", "rows",
-    "rpad", "rtrim", "scale", "select", "sets", "sha224", "sha256", "sha384", "sha512", "sign",
-    "similar", "sin", "some", "split_part", "sqrt", "starts_with", "statement_timestamp", "stddev",
-    "stddev_pop", "stddev_samp", "stdout", "string_agg", "string_to_array", "strpos", "substr",
-    "substring", "sum", "tablesample", "tan", "then", "time", "timeofday", "timestamp", "to",
-    "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number", "to_regclass",
-    "to_timestamp", "transaction_timestamp", "translate", "treat", "trim", "trunc", "union",
-    "unnest", "upper", "using", "uuid_generate_v4", "values", "var_pop", "var_samp", "varchar",
-    "variance", "varying", "version", "when", "where", "width_bucket", "with", "zone",
-];
 
 #[cfg(test)]
 mod tests {
@@ -901,6 +844,9 @@ mod tests {
             "select count(*), ins_fn (x) from t",
             "COPY (SELECT ins_fn(1)) TO STDOUT",
             "WITH x AS (SELECT f()) SELECT * FROM x",
+            "SELECT txid_current()",
+            "SELECT lo_import('/tmp/x')",
+            "SELECT pg_catalog.set_config('a.b', '1', false)",
         ] {
             assert_eq!(kinds(sql), [Statement::Write], "{sql}");
         }
@@ -914,6 +860,8 @@ mod tests {
             "COPY t (a, b) TO STDOUT",
             "COPY (SELECT lower(b) FROM t) TO STDOUT",
             "EXPLAIN (COSTS OFF) SELECT 1",
+            "SELECT inet_server_port(), pg_is_in_recovery(), pg_backend_pid()",
+            "SELECT pg_stat_get_xact_function_self_time(1), pg_size_pretty(pg_database_size('x'))",
             "SELECT 'ins_fn(1)', $$ ins_fn(1) $$",
         ] {
             assert_eq!(kinds(sql), [Statement::Read], "{sql}");

@@ -6,3 +6,4 @@
 
 pub mod classify;
 pub mod journal;
+mod read_only_calls;

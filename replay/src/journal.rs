@@ -1080,6 +1080,14 @@ mod tests {
         j.on_ready_for_query(status);
     }
 
+    /// Sends each Query and answers it with the ReadyForQuery status given.
+    fn queries(j: &mut Journal, steps: &[(&str, u8)]) {
+        for (sql, status) in steps {
+            j.on_client_message(b'Q', &query(sql));
+            answer(j, b"", *status);
+        }
+    }
+
     #[test]
     fn answered_groups_are_reused_clean_and_bounded() {
         let mut j = Journal::new(1 << 20);
@@ -1505,15 +1513,15 @@ mod tests {
         );
 
         // A failed transaction's SET: its COMMIT is answered ROLLBACK.
-        for (sql, status) in [
-            ("BEGIN", b'T'),
-            ("SET work_mem = '64MB'", b'T'),
-            ("SELECT 1/0", b'E'),
-            ("COMMIT", b'I'),
-        ] {
-            j.on_client_message(b'Q', &query(sql));
-            answer(&mut j, b"", status);
-        }
+        queries(
+            &mut j,
+            &[
+                ("BEGIN", b'T'),
+                ("SET work_mem = '64MB'", b'T'),
+                ("SELECT 1/0", b'E'),
+                ("COMMIT", b'I'),
+            ],
+        );
         let restore = j.state().restore_sql();
         assert!(
             !restore.iter().any(|s| s.contains("work_mem")),
@@ -1521,15 +1529,15 @@ mod tests {
         );
         assert_eq!(j.unmovable(), None);
 
-        for (sql, status) in [
-            ("BEGIN", b'T'),
-            ("SAVEPOINT a", b'T'),
-            ("SET work_mem = '64MB'", b'T'),
-            ("ROLLBACK TO SAVEPOINT a", b'T'),
-        ] {
-            j.on_client_message(b'Q', &query(sql));
-            answer(&mut j, b"", status);
-        }
+        queries(
+            &mut j,
+            &[
+                ("BEGIN", b'T'),
+                ("SAVEPOINT a", b'T'),
+                ("SET work_mem = '64MB'", b'T'),
+                ("ROLLBACK TO SAVEPOINT a", b'T'),
+            ],
+        );
         assert!(j.unmovable().is_some());
     }
 

@@ -92,6 +92,8 @@ struct Probe {
     role: Role,
     at: Option<Instant>,
     error: Option<String>,
+    /// `pg_conf_load_time()` as the last probe that read it found it.
+    conf_loaded: Option<String>,
 }
 
 /// Backends and the current primary.
@@ -106,8 +108,6 @@ pub struct Topology {
     /// Told when a probe finds the routed primary, or the one it just routed away from,
     /// unreachable.
     primary_lost: Notify,
-    /// Each backend's `pg_conf_load_time()` at its last probe.
-    conf_loaded: Mutex<Vec<Option<String>>>,
     /// Counts the configuration reloads the probes have seen on any backend.
     reloads: watch::Sender<u64>,
     control: Control,
@@ -153,11 +153,11 @@ impl Topology {
                 role: Role::Unknown,
                 at: None,
                 error: None,
+                conf_loaded: None,
             };
             backends.len()
         ];
         Ok(Self {
-            conf_loaded: Mutex::new(vec![None; backends.len()]),
             fenced: Mutex::new(vec![false; backends.len()]),
             kept: backends.iter().map(|_| Mutex::new(None)).collect(),
             backends,
@@ -285,21 +285,14 @@ impl Topology {
         let mut primaries = Vec::new();
         let mut reloaded = false;
         {
-            let mut conf_loaded = self.conf_loaded.lock().unwrap_or_else(|e| e.into_inner());
-            for (i, result) in results.iter_mut().enumerate() {
-                if let Ok((_, Some(loaded))) = result {
-                    let seen = conf_loaded[i].replace(std::mem::take(loaded));
-                    reloaded |= seen.is_some_and(|s| Some(&s) != conf_loaded[i].as_ref());
-                }
-            }
-        }
-        if reloaded {
-            self.reloads.send_modify(|n| *n += 1);
-        }
-        {
             let mut fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
             let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
             for (i, result) in results.into_iter().enumerate() {
+                let mut conf_loaded = probes[i].conf_loaded.take();
+                if let Ok((_, Some(loaded))) = &result {
+                    reloaded |= conf_loaded.as_ref().is_some_and(|seen| seen != loaded);
+                    conf_loaded = Some(loaded.clone());
+                }
                 let (role, error) = match result {
                     Ok((true, _)) => (Role::Standby, None),
                     Ok((false, _)) => (Role::Primary, None),
@@ -325,8 +318,12 @@ impl Topology {
                     role,
                     at: Some(now),
                     error,
+                    conf_loaded,
                 };
             }
+        }
+        if reloaded {
+            self.reloads.send_modify(|n| *n += 1);
         }
         if self.backends.len() == 1 {
             return;

@@ -184,7 +184,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
         if w(0).is_empty() {
             continue;
         }
-        let keyword = key(w(0));
+        let keyword = facts.keyword;
         // COPY of a table calls nothing: a word before parentheses there is the table, with
         // its column list, or an option list.
         let calls = facts.calls && (keyword != kw::COPY || w(1).is_empty());
@@ -305,6 +305,8 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
 struct Facts<'a> {
     /// The first four tokens (words as written, `*` for a star, empty for anything else).
     lead: [&'a [u8]; 4],
+    /// The first token as a [`key`].
+    keyword: u128,
     /// Where the statement's text ends (before its semicolon, if any).
     end: usize,
     /// A word or function that writes or locks: a SELECT with it is no read.
@@ -350,7 +352,8 @@ impl<'a> Facts<'a> {
             };
             f.lead[n] = word;
             if n == 0 {
-                calls = may_read(word);
+                f.keyword = key(word);
+                calls = may_read(f.keyword);
             } else if calls && matches!(tok, Token::Quoted(_)) {
                 f.calls |= lex.before_paren();
             }
@@ -754,10 +757,10 @@ impl<'a> Lexer<'a> {
     }
 }
 
-/// Whether a statement that starts with `word` may be a read, which a call would make a write.
-fn may_read(word: &[u8]) -> bool {
+/// Whether a statement that starts with `keyword` (see [`key`]) may be a read, which a call would make a write.
+fn may_read(keyword: u128) -> bool {
     matches!(
-        key(word),
+        keyword,
         kw::SELECT | kw::WITH | kw::VALUES | kw::TABLE | kw::EXPLAIN | kw::COPY
     )
 }

@@ -310,7 +310,8 @@ async fn commit_in_flight(statements: &[&str]) {
 #[tokio::test]
 async fn a_committed_commit_whose_answer_was_lost_is_answered() {
     for extended in [false, true] {
-        let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+        let (mut cluster, _gw, c) =
+            session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
         let su = cluster.superuser().await;
@@ -318,18 +319,24 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             .await
             .unwrap();
         su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        // In force once a commit elsewhere waits for the standby: the session's own SHOW
+        // changes before the checkpointer tells the commits to wait.
         let deadline = std::time::Instant::now() + PATIENCE;
-        while simple_rows(
-            &c.simple_query("SHOW synchronous_standby_names")
-                .await
-                .unwrap(),
-        ) != [["nobody"]]
-        {
+        loop {
+            let probe = cluster.superuser().await;
+            let waits = tokio::time::timeout(
+                Duration::from_millis(300),
+                probe.batch_execute("INSERT INTO sync_probe VALUES (1)"),
+            )
+            .await
+            .is_err();
+            if waits {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the reload never came"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let commit = tokio::spawn(async move {
             let r = match extended {

@@ -493,6 +493,32 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
 }
 
+/// Asserts that `e` is an ErrorResponse of the gateway's own with SQLSTATE `code`: none of the
+/// context a server error carries (where, source file, routine).
+pub fn assert_gateway_error(e: &tokio_postgres::Error, code: &str) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not an ErrorResponse: {e:?}"));
+    assert_eq!(db.code().code(), code, "{db:?}");
+    assert!(
+        db.where_().is_none() && db.file().is_none() && db.routine().is_none(),
+        "the gateway's own words, without a server's context: {db:?}"
+    );
+}
+
+/// The sum of the `understudy_errors_total` series for `code` from `origin`.
+pub fn errors_counted(metrics: &str, code: &str, origin: &str) -> f64 {
+    let (code, origin) = (
+        format!("sqlstate=\"{code}\""),
+        format!("origin=\"{origin}\""),
+    );
+    metric_series(metrics, "understudy_errors_total")
+        .iter()
+        .filter(|(labels, _)| labels.contains(&code) && labels.contains(&origin))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// Processes stopped with SIGSTOP, continued with SIGCONT when thawed or dropped (so a failing
 /// test never leaves a frozen server process behind).
 pub struct Frozen(Vec<u32>);

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    application_name_and_port, backend_pid, backend_status, int_column, roles, simple_rows,
-    sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+    application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
+    int_column, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -456,34 +456,50 @@ async fn commit_in_flight_in_encoding(statements: &[&[u8]], rows: &[(i32, &str)]
 }
 
 /// A replay that would not reproduce what the client saw (now() differs) gets 40001 inside an
-/// aborted transaction: ROLLBACK works, nothing of the transaction persists, and the session
-/// goes on.
+/// aborted transaction, in the gateway's own words, whether the session was idle at the
+/// failover or had a statement in flight: ROLLBACK works, nothing of the transaction persists,
+/// and the session goes on.
 #[tokio::test]
 async fn diverging_replay_gets_40001() {
-    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
-    c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
-
-    cluster.kill_primary().await;
-
-    let e = c
+    let (mut cluster, gw, idle) = session_after(TABLE_T).await;
+    let busy = gw.connect(roles::MD5).await;
+    for (c, a) in [(&idle, 1), (&busy, 11)] {
+        c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({a})"))
+            .await
+            .unwrap();
+        c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
+    }
+    let (busy, in_flight) =
+        kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+            let r = busy
+                .batch_execute("INSERT INTO t SELECT 12 FROM pg_sleep(1.5)")
+                .await;
+            (busy, r)
+        })
+        .await;
+    assert_gateway_error(&in_flight.unwrap_err(), "40001");
+    let e = idle
         .batch_execute("INSERT INTO t VALUES (2)")
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
-    let e = c.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(
-        sqlstate(&e),
-        Some("25P02"),
-        "the transaction stays aborted until ROLLBACK"
-    );
-    c.batch_execute("ROLLBACK").await.unwrap();
-    c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    assert_gateway_error(&e, "40001");
+    for (c, a) in [(&idle, 3), (&busy, 13)] {
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(
+            sqlstate(&e),
+            Some("25P02"),
+            "the transaction stays aborted until ROLLBACK"
+        );
+        c.batch_execute("ROLLBACK").await.unwrap();
+        c.batch_execute(&format!("INSERT INTO t VALUES ({a})"))
+            .await
+            .unwrap();
+    }
+    let metrics = gw.admin_get("/metrics").await;
+    assert_eq!(errors_counted(&metrics, "40001", "gateway"), 2.0);
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
-        [3]
+        [3, 13]
     );
 }
 
@@ -511,9 +527,12 @@ async fn autocommit_write_in_flight_gets_08007() {
             (c, whole, call, r, w, f)
         })
         .await;
-    assert_eq!(sqlstate(&r.unwrap_err()), Some("08007"));
-    assert_eq!(sqlstate(&w.unwrap_err()), Some("08007"));
-    assert_eq!(sqlstate(&f.unwrap_err()), Some("08007"));
+    for e in [r, w, f] {
+        assert_gateway_error(&e.unwrap_err(), "08007");
+    }
+    let metrics = gw.admin_get("/metrics").await;
+    assert_eq!(errors_counted(&metrics, "08007", "gateway"), 3.0);
+    assert_eq!(errors_counted(&metrics, "08007", "server"), 0.0);
     for session in [&c, &whole, &call] {
         let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(one, 1);

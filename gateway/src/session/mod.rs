@@ -108,12 +108,16 @@ enum Owner {
     ClientThenXid,
     /// The gateway's WAL position query: consume.
     Lsn,
+    /// The client, answered with an error of the gateway's that the new backend raises in
+    /// the request's place (so that its transaction state follows): the server's ErrorResponse
+    /// is replaced by the gateway's own words, without PL/pgSQL's context.
+    Raised,
 }
 
 impl Owner {
     /// Whether the client waits for this ReadyForQuery.
     fn is_client(self) -> bool {
-        matches!(self, Owner::Client | Owner::ClientThenXid)
+        matches!(self, Owner::Client | Owner::ClientThenXid | Owner::Raised)
     }
 }
 
@@ -672,6 +676,14 @@ impl Session {
                         }
                         backend::ERROR_RESPONSE => {
                             let err = ErrorView::parse(body);
+                            if owner == Some(Owner::Raised) && !err.is_fatal() {
+                                let mut own = BytesMut::new();
+                                own_error(&mut own, err.code, err.message);
+                                self.pump.down.splice_at_ready(n, &own);
+                                self.journal.on_server_bytes(tag, &own);
+                                self.journal.on_server_message(tag);
+                                continue;
+                            }
                             count_error(err.code, "server");
                             if err.is_fatal() {
                                 self.held_fatal =
@@ -913,13 +925,13 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
 
 /// The ErrorResponse a client gets when its transaction could not be carried over.
 fn diverged_error(buf: &mut BytesMut) {
-    count_error("40001", "gateway");
-    encode::error_response(
-        buf,
-        Severity::Error,
-        "40001",
-        "could not serialize access: the transaction was interrupted by a failover and could not be replayed exactly; retry it",
-    );
+    own_error(buf, "40001", relocate::DIVERGED);
+}
+
+/// Appends an ErrorResponse of the gateway's own and counts it.
+fn own_error(buf: &mut BytesMut, code: &str, message: &str) {
+    count_error(code, "gateway");
+    encode::error_response(buf, Severity::Error, code, message);
 }
 
 fn client_frame_error(e: FrameError) -> SessionError {

@@ -129,7 +129,7 @@ fn raise(code: &str, message: &str) -> BytesMut {
     q
 }
 
-const DIVERGED: &str = "could not serialize access: the transaction was interrupted by a failover and replaying it did not reproduce what the client saw; retry the transaction";
+pub(super) const DIVERGED: &str = "could not serialize access: the transaction was interrupted by a failover and replaying it did not reproduce what the client saw; retry the transaction";
 const IN_DOUBT: &str = "the outcome of this statement is unknown: the primary failed while it ran, and it may or may not have been applied; check before retrying";
 
 impl Session {
@@ -592,7 +592,7 @@ impl Session {
             resumed
                 .to_backend
                 .extend_from_slice(&raise("08007", IN_DOUBT));
-            resumed.owners.push(Owner::Client);
+            resumed.owners.push(Owner::Raised);
         }
         self.resend_in_flight(rest, false, false, &mut resumed);
         resumed
@@ -612,7 +612,8 @@ impl Session {
     ) {
         let mut in_txn = in_txn;
         for (i, g) in in_flight.iter().enumerate() {
-            if in_doubt(g, in_txn) {
+            let doubtful = in_doubt(g, in_txn);
+            if doubtful {
                 metrics::counter!("understudy_in_doubt_statements_total").increment(1);
                 resumed
                     .to_backend
@@ -633,7 +634,11 @@ impl Session {
                 resumed.to_backend.extend_from_slice(&g.request);
             }
             if g.closed {
-                resumed.owners.push(Owner::Client);
+                resumed.owners.push(if doubtful {
+                    Owner::Raised
+                } else {
+                    Owner::Client
+                });
             }
             in_txn = (in_txn || g.begins) && !g.commits;
         }
@@ -744,7 +749,7 @@ impl Session {
                 resumed
                     .to_backend
                     .extend_from_slice(&raise("40001", DIVERGED));
-                resumed.owners.push(Owner::Client);
+                resumed.owners.push(Owner::Raised);
                 for g in &rest[1..] {
                     resumed.to_backend.extend_from_slice(&g.request);
                     if g.closed {

@@ -28,15 +28,30 @@ pub enum Opening {
     },
 }
 
+/// The first byte of a TLS record carrying a handshake: a client opening TLS at once.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The ALPN protocol PostgreSQL 17 defines, required of a client that opens TLS at once.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
 /// Runs the startup phase on a fresh client connection.
 pub async fn accept(
     tcp: TcpStream,
     tls: Option<&Arc<rustls::ServerConfig>>,
 ) -> Result<Opening, (Option<Stream>, SessionError)> {
-    let mut stream = Stream::Plain(tcp);
+    let mut first = [0u8; 1];
+    let direct = match tcp.peek(&mut first).await {
+        Ok(n) => n == 1 && first[0] == TLS_HANDSHAKE_RECORD,
+        Err(e) => return Err((None, SessionError::ClientGone(e))),
+    };
+    let mut stream = if direct {
+        direct_tls(tcp, tls).await?
+    } else {
+        Stream::Plain(tcp)
+    };
     // SSLRequest and GSSENCRequest may each come once, in either order, before the real packet
     // (none after TLS is set up); as in PostgreSQL, one more is an unsupported protocol.
-    let (mut ssl_done, mut gss_done) = (false, false);
+    let (mut ssl_done, mut gss_done) = (direct, direct);
     loop {
         let packet = match read_packet(&mut stream).await {
             Ok(p) => p,
@@ -82,6 +97,46 @@ pub async fn accept(
             StartupPacket::Startup(startup) => return Ok(Opening::Session { stream, startup }),
         }
     }
+}
+
+/// Sets up TLS for a client that began with its ClientHello instead of an SSLRequest
+/// (libpq 17+ with `sslnegotiation=direct`); as in PostgreSQL 17, only a client that names
+/// the `postgresql` application protocol is served.
+async fn direct_tls(
+    tcp: TcpStream,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<Stream, (Option<Stream>, SessionError)> {
+    let Some(config) = tls else {
+        // Nothing can be said to a client that speaks only TLS; PostgreSQL, too, just closes.
+        return Err((
+            None,
+            SessionError::refused(
+                "08P01",
+                "protocol_violation",
+                "direct TLS connection requested (sslnegotiation=direct), but the gateway has no tls.cert",
+            ),
+        ));
+    };
+    let tls = match tokio_rustls::TlsAcceptor::from(config.clone())
+        .accept(tcp)
+        .await
+    {
+        Ok(tls) => tls,
+        Err(e) => return Err((None, SessionError::ClientGone(e))),
+    };
+    let named = tls.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL);
+    let stream = Stream::ServerTls(Box::new(tls));
+    if !named {
+        return Err((
+            Some(stream),
+            SessionError::refused(
+                "08P01",
+                "protocol_violation",
+                "received direct TLS connection request without the ALPN protocol \"postgresql\"",
+            ),
+        ));
+    }
+    Ok(stream)
 }
 
 /// The refusal of a bad startup packet, with the stream to tell the client on.

@@ -50,7 +50,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The acceptor for clients' SSLRequests, if a certificate is configured.
+/// The acceptor for clients' TLS (after an SSLRequest, or at once), if a certificate is configured.
 pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
     let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) else {
         return Ok(None);
@@ -60,10 +60,12 @@ pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| TlsError::Pem(format!("{}: {e}", key.display())))?
         .ok_or_else(|| TlsError::Pem(format!("{}: no private key", key.display())))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
+    // As PostgreSQL 17: a client naming no protocol is served, one naming only others is not.
+    config.alpn_protocols = vec![crate::handshake::ALPN_POSTGRESQL.to_vec()];
     Ok(Some(Arc::new(config)))
 }
 

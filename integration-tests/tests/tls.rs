@@ -5,6 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Output;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::Client;
 use understudy::config::{BackendSslMode, ClientAuth, DEFAULT_AUTH_QUERY};
@@ -179,6 +181,121 @@ async fn tls_clients_verify_the_gateway_certificate() {
             .get(0);
         assert_eq!(v, 42);
     }
+}
+
+/// An SSLRequest: its length, then the code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
+
+/// A client's TLS stream.
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Opens TLS to `port` at once, no SSLRequest first, as libpq 17+ does with
+/// `sslnegotiation=direct`, offering the ALPN protocols `alpn`.
+async fn direct_tls(port: u16, ca: &TestCa, alpn: &[&[u8]]) -> std::io::Result<TlsStream> {
+    tls_over(
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?,
+        ca,
+        alpn,
+    )
+    .await
+}
+
+/// A TLS client on `tcp`, trusting `ca`, offering the ALPN protocols `alpn`.
+async fn tls_over(tcp: TcpStream, ca: &TestCa, alpn: &[&[u8]]) -> std::io::Result<TlsStream> {
+    let mut config = ca.client_config();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// A client that opens TLS at once (libpq 17+ `sslnegotiation=direct`: a ClientHello naming
+/// the ALPN protocol "postgresql" where an SSLRequest would be) gets a whole session, with its
+/// cancel keys; one naming no protocol is refused with 08P01 inside TLS, one naming only others
+/// fails its handshake, as PostgreSQL 17 does. The SSLRequest way selects "postgresql" when
+/// offered. A gateway without a certificate closes such a connection without a word (anything
+/// it said would not be TLS), and serves other clients.
+#[tokio::test]
+async fn direct_tls_negotiation() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let gw = tls_gateway(&cluster, &ca, BackendSslMode::Disable).await;
+    let port = gw.addr().port();
+
+    let tls = direct_tls(port, &ca, &[b"postgresql"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    let mut config = tls_config(&gw, roles::SCRAM, "localhost");
+    config.ssl_mode(SslMode::Disable);
+    let (client, conn) = config
+        .connect_raw(tls, tokio_postgres::NoTls)
+        .await
+        .expect("a session inside TLS opened at once");
+    tokio::spawn(conn);
+    let (backend_ssl, user) = backend_facts(&client).await;
+    assert_eq!((backend_ssl, user.as_str()), (false, roles::SCRAM));
+    assert_eq!(gw.session_status(&client).await["tls"], true);
+    let sleeping = client.simple_query("SELECT pg_sleep(30)");
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let tls = direct_tls(port, &ca, &[b"postgresql"]).await.unwrap();
+        client
+            .cancel_token()
+            .cancel_query_raw(tls, tokio_postgres::NoTls)
+            .await
+    };
+    let (slept, cancelled) = tokio::join!(sleeping, cancel);
+    cancelled.expect("cancel sent");
+    assert_eq!(sqlstate(&slept.unwrap_err()), Some("57014"));
+
+    let mut unnamed = direct_tls(port, &ca, &[]).await.expect("handshake");
+    let mut said = Vec::new();
+    tokio::time::timeout(PATIENCE, unnamed.read_to_end(&mut said))
+        .await
+        .expect("closed")
+        .expect("closed with close_notify");
+    assert_eq!(said.first(), Some(&b'E'), "{said:?}");
+    let text = String::from_utf8_lossy(&said);
+    assert!(text.contains("C08P01") && text.contains("ALPN"), "{text:?}");
+    let other = direct_tls(port, &ca, &[b"h2"]).await;
+    assert!(
+        other.is_err(),
+        "a client naming only another protocol: {other:?}"
+    );
+
+    let mut tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .unwrap();
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let requested = tls_over(tcp, &ca, &[b"postgresql"]).await.unwrap();
+    assert_eq!(
+        requested.get_ref().1.alpn_protocol(),
+        Some(&b"postgresql"[..])
+    );
+
+    let plain = cluster.gateway().await;
+    let refused = direct_tls(plain.addr().port(), &ca, &[b"postgresql"]).await;
+    let e = refused.expect_err("no TLS to be had");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "closed without a word: {e:?}"
+    );
+    let v: i32 = plain
+        .connect(roles::TRUST)
+        .await
+        .query_one("SELECT 6 * 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 42);
+    let v: i32 = client.query_one("SELECT 6 * 7", &[]).await.unwrap().get(0);
+    assert_eq!(v, 42);
 }
 
 /// With `tls.required` a plain client is refused with 28000 and told to use TLS, before any

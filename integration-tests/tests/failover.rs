@@ -79,6 +79,25 @@ async fn session_after(sql: &str) -> (Cluster, TestGateway, Client) {
     (cluster, gw, c)
 }
 
+/// Prepares a statement with the extended protocol (Parse) and one with SQL (`PREPARE sq`);
+/// neither goes away when the transaction they were made in ends, whatever its end.
+async fn prepare_both_ways(c: &Client) -> tokio_postgres::Statement {
+    c.batch_execute("PREPARE sq AS SELECT 40 + 2")
+        .await
+        .unwrap();
+    c.prepare("SELECT $1::int + 1").await.unwrap()
+}
+
+/// Both statements of [`prepare_both_ways`] run.
+async fn assert_prepared_both_ways(c: &Client, statement: &tokio_postgres::Statement) {
+    let one: i32 = c.query_one(statement, &[&1]).await.unwrap().get(0);
+    assert_eq!(one, 2);
+    assert_eq!(
+        simple_rows(&c.simple_query("EXECUTE sq").await.unwrap()),
+        [["42"]]
+    );
+}
+
 async fn next_notification(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>) -> (i32, String) {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
@@ -314,6 +333,7 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+        let statement = prepare_both_ways(&c).await;
         let su = cluster.superuser().await;
         su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
             .await
@@ -364,6 +384,7 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             .unwrap()
             .unwrap();
         r.unwrap_or_else(|e| panic!("extended {extended}: {e:?}"));
+        assert_prepared_both_ways(&c, &statement).await;
         c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
         assert_eq!(
             values(cluster_on_new_primary(&mut cluster).await, "t").await,
@@ -463,11 +484,14 @@ async fn commit_in_flight_in_encoding(statements: &[&[u8]], rows: &[(i32, &str)]
 async fn diverging_replay_gets_40001() {
     let (mut cluster, gw, idle) = session_after(TABLE_T).await;
     let busy = gw.connect(roles::MD5).await;
+    let mut prepared = Vec::new();
     for (c, a) in [(&idle, 1), (&busy, 11)] {
         c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({a})"))
             .await
             .unwrap();
         c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
+        // After where the replay stops: made again only if the gateway makes them.
+        prepared.push(prepare_both_ways(c).await);
     }
     let (busy, in_flight) =
         kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
@@ -483,7 +507,7 @@ async fn diverging_replay_gets_40001() {
         .await
         .unwrap_err();
     assert_gateway_error(&e, "40001");
-    for (c, a) in [(&idle, 3), (&busy, 13)] {
+    for ((c, a), statement) in [(&idle, 3), (&busy, 13)].into_iter().zip(&prepared) {
         let e = c.batch_execute("SELECT 1").await.unwrap_err();
         assert_eq!(
             sqlstate(&e),
@@ -491,6 +515,7 @@ async fn diverging_replay_gets_40001() {
             "the transaction stays aborted until ROLLBACK"
         );
         c.batch_execute("ROLLBACK").await.unwrap();
+        assert_prepared_both_ways(c, statement).await;
         c.batch_execute(&format!("INSERT INTO t VALUES ({a})"))
             .await
             .unwrap();
@@ -1111,6 +1136,8 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
         c.batch_execute(sql).await.unwrap();
         writer.batch_execute(sql).await.unwrap();
     }
+    let replayed = prepare_both_ways(&c).await;
+    let in_doubt = prepare_both_ways(&writer).await;
     let frozen = cluster.freeze_primary(&[]);
     let (committed, written) = tokio::time::timeout(
         PATIENCE,
@@ -1129,6 +1156,8 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
     );
     let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
     assert!(rows.is_empty(), "the in-doubt INSERT was not run again");
+    assert_prepared_both_ways(&c, &replayed).await;
+    assert_prepared_both_ways(&writer, &in_doubt).await;
     drop(frozen);
 }
 

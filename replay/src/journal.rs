@@ -228,6 +228,32 @@ impl SessionState {
         self.parsed.values()
     }
 
+    /// Whether the session has prepared statements (protocol or SQL level).
+    pub fn has_statements(&self) -> bool {
+        !self.parsed.is_empty() || !self.sql_prepared.is_empty()
+    }
+
+    /// Only the prepared statements not named in `present` (a backend's
+    /// `pg_prepared_statements`).
+    pub fn statements_missing_from(&self, present: &BTreeSet<String>) -> SessionState {
+        let missing = |name: &String| !present.contains(name);
+        SessionState {
+            sql_prepared: self
+                .sql_prepared
+                .iter()
+                .filter(|(name, _)| missing(name))
+                .map(|(name, sql)| (name.clone(), sql.clone()))
+                .collect(),
+            parsed: self
+                .parsed
+                .iter()
+                .filter(|(name, _)| missing(name))
+                .map(|(name, parse)| (name.clone(), parse.clone()))
+                .collect(),
+            ..SessionState::default()
+        }
+    }
+
     /// The state without the prepared statements `groups` create themselves: replaying those
     /// groups creates them again.
     pub fn without_created_by(&self, groups: &[Box<Group>]) -> SessionState {
@@ -872,6 +898,17 @@ impl Journal {
         if self.xid.is_some() {
             self.last_committed_xid = self.xid;
         }
+        // The client is told that the Parses and Closes sent with the COMMIT were done.
+        if let Some(g) = self.groups.get(self.answered) {
+            for (name, parse) in &g.parses {
+                if let Some(name) = name {
+                    self.state.parsed.insert(name.clone(), parse.clone());
+                }
+            }
+            for name in &g.closes {
+                self.state.parsed.remove(name);
+            }
+        }
         for c in std::mem::take(&mut self.pending) {
             self.state.apply(&c.change, &c.sql);
         }
@@ -1288,6 +1325,49 @@ mod tests {
         assert_eq!(
             j.state().restore_sql(),
             ["SET search_path TO a", "SET work_mem = '8MB'"]
+        );
+    }
+
+    #[test]
+    fn statements_outlive_their_transaction_and_its_commit_in_flight() {
+        let mut j = Journal::new(1 << 20);
+        queries(&mut j, &[("BEGIN", b'T'), ("PREPARE sq AS SELECT 1", b'T')]);
+        j.on_client_message(b'P', &msg(b'P', b"s1\0SELECT 1\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_server_message(b'1');
+        j.on_ready_for_query(b'T');
+        // The COMMIT in flight carries a Parse of its own; it is found committed.
+        j.on_client_message(b'P', &msg(b'P', b"s2\0COMMIT\0\0\0"));
+        j.on_client_message(b'B', &msg(b'B', b"\0s2\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.settle_commit();
+        let state = j.state();
+        assert!(state.has_statements());
+        let names = |s: &SessionState| {
+            let sql = s.restore_sql();
+            let parses: Vec<_> = s.restore_parses().map(|p| p[5..7].to_vec()).collect();
+            (sql, parses)
+        };
+        assert_eq!(
+            names(state),
+            (
+                vec!["PREPARE sq AS SELECT 1".to_owned()],
+                vec![b"s1".to_vec(), b"s2".to_vec()]
+            )
+        );
+        let present = BTreeSet::from(["s1".to_owned()]);
+        assert_eq!(
+            names(&state.statements_missing_from(&present)),
+            (
+                vec!["PREPARE sq AS SELECT 1".to_owned()],
+                vec![b"s2".to_vec()]
+            )
+        );
+        let all = BTreeSet::from(["s1".to_owned(), "s2".to_owned(), "sq".to_owned()]);
+        assert_eq!(
+            names(&state.statements_missing_from(&all)),
+            (vec![], vec![])
         );
     }
 

@@ -10,7 +10,9 @@ use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::startup::CancelKey;
 use understudy_protocol::tags::backend;
-use understudy_replay::journal::{digested, Digest, DigestBuilder, Group, Unreplayable};
+use understudy_replay::journal::{
+    digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
+};
 
 use super::{Owner, Poison, Session, XID_QUERY};
 use crate::auth::login::login;
@@ -92,6 +94,35 @@ impl Fresh {
             Some(e) => Err(format!("{sql}: {e}")),
             None => Ok(value.flatten()),
         }
+    }
+
+    /// Runs what recreates `state`: its SQL statements, then its Parse messages.
+    async fn restore(&mut self, state: &SessionState) -> Result<(), String> {
+        for sql in state.restore_sql() {
+            self.query(&sql).await?;
+        }
+        let mut parses = BytesMut::new();
+        for parse in state.restore_parses() {
+            parses.extend_from_slice(parse);
+        }
+        if parses.is_empty() {
+            return Ok(());
+        }
+        parses.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.send(&parses).await?;
+        let mut error = None;
+        loop {
+            let (tag, raw) = self.recv().await?;
+            match tag {
+                backend::ERROR_RESPONSE => {
+                    let e = ErrorView::parse(&raw[5..]);
+                    error = Some(format!("{} {}", e.code, e.message));
+                }
+                backend::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        error.map_or(Ok(()), Err)
     }
 
     /// Replays a request group whose full answer the client has seen; checks the answer.
@@ -322,29 +353,26 @@ impl Session {
             .journal
             .state()
             .without_created_by(self.journal.groups());
-        for sql in state.restore_sql() {
-            fresh.query(&sql).await.map_err(failed)?;
+        fresh.restore(&state).await.map_err(failed)
+    }
+
+    /// Makes again on the new backend the prepared statements the client has and the backend
+    /// lacks: those made in a transaction that was not replayed there (a statement outlives
+    /// the transaction it was made in, whatever its end). The backend must not be in a
+    /// transaction block.
+    async fn restore_statements(&self, fresh: &mut Fresh) -> Result<(), String> {
+        let state = self.journal.state();
+        if !state.has_statements() {
+            return Ok(());
         }
-        let mut parses = BytesMut::new();
-        for parse in state.restore_parses() {
-            parses.extend_from_slice(parse);
-        }
-        if !parses.is_empty() {
-            parses.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-            fresh.send(&parses).await.map_err(failed)?;
-            loop {
-                let (tag, raw) = fresh.recv().await.map_err(failed)?;
-                match tag {
-                    backend::ERROR_RESPONSE => {
-                        let e = ErrorView::parse(&raw[5..]);
-                        return Err(failed(format!("{} {}", e.code, e.message)));
-                    }
-                    backend::READY_FOR_QUERY => break,
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
+        let present = fresh
+            .query("SELECT coalesce(json_agg(name), '[]') FROM pg_prepared_statements")
+            .await?
+            .unwrap_or_default();
+        let present = serde_json::from_str(&present).map_err(|e| e.to_string())?;
+        fresh
+            .restore(&state.statements_missing_from(&present))
+            .await
     }
 
     /// The last commit this client saw succeed must be on the new primary; if asynchronous
@@ -438,6 +466,7 @@ impl Session {
         let in_txn = self.journal.txn_status() != b'I';
         let mut resumed = Resumed::default();
         let fatal = |m: &str| cannot_move("40001", m.to_owned());
+        let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
 
         // A COMMIT in flight: look its outcome up before anything is replayed.
         if let Some(first) = in_flight.first().filter(|g| g.commits && in_txn) {
@@ -483,6 +512,7 @@ impl Session {
                     }
                     resumed.to_client.extend_from_slice(&answer[seen..]);
                     self.journal.settle_commit();
+                    self.restore_statements(fresh).await.map_err(unknown)?;
                     self.txn_status = b'I';
                     // Requests pipelined after the COMMIT run as new ones.
                     self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
@@ -493,6 +523,7 @@ impl Session {
                     if seen_answer.len > 0 {
                         return Err(cannot_move("08007", IN_DOUBT.to_owned()));
                     }
+                    self.restore_statements(fresh).await.map_err(unknown)?;
                     return Ok(self.give_up_in_doubt(1, &in_flight[1..], resumed));
                 }
             }
@@ -517,6 +548,7 @@ impl Session {
                 metrics::counter!("understudy_in_doubt_commits_total", "outcome" => "unknown")
                     .increment(1);
                 let doubtful = in_flight[..=at].iter().filter(|g| g.closed).count();
+                self.restore_statements(fresh).await.map_err(unknown)?;
                 return Ok(self.give_up_in_doubt(doubtful, &in_flight[at + 1..], resumed));
             }
         }
@@ -713,6 +745,7 @@ impl Session {
     ) -> Result<Resumed, SessionError> {
         let abort = |e: String| cannot_move("40001", format!("{DIVERGED} ({e})"));
         fresh.query("ROLLBACK").await.map_err(abort)?;
+        self.restore_statements(fresh).await.map_err(abort)?;
         fresh.query("BEGIN").await.map_err(abort)?;
         let first_seen = if in_flight.is_empty() {
             0

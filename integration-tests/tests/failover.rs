@@ -332,7 +332,9 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
         let (mut cluster, _gw, c) =
             session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
         c.batch_execute("BEGIN").await.unwrap();
-        c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+        c.batch_execute("INSERT INTO t VALUES (1); SET application_name = 'committed'")
+            .await
+            .unwrap();
         let statement = prepare_both_ways(&c).await;
         let su = cluster.superuser().await;
         su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
@@ -385,6 +387,12 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             .unwrap();
         r.unwrap_or_else(|e| panic!("extended {extended}: {e:?}"));
         assert_prepared_both_ways(&c, &statement).await;
+        let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+        assert_eq!(
+            application_name_and_port(&c).await,
+            ("committed".to_owned(), standby_port),
+            "the transaction's setting, committed with it"
+        );
         c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
         assert_eq!(
             values(cluster_on_new_primary(&mut cluster).await, "t").await,

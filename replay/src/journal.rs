@@ -893,8 +893,9 @@ impl Journal {
     }
 
     /// The in-flight COMMIT turned out to have committed: the transaction is over and its xid
-    /// is the last one the client saw commit.
-    pub fn settle_commit(&mut self) {
+    /// is the last one the client saw commit. Returns the SQL of the session changes the
+    /// transaction made (SET, LISTEN …), in order: a backend that did not run it lacks them.
+    pub fn settle_commit(&mut self) -> Vec<String> {
         if self.xid.is_some() {
             self.last_committed_xid = self.xid;
         }
@@ -909,10 +910,13 @@ impl Journal {
                 self.state.parsed.remove(name);
             }
         }
+        let mut committed = Vec::with_capacity(self.pending.len());
         for c in std::mem::take(&mut self.pending) {
             self.state.apply(&c.change, &c.sql);
+            committed.push(c.sql);
         }
         self.abandon();
+        committed
     }
 
     /// Records the open transaction's xid as captured (`None`: none assigned yet).
@@ -1329,9 +1333,16 @@ mod tests {
     }
 
     #[test]
-    fn statements_outlive_their_transaction_and_its_commit_in_flight() {
+    fn a_commit_found_committed_keeps_its_statements_and_settings() {
         let mut j = Journal::new(1 << 20);
-        queries(&mut j, &[("BEGIN", b'T'), ("PREPARE sq AS SELECT 1", b'T')]);
+        queries(
+            &mut j,
+            &[
+                ("BEGIN", b'T'),
+                ("PREPARE sq AS SELECT 1", b'T'),
+                ("SET application_name = 'x'", b'T'),
+            ],
+        );
         j.on_client_message(b'P', &msg(b'P', b"s1\0SELECT 1\0\0\0"));
         j.on_client_message(b'S', &msg(b'S', b""));
         j.on_server_message(b'1');
@@ -1341,7 +1352,7 @@ mod tests {
         j.on_client_message(b'B', &msg(b'B', b"\0s2\0\0\0\0\0\0\0"));
         j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
         j.on_client_message(b'S', &msg(b'S', b""));
-        j.settle_commit();
+        assert_eq!(j.settle_commit(), ["SET application_name = 'x'"]);
         let state = j.state();
         assert!(state.has_statements());
         let names = |s: &SessionState| {
@@ -1352,7 +1363,10 @@ mod tests {
         assert_eq!(
             names(state),
             (
-                vec!["PREPARE sq AS SELECT 1".to_owned()],
+                vec![
+                    "SET application_name = 'x'".to_owned(),
+                    "PREPARE sq AS SELECT 1".to_owned()
+                ],
                 vec![b"s1".to_vec(), b"s2".to_vec()]
             )
         );

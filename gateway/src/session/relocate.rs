@@ -511,7 +511,9 @@ impl Session {
                         return Err(fatal(DIVERGED));
                     }
                     resumed.to_client.extend_from_slice(&answer[seen..]);
-                    self.journal.settle_commit();
+                    for sql in self.journal.settle_commit() {
+                        fresh.query(&sql).await.map_err(unknown)?;
+                    }
                     self.restore_statements(fresh).await.map_err(unknown)?;
                     self.txn_status = b'I';
                     // Requests pipelined after the COMMIT run as new ones.

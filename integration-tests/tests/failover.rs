@@ -536,6 +536,41 @@ async fn diverging_replay_gets_40001() {
     );
 }
 
+/// A transaction that deallocates statements prepared before it (as psycopg does when its
+/// statement cache is full) moves like any other: its replay runs the DEALLOCATEs on a new
+/// backend that has the statements, and they are gone afterwards, as the client made them.
+#[tokio::test]
+async fn deallocate_in_a_transaction_moves() {
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+    let statement = prepare_both_ways(&c).await;
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let rows = c
+        .simple_query(
+            "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT $1::int + 1'",
+        )
+        .await
+        .unwrap();
+    let parsed = &simple_rows(&rows)[0][0];
+    c.batch_execute(&format!("DEALLOCATE sq; DEALLOCATE {parsed}"))
+        .await
+        .unwrap();
+    cluster.kill_primary().await;
+    c.batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("the transaction moved");
+    c.batch_execute("COMMIT").await.unwrap();
+    let e = c.batch_execute("EXECUTE sq").await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("26000"), "{e:?}");
+    let e = c.query(&statement, &[&1]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("26000"), "{e:?}");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
+}
+
 /// An autocommit write running when the primary dies may or may not have been applied: the
 /// client gets 08007 and the session continues. So does a whole transaction sent as one string
 /// (`BEGIN; …; COMMIT`), which commits as an autocommit write does, and a SELECT of a function

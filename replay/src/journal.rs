@@ -123,8 +123,18 @@ pub struct Group {
     parses_done: usize,
     /// Named statements closed by it.
     closes: Vec<String>,
-    /// SQL-level statements it PREPAREs.
-    prepares: Vec<String>,
+    /// What its statements were before it changed them (Parse, Close, PREPARE, DEALLOCATE),
+    /// in the order it changed them.
+    undo: Vec<Undo>,
+}
+
+/// A prepared statement's slot as it was before a change: `None`, it did not exist.
+#[derive(Debug, Clone)]
+enum Undo {
+    /// A protocol-level statement and its Parse message.
+    Parsed(String, Option<Bytes>),
+    /// An SQL-level statement and its PREPARE.
+    Prepared(String, Option<String>),
 }
 
 impl Group {
@@ -148,16 +158,8 @@ impl Group {
             parses: Vec::new(),
             parses_done: 0,
             closes: Vec::new(),
-            prepares: Vec::new(),
+            undo: Vec::new(),
         }
-    }
-
-    /// Adds a session-state change the group makes when it succeeds.
-    fn add_change(&mut self, change: PendingChange) {
-        if let SessionChange::Prepare(name) = &change.change {
-            self.prepares.push(name.clone());
-        }
-        self.changes.push(change);
     }
 
     /// Empties this group for reuse by the next request, keeping its buffers.
@@ -180,7 +182,7 @@ impl Group {
         self.parses.clear();
         self.parses_done = 0;
         self.closes.clear();
-        self.prepares.clear();
+        self.undo.clear();
     }
 }
 
@@ -254,21 +256,30 @@ impl SessionState {
         }
     }
 
-    /// The state without the prepared statements `groups` create themselves: replaying those
-    /// groups creates them again.
-    pub fn without_created_by(&self, groups: &[Box<Group>]) -> SessionState {
+    /// The state as it was before `groups` ran: replaying them makes it what it is now (the
+    /// statements they prepare must not exist yet, those they deallocate must).
+    pub fn before(&self, groups: &[Box<Group>]) -> SessionState {
         let mut state = self.clone();
-        for g in groups {
-            for (name, _) in &g.parses {
-                if let Some(name) = name {
-                    state.parsed.remove(name);
-                }
-            }
-            for name in &g.prepares {
-                state.sql_prepared.remove(name);
+        for undo in groups.iter().rev().flat_map(|g| g.undo.iter().rev()) {
+            match undo {
+                Undo::Parsed(name, was) => restore_slot(&mut state.parsed, name, was),
+                Undo::Prepared(name, was) => restore_slot(&mut state.sql_prepared, name, was),
             }
         }
         state
+    }
+
+    /// Parses `name` (its statement now `parse`), noting in `undo` what it was.
+    fn parse(&mut self, name: &str, parse: Bytes, undo: &mut Vec<Undo>) {
+        let was = self.parsed.insert(name.to_owned(), parse);
+        undo.push(Undo::Parsed(name.to_owned(), was));
+    }
+
+    /// Closes the protocol-level statement `name`, noting in `undo` what it was.
+    fn close(&mut self, name: &str, undo: &mut Vec<Undo>) {
+        if let Some(was) = self.parsed.remove(name) {
+            undo.push(Undo::Parsed(name.to_owned(), Some(was)));
+        }
     }
 
     /// LISTEN channels.
@@ -276,7 +287,8 @@ impl SessionState {
         &self.channels
     }
 
-    fn apply(&mut self, change: &SessionChange, sql: &str) {
+    /// Applies `change` (made by `sql`), noting in `undo` what it did to prepared statements.
+    fn apply(&mut self, change: &SessionChange, sql: &str, undo: &mut Vec<Undo>) {
         match change {
             SessionChange::Set(name) => match name {
                 Some(n) => match self.sets.iter_mut().find(|(k, _)| k.as_deref() == Some(n)) {
@@ -301,15 +313,22 @@ impl SessionState {
                 }
             }
             SessionChange::Prepare(name) => {
-                self.sql_prepared.insert(name.clone(), sql.to_owned());
+                let was = self.sql_prepared.insert(name.clone(), sql.to_owned());
+                undo.push(Undo::Prepared(name.clone(), was));
             }
             SessionChange::Deallocate(Some(name)) => {
-                self.sql_prepared.remove(name);
-                self.parsed.remove(name);
+                if let Some(was) = self.sql_prepared.remove(name) {
+                    undo.push(Undo::Prepared(name.clone(), Some(was)));
+                }
+                self.close(name, undo);
             }
             SessionChange::Deallocate(None) => {
-                self.sql_prepared.clear();
-                self.parsed.clear();
+                for (name, was) in std::mem::take(&mut self.sql_prepared) {
+                    undo.push(Undo::Prepared(name, Some(was)));
+                }
+                for (name, was) in std::mem::take(&mut self.parsed) {
+                    undo.push(Undo::Parsed(name, Some(was)));
+                }
             }
             SessionChange::Listen(c) => {
                 self.channels.insert(c.clone());
@@ -326,6 +345,18 @@ impl SessionState {
             change,
             SessionChange::Prepare(_) | SessionChange::Deallocate(_)
         )
+    }
+}
+
+/// Puts `name`'s slot in `map` back to `was`.
+fn restore_slot<V: Clone>(map: &mut BTreeMap<String, V>, name: &str, was: &Option<V>) {
+    match was {
+        Some(v) => {
+            map.insert(name.to_owned(), v.clone());
+        }
+        None => {
+            map.remove(name);
+        }
     }
 }
 
@@ -623,7 +654,7 @@ impl Journal {
                     &mut self.unreplayable,
                 );
                 for change in pending_changes(classified, sql, self.utf8, &mut self.unmovable) {
-                    group.add_change(change);
+                    group.changes.push(change);
                 }
                 rolls_back_to |= classified.rolls_back_to;
             }
@@ -689,7 +720,7 @@ impl Journal {
                 group.bound = true;
                 if effects.changes {
                     for change in self.statement_changes.get(statement).into_iter().flatten() {
-                        group.add_change(change.clone());
+                        group.changes.push(change.clone());
                     }
                 }
                 rolls_back_to |= effects.rolls_back_to;
@@ -831,12 +862,12 @@ impl Journal {
             // Protocol-level statements are not transactional: they exist once parsed.
             for (name, parse) in g.parses.iter().take(g.parses_done) {
                 if let Some(name) = name {
-                    self.state.parsed.insert(name.clone(), parse.clone());
+                    self.state.parse(name, parse.clone(), &mut g.undo);
                 }
             }
             if !g.failed {
                 for name in &g.closes {
-                    self.state.parsed.remove(name);
+                    self.state.close(name, &mut g.undo);
                 }
             }
             let (may_write, may_write_data, failed) = (g.may_write, g.may_write_data, g.failed);
@@ -846,7 +877,7 @@ impl Journal {
                     if SessionState::transactional(&c.change) && status != b'I' {
                         self.pending.push(c);
                     } else {
-                        self.state.apply(&c.change, &c.sql);
+                        self.state.apply(&c.change, &c.sql, &mut g.undo);
                     }
                 }
             }
@@ -865,8 +896,10 @@ impl Journal {
                     .checked_sub(1)
                     .is_some_and(|i| self.groups[i].commits && !self.groups[i].failed);
             if committed {
+                // Transactional changes: none touches a prepared statement.
+                let mut undo = Vec::new();
                 for c in std::mem::take(&mut self.pending) {
-                    self.state.apply(&c.change, &c.sql);
+                    self.state.apply(&c.change, &c.sql, &mut undo);
                 }
                 if self.xid.is_some() {
                     self.last_committed_xid = self.xid;
@@ -899,20 +932,22 @@ impl Journal {
         if self.xid.is_some() {
             self.last_committed_xid = self.xid;
         }
-        // The client is told that the Parses and Closes sent with the COMMIT were done.
+        // The client is told that the Parses and Closes sent with the COMMIT were done; the
+        // transaction is over, so what they replaced is of no more use.
+        let mut undo = Vec::new();
         if let Some(g) = self.groups.get(self.answered) {
             for (name, parse) in &g.parses {
                 if let Some(name) = name {
-                    self.state.parsed.insert(name.clone(), parse.clone());
+                    self.state.parse(name, parse.clone(), &mut undo);
                 }
             }
             for name in &g.closes {
-                self.state.parsed.remove(name);
+                self.state.close(name, &mut undo);
             }
         }
         let mut committed = Vec::with_capacity(self.pending.len());
         for c in std::mem::take(&mut self.pending) {
-            self.state.apply(&c.change, &c.sql);
+            self.state.apply(&c.change, &c.sql, &mut undo);
             committed.push(c.sql);
         }
         self.abandon();
@@ -1382,6 +1417,42 @@ mod tests {
         assert_eq!(
             names(&state.statements_missing_from(&all)),
             (vec![], vec![])
+        );
+    }
+
+    #[test]
+    fn the_state_before_a_transaction_undoes_its_statement_changes() {
+        let parsed = |j: &mut Journal, parse: &[u8]| {
+            j.on_client_message(b'P', &msg(b'P', parse));
+            j.on_client_message(b'S', &msg(b'S', b""));
+            j.on_server_message(b'1');
+            j.on_ready_for_query(if j.txn_status == b'I' { b'I' } else { b'T' });
+        };
+        let mut j = Journal::new(1 << 20);
+        queries(&mut j, &[("PREPARE a AS SELECT 1", b'I')]);
+        parsed(&mut j, b"s1\0SELECT 1\0\0\0");
+        let start = j.state().clone();
+        queries(
+            &mut j,
+            &[
+                ("BEGIN", b'T'),
+                ("DEALLOCATE a", b'T'),
+                ("PREPARE b AS SELECT 2", b'T'),
+            ],
+        );
+        j.on_client_message(b'C', &msg(b'C', b"Ss1\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'T');
+        parsed(&mut j, b"s1\0SELECT 3\0\0\0");
+        parsed(&mut j, b"s2\0SELECT 4\0\0\0");
+        let now = j.state();
+        assert_eq!(now.restore_sql(), ["PREPARE b AS SELECT 2"]);
+        assert_eq!(now.restore_parses().count(), 2);
+        let before = now.before(j.groups());
+        assert_eq!(before.restore_sql(), start.restore_sql());
+        assert_eq!(
+            before.restore_parses().collect::<Vec<_>>(),
+            start.restore_parses().collect::<Vec<_>>()
         );
     }
 

@@ -349,10 +349,7 @@ impl Session {
                 format!("could not restore the session on the new primary: {why}"),
             )
         };
-        let state = self
-            .journal
-            .state()
-            .without_created_by(self.journal.groups());
+        let state = self.journal.state().before(self.journal.groups());
         fresh.restore(&state).await.map_err(failed)
     }
 

@@ -331,7 +331,8 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
     for extended in [false, true] {
         let (mut cluster, _gw, c) =
             session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
-        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("PREPARE old AS SELECT 1").await.unwrap();
+        c.batch_execute("BEGIN; DEALLOCATE old").await.unwrap();
         c.batch_execute("INSERT INTO t VALUES (1); SET application_name = 'committed'")
             .await
             .unwrap();
@@ -387,6 +388,9 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             .unwrap();
         r.unwrap_or_else(|e| panic!("extended {extended}: {e:?}"));
         assert_prepared_both_ways(&c, &statement).await;
+        c.batch_execute("PREPARE old AS SELECT 2")
+            .await
+            .expect("deallocated in the transaction");
         let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
         assert_eq!(
             application_name_and_port(&c).await,

@@ -230,9 +230,9 @@ impl SessionState {
         self.parsed.values()
     }
 
-    /// Whether the session has prepared statements (protocol or SQL level).
-    pub fn has_statements(&self) -> bool {
-        !self.parsed.is_empty() || !self.sql_prepared.is_empty()
+    /// Whether the session has a prepared statement `name` (protocol or SQL level).
+    pub fn has_statement(&self, name: &str) -> bool {
+        self.parsed.contains_key(name) || self.sql_prepared.contains_key(name)
     }
 
     /// Only the prepared statements not named in `present` (a backend's
@@ -1389,7 +1389,8 @@ mod tests {
         j.on_client_message(b'S', &msg(b'S', b""));
         assert_eq!(j.settle_commit(), ["SET application_name = 'x'"]);
         let state = j.state();
-        assert!(state.has_statements());
+        assert!(state.has_statement("s2") && state.has_statement("sq"));
+        assert!(!state.has_statement("s3"));
         let names = |s: &SessionState| {
             let sql = s.restore_sql();
             let parses: Vec<_> = s.restore_parses().map(|p| p[5..7].to_vec()).collect();

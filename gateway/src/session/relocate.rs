@@ -2,6 +2,7 @@
 //! session state, settle the open transaction (COMMIT outcome, or replay verified against what
 //! the client saw), then hand the new backend to the data path.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -353,20 +354,23 @@ impl Session {
         fresh.restore(&state).await.map_err(failed)
     }
 
-    /// Makes again on the new backend the prepared statements the client has and the backend
-    /// lacks: those made in a transaction that was not replayed there (a statement outlives
-    /// the transaction it was made in, whatever its end). The backend must not be in a
-    /// transaction block.
+    /// Gives the new backend the prepared statements the client has, no more and no fewer,
+    /// where a transaction that made or deallocated some was not replayed there (statements
+    /// outlive the transaction they were changed in, whatever its end). The backend must not
+    /// be in a transaction block.
     async fn restore_statements(&self, fresh: &mut Fresh) -> Result<(), String> {
         let state = self.journal.state();
-        if !state.has_statements() {
-            return Ok(());
-        }
         let present = fresh
             .query("SELECT coalesce(json_agg(name), '[]') FROM pg_prepared_statements")
             .await?
             .unwrap_or_default();
-        let present = serde_json::from_str(&present).map_err(|e| e.to_string())?;
+        let present: BTreeSet<String> =
+            serde_json::from_str(&present).map_err(|e| e.to_string())?;
+        for name in present.iter().filter(|n| !state.has_statement(n)) {
+            fresh
+                .query(&format!("DEALLOCATE \"{}\"", name.replace('"', "\"\"")))
+                .await?;
+        }
         fresh
             .restore(&state.statements_missing_from(&present))
             .await

@@ -107,13 +107,14 @@ async fn direct_tls(
     tls: Option<&Arc<rustls::ServerConfig>>,
 ) -> Result<Stream, (Option<Stream>, SessionError)> {
     let Some(config) = tls else {
-        // Nothing can be said to a client that speaks only TLS; PostgreSQL, too, just closes.
+        // What any other bytes that are no startup packet get (a TLS client cannot read it,
+        // but whoever looks at the bytes can).
         return Err((
-            None,
+            Some(Stream::Plain(tcp)),
             SessionError::refused(
                 "08P01",
                 "protocol_violation",
-                "direct TLS connection requested (sslnegotiation=direct), but the gateway has no tls.cert",
+                "invalid length of startup packet: this is a TLS handshake (sslnegotiation=direct), and the gateway has no tls.cert",
             ),
         ));
     };

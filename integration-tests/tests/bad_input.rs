@@ -362,6 +362,9 @@ async fn garbage_before_startup_gets_08p01_and_close() {
             "{what}: {}",
             e.message()
         );
+        if what == "TLS ClientHello" {
+            assert!(e.message().contains("tls.cert"), "{}", e.message());
+        }
         assert!(c.closed().await, "{what}: connection closed");
     }
 

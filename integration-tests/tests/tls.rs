@@ -214,8 +214,8 @@ async fn tls_over(tcp: TcpStream, ca: &TestCa, alpn: &[&[u8]]) -> std::io::Resul
 /// the ALPN protocol "postgresql" where an SSLRequest would be) gets a whole session, with its
 /// cancel keys; one naming no protocol is refused with 08P01 inside TLS, one naming only others
 /// fails its handshake, as PostgreSQL 17 does. The SSLRequest way selects "postgresql" when
-/// offered. A gateway without a certificate closes such a connection without a word (anything
-/// it said would not be TLS), and serves other clients.
+/// offered. A gateway without a certificate refuses such a connection (in plain text, which
+/// the TLS client cannot read: bad_input.rs reads it), and serves other clients.
 #[tokio::test]
 async fn direct_tls_negotiation() {
     let ca = TestCa::new();
@@ -278,14 +278,7 @@ async fn direct_tls_negotiation() {
 
     let plain = cluster.gateway().await;
     let refused = direct_tls(plain.addr().port(), &ca, &[b"postgresql"]).await;
-    let e = refused.expect_err("no TLS to be had");
-    assert!(
-        matches!(
-            e.kind(),
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-        ),
-        "closed without a word: {e:?}"
-    );
+    refused.expect_err("no TLS to be had");
     let v: i32 = plain
         .connect(roles::TRUST)
         .await

@@ -6,7 +6,7 @@
 //! request order, so the oldest unanswered group owns every response byte.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write;
 
 use bytes::{Bytes, BytesMut};
@@ -258,7 +258,7 @@ impl SessionState {
 
     /// The state as it was before `groups` ran: replaying them makes it what it is now (the
     /// statements they prepare must not exist yet, those they deallocate must).
-    pub fn before(&self, groups: &[Box<Group>]) -> SessionState {
+    pub fn before(&self, groups: &VecDeque<Box<Group>>) -> SessionState {
         let mut state = self.clone();
         for undo in groups.iter().rev().flat_map(|g| g.undo.iter().rev()) {
             match undo {
@@ -405,12 +405,9 @@ pub enum Before {
 #[derive(Debug)]
 pub struct Journal {
     state: SessionState,
-    /// Boxed, so that taking a spare and handing it back moves a pointer, not the group.
-    #[expect(
-        clippy::vec_box,
-        reason = "moving ~170-byte groups cost 4 copies per request"
-    )]
-    groups: Vec<Box<Group>>,
+    /// Boxed, so that taking a spare and handing it back moves a pointer, not the group; a
+    /// deque, so that clearing the oldest of a long pipeline's groups moves none of the rest.
+    groups: VecDeque<Box<Group>>,
     /// How many of `groups` are answered: the first ones, as the server answers in order.
     answered: usize,
     /// Answered groups kept for the next requests, so a request costs no allocation.
@@ -461,7 +458,7 @@ impl Journal {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             state: SessionState::default(),
-            groups: Vec::new(),
+            groups: VecDeque::new(),
             answered: 0,
             spares: Vec::new(),
             live: DigestBuilder::default(),
@@ -502,7 +499,7 @@ impl Journal {
     }
 
     /// Request groups not yet cleared (open transaction and unanswered requests).
-    pub fn groups(&self) -> &[Box<Group>] {
+    pub fn groups(&self) -> &VecDeque<Box<Group>> {
         &self.groups
     }
 
@@ -539,7 +536,7 @@ impl Journal {
 
     /// Whether the client has sent extended-protocol messages not yet closed by a Sync.
     pub fn has_open_batch(&self) -> bool {
-        self.groups.last().is_some_and(|g| !g.closed)
+        self.groups.back().is_some_and(|g| !g.closed)
     }
 
     /// Whether the open transaction may have written (answered requests only).
@@ -563,7 +560,7 @@ impl Journal {
         let body = raw.get(5..).unwrap_or_default();
         // CopyData/CopyDone/CopyFail after a Query belong to that Query's group, and so do a
         // Sync or Flush sent while its COPY data is still expected (the server ignores them).
-        let attach_to_last = self.groups.last().is_some_and(|g| {
+        let attach_to_last = self.groups.back().is_some_and(|g| {
             g.closed
                 && !g.answered
                 && (matches!(
@@ -571,13 +568,13 @@ impl Journal {
                     frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
                 ) || g.copy_in_pending && matches!(tag, frontend::SYNC | frontend::FLUSH))
         });
-        if !attach_to_last && self.groups.last().is_none_or(|g| g.closed) {
+        if !attach_to_last && self.groups.back().is_none_or(|g| g.closed) {
             let group = self.spares.pop().unwrap_or_else(|| Box::new(Group::new()));
-            self.groups.push(group);
+            self.groups.push_back(group);
         }
         let mut before = Before::Forward;
         let mut rolls_back_to = false;
-        let Some(group) = self.groups.last_mut() else {
+        let Some(group) = self.groups.back_mut() else {
             return before;
         };
         let first = group.request.is_empty();
@@ -787,7 +784,7 @@ impl Journal {
     /// does not tell apart from those made before it: with any made in the transaction, the
     /// session state is no longer known and the session cannot move.
     fn note_rollback_to(&mut self) {
-        let unanswered = self.groups[self.answered..].iter();
+        let unanswered = self.groups.range(self.answered..);
         let settings = !self.pending.is_empty()
             || unanswered
                 .flat_map(|g| &g.changes)
@@ -964,13 +961,13 @@ impl Journal {
         let answered = std::mem::take(&mut self.answered);
         let mut kept: usize = self.spares.iter().map(|g| g.request.capacity()).sum();
         for mut g in self.groups.drain(..answered) {
+            self.journal_bytes -= g.request.len();
             if self.spares.len() < SPARE_GROUPS && kept + g.request.capacity() <= SPARE_BYTES {
                 kept += g.request.capacity();
                 g.recycle();
                 self.spares.push(g);
             }
         }
-        self.journal_bytes = self.groups.iter().map(|g| g.request.len()).sum();
         self.txn_may_write = false;
         self.txn_may_write_data = false;
         self.xid = None;

@@ -41,6 +41,8 @@ pub struct Pipe {
     pub ready: usize,
     /// Message-boundary tracker for this direction.
     pub scanner: FrameScanner,
+    /// Set by the session to stop reading this direction whatever room is left.
+    pub paused: bool,
     needs_flush: bool,
 }
 
@@ -51,6 +53,7 @@ impl Pipe {
             buf,
             ready: 0,
             scanner: FrameScanner::new(max_message),
+            paused: false,
             needs_flush: false,
         }
     }
@@ -116,7 +119,7 @@ impl Pipe {
     }
 
     fn wants_read(&self) -> bool {
-        self.buf.len() < HIGH_WATER || self.ready == 0
+        !self.paused && (self.buf.len() < HIGH_WATER || self.ready == 0)
     }
 
     #[inline]

@@ -401,6 +401,73 @@ async fn large_result_streams_with_bounded_memory() {
     assert_eq!(rows, 100_000);
 }
 
+/// A client that pipelines a million requests and reads no answer for a while does not make
+/// the gateway keep a record of each request the server's socket buffers hold: it stops reading
+/// from the client while thousands await their answers, as a full buffer makes it stop. A COPY
+/// deep in such a pipeline still gets its data. Every answer then arrives, in order.
+#[tokio::test]
+async fn deep_pipeline_keeps_gateway_memory_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: usize = 1_000_000;
+    const COPY_AT: usize = 900_000;
+    let cluster = Cluster::primary_only().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE piped(a int); GRANT ALL ON piped TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let mut rc = RawConn::login(gw.addr(), roles::TRUST).await;
+    let mut pipeline = raw::query(";").repeat(COPY_AT);
+    pipeline.extend(raw::query("COPY piped FROM STDIN"));
+    pipeline.extend(raw::msg(b'd', b"7\n"));
+    pipeline.extend(raw::msg(b'c', b""));
+    pipeline.extend(raw::query(";").repeat(N - COPY_AT - 1));
+    let rss_before = rss_kib();
+    let (mut rd, mut wr) = rc.tcp.split();
+    let write = async { wr.write_all(&pipeline).await.unwrap() };
+    let read = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let grown = rss_kib().saturating_sub(rss_before);
+        // Answer tags in order: EmptyQueryResponse per ';', CopyInResponse and
+        // CommandComplete for the COPY, a ReadyForQuery after each request.
+        let (mut tags, mut buf) = (Vec::with_capacity(2 * N + 2), Vec::new());
+        let mut chunk = vec![0u8; 1 << 16];
+        while tags.iter().filter(|&&t| t == b'Z').count() < N {
+            let n = rd.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {} answers", tags.len());
+            buf.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while buf.len() - at >= 5 {
+                let len = i32::from_be_bytes(buf[at + 1..at + 5].try_into().unwrap()) as usize;
+                if buf.len() - at < 1 + len {
+                    break;
+                }
+                tags.push(buf[at]);
+                at += 1 + len;
+            }
+            buf.drain(..at);
+        }
+        (grown, tags)
+    };
+    let ((), (grown, tags)) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(write, read)
+    })
+    .await
+    .expect("the pipeline is answered");
+    assert!(
+        grown < 32 * 1024,
+        "gateway grew by {grown} KiB while its client pipelined without reading"
+    );
+    let mut expected = [b'I', b'Z'].repeat(COPY_AT);
+    expected.extend([b'G', b'C', b'Z']);
+    expected.extend([b'I', b'Z'].repeat(N - COPY_AT - 1));
+    assert!(tags == expected, "answers out of order");
+    let rows = int_column(&gw.connect(roles::TRUST).await, "SELECT a FROM piped").await;
+    assert_eq!(rows, [7]);
+}
+
 /// Terminate closes the session and its backend at once.
 #[tokio::test]
 async fn terminate_closes_backend() {

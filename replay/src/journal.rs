@@ -534,6 +534,14 @@ impl Journal {
         self.expects_ready
     }
 
+    /// Whether the client is to send COPY data next: a COPY … FROM STDIN sent on, its data
+    /// not ended.
+    pub fn copy_in_pending(&self) -> bool {
+        self.groups
+            .back()
+            .is_some_and(|g| g.copy_in_pending && !g.answered)
+    }
+
     /// Whether the client has sent extended-protocol messages not yet closed by a Sync.
     pub fn has_open_batch(&self) -> bool {
         self.groups.back().is_some_and(|g| !g.closed)

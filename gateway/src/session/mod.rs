@@ -91,6 +91,11 @@ const OWED_READ_CHUNK: usize = 8 * 1024;
 
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
+
+/// Requests sent on and not yet answered, past which the client is not read: each costs the
+/// gateway a record, and a client that pipelines without reading its answers would otherwise
+/// grow them without bound while the server's socket buffers hold its requests.
+const MAX_IN_FLIGHT: usize = 4096;
 /// The shutdown phase's bit in the session's record of what else woke it (see [`Bell`]).
 const SHUTDOWN_BIT: u8 = 1;
 /// The primary's changes' bit in that record.
@@ -352,11 +357,15 @@ impl Session {
             let end = match ready!(self.pump.poll_event(cx)) {
                 Ok(Event::FromClient(n)) => {
                     self.tally.client_bytes(n);
-                    self.scan_up()
+                    let end = self.scan_up();
+                    self.pace();
+                    end
                 }
                 Ok(Event::FromBackend(n)) => {
                     self.tally.backend_bytes(n);
-                    self.scan_down()
+                    let end = self.scan_down();
+                    self.pace();
+                    end
                 }
                 Ok(Event::ClientEof) => Some(End::ClientDone { terminated: false }),
                 Err(PumpError::Client(e)) => Some(End::Failed(SessionError::ClientGone(e))),
@@ -374,6 +383,12 @@ impl Session {
         // A session that always has bytes ready yields to the others now and then.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Stops reading from the client while [`MAX_IN_FLIGHT`] requests await their answers
+    /// (unless the server waits for the client's COPY data), and reads again once fewer do.
+    fn pace(&mut self) {
+        self.pump.up.paused = self.wire.len() >= MAX_IN_FLIGHT && !self.journal.copy_in_pending();
     }
 
     /// The backend connection ended: either the server ended the session (forward its word)

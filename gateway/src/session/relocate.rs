@@ -826,6 +826,7 @@ impl Session {
         }
         self.wire = resumed.owners.iter().copied().collect();
         self.awaiting_ready = self.wire.iter().filter(|o| o.is_client()).count() as u32;
+        self.pace();
         if !resumed.to_backend.is_empty() {
             // Goes out ahead of anything the client sends next.
             let unscanned = self.pump.up.buf.split_off(0);

@@ -575,6 +575,53 @@ async fn deallocate_in_a_transaction_moves() {
     );
 }
 
+/// Requests larger than `failover.max_replay_bytes` are not kept. One in flight at a failover
+/// that would be sent again ends its session with 08006 rather than reach the new backend in
+/// part: a read, and a bulk COPY still streaming (which could not have committed, and would
+/// be run again whole if it were kept). Nothing of the COPY exists, and other sessions go on.
+#[tokio::test]
+async fn requests_too_large_to_keep_at_a_failover() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let mut cluster = cluster;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.max_replay_bytes = 64 << 10)
+        .await;
+    let reader = gw.connect(roles::SCRAM).await;
+    let loader = gw.connect(roles::MD5).await;
+    let bystander = gw.connect(roles::TRUST).await;
+    let big_read = format!(
+        "SELECT length('{}') FROM pg_sleep(1.5)",
+        "r".repeat(100 << 10)
+    );
+    let (loader, read, loaded) =
+        kill_primary_during(&mut cluster, Duration::from_millis(600), async move {
+            let load = async {
+                let sink = loader.copy_in("COPY t FROM STDIN").await?;
+                futures_util::pin_mut!(sink);
+                for i in 0..40_000 {
+                    sink.send(bytes::Bytes::from(format!("{i}\n"))).await?;
+                    if i % 1000 == 0 {
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                }
+                sink.finish().await
+            };
+            let (read, loaded) =
+                futures_util::future::join(reader.simple_query(&big_read), load).await;
+            (loader, read.map(drop), loaded)
+        })
+        .await;
+    let read = read.unwrap_err();
+    assert_eq!(sqlstate(&read), Some("08006"), "{read:?}");
+    let loaded = loaded.unwrap_err();
+    let ended = loaded.is_closed() || sqlstate(&loaded) == Some("08006");
+    assert!(ended, "{loaded:?}");
+    assert!(loader.is_closed());
+    let rows = int_column(&bystander, "SELECT a FROM t").await;
+    assert!(rows.is_empty(), "nothing of the COPY: {} rows", rows.len());
+}
+
 /// An autocommit write running when the primary dies may or may not have been applied: the
 /// client gets 08007 and the session continues. So does a whole transaction sent as one string
 /// (`BEGIN; …; COMMIT`), which commits as an autocommit write does, and a SELECT of a function

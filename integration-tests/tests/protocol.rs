@@ -468,6 +468,55 @@ async fn deep_pipeline_keeps_gateway_memory_bounded() {
     assert_eq!(rows, [7]);
 }
 
+/// A bulk load through a gateway armed for failover is not kept for replay past
+/// `failover.max_replay_bytes`: the journal gives up on a request group that large (it would
+/// not be replayed anyway) instead of holding all of it, in autocommit and in a transaction.
+#[tokio::test]
+async fn bulk_copy_is_not_kept_past_max_replay_bytes() {
+    const CHUNKS: usize = 96;
+    let cluster = Cluster::primary_only().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE bulk(a text); GRANT ALL ON bulk TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster
+        .gateway_with(|c| c.failover.max_replay_bytes = 1 << 20)
+        .await;
+    let c = gw.connect(roles::TRUST).await;
+    // 1 MiB a chunk: 1,024 lines of 1,023 characters.
+    let line = format!("{}\n", "b".repeat(1023));
+    let chunk = bytes::Bytes::from(line.repeat(1024));
+    for in_transaction in [false, true] {
+        if in_transaction {
+            c.batch_execute("BEGIN").await.unwrap();
+        }
+        let rss_before = rss_kib();
+        let sink = c.copy_in("COPY bulk FROM STDIN").await.unwrap();
+        futures_util::pin_mut!(sink);
+        for _ in 0..CHUNKS {
+            sink.send(chunk.clone()).await.unwrap();
+        }
+        let rows = sink.finish().await.unwrap();
+        assert_eq!(rows, (CHUNKS * 1024) as u64);
+        let grown = rss_kib().saturating_sub(rss_before);
+        assert!(
+            grown < 32 * 1024,
+            "in transaction {in_transaction}: gateway grew by {grown} KiB over a {CHUNKS} MiB COPY"
+        );
+        if in_transaction {
+            c.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM bulk", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, (2 * CHUNKS * 1024) as i64);
+}
+
 /// Terminate closes the session and its backend at once.
 #[tokio::test]
 async fn terminate_closes_backend() {

@@ -82,8 +82,11 @@ pub fn digested(tag: u8) -> bool {
 /// One request group and what came back for it.
 #[derive(Debug, Clone)]
 pub struct Group {
-    /// The exact request messages, as sent.
+    /// The exact request messages, as sent (none of them once `truncated`).
     pub request: BytesMut,
+    /// Whether it grew past the journal's limit and is not kept: it can be neither replayed
+    /// nor sent again.
+    pub truncated: bool,
     /// Digest of the response, once answered (until then, see [`Journal::answer_so_far`]).
     pub answer: Digest,
     /// Whether a message that expects a ReadyForQuery (Query, Sync, FunctionCall) ended it.
@@ -141,6 +144,7 @@ impl Group {
     fn new() -> Self {
         Self {
             request: BytesMut::new(),
+            truncated: false,
             answer: Digest::default(),
             closed: false,
             answered: false,
@@ -165,6 +169,7 @@ impl Group {
     /// Empties this group for reuse by the next request, keeping its buffers.
     fn recycle(&mut self) {
         self.request.clear();
+        self.truncated = false;
         self.answer = Digest::default();
         self.closed = false;
         self.answered = false;
@@ -750,12 +755,20 @@ impl Journal {
             }
             _ => {}
         }
-        if self.keeps {
-            group.request.extend_from_slice(raw);
-            self.journal_bytes += raw.len();
-        }
-        if self.journal_bytes > self.max_bytes && self.unreplayable.is_none() {
-            self.unreplayable = Some(Unreplayable::TooLarge(self.max_bytes));
+        if self.keeps && !group.truncated {
+            if self.journal_bytes + raw.len() > self.max_bytes {
+                // Neither replayed nor sent again past the limit: none of it is kept (a bulk
+                // load would otherwise be held whole).
+                self.journal_bytes -= group.request.len();
+                group.request = BytesMut::new();
+                group.truncated = true;
+                if self.unreplayable.is_none() {
+                    self.unreplayable = Some(Unreplayable::TooLarge(self.max_bytes));
+                }
+            } else {
+                group.request.extend_from_slice(raw);
+                self.journal_bytes += raw.len();
+            }
         }
         let copy_end = matches!(tag, frontend::COPY_DONE | frontend::COPY_FAIL);
         // A Sync sent while COPY data is still expected is discarded by the server.
@@ -1573,6 +1586,15 @@ mod tests {
         j.on_client_message(b'c', &msg(b'c', b""));
         assert_eq!(j.groups().len(), 1);
         assert_eq!(j.unreplayable(), Some(&Unreplayable::TooLarge(64)));
+        let g = &j.groups()[0];
+        assert!(g.truncated && g.request.is_empty(), "none of it is kept");
+        j.on_server_message(b'C');
+        j.on_ready_for_query(b'I');
+        // The next request is kept again.
+        j.on_client_message(b'Q', &query("SELECT 1"));
+        assert_eq!(j.unreplayable(), None);
+        let g = &j.groups()[0];
+        assert!(!g.truncated && g.request[..] == query("SELECT 1")[..]);
     }
 
     #[test]

@@ -148,6 +148,17 @@ fn first_column(body: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(text).into_owned())
 }
 
+/// Refuses the move when `g`, a request to be sent again, was too large to be kept.
+fn resendable(g: &Group) -> Result<(), SessionError> {
+    if g.truncated {
+        return Err(cannot_move(
+            "08006",
+            "connection to the database server lost; a request in flight was larger than failover.max_replay_bytes and could not be sent again".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// A simple Query message the new primary answers with an ERROR of `code`, in order with the
 /// requests around it (the client hears it where it expects that request's answer).
 fn raise(code: &str, message: &str) -> BytesMut {
@@ -518,7 +529,7 @@ impl Session {
                     self.restore_statements(fresh).await.map_err(unknown)?;
                     self.txn_status = b'I';
                     // Requests pipelined after the COMMIT run as new ones.
-                    self.resend_in_flight(&in_flight[1..], false, false, &mut resumed);
+                    self.resend_in_flight(&in_flight[1..], false, false, &mut resumed)?;
                     return Ok(resumed);
                 }
                 (CommitOutcome::NotCommitted, _) => {}
@@ -527,7 +538,7 @@ impl Session {
                         return Err(cannot_move("08007", IN_DOUBT.to_owned()));
                     }
                     self.restore_statements(fresh).await.map_err(unknown)?;
-                    return Ok(self.give_up_in_doubt(1, &in_flight[1..], resumed));
+                    return self.give_up_in_doubt(1, &in_flight[1..], resumed);
                 }
             }
         }
@@ -552,7 +563,7 @@ impl Session {
                     .increment(1);
                 let doubtful = in_flight[..=at].iter().filter(|g| g.closed).count();
                 self.restore_statements(fresh).await.map_err(unknown)?;
-                return Ok(self.give_up_in_doubt(doubtful, &in_flight[at + 1..], resumed));
+                return self.give_up_in_doubt(doubtful, &in_flight[at + 1..], resumed);
             }
         }
 
@@ -607,7 +618,7 @@ impl Session {
             None => None,
         };
         let first_seen = first.is_some_and(|d| d.len > 0);
-        self.resend_in_flight(&in_flight, in_txn, first_seen, &mut resumed);
+        self.resend_in_flight(&in_flight, in_txn, first_seen, &mut resumed)?;
         self.consume_seen_prefix(fresh, first, partial, &mut resumed)
             .await?;
         Ok(resumed)
@@ -620,7 +631,7 @@ impl Session {
         doubtful: usize,
         rest: &[&Group],
         mut resumed: Resumed,
-    ) -> Resumed {
+    ) -> Result<Resumed, SessionError> {
         self.journal.abandon();
         self.txn_status = b'I';
         for _ in 0..doubtful {
@@ -629,8 +640,8 @@ impl Session {
                 .extend_from_slice(&raise("08007", IN_DOUBT));
             resumed.owners.push(Owner::Raised);
         }
-        self.resend_in_flight(rest, false, false, &mut resumed);
-        resumed
+        self.resend_in_flight(rest, false, false, &mut resumed)?;
+        Ok(resumed)
     }
 
     /// Queues the unanswered requests for the new backend. Outside a transaction a request
@@ -644,7 +655,7 @@ impl Session {
         in_txn: bool,
         first_seen: bool,
         resumed: &mut Resumed,
-    ) {
+    ) -> Result<(), SessionError> {
         let mut in_txn = in_txn;
         for (i, g) in in_flight.iter().enumerate() {
             let doubtful = in_doubt(g, in_txn);
@@ -654,6 +665,7 @@ impl Session {
                     .to_backend
                     .extend_from_slice(&raise("08007", IN_DOUBT));
             } else {
+                resendable(g)?;
                 // Not ahead of an answer being checked: the xid then stays unknown, and a
                 // second failover during this COMMIT gives 08007.
                 let checked = i == 0 && first_seen;
@@ -677,6 +689,7 @@ impl Session {
             }
             in_txn = (in_txn || g.begins) && !g.commits;
         }
+        Ok(())
     }
 
     /// Reads from the new backend the part of the first unanswered request's answer that the
@@ -763,6 +776,7 @@ impl Session {
         // 40001 goes to the first request that runs a statement, or the next one.
         let housekeeping = in_flight.iter().take_while(|g| !g.runs && g.closed).count();
         for g in &in_flight[..housekeeping] {
+            resendable(g)?;
             fresh.send(&g.request).await.map_err(abort)?;
             loop {
                 let (tag, raw) = fresh.recv().await.map_err(abort)?;
@@ -787,6 +801,7 @@ impl Session {
                     .extend_from_slice(&raise("40001", DIVERGED));
                 resumed.owners.push(Owner::Raised);
                 for g in &rest[1..] {
+                    resendable(g)?;
                     resumed.to_backend.extend_from_slice(&g.request);
                     if g.closed {
                         resumed.owners.push(Owner::Client);

@@ -96,7 +96,8 @@ async fn serve(cluster: &mut LocalCluster, args: &DemoArgs) -> anyhow::Result<()
         primary = cluster.primary.addr(),
         admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
     );
-    let mut signals = crate::shutdown::Signals::new()?;
+    // A closed terminal ends the demo as Ctrl-C does, cleaning up.
+    let mut signals = crate::shutdown::Signals::with_hangup()?;
     let result = loop {
         tokio::select! {
             _ = signals.recv() => break Ok(()),

@@ -143,6 +143,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let trigger = gateway.shutdown_trigger();
     let mut signals = understudy::shutdown::Signals::new()?;
+    understudy::shutdown::ignore_hangups()?;
     tokio::spawn(async move {
         // First signal: drain; second: close everything now.
         for phase in [Phase::Draining, Phase::Force] {

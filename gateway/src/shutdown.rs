@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::wake::{Change, Changed, Woken};
@@ -82,30 +83,60 @@ impl Shutdown {
     }
 }
 
-/// SIGINT and SIGTERM, listened for from creation on (a signal that arrives while the owner is
-/// busy elsewhere is kept for its next `recv`).
+/// SIGINT and SIGTERM, and SIGHUP (a closed terminal) where asked, listened for from creation
+/// on (a signal that arrives while the owner is busy elsewhere is kept for its next `recv`).
 pub struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Option<Signal>,
 }
 
 impl Signals {
-    /// Starts listening.
+    /// Starts listening for SIGINT and SIGTERM.
     pub fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
+            hangup: None,
         })
     }
 
-    /// Resolves at the next SIGINT or SIGTERM.
+    /// Starts listening for SIGINT, SIGTERM and SIGHUP.
+    pub fn with_hangup() -> std::io::Result<Self> {
+        Ok(Self {
+            hangup: Some(signal(SignalKind::hangup())?),
+            ..Self::new()?
+        })
+    }
+
+    /// Resolves at the next signal listened for.
     pub async fn recv(&mut self) {
+        let hangup = async {
+            match &mut self.hangup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
+            _ = hangup => {}
         }
     }
+}
+
+/// Logs each SIGHUP, which would otherwise end the process at once: operators send it to ask
+/// for a reload, which the gateway does not do.
+pub fn ignore_hangups() -> std::io::Result<()> {
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP ignored: the gateway does not reload its configuration; restart it to apply changes (SIGTERM drains sessions first)"
+            );
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -53,8 +53,8 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, and SIGTERM
-/// closes an idle session with 57P01 and exits cleanly.
+/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, SIGHUP is
+/// ignored, and SIGTERM closes an idle session with 57P01 and exits cleanly.
 #[tokio::test]
 async fn run_ctl_and_sigterm() {
     let bins = PgBinaries::find().expect("PostgreSQL binaries");
@@ -87,6 +87,16 @@ async fn run_ctl_and_sigterm() {
     assert!(text.contains("running, 1 session(s)"), "{text}");
     assert!(text.contains(&pid.to_string()), "{text}");
     assert!(text.contains("primary"), "{text}");
+
+    // SIGHUP (a reload, to operators) is logged and ignored: the session goes on.
+    signal(&gw.0, "HUP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        gw.0.try_wait().unwrap().is_none(),
+        "the gateway ended at SIGHUP"
+    );
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
 
     signal(&gw.0, "TERM");
     let status = wait_exit(&mut gw.0, Duration::from_secs(10));

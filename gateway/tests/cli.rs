@@ -90,7 +90,7 @@ async fn run_ctl_and_sigterm() {
 
     // SIGHUP (a reload, to operators) is logged and ignored: the session goes on.
     signal(&gw.0, "HUP");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    understudy::clock::sleep(Duration::from_millis(200)).await;
     assert!(
         gw.0.try_wait().unwrap().is_none(),
         "the gateway ended at SIGHUP"

@@ -197,6 +197,7 @@ impl Gateway {
         // PostgreSQL's postmaster answers while shutting down) instead of finding nobody there
         // or, had the listener closed with it in the kernel's backlog, a reset.
         let mut force = None;
+        let mut out_of_files = OutOfFiles::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -206,10 +207,11 @@ impl Gateway {
                         }
                         tracker.spawn(crate::connection::serve(shared.clone(), tcp, peer));
                     }
-                    // Out of file descriptors and the like: back off instead of spinning.
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        crate::clock::sleep(std::time::Duration::from_millis(50)).await;
+                        if !out_of_files.refuse_one(&listener, &e).await {
+                            // Something else: back off instead of spinning.
+                            crate::clock::sleep(Duration::from_millis(50)).await;
+                        }
                     }
                 },
                 _ = shutdown.draining(), if force.is_none() => {
@@ -298,5 +300,99 @@ impl GatewayHandle {
     /// Waits for the gateway to stop.
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+}
+
+/// What the accept loop does when the process is out of file descriptors: a client waiting in
+/// the listen queue would otherwise wait there unanswered until it gave up. One descriptor is
+/// held in reserve; freed, it lets one client in to hear `53300`, and is taken again.
+struct OutOfFiles {
+    reserve: Option<std::fs::File>,
+    refused: u64,
+    said: Option<std::time::Instant>,
+}
+
+/// Refusals for want of descriptors are logged at most this often, with their count.
+const OUT_OF_FILES_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl OutOfFiles {
+    fn new() -> Self {
+        Self {
+            reserve: std::fs::File::open("/dev/null").ok(),
+            refused: 0,
+            said: None,
+        }
+    }
+
+    /// Handles an accept error; returns false if it is not the lack of descriptors (or no
+    /// descriptor could be freed to answer with).
+    async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error) -> bool {
+        if !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+            tracing::warn!(error = %e, "accept failed");
+            return false;
+        }
+        let Some(reserve) = self.reserve.take() else {
+            // Taken by another socket when last freed: held again when one is free.
+            self.reserve = std::fs::File::open("/dev/null").ok();
+            self.log(e);
+            return false;
+        };
+        drop(reserve);
+        // Polled once, not awaited: no other task may take the descriptor just freed.
+        let mut accept = std::pin::pin!(listener.accept());
+        let accepted = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(accept.as_mut(), cx))
+        })
+        .await;
+        if let std::task::Poll::Ready(Ok((tcp, _))) = accepted {
+            let mut buf = bytes::BytesMut::new();
+            understudy_protocol::encode::error_response(
+                &mut buf,
+                understudy_protocol::encode::Severity::Fatal,
+                "53300",
+                "sorry, too many clients already: the gateway is out of file descriptors (raise its open-file limit)",
+            );
+            // A fresh socket's buffer takes it whole; the client hears it whatever it sent.
+            let _ = tcp.try_write(&buf);
+            crate::telemetry::count_error("53300", "gateway");
+        }
+        self.refused += 1;
+        self.log(e);
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        true
+    }
+
+    fn log(&mut self, e: &std::io::Error) {
+        if self
+            .said
+            .is_none_or(|t| t.elapsed() >= OUT_OF_FILES_LOG_EVERY)
+        {
+            tracing::warn!(error = %e, refused = self.refused, "out of file descriptors: clients refused with 53300 (raise the open-file limit)");
+            self.said = Some(std::time::Instant::now());
+            self.refused = 0;
+        }
+    }
+}
+
+/// Raises the process's soft limit on open files to its hard limit, and warns when even that
+/// leaves no room for `max_client_connections` sessions (each holds two sockets).
+pub fn raise_open_file_limit(config: &Config) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            // The listeners, the runtime's own, the spare and control connections.
+            let spare = config.spare_backends as u64 + 16;
+            let room = limit.saturating_sub(spare) / 2;
+            if room < config.max_client_connections as u64 {
+                tracing::warn!(
+                    limit,
+                    sessions = room,
+                    max_client_connections = config.max_client_connections,
+                    "the open-file limit leaves room for fewer sessions than max_client_connections; raise it (ulimit -n, LimitNOFILE=) or lower max_client_connections"
+                );
+            } else {
+                tracing::debug!(limit, "open-file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the open-file limit could not be raised"),
     }
 }

@@ -137,6 +137,7 @@ fn said_once(e: &anyhow::Error) -> String {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    understudy::gateway::raise_open_file_limit(&config);
     let gateway = Gateway::bind(config).await?;
     if let Some(admin) = gateway.admin_addr() {
         tracing::info!(%admin, "admin listener (/metrics, /status)");

@@ -110,6 +110,79 @@ async fn run_ctl_and_sigterm() {
     pg.shutdown().await;
 }
 
+/// Out of file descriptors (an open-file limit of 48 it cannot raise), the gateway says so at
+/// startup, and answers each client it has no room for with `FATAL 53300` at once instead of
+/// leaving it in the listen queue unanswered; the sessions it has keep working, and once some
+/// leave, new ones get in.
+#[tokio::test]
+async fn out_of_file_descriptors_refuses_with_53300() {
+    let bins = PgBinaries::find().expect("PostgreSQL binaries");
+    let mut opts = ClusterOptions::in_temp_dir();
+    opts.with_standby = false;
+    let mut pg = LocalCluster::create(&bins, opts).await.expect("cluster");
+    let port = free_port().unwrap();
+    let log = std::env::temp_dir().join(format!("understudy-nofile-{port}.log"));
+    let mut gw = Killed(
+        Command::new("sh")
+            .args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\"", BIN, "run"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--backend", &pg.primary.addr().to_string()])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    let mut held = vec![connect(port, "postgres").await];
+    let refused = loop {
+        let conn =
+            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5");
+        let attempt = tokio_postgres::connect(&conn, tokio_postgres::NoTls);
+        match understudy::clock::timeout(Duration::from_secs(10), attempt).await {
+            Err(_) => panic!("client left unanswered after {} sessions", held.len()),
+            Ok(Ok((client, conn))) => {
+                tokio::spawn(conn);
+                held.push(client);
+                assert!(held.len() < 48, "more sessions than descriptors");
+            }
+            Ok(Err(e)) => break e,
+        }
+    };
+    let code = refused.as_db_error().map(|e| e.code().code());
+    assert_eq!(
+        code,
+        Some("53300"),
+        "after {} sessions: {refused}",
+        held.len()
+    );
+    assert!(held.len() >= 10, "only {} sessions", held.len());
+    for client in &held {
+        let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+    held.truncate(held.len() - 3);
+    let mut again = None;
+    for _ in 0..50 {
+        let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        if let Ok((client, conn)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            again = Some(client);
+            break;
+        }
+        understudy::clock::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "no room again once sessions left");
+    drop((held, again));
+    signal(&gw.0, "TERM");
+    wait_exit(&mut gw.0, Duration::from_secs(10));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        text.contains("open-file limit leaves room for fewer sessions"),
+        "{text}"
+    );
+    assert!(text.contains("out of file descriptors"), "{text}");
+    pg.shutdown().await;
+}
+
 /// `demo` starts PostgreSQL and a gateway, prints a working psql command, and removes
 /// everything on Ctrl-C.
 #[tokio::test]

@@ -68,8 +68,17 @@ pub fn status(shared: &Shared) -> Status {
     }
 }
 
+/// An admin connection is closed after this long, whatever it is doing: a request takes
+/// milliseconds, and one that never ends (a client that sends half a request and stops) must
+/// not hold a descriptor the sessions need.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Admin connections served at once; one more is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves admin requests until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -82,15 +91,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
             },
             _ = shutdown.reached(Phase::Force) => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = crate::clock::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
         });
     }
 }

@@ -433,3 +433,30 @@ async fn a_silent_spare_reads_as_an_unreachable_server() {
     let n: i32 = c.query_one("SELECT 6 * 7", &[]).await.unwrap().get(0);
     assert_eq!(n, 42);
 }
+
+/// An admin client that sends half a request and stops does not hold its connection for ever:
+/// the gateway closes it within seconds, and requests keep being answered meanwhile.
+#[tokio::test]
+async fn stalled_admin_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(gw.admin()).await.unwrap();
+        tcp.write_all(b"GET /met").await.unwrap();
+        stalled.push(tcp);
+    }
+    assert!(gw
+        .admin_get("/metrics")
+        .await
+        .contains("understudy_sessions_open"));
+    for mut tcp in stalled {
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut rest)).await;
+        assert!(
+            end.is_ok(),
+            "a stalled admin connection still open after 30 s"
+        );
+    }
+}

@@ -176,9 +176,10 @@ async fn session(
             &mut guard,
         )),
     );
+    // A login has no transaction to finish: a drain ends it at once.
     let login_result = tokio::select! {
         r = login => r,
-        _ = forced.reached(Phase::Force) => Ok(Err(SessionError::Shutdown)),
+        _ = forced.reached(Phase::Draining) => Ok(Err(SessionError::Shutdown)),
     };
     let established = match login_result {
         Ok(Ok(e)) => e,

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Promote;
 use crate::gateway::Shared;
-use crate::sessions::SessionStatus;
+use crate::sessions::{Movability, SessionStatus};
 use crate::shutdown::{Phase, Shutdown};
 use crate::topology::BackendStatus;
 
@@ -43,7 +43,15 @@ pub struct Status {
 
 /// Builds the status document.
 pub fn status(shared: &Shared) -> Status {
-    let sessions = shared.registry.statuses();
+    let mut sessions = shared.registry.statuses();
+    // No session moves while failover is off, whatever it holds.
+    if let Some(why) = shared.failover.disabled() {
+        for s in &mut sessions {
+            if s.movable.is_some() {
+                s.movable = Some(Movability::No(format!("failover is off: {why}")));
+            }
+        }
+    }
     Status {
         version: env!("CARGO_PKG_VERSION"),
         listen: shared.config.listen.to_string(),

@@ -77,7 +77,7 @@ pub fn render_status(json: &serde_json::Value) -> String {
     if !sessions.is_empty() {
         let _ = writeln!(
             out,
-            "\nID     CLIENT                 USER         DATABASE     BACKEND PID  TRANSACTION         MOVABLE"
+            "\nID     CLIENT                 USER         DATABASE     BACKEND PID  STATE                          MOVABLE"
         );
         for x in sessions {
             let movable = match x["movable"].as_str() {
@@ -87,16 +87,31 @@ pub fn render_status(json: &serde_json::Value) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<6} {:<22} {:<12} {:<12} {:<12} {:<19} {}",
+                "{:<6} {:<22} {:<12} {:<12} {:<12} {:<30} {}",
                 s(&x["id"]),
                 s(&x["client"]),
                 s(&x["user"]),
                 s(&x["database"]),
                 s(&x["backend_pid"]),
-                s(&x["transaction"]),
+                state(&x),
                 movable
             );
         }
     }
     out
+}
+
+/// A session's state as `pg_stat_activity` words it: `active` while a request runs, else what
+/// its transaction is.
+fn state(session: &serde_json::Value) -> &'static str {
+    let active = session["active"].as_bool() == Some(true);
+    match (session["transaction"].as_str(), active) {
+        (Some("in_transaction"), true) => "active (in transaction)",
+        (Some("failed_transaction"), true) => "active (failed transaction)",
+        (_, true) => "active",
+        (Some("idle"), false) => "idle",
+        (Some("in_transaction"), false) => "idle in transaction",
+        (Some("failed_transaction"), false) => "idle in transaction (aborted)",
+        _ => "starting",
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -45,6 +45,8 @@ pub struct SessionInfo {
     pub started: SystemTime,
     /// Last transaction status byte seen in ReadyForQuery (0 before the first).
     pub txn_status: AtomicU8,
+    /// Whether a request is in flight (sent on, its ReadyForQuery not back yet).
+    pub active: AtomicBool,
     detail: Mutex<Detail>,
 }
 
@@ -76,6 +78,9 @@ pub struct SessionStatus {
     pub backend_pid: Option<i32>,
     /// `idle`, `in_transaction`, `failed_transaction` or `starting`.
     pub transaction: &'static str,
+    /// Whether a request is running (sent on, not answered yet), as `active` in
+    /// `pg_stat_activity`.
+    pub active: bool,
     /// Whether the session could be moved, and why not.
     #[serde(flatten)]
     pub movable: Option<Movability>,
@@ -116,6 +121,7 @@ impl SessionInfo {
                 b'E' => "failed_transaction",
                 _ => "starting",
             },
+            active: self.active.load(Ordering::Relaxed),
             movable: d.movable.clone(),
         }
     }
@@ -150,6 +156,7 @@ impl Registry {
             database: database.to_owned(),
             started: SystemTime::now(),
             txn_status: AtomicU8::new(0),
+            active: AtomicBool::new(false),
             detail: Mutex::default(),
         });
         lock(&self.sessions).insert(info.id, info.clone());

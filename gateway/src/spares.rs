@@ -84,14 +84,19 @@ impl Spares {
 
     /// Spares ready now.
     pub fn ready_count(&self) -> usize {
-        self.ready().len()
+        self.ready()
+            .iter()
+            .filter(|s| looks_open(&s.stream))
+            .count()
     }
 
     /// Drops spares that are too old or not for `primary`; returns when the oldest left
     /// must go.
     fn prune(&self, primary: Option<&Backend>) -> Option<Instant> {
         let mut ready = self.ready();
-        ready.retain(|s| Some(&s.backend) == primary && s.born.elapsed() < self.max_age);
+        ready.retain(|s| {
+            Some(&s.backend) == primary && s.born.elapsed() < self.max_age && looks_open(&s.stream)
+        });
         publish(ready.len());
         ready.front().map(|s| s.born + self.max_age)
     }

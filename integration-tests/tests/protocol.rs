@@ -731,6 +731,14 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         assert_eq!(status["failover"], "off", "{status:#}");
         let reason = status["failover_off"].as_str().unwrap_or_default();
         assert!(reason.contains(why), "{status:#}");
+        // Nor is any of its sessions movable, whatever it holds.
+        let session = gw.session_status(&c).await;
+        assert_eq!(session["movable"], "no", "{session:#}");
+        let reason = session["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("failover is off") && reason.contains(why),
+            "{session:#}"
+        );
     }
 
     admin

@@ -63,8 +63,33 @@ async fn routes_to_the_primary_and_reports_it() {
         .expect("session listed with its backend PID");
     assert_eq!(session["user"], roles::SCRAM);
     assert_eq!(session["transaction"], "in_transaction");
+    assert_eq!(session["active"], false, "idle in its transaction");
     assert_eq!(session["backend"], primary);
     c.batch_execute("COMMIT").await.unwrap();
+
+    // A statement running is `active`, as pg_stat_activity says, and `ctl status` says so.
+    let busy = gw.connect(roles::MD5).await;
+    let running = tokio::spawn(async move { busy.batch_execute("SELECT pg_sleep(1)").await });
+    let deadline = Instant::now() + PATIENCE;
+    let table = loop {
+        let status = gw.status().await;
+        let listed =
+            status["sessions"].as_array().unwrap().iter().any(|s| {
+                s["user"] == roles::MD5 && s["active"] == true && s["transaction"] == "idle"
+            });
+        if listed {
+            break understudy::ctl::render_status(&status);
+        }
+        assert!(Instant::now() < deadline, "never active: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(roles::MD5) && l.contains(" active ")),
+        "{table}"
+    );
+    running.await.unwrap().unwrap();
 
     // Metrics count what went through.
     let e = c.batch_execute("SELECT * FROM nowhere").await.unwrap_err();
@@ -459,4 +484,20 @@ async fn stalled_admin_connections_are_closed() {
             "a stalled admin connection still open after 30 s"
         );
     }
+}
+
+/// Spares whose server is gone are not counted: with the primary killed, `/status` reports no
+/// spare connections (it counted the dead ones).
+#[tokio::test]
+async fn dead_spares_are_not_counted() {
+    let mut cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|c| {
+            c.spare_backends = 2;
+            c.spare_max_age_ms = 600_000;
+        })
+        .await;
+    wait_spares(&gw, 2).await;
+    cluster.kill_primary().await;
+    wait_spares(&gw, 0).await;
 }

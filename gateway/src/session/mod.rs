@@ -470,6 +470,9 @@ impl Session {
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
             if self.journal.expects_ready() {
+                if self.awaiting_ready == 0 {
+                    self.guard.info().active.store(true, Ordering::Relaxed);
+                }
                 self.awaiting_ready += 1;
                 self.wire.push_back(if suffixed {
                     Owner::ClientThenXid
@@ -774,10 +777,11 @@ impl Session {
         self.journal.on_ready_for_query(status);
         self.txn_status = status;
         self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
-        self.guard
-            .info()
-            .txn_status
-            .store(status, Ordering::Relaxed);
+        let info = self.guard.info();
+        info.txn_status.store(status, Ordering::Relaxed);
+        if self.awaiting_ready == 0 {
+            info.active.store(false, Ordering::Relaxed);
+        }
         if let Some(why) = self.journal.unmovable() {
             self.guard
                 .info()

@@ -841,6 +841,11 @@ impl Session {
         }
         self.wire = resumed.owners.iter().copied().collect();
         self.awaiting_ready = self.wire.iter().filter(|o| o.is_client()).count() as u32;
+        let active = self.awaiting_ready > 0;
+        self.guard
+            .info()
+            .active
+            .store(active, std::sync::atomic::Ordering::Relaxed);
         self.pace();
         if !resumed.to_backend.is_empty() {
             // Goes out ahead of anything the client sends next.

@@ -39,6 +39,14 @@ async fn connect(port: u16, user: &str) -> tokio_postgres::Client {
     }
 }
 
+/// A PostgreSQL primary of its own, without a standby.
+async fn primary_only() -> LocalCluster {
+    let bins = PgBinaries::find().expect("PostgreSQL binaries");
+    let mut opts = ClusterOptions::in_temp_dir();
+    opts.with_standby = false;
+    LocalCluster::create(&bins, opts).await.expect("cluster")
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -57,10 +65,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 /// ignored, and SIGTERM closes an idle session with 57P01 and exits cleanly.
 #[tokio::test]
 async fn run_ctl_and_sigterm() {
-    let bins = PgBinaries::find().expect("PostgreSQL binaries");
-    let mut opts = ClusterOptions::in_temp_dir();
-    opts.with_standby = false;
-    let mut pg = LocalCluster::create(&bins, opts).await.expect("cluster");
+    let mut pg = primary_only().await;
     let (port, admin) = (free_port().unwrap(), free_port().unwrap());
     let mut gw = Killed(
         Command::new(BIN)
@@ -116,10 +121,7 @@ async fn run_ctl_and_sigterm() {
 /// leave, new ones get in.
 #[tokio::test]
 async fn out_of_file_descriptors_refuses_with_53300() {
-    let bins = PgBinaries::find().expect("PostgreSQL binaries");
-    let mut opts = ClusterOptions::in_temp_dir();
-    opts.with_standby = false;
-    let mut pg = LocalCluster::create(&bins, opts).await.expect("cluster");
+    let mut pg = primary_only().await;
     let port = free_port().unwrap();
     let log = std::env::temp_dir().join(format!("understudy-nofile-{port}.log"));
     let mut gw = Killed(

@@ -1174,6 +1174,15 @@ mod tests {
         j.on_ready_for_query(status);
     }
 
+    /// Parses a statement (`parse`: the Parse body) and answers ParseComplete and the
+    /// ReadyForQuery status given.
+    fn parsed(j: &mut Journal, parse: &[u8], status: u8) {
+        j.on_client_message(b'P', &msg(b'P', parse));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_server_message(b'1');
+        j.on_ready_for_query(status);
+    }
+
     /// Sends each Query and answers it with the ReadyForQuery status given.
     fn queries(j: &mut Journal, steps: &[(&str, u8)]) {
         for (sql, status) in steps {
@@ -1396,10 +1405,7 @@ mod tests {
                 ("SET application_name = 'x'", b'T'),
             ],
         );
-        j.on_client_message(b'P', &msg(b'P', b"s1\0SELECT 1\0\0\0"));
-        j.on_client_message(b'S', &msg(b'S', b""));
-        j.on_server_message(b'1');
-        j.on_ready_for_query(b'T');
+        parsed(&mut j, b"s1\0SELECT 1\0\0\0", b'T');
         // The COMMIT in flight carries a Parse of its own; it is found committed.
         j.on_client_message(b'P', &msg(b'P', b"s2\0COMMIT\0\0\0"));
         j.on_client_message(b'B', &msg(b'B', b"\0s2\0\0\0\0\0\0\0"));
@@ -1441,15 +1447,9 @@ mod tests {
 
     #[test]
     fn the_state_before_a_transaction_undoes_its_statement_changes() {
-        let parsed = |j: &mut Journal, parse: &[u8]| {
-            j.on_client_message(b'P', &msg(b'P', parse));
-            j.on_client_message(b'S', &msg(b'S', b""));
-            j.on_server_message(b'1');
-            j.on_ready_for_query(if j.txn_status == b'I' { b'I' } else { b'T' });
-        };
         let mut j = Journal::new(1 << 20);
         queries(&mut j, &[("PREPARE a AS SELECT 1", b'I')]);
-        parsed(&mut j, b"s1\0SELECT 1\0\0\0");
+        parsed(&mut j, b"s1\0SELECT 1\0\0\0", b'I');
         let start = j.state().clone();
         queries(
             &mut j,
@@ -1462,8 +1462,8 @@ mod tests {
         j.on_client_message(b'C', &msg(b'C', b"Ss1\0"));
         j.on_client_message(b'S', &msg(b'S', b""));
         j.on_ready_for_query(b'T');
-        parsed(&mut j, b"s1\0SELECT 3\0\0\0");
-        parsed(&mut j, b"s2\0SELECT 4\0\0\0");
+        parsed(&mut j, b"s1\0SELECT 3\0\0\0", b'T');
+        parsed(&mut j, b"s2\0SELECT 4\0\0\0", b'T');
         let now = j.state();
         assert_eq!(now.restore_sql(), ["PREPARE b AS SELECT 2"]);
         assert_eq!(now.restore_parses().count(), 2);
@@ -1478,11 +1478,7 @@ mod tests {
     #[test]
     fn named_parse_is_kept_once_parsed() {
         let mut j = Journal::new(1 << 20);
-        let parse = msg(b'P', b"s1\0SELECT $1\0\0\0");
-        j.on_client_message(b'P', &parse);
-        j.on_client_message(b'S', &msg(b'S', b""));
-        j.on_server_message(b'1');
-        j.on_ready_for_query(b'I');
+        parsed(&mut j, b"s1\0SELECT $1\0\0\0", b'I');
         assert_eq!(j.state().restore_parses().count(), 1);
         j.on_client_message(b'C', &msg(b'C', b"Ss1\0"));
         j.on_client_message(b'S', &msg(b'S', b""));

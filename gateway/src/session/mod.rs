@@ -96,6 +96,7 @@ const EVENTS_PER_WAKE: usize = 64;
 /// gateway a record, and a client that pipelines without reading its answers would otherwise
 /// grow them without bound while the server's socket buffers hold its requests.
 const MAX_IN_FLIGHT: usize = 4096;
+
 /// The shutdown phase's bit in the session's record of what else woke it (see [`Bell`]).
 const SHUTDOWN_BIT: u8 = 1;
 /// The primary's changes' bit in that record.

@@ -243,20 +243,9 @@ impl SessionState {
     /// Only the prepared statements not named in `present` (a backend's
     /// `pg_prepared_statements`).
     pub fn statements_missing_from(&self, present: &BTreeSet<String>) -> SessionState {
-        let missing = |name: &String| !present.contains(name);
         SessionState {
-            sql_prepared: self
-                .sql_prepared
-                .iter()
-                .filter(|(name, _)| missing(name))
-                .map(|(name, sql)| (name.clone(), sql.clone()))
-                .collect(),
-            parsed: self
-                .parsed
-                .iter()
-                .filter(|(name, _)| missing(name))
-                .map(|(name, parse)| (name.clone(), parse.clone()))
-                .collect(),
+            sql_prepared: not_in(&self.sql_prepared, present),
+            parsed: not_in(&self.parsed, present),
             ..SessionState::default()
         }
     }
@@ -274,10 +263,23 @@ impl SessionState {
         state
     }
 
-    /// Parses `name` (its statement now `parse`), noting in `undo` what it was.
-    fn parse(&mut self, name: &str, parse: Bytes, undo: &mut Vec<Undo>) {
-        let was = self.parsed.insert(name.to_owned(), parse);
-        undo.push(Undo::Parsed(name.to_owned(), was));
+    /// Applies what a group's `parses` (their named ones) and then `closes` did, noting in
+    /// `undo` what each replaced.
+    fn parse_and_close(
+        &mut self,
+        parses: &[(Option<String>, Bytes)],
+        closes: &[String],
+        undo: &mut Vec<Undo>,
+    ) {
+        for (name, parse) in parses {
+            if let Some(name) = name {
+                let was = self.parsed.insert(name.clone(), parse.clone());
+                undo.push(Undo::Parsed(name.clone(), was));
+            }
+        }
+        for name in closes {
+            self.close(name, undo);
+        }
     }
 
     /// Closes the protocol-level statement `name`, noting in `undo` what it was.
@@ -351,6 +353,14 @@ impl SessionState {
             SessionChange::Prepare(_) | SessionChange::Deallocate(_)
         )
     }
+}
+
+/// The entries of `map` whose names are not in `present`.
+fn not_in<V: Clone>(map: &BTreeMap<String, V>, present: &BTreeSet<String>) -> BTreeMap<String, V> {
+    map.iter()
+        .filter(|(name, _)| !present.contains(*name))
+        .map(|(name, v)| (name.clone(), v.clone()))
+        .collect()
 }
 
 /// Puts `name`'s slot in `map` back to `was`.
@@ -878,16 +888,12 @@ impl Journal {
                 self.live.reset();
             }
             // Protocol-level statements are not transactional: they exist once parsed.
-            for (name, parse) in g.parses.iter().take(g.parses_done) {
-                if let Some(name) = name {
-                    self.state.parse(name, parse.clone(), &mut g.undo);
-                }
-            }
-            if !g.failed {
-                for name in &g.closes {
-                    self.state.close(name, &mut g.undo);
-                }
-            }
+            let closes: &[String] = if g.failed { &[] } else { &g.closes };
+            self.state.parse_and_close(
+                &g.parses[..g.parses_done.min(g.parses.len())],
+                closes,
+                &mut g.undo,
+            );
             let (may_write, may_write_data, failed) = (g.may_write, g.may_write_data, g.failed);
             let changes = std::mem::take(&mut g.changes);
             if !failed {
@@ -954,14 +960,7 @@ impl Journal {
         // transaction is over, so what they replaced is of no more use.
         let mut undo = Vec::new();
         if let Some(g) = self.groups.get(self.answered) {
-            for (name, parse) in &g.parses {
-                if let Some(name) = name {
-                    self.state.parse(name, parse.clone(), &mut undo);
-                }
-            }
-            for name in &g.closes {
-                self.state.close(name, &mut undo);
-            }
+            self.state.parse_and_close(&g.parses, &g.closes, &mut undo);
         }
         let mut committed = Vec::with_capacity(self.pending.len());
         for c in std::mem::take(&mut self.pending) {

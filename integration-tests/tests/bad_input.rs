@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use understudy::config::{Config, Keepalive};
@@ -252,6 +252,45 @@ async fn malformed_messages_after_login_end_only_their_session() {
 
     still_answers(&neighbour).await;
     gw.connect(roles::TRUST).await; // and the gateway still takes new sessions
+    assert_no_gateway_panics();
+}
+
+/// A client that goes on sending after the gateway ended its session (a pipelining driver,
+/// or the rest of an oversized message) is not reset under the FATAL: the gateway reads and
+/// drops what follows until the client closes, so its writes go through, it reads the FATAL
+/// and then a clean end of stream, and its backend is gone meanwhile. (Closing with unread
+/// bytes, as before, reset the connection and failed the client's next write.)
+#[tokio::test]
+async fn a_client_still_sending_after_its_fatal_is_not_reset() {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
+        .await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    let (mut c, _) = raw_session(gw.addr(), "still_sending").await;
+    let mut huge = vec![b'Q'];
+    huge.extend_from_slice(&(1_000_000i32).to_be_bytes());
+    c.send(&huge).await;
+    assert_fatal(&c.expect_error().await, "54000");
+    cluster.wait_backends_named("still_sending", 0).await;
+    // The rest of the promised body, a while after the FATAL.
+    let chunk = vec![b'x'; 64 * 1024];
+    for i in 0..16 {
+        c.tcp
+            .write_all(&chunk)
+            .await
+            .unwrap_or_else(|e| panic!("write {i} after the FATAL: {e}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.shutdown_write().await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, c.tcp.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes once the client has");
+    assert!(end.is_ok(), "a clean end of stream, not a reset: {end:?}");
+    assert!(rest.is_empty(), "nothing after the FATAL: {rest:?}");
+    still_answers(&neighbour).await;
     assert_no_gateway_panics();
 }
 

@@ -89,6 +89,10 @@ enum Wakeup {
 /// Bytes read from the server at a time while passing on the answers a departed client is owed.
 const OWED_READ_CHUNK: usize = 8 * 1024;
 
+/// How long a client the gateway ended the session of may go on sending before its connection
+/// is closed under it (see [`Session::linger`]).
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Socket events one wake-up may handle before the session yields to the others.
 const EVENTS_PER_WAKE: usize = 64;
 
@@ -873,7 +877,28 @@ impl Session {
             }
         }
         let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
+        if matches!(&result, Err(e) if !matches!(e, SessionError::ClientGone(_))) {
+            self.linger(shutdown).await;
+        }
         result
+    }
+
+    /// Reads and drops what the client still sends after the gateway ended its session, until
+    /// it closes (or [`LINGER`] passes): closing a socket with unread bytes resets it, and a
+    /// pipelining client whose write meets the reset may lose the FATAL it has not read yet.
+    async fn linger(&mut self, shutdown: &mut Shutdown) {
+        let mut sink = [0u8; OWED_READ_CHUNK];
+        let drain = async {
+            while let Ok(n) = self.pump.client.read(&mut sink).await {
+                if n == 0 {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = crate::clock::timeout(LINGER, drain) => {}
+            () = shutdown.reached(Phase::Force) => {}
+        }
     }
 }
 

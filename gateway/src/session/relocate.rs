@@ -476,6 +476,15 @@ impl Session {
         // What the client has of the first in-flight group's answer.
         let seen_answer = self.journal.answer_so_far();
         let in_txn = self.journal.txn_status() != b'I';
+        tracing::debug!(
+            session = self.guard.info().id,
+            answered = answered.len(),
+            in_flight = ?in_flight.iter().map(|g| shape(g)).collect::<Vec<_>>(),
+            seen = seen_answer.len,
+            ?partial,
+            in_txn,
+            "settling the transaction on the new primary"
+        );
         let mut resumed = Resumed::default();
         let fatal = |m: &str| cannot_move("40001", m.to_owned());
         let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
@@ -1068,4 +1077,25 @@ mod tests {
         let (groups, in_txn) = in_flight(&[], &["SET a.b = 1"]);
         assert!(!in_doubt(&groups[0], in_txn));
     }
+}
+
+/// A group's message tags and flags, for the debug log (`BDEBDES closed`).
+fn shape(g: &Group) -> String {
+    let mut tags = String::new();
+    let mut at = 0;
+    while let Some(head) = g.request.get(at..at + 5) {
+        tags.push(char::from(head[0]));
+        at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    }
+    let flags = [
+        (g.closed, "closed"),
+        (g.truncated, "truncated"),
+        (g.may_write_data, "writes"),
+        (g.commits, "commits"),
+    ];
+    for (_, name) in flags.iter().filter(|(on, _)| *on) {
+        tags.push(' ');
+        tags.push_str(name);
+    }
+    tags
 }

@@ -126,7 +126,30 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
         r
     };
-    match (req.method(), req.uri().path()) {
+    let path = req.uri().path();
+    let allowed = match path {
+        "/metrics" | "/status" => "GET, HEAD",
+        "/demo/crash-primary" => "POST",
+        _ => "",
+    };
+    // HEAD is answered as GET (hyper sends the headers without the body).
+    let method = match req.method() {
+        &Method::HEAD => &Method::GET,
+        m => m,
+    };
+    if !allowed.is_empty() && !allowed.split(", ").any(|m| m == method.as_str()) {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            format!("{path} takes {allowed}\n"),
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static(allowed),
+        );
+        return r;
+    }
+    match (method, path) {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",

@@ -486,6 +486,48 @@ async fn stalled_admin_connections_are_closed() {
     }
 }
 
+/// The admin listener answers HEAD as GET without the body, a method a path does not take
+/// with 405 and the methods it does take in `Allow`, and an unknown path with 404.
+#[tokio::test]
+async fn admin_methods_get_their_http_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let admin = gw.admin();
+    let ask = |method: &'static str, path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a header block");
+        (head.to_ascii_lowercase(), body.to_owned())
+    };
+    let (head, body) = ask("HEAD", "/status").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(body.is_empty(), "HEAD has no body: {body:?}");
+    let (head, body) = ask("HEAD", "/metrics").await;
+    assert!(
+        head.starts_with("http/1.1 200") && body.is_empty(),
+        "{head}"
+    );
+    for (method, path, allow) in [
+        ("POST", "/status", "get, head"),
+        ("DELETE", "/metrics", "get, head"),
+        ("GET", "/demo/crash-primary", "post"),
+    ] {
+        let (head, _) = ask(method, path).await;
+        assert!(head.starts_with("http/1.1 405"), "{method} {path}: {head}");
+        assert!(
+            head.contains(&format!("allow: {allow}")),
+            "{method} {path}: {head}"
+        );
+    }
+    let (head, _) = ask("GET", "/nothing").await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+}
+
 /// Spares whose server is gone are not counted: with the primary killed, `/status` reports no
 /// spare connections (it counted the dead ones).
 #[tokio::test]

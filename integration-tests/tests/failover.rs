@@ -757,6 +757,87 @@ async fn postmaster_only_kill_fails_over() {
     );
 }
 
+/// Bind and Execute of the statement `ins` for row `a`.
+fn bind_execute(a: i32) -> Vec<u8> {
+    let value = a.to_string();
+    let mut bind = b"\0ins\0\0\0\0\x01".to_vec();
+    bind.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    bind.extend_from_slice(value.as_bytes());
+    bind.extend_from_slice(b"\0\0");
+    let mut bytes = msg(b'B', &bind);
+    bytes.extend(msg(b'E', b"\0\0\0\0\0"));
+    bytes
+}
+
+/// Extended-protocol requests not yet synced or flushed whose answers the client got anyway:
+/// a backend that sees its postmaster die ends with a FATAL and flushes what it had, the
+/// answers included. The move sends them again and reads back what the client saw, which the
+/// new primary sends only when asked to flush (the move waited for it, then dropped the
+/// session). Autocommit (an implicit transaction never committed) and in a transaction block;
+/// each row is inserted once.
+#[tokio::test]
+async fn answers_to_unsynced_requests_flushed_by_a_dying_backend() {
+    for in_block in [false, true] {
+        let mut cluster = Cluster::primary_and_standby().await;
+        setup(&cluster, TABLE_T).await;
+        let gw = cluster.failover_gateway().await;
+        let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+        if in_block {
+            c.send(&query("BEGIN; INSERT INTO t VALUES (0)")).await;
+            c.read_until(b'Z').await;
+        }
+        // Neither Sync nor Flush: the server answers them only when something makes it flush.
+        let mut batch = msg(b'P', b"ins\0INSERT INTO t VALUES ($1::int)\0\0\0");
+        (1..=3).for_each(|a| batch.extend(bind_execute(a)));
+        c.send(&batch).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let backend = |status: serde_json::Value| status["sessions"][0]["backend"].clone();
+        let before = backend(gw.status().await);
+        cluster.kill_primary_postmaster().await;
+        // ParseComplete, then BindComplete and CommandComplete for each row.
+        let mut seen = Vec::new();
+        while seen.iter().filter(|m: &&Msg| m.tag == b'C').count() < 3 {
+            let m = c
+                .read()
+                .await
+                .expect("the answers the dying backend flushed");
+            assert_ne!(m.tag, b'E', "no error: {}", m.message());
+            seen.push(m);
+        }
+        let tags: Vec<u8> = seen.iter().map(|m| m.tag).collect();
+        assert_eq!(tags, b"12C2C2C", "{seen:?}");
+        // Only once the session is on the new primary: the batch is still unsynced there.
+        let started = std::time::Instant::now();
+        while backend(gw.status().await) == before {
+            assert!(started.elapsed() < PATIENCE, "the session moves");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // More of the same batch, then its Sync, on whichever primary the session is on.
+        let mut rest = bind_execute(4);
+        rest.extend(msg(b'S', b""));
+        c.send(&rest).await;
+        let answer = c.read_until(b'Z').await;
+        let tags: Vec<u8> = answer.iter().map(|m| m.tag).collect();
+        assert_eq!(tags, b"2CZ", "{answer:?}");
+        let status = if in_block { b"T" } else { b"I" };
+        assert_eq!(answer.last().unwrap().body, status);
+        if in_block {
+            c.send(&query("COMMIT")).await;
+            c.read_until(b'Z').await;
+        }
+        let expected: Vec<i32> = if in_block {
+            (0..=4).collect()
+        } else {
+            (1..=4).collect()
+        };
+        assert_eq!(
+            values(cluster_on_new_primary(&mut cluster).await, "t").await,
+            expected,
+            "in a transaction block: {in_block}"
+        );
+    }
+}
+
 /// The cluster as seen after a failover: the promoted standby answers as `primary`.
 async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
     if cluster.pg.primary.is_in_recovery().await.is_err() {

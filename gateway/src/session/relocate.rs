@@ -976,6 +976,27 @@ fn count_move(outcome: &'static str) {
     metrics::counter!("understudy_session_moves_total", "outcome" => outcome).increment(1);
 }
 
+/// A group's message tags and flags, for the debug log (`BDEBDES closed`).
+fn shape(g: &Group) -> String {
+    let mut tags = String::new();
+    let mut at = 0;
+    while let Some(head) = g.request.get(at..at + 5) {
+        tags.push(char::from(head[0]));
+        at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    }
+    let flags = [
+        (g.closed, "closed"),
+        (g.truncated, "truncated"),
+        (g.may_write_data, "writes"),
+        (g.commits, "commits"),
+    ];
+    for (_, name) in flags.iter().filter(|(on, _)| *on) {
+        tags.push(' ');
+        tags.push_str(name);
+    }
+    tags
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,25 +1105,4 @@ mod tests {
         let (groups, in_txn) = in_flight(&[], &["SET a.b = 1"]);
         assert!(!in_doubt(&groups[0], in_txn));
     }
-}
-
-/// A group's message tags and flags, for the debug log (`BDEBDES closed`).
-fn shape(g: &Group) -> String {
-    let mut tags = String::new();
-    let mut at = 0;
-    while let Some(head) = g.request.get(at..at + 5) {
-        tags.push(char::from(head[0]));
-        at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    }
-    let flags = [
-        (g.closed, "closed"),
-        (g.truncated, "truncated"),
-        (g.may_write_data, "writes"),
-        (g.commits, "commits"),
-    ];
-    for (_, name) in flags.iter().filter(|(on, _)| *on) {
-        tags.push(' ');
-        tags.push_str(name);
-    }
-    tags
 }

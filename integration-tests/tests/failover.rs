@@ -321,6 +321,44 @@ async fn commit_in_flight(statements: &[&str]) {
     c.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
 }
 
+/// As [`commit_in_flight_is_resolved`], for a COMMIT sent with the extended protocol behind a
+/// lone Flush (libpq sends one after a pipeline's Sync): the xid is still asked for before it.
+/// (The Flush made the COMMIT look like the second message of its request, which is not asked
+/// for, and the client got 08007.)
+#[tokio::test]
+async fn commit_in_flight_behind_a_flush_is_resolved() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        &format!("CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC; {SLOW_COMMIT}"),
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    c.send(&query(
+        "BEGIN; INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+    ))
+    .await;
+    c.read_until(b'Z').await;
+    c.send(&msg(b'H', b"")).await;
+    let mut commit = msg(b'P', b"\0COMMIT\0\0\0");
+    commit.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    commit.extend(msg(b'E', b"\0\0\0\0\0"));
+    commit.extend(msg(b'S', b""));
+    c.send(&commit).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_primary().await;
+    let answer = c.read_until(b'Z').await;
+    let tags: Vec<u8> = answer.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"12CZ", "{answer:?}");
+    assert_eq!(answer[2].body, b"COMMIT\0");
+    assert_eq!(answer[3].body, b"I");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
+}
+
 /// A COMMIT that committed on the old primary, and reached the standby, but was never
 /// answered (the primary waits for a synchronous standby that does not exist): the gateway
 /// finds its xid committed on the new primary and answers it as the server would have, for a

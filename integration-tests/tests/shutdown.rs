@@ -388,6 +388,33 @@ async fn shutdown_waits_for_sync_after_execute() {
     wait_finished(&gw, Duration::from_secs(3)).await;
 }
 
+/// A Flush after the Sync (libpq's pipeline sync followed by a flush request, as psycopg sends
+/// at the end of every pipeline) opens no batch: the session, idle, is closed with 57P01 as
+/// soon as shutdown begins, not when the drain runs out.
+#[tokio::test]
+async fn a_flush_after_the_sync_leaves_the_session_idle() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await; // shutdown_timeout_ms = 5000
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    let mut batch = msg(b'P', b"\0SELECT 1\0\0\0");
+    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(msg(b'S', b""));
+    batch.extend(msg(b'H', b""));
+    c.send(&batch).await;
+    c.read_until(b'Z').await;
+    let started = Instant::now();
+    gw.handle.begin_shutdown();
+    let fatal = c.read().await.expect("the shutdown FATAL");
+    assert_eq!((fatal.tag, fatal.code().as_str()), (b'E', "57P01"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed {:?} after shutdown began: an idle session is closed at once, not when the drain runs out",
+        started.elapsed()
+    );
+    wait_finished(&gw, Duration::from_secs(3)).await;
+}
+
 /// A failover waiting for an external promotion that never comes does not hold a shutdown up
 /// beyond `shutdown_timeout_ms`: with no session the gateway ends at once (the health monitor
 /// stops waiting), and a session waiting for a new primary to move to is closed with 57P01 when

@@ -109,6 +109,9 @@ pub struct Group {
     pub sole_commit: bool,
     /// Whether a Bind came in it.
     bound: bool,
+    /// Whether every message in it so far is a Flush, which opens no batch (libpq sends one
+    /// after a pipeline's Sync).
+    only_flushes: bool,
     /// Whether it holds a COPY … FROM STDIN, whose data follows the query.
     pub copies: bool,
     /// COPY data is expected and has not ended (CopyDone/CopyFail) yet; meanwhile the server
@@ -155,6 +158,7 @@ impl Group {
             begins: false,
             sole_commit: false,
             bound: false,
+            only_flushes: true,
             copies: false,
             copy_in_pending: false,
             runs: false,
@@ -180,6 +184,7 @@ impl Group {
         self.begins = false;
         self.sole_commit = false;
         self.bound = false;
+        self.only_flushes = true;
         self.copies = false;
         self.copy_in_pending = false;
         self.runs = false;
@@ -557,9 +562,12 @@ impl Journal {
             .is_some_and(|g| g.copy_in_pending && !g.answered)
     }
 
-    /// Whether the client has sent extended-protocol messages not yet closed by a Sync.
+    /// Whether the client has sent extended-protocol messages not yet closed by a Sync
+    /// (Flushes alone are no batch).
     pub fn has_open_batch(&self) -> bool {
-        self.groups.back().is_some_and(|g| !g.closed)
+        self.groups
+            .back()
+            .is_some_and(|g| !g.closed && !g.only_flushes)
     }
 
     /// Whether the open transaction may have written (answered requests only).
@@ -600,7 +608,9 @@ impl Journal {
         let Some(group) = self.groups.back_mut() else {
             return before;
         };
-        let first = group.request.is_empty();
+        // Nothing but Flushes before it (libpq sends one after a pipeline's Sync).
+        let first = group.only_flushes;
+        group.only_flushes &= tag == frontend::FLUSH;
         group.runs |= matches!(
             tag,
             frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
@@ -647,8 +657,7 @@ impl Journal {
                 group.begins |= classified.statements.contains(&Statement::Begin);
                 group.copies |= classified.copies;
                 group.copy_in_pending |= classified.copies;
-                group.sole_commit =
-                    group.request.is_empty() && classified.statements == [Statement::Commit];
+                group.sole_commit = first && classified.statements == [Statement::Commit];
                 // The xid is assigned at a transaction's first write, so asking just before the
                 // string that commits gives it whenever an earlier request wrote; a single
                 // writing statement inside the block can carry the question itself, for free.
@@ -662,7 +671,7 @@ impl Journal {
                     before = Before::CaptureXid;
                 } else if self.txn_status == b'T'
                     && self.xid.is_none()
-                    && group.request.is_empty()
+                    && first
                     && classified.statements == [Statement::Write]
                     && !classified.copies
                 {

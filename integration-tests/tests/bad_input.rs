@@ -187,6 +187,25 @@ fn negotiate_protocol_version(m: &Msg) -> (i32, Vec<String>) {
     (version, names)
 }
 
+/// A primary, a gateway in front of it that takes client messages of at most 64 KiB, and a
+/// well-behaved session through it; panics in gateway code are watched for.
+async fn gateway_limited_to_64k() -> (Cluster, TestGateway, Client) {
+    watch_for_gateway_panics();
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster
+        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
+        .await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    (cluster, gw, neighbour)
+}
+
+/// The header of a Query promising a 1 MB body, over [`gateway_limited_to_64k`]'s limit.
+fn oversized_query_header() -> Vec<u8> {
+    let mut header = vec![b'Q'];
+    header.extend_from_slice(&(1_000_000i32).to_be_bytes());
+    header
+}
+
 // ---------------------------------------------------------------------------------------------
 // Malformed messages after login
 
@@ -194,12 +213,7 @@ fn negotiate_protocol_version(m: &Msg) -> (i32, Vec<String>) {
 /// session with PostgreSQL's FATAL (08P01 / 54000), close it, and release its backend.
 #[tokio::test]
 async fn malformed_messages_after_login_end_only_their_session() {
-    watch_for_gateway_panics();
-    let cluster = Cluster::primary_only().await;
-    let gw = cluster
-        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
-        .await;
-    let neighbour = gw.connect(roles::TRUST).await;
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
 
     // Unknown type byte: PostgreSQL's "invalid frontend message type %d".
     let (mut c, _) = raw_session(gw.addr(), "bad_type").await;
@@ -223,8 +237,7 @@ async fn malformed_messages_after_login_end_only_their_session() {
 
     // A length over max_message_size: rejected from the header alone.
     let (mut c, _) = raw_session(gw.addr(), "too_long").await;
-    let mut huge = vec![b'Q'];
-    huge.extend_from_slice(&(1_000_000i32).to_be_bytes());
+    let mut huge = oversized_query_header();
     huge.extend_from_slice(b"SELECT ");
     c.send(&huge).await;
     let e = c.expect_error().await;
@@ -262,16 +275,9 @@ async fn malformed_messages_after_login_end_only_their_session() {
 /// bytes, as before, reset the connection and failed the client's next write.)
 #[tokio::test]
 async fn a_client_still_sending_after_its_fatal_is_not_reset() {
-    watch_for_gateway_panics();
-    let cluster = Cluster::primary_only().await;
-    let gw = cluster
-        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
-        .await;
-    let neighbour = gw.connect(roles::TRUST).await;
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
     let (mut c, _) = raw_session(gw.addr(), "still_sending").await;
-    let mut huge = vec![b'Q'];
-    huge.extend_from_slice(&(1_000_000i32).to_be_bytes());
-    c.send(&huge).await;
+    c.send(&oversized_query_header()).await;
     assert_fatal(&c.expect_error().await, "54000");
     cluster.wait_backends_named("still_sending", 0).await;
     // The rest of the promised body, a while after the FATAL.
@@ -332,12 +338,7 @@ async fn unfinished_sql_gets_the_servers_syntax_error() {
 /// error message larger than the limit reaches the client and the session goes on.
 #[tokio::test]
 async fn max_message_size_does_not_limit_server_messages() {
-    watch_for_gateway_panics();
-    let cluster = Cluster::primary_only().await;
-    let gw = cluster
-        .gateway_with(|cfg| cfg.max_message_size = 64 * 1024)
-        .await;
-    let neighbour = gw.connect(roles::TRUST).await;
+    let (_cluster, gw, neighbour) = gateway_limited_to_64k().await;
     let client = gw.connect(roles::TRUST).await;
 
     let value: String = client

@@ -244,6 +244,26 @@ async fn clients_still_logging_in_do_not_hold_up_shutdown() {
     assert!(silent.closed().await, "silent client closed");
 }
 
+/// An idle client that does not read (a pooled connection waiting for work) does not hold a
+/// shutdown up: its session gets 57P01 and is closed at once, and the gateway ends. (Waiting
+/// for such a client to close, as one still sending is waited for, held every shutdown up.)
+#[tokio::test]
+async fn an_idle_client_not_reading_does_not_hold_up_shutdown() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let mut idle = RawConn::login(gw.addr(), roles::TRUST).await;
+    let started = Instant::now();
+    gw.handle.begin_shutdown();
+    wait_finished(&gw, Duration::from_secs(1)).await;
+    let fatal = idle
+        .read()
+        .await
+        .expect("the shutdown FATAL, read afterwards");
+    assert_eq!((fatal.tag, fatal.code().as_str()), (b'E', "57P01"));
+    assert!(idle.closed().await, "then the end of the stream");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
 /// A client that connected but sent nothing (a TCP health check, say) does not hold the
 /// gateway up once the sessions are done: with 30 s login and shutdown timeouts, the gateway
 /// ends as soon as its last transaction commits. Until then such a client is still answered:

@@ -877,10 +877,22 @@ impl Session {
             }
         }
         let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
-        if matches!(&result, Err(e) if !matches!(e, SessionError::ClientGone(_))) {
+        if matches!(&result, Err(e) if !matches!(e, SessionError::ClientGone(_)))
+            && self.client_mid_exchange()
+        {
             self.linger(shutdown).await;
         }
         result
+    }
+
+    /// Whether the client may still be sending: it waits for answers, has a batch not yet
+    /// synced, or is in the middle of a message. (An idle one may not read for a long time,
+    /// and nothing of it is unread.)
+    fn client_mid_exchange(&self) -> bool {
+        self.awaiting_ready > 0
+            || self.journal.has_open_batch()
+            || !self.pump.up.unscanned().is_empty()
+            || !self.pump.up.scanner.at_boundary()
     }
 
     /// Reads and drops what the client still sends after the gateway ended its session, until

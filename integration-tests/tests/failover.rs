@@ -850,7 +850,7 @@ async fn answers_to_unsynced_requests_flushed_by_a_dying_backend() {
             assert!(started.elapsed() < PATIENCE, "the session moves");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // More of the same batch, then its Sync, on whichever primary the session is on.
+        // More of the same batch, then its Sync, now on the new primary.
         let mut rest = bind_execute(4);
         rest.extend(msg(b'S', b""));
         c.send(&rest).await;

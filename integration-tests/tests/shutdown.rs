@@ -252,7 +252,6 @@ async fn an_idle_client_not_reading_does_not_hold_up_shutdown() {
     let cluster = Cluster::primary_only().await;
     let gw = cluster.gateway().await;
     let mut idle = RawConn::login(gw.addr(), roles::TRUST).await;
-    let started = Instant::now();
     gw.handle.begin_shutdown();
     wait_finished(&gw, Duration::from_secs(1)).await;
     let fatal = idle
@@ -261,7 +260,6 @@ async fn an_idle_client_not_reading_does_not_hold_up_shutdown() {
         .expect("the shutdown FATAL, read afterwards");
     assert_eq!((fatal.tag, fatal.code().as_str()), (b'E', "57P01"));
     assert!(idle.closed().await, "then the end of the stream");
-    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 /// A client that connected but sent nothing (a TCP health check, say) does not hold the

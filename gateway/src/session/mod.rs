@@ -261,10 +261,7 @@ impl Session {
     }
 
     fn at_transaction_boundary(&self) -> bool {
-        self.awaiting_ready == 0
-            && self.txn_status == b'I'
-            && self.pump.up.unscanned().is_empty()
-            && !self.journal.has_open_batch()
+        self.txn_status == b'I' && !self.client_mid_exchange()
     }
 
     async fn forward(&mut self, shutdown: &mut Shutdown) -> End {

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::startup::CancelKey;
-use understudy_protocol::tags::{backend, frontend};
+use understudy_protocol::tags::backend;
 use understudy_replay::journal::{
     digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
 };
@@ -109,7 +109,7 @@ impl Fresh {
         if parses.is_empty() {
             return Ok(());
         }
-        parses.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        postgres_protocol::message::frontend::sync(&mut parses);
         self.send(&parses).await?;
         let mut error = None;
         loop {
@@ -171,9 +171,6 @@ fn raise(code: &str, message: &str) -> BytesMut {
     let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
     q
 }
-
-/// A Flush message.
-const FLUSH: &[u8] = &[frontend::FLUSH, 0, 0, 0, 4];
 
 pub(super) const DIVERGED: &str = "could not serialize access: the transaction was interrupted by a failover and replaying it did not reproduce what the client saw; retry the transaction";
 const IN_DOUBT: &str = "the outcome of this statement is unknown: the primary failed while it ran, and it may or may not have been applied; check before retrying";
@@ -729,7 +726,7 @@ impl Session {
         // The client may have had answers to extended-protocol requests it never synced nor
         // flushed (a backend ending with a FATAL flushes what it had): the new primary sends
         // them only when asked to. A Flush is answered by nothing, so no owner waits on it.
-        resumed.to_backend.extend_from_slice(FLUSH);
+        postgres_protocol::message::frontend::flush(&mut resumed.to_backend);
         fresh
             .send(&resumed.to_backend)
             .await

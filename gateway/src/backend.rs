@@ -87,9 +87,21 @@ impl Connector {
     }
 
     async fn negotiate(&self, backend: &Backend) -> std::io::Result<Stream> {
+        let tcp = self.dial(backend).await?;
+        self.secure(backend, tcp).await
+    }
+
+    /// A TCP connection to `backend` with the gateway's socket options (no timeout).
+    pub async fn dial(&self, backend: &Backend) -> std::io::Result<TcpStream> {
         let addr = backend.resolve().await?;
         let tcp = TcpStream::connect(addr).await?;
         tune_socket(&tcp, &self.keepalive)?;
+        Ok(tcp)
+    }
+
+    /// `tcp` with TLS negotiated as `sslmode` says (SSLRequest, then the handshake), or as it
+    /// is when TLS is off or a `prefer` server declines it.
+    pub async fn secure(&self, backend: &Backend, tcp: TcpStream) -> std::io::Result<Stream> {
         let Some(tls) = self
             .tls
             .as_ref()

@@ -363,7 +363,10 @@ async fn open_primary(
         .await
         .ok_or_else(|| SessionError::BackendUnavailable {
             code: "08001",
-            message: "no primary database server is available".to_owned(),
+            message: format!(
+                "no primary database server is available ({})",
+                shared.topology.why_no_primary()
+            ),
         })?;
     let unreachable = match shared
         .connector

@@ -79,9 +79,6 @@ impl Gateway {
     /// Validates `config`, loads TLS and auth material, and binds the listeners.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let topology = Arc::new(Topology::new(&config).map_err(StartError::Setup)?);
-        let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
-            .map_err(StartError::Setup)?;
         let connector = Connector {
             sslmode: config.backend_tls.sslmode,
             tls: crate::tls::backend_config(&config.backend_tls)?,
@@ -94,6 +91,10 @@ impl Gateway {
                 ))
             }),
         };
+        let topology =
+            Arc::new(Topology::new(&config, connector.clone()).map_err(StartError::Setup)?);
+        let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
+            .map_err(StartError::Setup)?;
         let client_tls = crate::tls::server_config(&config.tls)?;
         let listener =
             TcpListener::bind(config.listen)

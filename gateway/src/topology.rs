@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
+use crate::backend::Connector;
 use crate::config::{Config, Control};
 use crate::shutdown::Shutdown;
+use crate::stream::Stream;
 
 /// A configured PostgreSQL server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +112,7 @@ pub struct Topology {
     primary_lost: Notify,
     /// Counts the configuration reloads the probes have seen on any backend.
     reloads: watch::Sender<u64>,
-    control: Control,
+    control: ControlPlane,
     /// One control-plane connection per backend, kept between role probes and `auth_query`
     /// look-ups so that neither makes the server start a process each time.
     kept: Vec<Mutex<Option<Kept>>>,
@@ -139,9 +141,30 @@ impl std::fmt::Debug for Kept {
     }
 }
 
+/// How the gateway opens its own control-plane connections (role probes, `auth_query`,
+/// health probes, promotion): as the control role, with the TLS of the session connections.
+#[derive(Clone)]
+pub struct ControlPlane {
+    /// The role and database.
+    pub login: Control,
+    /// TCP and TLS as `backend_tls` says, without spares.
+    pub connector: Connector,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("user", &self.login.user)
+            .field("database", &self.login.database)
+            .field("sslmode", &self.connector.sslmode)
+            .finish()
+    }
+}
+
 impl Topology {
     /// Backends from the configuration; a single backend is the primary without a probe.
-    pub fn new(config: &Config) -> Result<Self, String> {
+    /// Control-plane connections are opened with `connector`.
+    pub fn new(config: &Config, connector: Connector) -> Result<Self, String> {
         let backends = config
             .backends
             .iter()
@@ -165,7 +188,13 @@ impl Topology {
             primary: watch::Sender::new(single),
             primary_lost: Notify::new(),
             reloads: watch::Sender::new(0),
-            control: config.control.clone(),
+            control: ControlPlane {
+                login: config.control.clone(),
+                connector: Connector {
+                    spares: None,
+                    ..connector
+                },
+            },
             interval: Duration::from_millis(config.topology_interval_ms.max(50)),
             timeout: config.connect_timeout(),
             probe_timeout: config.failover.probe_timeout(),
@@ -241,9 +270,32 @@ impl Topology {
             .is_some_and(|i| probes_unreachable(&self.probes, i))
     }
 
-    /// The gateway's control-plane login settings.
-    pub fn control(&self) -> &Control {
+    /// How the gateway opens control-plane connections.
+    pub fn control(&self) -> &ControlPlane {
         &self.control
+    }
+
+    /// Why the last probes found no primary: each backend with its probe error, or its role
+    /// when it answered (`"db1:5432: standby; db2:5432: connection refused"`).
+    pub fn why_no_primary(&self) -> String {
+        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        let fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::new();
+        for (i, (backend, probe)) in self.backends.iter().zip(probes.iter()).enumerate() {
+            if !text.is_empty() {
+                text.push_str("; ");
+            }
+            let what = match (&probe.error, probe.role) {
+                (Some(error), _) => error.as_str(),
+                (None, Role::Primary) if fenced[i] => "the old primary, fenced",
+                (None, Role::Primary) => "primary",
+                (None, Role::Standby) => "standby",
+                (None, Role::Unknown) => "not probed yet",
+                (None, Role::Unreachable) => "unreachable",
+            };
+            text.push_str(&format!("{backend}: {what}"));
+        }
+        text
     }
 
     /// Backends and roles for `/status`.
@@ -505,7 +557,7 @@ fn probes_unreachable(probes: &Mutex<Vec<Probe>>, i: usize) -> bool {
 /// when the client is dropped.
 pub async fn control_client(
     backend: &Backend,
-    control: &Control,
+    control: &ControlPlane,
     application_name: &str,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, String> {
@@ -516,29 +568,42 @@ pub async fn control_client(
     Ok(client)
 }
 
-type ControlConnection =
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+type ControlConnection = tokio_postgres::Connection<Stream, tokio_postgres::tls::NoTlsStream>;
 
 async fn open_control(
     backend: &Backend,
-    control: &Control,
+    control: &ControlPlane,
     application_name: &str,
     timeout: Duration,
 ) -> Result<(tokio_postgres::Client, ControlConnection), ProbeError> {
+    let login = &control.login;
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&backend.host)
-        .port(backend.port)
-        .user(&control.user)
-        .dbname(&control.database)
-        .application_name(application_name);
-    if let Some(p) = &control.password {
+    cfg.user(&login.user)
+        .dbname(&login.database)
+        .application_name(application_name)
+        // TLS, when wanted, is the connector's, negotiated before tokio-postgres starts.
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if let Some(p) = &login.password {
         cfg.password(p);
     }
-    let connect = cfg.connect(tokio_postgres::NoTls);
+    let connect = async {
+        let tcp = control
+            .connector
+            .dial(backend)
+            .await
+            .map_err(|e| ProbeError::down(format!("could not connect: {e}")))?;
+        let stream = control
+            .connector
+            .secure(backend, tcp)
+            .await
+            .map_err(|e| ProbeError::tls(&e))?;
+        cfg.connect_raw(stream, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| ProbeError::from(&e))
+    };
     crate::clock::timeout(timeout, connect)
         .await
         .map_err(|_| ProbeError::down(format!("no answer within {timeout:?}")))?
-        .map_err(|e| ProbeError::from(&e))
 }
 
 /// Why a probe learned no role.
@@ -556,6 +621,17 @@ impl ProbeError {
         Self {
             text: text.into(),
             server_up: false,
+        }
+    }
+
+    /// TLS could not be set up as `backend_tls` says. A server that declined TLS or whose
+    /// certificate failed the check answered, so it is up; one that closed the connection
+    /// or went silent is not known to be.
+    fn tls(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind::{InvalidData, Other};
+        Self {
+            text: format!("TLS (backend_tls): {e}"),
+            server_up: matches!(e.kind(), InvalidData | Other),
         }
     }
 }
@@ -593,7 +669,7 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 /// `Ok(in_recovery)` or the reason the backend could not be asked.
 pub async fn probe(
     backend: &Backend,
-    control: &Control,
+    control: &ControlPlane,
     timeout: Duration,
 ) -> Result<bool, ProbeError> {
     let work = async {

@@ -188,6 +188,13 @@ impl Cluster {
         TestGateway::start(config).await
     }
 
+    /// [`Cluster::gateway_with`] without waiting for the gateway to find its primary.
+    pub async fn unrouted_gateway_with(&self, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let mut config = self.gateway_config();
+        adjust(&mut config);
+        TestGateway::spawn(config).await
+    }
+
     /// A gateway that fails over by itself (`promote = "auto"`), reading verifiers with
     /// auth_query so that every test role's sessions can move.
     pub async fn failover_gateway(&self) -> TestGateway {
@@ -279,8 +286,15 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
-    /// Binds and starts a gateway.
+    /// Binds and starts a gateway, and waits until it knows its primary.
     pub async fn start(config: Config) -> Self {
+        let this = Self::spawn(config).await;
+        this.wait_routed().await;
+        this
+    }
+
+    /// Starts a gateway without waiting for it to find its primary.
+    pub async fn spawn(config: Config) -> Self {
         understudy::telemetry::init_test_logging();
         let (started, handle) = tokio::sync::oneshot::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -299,12 +313,10 @@ impl TestGateway {
             .await
             .expect("the gateway thread answers")
             .expect("gateway binds");
-        let this = Self {
+        Self {
             handle,
             _stop: stop,
-        };
-        this.wait_routed().await;
-        this
+        }
     }
 
     /// Waits until the gateway knows its primary.

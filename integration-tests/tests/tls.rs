@@ -97,7 +97,8 @@ async fn backend_facts(client: &Client) -> (bool, String) {
 }
 
 /// Clients of `gw` are refused with 08001 and a message that names `cause` (any case): the
-/// gateway could not open the backend leg as its `backend_tls` demands.
+/// gateway could not open the backend leg as its `backend_tls` demands (nor its role probes:
+/// then the message says no primary is available, and why).
 async fn assert_backend_leg_refused(gw: &TestGateway, cause: &str) {
     for role in [roles::TRUST, roles::SCRAM] {
         let e = gw
@@ -412,9 +413,94 @@ async fn tls_required_but_not_offered_fails_cleanly() {
     assert_eq!((backend_ssl, user.as_str()), (false, roles::TRUST));
 
     let strict = cluster
-        .gateway_with(|c| c.backend_tls.sslmode = BackendSslMode::Require)
+        .unrouted_gateway_with(|c| c.backend_tls.sslmode = BackendSslMode::Require)
         .await;
     assert_backend_leg_refused(&strict, "TLS").await;
+}
+
+/// The gateway's own connections (role probes, `auth_query`, health probes, the promotion)
+/// use `backend_tls` as the sessions do, so a server that turns the control role away on
+/// unencrypted TCP (`hostnossl … reject`) is still found to be primary or standby, answers
+/// `auth_query`, and is failed over from; `pg_stat_ssl` shows the control connections
+/// encrypted. The control role logs in with SCRAM over that TLS (without channel binding).
+#[tokio::test]
+async fn control_plane_follows_backend_tls() {
+    const CONTROL: &str = "understudy_ctl";
+    const CONTROL_PASSWORD: &str = "ctl-secret";
+    let ca = TestCa::new();
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    let mut cluster = Cluster::build(move |o| {
+        o.ssl = Some((cert, key));
+        o.hba.splice(
+            0..0,
+            [
+                format!("hostnossl all {CONTROL} 127.0.0.1/32 reject"),
+                format!("hostssl all {CONTROL} 127.0.0.1/32 scram-sha-256"),
+            ],
+        );
+    })
+    .await;
+    let su = cluster.superuser().await;
+    su.batch_execute(&format!(
+        "CREATE ROLE {CONTROL} SUPERUSER LOGIN PASSWORD '{CONTROL_PASSWORD}';
+         CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC"
+    ))
+    .await
+    .unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+    let gw = cluster
+        .failover_gateway_with(|c| {
+            c.backend_tls.sslmode = BackendSslMode::Require;
+            c.control.user = CONTROL.to_owned();
+            c.control.password = Some(CONTROL_PASSWORD.to_owned());
+        })
+        .await;
+
+    let status = gw.status().await;
+    let mut roles_seen: Vec<String> = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["role"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    roles_seen.sort();
+    assert_eq!(roles_seen, ["primary", "standby"], "{status:#}");
+
+    // SCRAM through auth_query: the verifier is read over the kept control connection.
+    let c = gw.connect(roles::SCRAM).await;
+    let (backend_ssl, user) = backend_facts(&c).await;
+    assert_eq!((backend_ssl, user.as_str()), (true, roles::SCRAM));
+    let control: Vec<(String, bool)> = su
+        .query(
+            "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s \
+             USING (pid) WHERE a.usename = $1",
+            &[&CONTROL],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        control.contains(&("understudy-control".to_owned(), true)),
+        "the kept control connection is encrypted: {control:?}"
+    );
+    assert!(control.iter().all(|(_, ssl)| *ssl), "{control:?}");
+
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let standby_port = i32::from(cluster.pg.standby.as_ref().unwrap().port());
+    cluster.kill_primary().await;
+    c.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let rows = c
+        .query("SELECT a, inet_server_port() FROM t ORDER BY a", &[])
+        .await
+        .unwrap();
+    let got: Vec<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, [(1, standby_port), (2, standby_port)]);
 }
 
 /// The backend leg follows `backend_tls.sslmode` against a PostgreSQL with TLS: `disable` is
@@ -465,7 +551,7 @@ async fn backend_tls_follows_sslmode() {
     let stranger = TestCa::new();
     let root = stranger.ca_cert.clone();
     let gw = cluster
-        .gateway_with(move |c| {
+        .unrouted_gateway_with(move |c| {
             c.backend_tls.sslmode = BackendSslMode::VerifyFull;
             c.backend_tls.root_cert = Some(root);
         })

@@ -129,7 +129,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
     let path = req.uri().path();
     let allowed = match path {
         "/metrics" | "/status" => "GET, HEAD",
-        "/demo/crash-primary" => "POST",
+        "/demo/crash-primary" | "/reload" => "POST",
         _ => "",
     };
     // HEAD is answered as GET (hyper sends the headers without the body).
@@ -163,6 +163,22 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                 e.to_string(),
             ),
         },
+        (&Method::POST, "/reload") => {
+            let outcome = crate::reload::reload(shared);
+            let status = if outcome.applied {
+                StatusCode::OK
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            match serde_json::to_string_pretty(&outcome) {
+                Ok(json) => reply(status, "application/json", json),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
         (&Method::POST, "/demo/crash-primary") => match &shared.demo_crash {
             Some(tx) => {
                 // Answer once the primary is dead, so whatever the caller does next meets a

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendSslMode, Keepalive};
 use crate::error::SessionError;
+use crate::reload::Swappable;
 use crate::spares::{Answer, Spares};
 use crate::stream::{tune_socket, Stream};
 use crate::tls::server_name;
@@ -20,8 +21,8 @@ use crate::wire::send;
 pub struct Connector {
     /// TLS policy.
     pub sslmode: BackendSslMode,
-    /// TLS client configuration, unless `sslmode = disable`.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS client configuration, unless `sslmode = disable`; a reload replaces it.
+    pub tls: Arc<Swappable<Option<Arc<rustls::ClientConfig>>>>,
     /// Time allowed for TCP + TLS.
     pub timeout: Duration,
     /// Keepalive for backend sockets.
@@ -104,7 +105,7 @@ impl Connector {
     pub async fn secure(&self, backend: &Backend, tcp: TcpStream) -> std::io::Result<Stream> {
         let Some(tls) = self
             .tls
-            .as_ref()
+            .get()
             .filter(|_| self.sslmode != BackendSslMode::Disable)
         else {
             return Ok(Stream::Plain(tcp));
@@ -116,7 +117,7 @@ impl Connector {
         match tcp.read_u8().await? {
             b'S' => {
                 let name = server_name(&backend.host).map_err(std::io::Error::other)?;
-                let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                let tls = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)
                     .await?;
                 Ok(Stream::ClientTls(Box::new(tls)))

@@ -38,8 +38,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut forced = shared.shutdown.subscribe();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + shared.config.login_timeout();
-    let handshake =
-        crate::clock::timeout_at(deadline, handshake::accept(tcp, shared.client_tls.as_ref()));
+    let tls = shared.client_tls.get();
+    let handshake = crate::clock::timeout_at(deadline, handshake::accept(tcp, tls.as_ref()));
     let opening = tokio::select! {
         r = handshake => r,
         // A client still negotiating does not hold up a forced shutdown.

@@ -17,6 +17,25 @@ pub async fn request(
     method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<String> {
+    let (status, text) = exchange(addr, method, path).await?;
+    if !status.is_success() {
+        anyhow::bail!("{path}: HTTP {status}: {text}");
+    }
+    Ok(text)
+}
+
+/// POSTs to `path` on the admin listener and returns the HTTP status code and the body.
+pub async fn post(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let (status, body) = exchange(addr, hyper::Method::POST, path).await?;
+    Ok((status.as_u16(), body))
+}
+
+/// Sends a bodiless request to the admin listener and returns the status and the body.
+pub async fn exchange(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<(hyper::StatusCode, String)> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {addr}: {e}"))?;
@@ -30,11 +49,38 @@ pub async fn request(
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if !status.is_success() {
-        anyhow::bail!("{path}: HTTP {status}: {text}");
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Renders a `POST /reload` answer for a person.
+pub fn render_reload(json: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let mut out = String::new();
+    if let Some(error) = json["error"].as_str() {
+        let _ = writeln!(out, "reload failed, nothing changed: {error}");
+        return out;
     }
-    Ok(text)
+    let reread = list(&json["reread"]);
+    let _ = writeln!(
+        out,
+        "reloaded; read again: {}",
+        if reread.is_empty() { "-" } else { &reread }
+    );
+    let restart = list(&json["needs_restart"]);
+    if !restart.is_empty() {
+        let _ = writeln!(out, "changed, but only a restart applies them: {restart}");
+    }
+    out
 }
 
 /// Renders `/status` JSON for a person.

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Secrets;
 use crate::backend::Connector;
 use crate::config::Config;
+use crate::reload::{ConfigSource, Swappable};
 use crate::sessions::Registry;
 use crate::shutdown::{self, Phase, ShutdownTrigger};
 use crate::spares::Spares;
@@ -27,8 +28,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// How backend connections are opened.
     pub connector: Connector,
-    /// TLS offered to clients.
-    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS offered to clients; a reload replaces it.
+    pub client_tls: Swappable<Option<Arc<rustls::ServerConfig>>>,
     /// Role secrets (auth file, auth_query).
     pub secrets: Secrets,
     /// Hot-path metric handles.
@@ -42,6 +43,9 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Runs failovers.
     pub failover: crate::failover::Coordinator,
+    /// Where a reload reads the configuration; without one it re-reads the files the
+    /// running configuration names.
+    pub config_source: Option<ConfigSource>,
     /// Set by `understudy demo` only: where `POST /demo/crash-primary` asks for a crash.
     pub demo_crash: Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -81,7 +85,9 @@ impl Gateway {
         config.validate()?;
         let connector = Connector {
             sslmode: config.backend_tls.sslmode,
-            tls: crate::tls::backend_config(&config.backend_tls)?,
+            tls: Arc::new(Swappable::new(crate::tls::backend_config(
+                &config.backend_tls,
+            )?)),
             timeout: config.connect_timeout(),
             keepalive: config.tcp_keepalive.clone(),
             spares: (config.spare_backends > 0).then(|| {
@@ -119,8 +125,9 @@ impl Gateway {
             topology,
             registry: Arc::new(Registry::default()),
             connector,
-            client_tls,
+            client_tls: Swappable::new(client_tls),
             secrets,
+            config_source: None,
             metrics: Metrics::new(),
             shutdown: trigger,
             sessions: TaskTracker::new(),
@@ -141,6 +148,14 @@ impl Gateway {
     ) {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.demo_crash = Some(tx);
+        }
+    }
+
+    /// Makes reloads read the configuration from `source` (the file and flags it started
+    /// from) rather than re-read only the files the running configuration names.
+    pub fn reload_from(&mut self, source: ConfigSource) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.config_source = Some(source);
         }
     }
 

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod handshake;
 pub mod local_cluster;
 pub mod pump;
+pub mod reload;
 pub mod session;
 pub mod sessions;
 pub mod shutdown;

@@ -41,11 +41,17 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Read the auth file and TLS certificates again (as SIGHUP does).
+    Reload {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Crash the primary with SIGKILL (only against `understudy demo`).
     CrashPrimary,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct RunArgs {
     /// TOML configuration file; flags below override it.
     #[arg(long, short)]
@@ -103,9 +109,9 @@ fn main() -> std::process::ExitCode {
     understudy::telemetry::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => args
-            .into_config()
-            .and_then(|config| understudy::runtime(config.worker_threads)?.block_on(run(config))),
+        Command::Run(args) => args.clone().into_config().and_then(|config| {
+            understudy::runtime(config.worker_threads)?.block_on(run(config, args))
+        }),
         Command::Demo(args) => understudy::runtime(1)
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(understudy::demo::run(args))),
@@ -136,15 +142,18 @@ fn said_once(e: &anyhow::Error) -> String {
     out
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     understudy::gateway::raise_open_file_limit(&config);
-    let gateway = Gateway::bind(config).await?;
+    let mut gateway = Gateway::bind(config).await?;
+    gateway.reload_from(Box::new(move || {
+        args.clone().into_config().map_err(|e| said_once(&e))
+    }));
     if let Some(admin) = gateway.admin_addr() {
         tracing::info!(%admin, "admin listener (/metrics, /status)");
     }
     let trigger = gateway.shutdown_trigger();
     let mut signals = understudy::shutdown::Signals::new()?;
-    understudy::shutdown::ignore_hangups()?;
+    understudy::reload::on_hangup(gateway.shared().clone())?;
     tokio::spawn(async move {
         // First signal: drain; second: close everything now.
         for phase in [Phase::Draining, Phase::Force] {
@@ -167,6 +176,19 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
                 let value: serde_json::Value =
                     serde_json::from_str(&body).context("the admin listener sent invalid JSON")?;
                 print!("{}", understudy::ctl::render_status(&value));
+            }
+        }
+        CtlCommand::Reload { json } => {
+            let (status, body) = understudy::ctl::post(admin, "/reload").await?;
+            let value: serde_json::Value =
+                serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", understudy::ctl::render_reload(&value));
+            }
+            if status != 200 {
+                anyhow::bail!("the reload failed");
             }
         }
         CtlCommand::CrashPrimary => {

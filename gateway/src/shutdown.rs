@@ -125,20 +125,6 @@ impl Signals {
     }
 }
 
-/// Logs each SIGHUP, which would otherwise end the process at once: operators send it to ask
-/// for a reload, which the gateway does not do.
-pub fn ignore_hangups() -> std::io::Result<()> {
-    let mut hangups = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            tracing::warn!(
-                "SIGHUP ignored: the gateway does not reload its configuration; restart it to apply changes (SIGTERM drains sessions first)"
-            );
-        }
-    });
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::pin::Pin;

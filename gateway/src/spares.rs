@@ -44,6 +44,8 @@ pub struct Spares {
     max_age: Duration,
     ready: Mutex<VecDeque<Spare>>,
     taken: tokio::sync::Notify,
+    /// Counts [`Spares::replace_all`] calls: a spare whose opening began before one is not kept.
+    replaced: std::sync::atomic::AtomicU64,
 }
 
 impl Spares {
@@ -54,6 +56,7 @@ impl Spares {
             max_age,
             ready: Mutex::new(VecDeque::with_capacity(want)),
             taken: tokio::sync::Notify::new(),
+            replaced: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -106,6 +109,15 @@ impl Spares {
         publish(0);
     }
 
+    /// Closes the spares ready now and has the keeper open new ones (after a reload changed
+    /// how backend connections are opened).
+    pub fn replace_all(&self) {
+        self.replaced
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.close_all();
+        self.taken.notify_one();
+    }
+
     /// Opens spares to the current primary and replaces them as they are taken or age, until
     /// shutdown.
     pub async fn keep(
@@ -121,11 +133,18 @@ impl Spares {
             let expiry = self.prune(primary.as_ref());
             let missing = primary.as_ref().filter(|_| self.ready_count() < self.want);
             let wait = if let Some(backend) = missing {
+                let replaced = self.replaced.load(std::sync::atomic::Ordering::SeqCst);
                 let opened = tokio::select! {
                     opened = connector.connect(backend) => opened,
                     _ = shutdown.draining() => return self.close_all(),
                 };
                 match opened {
+                    // Opened with the settings a reload has just replaced.
+                    Ok(_)
+                        if self.replaced.load(std::sync::atomic::Ordering::SeqCst) != replaced =>
+                    {
+                        continue
+                    }
                     Ok(stream) => {
                         let mut ready = self.ready();
                         ready.push_back(Spare {

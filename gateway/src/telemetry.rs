@@ -64,6 +64,10 @@ fn describe() {
         "understudy_cancel_requests_total",
         "Cancel requests, by outcome"
     );
+    describe_counter!(
+        "understudy_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /reload), by outcome"
+    );
     describe_histogram!(
         "understudy_backend_connect_seconds",
         Unit::Seconds,
@@ -87,7 +91,7 @@ fn export_alerting_series() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    let outcomes: [(&'static str, &[&'static str]); 4] = [
+    let outcomes: [(&'static str, &[&'static str]); 5] = [
         (
             "understudy_in_doubt_commits_total",
             &["committed", "replayed", "unknown"],
@@ -104,6 +108,7 @@ fn export_alerting_series() {
             "understudy_cancel_requests_total",
             &["forwarded", "failed", "timeout", "unknown_key"],
         ),
+        ("understudy_config_reloads_total", &["applied", "failed"]),
     ];
     for (name, outcomes) in outcomes {
         for &outcome in outcomes {

@@ -61,8 +61,9 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, SIGHUP is
-/// ignored, and SIGTERM closes an idle session with 57P01 and exits cleanly.
+/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, SIGHUP
+/// reloads without disturbing it, and SIGTERM closes an idle session with 57P01 and exits
+/// cleanly.
 #[tokio::test]
 async fn run_ctl_and_sigterm() {
     let mut pg = primary_only().await;
@@ -93,7 +94,7 @@ async fn run_ctl_and_sigterm() {
     assert!(text.contains(&pid.to_string()), "{text}");
     assert!(text.contains("primary"), "{text}");
 
-    // SIGHUP (a reload, to operators) is logged and ignored: the session goes on.
+    // SIGHUP reloads (with no files to read again here): the session goes on.
     signal(&gw.0, "HUP");
     understudy::clock::sleep(Duration::from_millis(200)).await;
     assert!(
@@ -112,6 +113,139 @@ async fn run_ctl_and_sigterm() {
         code.as_deref() == Some("57P01") || err.is_closed(),
         "idle session not closed as admin shutdown: {err}"
     );
+    pg.shutdown().await;
+}
+
+/// Connects as `user` with `password`, or says why not.
+async fn try_login(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let conn =
+        format!("host=127.0.0.1 port={port} user={user} password={password} dbname=postgres");
+    match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            Ok(client)
+        }
+        Err(e) => Err(e
+            .as_db_error()
+            .map(|d| format!("{}: {}", d.code().code(), d.message()))
+            .unwrap_or_else(|| e.to_string())),
+    }
+}
+
+/// Logs in as `user`, trying again for up to 20 s (while the gateway starts, or a SIGHUP's
+/// reload is under way).
+async fn login_soon(port: u16, user: &str, password: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match try_login(port, user, password).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "{user} never logged in: {e}"),
+        }
+        understudy::clock::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `understudy ctl reload` against `admin`: (success, stdout).
+fn ctl_reload(admin: u16) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "reload"])
+        .output()
+        .expect("ctl reload");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// SIGHUP and `ctl reload` read the auth file again, with no restart: a role added to it logs
+/// in, one taken out is refused while its open session carries on. A file that does not parse
+/// changes nothing, and `ctl reload` says why and fails; a changed `listen` is named as taking
+/// a restart and left as it is.
+#[tokio::test]
+async fn reload_reads_the_auth_file_again() {
+    let mut pg = primary_only().await;
+    pg.primary
+        .client("postgres", "postgres")
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE alice LOGIN PASSWORD 'alice-pw'; CREATE ROLE bob LOGIN PASSWORD 'bob-pw'",
+        )
+        .await
+        .unwrap();
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let dir = std::env::temp_dir().join(format!("understudy-reload-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config, userlist) = (dir.join("understudy.toml"), dir.join("userlist.txt"));
+    let write_config = |listen: u16| {
+        let text = format!(
+            "listen = \"127.0.0.1:{listen}\"\n\
+             admin_listen = \"127.0.0.1:{admin}\"\n\
+             backends = [\"{}\"]\n\
+             [auth]\n\
+             client_auth = \"scram-sha-256\"\n\
+             auth_file = \"{}\"\n",
+            pg.primary.addr(),
+            userlist.display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config(port);
+    std::fs::write(&userlist, "\"alice\" \"alice-pw\"\n").unwrap();
+    let mut gw = Killed(
+        Command::new(BIN)
+            .args(["run", "--config", &config.display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    let alice = login_soon(port, "alice", "alice-pw").await;
+    let refused = try_login(port, "bob", "bob-pw").await.unwrap_err();
+    assert!(refused.starts_with("28"), "{refused}");
+
+    std::fs::write(&userlist, "\"alice\" \"alice-pw\"\n\"bob\" \"bob-pw\"\n").unwrap();
+    signal(&gw.0, "HUP");
+    let bob = login_soon(port, "bob", "bob-pw").await;
+
+    std::fs::write(&userlist, "\"bob\" \"bob-pw\"\n").unwrap();
+    let (ok, text) = ctl_reload(admin);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("reloaded; read again: {}", userlist.display())),
+        "{text}"
+    );
+    let refused = try_login(port, "alice", "alice-pw").await.unwrap_err();
+    assert!(refused.starts_with("28"), "{refused}");
+    let one: i32 = alice.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1, "alice's open session carries on");
+
+    std::fs::write(&userlist, "\"alice\" alice-pw\n").unwrap();
+    let (ok, text) = ctl_reload(admin);
+    assert!(!ok, "{text}");
+    assert!(text.contains("reload failed, nothing changed"), "{text}");
+    assert!(text.contains("expected a quoted password"), "{text}");
+    try_login(port, "bob", "bob-pw").await.unwrap();
+    try_login(port, "alice", "alice-pw").await.unwrap_err();
+
+    std::fs::write(&userlist, "\"alice\" \"alice-pw\"\n").unwrap();
+    write_config(free_port().unwrap());
+    let (ok, text) = ctl_reload(admin);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("changed, but only a restart applies them: listen"),
+        "{text}"
+    );
+    try_login(port, "alice", "alice-pw").await.unwrap();
+    let one: i32 = bob.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+
+    signal(&gw.0, "TERM");
+    wait_exit(&mut gw.0, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
     pg.shutdown().await;
 }
 

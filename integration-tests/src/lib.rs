@@ -378,6 +378,13 @@ impl TestGateway {
             .expect("admin GET")
     }
 
+    /// POSTs to `path` on the admin listener: the HTTP status and the body.
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        understudy::ctl::post(self.admin(), path)
+            .await
+            .expect("admin POST")
+    }
+
     /// The `/status` document.
     pub async fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.admin_get("/status").await).expect("status JSON")

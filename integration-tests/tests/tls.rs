@@ -503,6 +503,98 @@ async fn control_plane_follows_backend_tls() {
     assert_eq!(got, [(1, standby_port), (2, standby_port)]);
 }
 
+/// A reload (`POST /reload`) reads the TLS files again: a renewed gateway certificate is
+/// offered to the clients that come next while a session opened before carries on, and a
+/// replaced `backend_tls.root_cert` is what the next backend connections are checked against.
+/// A certificate file that does not parse changes nothing.
+#[tokio::test]
+async fn a_reload_takes_renewed_certificates_into_use() {
+    let old = TestCa::new();
+    let cluster = tls_cluster(&old).await;
+    let dir = old.dir().join("in-use");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, root) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("root.pem"),
+    );
+    let install = |ca: &TestCa| {
+        std::fs::copy(&ca.server_cert, &cert).unwrap();
+        std::fs::copy(&ca.server_key, &key).unwrap();
+    };
+    install(&old);
+    std::fs::copy(&old.ca_cert, &root).unwrap();
+    let (c, k, r) = (cert.clone(), key.clone(), root.clone());
+    let gw = cluster
+        .gateway_with(move |g| {
+            g.tls.cert = Some(c);
+            g.tls.key = Some(k);
+            g.backend_tls.sslmode = BackendSslMode::VerifyFull;
+            g.backend_tls.root_cert = Some(r);
+        })
+        .await;
+    let config = tls_config(&gw, roles::TRUST, "localhost");
+    let before = connect_tls(&config, &old).await.unwrap();
+
+    let renewed = TestCa::new();
+    install(&renewed);
+    connect_tls(&config, &renewed)
+        .await
+        .expect_err("the old certificate is in use until the reload");
+    let (status, body) = gw.admin_post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome["applied"], true, "{body}");
+    for file in [&cert, &key, &root] {
+        assert!(
+            outcome["reread"]
+                .as_array()
+                .unwrap()
+                .contains(&file.display().to_string().into()),
+            "{body}"
+        );
+    }
+    assert_eq!(outcome["needs_restart"], serde_json::json!([]), "{body}");
+    let after = connect_tls(&config, &renewed).await.unwrap();
+    assert_eq!(backend_facts(&after).await, (true, roles::TRUST.to_owned()));
+    connect_tls(&config, &old)
+        .await
+        .expect_err("the replaced certificate is no longer offered");
+    assert_eq!(
+        backend_facts(&before).await,
+        (true, roles::TRUST.to_owned())
+    );
+
+    // The backend's certificate is from `old`: checked against another CA it fails.
+    std::fs::copy(&renewed.ca_cert, &root).unwrap();
+    assert_eq!(gw.admin_post("/reload").await.0, 200);
+    let e = connect_tls(&config, &renewed)
+        .await
+        .expect_err("the backend's certificate is not from the new root");
+    assert_eq!(sqlstate(&e), Some("08001"), "{e:?}");
+    std::fs::copy(&old.ca_cert, &root).unwrap();
+
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let (status, body) = gw.admin_post("/reload").await;
+    assert_eq!(status, 500, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome["applied"], false, "{body}");
+    assert!(
+        outcome["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&cert.display().to_string())),
+        "the error names the file: {body}"
+    );
+    // Nothing changed: the renewed certificate, and the root that failed, are still in use.
+    connect_tls(&config, &renewed)
+        .await
+        .expect_err("the failed reload did not apply the restored root either");
+    install(&renewed);
+    assert_eq!(gw.admin_post("/reload").await.0, 200);
+    let again = connect_tls(&config, &renewed).await.unwrap();
+    assert_eq!(backend_facts(&again).await, (true, roles::TRUST.to_owned()));
+}
+
 /// The backend leg follows `backend_tls.sslmode` against a PostgreSQL with TLS: `disable` is
 /// plain, `prefer`, `require` and `verify-full` (root_cert = the test CA) are encrypted, as
 /// PostgreSQL's own `pg_stat_ssl` reports for the session's backend (checked from the session and

@@ -516,6 +516,7 @@ async fn admin_methods_get_their_http_answers() {
         ("POST", "/status", "get, head"),
         ("DELETE", "/metrics", "get, head"),
         ("GET", "/demo/crash-primary", "post"),
+        ("GET", "/reload", "post"),
     ] {
         let (head, _) = ask(method, path).await;
         assert!(head.starts_with("http/1.1 405"), "{method} {path}: {head}");

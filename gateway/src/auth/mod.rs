@@ -17,6 +17,7 @@ use understudy_protocol::scram::ClientKey;
 use zeroize::Zeroizing;
 
 use crate::config::{Auth, DEFAULT_AUTH_QUERY};
+use crate::reload::Swappable;
 use crate::sessions::Movability;
 use crate::topology::{error_text, Topology};
 pub use userlist::Secret;
@@ -75,7 +76,8 @@ impl std::fmt::Debug for Credential {
 
 /// Where role secrets come from: the auth file, then auth_query on the primary.
 pub struct Secrets {
-    file: HashMap<String, Secret>,
+    /// The auth file's entries, replaced whole by a reload.
+    file: Swappable<Arc<HashMap<String, Secret>>>,
     query: Option<String>,
     topology: Arc<Topology>,
     timeout: std::time::Duration,
@@ -88,30 +90,43 @@ impl Secrets {
         topology: Arc<Topology>,
         timeout: std::time::Duration,
     ) -> Result<Self, String> {
-        let mut file = HashMap::new();
-        if let Some(path) = &auth.auth_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read auth_file {}: {e}", path.display()))?;
-            for entry in userlist::parse_userlist(&text).map_err(|e| e.to_string())? {
-                file.insert(entry.user, entry.secret);
-            }
-        }
+        let file = Self::read_file(auth.auth_file.as_deref())?;
         Ok(Self {
-            file,
+            file: Swappable::new(Arc::new(file)),
             query: auth.auth_query.clone(),
             topology,
             timeout,
         })
     }
 
+    /// The entries of the auth file at `path` (none without one).
+    pub fn read_file(path: Option<&std::path::Path>) -> Result<HashMap<String, Secret>, String> {
+        let mut file = HashMap::new();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read auth_file {}: {e}", path.display()))?;
+            let entries = userlist::parse_userlist(&text)
+                .map_err(|e| format!("auth_file {}: {e}", path.display()))?;
+            for entry in entries {
+                file.insert(entry.user, entry.secret);
+            }
+        }
+        Ok(file)
+    }
+
+    /// Puts a re-read auth file's entries in force for the logins that follow.
+    pub fn replace_file(&self, file: HashMap<String, Secret>) {
+        self.file.set(Arc::new(file));
+    }
+
     /// Whether any source is configured.
     pub fn configured(&self) -> bool {
-        !self.file.is_empty() || self.query.is_some()
+        !self.file.get().is_empty() || self.query.is_some()
     }
 
     /// The secret for `user`, if a source knows it.
     pub async fn lookup(&self, user: &str) -> Result<Option<Secret>, String> {
-        if let Some(s) = self.file.get(user) {
+        if let Some(s) = self.file.get().get(user) {
             return Ok(Some(s.clone()));
         }
         let Some(query) = &self.query else {

@@ -113,6 +113,12 @@ impl RawConn {
         let _ = self.tcp.write_all(bytes).await;
     }
 
+    /// Closes the connection with a reset (SO_LINGER 0), as a client whose host or process
+    /// died abruptly might.
+    pub fn reset(self) {
+        let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
+    }
+
     /// Ends the stream towards the peer (a half-close); reading goes on.
     pub async fn shutdown_write(&mut self) {
         let _ = self.tcp.shutdown().await;

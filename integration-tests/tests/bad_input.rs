@@ -785,6 +785,38 @@ async fn client_vanishing_mid_copy_commits_nothing() {
     assert_no_gateway_panics();
 }
 
+/// A client that resets its connection during COPY FROM STDIN, between two messages, ends its
+/// backend as it would directly: the server finds its input ended ("unexpected EOF"), not a
+/// Terminate, which it would report as a message it did not expect during COPY; nothing is
+/// committed.
+#[tokio::test]
+async fn client_resetting_mid_copy_ends_its_input() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let neighbour = gw.connect(roles::TRUST).await;
+    neighbour
+        .batch_execute("CREATE TABLE copy_reset (id int)")
+        .await
+        .unwrap();
+    let (mut c, _) = raw_session(gw.addr(), "copy_reset").await;
+    c.send(&query("COPY copy_reset FROM STDIN")).await;
+    assert_no_error(&c.read_until(b'G').await);
+    for i in 0..100 {
+        c.send(&msg(b'd', format!("{i}\n").as_bytes())).await;
+    }
+    c.reset();
+    cluster.wait_backends_named("copy_reset", 0).await;
+    let rows: i64 = neighbour
+        .query_one("SELECT count(*) FROM copy_reset", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    let log = cluster.pg.primary.log_tail(100);
+    assert!(!log.contains("unexpected message type 0x58"), "{log}");
+    assert!(log.contains("unexpected EOF on client connection"), "{log}");
+}
+
 /// A client that reads a little of a large result and vanishes takes its backend with it.
 #[tokio::test]
 async fn client_vanishing_mid_result_frees_the_backend() {

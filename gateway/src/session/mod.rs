@@ -860,9 +860,13 @@ impl Session {
                 })
                 .await;
             }
+            // A client that vanished ends its backend's input, as it would directly (the server
+            // then reports its end, and during COPY would call a Terminate unexpected).
             if !matches!(
                 e,
-                SessionError::BackendLost(_) | SessionError::ServerFatal { .. }
+                SessionError::BackendLost(_)
+                    | SessionError::ServerFatal { .. }
+                    | SessionError::ClientGone(_)
             ) && self.pump.up.scanner.at_boundary()
             {
                 let terminate = [frontend::TERMINATE, 0, 0, 0, 4];

@@ -28,6 +28,8 @@ pub struct Status {
     pub state: &'static str,
     /// Live sessions.
     pub session_count: usize,
+    /// Whether the gateway is paused (`POST /pause`): sessions hold at transaction boundaries.
+    pub paused: bool,
     /// Who promotes a new primary (`auto`, `external`), or `off` when no session can move.
     pub failover: Promote,
     /// Why failover is off, when it is.
@@ -55,6 +57,7 @@ pub fn status(shared: &Shared) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION"),
         listen: shared.config.listen.to_string(),
+        paused: *shared.hold.borrow(),
         state: match shared.shutdown.subscribe().phase() {
             Phase::Running => "running",
             Phase::Draining => "draining",
@@ -129,7 +132,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
     let path = req.uri().path();
     let allowed = match path {
         "/metrics" | "/status" => "GET, HEAD",
-        "/demo/crash-primary" | "/reload" => "POST",
+        "/demo/crash-primary" | "/reload" | "/pause" | "/resume" => "POST",
         _ => "",
     };
     // HEAD is answered as GET (hyper sends the headers without the body).
@@ -155,14 +158,24 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             "text/plain; version=0.0.4",
             crate::telemetry::prometheus().render(),
         ),
-        (&Method::GET, "/status") => match serde_json::to_string_pretty(&status(shared)) {
-            Ok(json) => reply(StatusCode::OK, "application/json", json),
-            Err(e) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                e.to_string(),
-            ),
-        },
+        (&Method::GET, "/status") => json_reply(StatusCode::OK, &status(shared)),
+        (&Method::POST, "/pause") => {
+            let timeout = match pause_timeout(req.uri().query()) {
+                Ok(t) => t,
+                Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", e),
+            };
+            let outcome = crate::pause::pause(shared, timeout).await;
+            let status = if outcome.paused {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_reply(status, &outcome)
+        }
+        (&Method::POST, "/resume") => json_reply(
+            StatusCode::OK,
+            &serde_json::json!({ "was_paused": crate::pause::resume(shared) }),
+        ),
         (&Method::POST, "/reload") => {
             let outcome = crate::reload::reload(shared);
             let status = if outcome.applied {
@@ -170,14 +183,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
             };
-            match serde_json::to_string_pretty(&outcome) {
-                Ok(json) => reply(status, "application/json", json),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    e.to_string(),
-                ),
-            }
+            json_reply(status, &outcome)
         }
         (&Method::POST, "/demo/crash-primary") => match &shared.demo_crash {
             Some(tx) => {
@@ -217,4 +223,51 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             "not found: try /metrics or /status\n".to_owned(),
         ),
     }
+}
+
+/// Longest a pause may wait for the sessions' transactions to end.
+const MAX_PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The pause's `timeout_ms` query parameter (10 s without one).
+fn pause_timeout(query: Option<&str>) -> Result<std::time::Duration, String> {
+    let mut timeout = std::time::Duration::from_secs(10);
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("timeout_ms", v)) => {
+                let ms: u64 = v.parse().map_err(|_| {
+                    format!("timeout_ms must be a number of milliseconds, not {v:?}\n")
+                })?;
+                timeout = std::time::Duration::from_millis(ms).min(MAX_PAUSE_TIMEOUT);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown parameter {pair:?}; /pause takes timeout_ms\n"
+                ))
+            }
+        }
+    }
+    Ok(timeout)
+}
+
+/// `value` as pretty JSON with `status`.
+fn json_reply(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match serde_json::to_string_pretty(value) {
+        Ok(json) => (status, "application/json", json),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
 }

@@ -52,6 +52,29 @@ pub async fn exchange(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Renders a `POST /pause` answer for a person.
+pub fn render_pause(json: &serde_json::Value) -> String {
+    if json["paused"] == true {
+        return format!(
+            "paused: {} session(s) held at a transaction boundary; `understudy ctl resume` lets them go on\n",
+            json["held"]
+        );
+    }
+    let busy: Vec<String> = json["busy_sessions"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.to_string()).collect())
+        .unwrap_or_default();
+    format!(
+        "not paused: {}; sessions still busy: {}\n",
+        json["error"].as_str().unwrap_or("unknown error"),
+        if busy.is_empty() {
+            "-".to_owned()
+        } else {
+            busy.join(", ")
+        }
+    )
+}
+
 /// Renders a `POST /reload` answer for a person.
 pub fn render_reload(json: &serde_json::Value) -> String {
     use std::fmt::Write;
@@ -94,10 +117,15 @@ pub fn render_status(json: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "understudy {} on {}: {}, {} session(s), failover {}",
+        "understudy {} on {}: {}{}, {} session(s), failover {}",
         s(&json["version"]),
         s(&json["listen"]),
         s(&json["state"]),
+        if json["paused"] == true {
+            " (paused)"
+        } else {
+            ""
+        },
         s(&json["session_count"]),
         match json["failover_off"].as_str() {
             Some(why) => format!("off ({why})"),

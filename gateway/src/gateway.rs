@@ -43,6 +43,8 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Runs failovers.
     pub failover: crate::failover::Coordinator,
+    /// Whether the gateway is paused: sessions hold at their next transaction boundary.
+    pub hold: tokio::sync::watch::Sender<bool>,
     /// Where a reload reads the configuration; without one it re-reads the files the
     /// running configuration names.
     pub config_source: Option<ConfigSource>,
@@ -132,6 +134,7 @@ impl Gateway {
             shutdown: trigger,
             sessions: TaskTracker::new(),
             demo_crash: None,
+            hold: tokio::sync::watch::Sender::new(false),
         });
         Ok(Self {
             shared,

@@ -17,6 +17,7 @@ pub mod failover;
 pub mod gateway;
 pub mod handshake;
 pub mod local_cluster;
+pub mod pause;
 pub mod pump;
 pub mod reload;
 pub mod session;

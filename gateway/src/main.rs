@@ -41,6 +41,18 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hold every session at its next transaction boundary (for a primary restart or
+    /// switchover); fails, and resumes, if some transaction does not end in time.
+    Pause {
+        /// How long to wait for open transactions to end.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the sessions a pause holds go on.
+    Resume,
     /// Read the auth file and TLS certificates again (as SIGHUP does).
     Reload {
         /// Print the raw JSON.
@@ -176,6 +188,30 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
                 let value: serde_json::Value =
                     serde_json::from_str(&body).context("the admin listener sent invalid JSON")?;
                 print!("{}", understudy::ctl::render_status(&value));
+            }
+        }
+        CtlCommand::Pause { timeout_ms, json } => {
+            let path = format!("/pause?timeout_ms={timeout_ms}");
+            let (status, body) = understudy::ctl::post(admin, &path).await?;
+            let value: serde_json::Value =
+                serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", understudy::ctl::render_pause(&value));
+            }
+            if status != 200 {
+                anyhow::bail!("not paused");
+            }
+        }
+        CtlCommand::Resume => {
+            let body = understudy::ctl::request(admin, hyper::Method::POST, "/resume").await?;
+            let value: serde_json::Value =
+                serde_json::from_str(&body).context("the admin listener sent invalid JSON")?;
+            if value["was_paused"] == true {
+                println!("resumed");
+            } else {
+                println!("resumed (it was not paused)");
             }
         }
         CtlCommand::Reload { json } => {

@@ -47,6 +47,8 @@ pub struct SessionInfo {
     pub txn_status: AtomicU8,
     /// Whether a request is in flight (sent on, its ReadyForQuery not back yet).
     pub active: AtomicBool,
+    /// Whether the session is held at a transaction boundary by the gateway's pause.
+    pub held: AtomicBool,
     detail: Mutex<Detail>,
 }
 
@@ -81,6 +83,8 @@ pub struct SessionStatus {
     /// Whether a request is running (sent on, not answered yet), as `active` in
     /// `pg_stat_activity`.
     pub active: bool,
+    /// Whether the gateway's pause holds it at a transaction boundary.
+    pub held: bool,
     /// Whether the session could be moved, and why not.
     #[serde(flatten)]
     pub movable: Option<Movability>,
@@ -122,6 +126,7 @@ impl SessionInfo {
                 _ => "starting",
             },
             active: self.active.load(Ordering::Relaxed),
+            held: self.held.load(Ordering::Relaxed),
             movable: d.movable.clone(),
         }
     }
@@ -157,6 +162,7 @@ impl Registry {
             started: SystemTime::now(),
             txn_status: AtomicU8::new(0),
             active: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             detail: Mutex::default(),
         });
         lock(&self.sessions).insert(info.id, info.clone());
@@ -181,6 +187,17 @@ impl Registry {
     pub fn statuses(&self) -> Vec<SessionStatus> {
         let mut v: Vec<_> = lock(&self.sessions).values().map(|s| s.status()).collect();
         v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// The sessions not held by the pause (still in a transaction, or logging in).
+    pub fn not_held(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = lock(&self.sessions)
+            .values()
+            .filter(|s| !s.held.load(Ordering::Relaxed))
+            .map(|s| s.id)
+            .collect();
+        v.sort_unstable();
         v
     }
 

@@ -61,9 +61,9 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, SIGHUP
-/// reloads without disturbing it, and SIGTERM closes an idle session with 57P01 and exits
-/// cleanly.
+/// `run --listen --backend --admin-listen` serves, `ctl status` shows the session, `ctl pause`
+/// holds it and `ctl resume` lets it go on, SIGHUP reloads without disturbing it, and SIGTERM
+/// closes an idle session with 57P01 and exits cleanly.
 #[tokio::test]
 async fn run_ctl_and_sigterm() {
     let mut pg = primary_only().await;
@@ -93,6 +93,30 @@ async fn run_ctl_and_sigterm() {
     assert!(text.contains("running, 1 session(s)"), "{text}");
     assert!(text.contains(&pid.to_string()), "{text}");
     assert!(text.contains("primary"), "{text}");
+
+    let ctl = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["ctl", "--admin", &format!("127.0.0.1:{admin}")])
+            .args(args)
+            .output()
+            .expect("understudy ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = ctl(&["pause", "--timeout-ms", "5000"]);
+    assert!(
+        ok && text.starts_with("paused: 1 session(s) held"),
+        "{text}"
+    );
+    let (ok, text) = ctl(&["status"]);
+    assert!(
+        ok && text.contains("running (paused), 1 session(s)"),
+        "{text}"
+    );
+    let (ok, text) = ctl(&["resume"]);
+    assert!(ok && text == "resumed\n", "{text}");
 
     // SIGHUP reloads (with no files to read again here): the session goes on.
     signal(&gw.0, "HUP");

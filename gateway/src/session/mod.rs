@@ -105,6 +105,8 @@ const MAX_IN_FLIGHT: usize = 4096;
 const SHUTDOWN_BIT: u8 = 1;
 /// The primary's changes' bit in that record.
 const PRIMARY_BIT: u8 = 2;
+/// [`Bell`] bit of the gateway's pause (`POST /pause`, `POST /resume`).
+const HOLD_BIT: u8 = 4;
 
 /// Who is waiting for each ReadyForQuery the backend owes, in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +186,10 @@ pub struct Session {
     awaiting_ready: u32,
     /// Shutdown asked sessions to close at their next transaction boundary.
     draining: bool,
+    /// The gateway is paused (`POST /pause`): hold at the next transaction boundary.
+    holding: bool,
+    /// Held there now: the client's next request is not read until the pause ends.
+    held: bool,
     /// A FATAL from the server, held back (not forwarded) until it is known whether the
     /// server ended the session or the primary died.
     held_fatal: Option<(String, String, usize)>,
@@ -242,6 +248,8 @@ impl Session {
             txn_status: b'I',
             awaiting_ready: 0,
             draining: false,
+            holding: false,
+            held: false,
             held_fatal: None,
             server_params,
             poison: Poison::None,
@@ -278,7 +286,9 @@ impl Session {
         // Looked at once straight away: a failover may have fenced the primary this session
         // logged in to before it got here.
         primary_changes.mark_changed();
-        // The shutdown phase and the primary share one record of which of them woke the task:
+        let mut holds = self.shared.hold.subscribe();
+        holds.mark_changed();
+        // The shutdown phase, the primary and the pause share one record of which of them woke the task:
         // one look at it per wake-up. The sockets wake the task directly (see `Pump`).
         let mut bell = Bell::new(0);
         loop {
@@ -286,13 +296,15 @@ impl Session {
                 Data(Wakeup),
                 Shutdown,
                 PrimaryChanged,
+                Hold,
             }
             let wake = {
                 let mut shutdown_changed = shutdown.changed_on(bell.woken(), SHUTDOWN_BIT);
                 let mut primary_changed =
                     crate::wake::changed_on(&mut primary_changes, bell.woken(), PRIMARY_BIT);
+                let mut hold_changed = crate::wake::changed_on(&mut holds, bell.woken(), HOLD_BIT);
                 // New watches, each looked at once to be registered with its channel.
-                let mut rung = SHUTDOWN_BIT | PRIMARY_BIT;
+                let mut rung = SHUTDOWN_BIT | PRIMARY_BIT | HOLD_BIT;
                 // Not wrapped in `unconstrained`: tokio's cooperative budget counts only the
                 // readiness waits of sockets that would block, and `poll_data` yields by itself
                 // after EVENTS_PER_WAKE events.
@@ -308,6 +320,9 @@ impl Session {
                     }
                     if primary_changed.poll_rung(looked).is_ready() {
                         return Poll::Ready(Wake::PrimaryChanged);
+                    }
+                    if hold_changed.poll_rung(looked).is_ready() {
+                        return Poll::Ready(Wake::Hold);
                     }
                     Poll::Pending
                 })
@@ -336,6 +351,11 @@ impl Session {
                     ))
                 }
                 Wake::PrimaryChanged => None,
+                Wake::Hold => {
+                    self.holding = *holds.borrow_and_update();
+                    self.pace();
+                    None
+                }
             };
             let Some(cause) = lost else { continue };
             // A forced shutdown does not wait for the failover a move waits for.
@@ -388,9 +408,16 @@ impl Session {
     }
 
     /// Stops reading from the client while [`MAX_IN_FLIGHT`] requests await their answers
-    /// (unless the server waits for the client's COPY data), and reads again once fewer do.
+    /// (unless the server waits for the client's COPY data), and reads again once fewer do;
+    /// and, while the gateway is paused, from the next transaction boundary until it resumes.
     fn pace(&mut self) {
-        self.pump.up.paused = self.wire.len() >= MAX_IN_FLIGHT && !self.journal.copy_in_pending();
+        let held = self.holding && self.at_transaction_boundary();
+        if held != self.held {
+            self.held = held;
+            self.guard.info().held.store(held, Ordering::Relaxed);
+        }
+        self.pump.up.paused =
+            held || (self.wire.len() >= MAX_IN_FLIGHT && !self.journal.copy_in_pending());
     }
 
     /// The backend connection ended: either the server ended the session (forward its word)
@@ -398,6 +425,7 @@ impl Session {
     async fn backend_failed(&mut self, cause: std::io::Error) -> Option<End> {
         match self.relocate(cause).await {
             Ok(()) => {
+                self.pace();
                 // Bytes that arrived meanwhile, from either side, are inspected now.
                 self.scan_up().or_else(|| self.scan_down())
             }

@@ -1,0 +1,224 @@
+//! Pausing the gateway (`POST /pause`, `POST /resume`): sessions are held at their next
+//! transaction boundary, nothing in flight, until the pause ends; a switchover of the primary
+//! done under a pause costs the clients a wait and no error.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use understudy_integration_tests::{
+    backend_status, int_column, roles, sqlstate, Cluster, TestGateway, PATIENCE,
+};
+
+const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
+
+/// `POST /pause` with `timeout_ms`, run in a task: (HTTP status, answer).
+fn pause(admin: SocketAddr, timeout_ms: u64) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
+    tokio::spawn(async move {
+        let (status, body) =
+            understudy::ctl::post(admin, &format!("/pause?timeout_ms={timeout_ms}"))
+                .await
+                .expect("POST /pause");
+        (
+            status,
+            serde_json::from_str(&body).expect("pause answer JSON"),
+        )
+    })
+}
+
+/// Whether `/status` says the session of `client` is held.
+async fn held(gw: &TestGateway, client: &Client) -> bool {
+    gw.session_status(client).await["held"] == true
+}
+
+/// Runs `SELECT count(*) FROM t` on `client` in a task.
+fn count_rows(client: &std::sync::Arc<Client>) -> tokio::task::JoinHandle<i64> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        client
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0)
+    })
+}
+
+/// A pause waits for the open transaction to end (and lets it end), then holds every session:
+/// a statement sent meanwhile is answered only after `POST /resume`. `/status` says who is
+/// held, and that the gateway is paused.
+#[tokio::test]
+async fn a_pause_holds_sessions_at_transaction_boundaries() {
+    let cluster = Cluster::primary_only().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute(TABLE_T)
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let idle = std::sync::Arc::new(gw.connect(roles::TRUST).await);
+    let busy = std::sync::Arc::new(gw.connect(roles::SCRAM).await);
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    let pausing = pause(gw.admin(), 20_000);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !held(&gw, &idle).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !held(&gw, &busy).await,
+        "a session in a transaction runs on"
+    );
+    assert!(
+        !pausing.is_finished(),
+        "the pause waits for the transaction"
+    );
+    assert_eq!(gw.status().await["paused"], true);
+    busy.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let (status, answer) = pausing.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["paused"], true, "{answer}");
+    assert_eq!(answer["held"], 2, "{answer}");
+
+    let waiting = [count_rows(&idle), count_rows(&busy)];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "held sessions' statements wait"
+    );
+    let (status, body) = gw.admin_post("/resume").await;
+    assert_eq!(
+        (status, body.contains("\"was_paused\": true")),
+        (200, true),
+        "{body}"
+    );
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 2);
+    }
+    assert_eq!(gw.status().await["paused"], false);
+    assert!(!held(&gw, &idle).await);
+}
+
+/// A pause that a transaction outlasts gives up: 503 naming the busy session, and the gateway
+/// runs on unpaused (the sessions it held meanwhile are let go).
+#[tokio::test]
+async fn a_pause_a_transaction_outlasts_is_lifted() {
+    let cluster = Cluster::primary_only().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute(TABLE_T)
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let idle = std::sync::Arc::new(gw.connect(roles::TRUST).await);
+    let busy = gw.connect(roles::SCRAM).await;
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let busy_id = gw.session_status(&busy).await["id"].clone();
+
+    let (status, answer) = pause(gw.admin(), 300).await.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["paused"], false, "{answer}");
+    assert_eq!(
+        answer["busy_sessions"],
+        serde_json::json!([busy_id]),
+        "{answer}"
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("resumed")),
+        "{answer}"
+    );
+    assert_eq!(gw.status().await["paused"], false);
+    let count = tokio::time::timeout(PATIENCE, count_rows(&idle))
+        .await
+        .expect("not held after the pause gave up")
+        .unwrap();
+    assert_eq!(count, 0);
+    busy.batch_execute("COMMIT").await.unwrap();
+
+    let (status, body) = gw.admin_post("/pause?timeout_ms=soon").await;
+    assert_eq!(status, 400, "{body}");
+}
+
+/// A switchover under a pause: sessions held with nothing in flight, the primary stopped (fast
+/// shutdown), the standby promoted by the gateway, the pause lifted. A client writing in
+/// autocommit all along sees no error at all (compare `a_fast_shutdown_of_the_primary_is_a_switchover`
+/// in failover.rs, where a write caught in flight may get `08007`), an idle session keeps its
+/// settings, and every write is on the new primary once.
+#[tokio::test]
+async fn a_switchover_under_a_pause_costs_no_error() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute(TABLE_T)
+        .await
+        .unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+    let gw = cluster.failover_gateway().await;
+    let idle = gw.connect(roles::SCRAM).await;
+    idle.batch_execute("SET application_name = 'kept'")
+        .await
+        .unwrap();
+    let writer = gw.connect(roles::TRUST).await;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writes = tokio::spawn(async move {
+        let (mut acked, mut failed) = (Vec::new(), Vec::new());
+        for a in 1.. {
+            if *stopped.borrow_and_update() {
+                break;
+            }
+            match writer.execute("INSERT INTO t VALUES ($1)", &[&a]).await {
+                Ok(_) => acked.push(a),
+                Err(e) => failed.push((a, sqlstate(&e).map(str::to_owned), e.to_string())),
+            }
+        }
+        (acked, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (status, answer) = pause(gw.admin(), 10_000).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    cluster.pg.primary.stop().await.unwrap();
+    let standby = cluster.pg.standby.as_ref().unwrap().addr().to_string();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let status = gw.status().await;
+        if backend_status(&status, &standby)["routed"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = gw.admin_post("/resume").await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    let (acked, failed) = writes.await.unwrap();
+
+    assert!(failed.is_empty(), "{failed:?}");
+    let row = idle
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "kept");
+    let port = cluster.pg.standby.as_ref().unwrap().port();
+    assert_eq!(row.get::<_, i32>(1), i32::from(port));
+    assert!(acked.len() > 10, "only {} writes", acked.len());
+    assert_eq!(int_column(&idle, "SELECT a FROM t ORDER BY a").await, acked);
+}

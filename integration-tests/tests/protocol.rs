@@ -947,3 +947,98 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .collect::<Vec<_>>();
     assert_eq!(rows, [1, 2, 4, 6, 8, 10]);
 }
+
+/// Parse of `sql` as statement `name` (no parameter types given).
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
+    buf.to_vec()
+}
+
+/// Bind of statement `name` to the unnamed portal with text `params`, Execute, Sync.
+fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
+    use postgres_protocol::message::frontend;
+    let mut buf = bytes::BytesMut::new();
+    frontend::bind(
+        "",
+        name,
+        std::iter::empty::<i16>(),
+        params.iter(),
+        |p, buf| {
+            buf.extend_from_slice(p.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty::<i16>(),
+        &mut buf,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    buf.to_vec()
+}
+
+/// The unnamed prepared statement lasts until the next unnamed Parse or simple Query the
+/// client sends, across Syncs and transactions; the queries a gateway armed for failover
+/// slips in (a write's WAL position, the xid before a COMMIT) must not end it, or the client's
+/// next Bind of it fails with 26000 (libpq's `PQprepare(conn, "", …)` then `PQexecPrepared`, or
+/// a driver that parses and binds in separate round trips, as pg8000 does).
+#[tokio::test]
+async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute("CREATE TABLE un(a int PRIMARY KEY); GRANT ALL ON un TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.failover_gateway().await;
+    let tags = |msgs: &[raw::Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+
+    // Autocommit writes: each is followed by the WAL-position query.
+    let mut prepare = parse("", "INSERT INTO un VALUES ($1)");
+    prepare.extend(raw::msg(b'S', b""));
+    c.send(&prepare).await;
+    assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
+    for a in ["1", "2", "3"] {
+        c.send(&bind_execute_sync("", &[a])).await;
+        let answer = c.read_until(b'Z').await;
+        assert_eq!(tags(&answer), "2CZ", "insert {a}: {answer:?}");
+    }
+
+    // A transaction that wrote, committed with an unnamed COMMIT parsed beforehand: the xid
+    // is asked for before the COMMIT runs.
+    c.send(&raw::query("BEGIN")).await;
+    c.read_until(b'Z').await;
+    c.send(&prepare).await;
+    assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
+    c.send(&bind_execute_sync("", &["4"])).await;
+    assert_eq!(tags(&c.read_until(b'Z').await), "2CZ");
+    let mut commit = parse("", "COMMIT");
+    commit.extend(raw::msg(b'S', b""));
+    c.send(&commit).await;
+    assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
+    c.send(&bind_execute_sync("", &[])).await;
+    let answer = c.read_until(b'Z').await;
+    assert_eq!(tags(&answer), "2CZ", "{answer:?}");
+    assert_eq!(answer.last().unwrap().body, b"I");
+
+    // Still there after the transaction, and until a simple Query ends it, as directly.
+    c.send(&bind_execute_sync("", &[])).await;
+    let answer = c.read_until(b'Z').await;
+    assert_eq!(
+        tags(&answer),
+        "2NCZ",
+        "a COMMIT outside a transaction warns: {answer:?}"
+    );
+    c.send(&raw::query("SELECT 1")).await;
+    c.read_until(b'Z').await;
+    c.send(&bind_execute_sync("", &[])).await;
+    let answer = c.read_until(b'Z').await;
+    assert_eq!(tags(&answer), "EZ", "{answer:?}");
+    assert_eq!(answer[0].code(), "26000");
+    assert_eq!(
+        int_column(&admin, "SELECT a FROM un ORDER BY a").await,
+        [1, 2, 3, 4]
+    );
+}

@@ -132,6 +132,38 @@ pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
     );
 }
 
+/// Name of the statement and portal the gateway's own queries use. The unnamed ones are the
+/// client's: a simple Query (or a Parse or Bind of them) would end the client's unnamed
+/// statement or portal, which PostgreSQL keeps across Syncs until the client replaces them.
+pub const INTERNAL_STATEMENT: &str = "understudy_internal";
+
+/// The gateway's own query `sql` in the extended protocol, as one request group answered by
+/// one ReadyForQuery: Close of [`INTERNAL_STATEMENT`] (statement and portal, which an earlier
+/// query that failed may have left), Parse, Bind (text results), Execute, the two Closes
+/// again, Sync. Its DataRows carry the result; it leaves the client's unnamed statement and
+/// portal as they were. `sql` must be one statement without NUL bytes.
+pub fn internal_query(buf: &mut BytesMut, sql: &str) {
+    use postgres_protocol::message::frontend;
+    let name = INTERNAL_STATEMENT;
+    // The names and `sql` contain no NUL and there are no parameters: nothing can fail.
+    let _ = frontend::close(b'P', name, buf);
+    let _ = frontend::close(b'S', name, buf);
+    let _ = frontend::parse(name, sql, std::iter::empty(), buf);
+    let _ = frontend::bind(
+        name,
+        name,
+        std::iter::empty::<i16>(),
+        std::iter::empty::<()>(),
+        |(), _| Ok(postgres_protocol::IsNull::No),
+        std::iter::empty::<i16>(),
+        buf,
+    );
+    let _ = frontend::execute(name, 0, buf);
+    let _ = frontend::close(b'P', name, buf);
+    let _ = frontend::close(b'S', name, buf);
+    frontend::sync(buf);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ mod relocate;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -35,7 +35,15 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The query the gateway slips in before a COMMIT of a transaction that wrote, so that a COMMIT
 /// whose answer is lost can be looked up on the new primary.
-const XID_QUERY: &[u8] = b"Q\0\0\0\x2cSELECT pg_current_xact_id_if_assigned()\0";
+static XID_QUERY: LazyLock<Vec<u8>> =
+    LazyLock::new(|| internal("SELECT pg_current_xact_id_if_assigned()"));
+
+/// `sql` as a query of the gateway's own (see [`encode::internal_query`]).
+fn internal(sql: &str) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode::internal_query(&mut buf, sql);
+    buf.to_vec()
+}
 
 /// Appended to a client's one-statement Query in a transaction block: the xid comes back in
 /// the same answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
@@ -63,9 +71,12 @@ enum XidSuffix {
 /// answered (unless `synchronous_commit` is off), so the flush position covers it without
 /// the WAL other sessions inserted but nobody flushed yet: counting that, a standby that had
 /// everything this session committed read as one that lost some of it.
-const LSN_QUERY: &[u8] =
-    b"Q\0\0\0\x90SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
-THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text\0";
+static LSN_QUERY: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    internal(
+        "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
+         THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text",
+    )
+});
 
 /// Length of a ReadyForQuery message.
 const READY_LEN: usize = 6;
@@ -492,7 +503,7 @@ impl Session {
                 // A query of its own, not a statement in front of the COMMIT in the same
                 // string: the server flushes its answer at its ReadyForQuery, so the xid is
                 // known before the COMMIT runs, even if the primary dies during it.
-                self.pump.up.insert_ready(XID_QUERY);
+                self.pump.up.insert_ready(&XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
             let suffixed = before == Before::CaptureXidAfter
@@ -517,7 +528,7 @@ impl Session {
                 self.pump.up.ready += n;
             }
             if before == Before::CaptureLsnAfter && self.can_move {
-                self.pump.up.insert_ready(LSN_QUERY);
+                self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
             }
         }
@@ -1044,17 +1055,26 @@ pub fn record_param(params: &mut Vec<(String, String)>, name: &str, value: &str)
 mod tests {
     use super::*;
 
-    #[test]
-    fn xid_query_is_well_formed() {
-        let len = i32::from_be_bytes(XID_QUERY[1..5].try_into().unwrap()) as usize;
-        assert_eq!(len + 1, XID_QUERY.len());
-        assert_eq!(XID_QUERY.last(), Some(&0));
+    /// The tags of the messages in `bytes`, each framed by its length.
+    fn tags(mut bytes: &[u8]) -> String {
+        let mut out = String::new();
+        while let Some((&tag, rest)) = bytes.split_first() {
+            let len = i32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            out.push(tag as char);
+            bytes = &rest[len..];
+        }
+        out
     }
 
     #[test]
-    fn lsn_query_is_well_formed_and_lsns_parse() {
-        let len = i32::from_be_bytes(LSN_QUERY[1..5].try_into().unwrap()) as usize;
-        assert_eq!(len + 1, LSN_QUERY.len());
+    fn internal_queries_are_one_extended_group() {
+        for q in [&*XID_QUERY, &*LSN_QUERY] {
+            assert_eq!(tags(q), "CCPBECCS");
+        }
+    }
+
+    #[test]
+    fn lsns_parse() {
         assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
         assert_eq!(parse_lsn("0/0"), Some(0));
         assert_eq!(parse_lsn("junk"), None);

@@ -72,10 +72,11 @@ impl Fresh {
             .map_err(|e| e.to_string())
     }
 
-    /// Runs a statement of the gateway's own; returns the first column of the first row.
+    /// Runs a statement of the gateway's own (leaving the unnamed statement the move gives the
+    /// new backend as it is); returns the first column of the first row.
     async fn query(&mut self, sql: &str) -> Result<Option<String>, String> {
         let mut q = BytesMut::new();
-        postgres_protocol::message::frontend::query(sql, &mut q).map_err(|e| e.to_string())?;
+        encode::internal_query(&mut q, sql);
         self.send(&q).await?;
         let mut value = None;
         let mut error = None;
@@ -167,7 +168,9 @@ fn raise(code: &str, message: &str) -> BytesMut {
         message.replace('\'', "''")
     );
     let mut q = BytesMut::new();
-    // A statement of the gateway's own; it contains no NUL.
+    // A simple Query: its answer goes to the client, an ErrorResponse and a ReadyForQuery
+    // as for the request it stands for. (It ends the unnamed statement, which the client's
+    // request, had it failed on its own, would have left.)
     let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
     q
 }
@@ -684,7 +687,7 @@ impl Session {
                     && self.capture_xid
                     && !checked
                 {
-                    resumed.to_backend.extend_from_slice(XID_QUERY);
+                    resumed.to_backend.extend_from_slice(&XID_QUERY);
                     resumed.owners.push(Owner::Xid);
                 }
                 resumed.to_backend.extend_from_slice(&g.request);

@@ -73,6 +73,36 @@ pub fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     v
 }
 
+/// Parse of `sql` as statement `name` (no parameter types given).
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
+    buf.to_vec()
+}
+
+/// Bind of statement `name` to the unnamed portal with text `params`, Execute, Sync.
+pub fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
+    use postgres_protocol::message::frontend;
+    let mut buf = bytes::BytesMut::new();
+    frontend::bind(
+        "",
+        name,
+        std::iter::empty::<i16>(),
+        params.iter(),
+        |p, buf| {
+            buf.extend_from_slice(p.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty::<i16>(),
+        &mut buf,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    buf.to_vec()
+}
+
 impl RawConn {
     /// Opens a TCP connection without saying anything.
     pub async fn open(addr: SocketAddr) -> Self {

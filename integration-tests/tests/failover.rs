@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use understudy_integration_tests::raw::{msg, query, Msg, RawConn};
+use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
     int_column, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
@@ -872,6 +872,67 @@ async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
     // A write answered 08007 may or may not have been applied.
     present.retain(|a| !failed.iter().any(|(f, _)| f == a));
     assert_eq!(present, expected);
+}
+
+/// The unnamed prepared statement moves with its session, as PostgreSQL keeps it across Syncs
+/// (pg8000 parses, describes and binds in separate round trips): parsed before the failover
+/// and bound after it in autocommit; a COMMIT parsed as it in a transaction that wrote (the
+/// transaction is replayed, then committed once); and a COPY FROM STDIN bound from it and
+/// streaming when the primary dies, which completes with every row once.
+#[tokio::test]
+async fn the_unnamed_statement_moves_with_the_session() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster.failover_gateway().await;
+    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    let sync = msg(b'S', b"");
+    let parse_sync = |sql: &str| [raw::parse("", sql), sync.clone()].concat();
+
+    let mut autocommit = RawConn::login(gw.addr(), roles::TRUST).await;
+    autocommit
+        .send(&parse_sync("INSERT INTO t VALUES ($1)"))
+        .await;
+    assert_eq!(tags(&autocommit.read_until(b'Z').await), "1Z");
+
+    let mut block = RawConn::login(gw.addr(), roles::TRUST).await;
+    block.send(&query("BEGIN; INSERT INTO t VALUES (10)")).await;
+    assert_eq!(tags(&block.read_until(b'Z').await), "CCZ");
+    block.send(&parse_sync("COMMIT")).await;
+    assert_eq!(tags(&block.read_until(b'Z').await), "1Z");
+
+    let mut copy = RawConn::login(gw.addr(), roles::TRUST).await;
+    copy.send(&parse_sync("COPY t FROM STDIN")).await;
+    assert_eq!(tags(&copy.read_until(b'Z').await), "1Z");
+    copy.send(&raw::bind_execute_sync("", &[])).await;
+    assert_eq!(tags(&copy.read_until(b'G').await), "2G");
+    copy.send(&msg(b'd', b"20\n")).await;
+
+    cluster.kill_primary().await;
+
+    copy.send(&msg(b'd', b"21\n")).await;
+    copy.send(&[msg(b'c', b""), sync.clone()].concat()).await;
+    let answer = copy.read_until(b'Z').await;
+    assert_eq!(tags(&answer), "CZ", "{answer:?}");
+    assert_eq!(answer[0].body, b"COPY 2\0");
+
+    autocommit.send(&raw::bind_execute_sync("", &["1"])).await;
+    let answer = autocommit.read_until(b'Z').await;
+    assert_eq!(tags(&answer), "2CZ", "{answer:?}");
+    autocommit.send(&raw::bind_execute_sync("", &["2"])).await;
+    assert_eq!(tags(&autocommit.read_until(b'Z').await), "2CZ");
+
+    block.send(&raw::bind_execute_sync("", &[])).await;
+    let answer = block.read_until(b'Z').await;
+    assert_eq!(tags(&answer), "2CZ", "{answer:?}");
+    assert_eq!(
+        (&answer[1].body[..], &answer[2].body[..]),
+        (&b"COMMIT\0"[..], &b"I"[..])
+    );
+
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2, 10, 20, 21]
+    );
 }
 
 /// Bind and Execute of the statement `ins` for row `a`.

@@ -948,36 +948,6 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
     assert_eq!(rows, [1, 2, 4, 6, 8, 10]);
 }
 
-/// Parse of `sql` as statement `name` (no parameter types given).
-fn parse(name: &str, sql: &str) -> Vec<u8> {
-    let mut buf = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
-    buf.to_vec()
-}
-
-/// Bind of statement `name` to the unnamed portal with text `params`, Execute, Sync.
-fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
-    use postgres_protocol::message::frontend;
-    let mut buf = bytes::BytesMut::new();
-    frontend::bind(
-        "",
-        name,
-        std::iter::empty::<i16>(),
-        params.iter(),
-        |p, buf| {
-            buf.extend_from_slice(p.as_bytes());
-            Ok(postgres_protocol::IsNull::No)
-        },
-        std::iter::empty::<i16>(),
-        &mut buf,
-    )
-    .map_err(|_| "bind")
-    .unwrap();
-    frontend::execute("", 0, &mut buf).unwrap();
-    frontend::sync(&mut buf);
-    buf.to_vec()
-}
-
 /// The unnamed prepared statement lasts until the next unnamed Parse or simple Query the
 /// client sends, across Syncs and transactions; the queries a gateway armed for failover
 /// slips in (a write's WAL position, the xid before a COMMIT) must not end it, or the client's
@@ -996,12 +966,12 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
     let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
 
     // Autocommit writes: each is followed by the WAL-position query.
-    let mut prepare = parse("", "INSERT INTO un VALUES ($1)");
+    let mut prepare = raw::parse("", "INSERT INTO un VALUES ($1)");
     prepare.extend(raw::msg(b'S', b""));
     c.send(&prepare).await;
     assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
     for a in ["1", "2", "3"] {
-        c.send(&bind_execute_sync("", &[a])).await;
+        c.send(&raw::bind_execute_sync("", &[a])).await;
         let answer = c.read_until(b'Z').await;
         assert_eq!(tags(&answer), "2CZ", "insert {a}: {answer:?}");
     }
@@ -1012,19 +982,19 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
     c.read_until(b'Z').await;
     c.send(&prepare).await;
     assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
-    c.send(&bind_execute_sync("", &["4"])).await;
+    c.send(&raw::bind_execute_sync("", &["4"])).await;
     assert_eq!(tags(&c.read_until(b'Z').await), "2CZ");
-    let mut commit = parse("", "COMMIT");
+    let mut commit = raw::parse("", "COMMIT");
     commit.extend(raw::msg(b'S', b""));
     c.send(&commit).await;
     assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
-    c.send(&bind_execute_sync("", &[])).await;
+    c.send(&raw::bind_execute_sync("", &[])).await;
     let answer = c.read_until(b'Z').await;
     assert_eq!(tags(&answer), "2CZ", "{answer:?}");
     assert_eq!(answer.last().unwrap().body, b"I");
 
     // Still there after the transaction, and until a simple Query ends it, as directly.
-    c.send(&bind_execute_sync("", &[])).await;
+    c.send(&raw::bind_execute_sync("", &[])).await;
     let answer = c.read_until(b'Z').await;
     assert_eq!(
         tags(&answer),
@@ -1033,7 +1003,7 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
     );
     c.send(&raw::query("SELECT 1")).await;
     c.read_until(b'Z').await;
-    c.send(&bind_execute_sync("", &[])).await;
+    c.send(&raw::bind_execute_sync("", &[])).await;
     let answer = c.read_until(b'Z').await;
     assert_eq!(tags(&answer), "EZ", "{answer:?}");
     assert_eq!(answer[0].code(), "26000");

@@ -127,8 +127,10 @@ pub struct Group {
     parses: Vec<(Option<String>, Bytes)>,
     /// ParseComplete messages seen so far.
     parses_done: usize,
-    /// Named statements closed by it.
+    /// Statements closed by it (`""`: the unnamed one).
     closes: Vec<String>,
+    /// Whether it holds a simple Query, which ends the unnamed statement.
+    queries: bool,
     /// What its statements were before it changed them (Parse, Close, PREPARE, DEALLOCATE),
     /// in the order it changed them.
     undo: Vec<Undo>,
@@ -141,6 +143,8 @@ enum Undo {
     Parsed(String, Option<Bytes>),
     /// An SQL-level statement and its PREPARE.
     Prepared(String, Option<String>),
+    /// The unnamed protocol-level statement's Parse message.
+    Unnamed(Option<Bytes>),
 }
 
 impl Group {
@@ -166,6 +170,7 @@ impl Group {
             parses: Vec::new(),
             parses_done: 0,
             closes: Vec::new(),
+            queries: false,
             undo: Vec::new(),
         }
     }
@@ -192,6 +197,7 @@ impl Group {
         self.parses.clear();
         self.parses_done = 0;
         self.closes.clear();
+        self.queries = false;
         self.undo.clear();
     }
 }
@@ -218,6 +224,9 @@ pub struct SessionState {
     sql_prepared: BTreeMap<String, String>,
     /// Protocol-level named statements: their Parse messages.
     parsed: BTreeMap<String, Bytes>,
+    /// The unnamed statement's Parse message: it lasts until the next unnamed Parse, a Close
+    /// of it or a simple Query (not through DEALLOCATE ALL, which drops only named ones).
+    unnamed: Option<Bytes>,
     /// LISTEN channels.
     channels: BTreeSet<String>,
 }
@@ -235,9 +244,10 @@ impl SessionState {
         out
     }
 
-    /// Parse messages of the named protocol-level statements.
+    /// Parse messages of the protocol-level statements, the unnamed one last (nothing the
+    /// gateway sends ends it, but a simple Query would).
     pub fn restore_parses(&self) -> impl Iterator<Item = &Bytes> {
-        self.parsed.values()
+        self.parsed.values().chain(&self.unnamed)
     }
 
     /// Whether the session has a prepared statement `name` (protocol or SQL level).
@@ -246,11 +256,12 @@ impl SessionState {
     }
 
     /// Only the prepared statements not named in `present` (a backend's
-    /// `pg_prepared_statements`).
+    /// `pg_prepared_statements`, which never lists the unnamed statement).
     pub fn statements_missing_from(&self, present: &BTreeSet<String>) -> SessionState {
         SessionState {
             sql_prepared: not_in(&self.sql_prepared, present),
             parsed: not_in(&self.parsed, present),
+            unnamed: self.unnamed.clone(),
             ..SessionState::default()
         }
     }
@@ -263,33 +274,46 @@ impl SessionState {
             match undo {
                 Undo::Parsed(name, was) => restore_slot(&mut state.parsed, name, was),
                 Undo::Prepared(name, was) => restore_slot(&mut state.sql_prepared, name, was),
+                Undo::Unnamed(was) => state.unnamed.clone_from(was),
             }
         }
         state
     }
 
-    /// Applies what a group's `parses` (their named ones) and then `closes` did, noting in
-    /// `undo` what each replaced.
+    /// Applies what a group's `parses`, then its `closes`, then its simple Query if it
+    /// `queries`, did, noting in `undo` what each replaced.
     fn parse_and_close(
         &mut self,
         parses: &[(Option<String>, Bytes)],
         closes: &[String],
+        queries: bool,
         undo: &mut Vec<Undo>,
     ) {
         for (name, parse) in parses {
-            if let Some(name) = name {
-                let was = self.parsed.insert(name.clone(), parse.clone());
-                undo.push(Undo::Parsed(name.clone(), was));
+            match name {
+                Some(name) => {
+                    let was = self.parsed.insert(name.clone(), parse.clone());
+                    undo.push(Undo::Parsed(name.clone(), was));
+                }
+                None => undo.push(Undo::Unnamed(self.unnamed.replace(parse.clone()))),
             }
         }
         for name in closes {
             self.close(name, undo);
         }
+        if queries {
+            self.close("", undo);
+        }
     }
 
-    /// Closes the protocol-level statement `name`, noting in `undo` what it was.
+    /// Closes the protocol-level statement `name` (`""`: the unnamed one), noting in `undo`
+    /// what it was.
     fn close(&mut self, name: &str, undo: &mut Vec<Undo>) {
-        if let Some(was) = self.parsed.remove(name) {
+        if name.is_empty() {
+            if let Some(was) = self.unnamed.take() {
+                undo.push(Undo::Unnamed(Some(was)));
+            }
+        } else if let Some(was) = self.parsed.remove(name) {
             undo.push(Undo::Parsed(name.to_owned(), Some(was)));
         }
     }
@@ -643,6 +667,7 @@ impl Journal {
                 }
             }
             frontend::QUERY => {
+                group.queries = true;
                 let sql = cstr(body).0;
                 classify_into(
                     &lexable(sql, self.multibyte),
@@ -763,10 +788,7 @@ impl Journal {
                 }
             }
             frontend::CLOSE if self.keeps && body.first() == Some(&b'S') => {
-                let name = name_key(cstr(&body[1..]).0);
-                if !name.is_empty() {
-                    group.closes.push(name.into_owned());
-                }
+                group.closes.push(name_key(cstr(&body[1..]).0).into_owned());
             }
             frontend::FUNCTION_CALL => {
                 group.may_write = true;
@@ -896,11 +918,13 @@ impl Journal {
                 g.answer = self.live.digest();
                 self.live.reset();
             }
-            // Protocol-level statements are not transactional: they exist once parsed.
+            // Protocol-level statements are not transactional: they exist once parsed. A simple
+            // Query ends the unnamed statement as it starts, whatever becomes of it.
             let closes: &[String] = if g.failed { &[] } else { &g.closes };
             self.state.parse_and_close(
                 &g.parses[..g.parses_done.min(g.parses.len())],
                 closes,
+                g.queries,
                 &mut g.undo,
             );
             let (may_write, may_write_data, failed) = (g.may_write, g.may_write_data, g.failed);
@@ -969,7 +993,8 @@ impl Journal {
         // transaction is over, so what they replaced is of no more use.
         let mut undo = Vec::new();
         if let Some(g) = self.groups.get(self.answered) {
-            self.state.parse_and_close(&g.parses, &g.closes, &mut undo);
+            self.state
+                .parse_and_close(&g.parses, &g.closes, g.queries, &mut undo);
         }
         let mut committed = Vec::with_capacity(self.pending.len());
         for c in std::mem::take(&mut self.pending) {
@@ -1492,6 +1517,48 @@ mod tests {
         j.on_client_message(b'S', &msg(b'S', b""));
         j.on_ready_for_query(b'I');
         assert_eq!(j.state().restore_parses().count(), 0);
+    }
+
+    #[test]
+    fn the_unnamed_statement_lasts_until_replaced_closed_or_a_simple_query() {
+        let unnamed = |j: &Journal| {
+            let parses: Vec<Bytes> = j.state().restore_parses().cloned().collect();
+            parses
+                .iter()
+                .find(|p| p[5] == 0)
+                .map(|p| String::from_utf8_lossy(&p[6..p.len() - 3]).into_owned())
+        };
+        let mut j = Journal::new(1 << 20);
+        parsed(&mut j, b"\0SELECT 1\0\0\0", b'I');
+        parsed(&mut j, b"s1\0SELECT 2\0\0\0", b'I');
+        assert_eq!(unnamed(&j).as_deref(), Some("SELECT 1"));
+        // Restored last, after the named ones.
+        let last = j.state().restore_parses().last().cloned().unwrap();
+        assert_eq!(last[5], 0);
+        // DEALLOCATE ALL drops only named statements.
+        queries(&mut j, &[("BEGIN", b'T')]);
+        assert_eq!(unnamed(&j), None, "a simple Query ends it");
+        parsed(&mut j, b"\0SELECT 3\0\0\0", b'T');
+        j.on_client_message(b'P', &msg(b'P', b"\0DEALLOCATE ALL\0\0\0"));
+        j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_server_message(b'1');
+        answer(&mut j, b"DEALLOCATE ALL\0", b'T');
+        assert_eq!(unnamed(&j).as_deref(), Some("DEALLOCATE ALL"));
+        assert!(!j.state().has_statement("s1"));
+        // Before the open transaction (its BEGIN ended the first unnamed statement), s1 and
+        // that statement: replaying the transaction from there gives what the client has.
+        let before = j.state().before(j.groups());
+        let parses: Vec<&[u8]> = before.restore_parses().map(|p| &p[5..]).collect();
+        assert_eq!(
+            parses,
+            [&b"s1\0SELECT 2\0\0\0"[..], &b"\0SELECT 1\0\0\0"[..]]
+        );
+        j.on_client_message(b'C', &msg(b'C', b"S\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        j.on_ready_for_query(b'T');
+        assert_eq!(unnamed(&j), None, "closed");
     }
 
     #[test]

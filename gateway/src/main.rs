@@ -192,17 +192,9 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
         }
         CtlCommand::Pause { timeout_ms, json } => {
             let path = format!("/pause?timeout_ms={timeout_ms}");
-            let (status, body) = understudy::ctl::post(admin, &path).await?;
-            let value: serde_json::Value =
-                serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
-            if json {
-                println!("{body}");
-            } else {
-                print!("{}", understudy::ctl::render_pause(&value));
-            }
-            if status != 200 {
-                anyhow::bail!("not paused");
-            }
+            post_and_print(admin, &path, json, understudy::ctl::render_pause)
+                .await
+                .context("not paused")?;
         }
         CtlCommand::Resume => {
             let body = understudy::ctl::request(admin, hyper::Method::POST, "/resume").await?;
@@ -215,17 +207,9 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Reload { json } => {
-            let (status, body) = understudy::ctl::post(admin, "/reload").await?;
-            let value: serde_json::Value =
-                serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
-            if json {
-                println!("{body}");
-            } else {
-                print!("{}", understudy::ctl::render_reload(&value));
-            }
-            if status != 200 {
-                anyhow::bail!("the reload failed");
-            }
+            post_and_print(admin, "/reload", json, understudy::ctl::render_reload)
+                .await
+                .context("the reload failed")?;
         }
         CtlCommand::CrashPrimary => {
             let body =
@@ -233,5 +217,25 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
             print!("{body}");
         }
     }
+    Ok(())
+}
+
+/// POSTs to `path` on the admin listener and prints its JSON answer, raw or through `render`;
+/// an answer other than 200 is an error (after it is printed).
+async fn post_and_print(
+    admin: SocketAddr,
+    path: &str,
+    json: bool,
+    render: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let (status, body) = understudy::ctl::post(admin, path).await?;
+    let value: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", render(&value));
+    }
+    anyhow::ensure!(status == 200, "HTTP {status}");
     Ok(())
 }

@@ -558,3 +558,33 @@ impl Drop for Frozen {
         signal_processes("CONT", &self.0);
     }
 }
+
+/// What an [`autocommit_writer`] came to: the rows it saw inserted, and those that got an
+/// error, with its SQLSTATE.
+pub type Writes = (Vec<i32>, Vec<(i32, Option<String>)>);
+
+/// Inserts `first`, `first + 1`, … into `t(a)` on `client`, one autocommit statement at a time,
+/// until the returned sender says stop; the task returns what each insert came to.
+pub fn autocommit_writer(
+    client: Client,
+    first: i32,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Writes>,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writes = tokio::spawn(async move {
+        let (mut acked, mut failed) = (Vec::new(), Vec::new());
+        for a in first.. {
+            if *stopped.borrow_and_update() {
+                break;
+            }
+            match client.execute("INSERT INTO t VALUES ($1)", &[&a]).await {
+                Ok(_) => acked.push(a),
+                Err(e) => failed.push((a, sqlstate(&e).map(str::to_owned))),
+            }
+        }
+        (acked, failed)
+    });
+    (stop, writes)
+}

@@ -9,8 +9,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
-    int_column, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+    application_name_and_port, assert_gateway_error, autocommit_writer, backend_pid,
+    backend_status, errors_counted, int_column, roles, simple_rows, sqlstate, Cluster, TestGateway,
+    PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -819,21 +820,7 @@ async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
     for a in 100..300 {
         idle.execute(&insert, &[&a]).await.unwrap();
     }
-    let writer = gw.connect(roles::TRUST).await;
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let writes = tokio::spawn(async move {
-        let (mut acked, mut failed) = (Vec::new(), Vec::new());
-        for a in 1000.. {
-            if *stopped.borrow_and_update() {
-                break;
-            }
-            match writer.execute("INSERT INTO t VALUES ($1)", &[&a]).await {
-                Ok(_) => acked.push(a),
-                Err(e) => failed.push((a, sqlstate(&e).map(str::to_owned))),
-            }
-        }
-        (acked, failed)
-    });
+    let (stop, writes) = autocommit_writer(gw.connect(roles::TRUST).await, 1000);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     cluster.pg.primary.stop().await.unwrap();

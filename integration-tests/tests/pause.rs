@@ -3,11 +3,12 @@
 //! done under a pause costs the clients a wait and no error.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 use understudy_integration_tests::{
-    backend_status, int_column, roles, sqlstate, Cluster, TestGateway, PATIENCE,
+    autocommit_writer, backend_status, int_column, roles, Cluster, TestGateway, PATIENCE,
 };
 
 const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
@@ -32,7 +33,7 @@ async fn held(gw: &TestGateway, client: &Client) -> bool {
 }
 
 /// Runs `SELECT count(*) FROM t` on `client` in a task.
-fn count_rows(client: &std::sync::Arc<Client>) -> tokio::task::JoinHandle<i64> {
+fn count_rows(client: &Arc<Client>) -> tokio::task::JoinHandle<i64> {
     let client = client.clone();
     tokio::spawn(async move {
         client
@@ -43,11 +44,9 @@ fn count_rows(client: &std::sync::Arc<Client>) -> tokio::task::JoinHandle<i64> {
     })
 }
 
-/// A pause waits for the open transaction to end (and lets it end), then holds every session:
-/// a statement sent meanwhile is answered only after `POST /resume`. `/status` says who is
-/// held, and that the gateway is paused.
-#[tokio::test]
-async fn a_pause_holds_sessions_at_transaction_boundaries() {
+/// A primary with table `t`, a gateway, an idle session and one with a transaction open that
+/// inserted 1.
+async fn idle_and_busy() -> (Cluster, TestGateway, Arc<Client>, Arc<Client>) {
     let cluster = Cluster::primary_only().await;
     cluster
         .superuser()
@@ -56,11 +55,20 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
         .await
         .unwrap();
     let gw = cluster.gateway().await;
-    let idle = std::sync::Arc::new(gw.connect(roles::TRUST).await);
-    let busy = std::sync::Arc::new(gw.connect(roles::SCRAM).await);
+    let idle = Arc::new(gw.connect(roles::TRUST).await);
+    let busy = Arc::new(gw.connect(roles::SCRAM).await);
     busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
+    (cluster, gw, idle, busy)
+}
+
+/// A pause waits for the open transaction to end (and lets it end), then holds every session:
+/// a statement sent meanwhile is answered only after `POST /resume`. `/status` says who is
+/// held, and that the gateway is paused.
+#[tokio::test]
+async fn a_pause_holds_sessions_at_transaction_boundaries() {
+    let (_cluster, gw, idle, busy) = idle_and_busy().await;
 
     let pausing = pause(gw.admin(), 20_000);
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -111,19 +119,7 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
 /// runs on unpaused (the sessions it held meanwhile are let go).
 #[tokio::test]
 async fn a_pause_a_transaction_outlasts_is_lifted() {
-    let cluster = Cluster::primary_only().await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute(TABLE_T)
-        .await
-        .unwrap();
-    let gw = cluster.gateway().await;
-    let idle = std::sync::Arc::new(gw.connect(roles::TRUST).await);
-    let busy = gw.connect(roles::SCRAM).await;
-    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
+    let (_cluster, gw, idle, busy) = idle_and_busy().await;
     let busy_id = gw.session_status(&busy).await["id"].clone();
 
     let (status, answer) = pause(gw.admin(), 300).await.unwrap();
@@ -172,21 +168,7 @@ async fn a_switchover_under_a_pause_costs_no_error() {
     idle.batch_execute("SET application_name = 'kept'")
         .await
         .unwrap();
-    let writer = gw.connect(roles::TRUST).await;
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let writes = tokio::spawn(async move {
-        let (mut acked, mut failed) = (Vec::new(), Vec::new());
-        for a in 1.. {
-            if *stopped.borrow_and_update() {
-                break;
-            }
-            match writer.execute("INSERT INTO t VALUES ($1)", &[&a]).await {
-                Ok(_) => acked.push(a),
-                Err(e) => failed.push((a, sqlstate(&e).map(str::to_owned), e.to_string())),
-            }
-        }
-        (acked, failed)
-    });
+    let (stop, writes) = autocommit_writer(gw.connect(roles::TRUST).await, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let (status, answer) = pause(gw.admin(), 10_000).await.unwrap();

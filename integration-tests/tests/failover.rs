@@ -842,16 +842,11 @@ async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
         .await
         .unwrap();
     idle.execute(&insert, &[&300]).await.unwrap();
-    let row = idle
-        .query_one(
-            "SELECT current_setting('application_name'), inet_server_port()",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "kept");
     let standby = cluster.pg.standby.as_ref().unwrap().port();
-    assert_eq!(row.get::<_, i32>(1), i32::from(standby));
+    assert_eq!(
+        application_name_and_port(&idle).await,
+        ("kept".to_owned(), i32::from(standby))
+    );
     let mut expected = vec![1, 2];
     expected.extend(100..=300);
     expected.extend(&acked);

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 use understudy_integration_tests::{
-    autocommit_writer, backend_status, int_column, roles, Cluster, TestGateway, PATIENCE,
+    application_name_and_port, autocommit_writer, backend_status, int_column, roles, Cluster,
+    TestGateway, PATIENCE,
 };
 
 const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
@@ -191,16 +192,11 @@ async fn a_switchover_under_a_pause_costs_no_error() {
     let (acked, failed) = writes.await.unwrap();
 
     assert!(failed.is_empty(), "{failed:?}");
-    let row = idle
-        .query_one(
-            "SELECT current_setting('application_name'), inet_server_port()",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "kept");
-    let port = cluster.pg.standby.as_ref().unwrap().port();
-    assert_eq!(row.get::<_, i32>(1), i32::from(port));
+    let standby = cluster.pg.standby.as_ref().unwrap().port();
+    assert_eq!(
+        application_name_and_port(&idle).await,
+        ("kept".to_owned(), i32::from(standby))
+    );
     assert!(acked.len() > 10, "only {} writes", acked.len());
     assert_eq!(int_column(&idle, "SELECT a FROM t ORDER BY a").await, acked);
 }

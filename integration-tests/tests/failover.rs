@@ -856,6 +856,41 @@ async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
     assert_eq!(present, expected);
 }
 
+/// A statement a driver keeps prepared whose table was dropped since (directly, only its
+/// next use would fail) does not stop the move: it is left out on the new primary, and the
+/// session's transaction is replayed and goes on. Using that statement then fails (26000),
+/// as it would have (42P01) on the old backend.
+#[tokio::test]
+async fn a_prepared_statement_whose_table_is_gone_does_not_stop_the_move() {
+    let (mut cluster, _gw, c) = session_after(&format!(
+        "{TABLE_T}; CREATE TABLE dz(a int); GRANT ALL ON dz TO PUBLIC"
+    ))
+    .await;
+    let counting = c.prepare("SELECT count(*) FROM dz").await.unwrap();
+    let inserting = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    c.query_one(&counting, &[]).await.unwrap();
+    cluster
+        .superuser()
+        .await
+        .batch_execute("DROP TABLE dz")
+        .await
+        .unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&inserting, &[&1]).await.unwrap();
+
+    cluster.kill_primary().await;
+
+    c.execute(&inserting, &[&2]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let e = c.query_one(&counting, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), Some("26000"), "{e:?}");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2]
+    );
+}
+
 /// The unnamed prepared statement moves with its session, as PostgreSQL keeps it across Syncs
 /// (pg8000 parses, describes and binds in separate round trips): parsed before the failover
 /// and bound after it in autocommit; a COMMIT parsed as it in a transaction that wrote (the

@@ -98,29 +98,46 @@ impl Fresh {
         }
     }
 
-    /// Runs what recreates `state`: its SQL statements, then its Parse messages.
+    /// Runs what recreates `state`: its SQL statements, then its Parse messages, each synced
+    /// on its own. A statement whose table, column, function, type or schema is gone (dropped
+    /// since the client prepared it, as a driver's statement cache keeps them) cannot be made
+    /// again; it is left out, as the old backend would have failed it at its next use, rather
+    /// than keep the whole session from moving.
     async fn restore(&mut self, state: &SessionState) -> Result<(), String> {
         for sql in state.restore_sql() {
             self.query(&sql).await?;
         }
-        let mut parses = BytesMut::new();
-        for parse in state.restore_parses() {
-            parses.extend_from_slice(parse);
-        }
+        let parses: Vec<&Bytes> = state.restore_parses().collect();
         if parses.is_empty() {
             return Ok(());
         }
-        postgres_protocol::message::frontend::sync(&mut parses);
-        self.send(&parses).await?;
+        let mut batch = BytesMut::new();
+        for parse in &parses {
+            batch.extend_from_slice(parse);
+            postgres_protocol::message::frontend::sync(&mut batch);
+        }
+        self.send(&batch).await?;
         let mut error = None;
-        loop {
+        let mut synced = 0;
+        while synced < parses.len() {
             let (tag, raw) = self.recv().await?;
             match tag {
                 backend::ERROR_RESPONSE => {
                     let e = ErrorView::parse(&raw[5..]);
-                    error = Some(format!("{} {}", e.code, e.message));
+                    let mut body = parses[synced].get(5..).unwrap_or_default();
+                    let name = crate::wire::cstr(&mut body).unwrap_or("?");
+                    if OBJECT_GONE.contains(&e.code) {
+                        tracing::warn!(
+                            statement = name,
+                            code = e.code,
+                            error = e.message,
+                            "a prepared statement could not be made again on the new primary; left out (the client gets 26000 if it uses it)"
+                        );
+                    } else if error.is_none() {
+                        error = Some(format!("{} {}", e.code, e.message));
+                    }
                 }
-                backend::READY_FOR_QUERY => break,
+                backend::READY_FOR_QUERY => synced += 1,
                 _ => {}
             }
         }
@@ -174,6 +191,10 @@ fn raise(code: &str, message: &str) -> BytesMut {
     let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
     q
 }
+
+/// SQLSTATEs of a Parse whose statement refers to something that no longer exists:
+/// undefined table, column, function, object, schema.
+const OBJECT_GONE: [&str; 5] = ["42P01", "42703", "42883", "42704", "3F000"];
 
 pub(super) const DIVERGED: &str = "could not serialize access: the transaction was interrupted by a failover and replaying it did not reproduce what the client saw; retry the transaction";
 const IN_DOUBT: &str = "the outcome of this statement is unknown: the primary failed while it ran, and it may or may not have been applied; check before retrying";

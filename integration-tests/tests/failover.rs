@@ -9,9 +9,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    application_name_and_port, assert_gateway_error, autocommit_writer, backend_pid,
-    backend_status, errors_counted, int_column, roles, simple_rows, sqlstate, Cluster, TestGateway,
-    PATIENCE, SLOW_COMMIT,
+    application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
+    int_column, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -535,6 +534,7 @@ async fn commit_in_flight_in_encoding(statements: &[&[u8]], rows: &[(i32, &str)]
 async fn diverging_replay_gets_40001() {
     let (mut cluster, gw, idle) = session_after(TABLE_T).await;
     let busy = gw.connect(roles::MD5).await;
+    let counted_before = errors_counted(&gw.admin_get("/metrics").await, "40001", "gateway");
     let mut prepared = Vec::new();
     for (c, a) in [(&idle, 1), (&busy, 11)] {
         c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({a})"))
@@ -571,8 +571,9 @@ async fn diverging_replay_gets_40001() {
             .await
             .unwrap();
     }
+    // The registry is the process's, shared with the tests running alongside: at least ours.
     let metrics = gw.admin_get("/metrics").await;
-    assert_eq!(errors_counted(&metrics, "40001", "gateway"), 2.0);
+    assert!(errors_counted(&metrics, "40001", "gateway") - counted_before >= 2.0);
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [3, 13]
@@ -674,6 +675,7 @@ async fn autocommit_write_in_flight_gets_08007() {
     .await;
     let whole = gw.connect(roles::MD5).await;
     let call = gw.connect(roles::CLEARTEXT).await;
+    let counted_before = errors_counted(&gw.admin_get("/metrics").await, "08007", "gateway");
     let (c, whole, call, r, w, f) =
         kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
             let (r, w, f) = futures_util::future::join3(
@@ -688,8 +690,10 @@ async fn autocommit_write_in_flight_gets_08007() {
     for e in [r, w, f] {
         assert_gateway_error(&e.unwrap_err(), "08007");
     }
+    // The registry is the process's, shared with the tests running alongside: at least ours,
+    // and none from a server (no test's server sends 08007).
     let metrics = gw.admin_get("/metrics").await;
-    assert_eq!(errors_counted(&metrics, "08007", "gateway"), 3.0);
+    assert!(errors_counted(&metrics, "08007", "gateway") - counted_before >= 3.0);
     assert_eq!(errors_counted(&metrics, "08007", "server"), 0.0);
     for session in [&c, &whole, &call] {
         let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
@@ -794,66 +798,6 @@ async fn postmaster_only_kill_fails_over() {
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [1, 2]
     );
-}
-
-/// A planned switchover: the primary stopped with a fast shutdown (`pg_ctl stop -m fast`: every
-/// backend ends with FATAL 57P01, and the standby is sent all the WAL before the server exits),
-/// and the gateway promotes the standby. An idle session carries its settings over, a
-/// transaction open across the shutdown is replayed and commits, and every write acknowledged
-/// before the shutdown is on the new primary once. A client writing in autocommit all along sees
-/// at most `08007` for a write the shutdown caught in flight (the server may end a backend with
-/// a FATAL after its commit), and every write it saw succeed is there once.
-#[tokio::test]
-async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, TABLE_T).await;
-    let gw = cluster.failover_gateway().await;
-    let idle = gw.connect(roles::SCRAM).await;
-    idle.batch_execute("SET application_name = 'kept'")
-        .await
-        .unwrap();
-    let open = gw.connect(roles::MD5).await;
-    open.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
-    let insert = idle.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
-    for a in 100..300 {
-        idle.execute(&insert, &[&a]).await.unwrap();
-    }
-    let (stop, writes) = autocommit_writer(gw.connect(roles::TRUST).await, 1000);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    cluster.pg.primary.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.send(true).unwrap();
-    let (acked, failed) = writes.await.unwrap();
-    assert!(
-        failed
-            .iter()
-            .all(|(_, code)| code.as_deref() == Some("08007")),
-        "{failed:?}"
-    );
-    assert!(
-        failed.len() <= 1,
-        "one write at most was in flight: {failed:?}"
-    );
-
-    open.batch_execute("INSERT INTO t VALUES (2); COMMIT")
-        .await
-        .unwrap();
-    idle.execute(&insert, &[&300]).await.unwrap();
-    let standby = cluster.pg.standby.as_ref().unwrap().port();
-    assert_eq!(
-        application_name_and_port(&idle).await,
-        ("kept".to_owned(), i32::from(standby))
-    );
-    let mut expected = vec![1, 2];
-    expected.extend(100..=300);
-    expected.extend(&acked);
-    let mut present = int_column(&idle, "SELECT a FROM t ORDER BY a").await;
-    // A write answered 08007 may or may not have been applied.
-    present.retain(|a| !failed.iter().any(|(f, _)| f == a));
-    assert_eq!(present, expected);
 }
 
 /// A statement a driver keeps prepared whose table was dropped since (directly, only its

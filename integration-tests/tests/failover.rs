@@ -800,6 +800,44 @@ async fn postmaster_only_kill_fails_over() {
     );
 }
 
+/// A COMMIT answered 40001 because the replay diverged ends the transaction, as a COMMIT that
+/// fails does directly: the session is idle after it (its next statement runs, no 25P02),
+/// whether the COMMIT was in flight at the failover or came after it; neither transaction
+/// persists.
+#[tokio::test]
+async fn a_commit_answered_40001_ends_the_transaction() {
+    let (mut cluster, gw, in_flight) = session_after(&format!("{TABLE_T}; {SLOW_COMMIT}")).await;
+    let later = gw.connect(roles::MD5).await;
+    for (c, a) in [(&in_flight, 1), (&later, 11)] {
+        c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({a})"))
+            .await
+            .unwrap();
+        c.query_one("SELECT clock_timestamp()", &[]).await.unwrap();
+    }
+    let (in_flight, r) =
+        kill_primary_during(&mut cluster, Duration::from_millis(500), async move {
+            let r = in_flight.batch_execute("COMMIT").await;
+            (in_flight, r)
+        })
+        .await;
+    assert_gateway_error(&r.unwrap_err(), "40001");
+    assert_gateway_error(&later.batch_execute("COMMIT").await.unwrap_err(), "40001");
+    for c in [&in_flight, &later] {
+        let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+        let e = c.batch_execute("SAVEPOINT s").await.unwrap_err();
+        assert_eq!(
+            sqlstate(&e),
+            Some("25P01"),
+            "not in a transaction block: {e:?}"
+        );
+    }
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        Vec::<i32>::new()
+    );
+}
+
 /// A statement a driver keeps prepared whose table was dropped since (directly, only its
 /// next use would fail) does not stop the move: it is left out on the new primary, and the
 /// session's transaction is replayed and goes on. Using that statement then fails (26000),

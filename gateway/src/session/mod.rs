@@ -215,9 +215,10 @@ pub struct Session {
     /// session cannot move, and once the capture failed in this session (e.g. EXECUTE on
     /// `pg_current_xact_id_if_assigned` revoked), so one failure is all.
     capture_xid: bool,
-    /// The error of a failed xid query: the transaction is aborted, so the client's COMMIT
-    /// behind it will be answered `ROLLBACK`; the client gets this error in its place.
-    doomed_commit: Option<Vec<u8>>,
+    /// The error of a failed xid query, or the gateway's 40001 after a replay diverged: the
+    /// transaction is aborted, so the client's COMMIT behind it will be answered `ROLLBACK`;
+    /// the client gets this error in its place. With its origin, for the error counts.
+    doomed_commit: Option<(Vec<u8>, &'static str)>,
     /// Progress through the answer to a Query that carries the xid query.
     xid_suffix: XidSuffix,
 }
@@ -561,7 +562,17 @@ impl Session {
             let at = self.pump.up.ready;
             let body = &self.pump.up.buf[at + 5..at + n];
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
-            if classify(sql).statements == [Statement::Rollback] {
+            let statements = classify(sql).statements;
+            if statements == [Statement::Rollback] {
+                self.poison = Poison::None;
+                return false;
+            }
+            if statements == [Statement::Commit] {
+                // It ends the transaction, as a COMMIT that fails does directly: the server
+                // answers it ROLLBACK (the transaction is aborted), which becomes the 40001.
+                let mut err = BytesMut::new();
+                encode::error_response(&mut err, Severity::Error, "40001", relocate::DIVERGED);
+                self.doomed_commit = Some((err.to_vec(), "gateway"));
                 self.poison = Poison::None;
                 return false;
             }
@@ -667,7 +678,8 @@ impl Session {
                             );
                             self.capture_xid = false;
                             let len = (n as u32 - 1).to_be_bytes();
-                            self.doomed_commit = Some([&[tag][..], &len, body].concat());
+                            self.doomed_commit =
+                                Some(([&[tag][..], &len, body].concat(), "server"));
                         }
                     }
                     match (tag, owner) {
@@ -710,11 +722,12 @@ impl Session {
                     tag: backend::COMMAND_COMPLETE,
                     body,
                 } if doomed && body == b"ROLLBACK\0" && self.journal.answering_commit() => {
-                    // The COMMIT the failed xid query doomed: answer it with that error.
-                    let err = self.doomed_commit.take().unwrap_or_default();
+                    // The COMMIT the failed xid query (or the replay) doomed: answer it with
+                    // that error.
+                    let (err, origin) = self.doomed_commit.take().unwrap_or_default();
                     count_error(
                         ErrorView::parse(err.get(5..).unwrap_or_default()).code,
-                        "server",
+                        origin,
                     );
                     self.journal.on_server_message(backend::ERROR_RESPONSE);
                     self.pump.down.splice_at_ready(n, &err);

@@ -832,7 +832,11 @@ impl Session {
         );
         match rest.first() {
             Some(first) if first.closed => {
-                // Its answer comes from the new backend, which aborts the transaction.
+                // Its answer comes from the new backend, which aborts the transaction; a
+                // request that commits ends it instead, as a COMMIT that fails does directly.
+                if first.commits {
+                    fresh.query("ROLLBACK").await.map_err(abort)?;
+                }
                 resumed
                     .to_backend
                     .extend_from_slice(&raise("40001", DIVERGED));

@@ -354,8 +354,8 @@ impl<'a> Facts<'a> {
             if n == 0 {
                 f.keyword = key(word);
                 calls = may_read(f.keyword);
-            } else if calls && matches!(tok, Token::Quoted(_)) {
-                f.calls |= lex.before_paren();
+            } else if let Token::Quoted(q) = tok {
+                f.note_quoted(q, lex.before_paren(), calls);
             }
             if word.is_empty() || word == b"*" {
                 prev = b"";
@@ -368,7 +368,7 @@ impl<'a> Facts<'a> {
             }
             prev = word;
         }
-        while let Some(skimmed) = lex.skim(calls) {
+        while let Some(skimmed) = lex.skim() {
             match skimmed {
                 Skimmed::Word { word, adjacent } => {
                     f.note(word, if adjacent { prev } else { b"" });
@@ -377,7 +377,7 @@ impl<'a> Facts<'a> {
                     }
                     prev = word;
                 }
-                Skimmed::QuotedCall => f.calls = true,
+                Skimmed::Quoted { name, call } => f.note_quoted(name, call, calls),
                 Skimmed::Semicolon => {
                     f.end = lex.pos - 1;
                     break;
@@ -385,6 +385,17 @@ impl<'a> Facts<'a> {
             }
         }
         f
+    }
+
+    /// Notes a double-quoted identifier `name`: `"pg_temp"` as the temporary schema, and a
+    /// call `"f"(…)` as the same call unquoted would be (a quoted name is exact, so this can
+    /// only find more than there is), which in a statement that `calls` may write.
+    fn note_quoted(&mut self, name: &[u8], call: bool, calls: bool) {
+        self.temp |= name == b"pg_temp";
+        if call && !name.is_empty() {
+            self.calls |= calls;
+            self.note(name, b"");
+        }
     }
 
     /// Notes a call of `word(`: a keyword that takes parentheses, a type modifier or a
@@ -494,8 +505,13 @@ enum Skimmed<'a> {
         word: &'a [u8],
         adjacent: bool,
     },
-    /// A quoted identifier called as a function: `"f"(…)`.
-    QuotedCall,
+    /// A quoted identifier that is a function called (`"f"(…)`) or the temporary schema.
+    Quoted {
+        /// Its content.
+        name: &'a [u8],
+        /// Whether `(` follows it.
+        call: bool,
+    },
     Semicolon,
 }
 
@@ -663,10 +679,11 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    /// Moves to the next word or semicolon; numbers, operators, literals and quoted
-    /// identifiers on the way only break the adjacency of the words around them.
+    /// Moves to the next word, semicolon, quoted function name (`"f"(`) or quoted `"pg_temp"`;
+    /// numbers, operators, literals and other quoted identifiers on the way only break the
+    /// adjacency of the words around them.
     #[inline(always)]
-    fn skim(&mut self, calls: bool) -> Option<Skimmed<'a>> {
+    fn skim(&mut self) -> Option<Skimmed<'a>> {
         let mut adjacent = true;
         while let Some(&b) = self.src.get(self.pos) {
             let class = CLASS[usize::from(b)];
@@ -683,8 +700,9 @@ impl<'a> Lexer<'a> {
                 match self.special() {
                     Special::Comment => {}
                     Special::Semicolon => return Some(Skimmed::Semicolon),
-                    Special::Quoted(_) if calls && self.before_paren() => {
-                        return Some(Skimmed::QuotedCall)
+                    Special::Quoted(name) if name == b"pg_temp" || self.before_paren() => {
+                        let call = self.before_paren();
+                        return Some(Skimmed::Quoted { name, call });
                     }
                     _ => adjacent = false,
                 }
@@ -989,6 +1007,28 @@ mod tests {
         assert!(classify("select pg_advisory_xact_lock(1)")
             .hazards
             .is_empty());
+        // Quoted names are the same functions and schema.
+        for sql in [
+            r#"select "pg_advisory_lock"(1)"#,
+            r#"select pg_catalog."pg_try_advisory_lock" (1)"#,
+        ] {
+            assert_eq!(
+                classify(sql).hazards,
+                [Hazard::Unmovable("a session-level advisory lock")],
+                "{sql}"
+            );
+        }
+        assert_eq!(
+            classify(r#"CREATE TABLE "pg_temp".x (a int)"#).hazards,
+            [Hazard::Unmovable("a temporary table")]
+        );
+        assert_eq!(
+            classify(r#"SELECT "set_config"('a.b', 'c', false)"#).hazards,
+            [Hazard::Unmovable("a setting changed with set_config()")]
+        );
+        assert!(classify(r#"SELECT "nextval"('s')"#).may_write());
+        let read = classify(r#"SELECT "insert", "pg_temp" FROM "update""#);
+        assert!(!read.may_write() && read.hazards.is_empty());
         assert_eq!(
             classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").hazards,
             [Hazard::Unmovable("a cursor declared WITH HOLD")]

@@ -37,10 +37,14 @@ pub async fn forward(registry: &Registry, key: CancelKey, timeout: Duration) {
     let outcome = match crate::clock::timeout(timeout, work).await {
         Ok(Ok(())) => "forwarded",
         Ok(Err(e)) => {
-            tracing::warn!(backend = %target.backend, error = %e, "cancel request could not be forwarded");
+            tracing::warn!(backend = %target.backend, error = %e, "cancel request could not be forwarded; the session sends it again if it moves");
+            registry.note_missed_cancel(&key);
             "failed"
         }
-        Err(_) => "timeout",
+        Err(_) => {
+            registry.note_missed_cancel(&key);
+            "timeout"
+        }
     };
     metrics::counter!("understudy_cancel_requests_total", "outcome" => outcome).increment(1);
 }

@@ -49,6 +49,9 @@ pub struct SessionInfo {
     pub active: AtomicBool,
     /// Whether the session is held at a transaction boundary by the gateway's pause.
     pub held: AtomicBool,
+    /// A cancel for the request in flight could not reach the backend (see
+    /// [`Registry::note_missed_cancel`]); cleared when the session is idle again.
+    pub missed_cancel: AtomicBool,
     detail: Mutex<Detail>,
 }
 
@@ -137,7 +140,7 @@ impl SessionInfo {
 pub struct Registry {
     next_id: AtomicU64,
     sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
-    cancels: Mutex<HashMap<CancelKey, CancelTarget>>,
+    cancels: Mutex<HashMap<CancelKey, (CancelTarget, Arc<SessionInfo>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,6 +166,7 @@ impl Registry {
             txn_status: AtomicU8::new(0),
             active: AtomicBool::new(false),
             held: AtomicBool::new(false),
+            missed_cancel: AtomicBool::new(false),
             detail: Mutex::default(),
         });
         lock(&self.sessions).insert(info.id, info.clone());
@@ -203,7 +207,15 @@ impl Registry {
 
     /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
     pub fn cancel_target(&self, key: &CancelKey) -> Option<CancelTarget> {
-        lock(&self.cancels).get(key).copied()
+        lock(&self.cancels).get(key).map(|(target, _)| *target)
+    }
+
+    /// Notes that a cancel quoting `key` could not reach its backend (the session is moving
+    /// off a primary that is gone): the session sends it to the new backend once moved.
+    pub fn note_missed_cancel(&self, key: &CancelKey) {
+        if let Some((_, info)) = lock(&self.cancels).get(key) {
+            info.missed_cancel.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -231,7 +243,7 @@ impl SessionGuard {
     pub fn issue_cancel_key(&mut self, target: CancelTarget) -> CancelKey {
         let mut cancels = lock(&self.registry.cancels);
         if let Some(key) = self.cancel_key {
-            cancels.insert(key, target);
+            cancels.insert(key, (target, self.info.clone()));
             return key;
         }
         let key = loop {
@@ -243,7 +255,7 @@ impl SessionGuard {
                 break key;
             }
         };
-        cancels.insert(key, target);
+        cancels.insert(key, (target, self.info.clone()));
         self.cancel_key = Some(key);
         key
     }

@@ -1023,6 +1023,27 @@ async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
     cluster
 }
 
+/// A cancel sent while the session is moving (its old backend gone, the new one not there yet)
+/// is not lost: the statement, sent again on the new primary, is cancelled there (57014)
+/// instead of running to its end; the session goes on.
+#[tokio::test]
+async fn a_cancel_sent_during_the_move_cancels_the_statement_sent_again() {
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+    let token = c.cancel_token();
+    let running = tokio::spawn(async move {
+        let r = c.batch_execute("SELECT pg_sleep(5)").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill_primary().await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (c, r) = running.await.unwrap();
+    let e = r.expect_err("the statement was cancelled");
+    assert_eq!(sqlstate(&e), Some("57014"), "{e:?}");
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
 /// The client's cancel key, issued before the move, cancels a query on the new backend.
 #[tokio::test]
 async fn cancel_key_works_after_the_move() {

@@ -438,11 +438,33 @@ impl Session {
         match self.relocate(cause).await {
             Ok(()) => {
                 self.pace();
+                self.cancel_missed_during_the_move().await;
                 // Bytes that arrived meanwhile, from either side, are inspected now.
                 self.scan_up().or_else(|| self.scan_down())
             }
             Err(e) => Some(End::Failed(e)),
         }
+    }
+
+    /// A cancel the client sent while the session was moving reached only the old backend: the
+    /// requests sent again on the new one are cancelled there, once they have been sent.
+    async fn cancel_missed_during_the_move(&mut self) {
+        let info = self.guard.info();
+        if !info.missed_cancel.swap(false, Ordering::Relaxed) || self.awaiting_ready == 0 {
+            return;
+        }
+        let Some(key) = self.guard.cancel_key() else {
+            return;
+        };
+        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.flush_backend()).await;
+        tracing::info!(
+            session = info.id,
+            "a cancel sent during the move is forwarded to the new backend"
+        );
+        let registry = self.shared.registry.clone();
+        tokio::spawn(async move {
+            crate::cancel::forward(&registry, key, CLOSE_FLUSH_TIMEOUT).await;
+        });
     }
 
     /// Lets a held FATAL through to the client; returns the session error it means.
@@ -835,6 +857,8 @@ impl Session {
         info.txn_status.store(status, Ordering::Relaxed);
         if self.awaiting_ready == 0 {
             info.active.store(false, Ordering::Relaxed);
+            // A cancel that missed a request now answered is moot.
+            info.missed_cancel.store(false, Ordering::Relaxed);
         }
         if let Some(why) = self.journal.unmovable() {
             self.guard

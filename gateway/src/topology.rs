@@ -492,6 +492,12 @@ impl Topology {
             task: tokio::spawn(conn).abort_handle(),
         };
         let mut slot = self.kept[i].lock().unwrap_or_else(|e| e.into_inner());
+        // Another task (a role probe, a login's auth_query) may have opened one meanwhile:
+        // keep that one, or the query it is running would lose its connection.
+        if let Some(other) = slot.as_ref().filter(|k| !k.client.is_closed()) {
+            kept.task.abort();
+            return Ok((other.clone(), true));
+        }
         if let Some(old) = slot.replace(kept.clone()) {
             old.task.abort();
         }

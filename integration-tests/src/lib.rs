@@ -385,6 +385,16 @@ impl TestGateway {
             .expect("admin POST")
     }
 
+    /// What `/status` says of a session that could move: `"yes"`, or `"no"` where failover is
+    /// off (a one-backend gateway, [`ONE_BACKEND_ENV`]).
+    pub async fn movable_word(&self) -> &'static str {
+        if self.status().await["failover"] == "off" {
+            "no"
+        } else {
+            "yes"
+        }
+    }
+
     /// The `/status` document.
     pub async fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.admin_get("/status").await).expect("status JSON")

@@ -149,13 +149,10 @@ async fn a_pause_a_transaction_outlasts_is_lifted() {
     assert_eq!(status, 400, "{body}");
 }
 
-/// A switchover under a pause: sessions held with nothing in flight, the primary stopped (fast
-/// shutdown), the standby promoted by the gateway, the pause lifted. A client writing in
-/// autocommit all along sees no error at all (compare `a_fast_shutdown_of_the_primary_is_a_switchover`, where a write caught in flight may get `08007`), an idle session keeps its
-/// settings, and every write is on the new primary once.
-#[tokio::test]
-async fn a_switchover_under_a_pause_costs_no_error() {
-    let mut cluster = Cluster::primary_and_standby().await;
+/// A primary and standby with table `t`, a failover gateway, and a session through it that set
+/// its `application_name` to `kept`.
+async fn kept_setting_session() -> (Cluster, TestGateway, Client) {
+    let cluster = Cluster::primary_and_standby().await;
     cluster
         .superuser()
         .await
@@ -168,6 +165,17 @@ async fn a_switchover_under_a_pause_costs_no_error() {
     idle.batch_execute("SET application_name = 'kept'")
         .await
         .unwrap();
+    (cluster, gw, idle)
+}
+
+/// A switchover under a pause: sessions held with nothing in flight, the primary stopped (fast
+/// shutdown), the standby promoted by the gateway, the pause lifted. A client writing in
+/// autocommit all along sees no error at all (compare
+/// `a_fast_shutdown_of_the_primary_is_a_switchover`, where a write caught in flight may get
+/// `08007`), an idle session keeps its settings, and every write is on the new primary once.
+#[tokio::test]
+async fn a_switchover_under_a_pause_costs_no_error() {
+    let (mut cluster, gw, idle) = kept_setting_session().await;
     let (stop, writes) = autocommit_writer(gw.connect(roles::TRUST).await, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -209,19 +217,7 @@ async fn a_switchover_under_a_pause_costs_no_error() {
 /// a FATAL after its commit), and every write it saw succeed is there once.
 #[tokio::test]
 async fn a_fast_shutdown_of_the_primary_is_a_switchover() {
-    let mut cluster = Cluster::primary_and_standby().await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute(TABLE_T)
-        .await
-        .unwrap();
-    cluster.pg.wait_standby_caught_up().await.unwrap();
-    let gw = cluster.failover_gateway().await;
-    let idle = gw.connect(roles::SCRAM).await;
-    idle.batch_execute("SET application_name = 'kept'")
-        .await
-        .unwrap();
+    let (mut cluster, gw, idle) = kept_setting_session().await;
     let open = gw.connect(roles::MD5).await;
     open.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await

@@ -14,6 +14,16 @@ use understudy_integration_tests::{
 
 const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
 
+/// Creates table `t` on the primary, open to every role.
+async fn create_t(cluster: &Cluster) {
+    cluster
+        .superuser()
+        .await
+        .batch_execute(TABLE_T)
+        .await
+        .unwrap();
+}
+
 /// `POST /pause` with `timeout_ms`, run in a task: (HTTP status, answer).
 fn pause(admin: SocketAddr, timeout_ms: u64) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
     tokio::spawn(async move {
@@ -49,12 +59,7 @@ fn count_rows(client: &Arc<Client>) -> tokio::task::JoinHandle<i64> {
 /// inserted 1.
 async fn idle_and_busy() -> (Cluster, TestGateway, Arc<Client>, Arc<Client>) {
     let cluster = Cluster::primary_only().await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute(TABLE_T)
-        .await
-        .unwrap();
+    create_t(&cluster).await;
     let gw = cluster.gateway().await;
     let idle = Arc::new(gw.connect(roles::TRUST).await);
     let busy = Arc::new(gw.connect(roles::SCRAM).await);
@@ -153,12 +158,7 @@ async fn a_pause_a_transaction_outlasts_is_lifted() {
 /// its `application_name` to `kept`.
 async fn kept_setting_session() -> (Cluster, TestGateway, Client) {
     let cluster = Cluster::primary_and_standby().await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute(TABLE_T)
-        .await
-        .unwrap();
+    create_t(&cluster).await;
     cluster.pg.wait_standby_caught_up().await.unwrap();
     let gw = cluster.failover_gateway().await;
     let idle = gw.connect(roles::SCRAM).await;

@@ -430,6 +430,39 @@ async fn asynchronous_with_table() -> (Cluster, TestGateway) {
     (cluster, gw)
 }
 
+/// An autocommit write that fails (a duplicate key) commits nothing, so the WAL position taken
+/// after it is not checked at a failover: it may hold another session's commit that the
+/// standby never received (here, a superuser's insert straight to the primary while the
+/// standby's receiver is frozen). The session carries on; its own commit is there. (It was
+/// ended with FATAL 08007 for a commit it never made.)
+#[tokio::test]
+async fn a_failed_write_is_no_lost_commit() {
+    let (mut cluster, gw) = asynchronous_with_table().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+
+    let gap = WalGap::open(&cluster).await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("INSERT INTO t VALUES (100)")
+        .await
+        .unwrap();
+    let e = c
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), Some("23505"), "{e:?}");
+
+    cluster.kill_primary().await;
+    let next = spawn_statement(c, "INSERT INTO t VALUES (2)");
+    gap.close_after_promotion_began().await;
+
+    let (c, r) = next.await.unwrap();
+    r.expect("the session carries on: the only commit it saw is on the new primary");
+    assert_eq!(values(&c).await, [1, 2]);
+}
+
 /// Asynchronous replication loses a commit: the standby's WAL receiver is frozen (SIGSTOP),
 /// a transaction commits through the gateway (the client sees success), and the primary is
 /// killed; the receiver is continued only once the gateway's `pg_promote()` runs (see

@@ -887,6 +887,11 @@ impl Journal {
         self.groups.get(self.answered).is_some_and(|g| g.commits)
     }
 
+    /// Whether the request group being answered has had an ErrorResponse.
+    pub fn answering_failed(&self) -> bool {
+        self.groups.get(self.answered).is_some_and(|g| g.failed)
+    }
+
     /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
     pub fn on_server_bytes(&mut self, tag: u8, bytes: &[u8]) {
         if !self.keeps || !digested(tag) {

@@ -708,7 +708,9 @@ impl Session {
                         (backend::DATA_ROW, Some(Owner::Xid)) => {
                             self.xid_row = Some(parse_xid_row(body))
                         }
-                        (backend::DATA_ROW, _) => {
+                        // A write that failed committed nothing: its position (other sessions'
+                        // WAL, maybe not on the standby yet) is not this session's to check.
+                        (backend::DATA_ROW, _) if !self.journal.answering_failed() => {
                             if let Some(lsn) = first_text(body).and_then(parse_lsn) {
                                 self.acked_lsn = Some(lsn);
                             }

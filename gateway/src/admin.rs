@@ -121,14 +121,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let reply = |status, content_type, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-        }
-        r
-    };
     let path = req.uri().path();
     let allowed = match path {
         "/metrics" | "/status" => "GET, HEAD",
@@ -253,16 +245,8 @@ fn pause_timeout(query: Option<&str>) -> Result<std::time::Duration, String> {
     Ok(timeout)
 }
 
-/// `value` as pretty JSON with `status`.
-fn json_reply(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match serde_json::to_string_pretty(value) {
-        Ok(json) => (status, "application/json", json),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            e.to_string(),
-        ),
-    };
+/// A response with `status`, `content_type` and `body`.
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -270,4 +254,16 @@ fn json_reply(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes
         hyper::header::HeaderValue::from_static(content_type),
     );
     r
+}
+
+/// `value` as pretty JSON with `status`.
+fn json_reply(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => reply(status, "application/json", json),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
 }

@@ -77,6 +77,10 @@ pub struct Classified {
     /// Byte range in the query string of each [`Statement::Session`] statement, in order: the
     /// text a new backend is given to restore it.
     pub session_spans: Vec<std::ops::Range<usize>>,
+    /// Whether every statement is a query or a data change (SELECT, INSERT, UPDATE, DELETE,
+    /// MERGE and their WITH, VALUES, TABLE and EXPLAIN forms), none a COPY: statements that
+    /// run the same inside a transaction block as alone.
+    pub dml_only: bool,
 }
 
 impl Classified {
@@ -143,12 +147,15 @@ mod kw {
     pub const CREATE: u128 = key(b"CREATE");
     pub const DEALLOCATE: u128 = key(b"DEALLOCATE");
     pub const DECLARE: u128 = key(b"DECLARE");
+    pub const DELETE: u128 = key(b"DELETE");
     pub const DISCARD: u128 = key(b"DISCARD");
     pub const DO: u128 = key(b"DO");
     pub const END: u128 = key(b"END");
     pub const EXPLAIN: u128 = key(b"EXPLAIN");
     pub const FETCH: u128 = key(b"FETCH");
+    pub const INSERT: u128 = key(b"INSERT");
     pub const LISTEN: u128 = key(b"LISTEN");
+    pub const MERGE: u128 = key(b"MERGE");
     pub const MOVE: u128 = key(b"MOVE");
     pub const PREPARE: u128 = key(b"PREPARE");
     pub const RELEASE: u128 = key(b"RELEASE");
@@ -161,6 +168,7 @@ mod kw {
     pub const START: u128 = key(b"START");
     pub const TABLE: u128 = key(b"TABLE");
     pub const UNLISTEN: u128 = key(b"UNLISTEN");
+    pub const UPDATE: u128 = key(b"UPDATE");
     pub const VALUES: u128 = key(b"VALUES");
     pub const WITH: u128 = key(b"WITH");
 }
@@ -173,6 +181,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.copies = false;
     out.rolls_back_to = false;
     out.session_spans.clear();
+    out.dml_only = true;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     while lex.pos < sql.len() {
@@ -268,6 +277,18 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
         };
         let copy = keyword == kw::COPY;
         out.copies |= copy && facts.from_stdin;
+        out.dml_only &= matches!(
+            keyword,
+            kw::SELECT
+                | kw::WITH
+                | kw::VALUES
+                | kw::TABLE
+                | kw::EXPLAIN
+                | kw::INSERT
+                | kw::UPDATE
+                | kw::DELETE
+                | kw::MERGE
+        );
         if keyword == kw::CREATE && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
@@ -806,6 +827,33 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<Statement> {
         classify(sql).statements
+    }
+
+    #[test]
+    fn dml_only_strings() {
+        for sql in [
+            "insert into t values (1)",
+            "UPDATE t SET a = 2; delete from t",
+            "WITH d AS (DELETE FROM t RETURNING *) INSERT INTO u SELECT * FROM d",
+            "merge into t using u on t.a = u.a when matched then delete",
+            "select nextval('s')",
+            "explain analyze insert into t values (1)",
+        ] {
+            assert!(classify(sql).dml_only, "{sql}");
+        }
+        for sql in [
+            "VACUUM t",
+            "CREATE INDEX CONCURRENTLY i ON t(a)",
+            "LOCK TABLE t",
+            "CALL p()",
+            "COPY t FROM STDIN",
+            "INSERT INTO t VALUES (1); COMMIT",
+            "insert into t values (1); savepoint s",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "SET x = 1",
+        ] {
+            assert!(!classify(sql).dml_only, "{sql}");
+        }
     }
 
     #[test]

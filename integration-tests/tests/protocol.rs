@@ -672,8 +672,8 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 }
 
 /// The server runs what the client sends and nothing more unless a session could move: with a
-/// second backend, a lone write in a transaction block carries the xid query and an autocommit
-/// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither
+/// second backend, a lone write carries the xid query and an autocommit string of several
+/// writes is followed by the WAL position query; with one backend (or `promote = "off"`) neither
 /// is sent, so revoking the function the capture uses changes nothing, and `/status` says why
 /// failover is off.
 #[tokio::test]
@@ -704,12 +704,20 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         "{text:?}"
     );
     a.batch_execute("COMMIT").await.unwrap();
+    // Alone, it asks for its own transaction's xid the same way.
     a.batch_execute(write).await.unwrap();
-    // The WAL position query follows the write's answer in its own Query.
+    let text = last_query(&admin, a_pid).await;
+    assert!(
+        text.starts_with(write) && text.contains("pg_current_xact_id_if_assigned()"),
+        "{text:?}"
+    );
+    // A string of several is followed by the WAL position query, a request of its own.
+    let writes = "INSERT INTO y VALUES (2); INSERT INTO y VALUES (3)";
+    a.batch_execute(writes).await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {
         text = last_query(&admin, a_pid).await;
-        if text != write {
+        if text != writes {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -758,7 +766,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 8);
+    assert_eq!(n, 10);
 }
 
 /// A Sync or Flush sent during COPY data is ignored by the server, so the gateway must not count
@@ -937,6 +945,26 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .await
         .unwrap();
     e.execute("COMMIT", &[]).await.unwrap();
+    // An autocommit write asks in its own transaction, which the failure aborts: the write
+    // fails with the capture's error, and the session takes the WAL position after its writes
+    // from then on.
+    let a = gw.connect(roles::SCRAM).await;
+    let err = a
+        .batch_execute("INSERT INTO x VALUES (11)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("42501"), "{err}");
+    a.batch_execute("INSERT INTO x VALUES (12)").await.unwrap();
+    let b = gw.connect(roles::SCRAM).await;
+    let err = b
+        .execute("INSERT INTO x VALUES (13)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), Some("42501"), "{err}");
+    assert_eq!(
+        b.execute("INSERT INTO x VALUES (14)", &[]).await.unwrap(),
+        1
+    );
 
     let rows = admin
         .query("SELECT a FROM x ORDER BY a", &[])
@@ -945,7 +973,7 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .iter()
         .map(|r| r.get::<_, i32>(0))
         .collect::<Vec<_>>();
-    assert_eq!(rows, [1, 2, 4, 6, 8, 10]);
+    assert_eq!(rows, [1, 2, 4, 6, 8, 10, 12, 14]);
 }
 
 /// The unnamed prepared statement lasts until the next unnamed Parse or simple Query the
@@ -1010,5 +1038,164 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
     assert_eq!(
         int_column(&admin, "SELECT a FROM un ORDER BY a").await,
         [1, 2, 3, 4]
+    );
+}
+
+/// Autocommit batches that write, through a gateway that could move the session (so the xid
+/// query goes in front of each batch's Sync, and a lone write's Query carries it too), answer
+/// exactly as directly: rows from a Describe'd portal, an Execute with a row limit and its
+/// PortalSuspended, two batches pipelined, a statement Described and Closed in the batch, an
+/// empty query, answers read after a Flush before the Sync, a failing batch, a simple Query.
+#[tokio::test]
+async fn autocommit_batches_answer_as_directly() {
+    use postgres_protocol::message::frontend;
+    let cluster = Cluster::primary_and_standby().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE z(a int); GRANT ALL ON z TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let bind = |statement: &str, params: &[&str]| {
+        let mut buf = bytes::BytesMut::new();
+        frontend::bind(
+            "",
+            statement,
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut buf,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        buf.to_vec()
+    };
+    let execute = |max_rows: i32| {
+        let mut buf = bytes::BytesMut::new();
+        frontend::execute("", max_rows, &mut buf).unwrap();
+        buf.to_vec()
+    };
+    let describe = |kind: u8, name: &str| {
+        let mut buf = bytes::BytesMut::new();
+        frontend::describe(kind, name, &mut buf).unwrap();
+        buf.to_vec()
+    };
+    let close = |name: &str| {
+        let mut buf = bytes::BytesMut::new();
+        frontend::close(b'S', name, &mut buf).unwrap();
+        buf.to_vec()
+    };
+    let sync = raw::msg(b'S', b"");
+    let flush = raw::msg(b'H', b"");
+    let ins = "INSERT INTO z SELECT generate_series(1, $1::int) RETURNING a";
+    // Each step: what is sent, then how many ReadyForQuery to read (0: read up to a
+    // CommandComplete instead).
+    let script: Vec<(Vec<u8>, usize)> = vec![
+        ([raw::parse("ins", ins), sync.clone()].concat(), 1),
+        (
+            [
+                bind("ins", &["3"]),
+                describe(b'P', ""),
+                execute(0),
+                sync.clone(),
+            ]
+            .concat(),
+            1,
+        ),
+        (
+            [bind("ins", &["5"]), execute(2), execute(0), sync.clone()].concat(),
+            1,
+        ),
+        (
+            [
+                bind("ins", &["1"]),
+                execute(0),
+                sync.clone(),
+                bind("ins", &["2"]),
+                execute(0),
+                sync.clone(),
+            ]
+            .concat(),
+            2,
+        ),
+        (
+            [
+                raw::parse("upd", "UPDATE z SET a = a + 10 WHERE a = $1"),
+                describe(b'S', "upd"),
+                bind("upd", &["1"]),
+                execute(0),
+                close("upd"),
+                raw::parse("", ""),
+                bind("", &[]),
+                execute(0),
+                sync.clone(),
+            ]
+            .concat(),
+            1,
+        ),
+        ([bind("ins", &["2"]), execute(0), flush.clone()].concat(), 0),
+        (sync.clone(), 1),
+        (
+            [
+                bind("ins", &["1"]),
+                execute(0),
+                raw::parse("", "INSERT INTO z VALUES (1/0)"),
+                bind("", &[]),
+                execute(0),
+                sync.clone(),
+            ]
+            .concat(),
+            1,
+        ),
+        (raw::query("DELETE FROM z WHERE a > 2"), 1),
+        (raw::query("TABLE z"), 1),
+        (raw::query("DELETE FROM z"), 1),
+    ];
+    let transcript = |addr| {
+        let script = script.clone();
+        async move {
+            let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "batches").await;
+            let pid = login
+                .iter()
+                .find(|m| m.tag == b'K')
+                .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
+                .unwrap();
+            let mut all = Vec::new();
+            for (bytes, readies) in script {
+                rc.send(&bytes).await;
+                if readies == 0 {
+                    all.extend(rc.read_until(b'C').await);
+                }
+                for _ in 0..readies {
+                    all.extend(rc.read_until(b'Z').await);
+                }
+            }
+            let all = all
+                .into_iter()
+                .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+                .collect::<Vec<_>>();
+            (all, rc, pid)
+        }
+    };
+    let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
+    let (through, mut rc, pid) = transcript(gw.addr()).await;
+    assert!(
+        direct.contains(&('s', String::new())) && direct.iter().any(|(t, _)| *t == 'E'),
+        "{direct:?}"
+    );
+    assert_eq!(through, direct);
+    // The gateway did ask: the xid query ran last in the batch's transaction.
+    rc.send(&[bind("ins", &["1"]), execute(0), sync.clone()].concat())
+        .await;
+    rc.read_until(b'Z').await;
+    let admin = cluster.superuser().await;
+    assert_eq!(
+        last_query(&admin, pid).await,
+        "SELECT pg_current_xact_id_if_assigned()"
     );
 }

@@ -506,18 +506,22 @@ async fn lost_commit_ends_the_session_with_08007() {
     assert_eq!(values(&fresh).await, [1, 3]);
 }
 
-/// As [`lost_commit_ends_the_session_with_08007`], for commits the gateway captures no xid for:
-/// an autocommit INSERT, `BEGIN; INSERT; COMMIT` sent as one Query string, and a transaction
-/// whose only write is Bind/Execute of a statement prepared earlier. All three were
-/// acknowledged and all are lost, so all three sessions must end with FATAL 08007 (DESIGN.md,
-/// Failover step 6: "detect, count, log, report, never hide").
+/// As [`lost_commit_ends_the_session_with_08007`], for the other ways the gateway learns of a
+/// commit: an autocommit INSERT as a simple Query (its xid asked for in the same string) and
+/// as an extended-protocol batch (asked for in front of its Sync), `BEGIN; INSERT; COMMIT` sent
+/// as one Query string (a WAL position taken after it), and a transaction whose only write is
+/// Bind/Execute of a statement prepared earlier. All four were acknowledged and all are lost,
+/// so all four sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count,
+/// log, report, never hide").
 #[tokio::test]
-async fn lost_commits_without_captured_xid_end_their_sessions() {
+async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
     let (autocommit, autocommit_end) = connect_watched(&gw, roles::SCRAM).await;
+    let (batch, batch_end) = connect_watched(&gw, roles::TRUST).await;
     let (one_string, one_string_end) = connect_watched(&gw, roles::MD5).await;
     let (prepared, prepared_end) = connect_watched(&gw, roles::CLEARTEXT).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
         .batch_execute("INSERT INTO t VALUES (1)")
         .await
@@ -528,6 +532,7 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
         .batch_execute("INSERT INTO t VALUES (2)")
         .await
         .unwrap();
+    batch.execute(&batch_insert, &[&5]).await.unwrap();
     one_string
         .batch_execute("BEGIN; INSERT INTO t VALUES (3); COMMIT")
         .await
@@ -539,6 +544,7 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
 
     cluster.kill_primary().await;
     let next_autocommit = spawn_statement(autocommit, "SELECT 1");
+    let next_batch = spawn_statement(batch, "SELECT 1");
     let next_one_string = spawn_statement(one_string, "SELECT 1");
     let next_prepared = spawn_statement(prepared, "SELECT 1");
     let standby_port = gap.standby_port;
@@ -546,11 +552,12 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the three commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the four commits are lost");
     assert_lost_commit_fatal(next_autocommit, autocommit_end).await;
+    assert_lost_commit_fatal(next_batch, batch_end).await;
     assert_lost_commit_fatal(next_one_string, one_string_end).await;
     assert_lost_commit_fatal(next_prepared, prepared_end).await;
-    assert!(lost_commits_counted(&gw).await >= lost_before + 3.0);
+    assert!(lost_commits_counted(&gw).await >= lost_before + 4.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -558,7 +565,9 @@ async fn lost_commits_without_captured_xid_end_their_sessions() {
 /// primary died in between would carry on past a commit lost with it, unseen. Here that query
 /// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
-/// client gets 08007 for the write instead of its success. The session goes on.
+/// client gets 08007 for the write instead of its success. The session goes on. (A whole
+/// transaction in one string: for one data-changing statement the gateway asks for the xid in
+/// its transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -570,7 +579,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let write = spawn_statement(writer, "INSERT INTO t VALUES (2)");
+    let write = spawn_statement(writer, "BEGIN; INSERT INTO t VALUES (2); COMMIT");
     let deadline = Instant::now() + PATIENCE;
     while values(&locker).await.is_empty() {
         assert!(Instant::now() < deadline, "the INSERT never committed");
@@ -600,6 +609,81 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .await
         .unwrap();
     assert_eq!(values(&writer).await, [&before[..], &[3]].concat());
+}
+
+/// Asynchronous replication. Autocommit writes that change nothing (an UPDATE of no rows, as a
+/// simple Query and as an extended-protocol batch) commit nothing that could be lost; a
+/// superuser's commit straight on the primary, made just before them while the standby's
+/// receiver is frozen, is lost with the primary. Both sessions carry on after the failover.
+/// Each write's xid is asked for inside its own transaction, and none was assigned. (The
+/// gateway took the primary's WAL position after each autocommit write instead; that position
+/// counted the superuser's commit, and both sessions were ended with FATAL 08007 for commits
+/// they never made. The same position counted any commit of another session flushed between a
+/// write's commit and the position query, which under synchronous replication the standby
+/// need not have had yet.)
+#[tokio::test]
+async fn a_write_that_changed_nothing_is_no_lost_commit() {
+    let (mut cluster, gw) = asynchronous_with_table().await;
+    let simple = gw.connect(roles::SCRAM).await;
+    let extended = gw.connect(roles::MD5).await;
+    simple
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    extended
+        .execute("INSERT INTO t VALUES ($1)", &[&10])
+        .await
+        .unwrap();
+    let nothing = extended
+        .prepare("UPDATE t SET a = a WHERE a = $1")
+        .await
+        .unwrap();
+
+    let gap = WalGap::open(&cluster).await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("INSERT INTO t VALUES (100)")
+        .await
+        .unwrap();
+    let updated = simple
+        .simple_query("UPDATE t SET a = a WHERE false")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            updated[..],
+            [tokio_postgres::SimpleQueryMessage::CommandComplete(0)]
+        ),
+        "{updated:?}"
+    );
+    assert_eq!(extended.execute(&nothing, &[&-1]).await.unwrap(), 0);
+
+    cluster.kill_primary().await;
+    let next_simple = spawn_statement(simple, "INSERT INTO t VALUES (2)");
+    let next_extended = tokio::spawn(async move {
+        let r = extended.execute("INSERT INTO t VALUES ($1)", &[&20]).await;
+        (extended, r)
+    });
+    let standby_port = gap.standby_port;
+    gap.close_after_promotion_began().await;
+
+    let (simple, r) = tokio::time::timeout(PATIENCE, next_simple)
+        .await
+        .expect("answered")
+        .unwrap();
+    r.expect("the simple-protocol session carries on: its commit is on the new primary");
+    let (extended, r) = tokio::time::timeout(PATIENCE, next_extended)
+        .await
+        .expect("answered")
+        .unwrap();
+    r.expect("the extended-protocol session carries on: its commit is on the new primary");
+    assert_eq!(server_port(&simple).await, standby_port);
+    assert_eq!(
+        values(&extended).await,
+        [1, 2, 10, 20],
+        "every acknowledged write once; the superuser's was lost"
+    );
 }
 
 /// Asynchronous replication loses one session's commit; another session whose statements since

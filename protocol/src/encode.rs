@@ -138,11 +138,19 @@ pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
 pub const INTERNAL_STATEMENT: &str = "understudy_internal";
 
 /// The gateway's own query `sql` in the extended protocol, as one request group answered by
-/// one ReadyForQuery: Close of [`INTERNAL_STATEMENT`] (statement and portal, which an earlier
-/// query that failed may have left), Parse, Bind (text results), Execute, the two Closes
-/// again, Sync. Its DataRows carry the result; it leaves the client's unnamed statement and
-/// portal as they were. `sql` must be one statement without NUL bytes.
+/// one ReadyForQuery: [`internal_request`], then Sync.
 pub fn internal_query(buf: &mut BytesMut, sql: &str) {
+    internal_request(buf, sql);
+    postgres_protocol::message::frontend::sync(buf);
+}
+
+/// The gateway's own query `sql` in the extended protocol, without a Sync: Close of
+/// [`INTERNAL_STATEMENT`] (statement and portal, which an earlier query that failed may have
+/// left), Parse, Bind (text results), Execute, the two Closes again. Its DataRows carry the
+/// result; every other message of its answer completes one of its requests. It leaves the
+/// client's unnamed statement and portal as they were. `sql` must be one statement without
+/// NUL bytes.
+pub fn internal_request(buf: &mut BytesMut, sql: &str) {
     use postgres_protocol::message::frontend;
     let name = INTERNAL_STATEMENT;
     // The names and `sql` contain no NUL and there are no parameters: nothing can fail.
@@ -161,7 +169,6 @@ pub fn internal_query(buf: &mut BytesMut, sql: &str) {
     let _ = frontend::execute(name, 0, buf);
     let _ = frontend::close(b'P', name, buf);
     let _ = frontend::close(b'S', name, buf);
-    frontend::sync(buf);
 }
 
 #[cfg(test)]

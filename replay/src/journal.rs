@@ -134,6 +134,17 @@ pub struct Group {
     /// What its statements were before it changed them (Parse, Close, PREPARE, DEALLOCATE),
     /// in the order it changed them.
     undo: Vec<Undo>,
+    /// Whether every statement it binds is a query or a data change (see
+    /// [`crate::classify::Classified::dml_only`]).
+    dml_only: bool,
+    /// Its Parse, Bind, Close, Describe and Execute messages: each is answered by one
+    /// completion message unless an error ends the group first.
+    requests: u32,
+    /// Completion messages of its answer so far (see [`completes_request`]).
+    completions: u32,
+    /// Whether the gateway's xid query follows its requests, before its Sync (see
+    /// [`Before::CommitXidBeforeSync`]).
+    tail: bool,
 }
 
 /// A prepared statement's slot as it was before a change: `None`, it did not exist.
@@ -172,6 +183,10 @@ impl Group {
             closes: Vec::new(),
             queries: false,
             undo: Vec::new(),
+            dml_only: true,
+            requests: 0,
+            completions: 0,
+            tail: false,
         }
     }
 
@@ -199,6 +214,10 @@ impl Group {
         self.closes.clear();
         self.queries = false;
         self.undo.clear();
+        self.dml_only = true;
+        self.requests = 0;
+        self.completions = 0;
+        self.tail = false;
     }
 }
 
@@ -418,6 +437,8 @@ struct Effects {
     rolls_back_to: bool,
     /// It is a COMMIT and nothing else.
     sole_commit: bool,
+    /// It is a query or a data change (see [`crate::classify::Classified::dml_only`]).
+    dml_only: bool,
 }
 
 /// Why the open transaction cannot be replayed.
@@ -443,6 +464,24 @@ pub enum Before {
     /// transaction in one string) whose xid is not captured, and a position at or past its
     /// commit is what tells later whether a failover lost it.
     CaptureLsnAfter,
+    /// The message is a Query of one data-changing statement outside a transaction block: ask
+    /// for its transaction's xid in the same string, right after the statement, which the
+    /// server then runs in one implicit transaction. That xid tells later, exactly, whether a
+    /// failover lost the commit; failing that, capture the WAL position after it.
+    CommitXidAfter,
+    /// The message is a Sync ending a batch of data-changing statements outside a transaction
+    /// block, which the server commits at the Sync: ask for the xid in front of it, inside the
+    /// batch's transaction (see [`Journal::note_tail`]); failing that, capture the WAL
+    /// position after it.
+    CommitXidBeforeSync,
+}
+
+/// Whether a server message of type `tag` completes one extended-protocol request: ParseComplete,
+/// BindComplete, CloseComplete, RowDescription or NoData (a Describe's last message; a
+/// statement's ParameterDescription comes before it), and CommandComplete, EmptyQueryResponse or
+/// PortalSuspended (an Execute's).
+fn completes_request(tag: u8) -> bool {
+    matches!(tag, b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's')
 }
 
 /// The journal of one session.
@@ -639,6 +678,16 @@ impl Journal {
             tag,
             frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
         );
+        if matches!(
+            tag,
+            frontend::PARSE
+                | frontend::BIND
+                | frontend::CLOSE
+                | frontend::DESCRIBE
+                | frontend::EXECUTE
+        ) {
+            group.requests += 1;
+        }
         match tag {
             frontend::QUERY | frontend::PARSE if !self.keeps => {
                 let (name, rest) = match tag {
@@ -701,6 +750,12 @@ impl Journal {
                     && !classified.copies
                 {
                     before = Before::CaptureXidAfter;
+                } else if self.txn_status == b'I'
+                    && first
+                    && classified.statements == [Statement::Write]
+                    && classified.dml_only
+                {
+                    before = Before::CommitXidAfter;
                 }
                 record_hazards(
                     &classified.hazards,
@@ -733,6 +788,7 @@ impl Journal {
                     changes: !changes.is_empty(),
                     rolls_back_to: classified.rolls_back_to,
                     sole_commit: classified.statements == [Statement::Commit],
+                    dml_only: classified.dml_only,
                 };
                 if effects.changes {
                     self.statement_changes.insert(raw_name.to_vec(), changes);
@@ -770,6 +826,7 @@ impl Journal {
                 group.begins |= effects.begins;
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
+                group.dml_only &= effects.dml_only;
                 group.sole_commit = !group.runs && !group.bound && effects.sole_commit;
                 group.bound = true;
                 if effects.changes {
@@ -829,7 +886,20 @@ impl Journal {
         let autocommit = self.txn_status == b'I' && (!group.begins || group.commits);
         // Session-state changes commit nothing the new primary could lack.
         if ends_write && autocommit && group.may_write_data && before == Before::Forward {
-            before = Before::CaptureLsnAfter;
+            // A batch of queries and data changes runs in one transaction up to its Sync, so
+            // a query slipped in before the Sync is in it (one with COMMIT, BEGIN or anything
+            // that commits on its own may end that transaction earlier).
+            before = if tag == frontend::SYNC
+                && group.dml_only
+                && !group.commits
+                && !group.begins
+                && !group.copies
+                && !group.queries
+            {
+                Before::CommitXidBeforeSync
+            } else {
+                Before::CaptureLsnAfter
+            };
         }
         if rolls_back_to {
             self.note_rollback_to();
@@ -907,11 +977,30 @@ impl Journal {
         let Some(g) = self.answering() else {
             return;
         };
+        if completes_request(tag) {
+            g.completions += 1;
+        }
         match tag {
             backend::ERROR_RESPONSE => g.failed = true,
             b'1' => g.parses_done += 1,
             _ => {}
         }
+    }
+
+    /// Records that the gateway's xid query went in front of the Sync just passed (see
+    /// [`Before::CommitXidBeforeSync`]).
+    pub fn note_tail(&mut self) {
+        if let Some(g) = self.groups.back_mut() {
+            g.tail = true;
+        }
+    }
+
+    /// Whether the answer being read is the gateway's xid query's, in front of the client's
+    /// ReadyForQuery: the group's requests are all answered, without an error.
+    pub fn answering_tail(&self) -> bool {
+        self.groups
+            .get(self.answered)
+            .is_some_and(|g| g.tail && !g.failed && g.completions == g.requests)
     }
 
     /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
@@ -966,6 +1055,15 @@ impl Journal {
                 if self.xid.is_some() {
                     self.last_committed_xid = self.xid;
                 }
+            } else if !was_in_txn
+                && self.xid.is_some()
+                && self
+                    .answered
+                    .checked_sub(1)
+                    .is_some_and(|i| !self.groups[i].failed)
+            {
+                // An autocommit write whose xid was asked for in its own transaction.
+                self.last_committed_xid = self.xid;
             }
             self.pending.clear();
             self.clear_answered();
@@ -1322,10 +1420,10 @@ mod tests {
     #[test]
     fn a_lone_write_in_a_block_asks_for_the_xid_and_commit_then_need_not() {
         let mut j = Journal::new(1 << 20);
-        // Outside a block, or with several statements, or COPY: no.
+        // Outside a block: the xid of its own transaction, asked for the same way.
         assert_eq!(
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
-            Before::CaptureLsnAfter
+            Before::CommitXidAfter
         );
         answer(&mut j, b"INSERT 0 1", b'I');
         j.on_client_message(b'Q', &query("BEGIN"));
@@ -1701,14 +1799,84 @@ mod tests {
         assert!(k.groups()[0].may_write);
     }
 
+    /// An autocommit batch of data changes gets the xid query in front of its Sync; its answer
+    /// follows every request's completion, and the xid counts as committed once the batch is
+    /// answered without an error.
     #[test]
-    fn wal_position_follows_autocommit_writes_and_copy_data() {
+    fn an_autocommit_batch_asks_for_its_xid_before_its_sync() {
         let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'P', &msg(b'P', b"ins\0INSERT INTO t VALUES ($1)\0\0\0"));
+        assert_eq!(j.on_client_message(b'S', &msg(b'S', b"")), Before::Forward);
+        j.on_server_message(b'1');
+        j.on_ready_for_query(b'I');
+        let batch = |j: &mut Journal| {
+            j.on_client_message(b'B', &msg(b'B', b"\0ins\0\0\0\0\0\0\0"));
+            j.on_client_message(b'D', &msg(b'D', b"P\0"));
+            j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+            j.on_client_message(b'S', &msg(b'S', b""))
+        };
+        assert_eq!(batch(&mut j), Before::CommitXidBeforeSync);
+        j.note_tail();
+        for tag in [b'2', b'n'] {
+            j.on_server_message(tag);
+            assert!(!j.answering_tail());
+        }
+        j.on_server_message(b'N');
+        assert!(!j.answering_tail(), "a notice completes nothing");
+        j.on_server_message(b'C');
+        assert!(j.answering_tail());
+        j.set_xid(Some(900));
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.last_committed_xid(), Some(900));
+        // A batch that failed committed nothing, and its xid query never ran.
+        assert_eq!(batch(&mut j), Before::CommitXidBeforeSync);
+        j.note_tail();
+        j.on_server_message(b'2');
+        j.on_server_message(b'E');
+        assert!(!j.answering_tail());
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.last_committed_xid(), Some(900));
+        // No xid assigned (nothing changed): nothing to look up.
+        assert_eq!(batch(&mut j), Before::CommitXidBeforeSync);
+        j.set_xid(None);
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.last_committed_xid(), Some(900));
+        // A COMMIT in the batch, or a statement the journal never saw: the WAL position.
+        j.on_client_message(b'P', &msg(b'P', b"c\0COMMIT\0\0\0"));
+        j.on_client_message(b'B', &msg(b'B', b"\0ins\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'B', &msg(b'B', b"\0c\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
         assert_eq!(
-            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            j.on_client_message(b'S', &msg(b'S', b"")),
             Before::CaptureLsnAfter
         );
         j.on_ready_for_query(b'I');
+        j.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        assert_eq!(
+            j.on_client_message(b'S', &msg(b'S', b"")),
+            Before::CaptureLsnAfter
+        );
+    }
+
+    #[test]
+    fn wal_position_follows_autocommit_writes_and_copy_data() {
+        let mut j = Journal::new(1 << 20);
+        // Several statements, or one that may not run in a transaction block: no xid asked.
+        for sql in [
+            "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            "CREATE INDEX CONCURRENTLY i ON t(a)",
+            "CALL p()",
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureLsnAfter,
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
         assert_eq!(
             j.on_client_message(b'Q', &query("SELECT 1")),
             Before::Forward
@@ -1951,7 +2119,7 @@ mod tests {
         answer(&mut j, b"COMMIT", b'I');
         assert_eq!(
             j.on_client_message(b'Q', &raw_query(b"UPDATE t SET a = '\xe9'")),
-            Before::CaptureLsnAfter
+            Before::CommitXidAfter
         );
         answer(&mut j, b"UPDATE 1", b'I');
         assert_eq!(j.unmovable(), None);

@@ -45,8 +45,18 @@ fn internal(sql: &str) -> Vec<u8> {
     buf.to_vec()
 }
 
-/// Appended to a client's one-statement Query in a transaction block: the xid comes back in
-/// the same answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
+/// The xid query as requests without a Sync, slipped in front of the Sync of an autocommit batch
+/// that writes, so that it runs in the batch's transaction (see
+/// [`Before::CommitXidBeforeSync`]): its answer comes last before the client's ReadyForQuery.
+static XID_TAIL: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut buf = BytesMut::new();
+    encode::internal_request(&mut buf, "SELECT pg_current_xact_id_if_assigned()");
+    buf.to_vec()
+});
+
+/// Appended to a client's one-statement Query that writes (in a transaction block, or alone,
+/// which the server then runs in one implicit transaction): the xid comes back in the same
+/// answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
 /// from anything the client's statement returns.
 const XID_SUFFIX: &[u8] = b"\n;SELECT pg_current_xact_id_if_assigned() AS understudy_xid\0";
 
@@ -221,6 +231,9 @@ pub struct Session {
     doomed_commit: Option<(Vec<u8>, &'static str)>,
     /// Progress through the answer to a Query that carries the xid query.
     xid_suffix: XidSuffix,
+    /// The answer to [`XID_TAIL`] in the batch being answered is complete (its
+    /// CommandComplete passed): an error after it is the commit's, not the query's.
+    tail_done: bool,
 }
 
 impl Session {
@@ -269,6 +282,7 @@ impl Session {
             capture_xid: can_move,
             doomed_commit: None,
             xid_suffix: XidSuffix::None,
+            tail_done: false,
         }
     }
 
@@ -529,7 +543,12 @@ impl Session {
                 self.pump.up.insert_ready(&XID_QUERY);
                 self.wire.push_back(Owner::Xid);
             }
-            let suffixed = before == Before::CaptureXidAfter
+            let tail = before == Before::CommitXidBeforeSync && self.capture_xid;
+            if tail {
+                self.pump.up.insert_ready(&XID_TAIL);
+                self.journal.note_tail();
+            }
+            let suffixed = matches!(before, Before::CaptureXidAfter | Before::CommitXidAfter)
                 && self.capture_xid
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
@@ -550,7 +569,9 @@ impl Session {
             if !suffixed {
                 self.pump.up.ready += n;
             }
-            if before == Before::CaptureLsnAfter && self.can_move {
+            let unasked = before == Before::CommitXidAfter && !suffixed
+                || before == Before::CommitXidBeforeSync && !tail;
+            if (before == Before::CaptureLsnAfter || unasked) && self.can_move {
                 self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
             }
@@ -653,6 +674,7 @@ impl Session {
             }
             let suffix = self.xid_suffix;
             let doomed = self.doomed_commit.is_some();
+            let tail = self.journal.answering_tail();
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
             // The messages to look into; any other comes whole only when small (see
@@ -665,6 +687,7 @@ impl Session {
                         && t == backend::COMMAND_COMPLETE
                     || suffix == XidSuffix::Completed && t == backend::ROW_DESCRIPTION
                     || suffix == XidSuffix::Answer && t == backend::DATA_ROW
+                    || tail && is_tail_answer(t)
             };
             let (step, n) = match down.scanner.next(&down.buf[at..], look) {
                 Ok(s) => s,
@@ -729,6 +752,15 @@ impl Session {
                         self.release_held_ready();
                     }
                 }
+                Step::Whole { tag, body } if tail && is_tail_answer(tag) => {
+                    // The client's requests are answered: the rest is the xid query's.
+                    match tag {
+                        backend::DATA_ROW => self.journal.set_xid(parse_xid_row(body)),
+                        backend::COMMAND_COMPLETE => self.tail_done = true,
+                        _ => {}
+                    }
+                    self.pump.down.remove_at_ready(n);
+                }
                 Step::Whole { tag, body }
                     if !matches!(suffix, XidSuffix::None | XidSuffix::Done)
                         && on_xid_suffix(
@@ -772,6 +804,17 @@ impl Session {
                         }
                         backend::ERROR_RESPONSE => {
                             let err = ErrorView::parse(body);
+                            if tail && !self.tail_done && !err.is_fatal() {
+                                // As for the xid query after a lone write: the batch's
+                                // transaction is aborted, and the client hears why.
+                                tracing::warn!(
+                                    session = self.guard.info().id,
+                                    code = err.code,
+                                    message = err.message,
+                                    "the xid query before an autocommit batch's Sync failed; this session does without it from now on"
+                                );
+                                self.capture_xid = false;
+                            }
                             if owner == Some(Owner::Raised) && !err.is_fatal() {
                                 let mut own = BytesMut::new();
                                 own_error(&mut own, err.code, err.message);
@@ -815,6 +858,8 @@ impl Session {
                 }
                 Step::Streamed { tag, .. } => {
                     self.down_tag = tag;
+                    // A RowDescription too large to look into still completes a request.
+                    self.journal.on_server_message(tag);
                     self.journal
                         .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
                     self.pump.down.ready += n;
@@ -842,6 +887,7 @@ impl Session {
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
         self.xid_suffix = XidSuffix::None;
+        self.tail_done = false;
         if status == b'I' {
             self.doomed_commit = None;
             self.tally.flush();
@@ -852,7 +898,13 @@ impl Session {
         self.wire.pop_front();
         self.journal
             .on_server_bytes(backend::READY_FOR_QUERY, &self.pump.down.buf[at..at + n]);
+        let committed_before = self.journal.last_committed_xid();
         self.journal.on_ready_for_query(status);
+        if self.journal.last_committed_xid() != committed_before {
+            // A later commit whose xid is known: found on a new primary, it proves every WAL
+            // position taken before it there too, and missing, it is reported itself.
+            self.acked_lsn = None;
+        }
         self.txn_status = status;
         self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
         let info = self.guard.info();
@@ -1038,6 +1090,15 @@ fn on_xid_suffix(
         }
         _ => false,
     }
+}
+
+/// Whether a server message of type `tag` belongs to the answer of [`XID_TAIL`] once it is being
+/// answered: a completion of one of its requests, or its row.
+fn is_tail_answer(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'1' | b'2' | b'3' | backend::DATA_ROW | backend::COMMAND_COMPLETE
+    )
 }
 
 /// The first column of a DataRow as text (`None` for NULL).

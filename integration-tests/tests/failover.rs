@@ -1204,7 +1204,9 @@ async fn a_login_during_the_failover_waits_for_the_new_primary() {
 }
 
 /// A session holding a temporary table cannot move: FATAL 08006 naming why; other sessions
-/// move.
+/// move, and so does one that held a temporary table and an advisory lock until it ran
+/// `DISCARD ALL` (as a connection pool does before handing a connection out again), which
+/// dropped the table and released the lock.
 #[tokio::test]
 async fn unmovable_session_gets_08006() {
     let mut cluster = Cluster::primary_and_standby().await;
@@ -1214,6 +1216,18 @@ async fn unmovable_session_gets_08006() {
         .await
         .unwrap();
     let plain = gw.connect(roles::SCRAM).await;
+    let reset = gw.connect(roles::MD5).await;
+    reset
+        .batch_execute("CREATE TEMP TABLE scratch(a int); SELECT pg_advisory_lock(7)")
+        .await
+        .unwrap();
+    assert_eq!(gw.session_status(&reset).await["movable"], "no");
+    // Not narrower forms: the lock is still held.
+    reset.batch_execute("DISCARD TEMP").await.unwrap();
+    assert_eq!(gw.session_status(&reset).await["movable"], "no");
+    reset.batch_execute("DISCARD ALL").await.unwrap();
+    let session = gw.session_status(&reset).await;
+    assert_eq!(session["movable"], "yes", "{session:#}");
     let status = gw.status().await;
     assert!(
         status["sessions"]
@@ -1230,6 +1244,10 @@ async fn unmovable_session_gets_08006() {
     assert_eq!(db.code().code(), "08006");
     assert!(db.message().contains("temporary table"), "{}", db.message());
     plain.query_one("SELECT 1", &[]).await.unwrap();
+    reset
+        .batch_execute("CREATE TEMP TABLE scratch(a int)")
+        .await
+        .expect("the reset session moved, without its table");
 }
 
 /// A gateway with one backend has nowhere to move a session: when the primary dies, its

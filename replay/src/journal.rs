@@ -363,7 +363,7 @@ impl SessionState {
             SessionChange::Discard => {
                 // DISCARD ALL resets everything; the narrower forms reset less, and dropping
                 // more here only makes the restored session start closer to a fresh one.
-                if sql.to_ascii_uppercase().contains("ALL") {
+                if discards_all(sql) {
                     *self = SessionState::default();
                 }
             }
@@ -1005,6 +1005,9 @@ impl Journal {
 
     /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
     pub fn on_ready_for_query(&mut self, status: u8) {
+        // Nothing is pipelined behind the group answered: a hazard recorded for a request sent
+        // after it would otherwise be forgotten with the ones it ended.
+        let last = self.answered + 1 == self.groups.len();
         if let Some(g) = self.groups.get_mut(self.answered) {
             self.answered += 1;
             g.answered = true;
@@ -1025,6 +1028,12 @@ impl Journal {
             let changes = std::mem::take(&mut g.changes);
             if !failed {
                 for c in changes {
+                    if last && is_discard_all(&c) {
+                        // It drops temporary tables, releases advisory locks, closes cursors
+                        // and resets every setting: nothing that kept the session in place
+                        // is left, and its state is known again (none).
+                        self.unmovable = None;
+                    }
                     if SessionState::transactional(&c.change) && status != b'I' {
                         self.pending.push(c);
                     } else {
@@ -1176,6 +1185,16 @@ fn set_effects(
             statements.insert(name.to_vec(), effects);
         }
     }
+}
+
+/// Whether `c` is `DISCARD ALL`.
+fn is_discard_all(c: &PendingChange) -> bool {
+    matches!(c.change, SessionChange::Discard) && discards_all(&c.sql)
+}
+
+/// Whether the text of a DISCARD statement is `DISCARD ALL` rather than a narrower form.
+fn discards_all(sql: &str) -> bool {
+    sql.to_ascii_uppercase().contains("ALL")
 }
 
 /// Keeps the first reason a session cannot move and the first reason its transaction cannot be
@@ -1797,6 +1816,32 @@ mod tests {
         let mut k = Journal::new(1 << 20);
         k.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
         assert!(k.groups()[0].may_write);
+    }
+
+    /// `DISCARD ALL` answered without an error, with nothing pipelined behind it, leaves nothing
+    /// that kept the session in place; narrower forms, a failed one or one with a request sent
+    /// behind it before its answer do not clear it.
+    #[test]
+    fn discard_all_makes_the_session_movable_again() {
+        let mut j = Journal::new(1 << 20);
+        j.on_client_message(b'Q', &query("CREATE TEMP TABLE s(a int)"));
+        answer(&mut j, b"CREATE TABLE", b'I');
+        assert!(j.unmovable().is_some());
+        j.on_client_message(b'Q', &query("DISCARD TEMP"));
+        answer(&mut j, b"DISCARD TEMP", b'I');
+        assert!(j.unmovable().is_some());
+        j.on_client_message(b'Q', &query("DISCARD ALL"));
+        j.on_server_message(b'E');
+        answer(&mut j, b"", b'I');
+        assert!(j.unmovable().is_some(), "it failed");
+        j.on_client_message(b'Q', &query("DISCARD ALL"));
+        j.on_client_message(b'Q', &query("SELECT pg_advisory_lock(1)"));
+        answer(&mut j, b"DISCARD ALL", b'I');
+        assert!(j.unmovable().is_some(), "the lock taken behind it");
+        answer(&mut j, b"SELECT 1", b'I');
+        j.on_client_message(b'Q', &query("discard all"));
+        answer(&mut j, b"DISCARD ALL", b'I');
+        assert_eq!(j.unmovable(), None);
     }
 
     /// An autocommit batch of data changes gets the xid query in front of its Sync; its answer

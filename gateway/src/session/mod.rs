@@ -234,6 +234,8 @@ pub struct Session {
     /// The answer to [`XID_TAIL`] in the batch being answered is complete (its
     /// CommandComplete passed): an error after it is the commit's, not the query's.
     tail_done: bool,
+    /// Why the journal says the session cannot move, as last shown in `/status`.
+    shown_unmovable: Option<&'static str>,
 }
 
 impl Session {
@@ -283,6 +285,7 @@ impl Session {
             doomed_commit: None,
             xid_suffix: XidSuffix::None,
             tail_done: false,
+            shown_unmovable: None,
         }
     }
 
@@ -914,10 +917,14 @@ impl Session {
             // A cancel that missed a request now answered is moot.
             info.missed_cancel.store(false, Ordering::Relaxed);
         }
-        if let Some(why) = self.journal.unmovable() {
-            self.guard
-                .info()
-                .set_movable(crate::sessions::Movability::No(why.to_owned()));
+        let unmovable = self.journal.unmovable();
+        if unmovable != self.shown_unmovable {
+            // `DISCARD ALL` clears it; the credential decides again then.
+            self.guard.info().set_movable(match unmovable {
+                Some(why) => crate::sessions::Movability::No(why.to_owned()),
+                None => self.relogin.credential.movability(),
+            });
+            self.shown_unmovable = unmovable;
         }
     }
 

@@ -1687,3 +1687,76 @@ async fn frozen_primary_fails_over_and_its_sessions_leave_it() {
         [1, 2, 3]
     );
 }
+
+/// After a move the reported parameters are the session's, and what the client was told of
+/// them is what the new backend has: `TimeZone` set with SET (which the new backend is given
+/// again), `DateStyle` changed inside a function (where the gateway sees no SET, only the
+/// server's report), and `IntervalStyle` set locally in the transaction open at the failover
+/// (replayed). (The client used to be told the new backend's login values, before the SETs
+/// were given back, and the function's change was lost.)
+#[tokio::test]
+async fn reported_parameters_follow_the_session() {
+    let (mut cluster, gw, _c) = session_after(
+        "CREATE FUNCTION german() RETURNS void LANGUAGE plpgsql
+           AS $$ BEGIN SET DateStyle = 'German, DMY'; END $$",
+    )
+    .await;
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    let reported = |msgs: &[Msg]| {
+        msgs.iter()
+            .filter(|m| m.tag == b'S')
+            .map(|m| String::from_utf8_lossy(&m.body).replace('\0', " "))
+            .collect::<Vec<_>>()
+    };
+    c.send(&query("SET TimeZone = 'Asia/Tokyo'")).await;
+    assert_eq!(
+        reported(&c.read_until(b'Z').await),
+        ["TimeZone Asia/Tokyo "]
+    );
+    c.send(&query("SELECT german()")).await;
+    assert_eq!(
+        reported(&c.read_until(b'Z').await),
+        ["DateStyle German, DMY "]
+    );
+    c.send(&query("BEGIN; SET LOCAL IntervalStyle = 'iso_8601'"))
+        .await;
+    assert_eq!(
+        reported(&c.read_until(b'Z').await),
+        ["IntervalStyle iso_8601 "]
+    );
+
+    cluster.kill_primary().await;
+    let show = "SELECT current_setting('TimeZone'), current_setting('DateStyle'), \
+                current_setting('IntervalStyle'), inet_server_port()";
+    c.send(&query(show)).await;
+    let answer = c.read_until(b'Z').await;
+    // Whatever the new backend reported and the gateway passed on must be the session's.
+    for line in reported(&answer) {
+        assert!(
+            [
+                "TimeZone Asia/Tokyo ",
+                "DateStyle German, DMY ",
+                "IntervalStyle iso_8601 "
+            ]
+            .contains(&line.as_str())
+                || !["TimeZone", "DateStyle", "IntervalStyle"]
+                    .iter()
+                    .any(|p| line.starts_with(p)),
+            "the client was told {line:?}: {answer:?}"
+        );
+    }
+    let row = answer.iter().find(|m| m.tag == b'D').expect("a row");
+    let text = String::from_utf8_lossy(&row.body);
+    assert!(
+        text.contains("Asia/Tokyo") && text.contains("German, DMY") && text.contains("iso_8601"),
+        "{answer:?}"
+    );
+    let standby_port = cluster.pg.standby.as_ref().unwrap().port().to_string();
+    assert!(text.contains(&standby_port), "moved: {text:?}");
+    // The transaction's own setting ends with it, and the server says so.
+    c.send(&query("ROLLBACK")).await;
+    assert_eq!(
+        reported(&c.read_until(b'Z').await),
+        ["IntervalStyle postgres "]
+    );
+}

@@ -236,6 +236,9 @@ pub struct Session {
     tail_done: bool,
     /// Why the journal says the session cannot move, as last shown in `/status`.
     shown_unmovable: Option<&'static str>,
+    /// The reported parameters as they were at the last transaction boundary, kept from the
+    /// first ParameterStatus since (until then `server_params` holds them).
+    params_before: Option<Vec<(String, String)>>,
 }
 
 impl Session {
@@ -286,6 +289,7 @@ impl Session {
             xid_suffix: XidSuffix::None,
             tail_done: false,
             shown_unmovable: None,
+            params_before: None,
         }
     }
 
@@ -838,6 +842,9 @@ impl Session {
                         }
                         backend::PARAMETER_STATUS => {
                             if let Some((name, value)) = inspect::parameter_status(body) {
+                                if self.params_before.is_none() {
+                                    self.params_before = Some(self.server_params.clone());
+                                }
                                 self.journal.on_parameter_status(name, value);
                                 record_param(&mut self.server_params, name, value);
                             }
@@ -892,6 +899,7 @@ impl Session {
         self.xid_suffix = XidSuffix::None;
         self.tail_done = false;
         if status == b'I' {
+            self.params_before = None;
             self.doomed_commit = None;
             self.tally.flush();
         }

@@ -47,11 +47,12 @@ enum CommitOutcome {
 struct Fresh {
     stream: Stream,
     buf: BytesMut,
-    /// ParameterStatus messages for the values that differ on the new server.
-    changed_params: BytesMut,
+    /// The parameters the new backend reported: at login, and as the move changed them.
+    params: Vec<(String, String)>,
 }
 
 impl Fresh {
+    /// The next whole message from the new backend (its parameter reports noted).
     async fn recv(&mut self) -> Result<(u8, Bytes), String> {
         let frame = crate::clock::timeout(
             STEP_TIMEOUT,
@@ -63,6 +64,13 @@ impl Fresh {
             ReadError::Io(e) => e.to_string(),
             ReadError::Frame(e) => e.to_string(),
         })?;
+        if frame.tag == backend::PARAMETER_STATUS {
+            if let Some((name, value)) =
+                understudy_protocol::inspect::parameter_status(&frame.raw[5..])
+            {
+                super::record_param(&mut self.params, name, value);
+            }
+        }
         Ok((frame.tag, frame.raw))
     }
 
@@ -190,6 +198,23 @@ fn raise(code: &str, message: &str) -> BytesMut {
     // request, had it failed on its own, would have left.)
     let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
     q
+}
+
+/// The parameters the server reports (`GUC_REPORT`) that a session can set: a move gives the
+/// new backend the session's values of these, whatever changed them.
+const SETTABLE_REPORTED: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
+/// `value` as an SQL string literal, read the same whatever `standard_conforming_strings` is.
+fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// SQLSTATEs of a Parse whose statement refers to something that no longer exists:
@@ -359,21 +384,11 @@ impl Session {
             self.guard.info().set_backend(addr, pid);
             self.backend_pid = pid;
         }
-        // Parameters that differ on the new server are reported, as the server would.
-        let mut changed_params = BytesMut::new();
-        for (name, value) in &greeting.params {
-            let known = self.server_params.iter().find(|(n, _)| n == name);
-            if known.is_none_or(|(_, v)| v != value) {
-                encode::parameter_status(&mut changed_params, name, value);
-                self.journal.on_parameter_status(name, value);
-                super::record_param(&mut self.server_params, name, value);
-            }
-        }
         self.relogin.backend = promotion.primary.clone();
         Ok(Fresh {
             stream,
             buf,
-            changed_params,
+            params: greeting.params,
         })
     }
 
@@ -386,7 +401,25 @@ impl Session {
             )
         };
         let state = self.journal.state().before(self.journal.groups());
-        fresh.restore(&state).await.map_err(failed)
+        fresh.restore(&state).await.map_err(failed)?;
+        // A function may have changed a reported setting (SET inside its body, set_config()
+        // there) where the journal could not see it; the server's report of it, which the
+        // client goes by, says what it was at the last transaction boundary.
+        let before = self.params_before.as_ref().unwrap_or(&self.server_params);
+        for name in SETTABLE_REPORTED {
+            let Some((_, value)) = before.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            if fresh.params.iter().any(|(n, v)| n == name && v == value) {
+                continue;
+            }
+            let sql = format!(
+                "SELECT pg_catalog.set_config('{name}', {}, false)",
+                quote_literal(value)
+            );
+            fresh.query(&sql).await.map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Gives the new backend the prepared statements the client has, no more and no fewer,
@@ -868,12 +901,20 @@ impl Session {
         let Fresh {
             stream,
             buf,
-            changed_params,
+            params,
         } = fresh;
         self.pump.replace_backend(stream, Pipe::from_server(buf));
         // After the rest of a message the client got part of, never inside it.
         let mut to_client = resumed.to_client;
-        to_client.extend_from_slice(&changed_params);
+        // Parameters that differ on the new backend now are reported, as the server would.
+        for (name, value) in &params {
+            let known = self.server_params.iter().find(|(n, _)| n == name);
+            if known.is_none_or(|(_, v)| v != value) {
+                encode::parameter_status(&mut to_client, name, value);
+                self.journal.on_parameter_status(name, value);
+                super::record_param(&mut self.server_params, name, value);
+            }
+        }
         if !to_client.is_empty() {
             self.pump.down.insert_ready(&to_client);
         }

@@ -1760,3 +1760,139 @@ async fn reported_parameters_follow_the_session() {
         ["IntervalStyle postgres "]
     );
 }
+
+/// Autocommit extended-protocol writes whose commits are in flight when the primary dies (a
+/// deferred trigger holds them up at the commit): each client already has its write's answer
+/// but for the ReadyForQuery, and the gateway has the xid (the xid query in front of the Sync
+/// ends with a Flush, so the server sends all that before it commits). The new primary lacks
+/// both commits, so both batches run there again: the one that answers the same is committed
+/// and its client sees its write succeed, once; the one whose answer differs (RETURNING the
+/// backend's PID) is rolled back, and its client gets 40001. Both sessions go on. (Both got
+/// 08007, outcome unknown.)
+#[tokio::test]
+async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
+    let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2)");
+    let (mut cluster, gw, same) = session_after(&format!("{TABLE_T}; {slow}")).await;
+    let differs = gw.connect(roles::MD5).await;
+    let insert = same
+        .prepare("INSERT INTO t VALUES ($1) RETURNING a")
+        .await
+        .unwrap();
+    let insert_pid = differs
+        .prepare("INSERT INTO t VALUES ($1) RETURNING pg_backend_pid()")
+        .await
+        .unwrap();
+    let same_write = tokio::spawn(async move {
+        let r = same.query(&insert, &[&1]).await;
+        (same, r)
+    });
+    let differing_write = tokio::spawn(async move {
+        let r = differs.query(&insert_pid, &[&2]).await;
+        (differs, r)
+    });
+    // Both are in their commits, in the trigger's 1.5 s.
+    let admin = cluster.superuser().await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let sleeping: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if sleeping == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never both in commit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill_primary().await;
+
+    let (same, r) = tokio::time::timeout(PATIENCE, same_write)
+        .await
+        .expect("answered")
+        .unwrap();
+    let rows = r.expect("run again on the new primary, with the same answer, and committed");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), 1);
+    let (differs, r) = tokio::time::timeout(PATIENCE, differing_write)
+        .await
+        .expect("answered")
+        .unwrap();
+    let e = r.expect_err("answered otherwise when run again");
+    assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
+    same.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
+    differs
+        .execute("INSERT INTO t VALUES (4)", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 3, 4]
+    );
+}
+
+/// An autocommit extended-protocol write that committed on the old primary, and reached the
+/// standby, but was never answered (the primary waits for a synchronous standby that does not
+/// exist): the client has its answer but for the ReadyForQuery, the gateway has its xid, finds
+/// it committed on the new primary, and gives the client its ReadyForQuery. Nothing runs
+/// again. (It got 08007.)
+#[tokio::test]
+async fn an_autocommit_batch_committed_unanswered_is_answered() {
+    let (mut cluster, _gw, c) =
+        session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
+    let insert = c
+        .prepare("INSERT INTO t VALUES ($1) RETURNING a * 10")
+        .await
+        .unwrap();
+    let su = cluster.superuser().await;
+    su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .await
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let probe = cluster.superuser().await;
+        let waits = tokio::time::timeout(
+            Duration::from_millis(300),
+            probe.batch_execute("INSERT INTO sync_probe VALUES (1)"),
+        )
+        .await
+        .is_err();
+        if waits {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never came"
+        );
+    }
+    let write = tokio::spawn(async move {
+        let r = c.query(&insert, &[&7]).await;
+        (c, r)
+    });
+    let standby = cluster.pg.standby.as_ref().unwrap();
+    let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
+    while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!write.is_finished(), "the commit waits for its standby");
+    cluster.kill_primary().await;
+    let (c, r) = tokio::time::timeout(PATIENCE, write)
+        .await
+        .expect("answered")
+        .unwrap();
+    let rows = r.expect("committed there");
+    assert_eq!(rows[0].get::<_, i32>(0), 70);
+    c.execute("INSERT INTO t VALUES (8)", &[]).await.unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [7, 8]
+    );
+}

@@ -139,12 +139,12 @@ pub struct Group {
     dml_only: bool,
     /// Its Parse, Bind, Close, Describe and Execute messages: each is answered by one
     /// completion message unless an error ends the group first.
-    requests: u32,
+    pub requests: u32,
     /// Completion messages of its answer so far (see [`completes_request`]).
     completions: u32,
     /// Whether the gateway's xid query follows its requests, before its Sync (see
     /// [`Before::CommitXidBeforeSync`]).
-    tail: bool,
+    pub tail: bool,
 }
 
 /// A prepared statement's slot as it was before a change: `None`, it did not exist.
@@ -462,13 +462,11 @@ pub enum Before {
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
-    /// commit is what tells later whether a failover lost it.
+    /// commit is what tells later whether a failover lost it. (A Query of one statement is
+    /// not given the xid query in the same string outside a transaction block: the server
+    /// would then answer the statement before committing it, so a commit that fails, a
+    /// deferred constraint's, would follow its CommandComplete instead of replacing it.)
     CaptureLsnAfter,
-    /// The message is a Query of one data-changing statement outside a transaction block: ask
-    /// for its transaction's xid in the same string, right after the statement, which the
-    /// server then runs in one implicit transaction. That xid tells later, exactly, whether a
-    /// failover lost the commit; failing that, capture the WAL position after it.
-    CommitXidAfter,
     /// The message is a Sync ending a batch of data-changing statements outside a transaction
     /// block, which the server commits at the Sync: ask for the xid in front of it, inside the
     /// batch's transaction (see [`Journal::note_tail`]); failing that, capture the WAL
@@ -480,7 +478,7 @@ pub enum Before {
 /// BindComplete, CloseComplete, RowDescription or NoData (a Describe's last message; a
 /// statement's ParameterDescription comes before it), and CommandComplete, EmptyQueryResponse or
 /// PortalSuspended (an Execute's).
-fn completes_request(tag: u8) -> bool {
+pub fn completes_request(tag: u8) -> bool {
     matches!(tag, b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's')
 }
 
@@ -750,12 +748,6 @@ impl Journal {
                     && !classified.copies
                 {
                     before = Before::CaptureXidAfter;
-                } else if self.txn_status == b'I'
-                    && first
-                    && classified.statements == [Statement::Write]
-                    && classified.dml_only
-                {
-                    before = Before::CommitXidAfter;
                 }
                 record_hazards(
                     &classified.hazards,
@@ -1439,10 +1431,11 @@ mod tests {
     #[test]
     fn a_lone_write_in_a_block_asks_for_the_xid_and_commit_then_need_not() {
         let mut j = Journal::new(1 << 20);
-        // Outside a block: the xid of its own transaction, asked for the same way.
+        // Outside a block no: a string of one statement would become one of two, whose
+        // CommandComplete comes before the commit (see `CaptureLsnAfter`).
         assert_eq!(
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
-            Before::CommitXidAfter
+            Before::CaptureLsnAfter
         );
         answer(&mut j, b"INSERT 0 1", b'I');
         j.on_client_message(b'Q', &query("BEGIN"));
@@ -1908,8 +1901,9 @@ mod tests {
     #[test]
     fn wal_position_follows_autocommit_writes_and_copy_data() {
         let mut j = Journal::new(1 << 20);
-        // Several statements, or one that may not run in a transaction block: no xid asked.
+        // A Query outside a block: no xid asked (see `a_lone_write_in_a_block…`).
         for sql in [
+            "INSERT INTO t VALUES (1)",
             "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
@@ -2164,7 +2158,7 @@ mod tests {
         answer(&mut j, b"COMMIT", b'I');
         assert_eq!(
             j.on_client_message(b'Q', &raw_query(b"UPDATE t SET a = '\xe9'")),
-            Before::CommitXidAfter
+            Before::CaptureLsnAfter
         );
         answer(&mut j, b"UPDATE 1", b'I');
         assert_eq!(j.unmovable(), None);

@@ -48,15 +48,17 @@ fn internal(sql: &str) -> Vec<u8> {
 /// The xid query as requests without a Sync, slipped in front of the Sync of an autocommit batch
 /// that writes, so that it runs in the batch's transaction (see
 /// [`Before::CommitXidBeforeSync`]): its answer comes last before the client's ReadyForQuery.
+/// A Flush ends it, so the server sends the batch's answer and the xid before it commits: a
+/// primary that dies during the commit leaves the gateway knowing what to look up.
 static XID_TAIL: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let mut buf = BytesMut::new();
     encode::internal_request(&mut buf, "SELECT pg_current_xact_id_if_assigned()");
+    postgres_protocol::message::frontend::flush(&mut buf);
     buf.to_vec()
 });
 
-/// Appended to a client's one-statement Query that writes (in a transaction block, or alone,
-/// which the server then runs in one implicit transaction): the xid comes back in the same
-/// answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
+/// Appended to a client's one-statement Query that writes in a transaction block: the xid
+/// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
 /// from anything the client's statement returns.
 const XID_SUFFIX: &[u8] = b"\n;SELECT pg_current_xact_id_if_assigned() AS understudy_xid\0";
 
@@ -232,7 +234,8 @@ pub struct Session {
     /// Progress through the answer to a Query that carries the xid query.
     xid_suffix: XidSuffix,
     /// The answer to [`XID_TAIL`] in the batch being answered is complete (its
-    /// CommandComplete passed): an error after it is the commit's, not the query's.
+    /// CommandComplete passed): an error after it is the commit's, not the query's, and the
+    /// client has all of the batch's answer but its ReadyForQuery.
     tail_done: bool,
     /// Why the journal says the session cannot move, as last shown in `/status`.
     shown_unmovable: Option<&'static str>,
@@ -555,7 +558,7 @@ impl Session {
                 self.pump.up.insert_ready(&XID_TAIL);
                 self.journal.note_tail();
             }
-            let suffixed = matches!(before, Before::CaptureXidAfter | Before::CommitXidAfter)
+            let suffixed = before == Before::CaptureXidAfter
                 && self.capture_xid
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
@@ -576,8 +579,7 @@ impl Session {
             if !suffixed {
                 self.pump.up.ready += n;
             }
-            let unasked = before == Before::CommitXidAfter && !suffixed
-                || before == Before::CommitXidBeforeSync && !tail;
+            let unasked = before == Before::CommitXidBeforeSync && !tail;
             if (before == Before::CaptureLsnAfter || unasked) && self.can_move {
                 self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
@@ -811,7 +813,13 @@ impl Session {
                         }
                         backend::ERROR_RESPONSE => {
                             let err = ErrorView::parse(body);
-                            if tail && !self.tail_done && !err.is_fatal() {
+                            // (Not the gateway's own error standing in for a request in doubt
+                            // after a move.)
+                            if tail
+                                && !self.tail_done
+                                && !err.is_fatal()
+                                && owner != Some(Owner::Raised)
+                            {
                                 // As for the xid query after a lone write: the batch's
                                 // transaction is aborted, and the client hears why.
                                 tracing::warn!(

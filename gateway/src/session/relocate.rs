@@ -12,10 +12,10 @@ use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::startup::CancelKey;
 use understudy_protocol::tags::backend;
 use understudy_replay::journal::{
-    digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
+    completes_request, digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
 };
 
-use super::{Owner, Poison, Session, XID_QUERY};
+use super::{Owner, Poison, Session, XID_QUERY, XID_TAIL};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{FailoverError, Promotion};
@@ -41,6 +41,15 @@ enum CommitOutcome {
     NotCommitted,
     /// Cannot be told (the xid may have been reused by someone else's transaction).
     InDoubt,
+}
+
+/// What running an autocommit batch again on the new primary came to.
+enum Rerun {
+    /// The answer the client has: the batch ran and, unless `answer` (the server's answer to
+    /// its Sync) has an error, committed as `xid`.
+    Same { xid: Option<u64>, answer: BytesMut },
+    /// Another answer: rolled back.
+    Diverged,
 }
 
 /// A new backend connection being brought up to date before it joins the data path.
@@ -150,6 +159,76 @@ impl Fresh {
             }
         }
         error.map_or(Ok(()), Err)
+    }
+
+    /// Runs again, up to its Sync, an autocommit batch (with the xid query behind it) whose
+    /// commit the new primary lacks and whose answer the client has but for its
+    /// ReadyForQuery (`seen`: its digest). The same answer commits it, and the server's answer
+    /// to the Sync is returned with the new xid; any other is rolled back.
+    async fn rerun_batch(&mut self, group: &Group, seen: Digest) -> Result<Rerun, String> {
+        const SYNC: &[u8] = b"S\0\0\0\x04";
+        let Some(requests) = group.request.strip_suffix(SYNC) else {
+            return Err("the batch does not end with its Sync".to_owned());
+        };
+        let mut batch = BytesMut::from(requests);
+        batch.extend_from_slice(&XID_TAIL);
+        self.send(&batch).await?;
+        let mut digest = DigestBuilder::default();
+        let mut completions = 0;
+        // The xid query's answer: CloseComplete twice, ParseComplete, BindComplete, its row,
+        // CommandComplete, CloseComplete twice.
+        let mut tail = 0;
+        let mut xid = None;
+        let mut same = true;
+        while tail < 8 {
+            let (tag, raw) = self.recv().await?;
+            if tag == backend::ERROR_RESPONSE {
+                // Failed this time, where it did not before; the server now waits for a Sync.
+                same = false;
+                break;
+            }
+            if completions < group.requests {
+                if digested(tag) {
+                    digest.update(&raw);
+                }
+                completions += u32::from(completes_request(tag));
+            } else if super::is_tail_answer(tag) {
+                if tag == backend::DATA_ROW {
+                    xid = super::parse_xid_row(&raw[5..]);
+                }
+                tail += 1;
+            }
+        }
+        let same = same && digest.digest() == seen;
+        let mut end = BytesMut::new();
+        if !same {
+            // An error before the Sync rolls the batch's transaction back.
+            encode::internal_request(
+                &mut end,
+                "DO $understudy$ BEGIN RAISE EXCEPTION 'diverged'; END $understudy$",
+            );
+        }
+        postgres_protocol::message::frontend::sync(&mut end);
+        self.send(&end).await?;
+        let mut answer = BytesMut::new();
+        let mut failed = false;
+        loop {
+            let (tag, raw) = self.recv().await?;
+            answer.extend_from_slice(&raw);
+            failed |= tag == backend::ERROR_RESPONSE;
+            if tag == backend::READY_FOR_QUERY {
+                break;
+            }
+        }
+        Ok(if same {
+            Rerun::Same {
+                // A commit that failed (a deferred constraint) committed nothing.
+                xid: xid.filter(|_| !failed),
+                answer,
+            }
+        } else {
+            Rerun::Diverged
+        })
     }
 
     /// Replays a request group whose full answer the client has seen; checks the answer.
@@ -546,6 +625,21 @@ impl Session {
         let fatal = |m: &str| cannot_move("40001", m.to_owned());
         let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
 
+        // An autocommit batch whose answer the client has but for its ReadyForQuery: the xid
+        // query in front of its Sync gave the xid before the commit began.
+        let tail_done = std::mem::take(&mut self.tail_done);
+        if let Some(first) = in_flight
+            .first()
+            .filter(|g| !in_txn && g.tail && tail_done && !g.failed && partial.is_none())
+        {
+            if let Some(resumed) = self
+                .settle_batch(fresh, promotion, first, seen_answer, &in_flight[1..])
+                .await?
+            {
+                return Ok(resumed);
+            }
+        }
+
         // A COMMIT in flight: look its outcome up before anything is replayed.
         if let Some(first) = in_flight.first().filter(|g| g.commits && in_txn) {
             let outcome = match self.journal.xid() {
@@ -688,6 +782,66 @@ impl Session {
         self.consume_seen_prefix(fresh, first, partial, &mut resumed)
             .await?;
         Ok(resumed)
+    }
+
+    /// Settles an autocommit batch whose commit was in flight, its xid known (`None`: it wrote
+    /// nothing): committed on the new primary, the client gets its ReadyForQuery; not
+    /// committed, the batch runs there again and commits if it answers as the client saw,
+    /// else the client gets 40001 and it is rolled back. `None` when the outcome cannot be
+    /// told. The `rest` go out as new requests.
+    async fn settle_batch(
+        &mut self,
+        fresh: &mut Fresh,
+        promotion: &Promotion,
+        batch: &Group,
+        seen: Digest,
+        rest: &[&Group],
+    ) -> Result<Option<Resumed>, SessionError> {
+        let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
+        let outcome = match self.journal.xid() {
+            Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
+            None => CommitOutcome::Committed,
+        };
+        metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {
+            CommitOutcome::Committed => "committed",
+            CommitOutcome::NotCommitted => "replayed",
+            CommitOutcome::InDoubt => "unknown",
+        })
+        .increment(1);
+        tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "an autocommit batch's commit was in flight");
+        let mut resumed = Resumed::default();
+        match outcome {
+            CommitOutcome::InDoubt => return Ok(None),
+            CommitOutcome::Committed => {
+                encode::ready_for_query(&mut resumed.to_client, b'I');
+                self.journal.settle_commit();
+            }
+            CommitOutcome::NotCommitted => {
+                match fresh.rerun_batch(batch, seen).await.map_err(unknown)? {
+                    Rerun::Same { xid, answer } => {
+                        self.journal.set_xid(xid);
+                        self.journal.settle_commit();
+                        resumed.to_client.extend_from_slice(&answer);
+                    }
+                    Rerun::Diverged => {
+                        metrics::counter!("understudy_replays_total", "outcome" => "diverged")
+                            .increment(1);
+                        tracing::warn!(
+                            session = self.guard.info().id,
+                            "autocommit batch answered otherwise when run again; rolled back, client gets 40001"
+                        );
+                        self.journal.set_xid(None);
+                        self.journal.settle_commit();
+                        super::diverged_error(&mut resumed.to_client);
+                        encode::ready_for_query(&mut resumed.to_client, b'I');
+                    }
+                }
+            }
+        }
+        self.restore_statements(fresh).await.map_err(unknown)?;
+        self.txn_status = b'I';
+        self.resend_in_flight(rest, false, false, &mut resumed)?;
+        Ok(Some(resumed))
     }
 
     /// Forgets the open transaction; `doubtful` requests get 08007 from the new backend (so

@@ -78,6 +78,8 @@
 #   LAT_CPU=1    CPU the latency probe is pinned to     LAT_PIN=all|client (see 2. above)
 #   LAT_ROUNDS=$ROUNDS  rounds of the latency probe (e.g. LAT_ROUNDS=3 with ROUNDS=30)
 #   SKIP_BUILD=1 use the existing target/release/understudy
+#   GATEWAY_BIN=... the gateway binary to measure (default target/release/understudy; with
+#                SKIP_BUILD=1, e.g. to compare two builds run by run)
 #   RESULTS=...  where the markdown report goes (default bench/results-latest.md; the raw runs go
 #                next to it as .tsv: kind workload target round tps latency_ms background_cpu_pct proxy_cpu_us_per_tx
 #                preemptions_per_tx proxy_user_us_per_tx proxy_system_us_per_tx machine_cpu_us_per_tx machine_idle_pct
@@ -93,7 +95,9 @@
 #   HA=1         also measure understudy armed for failover (see 1. above); HA=0 skips it
 #   SYSCALLS=1   count each proxy's system calls per transaction (see 1b. above); SYSCALLS=0 skips it
 #   WORKLOADS="-S,-S -M prepared,-N"  the throughput workloads, comma-separated (e.g. WORKLOADS=-N
-#                ROUNDS=30 for a narrower interval on one of them)
+#                ROUNDS=30 for a narrower interval on one of them); -A is one more: an autocommit
+#                UPDATE of pgbench_accounts per transaction, `-M prepared` (a driver's autocommit
+#                write, which understudy-ha gives its xid query in front of the Sync)
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -124,7 +128,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS=${RESULTS:-$BENCH_DIR/results-latest.md}
-GATEWAY_BIN=$ROOT/target/release/understudy
+GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/release/understudy}
 BENCH_NAME=bench
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
@@ -134,8 +138,8 @@ require_root "needs apt, runuser and taskset"
 IFS=, read -r -a WORKLOAD_NAMES <<<"$WORKLOADS"
 for w in "${WORKLOAD_NAMES[@]}"; do
     case $w in
-    "-S" | "-S -M prepared" | "-N") ;;
-    *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared and -N, comma-separated)" ;;
+    "-S" | "-S -M prepared" | "-N" | "-A") ;;
+    *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared, -N and -A, comma-separated)" ;;
     esac
 done
 for knob in DURATION ROUNDS LAT_ROUNDS; do
@@ -248,6 +252,9 @@ PG_PORT=$(free_port)
 export PGUSER=postgres PGSSLMODE=disable PGGSSENCMODE=disable PGAPPNAME=understudy-bench
 unset PGPASSWORD PGHOST PGPORT PGDATABASE PGSERVICE
 DB=bench # init_primary's
+printf '%s\n' '\set aid random(1, 100000 * :scale)' \
+    'UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;' >"$TMP/autocommit.sql"
+chmod 644 "$TMP/autocommit.sql"
 log "temp dir $TMP; initdb (PostgreSQL on 127.0.0.1:$PG_PORT)"
 init_primary "$TMP/pg" "$PG_PORT" 600 "$SCALE"
 
@@ -385,6 +392,17 @@ prepare_target() {
     [[ $1 != pgbouncer ]] || fresh_pgbouncer_servers
 }
 
+# workload_args workload: sets wargs to its pgbench arguments. -A stands for one autocommit
+# UPDATE a transaction in the extended protocol (what a driver sends outside a transaction),
+# which a gateway armed for failover gives its xid query, in front of the Sync.
+workload_args() {
+    if [[ $1 == -A ]]; then
+        wargs=(-M prepared -f "$TMP/autocommit.sql")
+    else
+        read -r -a wargs <<<"$1"
+    fi
+}
+
 # run_pgbench target outfile seconds [prefix...] -- [pgbench args...]; after prepare_target.
 run_pgbench() {
     local target=$1 out=$2 secs=$3
@@ -449,7 +467,7 @@ LOAD_START=$(loadavg)
 BUSY_START=$(background_busy)
 [[ $BUSY_START -lt 10 ]] || log "WARNING: the machine is ${BUSY_START}% busy before the runs: something else is using the CPUs"
 for w in "${WORKLOAD_NAMES[@]}"; do
-    read -r -a wargs <<<"$w"
+    workload_args "$w"
     if [[ $WARMUP -gt 0 ]]; then
         for t in "${TPUT_TARGETS[@]}"; do
             prepare_target "$t"
@@ -508,7 +526,7 @@ elif ! perf stat -e syscalls:sys_enter_sendto -o /dev/null true >/dev/null 2>&1;
 fi
 if [[ -z $SYS_SKIPPED ]]; then
     for w in "${WORKLOAD_NAMES[@]}"; do
-        read -r -a wargs <<<"$w"
+        workload_args "$w"
         for t in "${TPUT_TARGETS[@]}"; do
             [[ $t != direct ]] || continue
             counts=$TMP/sys-$(tr -c 'A-Za-z0-9' '_' <<<"$w")-$t.csv
@@ -727,7 +745,7 @@ def med(kind, w, t, col):
     vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t and len(r) > col]
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
-stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5}
+stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5, "-A": 1}
 # The workloads this run measured (WORKLOADS), in the usual order.
 WL = [w for w in stmts if any(r[0] == "tput" and r[1] == w for r in rows)]
 def tps_by_round(w, t):

@@ -80,11 +80,10 @@ pub fn parse(name: &str, sql: &str) -> Vec<u8> {
     buf.to_vec()
 }
 
-/// Bind of statement `name` to the unnamed portal with text `params`, Execute, Sync.
-pub fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
-    use postgres_protocol::message::frontend;
+/// Bind of statement `name` to the unnamed portal with text `params`.
+pub fn bind(name: &str, params: &[&str]) -> Vec<u8> {
     let mut buf = bytes::BytesMut::new();
-    frontend::bind(
+    postgres_protocol::message::frontend::bind(
         "",
         name,
         std::iter::empty::<i16>(),
@@ -98,6 +97,13 @@ pub fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
     )
     .map_err(|_| "bind")
     .unwrap();
+    buf.to_vec()
+}
+
+/// Bind of statement `name` to the unnamed portal with text `params`, Execute, Sync.
+pub fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
+    use postgres_protocol::message::frontend;
+    let mut buf = bytes::BytesMut::from(&bind(name, params)[..]);
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::sync(&mut buf);
     buf.to_vec()

@@ -359,6 +359,49 @@ async fn commit_in_flight_behind_a_flush_is_resolved() {
     );
 }
 
+/// Makes every commit on the primary wait for a synchronous standby that does not exist
+/// (`synchronous_standby_names = 'nobody'`); returns once one does (a table `sync_probe(a int)`
+/// takes the probing inserts). In force only then: a session's own SHOW changes before the
+/// checkpointer tells the commits to wait.
+async fn make_commits_wait(cluster: &Cluster) {
+    let su = cluster.superuser().await;
+    su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .await
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let probe = cluster.superuser().await;
+        let waits = tokio::time::timeout(
+            Duration::from_millis(300),
+            probe.batch_execute("INSERT INTO sync_probe VALUES (1)"),
+        )
+        .await
+        .is_err();
+        if waits {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never came"
+        );
+    }
+}
+
+/// Waits until table `t` on the standby has a row: a commit the primary waits on reached it.
+async fn wait_until_streamed(cluster: &Cluster) {
+    let standby = cluster.pg.standby.as_ref().unwrap();
+    let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A COMMIT that committed on the old primary, and reached the standby, but was never
 /// answered (the primary waits for a synchronous standby that does not exist): the gateway
 /// finds its xid committed on the new primary and answers it as the server would have, for a
@@ -375,30 +418,7 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             .await
             .unwrap();
         let statement = prepare_both_ways(&c).await;
-        let su = cluster.superuser().await;
-        su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-            .await
-            .unwrap();
-        su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
-        // In force once a commit elsewhere waits for the standby: the session's own SHOW
-        // changes before the checkpointer tells the commits to wait.
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            let probe = cluster.superuser().await;
-            let waits = tokio::time::timeout(
-                Duration::from_millis(300),
-                probe.batch_execute("INSERT INTO sync_probe VALUES (1)"),
-            )
-            .await
-            .is_err();
-            if waits {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the reload never came"
-            );
-        }
+        make_commits_wait(&cluster).await;
         let commit = tokio::spawn(async move {
             let r = match extended {
                 true => c.execute("COMMIT", &[]).await.map(drop),
@@ -406,15 +426,7 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             };
             (c, r)
         });
-        let standby = cluster.pg.standby.as_ref().unwrap();
-        let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
-        while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the commit never streamed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_streamed(&cluster).await;
         assert!(
             !commit.is_finished(),
             "the COMMIT waits for its synchronous standby"
@@ -1847,41 +1859,12 @@ async fn an_autocommit_batch_committed_unanswered_is_answered() {
         .prepare("INSERT INTO t VALUES ($1) RETURNING a * 10")
         .await
         .unwrap();
-    let su = cluster.superuser().await;
-    su.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-        .await
-        .unwrap();
-    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let probe = cluster.superuser().await;
-        let waits = tokio::time::timeout(
-            Duration::from_millis(300),
-            probe.batch_execute("INSERT INTO sync_probe VALUES (1)"),
-        )
-        .await
-        .is_err();
-        if waits {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reload never came"
-        );
-    }
+    make_commits_wait(&cluster).await;
     let write = tokio::spawn(async move {
         let r = c.query(&insert, &[&7]).await;
         (c, r)
     });
-    let standby = cluster.pg.standby.as_ref().unwrap();
-    let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
-    while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the commit never streamed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_streamed(&cluster).await;
     assert!(!write.is_finished(), "the commit waits for its standby");
     cluster.kill_primary().await;
     let (c, r) = tokio::time::timeout(PATIENCE, write)

@@ -1041,24 +1041,7 @@ async fn autocommit_batches_answer_as_directly() {
         .await
         .unwrap();
     let gw = cluster.gateway().await;
-    let bind = |statement: &str, params: &[&str]| {
-        let mut buf = bytes::BytesMut::new();
-        frontend::bind(
-            "",
-            statement,
-            std::iter::empty::<i16>(),
-            params.iter(),
-            |p, buf| {
-                buf.extend_from_slice(p.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
-            },
-            std::iter::empty::<i16>(),
-            &mut buf,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
-        buf.to_vec()
-    };
+    let bind = raw::bind;
     let execute = |max_rows: i32| {
         let mut buf = bytes::BytesMut::new();
         frontend::execute("", max_rows, &mut buf).unwrap();

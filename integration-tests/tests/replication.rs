@@ -82,6 +82,19 @@ impl WalGap {
         }
     }
 
+    /// Opens the gap, then commits `100` into `t` straight on the primary: a commit the standby
+    /// will not have, which the primary's WAL positions from then on count.
+    async fn open_past_a_direct_commit(cluster: &Cluster) -> Self {
+        let gap = Self::open(cluster).await;
+        cluster
+            .superuser()
+            .await
+            .batch_execute("INSERT INTO t VALUES (100)")
+            .await
+            .unwrap();
+        gap
+    }
+
     /// Continues the receiver at once (after the primary was killed, before the gateway can
     /// promote): it reads and applies the WAL waiting in its socket, so nothing is lost.
     fn close_now(self) {
@@ -440,13 +453,7 @@ async fn a_failed_write_is_no_lost_commit() {
     let c = gw.connect(roles::SCRAM).await;
     c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
 
-    let gap = WalGap::open(&cluster).await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute("INSERT INTO t VALUES (100)")
-        .await
-        .unwrap();
+    let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     let e = c
         .execute("INSERT INTO t VALUES (1)", &[])
         .await
@@ -629,13 +636,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         .unwrap();
     let nothing = c.prepare("UPDATE t SET a = a WHERE a = $1").await.unwrap();
 
-    let gap = WalGap::open(&cluster).await;
-    cluster
-        .superuser()
-        .await
-        .batch_execute("INSERT INTO t VALUES (100)")
-        .await
-        .unwrap();
+    let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
 
     cluster.kill_primary().await;

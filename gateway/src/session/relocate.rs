@@ -816,6 +816,8 @@ impl Session {
                 encode::ready_for_query(&mut resumed.to_client, b'I');
                 self.journal.settle_commit();
             }
+            // Too large to have been kept: it cannot run again.
+            CommitOutcome::NotCommitted if batch.truncated => return Ok(None),
             CommitOutcome::NotCommitted => {
                 match fresh.rerun_batch(batch, seen).await.map_err(unknown)? {
                     Rerun::Same { xid, answer } => {

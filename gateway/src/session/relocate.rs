@@ -52,6 +52,18 @@ enum Rerun {
     Diverged,
 }
 
+impl CommitOutcome {
+    /// Counts a commit in flight at a failover by what became of it.
+    fn count(self) {
+        let outcome = match self {
+            CommitOutcome::Committed => "committed",
+            CommitOutcome::NotCommitted => "replayed",
+            CommitOutcome::InDoubt => "unknown",
+        };
+        metrics::counter!("understudy_in_doubt_commits_total", "outcome" => outcome).increment(1);
+    }
+}
+
 /// A new backend connection being brought up to date before it joins the data path.
 struct Fresh {
     stream: Stream,
@@ -655,12 +667,7 @@ impl Session {
                 }
                 None => CommitOutcome::InDoubt,
             };
-            metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {
-                CommitOutcome::Committed => "committed",
-                CommitOutcome::NotCommitted => "replayed",
-                CommitOutcome::InDoubt => "unknown",
-            })
-            .increment(1);
+            outcome.count();
             tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
             // A COMMIT alone has a known answer; a string that also did other things does not.
             let answer = match outcome {
@@ -802,12 +809,7 @@ impl Session {
             Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
             None => CommitOutcome::Committed,
         };
-        metrics::counter!("understudy_in_doubt_commits_total", "outcome" => match outcome {
-            CommitOutcome::Committed => "committed",
-            CommitOutcome::NotCommitted => "replayed",
-            CommitOutcome::InDoubt => "unknown",
-        })
-        .increment(1);
+        outcome.count();
         tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "an autocommit batch's commit was in flight");
         let mut resumed = Resumed::default();
         match outcome {

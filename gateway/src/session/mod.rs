@@ -58,8 +58,8 @@ static XID_TAIL: LazyLock<Vec<u8>> = LazyLock::new(|| {
 });
 
 /// Appended to a client's one-statement Query that writes in a transaction block: the xid
-/// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells its RowDescription
-/// from anything the client's statement returns.
+/// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells
+/// its RowDescription from anything the client's statement returns.
 const XID_SUFFIX: &[u8] = b"\n;SELECT pg_current_xact_id_if_assigned() AS understudy_xid\0";
 
 /// Where the answer to a Query with [`XID_SUFFIX`] is.

@@ -234,6 +234,9 @@ pub struct Failover {
     /// How long past its own ping (`wal_receiver_timeout / 2`) the standby's WAL receiver may
     /// go without hearing the primary and still count as connected, in ms.
     pub standby_silence_ms: u64,
+    /// Whether an autocommit batch's answer is sent ahead of its commit, so that a commit the
+    /// primary died in is settled on the new primary instead of answered `08007`.
+    pub settle_in_flight_autocommit: bool,
 }
 
 impl Default for Failover {
@@ -245,6 +248,7 @@ impl Default for Failover {
             probe_timeout_ms: 1_000,
             probe_attempts: 3,
             standby_silence_ms: 2_000,
+            settle_in_flight_autocommit: false,
         }
     }
 }

@@ -79,6 +79,18 @@ async fn session_after(sql: &str) -> (Cluster, TestGateway, Client) {
     (cluster, gw, c)
 }
 
+/// As [`session_after`], through a gateway that settles autocommit commits in flight
+/// (`failover.settle_in_flight_autocommit`).
+async fn settling_session_after(sql: &str) -> (Cluster, TestGateway, Client) {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, sql).await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    (cluster, gw, c)
+}
+
 /// Prepares a statement with the extended protocol (Parse) and one with SQL (`PREPARE sq`);
 /// neither goes away when the transaction they were made in ends, whatever its end.
 async fn prepare_both_ways(c: &Client) -> tokio_postgres::Statement {
@@ -1773,10 +1785,11 @@ async fn reported_parameters_follow_the_session() {
     );
 }
 
-/// Autocommit extended-protocol writes whose commits are in flight when the primary dies (a
-/// deferred trigger holds them up at the commit): each client already has its write's answer
-/// but for the ReadyForQuery, and the gateway has the xid (the xid query in front of the Sync
-/// ends with a Flush, so the server sends all that before it commits). The new primary lacks
+/// With `failover.settle_in_flight_autocommit`: autocommit extended-protocol writes whose
+/// commits are in flight when the primary dies (a deferred trigger holds them up at the
+/// commit): each client already has its write's answer but for the ReadyForQuery, and the
+/// gateway has the xid (the xid query in front of the Sync ends with a Flush, so the server
+/// sends all that before it commits). The new primary lacks
 /// both commits, so both batches run there again: the one that answers the same is committed
 /// and its client sees its write succeed, once; the one whose answer differs (RETURNING the
 /// backend's PID) is rolled back, and its client gets 40001. Both sessions go on. (Both got
@@ -1784,7 +1797,7 @@ async fn reported_parameters_follow_the_session() {
 #[tokio::test]
 async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
     let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2)");
-    let (mut cluster, gw, same) = session_after(&format!("{TABLE_T}; {slow}")).await;
+    let (mut cluster, gw, same) = settling_session_after(&format!("{TABLE_T}; {slow}")).await;
     let differs = gw.connect(roles::MD5).await;
     let insert = same
         .prepare("INSERT INTO t VALUES ($1) RETURNING a")
@@ -1846,15 +1859,15 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
     );
 }
 
-/// An autocommit extended-protocol write that committed on the old primary, and reached the
-/// standby, but was never answered (the primary waits for a synchronous standby that does not
+/// With `failover.settle_in_flight_autocommit`: an autocommit extended-protocol write that
+/// committed on the old primary, and reached the standby, but was never answered (the primary waits for a synchronous standby that does not
 /// exist): the client has its answer but for the ReadyForQuery, the gateway has its xid, finds
 /// it committed on the new primary, and gives the client its ReadyForQuery. Nothing runs
 /// again. (It got 08007.)
 #[tokio::test]
 async fn an_autocommit_batch_committed_unanswered_is_answered() {
     let (mut cluster, _gw, c) =
-        session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
+        settling_session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
     let insert = c
         .prepare("INSERT INTO t VALUES ($1) RETURNING a * 10")
         .await

@@ -1027,9 +1027,11 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
 }
 
 /// Autocommit batches that write, through a gateway that could move the session (so the xid
-/// query goes in front of each batch's Sync, with a Flush), answer exactly as directly: rows from a Describe'd portal, an Execute with a row limit and its
-/// PortalSuspended, two batches pipelined, a statement Described and Closed in the batch, an
-/// empty query, answers read after a Flush before the Sync, a failing batch, a simple Query.
+/// query goes in front of each batch's Sync; with `failover.settle_in_flight_autocommit`, and
+/// a Flush), answer exactly as directly: rows from a Describe'd portal, an Execute with a row
+/// limit and its PortalSuspended, two batches pipelined, a statement Described and Closed in
+/// the batch, an empty query, answers read after a Flush before the Sync, a failing batch, a
+/// simple Query.
 #[tokio::test]
 async fn autocommit_batches_answer_as_directly() {
     use postgres_protocol::message::frontend;
@@ -1041,6 +1043,9 @@ async fn autocommit_batches_answer_as_directly() {
         .await
         .unwrap();
     let gw = cluster.gateway().await;
+    let settling = cluster
+        .gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
+        .await;
     let bind = raw::bind;
     let execute = |max_rows: i32| {
         let mut buf = bytes::BytesMut::new();
@@ -1150,19 +1155,22 @@ async fn autocommit_batches_answer_as_directly() {
         }
     };
     let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
-    let (through, mut rc, pid) = transcript(gw.addr()).await;
     assert!(
         direct.contains(&('s', String::new())) && direct.iter().any(|(t, _)| *t == 'E'),
         "{direct:?}"
     );
-    assert_eq!(through, direct);
-    // The gateway did ask: the xid query ran last in the batch's transaction.
-    rc.send(&[bind("ins", &["1"]), execute(0), sync.clone()].concat())
-        .await;
-    rc.read_until(b'Z').await;
     let admin = cluster.superuser().await;
-    assert_eq!(
-        last_query(&admin, pid).await,
-        "SELECT pg_current_xact_id_if_assigned()"
-    );
+    for gw in [&gw, &settling] {
+        let (through, mut rc, pid) = transcript(gw.addr()).await;
+        assert_eq!(through, direct);
+        // The gateway did ask: the xid query ran last in the batch's transaction.
+        rc.send(&[bind("ins", &["1"]), execute(0), sync.clone()].concat())
+            .await;
+        rc.read_until(b'Z').await;
+        assert_eq!(
+            last_query(&admin, pid).await,
+            "SELECT pg_current_xact_id_if_assigned()"
+        );
+        admin.batch_execute("DELETE FROM z").await.unwrap();
+    }
 }

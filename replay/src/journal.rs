@@ -439,6 +439,8 @@ struct Effects {
     sole_commit: bool,
     /// It is a query or a data change (see [`crate::classify::Classified::dml_only`]).
     dml_only: bool,
+    /// Why running it again could act twice outside the database, if so.
+    unreplayable: Option<&'static str>,
 }
 
 /// Why the open transaction cannot be replayed.
@@ -781,6 +783,10 @@ impl Journal {
                     rolls_back_to: classified.rolls_back_to,
                     sole_commit: classified.statements == [Statement::Commit],
                     dml_only: classified.dml_only,
+                    unreplayable: classified.hazards.iter().find_map(|h| match h {
+                        Hazard::Unreplayable(why) => Some(*why),
+                        Hazard::Unmovable(_) => None,
+                    }),
                 };
                 if effects.changes {
                     self.statement_changes.insert(raw_name.to_vec(), changes);
@@ -819,6 +825,11 @@ impl Journal {
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
                 group.dml_only &= effects.dml_only;
+                // Parsed in an earlier transaction, whose hazards are forgotten: each run of
+                // it counts.
+                if let Some(why) = effects.unreplayable {
+                    self.unreplayable.get_or_insert(Unreplayable::Hazard(why));
+                }
                 group.sole_commit = !group.runs && !group.bound && effects.sole_commit;
                 group.bound = true;
                 if effects.changes {
@@ -1809,6 +1820,29 @@ mod tests {
         let mut k = Journal::new(1 << 20);
         k.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
         assert!(k.groups()[0].may_write);
+    }
+
+    /// A statement prepared with an effect outside the database makes each transaction that
+    /// runs it unreplayable, however long after its Parse.
+    #[test]
+    fn a_prepared_hazard_counts_where_it_runs() {
+        let mut j = Journal::new(1 << 20);
+        parsed(
+            &mut j,
+            b"remote\0SELECT dblink_exec('other', 'DELETE FROM t')\0\0\0",
+            b'I',
+        );
+        assert_eq!(j.unreplayable(), None, "parsing runs nothing");
+        j.on_client_message(b'B', &msg(b'B', b"\0remote\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        assert!(
+            matches!(j.unreplayable(), Some(Unreplayable::Hazard(_))),
+            "{:?}",
+            j.unreplayable()
+        );
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.unreplayable(), None, "over with its transaction");
     }
 
     /// `DISCARD ALL` answered without an error, with nothing pipelined behind it, leaves nothing

@@ -48,11 +48,17 @@ fn internal(sql: &str) -> Vec<u8> {
 /// The xid query as requests without a Sync, slipped in front of the Sync of an autocommit batch
 /// that writes, so that it runs in the batch's transaction (see
 /// [`Before::CommitXidBeforeSync`]): its answer comes last before the client's ReadyForQuery.
-/// A Flush ends it, so the server sends the batch's answer and the xid before it commits: a
-/// primary that dies during the commit leaves the gateway knowing what to look up.
 static XID_TAIL: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let mut buf = BytesMut::new();
     encode::internal_request(&mut buf, "SELECT pg_current_xact_id_if_assigned()");
+    buf.to_vec()
+});
+
+/// [`XID_TAIL`] and a Flush, so the server sends the batch's answer and the xid before it
+/// commits: a primary that dies during the commit leaves the gateway knowing what to look up
+/// (`failover.settle_in_flight_autocommit`).
+static XID_TAIL_FLUSHED: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut buf = BytesMut::from(&XID_TAIL[..]);
     postgres_protocol::message::frontend::flush(&mut buf);
     buf.to_vec()
 });
@@ -242,6 +248,9 @@ pub struct Session {
     /// The reported parameters as they were at the last transaction boundary, kept from the
     /// first ParameterStatus since (until then `server_params` holds them).
     params_before: Option<Vec<(String, String)>>,
+    /// The xid query an autocommit batch gets in front of its Sync: [`XID_TAIL`], or
+    /// [`XID_TAIL_FLUSHED`] where in-flight commits are settled.
+    tail_query: &'static [u8],
 }
 
 impl Session {
@@ -264,6 +273,11 @@ impl Session {
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }
+        let tail_query: &'static [u8] = if shared.config.failover.settle_in_flight_autocommit {
+            &XID_TAIL_FLUSHED
+        } else {
+            &XID_TAIL
+        };
         Self {
             pump,
             guard,
@@ -293,6 +307,7 @@ impl Session {
             tail_done: false,
             shown_unmovable: None,
             params_before: None,
+            tail_query,
         }
     }
 
@@ -555,7 +570,7 @@ impl Session {
             }
             let tail = before == Before::CommitXidBeforeSync && self.capture_xid;
             if tail {
-                self.pump.up.insert_ready(&XID_TAIL);
+                self.pump.up.insert_ready(self.tail_query);
                 self.journal.note_tail();
             }
             let suffixed = before == Before::CaptureXidAfter

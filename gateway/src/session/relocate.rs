@@ -15,7 +15,7 @@ use understudy_replay::journal::{
     completes_request, digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
 };
 
-use super::{Owner, Poison, Session, XID_QUERY, XID_TAIL};
+use super::{Owner, Poison, Session, XID_QUERY, XID_TAIL_FLUSHED};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{FailoverError, Promotion};
@@ -183,7 +183,8 @@ impl Fresh {
             return Err("the batch does not end with its Sync".to_owned());
         };
         let mut batch = BytesMut::from(requests);
-        batch.extend_from_slice(&XID_TAIL);
+        // Flushed: the answer is checked before the Sync commits it.
+        batch.extend_from_slice(&XID_TAIL_FLUSHED);
         self.send(&batch).await?;
         let mut digest = DigestBuilder::default();
         let mut completions = 0;
@@ -818,8 +819,13 @@ impl Session {
                 encode::ready_for_query(&mut resumed.to_client, b'I');
                 self.journal.settle_commit();
             }
-            // Too large to have been kept: it cannot run again.
-            CommitOutcome::NotCommitted if batch.truncated => return Ok(None),
+            // Too large to have been kept, or acting outside the database (dblink, COPY …
+            // PROGRAM): it cannot run again.
+            CommitOutcome::NotCommitted
+                if batch.truncated || self.journal.unreplayable().is_some() =>
+            {
+                return Ok(None)
+            }
             CommitOutcome::NotCommitted => {
                 match fresh.rerun_batch(batch, seen).await.map_err(unknown)? {
                     Rerun::Same { xid, answer } => {

@@ -16,8 +16,8 @@
 #      With HA=1 (default) a fourth target, "understudy-ha", is the same gateway armed for failover:
 #      a second backend (a streaming standby of the cluster, started for the run), so its sessions
 #      can move: it journals every request and answer, and the server also runs its xid capture
-#      (one small statement per writing transaction) and WAL-position query (after each
-#      autocommit write). The one-backend "understudy" can move no session, keeps no journal and
+#      (one small statement per writing transaction, an autocommit batch included) and the
+#      WAL-position query (after other autocommit writes). The one-backend "understudy" can move no session, keeps no journal and
 #      sends the server nothing the client did not. The standby replays the primary's WAL during
 #      every run, whatever the target.
 #   1b. System calls per transaction: one more pgbench run per proxy and workload (same flags),
@@ -803,7 +803,8 @@ if ha:
     print()
     print("understudy (one backend) can move no session, so it keeps no journal and asks the server nothing the client did")
     print("not; understudy-ha can, so it journals every request and answer, and the server also runs its xid capture (one")
-    print("small statement per writing transaction) and, after autocommit writes, its WAL-position query.")
+    print("small statement per writing transaction, an autocommit batch included) and, after other autocommit writes,")
+    print("its WAL-position query.")
     print()
 print("## Proxy cost per transaction (same runs, median over rounds)")
 print()

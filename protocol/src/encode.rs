@@ -144,6 +144,10 @@ pub fn internal_query(buf: &mut BytesMut, sql: &str) {
     postgres_protocol::message::frontend::sync(buf);
 }
 
+/// Messages in an [`internal_request`]: each is answered by one completion message (the
+/// Execute's after the rows).
+pub const INTERNAL_REQUESTS: usize = 7;
+
 /// The gateway's own query `sql` in the extended protocol, without a Sync: Close of
 /// [`INTERNAL_STATEMENT`] (statement and portal, which an earlier query that failed may have
 /// left), Parse, Bind (text results), Execute, the two Closes again. Its DataRows carry the
@@ -184,6 +188,20 @@ mod tests {
         want.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         want.extend_from_slice(body);
         assert_eq!(&b[..], &want[..]);
+    }
+
+    #[test]
+    fn internal_request_has_its_count_of_messages() {
+        let mut b = BytesMut::new();
+        internal_request(&mut b, "SELECT 1");
+        let mut messages = 0;
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            let len = i32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            rest = &rest[1 + len..];
+            messages += 1;
+        }
+        assert_eq!(messages, INTERNAL_REQUESTS);
     }
 
     #[test]

@@ -188,12 +188,12 @@ impl Fresh {
         self.send(&batch).await?;
         let mut digest = DigestBuilder::default();
         let mut completions = 0;
-        // The xid query's answer: CloseComplete twice, ParseComplete, BindComplete, its row,
-        // CommandComplete, CloseComplete twice.
+        // The xid query's answer: a completion for each of its requests, and its one row.
+        let tail_messages = encode::INTERNAL_REQUESTS + 1;
         let mut tail = 0;
         let mut xid = None;
         let mut same = true;
-        while tail < 8 {
+        while tail < tail_messages {
             let (tag, raw) = self.recv().await?;
             if tag == backend::ERROR_RESPONSE {
                 // Failed this time, where it did not before; the server now waits for a Sync.

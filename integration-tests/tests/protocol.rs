@@ -671,6 +671,103 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
         .get(0)
 }
 
+/// A Query of one data change outside a transaction block, which a gateway armed for failover
+/// sends as a batch with its xid query, is answered exactly as directly: rows of a RETURNING,
+/// a write of no row, a unique violation, a syntax error, a deferred constraint failing at the
+/// commit (its error replaces the CommandComplete), a notice raised during the commit (before
+/// the CommandComplete), a trailing comment, a row too large to be held whole, and a `$` that
+/// keeps the Query as it is.
+#[tokio::test]
+async fn autocommit_queries_sent_as_batches_answer_as_directly() {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE q(a int PRIMARY KEY, b text);
+             CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
+             CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
+             CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
+               FOR EACH ROW EXECUTE FUNCTION said();
+             GRANT ALL ON q, c TO PUBLIC",
+        )
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let script = [
+        "INSERT INTO q VALUES (1, 'x')",
+        "INSERT INTO q VALUES (2, 'y') RETURNING a, b",
+        "UPDATE q SET b = 'z' WHERE a = 99",
+        "INSERT INTO q VALUES (1, 'again')",
+        "INSERT INTO q VALUS (5)",
+        "INSERT INTO c VALUES (42)",
+        "INSERT INTO c VALUES (1);",
+        "INSERT INTO q VALUES (3, 'w') -- the end",
+        "INSERT INTO q VALUES (4, '$1')",
+        "UPDATE q SET b = b WHERE a > 0 RETURNING 1 / (a - 2)",
+        "WITH d AS (DELETE FROM q WHERE a = 4 RETURNING a) SELECT count(*) FROM d",
+        "INSERT INTO q SELECT g, 'n' FROM generate_series(10, 20) g",
+        "DELETE FROM q WHERE a >= 10 RETURNING *",
+        "INSERT INTO q VALUES (30, repeat('x', 200000)) RETURNING b, a",
+    ];
+    let transcript = |addr| async move {
+        let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "queries").await;
+        let pid = login
+            .iter()
+            .find(|m| m.tag == b'K')
+            .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
+            .unwrap();
+        let mut all = Vec::new();
+        for sql in script {
+            rc.send(&raw::query(sql)).await;
+            all.push(
+                rc.read_until(b'Z')
+                    .await
+                    .into_iter()
+                    .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        (all, rc, pid)
+    };
+    let reset = "TRUNCATE c, q";
+    let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
+    let has = |i: usize, tag: char, text: &str| {
+        direct[i]
+            .iter()
+            .any(|(t, body)| *t == tag && body.contains(text))
+    };
+    assert!(has(1, 'D', "y") && has(3, 'E', "23505") && has(4, 'E', "42601"));
+    assert!(
+        has(5, 'E', "23503") && !has(5, 'C', "INSERT"),
+        "{:?}",
+        direct[5]
+    );
+    assert!(
+        has(6, 'E', "23503") || has(6, 'N', "committing 1"),
+        "{:?}",
+        direct[6]
+    );
+    admin.batch_execute(reset).await.unwrap();
+    let (through, mut rc, pid) = transcript(gw.addr()).await;
+    for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
+        assert_eq!(through, direct, "{}", script[i]);
+    }
+    // It was sent as a batch: the xid query ran last, in the write's transaction.
+    rc.send(&raw::query("INSERT INTO q VALUES (7, 'v')")).await;
+    rc.read_until(b'Z').await;
+    assert_eq!(
+        last_query(&admin, pid).await,
+        "SELECT pg_current_xact_id_if_assigned()"
+    );
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM q", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 5, "1, 2, 3, 30 and 7: each write once");
+}
+
 /// The server runs what the client sends and nothing more unless a session could move: with a
 /// second backend, a lone write in a transaction block carries the xid query and an autocommit
 /// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither
@@ -704,12 +801,19 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         "{text:?}"
     );
     a.batch_execute("COMMIT").await.unwrap();
+    // An autocommit write is sent as a batch with the xid query in front of its Sync.
     a.batch_execute(write).await.unwrap();
-    // The WAL position query follows the write's answer in its own Query.
+    assert_eq!(
+        last_query(&admin, a_pid).await,
+        "SELECT pg_current_xact_id_if_assigned()"
+    );
+    // Two in one string cannot be: the WAL position query follows their answer.
+    let writes = format!("{write}; {write}");
+    a.batch_execute(&writes).await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {
         text = last_query(&admin, a_pid).await;
-        if text != write {
+        if text != writes {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -758,7 +862,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 8);
+    assert_eq!(n, 10);
 }
 
 /// A Sync or Flush sent during COPY data is ignored by the server, so the gateway must not count

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::{
     int_column, metric_total, roles, simple_rows, sqlstate, Cluster, Frozen, TestGateway, PATIENCE,
     SLOW_COMMIT,
@@ -574,8 +574,9 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// primary died in between would carry on past a commit lost with it, unseen. Here that query
 /// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
-/// client gets 08007 for the write instead of its success. The session goes on. (A simple
-/// Query: an extended-protocol batch asks for its xid in its own transaction instead, see
+/// client gets 08007 for the write instead of its success. The session goes on. (A Query of
+/// two statements: an extended-protocol batch, and a Query of one data change sent as one,
+/// ask for their xid in their own transaction instead, see
 /// [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
@@ -588,7 +589,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let write = spawn_statement(writer, "INSERT INTO t VALUES (2)");
+    let write = spawn_statement(writer, "INSERT INTO t VALUES (2); SELECT 1");
     let deadline = Instant::now() + PATIENCE;
     while values(&locker).await.is_empty() {
         assert!(Instant::now() < deadline, "the INSERT never committed");
@@ -620,16 +621,16 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
     assert_eq!(values(&writer).await, [&before[..], &[3]].concat());
 }
 
-/// Asynchronous replication. An autocommit extended-protocol write that changes nothing (an
-/// UPDATE of no rows) commits nothing that could be lost; a superuser's commit straight on the
-/// primary, made just before it while the standby's receiver is frozen, is lost with the
-/// primary. The session carries on after the failover: its xid was asked for inside its own
-/// transaction, and none was assigned. (The gateway took the primary's WAL position after each
-/// autocommit write instead; that position counted the superuser's commit, and the session was
-/// ended with FATAL 08007 for a commit it never made. The same position counted any commit of
-/// another session flushed between a write's commit and the position query, which under
-/// synchronous replication the standby need not have had yet. A simple-protocol Query still
-/// gets the position, see `CaptureLsnAfter`.)
+/// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
+/// in the extended protocol or a simple Query, commits nothing that could be lost; a
+/// superuser's commit straight on the primary, made just before them while the standby's
+/// receiver is frozen, is lost with the primary. Both sessions carry on after the failover:
+/// their xids were asked for inside their own transactions (the Query sent as a batch), and
+/// none was assigned. (The gateway took the primary's WAL position after each autocommit write
+/// instead; that position counted the superuser's commit, and the sessions were ended with
+/// FATAL 08007 for a commit they never made. The same position counted any commit of another
+/// session flushed between a write's commit and the position query, which under synchronous
+/// replication the standby need not have had yet.)
 #[tokio::test]
 async fn a_write_that_changed_nothing_is_no_lost_commit() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -638,27 +639,46 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         .await
         .unwrap();
     let nothing = c.prepare("UPDATE t SET a = a WHERE a = $1").await.unwrap();
+    let simple = gw.connect(roles::SCRAM).await;
+    simple
+        .batch_execute("INSERT INTO t VALUES (30)")
+        .await
+        .unwrap();
 
     let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
+    let answer = simple
+        .simple_query("UPDATE t SET a = a WHERE a = -1")
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer[..], [SimpleQueryMessage::CommandComplete(0)]),
+        "{answer:?}"
+    );
 
     cluster.kill_primary().await;
-    let next = tokio::spawn(async move {
-        let r = c.execute("INSERT INTO t VALUES ($1)", &[&20]).await;
-        (c, r)
-    });
+    let insert = |c: Client, a: i32| {
+        tokio::spawn(async move {
+            let r = c.execute("INSERT INTO t VALUES ($1)", &[&a]).await;
+            (c, r)
+        })
+    };
+    let (next, next_simple) = (insert(c, 20), insert(simple, 40));
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
-    let (c, r) = tokio::time::timeout(PATIENCE, next)
-        .await
-        .expect("answered")
-        .unwrap();
-    r.expect("the session carries on: its commit is on the new primary");
-    assert_eq!(server_port(&c).await, standby_port);
+    for next in [next, next_simple] {
+        let (c, r) = tokio::time::timeout(PATIENCE, next)
+            .await
+            .expect("answered")
+            .unwrap();
+        r.expect("the session carries on: its commits are on the new primary");
+        assert_eq!(server_port(&c).await, standby_port);
+    }
+    let c = gw.connect(roles::MD5).await;
     assert_eq!(
         values(&c).await,
-        [10, 20],
+        [10, 20, 30, 40],
         "every acknowledged write once; the superuser's was lost"
     );
 }

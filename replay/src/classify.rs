@@ -81,6 +81,9 @@ pub struct Classified {
     /// MERGE and their WITH, VALUES, TABLE and EXPLAIN forms), none a COPY: statements that
     /// run the same inside a transaction block as alone.
     pub dml_only: bool,
+    /// Whether every statement is an INSERT, UPDATE, DELETE or MERGE (not in a WITH form):
+    /// statements whose RETURNING rows, RowDescription first, are sent once they have run.
+    pub changes_only: bool,
 }
 
 impl Classified {
@@ -182,6 +185,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.rolls_back_to = false;
     out.session_spans.clear();
     out.dml_only = true;
+    out.changes_only = true;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     while lex.pos < sql.len() {
@@ -289,6 +293,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 | kw::DELETE
                 | kw::MERGE
         );
+        out.changes_only &= matches!(keyword, kw::INSERT | kw::UPDATE | kw::DELETE | kw::MERGE);
         if keyword == kw::CREATE && facts.temp || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
@@ -839,7 +844,15 @@ mod tests {
             "select nextval('s')",
             "explain analyze insert into t values (1)",
         ] {
-            assert!(classify(sql).dml_only, "{sql}");
+            let c = classify(sql);
+            assert!(c.dml_only, "{sql}");
+            assert_eq!(
+                c.changes_only,
+                ["insert", "UPDATE", "merge"]
+                    .iter()
+                    .any(|k| sql.starts_with(k)),
+                "{sql}"
+            );
         }
         for sql in [
             "VACUUM t",
@@ -852,7 +865,8 @@ mod tests {
             "DO $$ BEGIN PERFORM 1; END $$",
             "SET x = 1",
         ] {
-            assert!(!classify(sql).dml_only, "{sql}");
+            let c = classify(sql);
+            assert!(!c.dml_only && !c.changes_only, "{sql}");
         }
     }
 

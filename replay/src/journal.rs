@@ -135,7 +135,8 @@ pub struct Group {
     /// in the order it changed them.
     undo: Vec<Undo>,
     /// Whether every statement it binds is a query or a data change (see
-    /// [`crate::classify::Classified::dml_only`]).
+    /// [`crate::classify::Classified::dml_only`]); for a Query, whether it is one INSERT,
+    /// UPDATE, DELETE or MERGE with no `$` (see [`Before::QueryAsBatch`]).
     dml_only: bool,
     /// Its Parse, Bind, Close, Describe and Execute messages: each is answered by one
     /// completion message unless an error ends the group first.
@@ -469,6 +470,12 @@ pub enum Before {
     /// would then answer the statement before committing it, so a commit that fails, a
     /// deferred constraint's, would follow its CommandComplete instead of replacing it.)
     CaptureLsnAfter,
+    /// The message is a Query of one INSERT, UPDATE, DELETE or MERGE outside a transaction
+    /// block (no `$`, which a Parse would take for a parameter): it can be sent as the batch
+    /// Parse, Bind, Describe, Execute with the xid query in front of its Sync, whose answer the
+    /// gateway turns back into the Query's (see [`Before::CommitXidBeforeSync`]); failing that,
+    /// capture the WAL position after it.
+    QueryAsBatch,
     /// The message is a Sync ending a batch of data-changing statements outside a transaction
     /// block, which the server commits at the Sync: ask for the xid in front of it, inside the
     /// batch's transaction (see [`Journal::note_tail`]); failing that, capture the WAL
@@ -751,6 +758,10 @@ impl Journal {
                 {
                     before = Before::CaptureXidAfter;
                 }
+                group.dml_only &= first
+                    && classified.changes_only
+                    && classified.statements.len() == 1
+                    && !sql.contains(&b'$');
                 record_hazards(
                     &classified.hazards,
                     &mut self.unmovable,
@@ -892,14 +903,11 @@ impl Journal {
             // A batch of queries and data changes runs in one transaction up to its Sync, so
             // a query slipped in before the Sync is in it (one with COMMIT, BEGIN or anything
             // that commits on its own may end that transaction earlier).
-            before = if tag == frontend::SYNC
-                && group.dml_only
-                && !group.commits
-                && !group.begins
-                && !group.copies
-                && !group.queries
-            {
+            let dml_only = group.dml_only && !group.commits && !group.begins && !group.copies;
+            before = if tag == frontend::SYNC && dml_only && !group.queries {
                 Before::CommitXidBeforeSync
+            } else if tag == frontend::QUERY && dml_only {
+                Before::QueryAsBatch
             } else {
                 Before::CaptureLsnAfter
             };
@@ -1443,12 +1451,15 @@ mod tests {
     fn a_lone_write_in_a_block_asks_for_the_xid_and_commit_then_need_not() {
         let mut j = Journal::new(1 << 20);
         // Outside a block no: a string of one statement would become one of two, whose
-        // CommandComplete comes before the commit (see `CaptureLsnAfter`).
+        // CommandComplete comes before the commit (see `CaptureLsnAfter`); it is sent as a
+        // batch instead.
         assert_eq!(
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
-            Before::CaptureLsnAfter
+            Before::QueryAsBatch
         );
+        j.set_xid(Some(700));
         answer(&mut j, b"INSERT 0 1", b'I');
+        assert_eq!(j.last_committed_xid(), Some(700));
         j.on_client_message(b'Q', &query("BEGIN"));
         answer(&mut j, b"BEGIN", b'T');
         for sql in [
@@ -1935,10 +1946,19 @@ mod tests {
     #[test]
     fn wal_position_follows_autocommit_writes_and_copy_data() {
         let mut j = Journal::new(1 << 20);
-        // A Query outside a block: no xid asked (see `a_lone_write_in_a_block…`).
+        // A Query outside a block that cannot be sent as a batch: more than one statement, a
+        // `$` a Parse would take for a parameter, a statement other than a data change.
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            Before::QueryAsBatch
+        );
+        j.on_ready_for_query(b'I');
         for sql in [
-            "INSERT INTO t VALUES (1)",
             "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+            "INSERT INTO t VALUES ('$1')",
+            "INSERT INTO t VALUES ($$x$$)",
+            "WITH d AS (DELETE FROM t RETURNING a) SELECT count(*) FROM d",
+            "SELECT ins_fn(1)",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
             "CALL p()",
@@ -2192,7 +2212,7 @@ mod tests {
         answer(&mut j, b"COMMIT", b'I');
         assert_eq!(
             j.on_client_message(b'Q', &raw_query(b"UPDATE t SET a = '\xe9'")),
-            Before::CaptureLsnAfter
+            Before::QueryAsBatch
         );
         answer(&mut j, b"UPDATE 1", b'I');
         assert_eq!(j.unmovable(), None);

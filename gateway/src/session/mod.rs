@@ -63,6 +63,73 @@ static XID_TAIL_FLUSHED: LazyLock<Vec<u8>> = LazyLock::new(|| {
     buf.to_vec()
 });
 
+/// What follows the statement text of a client's Query sent as a batch (see
+/// [`Before::QueryAsBatch`]) once its type byte, length and statement name make it a Parse:
+/// no parameter types, then Bind and Describe of the unnamed portal, Execute, the xid query
+/// ([`XID_TAIL`]) and the Sync that commits. A Query ends the unnamed statement and portal as it
+/// starts, so using them changes nothing the client could see.
+static QUERY_AS_BATCH_REST: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    use postgres_protocol::message::frontend as msg;
+    let mut buf = BytesMut::from(&[0u8, 0][..]);
+    // The unnamed statement and portal, no parameters: nothing can fail.
+    let _ = msg::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<()>(),
+        |(), _| Ok(postgres_protocol::IsNull::No),
+        std::iter::empty::<i16>(),
+        &mut buf,
+    );
+    let _ = msg::describe(b'P', "", &mut buf);
+    let _ = msg::execute("", 0, &mut buf);
+    buf.extend_from_slice(&XID_TAIL);
+    msg::sync(&mut buf);
+    buf.to_vec()
+});
+
+/// The longest message PostgreSQL takes from a client (`PQ_LARGE_MESSAGE_LIMIT`), length word
+/// included.
+const SERVER_MESSAGE_LIMIT: usize = 0x3fff_ffff;
+
+/// Where the answer to a client's Query sent as a batch is (see [`QUERY_AS_BATCH_REST`]). The
+/// gateway takes out what a Query is not answered with, and holds back what it would not have
+/// sent yet: a RETURNING's RowDescription until the statement has run (its first row, or its
+/// CommandComplete), and the CommandComplete until the commit succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AsBatch {
+    /// No such Query is being answered.
+    None,
+    /// ParseComplete, BindComplete, then the Describe's RowDescription (held) or NoData.
+    Preamble,
+    /// The RowDescription is held: the statement has not answered yet.
+    Described,
+    /// The statement's rows, up to its CommandComplete (held).
+    Rows,
+    /// The xid query's answer.
+    Tail,
+    /// The xid query's row and CommandComplete are in: an error now is the commit's.
+    Committing,
+    /// An error ended the batch: the server skips the rest up to the Sync.
+    Failed,
+}
+
+impl AsBatch {
+    /// Whether a server message of type `tag` is one the gateway must look at in this state.
+    fn looks_at(self, tag: u8) -> bool {
+        match self {
+            AsBatch::Preamble => matches!(tag, b'1' | b'2' | b'n' | backend::ROW_DESCRIPTION),
+            // (A row is not: it may be too large to hold whole, see `before_first_row`.)
+            AsBatch::Described => tag == backend::COMMAND_COMPLETE,
+            AsBatch::Rows => tag == backend::COMMAND_COMPLETE,
+            AsBatch::Tail => is_tail_answer(tag),
+            // The xid query's statement and portal closed.
+            AsBatch::Committing => tag == b'3',
+            AsBatch::None | AsBatch::Failed => false,
+        }
+    }
+}
+
 /// Appended to a client's one-statement Query that writes in a transaction block: the xid
 /// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells
 /// its RowDescription from anything the client's statement returns.
@@ -147,6 +214,8 @@ enum Owner {
     /// The client, whose one-statement Query carries the xid query after its statement: the
     /// answers to that are consumed (see [`XidSuffix`]), the rest forwarded.
     ClientThenXid,
+    /// The client, whose Query was sent as a batch with the xid query (see [`AsBatch`]).
+    ClientAsBatch,
     /// The gateway's WAL position query: consume.
     Lsn,
     /// The client, answered with an error of the gateway's that the new backend raises in
@@ -158,7 +227,10 @@ enum Owner {
 impl Owner {
     /// Whether the client waits for this ReadyForQuery.
     fn is_client(self) -> bool {
-        matches!(self, Owner::Client | Owner::ClientThenXid | Owner::Raised)
+        matches!(
+            self,
+            Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch | Owner::Raised
+        )
     }
 }
 
@@ -239,6 +311,10 @@ pub struct Session {
     doomed_commit: Option<(Vec<u8>, &'static str)>,
     /// Progress through the answer to a Query that carries the xid query.
     xid_suffix: XidSuffix,
+    /// Progress through the answer to a client's Query sent as a batch.
+    as_batch: AsBatch,
+    /// What of that answer is held back (see [`AsBatch`]): whole server messages.
+    held_answer: Vec<u8>,
     /// The answer to [`XID_TAIL`] in the batch being answered is complete (its
     /// CommandComplete passed): an error after it is the commit's, not the query's, and the
     /// client has all of the batch's answer but its ReadyForQuery.
@@ -304,6 +380,8 @@ impl Session {
             capture_xid: can_move,
             doomed_commit: None,
             xid_suffix: XidSuffix::None,
+            as_batch: AsBatch::None,
+            held_answer: Vec::new(),
             tail_done: false,
             shown_unmovable: None,
             params_before: None,
@@ -577,6 +655,8 @@ impl Session {
                 && self.capture_xid
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
+            let as_batch =
+                before == Before::QueryAsBatch && self.capture_xid && self.send_query_as_batch(n);
             if self.journal.expects_ready() {
                 if self.awaiting_ready == 0 {
                     self.guard.info().active.store(true, Ordering::Relaxed);
@@ -584,6 +664,8 @@ impl Session {
                 self.awaiting_ready += 1;
                 self.wire.push_back(if suffixed {
                     Owner::ClientThenXid
+                } else if as_batch {
+                    Owner::ClientAsBatch
                 } else {
                     Owner::Client
                 });
@@ -591,10 +673,11 @@ impl Session {
             if matches!(tag, frontend::QUERY | frontend::EXECUTE) {
                 self.tally.query();
             }
-            if !suffixed {
+            if !suffixed && !as_batch {
                 self.pump.up.ready += n;
             }
-            let unasked = before == Before::CommitXidBeforeSync && !tail;
+            let unasked = (before == Before::CommitXidBeforeSync && !tail)
+                || (before == Before::QueryAsBatch && !as_batch);
             if (before == Before::CaptureLsnAfter || unasked) && self.can_move {
                 self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
@@ -617,6 +700,30 @@ impl Session {
         // Everything but the terminating NUL, which the suffix brings along.
         pipe.ready += n - 1;
         pipe.splice_at_ready(1, XID_SUFFIX);
+        true
+    }
+
+    /// Sends the client's Query of `n` bytes at `ready` (one data-changing statement outside a
+    /// transaction block) as a Parse of the same text followed by [`QUERY_AS_BATCH_REST`], so
+    /// that the xid query runs in its transaction; done in place. Returns false (nothing done)
+    /// if the Parse would be longer than the server takes.
+    fn send_query_as_batch(&mut self, n: usize) -> bool {
+        // The statement name's NUL and the parameter count's two bytes are added.
+        let Some(len) = (n + 2 <= SERVER_MESSAGE_LIMIT)
+            .then(|| i32::try_from(n + 2).ok())
+            .flatten()
+        else {
+            return false;
+        };
+        let pipe = &mut self.pump.up;
+        let at = pipe.ready;
+        pipe.buf[at] = frontend::PARSE;
+        pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
+        pipe.ready += 5;
+        pipe.splice_at_ready(0, b"\0");
+        // The text and its NUL.
+        pipe.ready += n - 5;
+        pipe.splice_at_ready(0, &QUERY_AS_BATCH_REST);
         true
     }
 
@@ -696,7 +803,11 @@ impl Session {
             if owner == Some(Owner::ClientThenXid) && self.xid_suffix == XidSuffix::None {
                 self.xid_suffix = XidSuffix::Statement;
             }
+            if owner == Some(Owner::ClientAsBatch) && self.as_batch == AsBatch::None {
+                self.as_batch = AsBatch::Preamble;
+            }
             let suffix = self.xid_suffix;
+            let as_batch = self.as_batch;
             let doomed = self.doomed_commit.is_some();
             let tail = self.journal.answering_tail();
             let at = self.pump.down.ready;
@@ -712,6 +823,7 @@ impl Session {
                     || suffix == XidSuffix::Completed && t == backend::ROW_DESCRIPTION
                     || suffix == XidSuffix::Answer && t == backend::DATA_ROW
                     || tail && is_tail_answer(t)
+                    || as_batch.looks_at(t)
             };
             let (step, n) = match down.scanner.next(&down.buf[at..], look) {
                 Ok(s) => s,
@@ -725,6 +837,7 @@ impl Session {
             match step {
                 Step::NeedMore => return None,
                 Step::Whole { tag, .. } if !look(tag) => {
+                    let at = self.before_first_row(tag, at);
                     self.journal
                         .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
                     self.journal.on_server_message(tag);
@@ -776,6 +889,10 @@ impl Session {
                         self.release_held_ready();
                     }
                 }
+                Step::Whole { tag, body } if as_batch.looks_at(tag) => {
+                    let xid = (tag == backend::DATA_ROW).then(|| parse_xid_row(body));
+                    self.on_batch_answer(tag, xid, n);
+                }
                 Step::Whole { tag, body } if tail && is_tail_answer(tag) => {
                     // The client's requests are answered: the rest is the xid query's.
                     match tag {
@@ -814,6 +931,12 @@ impl Session {
                 }
                 Step::Whole { tag, body } => {
                     match tag {
+                        backend::READY_FOR_QUERY if !self.held_answer.is_empty() => {
+                            // The commit succeeded: the Query's answer ends as it would have.
+                            self.release_held_answer();
+                            // The ReadyForQuery is looked at again, behind it.
+                            continue;
+                        }
                         backend::READY_FOR_QUERY => {
                             if n == READY_LEN && self.wire.get(1) == Some(&Owner::Lsn) {
                                 let mut ready = [0; READY_LEN];
@@ -828,6 +951,22 @@ impl Session {
                         }
                         backend::ERROR_RESPONSE => {
                             let err = ErrorView::parse(body);
+                            if as_batch != AsBatch::None && !err.is_fatal() {
+                                if as_batch == AsBatch::Tail {
+                                    tracing::warn!(
+                                        session = self.guard.info().id,
+                                        code = err.code,
+                                        message = err.message,
+                                        "the xid query of a Query sent as a batch failed; this session does without it from now on"
+                                    );
+                                    self.capture_xid = false;
+                                }
+                                // The Query failed, at its commit if it got that far: what is
+                                // held never was (the server answers a Query's statement once
+                                // it has run, and completes it once it is committed).
+                                self.held_answer.clear();
+                                self.as_batch = AsBatch::Failed;
+                            }
                             // (Not the gateway's own error standing in for a request in doubt
                             // after a move.)
                             if tail
@@ -891,6 +1030,7 @@ impl Session {
                 }
                 Step::Streamed { tag, .. } => {
                     self.down_tag = tag;
+                    let at = self.before_first_row(tag, at);
                     // A RowDescription too large to look into still completes a request.
                     self.journal.on_server_message(tag);
                     self.journal
@@ -904,6 +1044,60 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles the message of type `tag`, `n` bytes at `ready`, of the answer to a client's
+    /// Query sent as a batch that a Query is not answered with, or not there (see [`AsBatch`]);
+    /// `xid` is a DataRow's value.
+    fn on_batch_answer(&mut self, tag: u8, xid: Option<Option<u64>>, n: usize) {
+        let at = self.pump.down.ready;
+        match (self.as_batch, tag) {
+            (AsBatch::Preamble, b'n') => self.as_batch = AsBatch::Rows,
+            (AsBatch::Preamble, backend::ROW_DESCRIPTION) => {
+                self.held_answer
+                    .extend_from_slice(&self.pump.down.buf[at..at + n]);
+                self.as_batch = AsBatch::Described;
+            }
+            (AsBatch::Described | AsBatch::Rows, _) => {
+                self.held_answer
+                    .extend_from_slice(&self.pump.down.buf[at..at + n]);
+                self.as_batch = AsBatch::Tail;
+            }
+            (AsBatch::Tail, backend::DATA_ROW) => self.journal.set_xid(xid.flatten()),
+            (AsBatch::Tail, backend::COMMAND_COMPLETE) => self.as_batch = AsBatch::Committing,
+            _ => {}
+        }
+        self.pump.down.remove_at_ready(n);
+    }
+
+    /// Before a server message of type `tag` at `at` (`ready`) is passed on: the first row of
+    /// a Query sent as a batch shows its statement ran, so the RowDescription held goes first.
+    /// Returns where the message is now.
+    fn before_first_row(&mut self, tag: u8, at: usize) -> usize {
+        if tag != backend::DATA_ROW || self.as_batch != AsBatch::Described {
+            return at;
+        }
+        self.release_held_answer();
+        self.as_batch = AsBatch::Rows;
+        self.pump.down.ready
+    }
+
+    /// Passes on what is held of the answer to a Query sent as a batch, at `ready`.
+    fn release_held_answer(&mut self) {
+        let held = std::mem::take(&mut self.held_answer);
+        let mut rest = &held[..];
+        while let Some((&tag, after)) = rest.split_first() {
+            let len = after
+                .first_chunk::<4>()
+                .map_or(0, |l| u32::from_be_bytes(*l) as usize);
+            let (message, next) = rest.split_at((1 + len).min(rest.len()));
+            self.journal.on_server_bytes(tag, message);
+            self.journal.on_server_message(tag);
+            rest = next;
+        }
+        self.pump.down.insert_ready(&held);
+        self.held_answer = held;
+        self.held_answer.clear();
     }
 
     /// Passes on the client's ReadyForQuery held back for a WAL position now known.
@@ -920,6 +1114,7 @@ impl Session {
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
         self.xid_suffix = XidSuffix::None;
+        self.as_batch = AsBatch::None;
         self.tail_done = false;
         if status == b'I' {
             self.params_before = None;

@@ -429,6 +429,9 @@ impl Session {
         self.held_ready = None;
         self.xid_row = None;
         self.xid_suffix = super::XidSuffix::None;
+        // A Query sent as a batch and cut short did not commit as far as its client knows.
+        self.as_batch = super::AsBatch::None;
+        self.held_answer.clear();
         Ok((left > 0).then_some((self.down_tag, left)))
     }
 

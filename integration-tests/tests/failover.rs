@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
@@ -400,12 +400,12 @@ async fn make_commits_wait(cluster: &Cluster) {
     }
 }
 
-/// Waits until table `t` on the standby has a row: a commit the primary waits on reached it.
-async fn wait_until_streamed(cluster: &Cluster) {
+/// Waits until table `t` on the standby has `rows` rows: the commits the primary waits on reached it.
+async fn wait_until_streamed(cluster: &Cluster, rows: usize) {
     let standby = cluster.pg.standby.as_ref().unwrap();
     let on_standby = standby.client(roles::SUPERUSER, "postgres").await.unwrap();
     let deadline = std::time::Instant::now() + PATIENCE;
-    while int_column(&on_standby, "SELECT a FROM t").await.is_empty() {
+    while int_column(&on_standby, "SELECT a FROM t").await.len() < rows {
         assert!(
             std::time::Instant::now() < deadline,
             "the commit never streamed"
@@ -438,7 +438,7 @@ async fn a_committed_commit_whose_answer_was_lost_is_answered() {
             };
             (c, r)
         });
-        wait_until_streamed(&cluster).await;
+        wait_until_streamed(&cluster, 1).await;
         assert!(
             !commit.is_finished(),
             "the COMMIT waits for its synchronous standby"
@@ -1792,11 +1792,12 @@ async fn reported_parameters_follow_the_session() {
 /// sends all that before it commits). The new primary lacks
 /// both commits, so both batches run there again: the one that answers the same is committed
 /// and its client sees its write succeed, once; the one whose answer differs (RETURNING the
-/// backend's PID) is rolled back, and its client gets 40001. Both sessions go on. (Both got
-/// 08007, outcome unknown.)
+/// backend's PID) is rolled back, and its client gets 40001. Both sessions go on. The same for
+/// two simple-protocol Queries (sent as batches; the gateway holds their CommandComplete).
+/// (All four got 08007, outcome unknown.)
 #[tokio::test]
 async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
-    let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2)");
+    let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2, 5, 6)");
     let (mut cluster, gw, same) = settling_session_after(&format!("{TABLE_T}; {slow}")).await;
     let differs = gw.connect(roles::MD5).await;
     let insert = same
@@ -1815,7 +1816,21 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
         let r = differs.query(&insert_pid, &[&2]).await;
         (differs, r)
     });
-    // Both are in their commits, in the trigger's 1.5 s.
+    let query = |c: Client, sql: &'static str| {
+        tokio::spawn(async move {
+            let r = c.simple_query(sql).await;
+            (c, r)
+        })
+    };
+    let same_query = query(
+        gw.connect(roles::TRUST).await,
+        "INSERT INTO t VALUES (5) RETURNING a",
+    );
+    let differing_query = query(
+        gw.connect(roles::TRUST).await,
+        "INSERT INTO t VALUES (6) RETURNING pg_backend_pid()",
+    );
+    // All are in their commits, in the trigger's 1.5 s.
     let admin = cluster.superuser().await;
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
@@ -1827,10 +1842,10 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
             .await
             .unwrap()
             .get(0);
-        if sleeping == 2 {
+        if sleeping == 4 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never both in commit");
+        assert!(std::time::Instant::now() < deadline, "never all in commit");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cluster.kill_primary().await;
@@ -1853,9 +1868,32 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
         .execute("INSERT INTO t VALUES (4)", &[])
         .await
         .unwrap();
+    let (same, r) = tokio::time::timeout(PATIENCE, same_query)
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = r.expect("run again, with the same answer, and committed");
+    assert_eq!(simple_rows(&answer), [["5"]]);
+    assert!(
+        matches!(answer.last(), Some(SimpleQueryMessage::CommandComplete(1))),
+        "{answer:?}"
+    );
+    let (differs, r) = tokio::time::timeout(PATIENCE, differing_query)
+        .await
+        .expect("answered")
+        .unwrap();
+    let e = r.expect_err("answered otherwise when run again");
+    assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
+    same.batch_execute("INSERT INTO t VALUES (7)")
+        .await
+        .unwrap();
+    differs
+        .batch_execute("INSERT INTO t VALUES (8)")
+        .await
+        .unwrap();
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
-        [1, 3, 4]
+        [1, 3, 4, 5, 7, 8]
     );
 }
 
@@ -1863,22 +1901,31 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
 /// committed on the old primary, and reached the standby, but was never answered (the primary waits for a synchronous standby that does not
 /// exist): the client has its answer but for the ReadyForQuery, the gateway has its xid, finds
 /// it committed on the new primary, and gives the client its ReadyForQuery. Nothing runs
-/// again. (It got 08007.)
+/// again. The same for a simple-protocol Query sent as a batch: the client gets the
+/// CommandComplete the gateway held too. (Both got 08007.)
 #[tokio::test]
 async fn an_autocommit_batch_committed_unanswered_is_answered() {
-    let (mut cluster, _gw, c) =
+    let (mut cluster, gw, c) =
         settling_session_after(&format!("{TABLE_T}; CREATE TABLE sync_probe(a int)")).await;
     let insert = c
         .prepare("INSERT INTO t VALUES ($1) RETURNING a * 10")
         .await
         .unwrap();
+    let simple = gw.connect(roles::TRUST).await;
     make_commits_wait(&cluster).await;
     let write = tokio::spawn(async move {
         let r = c.query(&insert, &[&7]).await;
         (c, r)
     });
-    wait_until_streamed(&cluster).await;
-    assert!(!write.is_finished(), "the commit waits for its standby");
+    let query = tokio::spawn(async move {
+        let r = simple.simple_query("INSERT INTO t VALUES (9)").await;
+        (simple, r)
+    });
+    wait_until_streamed(&cluster, 2).await;
+    assert!(
+        !write.is_finished() && !query.is_finished(),
+        "the commits wait for their standby"
+    );
     cluster.kill_primary().await;
     let (c, r) = tokio::time::timeout(PATIENCE, write)
         .await
@@ -1887,8 +1934,17 @@ async fn an_autocommit_batch_committed_unanswered_is_answered() {
     let rows = r.expect("committed there");
     assert_eq!(rows[0].get::<_, i32>(0), 70);
     c.execute("INSERT INTO t VALUES (8)", &[]).await.unwrap();
+    let (_simple, r) = tokio::time::timeout(PATIENCE, query)
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = r.expect("committed there");
+    assert!(
+        matches!(answer[..], [SimpleQueryMessage::CommandComplete(1)]),
+        "{answer:?}"
+    );
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
-        [7, 8]
+        [7, 8, 9]
     );
 }

@@ -672,7 +672,8 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 }
 
 /// A Query of one data change outside a transaction block, which a gateway armed for failover
-/// sends as a batch with its xid query, is answered exactly as directly: rows of a RETURNING,
+/// sends as a batch with its xid query (flushed where in-flight commits are settled), is
+/// answered exactly as directly: rows of a RETURNING,
 /// a write of no row, a unique violation, a syntax error, a deferred constraint failing at the
 /// commit (its error replaces the CommandComplete), a notice raised during the commit (before
 /// the CommandComplete), a trailing comment, a row too large to be held whole, and a `$` that
@@ -694,6 +695,9 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         .await
         .unwrap();
     let gw = cluster.gateway().await;
+    let settling = cluster
+        .gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
+        .await;
     let script = [
         "INSERT INTO q VALUES (1, 'x')",
         "INSERT INTO q VALUES (2, 'y') RETURNING a, b",
@@ -748,24 +752,26 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         "{:?}",
         direct[6]
     );
-    admin.batch_execute(reset).await.unwrap();
-    let (through, mut rc, pid) = transcript(gw.addr()).await;
-    for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
-        assert_eq!(through, direct, "{}", script[i]);
+    for gw in [&gw, &settling] {
+        admin.batch_execute(reset).await.unwrap();
+        let (through, mut rc, pid) = transcript(gw.addr()).await;
+        for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
+            assert_eq!(through, direct, "{}", script[i]);
+        }
+        // It was sent as a batch: the xid query ran last, in the write's transaction.
+        rc.send(&raw::query("INSERT INTO q VALUES (7, 'v')")).await;
+        rc.read_until(b'Z').await;
+        assert_eq!(
+            last_query(&admin, pid).await,
+            "SELECT pg_current_xact_id_if_assigned()"
+        );
+        let rows: i64 = admin
+            .query_one("SELECT count(*) FROM q", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 5, "1, 2, 3, 30 and 7: each write once");
     }
-    // It was sent as a batch: the xid query ran last, in the write's transaction.
-    rc.send(&raw::query("INSERT INTO q VALUES (7, 'v')")).await;
-    rc.read_until(b'Z').await;
-    assert_eq!(
-        last_query(&admin, pid).await,
-        "SELECT pg_current_xact_id_if_assigned()"
-    );
-    let rows: i64 = admin
-        .query_one("SELECT count(*) FROM q", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 5, "1, 2, 3, 30 and 7: each write once");
 }
 
 /// The server runs what the client sends and nothing more unless a session could move: with a

@@ -130,7 +130,7 @@ pub struct Group {
     /// Statements closed by it (`""`: the unnamed one).
     closes: Vec<String>,
     /// Whether it holds a simple Query, which ends the unnamed statement.
-    queries: bool,
+    pub queries: bool,
     /// What its statements were before it changed them (Parse, Close, PREPARE, DEALLOCATE),
     /// in the order it changed them.
     undo: Vec<Undo>,

@@ -63,14 +63,14 @@ static XID_TAIL_FLUSHED: LazyLock<Vec<u8>> = LazyLock::new(|| {
     buf.to_vec()
 });
 
-/// What follows the statement text of a client's Query sent as a batch (see
+/// Writes what follows the statement text of a client's Query sent as a batch (see
 /// [`Before::QueryAsBatch`]) once its type byte, length and statement name make it a Parse:
-/// no parameter types, then Bind and Describe of the unnamed portal, Execute, the xid query
-/// ([`XID_TAIL`]) and the Sync that commits. A Query ends the unnamed statement and portal as it
-/// starts, so using them changes nothing the client could see.
-static QUERY_AS_BATCH_REST: LazyLock<Vec<u8>> = LazyLock::new(|| {
+/// no parameter types, then Bind and Describe of the unnamed portal and Execute. A Query ends
+/// the unnamed statement and portal as it starts, so using them changes nothing the client
+/// could see.
+fn query_batch_run(buf: &mut BytesMut) {
     use postgres_protocol::message::frontend as msg;
-    let mut buf = BytesMut::from(&[0u8, 0][..]);
+    buf.extend_from_slice(&[0, 0]);
     // The unnamed statement and portal, no parameters: nothing can fail.
     let _ = msg::bind(
         "",
@@ -79,14 +79,38 @@ static QUERY_AS_BATCH_REST: LazyLock<Vec<u8>> = LazyLock::new(|| {
         std::iter::empty::<()>(),
         |(), _| Ok(postgres_protocol::IsNull::No),
         std::iter::empty::<i16>(),
-        &mut buf,
+        buf,
     );
-    let _ = msg::describe(b'P', "", &mut buf);
-    let _ = msg::execute("", 0, &mut buf);
-    buf.extend_from_slice(&XID_TAIL);
-    msg::sync(&mut buf);
+    let _ = msg::describe(b'P', "", buf);
+    let _ = msg::execute("", 0, buf);
+}
+
+/// [`query_batch_run`], the xid query `tail` and the Sync that commits.
+fn query_batch_rest(tail: &[u8]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    query_batch_run(&mut buf);
+    buf.extend_from_slice(tail);
+    postgres_protocol::message::frontend::sync(&mut buf);
     buf.to_vec()
-});
+}
+
+/// What follows the text of a Query sent as a batch: [`query_batch_rest`] with [`XID_TAIL`].
+static QUERY_AS_BATCH_REST: LazyLock<Vec<u8>> = LazyLock::new(|| query_batch_rest(&XID_TAIL));
+
+/// The same with [`XID_TAIL_FLUSHED`], where in-flight commits are settled.
+static QUERY_AS_BATCH_REST_FLUSHED: LazyLock<Vec<u8>> =
+    LazyLock::new(|| query_batch_rest(&XID_TAIL_FLUSHED));
+
+/// Writes the Parse of the unnamed statement that a client's Query message becomes, up to its
+/// text and the text's NUL (see [`query_batch_run`] for the rest).
+fn parse_of_query(query: &[u8], buf: &mut BytesMut) {
+    // The length grows by the statement name's NUL and the parameter count's two bytes.
+    let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]) + 3;
+    buf.extend_from_slice(&[frontend::PARSE]);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(b"\0");
+    buf.extend_from_slice(&query[5..]);
+}
 
 /// The longest message PostgreSQL takes from a client (`PQ_LARGE_MESSAGE_LIMIT`), length word
 /// included.
@@ -327,6 +351,9 @@ pub struct Session {
     /// The xid query an autocommit batch gets in front of its Sync: [`XID_TAIL`], or
     /// [`XID_TAIL_FLUSHED`] where in-flight commits are settled.
     tail_query: &'static [u8],
+    /// What follows the text of a Query sent as a batch: [`QUERY_AS_BATCH_REST`], or
+    /// [`QUERY_AS_BATCH_REST_FLUSHED`] where in-flight commits are settled.
+    query_rest: &'static [u8],
 }
 
 impl Session {
@@ -349,11 +376,12 @@ impl Session {
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }
-        let tail_query: &'static [u8] = if shared.config.failover.settle_in_flight_autocommit {
-            &XID_TAIL_FLUSHED
-        } else {
-            &XID_TAIL
-        };
+        let (tail_query, query_rest): (&'static [u8], &'static [u8]) =
+            if shared.config.failover.settle_in_flight_autocommit {
+                (&XID_TAIL_FLUSHED, &QUERY_AS_BATCH_REST_FLUSHED)
+            } else {
+                (&XID_TAIL, &QUERY_AS_BATCH_REST)
+            };
         Self {
             pump,
             guard,
@@ -386,6 +414,7 @@ impl Session {
             shown_unmovable: None,
             params_before: None,
             tail_query,
+            query_rest,
         }
     }
 
@@ -704,9 +733,9 @@ impl Session {
     }
 
     /// Sends the client's Query of `n` bytes at `ready` (one data-changing statement outside a
-    /// transaction block) as a Parse of the same text followed by [`QUERY_AS_BATCH_REST`], so
-    /// that the xid query runs in its transaction; done in place. Returns false (nothing done)
-    /// if the Parse would be longer than the server takes.
+    /// transaction block) as a Parse of the same text (see [`parse_of_query`]) followed by
+    /// [`QUERY_AS_BATCH_REST`], so that the xid query runs in its transaction; done in place.
+    /// Returns false (nothing done) if the Parse would be longer than the server takes.
     fn send_query_as_batch(&mut self, n: usize) -> bool {
         // The statement name's NUL and the parameter count's two bytes are added.
         let Some(len) = (n + 2 <= SERVER_MESSAGE_LIMIT)
@@ -723,7 +752,7 @@ impl Session {
         pipe.splice_at_ready(0, b"\0");
         // The text and its NUL.
         pipe.ready += n - 5;
-        pipe.splice_at_ready(0, &QUERY_AS_BATCH_REST);
+        pipe.splice_at_ready(0, self.query_rest);
         true
     }
 

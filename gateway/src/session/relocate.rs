@@ -15,7 +15,7 @@ use understudy_replay::journal::{
     completes_request, digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
 };
 
-use super::{Owner, Poison, Session, XID_QUERY, XID_TAIL_FLUSHED};
+use super::{AsBatch, Owner, Poison, Session, XID_QUERY, XID_TAIL_FLUSHED};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{FailoverError, Promotion};
@@ -244,6 +244,94 @@ impl Fresh {
         })
     }
 
+    /// Runs again, as the batch it was sent as, an autocommit Query of one data change whose
+    /// commit the new primary lacks and whose xid the gateway had (see `AsBatch`): the client
+    /// has of its answer a RETURNING's RowDescription and rows (`seen`: their digest). The same
+    /// answer commits it, and what the client is still owed is returned (the RowDescription if
+    /// no row came, the CommandComplete and the server's answer to the Sync, as a Query's
+    /// answer ends) with the new xid; any other is rolled back.
+    async fn rerun_query(&mut self, group: &Group, seen: Digest) -> Result<Rerun, String> {
+        if group.request.first() != Some(&b'Q') {
+            return Err("the request is not a Query".to_owned());
+        }
+        let mut batch = BytesMut::new();
+        super::parse_of_query(&group.request, &mut batch);
+        super::query_batch_run(&mut batch);
+        // Flushed: the answer is checked before the Sync commits it.
+        batch.extend_from_slice(&XID_TAIL_FLUSHED);
+        self.send(&batch).await?;
+        let mut digest = DigestBuilder::default();
+        // What a Query would not have sent yet: the RowDescription before the first row, the
+        // CommandComplete.
+        let mut owed = BytesMut::new();
+        let mut completed = false;
+        let tail_messages = encode::INTERNAL_REQUESTS + 1;
+        let mut tail = 0;
+        let mut xid = None;
+        let mut same = true;
+        while tail < tail_messages {
+            let (tag, raw) = self.recv().await?;
+            match tag {
+                backend::ERROR_RESPONSE => {
+                    same = false;
+                    break;
+                }
+                _ if completed => {
+                    if tag == backend::DATA_ROW {
+                        xid = super::parse_xid_row(&raw[5..]);
+                    }
+                    tail += usize::from(super::is_tail_answer(tag));
+                }
+                backend::ROW_DESCRIPTION => owed.extend_from_slice(&raw),
+                backend::DATA_ROW => {
+                    digest.update(&owed);
+                    owed.clear();
+                    digest.update(&raw);
+                }
+                backend::COMMAND_COMPLETE => {
+                    owed.extend_from_slice(&raw);
+                    completed = true;
+                }
+                _ => {}
+            }
+        }
+        let same = same && digest.digest() == seen;
+        let mut end = BytesMut::new();
+        if !same {
+            // An error before the Sync rolls the batch's transaction back.
+            encode::internal_request(
+                &mut end,
+                "DO $understudy$ BEGIN RAISE EXCEPTION 'diverged'; END $understudy$",
+            );
+        }
+        postgres_protocol::message::frontend::sync(&mut end);
+        self.send(&end).await?;
+        let mut answer = BytesMut::new();
+        let mut failed = false;
+        loop {
+            let (tag, raw) = self.recv().await?;
+            answer.extend_from_slice(&raw);
+            failed |= tag == backend::ERROR_RESPONSE;
+            if tag == backend::READY_FOR_QUERY {
+                break;
+            }
+        }
+        Ok(if same {
+            if !failed {
+                // Committed: the statement is complete.
+                owed.extend_from_slice(&answer);
+                answer = owed;
+            }
+            Rerun::Same {
+                // A commit that failed (a deferred constraint) committed nothing.
+                xid: xid.filter(|_| !failed),
+                answer,
+            }
+        } else {
+            Rerun::Diverged
+        })
+    }
+
     /// Replays a request group whose full answer the client has seen; checks the answer.
     async fn replay_answered(&mut self, group: &Group) -> Result<bool, String> {
         self.send(&group.request).await?;
@@ -429,9 +517,6 @@ impl Session {
         self.held_ready = None;
         self.xid_row = None;
         self.xid_suffix = super::XidSuffix::None;
-        // A Query sent as a batch and cut short did not commit as far as its client knows.
-        self.as_batch = super::AsBatch::None;
-        self.held_answer.clear();
         Ok((left > 0).then_some((self.down_tag, left)))
     }
 
@@ -641,15 +726,23 @@ impl Session {
         let fatal = |m: &str| cannot_move("40001", m.to_owned());
         let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
 
-        // An autocommit batch whose answer the client has but for its ReadyForQuery: the xid
-        // query in front of its Sync gave the xid before the commit began.
+        // An autocommit batch whose answer the client has but for its ReadyForQuery (or a Query
+        // sent as a batch, whose answer the gateway holds the rest of): the xid query in front
+        // of its Sync gave the xid before the commit began.
         let tail_done = std::mem::take(&mut self.tail_done);
-        if let Some(first) = in_flight
-            .first()
-            .filter(|g| !in_txn && g.tail && tail_done && !g.failed && partial.is_none())
-        {
+        let query_committing =
+            std::mem::replace(&mut self.as_batch, AsBatch::None) == AsBatch::Committing;
+        let held = std::mem::take(&mut self.held_answer);
+        if let Some(first) = in_flight.first().filter(|g| {
+            let settled = if g.queries {
+                query_committing
+            } else {
+                g.tail && tail_done
+            };
+            !in_txn && settled && !g.failed && partial.is_none()
+        }) {
             if let Some(resumed) = self
-                .settle_batch(fresh, promotion, first, seen_answer, &in_flight[1..])
+                .settle_batch(fresh, promotion, first, seen_answer, &held, &in_flight[1..])
                 .await?
             {
                 return Ok(resumed);
@@ -795,17 +888,19 @@ impl Session {
         Ok(resumed)
     }
 
-    /// Settles an autocommit batch whose commit was in flight, its xid known (`None`: it wrote
-    /// nothing): committed on the new primary, the client gets its ReadyForQuery; not
-    /// committed, the batch runs there again and commits if it answers as the client saw,
-    /// else the client gets 40001 and it is rolled back. `None` when the outcome cannot be
-    /// told. The `rest` go out as new requests.
+    /// Settles an autocommit batch (or a Query sent as one) whose commit was in flight, its
+    /// xid known (`None`: it wrote nothing): committed on the new primary, the client gets
+    /// what the gateway `held` of its answer and its ReadyForQuery; not committed, the batch
+    /// runs there again and commits if it answers as the client saw, else the client gets
+    /// 40001 and it is rolled back. `None` when the outcome cannot be told. The `rest` go out
+    /// as new requests.
     async fn settle_batch(
         &mut self,
         fresh: &mut Fresh,
         promotion: &Promotion,
         batch: &Group,
         seen: Digest,
+        held: &[u8],
         rest: &[&Group],
     ) -> Result<Option<Resumed>, SessionError> {
         let unknown = |e: String| cannot_move("08007", format!("{IN_DOUBT} ({e})"));
@@ -819,6 +914,7 @@ impl Session {
         match outcome {
             CommitOutcome::InDoubt => return Ok(None),
             CommitOutcome::Committed => {
+                resumed.to_client.extend_from_slice(held);
                 encode::ready_for_query(&mut resumed.to_client, b'I');
                 self.journal.settle_commit();
             }
@@ -830,7 +926,12 @@ impl Session {
                 return Ok(None)
             }
             CommitOutcome::NotCommitted => {
-                match fresh.rerun_batch(batch, seen).await.map_err(unknown)? {
+                let rerun = if batch.queries {
+                    fresh.rerun_query(batch, seen).await
+                } else {
+                    fresh.rerun_batch(batch, seen).await
+                };
+                match rerun.map_err(unknown)? {
                     Rerun::Same { xid, answer } => {
                         self.journal.set_xid(xid);
                         self.journal.settle_commit();

@@ -28,7 +28,9 @@
 #       read:  `SELECT inet_server_port()`                       (simple protocol)
 #       write: `INSERT INTO failover_probe (client, seq) VALUES ($1, $2) RETURNING
 #               inet_server_port()`  (extended protocol, named prepared statement, autocommit)
-#     Both run at the same time (CLIENTS=read,write), on their own connections.
+#       simple-write: the same INSERT as a simple-protocol Query, values in its text (psql's,
+#               or psycopg's in autocommit mode)
+#     All run at the same time (CLIENTS=read,write,simple-write), on their own connections.
 #
 # One failover
 #   1. `sync` the probe: both clients have completed a statement on the current primary after the
@@ -63,7 +65,7 @@
 #
 # Knobs (environment):
 #   FAILOVERS=20      failovers to run               INTERVAL_MS=10   ms between statements
-#   CLIENTS=read,write  probe clients                SETTLE=1         s of steady traffic before a kill
+#   CLIENTS=read,write,simple-write  probe clients   SETTLE=1         s of steady traffic before a kill
 #   SYNC_REP=1        synchronous replication (see above)
 #   FAULT=kill        kill: SIGKILL the primary's processes; stop: SIGSTOP them instead (a hung
 #                     host: no socket closes, its kernel still ACKs, so only timeouts reveal it;
@@ -88,7 +90,7 @@ export LC_ALL=C
 
 FAILOVERS=${FAILOVERS:-20}
 INTERVAL_MS=${INTERVAL_MS:-10}
-CLIENTS=${CLIENTS:-read,write}
+CLIENTS=${CLIENTS:-read,write,simple-write}
 SETTLE=${SETTLE:-1}
 SYNC_REP=${SYNC_REP:-1}
 FAULT=${FAULT:-kill}
@@ -518,7 +520,7 @@ print("Gateway: \`understudy run --backend PRIMARY --backend STANDBY --promote a
 print("(probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000, standby_silence_ms=2000).")
 print("Clients (bench/failover_probe), each on ONE connection through the gateway for the whole run, one statement every ${INTERVAL_MS} ms:")
 print("\`read\` = \`SELECT inet_server_port()\` (simple protocol); \`write\` = autocommit \`INSERT … RETURNING inet_server_port()\`")
-print("(extended protocol, named prepared statement).")
+print("(extended protocol, named prepared statement); \`simple-write\` = the same INSERT as a simple-protocol Query, values in its text.")
 print("Fault: SIGKILL of every process of the primary (postmaster and children, microseconds apart) after ${SETTLE} s of steady traffic." if "$FAULT" == "kill" else
       "Fault: SIGSTOP of every process of the primary (postmaster and children, microseconds apart: a hung host, no connection closes) after ${SETTLE} s of steady traffic; standbys run with wal_receiver_timeout = 5 s; the frozen node is SIGKILLed once every client recovered. The stall targets below are for SIGKILL.")
 print("Stall = kill instant → completion of that connection's first successful statement answered by the new primary.")
@@ -604,18 +606,18 @@ if errors:
     print("\`\`\`")
     for l in errors: print(l)
     print("\`\`\`")
-    doubt = {kv(l)["seq"]: kv(l)["present"] for l in lines if l.startswith("doubt ")}
-    werr = [kv(l) for l in errors if " client=write " in l and "seq" in kv(l)]
+    doubt = {(kv(l)["client"], kv(l)["seq"]): kv(l)["present"] for l in lines if l.startswith("doubt ")}
+    werr = [kv(l) for l in errors if kv(l).get("client") in ("write", "simple-write") and "seq" in kv(l)]
     if werr:
         print()
         print("Write errors: when the INSERT was sent relative to the kill (sent_ms < 0: in flight when the primary died;"
               " > 0: sent to the gateway after the primary was already dead) and whether it is in the table at the end:")
         print()
-        print("| failover | seq | sqlstate | sent_ms | answered after kill ms | in the table |")
-        print("|---:|---:|---|---:|---:|:---:|")
+        print("| failover | client | seq | sqlstate | sent_ms | answered after kill ms | in the table |")
+        print("|---:|---|---:|---|---:|---:|:---:|")
         for d in werr:
-            pres = {"1": "yes", "0": "no"}.get(doubt.get(d["seq"], "?"), "?")
-            print(f"| {d['failover']} | {d['seq']} | {d['sqlstate']} | {d.get('sent_ms','?')} | {d.get('after_kill_ms','?')} | {pres} |")
+            pres = {"1": "yes", "0": "no"}.get(doubt.get((d["client"], d["seq"]), "?"), "?")
+            print(f"| {d['failover']} | {d['client']} | {d['seq']} | {d['sqlstate']} | {d.get('sent_ms','?')} | {d.get('after_kill_ms','?')} | {pres} |")
         by = {}
         for d in werr:
             try:
@@ -625,11 +627,12 @@ if errors:
                         "sent ≥ 1 ms after the kill (the primary was already dead)")
             except ValueError:
                 when = "?"
-            pres = {"1": "applied", "0": "not applied"}.get(doubt.get(d["seq"], "?"), "?")
-            by[(d["sqlstate"], when, pres)] = by.get((d["sqlstate"], when, pres), 0) + 1
+            pres = {"1": "applied", "0": "not applied"}.get(doubt.get((d["client"], d["seq"]), "?"), "?")
+            key = (d["client"], d["sqlstate"], when, pres)
+            by[key] = by.get(key, 0) + 1
         print()
-        for (code, when, pres), n in sorted(by.items()):
-            print(f"- {code}, {when}, {pres}: {n}")
+        for (client, code, when, pres), n in sorted(by.items()):
+            print(f"- {client}: {code}, {when}, {pres}: {n}")
     dup = [l for l in errors if "sqlstate=23505" in l and "failover_probe_pkey" in l]
     if dup:
         print()

@@ -8,7 +8,9 @@
 //! - `write`: `INSERT INTO failover_probe (client, seq) VALUES ($1, $2) RETURNING
 //!   inet_server_port()` (extended protocol, one named statement prepared once per connection,
 //!   autocommit). `seq` increases by one per statement; the seqs whose INSERT succeeded are kept
-//!   and checked against the table at the end (nothing acknowledged may be missing or doubled).
+//!   and checked against the table at the end (nothing acknowledged may be missing or doubled);
+//! - `simple-write`: the same INSERT as a simple-protocol Query, values in its text (what psql,
+//!   or psycopg in autocommit mode, sends), checked the same way.
 //!
 //! Every statement returns the port of the server that ran it, so the probe knows which
 //! PostgreSQL answered. The script kills the primary and then writes on stdin
@@ -39,7 +41,7 @@
 //! that started after the command arrived: proof both clients are running), `quit`.
 //!
 //! Usage: failover_probe --host 127.0.0.1 --port 6432 --user bench --dbname bench
-//!                       [--interval-ms 10] [--clients read,write]
+//!                       [--interval-ms 10] [--clients read,write,simple-write]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -95,8 +97,11 @@ fn parse_args() -> Result<Opts, String> {
             "--user" => o.user = v()?,
             "--dbname" => o.dbname = v()?,
             "--interval-ms" => {
-                o.interval =
-                    Duration::from_millis(v()?.parse::<u64>().map_err(|e| format!("--interval-ms: {e}"))?.max(1))
+                o.interval = Duration::from_millis(
+                    v()?.parse::<u64>()
+                        .map_err(|e| format!("--interval-ms: {e}"))?
+                        .max(1),
+                )
             }
             "--clients" => {
                 o.clients = v()?
@@ -109,8 +114,10 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     for c in &o.clients {
-        if c != "read" && c != "write" {
-            return Err(format!("unknown client kind {c:?} (read, write)"));
+        if c != "read" && !writes(c) {
+            return Err(format!(
+                "unknown client kind {c:?} (read, write, simple-write)"
+            ));
         }
     }
     Ok(o)
@@ -229,6 +236,21 @@ fn describe(e: &tokio_postgres::Error) -> (String, String, String) {
 const INSERT: &str =
     "INSERT INTO failover_probe (client, seq) VALUES ($1, $2) RETURNING inet_server_port()";
 
+/// Whether the client kind `name` inserts (and is checked at the end).
+fn writes(name: &str) -> bool {
+    name == "write" || name == "simple-write"
+}
+
+/// The first column of a simple Query's first row, as a port.
+fn port_of(msgs: &[SimpleQueryMessage]) -> i32 {
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(-1)
+}
+
 struct Conn {
     client: Client,
     insert: Option<Statement>,
@@ -293,28 +315,31 @@ async fn run_client(
             continue;
         };
         let started = now_ns();
-        let result: Result<i32, tokio_postgres::Error> = if name == "write" {
+        if writes(&name) {
             seq += 1;
+        }
+        let result: Result<i32, tokio_postgres::Error> = if name == "write" {
             let stmt = c.insert.as_ref().expect("write client has its statement");
             c.client
                 .query_one(stmt, &[&name, &seq])
                 .await
                 .map(|row| row.get::<_, i32>(0))
+        } else if name == "simple-write" {
+            let sql = format!(
+                "INSERT INTO failover_probe (client, seq) VALUES ('{name}', {seq}) RETURNING inet_server_port()"
+            );
+            c.client.simple_query(&sql).await.map(|msgs| port_of(&msgs))
         } else {
-            c.client.simple_query("SELECT inet_server_port()").await.map(|msgs| {
-                msgs.iter()
-                    .find_map(|m| match m {
-                        SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
-                        _ => None,
-                    })
-                    .unwrap_or(-1)
-            })
+            c.client
+                .simple_query("SELECT inet_server_port()")
+                .await
+                .map(|msgs| port_of(&msgs))
         };
         let done = now_ns();
         let mut st = lock(&shared);
         match result {
             Ok(port) => {
-                if name == "write" {
+                if writes(&name) {
                     acked.insert(seq);
                 }
                 if first {
@@ -353,7 +378,7 @@ async fn run_client(
                 st.resolve();
             }
             Err(e) => {
-                if name == "write" {
+                if writes(&name) {
                     in_doubt.insert(seq);
                 }
                 let (code, severity, msg) = describe(&e);
@@ -373,7 +398,11 @@ async fn run_client(
                 st.clients.get_mut(&name).unwrap().errors_since.push(done);
                 let closed = conn.as_ref().is_some_and(|c| c.client.is_closed());
                 let what = if closed { "lost" } else { "error" };
-                let stmt = if name == "write" { format!(" seq={seq}") } else { String::new() };
+                let stmt = if writes(&name) {
+                    format!(" seq={seq}")
+                } else {
+                    String::new()
+                };
                 say(format!(
                     "{what} failover={fid} client={name}{stmt} after_kill_ms={after} sqlstate={code} severity={severity} message={msg}"
                 ));
@@ -396,7 +425,9 @@ async fn main() {
     };
     let shared: Shared = Arc::default();
     for c in &o.clients {
-        lock(&shared).clients.insert(c.clone(), ClientState::default());
+        lock(&shared)
+            .clients
+            .insert(c.clone(), ClientState::default());
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -447,7 +478,7 @@ async fn main() {
             say(format!("fatal client={name} task panicked"));
             continue;
         };
-        if name != "write" {
+        if !writes(&name) {
             continue;
         }
         // Invariant check: every INSERT the client saw succeed is there exactly once. Done on

@@ -206,7 +206,7 @@ async fn connect(o: &Opts, name: &str) -> Result<Client, tokio_postgres::Error> 
         .port(o.port)
         .user(&o.user)
         .dbname(&o.dbname)
-        .application_name(&format!("failover_probe-{name}"))
+        .application_name(format!("failover_probe-{name}"))
         .connect_timeout(Duration::from_secs(5));
     let (client, conn) = cfg.connect(NoTls).await?;
     tokio::spawn(async move {

@@ -676,8 +676,8 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 /// answered exactly as directly: rows of a RETURNING,
 /// a write of no row, a unique violation, a syntax error, a deferred constraint failing at the
 /// commit (its error replaces the CommandComplete), a notice raised during the commit (before
-/// the CommandComplete), a trailing comment, a row too large to be held whole, and a `$` that
-/// keeps the Query as it is.
+/// the CommandComplete), a trailing comment, a row too large to be held whole, a `$` that
+/// keeps the Query as it is, and a Query without the NUL that ends its text.
 #[tokio::test]
 async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     let cluster = Cluster::primary_and_standby().await;
@@ -713,6 +713,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         "INSERT INTO q SELECT g, 'n' FROM generate_series(10, 20) g",
         "DELETE FROM q WHERE a >= 10 RETURNING *",
         "INSERT INTO q VALUES (30, repeat('x', 200000)) RETURNING b, a",
+        // Malformed (no NUL at the end), sent as is below: the server refuses it.
+        "INSERT INTO q VALUES (31, 'no NUL')",
     ];
     let transcript = |addr| async move {
         let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "queries").await;
@@ -723,7 +725,11 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
             .unwrap();
         let mut all = Vec::new();
         for sql in script {
-            rc.send(&raw::query(sql)).await;
+            if sql.contains("no NUL") {
+                rc.send(&raw::msg(b'Q', sql.as_bytes())).await;
+            } else {
+                rc.send(&raw::query(sql)).await;
+            }
             all.push(
                 rc.read_until(b'Z')
                     .await
@@ -752,6 +758,7 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         "{:?}",
         direct[6]
     );
+    assert!(has(14, 'E', "08P01"), "{:?}", direct[14]);
     for gw in [&gw, &settling] {
         admin.batch_execute(reset).await.unwrap();
         let (through, mut rc, pid) = transcript(gw.addr()).await;

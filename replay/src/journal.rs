@@ -758,10 +758,13 @@ impl Journal {
                 {
                     before = Before::CaptureXidAfter;
                 }
+                // (A text without its NUL, or with one inside, is the server's to refuse as
+                // it was sent.)
                 group.dml_only &= first
                     && classified.changes_only
                     && classified.statements.len() == 1
-                    && !sql.contains(&b'$');
+                    && !sql.contains(&b'$')
+                    && sql.len() + 1 == body.len();
                 record_hazards(
                     &classified.hazards,
                     &mut self.unmovable,
@@ -1953,6 +1956,17 @@ mod tests {
             Before::QueryAsBatch
         );
         j.on_ready_for_query(b'I');
+        // Malformed: the server refuses it as sent.
+        for body in [
+            &b"INSERT INTO t VALUES (1)"[..],
+            b"INSERT INTO t VALUES (1)\0x\0",
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &msg(b'Q', body)),
+                Before::CaptureLsnAfter
+            );
+            j.on_ready_for_query(b'I');
+        }
         for sql in [
             "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
             "INSERT INTO t VALUES ('$1')",

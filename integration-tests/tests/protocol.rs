@@ -770,7 +770,7 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         rc.read_until(b'Z').await;
         assert_eq!(
             last_query(&admin, pid).await,
-            "SELECT pg_current_xact_id_if_assigned()"
+            "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
         );
         let rows: i64 = admin
             .query_one("SELECT count(*) FROM q", &[])
@@ -818,7 +818,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
     a.batch_execute(write).await.unwrap();
     assert_eq!(
         last_query(&admin, a_pid).await,
-        "SELECT pg_current_xact_id_if_assigned()"
+        "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
     );
     // Two in one string cannot be: the WAL position query follows their answer.
     let writes = format!("{write}; {write}");
@@ -950,6 +950,55 @@ async fn syncs_during_copy_data_are_owed_nothing() {
     }
     let rows = int_column(&admin, "SELECT a FROM cp ORDER BY a").await;
     assert_eq!(rows, (1..=8).collect::<Vec<_>>());
+}
+
+/// The gateway's own queries name what they call with its schema: a session whose
+/// `search_path` puts a function called like the xid query's before `pg_catalog` does not have
+/// it run in their place (it would fail the write, or forge the xid the failover checks). An
+/// autocommit Query, an autocommit batch, a lone write in a block and a COMMIT all commit, and
+/// the capture stays on.
+#[tokio::test]
+async fn the_gateways_queries_are_not_taken_in_by_the_search_path() {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE sp(a int); GRANT ALL ON sp TO PUBLIC;
+             CREATE FUNCTION public.pg_current_xact_id_if_assigned() RETURNS xid8
+               LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'impostor'; END$$;
+             GRANT EXECUTE ON FUNCTION public.pg_current_xact_id_if_assigned() TO PUBLIC",
+        )
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    let pid = backend_pid(&c).await;
+    c.batch_execute("SET search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    let impostor = c
+        .batch_execute("SELECT pg_current_xact_id_if_assigned()")
+        .await
+        .unwrap_err();
+    // The session's own calls do find it.
+    assert_eq!(sqlstate(&impostor), Some("P0001"), "{impostor:?}");
+    c.batch_execute("INSERT INTO sp VALUES (1)").await.unwrap();
+    c.execute("INSERT INTO sp VALUES ($1)", &[&2])
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO sp VALUES (3)").await.unwrap();
+    c.batch_execute("INSERT INTO sp VALUES (4)").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        int_column(&admin, "SELECT a FROM sp ORDER BY a").await,
+        [1, 2, 3, 4]
+    );
+    c.batch_execute("INSERT INTO sp VALUES (5)").await.unwrap();
+    assert_eq!(
+        last_query(&admin, pid).await,
+        "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
+    );
 }
 
 /// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
@@ -1286,7 +1335,7 @@ async fn autocommit_batches_answer_as_directly() {
         rc.read_until(b'Z').await;
         assert_eq!(
             last_query(&admin, pid).await,
-            "SELECT pg_current_xact_id_if_assigned()"
+            "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
         );
         admin.batch_execute("DELETE FROM z").await.unwrap();
     }

@@ -33,10 +33,13 @@ use crate::wake::Bell;
 /// How long a closing session may take to hand its last bytes to a peer.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The open transaction's xid, if it has one. Every name the gateway's queries use is
+/// qualified: a client's `search_path` may put a function of the same name first.
+const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id_if_assigned()";
+
 /// The query the gateway slips in before a COMMIT of a transaction that wrote, so that a COMMIT
 /// whose answer is lost can be looked up on the new primary.
-static XID_QUERY: LazyLock<Vec<u8>> =
-    LazyLock::new(|| internal("SELECT pg_current_xact_id_if_assigned()"));
+static XID_QUERY: LazyLock<Vec<u8>> = LazyLock::new(|| internal(XID_SQL));
 
 /// `sql` as a query of the gateway's own (see [`encode::internal_query`]).
 fn internal(sql: &str) -> Vec<u8> {
@@ -50,7 +53,7 @@ fn internal(sql: &str) -> Vec<u8> {
 /// [`Before::CommitXidBeforeSync`]): its answer comes last before the client's ReadyForQuery.
 static XID_TAIL: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let mut buf = BytesMut::new();
-    encode::internal_request(&mut buf, "SELECT pg_current_xact_id_if_assigned()");
+    encode::internal_request(&mut buf, XID_SQL);
     buf.to_vec()
 });
 
@@ -157,7 +160,8 @@ impl AsBatch {
 /// Appended to a client's one-statement Query that writes in a transaction block: the xid
 /// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells
 /// its RowDescription from anything the client's statement returns.
-const XID_SUFFIX: &[u8] = b"\n;SELECT pg_current_xact_id_if_assigned() AS understudy_xid\0";
+const XID_SUFFIX: &[u8] =
+    b"\n;SELECT pg_catalog.pg_current_xact_id_if_assigned() AS understudy_xid\0";
 
 /// Where the answer to a Query with [`XID_SUFFIX`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,8 +186,9 @@ enum XidSuffix {
 /// everything this session committed read as one that lost some of it.
 static LSN_QUERY: LazyLock<Vec<u8>> = LazyLock::new(|| {
     internal(
-        "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
-         THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text",
+        "SELECT (CASE WHEN pg_catalog.current_setting('synchronous_commit') \
+         OPERATOR(pg_catalog.=) 'off' THEN pg_catalog.pg_current_wal_insert_lsn() \
+         ELSE pg_catalog.pg_current_wal_flush_lsn() END)::pg_catalog.text",
     )
 });
 

@@ -354,6 +354,12 @@ fn first_column(body: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(text).into_owned())
 }
 
+/// The query for what became of transaction `xid` (its names qualified: the session's
+/// `search_path` is restored by then).
+fn xact_status(xid: u64) -> String {
+    format!("SELECT pg_catalog.pg_xact_status('{xid}'::pg_catalog.xid8)")
+}
+
 /// Refuses the move when `g`, a request to be sent again, was too large to be kept.
 fn resendable(g: &Group) -> Result<(), SessionError> {
     if g.truncated {
@@ -609,7 +615,10 @@ impl Session {
     async fn restore_statements(&self, fresh: &mut Fresh) -> Result<(), String> {
         let state = self.journal.state();
         let present = fresh
-            .query("SELECT coalesce(json_agg(name), '[]') FROM pg_prepared_statements")
+            .query(
+                "SELECT coalesce(pg_catalog.json_agg(name), '[]') \
+                 FROM pg_catalog.pg_prepared_statements",
+            )
             .await?
             .unwrap_or_default();
         let present: BTreeSet<String> =
@@ -648,11 +657,7 @@ impl Session {
         let status = if beyond {
             None
         } else {
-            fresh
-                .query(&format!("SELECT pg_xact_status('{xid}'::xid8)"))
-                .await
-                .ok()
-                .flatten()
+            fresh.query(&xact_status(xid)).await.ok().flatten()
         };
         if status.as_deref() == Some("committed") {
             return Ok(());
@@ -679,9 +684,7 @@ impl Session {
             // Handed out after the promotion, if at all: never ours.
             return CommitOutcome::NotCommitted;
         }
-        let status = fresh
-            .query(&format!("SELECT pg_xact_status('{xid}'::xid8)"))
-            .await;
+        let status = fresh.query(&xact_status(xid)).await;
         match status.as_ref().map(|s| s.as_deref()) {
             Ok(Some("committed")) if promotion.next_xid.is_some() => CommitOutcome::Committed,
             // Without the promotion's next xid, "committed" may be another transaction that

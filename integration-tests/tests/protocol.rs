@@ -673,11 +673,15 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 
 /// A Query of one data change outside a transaction block, which a gateway armed for failover
 /// sends as a batch with its xid query (flushed where in-flight commits are settled), is
-/// answered exactly as directly: rows of a RETURNING,
-/// a write of no row, a unique violation, a syntax error, a deferred constraint failing at the
-/// commit (its error replaces the CommandComplete), a notice raised during the commit (before
-/// the CommandComplete), a trailing comment, a row too large to be held whole, a `$` that
-/// keeps the Query as it is, and a Query without the NUL that ends its text.
+/// answered exactly as directly: rows of a RETURNING, a write of no row, a unique violation, a
+/// syntax error, a deferred constraint failing at the commit (its error replaces the
+/// CommandComplete; a RETURNING of no row is still described), a notice raised during the
+/// commit (before the CommandComplete), a ParameterStatus and a notification (after it), a
+/// trailing comment, a row too large to be held whole, a `$` that keeps the Query as it is, and
+/// a Query without the NUL that ends its text. The Query leaves no unnamed statement behind to
+/// be bound again. (An audit found the RowDescription of no row dropped, the ParameterStatus
+/// and notification ahead of the CommandComplete, and the write run twice by a Bind of the
+/// unnamed statement.)
 #[tokio::test]
 async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     let cluster = Cluster::primary_and_standby().await;
@@ -690,7 +694,12 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
                $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
              CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
                FOR EACH ROW EXECUTE FUNCTION said();
-             GRANT ALL ON q, c TO PUBLIC",
+             CREATE TABLE skip(a int);
+             CREATE FUNCTION elsewhere() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN INSERT INTO c VALUES (NEW.a); RETURN NULL; END$$;
+             CREATE TRIGGER elsewhere BEFORE INSERT ON skip
+               FOR EACH ROW EXECUTE FUNCTION elsewhere();
+             GRANT ALL ON q, c, skip TO PUBLIC",
         )
         .await
         .unwrap();
@@ -698,55 +707,91 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     let settling = cluster
         .gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
         .await;
+    let query = |sql: &str| (sql.to_owned(), raw::query(sql));
+    let sync = raw::msg(b'S', b"");
     let script = [
-        "INSERT INTO q VALUES (1, 'x')",
-        "INSERT INTO q VALUES (2, 'y') RETURNING a, b",
-        "UPDATE q SET b = 'z' WHERE a = 99",
-        "INSERT INTO q VALUES (1, 'again')",
-        "INSERT INTO q VALUS (5)",
-        "INSERT INTO c VALUES (42)",
-        "INSERT INTO c VALUES (1);",
-        "INSERT INTO q VALUES (3, 'w') -- the end",
-        "INSERT INTO q VALUES (4, '$1')",
-        "UPDATE q SET b = b WHERE a > 0 RETURNING 1 / (a - 2)",
-        "WITH d AS (DELETE FROM q WHERE a = 4 RETURNING a) SELECT count(*) FROM d",
-        "INSERT INTO q SELECT g, 'n' FROM generate_series(10, 20) g",
-        "DELETE FROM q WHERE a >= 10 RETURNING *",
-        "INSERT INTO q VALUES (30, repeat('x', 200000)) RETURNING b, a",
-        // Malformed (no NUL at the end), sent as is below: the server refuses it.
-        "INSERT INTO q VALUES (31, 'no NUL')",
+        query("INSERT INTO q VALUES (1, 'x')"),
+        query("INSERT INTO q VALUES (2, 'y') RETURNING a, b"),
+        query("UPDATE q SET b = 'z' WHERE a = 99"),
+        query("INSERT INTO q VALUES (1, 'again')"),
+        query("INSERT INTO q VALUS (5)"),
+        query("INSERT INTO c VALUES (42)"),
+        query("INSERT INTO c VALUES (1);"),
+        query("INSERT INTO q VALUES (3, 'w') -- the end"),
+        query("INSERT INTO q VALUES (4, '$1')"),
+        query("UPDATE q SET b = b WHERE a > 0 RETURNING 1 / (a - 2)"),
+        query("WITH d AS (DELETE FROM q WHERE a = 4 RETURNING a) SELECT count(*) FROM d"),
+        query("INSERT INTO q SELECT g, 'n' FROM generate_series(10, 20) g"),
+        query("DELETE FROM q WHERE a >= 10 RETURNING *"),
+        query("INSERT INTO q VALUES (30, repeat('x', 200000)) RETURNING b, a"),
+        // Malformed: no NUL at the end of the text. The server refuses it.
+        (
+            "no NUL".to_owned(),
+            raw::msg(b'Q', b"INSERT INTO q VALUES (31, 'x')"),
+        ),
+        // No row, and the commit fails: the statement ran, so its rows were described.
+        query("INSERT INTO skip VALUES (77) RETURNING a"),
+        // What the server says once the commit is done comes after the CommandComplete.
+        query(
+            "INSERT INTO q VALUES (50, 'p') RETURNING set_config('application_name', 'x', false)",
+        ),
+        query("LISTEN ch"),
+        query("INSERT INTO q VALUES (51, 'n') RETURNING pg_notify('ch', 'x')"),
+        // The Query ends the unnamed statement: binding it again afterwards fails, once.
+        (
+            "unnamed".to_owned(),
+            [raw::parse("", "SELECT 'x'"), sync.clone()].concat(),
+        ),
+        query("INSERT INTO q VALUES (52, 'once')"),
+        (
+            "bind unnamed".to_owned(),
+            [
+                raw::bind("", &[]),
+                raw::msg(b'E', b"\0\0\0\0\0"),
+                sync.clone(),
+            ]
+            .concat(),
+        ),
     ];
-    let transcript = |addr| async move {
-        let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "queries").await;
-        let pid = login
-            .iter()
-            .find(|m| m.tag == b'K')
-            .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
-            .unwrap();
-        let mut all = Vec::new();
-        for sql in script {
-            if sql.contains("no NUL") {
-                rc.send(&raw::msg(b'Q', sql.as_bytes())).await;
-            } else {
-                rc.send(&raw::query(sql)).await;
+    let transcript = |addr| {
+        let script = script.clone();
+        async move {
+            let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "queries").await;
+            let pid = login
+                .iter()
+                .find(|m| m.tag == b'K')
+                .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
+                .unwrap();
+            let mut all = Vec::new();
+            for (_, bytes) in script {
+                rc.send(&bytes).await;
+                all.push(
+                    rc.read_until(b'Z')
+                        .await
+                        .into_iter()
+                        .map(|m| {
+                            // A notification names the sending backend, another one each run.
+                            let body = if m.tag == b'A' {
+                                &m.body[4..]
+                            } else {
+                                &m.body[..]
+                            };
+                            (m.tag as char, String::from_utf8_lossy(body).into_owned())
+                        })
+                        .collect::<Vec<_>>(),
+                );
             }
-            all.push(
-                rc.read_until(b'Z')
-                    .await
-                    .into_iter()
-                    .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
-                    .collect::<Vec<_>>(),
-            );
+            (all, rc, pid)
         }
-        (all, rc, pid)
     };
-    let reset = "TRUNCATE c, q";
+    let reset = "TRUNCATE c, q, skip";
     let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
     let has = |i: usize, tag: char, text: &str| {
         direct[i]
             .iter()
             .any(|(t, body)| *t == tag && body.contains(text))
     };
+    let tags = |i: usize| direct[i].iter().map(|(t, _)| *t).collect::<String>();
     assert!(has(1, 'D', "y") && has(3, 'E', "23505") && has(4, 'E', "42601"));
     assert!(
         has(5, 'E', "23503") && !has(5, 'C', "INSERT"),
@@ -759,11 +804,16 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         direct[6]
     );
     assert!(has(14, 'E', "08P01"), "{:?}", direct[14]);
+    assert_eq!(
+        (tags(15), tags(16), tags(18)),
+        ("TEZ".into(), "TDCSZ".into(), "TDCAZ".into())
+    );
+    assert!(has(21, 'E', "26000"), "{:?}", direct[21]);
     for gw in [&gw, &settling] {
         admin.batch_execute(reset).await.unwrap();
         let (through, mut rc, pid) = transcript(gw.addr()).await;
         for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
-            assert_eq!(through, direct, "{}", script[i]);
+            assert_eq!(through, direct, "{}", script[i].0);
         }
         // It was sent as a batch: the xid query ran last, in the write's transaction.
         rc.send(&raw::query("INSERT INTO q VALUES (7, 'v')")).await;
@@ -772,12 +822,11 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
             last_query(&admin, pid).await,
             "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
         );
-        let rows: i64 = admin
-            .query_one("SELECT count(*) FROM q", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(rows, 5, "1, 2, 3, 30 and 7: each write once");
+        assert_eq!(
+            int_column(&admin, "SELECT a FROM q ORDER BY a").await,
+            [1, 2, 3, 7, 30, 50, 51, 52],
+            "each write once"
+        );
     }
 }
 

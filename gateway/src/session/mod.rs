@@ -66,18 +66,31 @@ static XID_TAIL_FLUSHED: LazyLock<Vec<u8>> = LazyLock::new(|| {
     buf.to_vec()
 });
 
-/// Writes what follows the statement text of a client's Query sent as a batch (see
-/// [`Before::QueryAsBatch`]) once its type byte, length and statement name make it a Parse:
-/// no parameter types, then Bind and Describe of the unnamed portal and Execute. A Query ends
-/// the unnamed statement and portal as it starts, so using them changes nothing the client
-/// could see.
+/// What a client's Query sent as a batch (see [`Before::QueryAsBatch`]) starts with: Close of
+/// the unnamed statement, which a Query ends as it starts, and of the gateway's statement
+/// ([`encode::INTERNAL_STATEMENT`]), which a batch that failed may have left. The Query's text
+/// is parsed as that statement, not the unnamed one: the client could otherwise Bind it again
+/// after the Query, where the server would have said it does not exist.
+static QUERY_AS_BATCH_HEAD: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    use postgres_protocol::message::frontend as msg;
+    let mut buf = BytesMut::new();
+    // The names have no NUL: nothing can fail.
+    let _ = msg::close(b'S', "", &mut buf);
+    let _ = msg::close(b'S', encode::INTERNAL_STATEMENT, &mut buf);
+    buf.to_vec()
+});
+
+/// Writes what follows the statement text of a client's Query sent as a batch once its type
+/// byte, length and statement name make it a Parse: no parameter types, then Bind of the
+/// unnamed portal (which a Query also ends), its Describe and Execute. The xid query behind
+/// them closes the statement.
 fn query_batch_run(buf: &mut BytesMut) {
     use postgres_protocol::message::frontend as msg;
     buf.extend_from_slice(&[0, 0]);
-    // The unnamed statement and portal, no parameters: nothing can fail.
+    // No parameters: nothing can fail.
     let _ = msg::bind(
         "",
-        "",
+        encode::INTERNAL_STATEMENT,
         std::iter::empty::<i16>(),
         std::iter::empty::<()>(),
         |(), _| Ok(postgres_protocol::IsNull::No),
@@ -104,13 +117,18 @@ static QUERY_AS_BATCH_REST: LazyLock<Vec<u8>> = LazyLock::new(|| query_batch_res
 static QUERY_AS_BATCH_REST_FLUSHED: LazyLock<Vec<u8>> =
     LazyLock::new(|| query_batch_rest(&XID_TAIL_FLUSHED));
 
-/// Writes the Parse of the unnamed statement that a client's Query message becomes, up to its
+/// Bytes a client's Query message grows by as the Parse it becomes: the statement name, its
+/// NUL and the parameter count.
+const PARSE_OF_QUERY_GROWTH: usize = encode::INTERNAL_STATEMENT.len() + 3;
+
+/// Writes [`QUERY_AS_BATCH_HEAD`] and the Parse that a client's Query message becomes, up to its
 /// text and the text's NUL (see [`query_batch_run`] for the rest).
 fn parse_of_query(query: &[u8], buf: &mut BytesMut) {
-    // The length grows by the statement name's NUL and the parameter count's two bytes.
-    let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]) + 3;
+    let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]);
+    buf.extend_from_slice(&QUERY_AS_BATCH_HEAD);
     buf.extend_from_slice(&[frontend::PARSE]);
-    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&(len + PARSE_OF_QUERY_GROWTH as u32).to_be_bytes());
+    buf.extend_from_slice(encode::INTERNAL_STATEMENT.as_bytes());
     buf.extend_from_slice(b"\0");
     buf.extend_from_slice(&query[5..]);
 }
@@ -122,14 +140,17 @@ const SERVER_MESSAGE_LIMIT: usize = 0x3fff_ffff;
 /// Where the answer to a client's Query sent as a batch is (see [`QUERY_AS_BATCH_REST`]). The
 /// gateway takes out what a Query is not answered with, and holds back what it would not have
 /// sent yet: a RETURNING's RowDescription until the statement has run (its first row, or its
-/// CommandComplete), and the CommandComplete until the commit succeeded.
+/// CommandComplete), and the CommandComplete until the commit succeeded (what the server says
+/// after the commit, ParameterStatus, a notification or the ReadyForQuery, follows it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AsBatch {
     /// No such Query is being answered.
     None,
-    /// ParseComplete, BindComplete, then the Describe's RowDescription (held) or NoData.
+    /// CloseComplete twice, ParseComplete, BindComplete, then the Describe's RowDescription
+    /// (held) or NoData.
     Preamble,
-    /// The RowDescription is held: the statement has not answered yet.
+    /// The RowDescription is held: the statement has not run yet (a Query describes its rows
+    /// once it has; an error in between is all the client hears).
     Described,
     /// The statement's rows, up to its CommandComplete (held).
     Rows,
@@ -145,7 +166,9 @@ impl AsBatch {
     /// Whether a server message of type `tag` is one the gateway must look at in this state.
     fn looks_at(self, tag: u8) -> bool {
         match self {
-            AsBatch::Preamble => matches!(tag, b'1' | b'2' | b'n' | backend::ROW_DESCRIPTION),
+            AsBatch::Preamble => {
+                matches!(tag, b'3' | b'1' | b'2' | b'n' | backend::ROW_DESCRIPTION)
+            }
             // (A row is not: it may be too large to hold whole, see `before_first_row`.)
             AsBatch::Described => tag == backend::COMMAND_COMPLETE,
             AsBatch::Rows => tag == backend::COMMAND_COMPLETE,
@@ -742,18 +765,21 @@ impl Session {
     /// [`QUERY_AS_BATCH_REST`], so that the xid query runs in its transaction; done in place.
     /// Returns false (nothing done) if the Parse would be longer than the server takes.
     fn send_query_as_batch(&mut self, n: usize) -> bool {
-        // The statement name's NUL and the parameter count's two bytes are added.
-        let Some(len) = (n + 2 <= SERVER_MESSAGE_LIMIT)
-            .then(|| i32::try_from(n + 2).ok())
+        // The length word counts itself, not the type byte.
+        let len = n - 1 + PARSE_OF_QUERY_GROWTH;
+        let Some(len) = (len < SERVER_MESSAGE_LIMIT)
+            .then(|| i32::try_from(len).ok())
             .flatten()
         else {
             return false;
         };
         let pipe = &mut self.pump.up;
+        pipe.splice_at_ready(0, &QUERY_AS_BATCH_HEAD);
         let at = pipe.ready;
         pipe.buf[at] = frontend::PARSE;
         pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
         pipe.ready += 5;
+        pipe.splice_at_ready(0, encode::INTERNAL_STATEMENT.as_bytes());
         pipe.splice_at_ready(0, b"\0");
         // The text and its NUL.
         pipe.ready += n - 5;
@@ -965,10 +991,15 @@ impl Session {
                 }
                 Step::Whole { tag, body } => {
                     match tag {
-                        backend::READY_FOR_QUERY if !self.held_answer.is_empty() => {
-                            // The commit succeeded: the Query's answer ends as it would have.
+                        backend::READY_FOR_QUERY
+                        | backend::PARAMETER_STATUS
+                        | backend::NOTIFICATION_RESPONSE
+                            if as_batch == AsBatch::Committing && !self.held_answer.is_empty() =>
+                        {
+                            // The commit succeeded: the Query's answer ends as it would have,
+                            // before what the server says once a transaction is over.
                             self.release_held_answer();
-                            // The ReadyForQuery is looked at again, behind it.
+                            // The message is looked at again, behind it.
                             continue;
                         }
                         backend::READY_FOR_QUERY => {
@@ -1093,6 +1124,13 @@ impl Session {
                 self.as_batch = AsBatch::Described;
             }
             (AsBatch::Described | AsBatch::Rows, _) => {
+                // The statement ran: a RowDescription held goes out, even with no row.
+                let at = if self.as_batch == AsBatch::Described {
+                    self.release_held_answer();
+                    self.pump.down.ready
+                } else {
+                    at
+                };
                 self.held_answer
                     .extend_from_slice(&self.pump.down.buf[at..at + n]);
                 self.as_batch = AsBatch::Tail;

@@ -247,9 +247,9 @@ impl Fresh {
     /// Runs again, as the batch it was sent as, an autocommit Query of one data change whose
     /// commit the new primary lacks and whose xid the gateway had (see `AsBatch`): the client
     /// has of its answer a RETURNING's RowDescription and rows (`seen`: their digest). The same
-    /// answer commits it, and what the client is still owed is returned (the RowDescription if
-    /// no row came, the CommandComplete and the server's answer to the Sync, as a Query's
-    /// answer ends) with the new xid; any other is rolled back.
+    /// answer commits it, and what the client is still owed is returned (the CommandComplete
+    /// and the server's answer to the Sync, as a Query's answer ends) with the new xid; any
+    /// other is rolled back.
     async fn rerun_query(&mut self, group: &Group, seen: Digest) -> Result<Rerun, String> {
         if group.request.first() != Some(&b'Q') {
             return Err("the request is not a Query".to_owned());
@@ -261,8 +261,8 @@ impl Fresh {
         batch.extend_from_slice(&XID_TAIL_FLUSHED);
         self.send(&batch).await?;
         let mut digest = DigestBuilder::default();
-        // What a Query would not have sent yet: the RowDescription before the first row, the
-        // CommandComplete.
+        // What a Query would not have sent yet: the RowDescription before the statement ran,
+        // the CommandComplete.
         let mut owed = BytesMut::new();
         let mut completed = false;
         let tail_messages = encode::INTERNAL_REQUESTS + 1;
@@ -289,6 +289,9 @@ impl Fresh {
                     digest.update(&raw);
                 }
                 backend::COMMAND_COMPLETE => {
+                    // The statement ran: its RowDescription is passed on even with no row.
+                    digest.update(&owed);
+                    owed.clear();
                     owed.extend_from_slice(&raw);
                     completed = true;
                 }

@@ -830,6 +830,110 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     }
 }
 
+/// A Query sent after extended-protocol requests without a Sync is skipped by the server when
+/// one of those requests fails, up to the Sync, whose one ReadyForQuery answers them all. The
+/// gateway keeps count: the client gets what it would directly, before and after (writes sent
+/// as batches, an autocommit batch, a transaction), and the session is at a transaction
+/// boundary at the end (a pause holds it). Without a failure each is answered. (The gateway
+/// counted one ReadyForQuery too many from then on, and answers to its own queries leaked to
+/// the client.)
+#[tokio::test]
+async fn a_query_skipped_to_the_sync_leaves_the_count_of_answers_right() {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin
+        .batch_execute("CREATE TABLE w(a int PRIMARY KEY); GRANT ALL ON w TO PUBLIC")
+        .await
+        .unwrap();
+    let gw = cluster.gateway().await;
+    let sync = raw::msg(b'S', b"");
+    let execute = raw::msg(b'E', b"\0\0\0\0\0");
+    let insert = |a: i32| {
+        [
+            raw::parse("", &format!("INSERT INTO w VALUES ({a})")),
+            raw::bind("", &[]),
+            execute.clone(),
+        ]
+        .concat()
+    };
+    // What is sent, and how many ReadyForQuery answer it.
+    let script: Vec<(Vec<u8>, usize)> = vec![
+        (
+            [
+                raw::bind("nosuch", &[]),
+                execute.clone(),
+                raw::query("INSERT INTO w VALUES (100)"),
+                raw::query("INSERT INTO w VALUES (101)"),
+                sync.clone(),
+            ]
+            .concat(),
+            1,
+        ),
+        (raw::query("INSERT INTO w VALUES (1)"), 1),
+        ([insert(2), sync.clone()].concat(), 1),
+        (
+            [
+                insert(3),
+                raw::query("INSERT INTO w VALUES (4)"),
+                sync.clone(),
+            ]
+            .concat(),
+            2,
+        ),
+        (
+            [
+                raw::query("BEGIN"),
+                insert(5),
+                raw::query("COMMIT"),
+                sync.clone(),
+            ]
+            .concat(),
+            3,
+        ),
+        (
+            [
+                insert(1),
+                raw::query("INSERT INTO w VALUES (102)"),
+                sync.clone(),
+            ]
+            .concat(),
+            1,
+        ),
+        (raw::query("INSERT INTO w VALUES (6) RETURNING a"), 1),
+    ];
+    let transcript =
+        |addr| {
+            let script = script.clone();
+            async move {
+                let (mut rc, _) = RawConn::login_as_app(addr, roles::TRUST, "skipped").await;
+                let mut all = Vec::new();
+                for (bytes, readies) in script {
+                    rc.send(&bytes).await;
+                    for _ in 0..readies {
+                        all.extend(rc.read_until(b'Z').await.into_iter().map(|m| {
+                            (m.tag as char, String::from_utf8_lossy(&m.body).into_owned())
+                        }));
+                    }
+                }
+                (all, rc)
+            }
+        };
+    let (direct, _) = transcript(cluster.pg.primary.addr()).await;
+    assert!(direct.iter().any(|(t, b)| *t == 'E' && b.contains("26000")));
+    let rows = int_column(&admin, "SELECT a FROM w ORDER BY a").await;
+    assert_eq!(rows, [1, 2, 3, 4, 5, 6], "the skipped ones are not run");
+    admin.batch_execute("TRUNCATE w").await.unwrap();
+    let (through, _rc) = transcript(gw.addr()).await;
+    assert_eq!(through, direct);
+    assert_eq!(int_column(&admin, "SELECT a FROM w ORDER BY a").await, rows);
+    let (status, body) = gw.admin_post("/pause?timeout_ms=5000").await;
+    assert_eq!(
+        status, 200,
+        "every session at a transaction boundary: {body}"
+    );
+    gw.admin_post("/resume").await;
+}
+
 /// The server runs what the client sends and nothing more unless a session could move: with a
 /// second backend, a lone write in a transaction block carries the xid query and an autocommit
 /// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither

@@ -91,6 +91,8 @@ pub struct Group {
     pub answer: Digest,
     /// Whether a message that expects a ReadyForQuery (Query, Sync, FunctionCall) ended it.
     pub closed: bool,
+    /// Whether that message was a Sync.
+    synced: bool,
     /// Whether its ReadyForQuery arrived.
     pub answered: bool,
     /// Whether the server reported an error in it.
@@ -166,6 +168,7 @@ impl Group {
             truncated: false,
             answer: Digest::default(),
             closed: false,
+            synced: false,
             answered: false,
             failed: false,
             may_write: false,
@@ -197,6 +200,7 @@ impl Group {
         self.truncated = false;
         self.answer = Digest::default();
         self.closed = false;
+        self.synced = false;
         self.answered = false;
         self.failed = false;
         self.may_write = false;
@@ -541,6 +545,14 @@ pub struct Journal {
     /// Whether requests, answers and session state are kept for a move; a journal of a session
     /// that cannot move follows only message boundaries and COPY.
     keeps: bool,
+    /// A Query or FunctionCall closed a group of extended-protocol requests, and no Sync has
+    /// been sent since: should one of those requests fail, the server skips every message up
+    /// to the Sync, Queries included, and answers them all with one ReadyForQuery.
+    unsynced: bool,
+    /// An error in such a group: the next ReadyForQuery is the Sync's.
+    skipping: bool,
+    /// A commit the gateway could not ask about (see [`Journal::commit_unchecked`]).
+    unchecked: bool,
 }
 
 impl Journal {
@@ -570,6 +582,9 @@ impl Journal {
             utf8: true,
             strings: Strings::Standard,
             keeps: true,
+            unsynced: false,
+            skipping: false,
+            unchecked: false,
         }
     }
 
@@ -894,8 +909,10 @@ impl Journal {
         }
         if closes {
             group.closed = true;
+            group.synced = tag == frontend::SYNC;
         }
         self.expects_ready = closes;
+        let opens_skippable = closes && tag != frontend::SYNC && group.requests > 0;
         // After the message that ends an autocommit write: for a simple-query COPY that is the
         // end of its data (a query slipped in earlier would land inside the COPY).
         let ends_write = (closes && !group.copy_in_pending) || (copy_end && group.closed);
@@ -915,10 +932,43 @@ impl Journal {
                 Before::CaptureLsnAfter
             };
         }
+        if self.unsynced || opens_skippable {
+            // The server may be skipping to the Sync: a query of the gateway's would go
+            // unanswered (a Query) or end the skipping early (a Sync of its own). What was to
+            // be captured is captured after the Sync instead.
+            if tag == frontend::SYNC && closes {
+                before = if self.unchecked || before != Before::Forward {
+                    self.unchecked = true;
+                    Before::CaptureLsnAfter
+                } else {
+                    Before::Forward
+                };
+            } else if before != Before::Forward {
+                // (A write in a block asks for the xid again before the COMMIT.)
+                self.unchecked |= before != Before::CaptureXidAfter;
+                before = Before::Forward;
+            }
+        }
+        if closes {
+            self.unsynced = tag != frontend::SYNC && (self.unsynced || opens_skippable);
+        }
         if rolls_back_to {
             self.note_rollback_to();
         }
         before
+    }
+
+    /// Whether a commit the client was told of since the last one checked (by xid or WAL
+    /// position) could not be asked about: it went inside an extended-protocol batch that a
+    /// Query or FunctionCall closed before its Sync, where no query of the gateway's can go.
+    /// A failover then cannot tell whether the new primary has it.
+    pub fn commit_unchecked(&self) -> bool {
+        self.unchecked
+    }
+
+    /// A WAL position taken after every commit so far is known.
+    pub fn position_captured(&mut self) {
+        self.unchecked = false;
     }
 
     /// The group that owns the next response bytes.
@@ -995,7 +1045,14 @@ impl Journal {
             g.completions += 1;
         }
         match tag {
-            backend::ERROR_RESPONSE => g.failed = true,
+            backend::ERROR_RESPONSE => {
+                g.failed = true;
+                // An extended-protocol request failed (not the Query or FunctionCall after them,
+                // answered only once they all are): the server skips to the next Sync.
+                if !g.synced && g.completions < g.requests {
+                    self.skipping = true;
+                }
+            }
             b'1' => g.parses_done += 1,
             _ => {}
         }
@@ -1018,7 +1075,14 @@ impl Journal {
     }
 
     /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
-    pub fn on_ready_for_query(&mut self, status: u8) {
+    /// Returns how many more groups it ended: the server skipped those after a failed
+    /// extended-protocol request, up to the Sync this answers (see [`Journal::unsynced`]).
+    pub fn on_ready_for_query(&mut self, status: u8) -> usize {
+        let skipped = if std::mem::take(&mut self.skipping) {
+            self.drop_skipped()
+        } else {
+            0
+        };
         // Nothing is pipelined behind the group answered: a hazard recorded for a request sent
         // after it would otherwise be forgotten with the ones it ended.
         let last = self.answered + 1 == self.groups.len();
@@ -1076,7 +1140,9 @@ impl Journal {
                     self.state.apply(&c.change, &c.sql, &mut undo);
                 }
                 if self.xid.is_some() {
+                    // Found on a new primary, it proves every commit before it there too.
                     self.last_committed_xid = self.xid;
+                    self.unchecked = false;
                 }
             } else if !was_in_txn
                 && self.xid.is_some()
@@ -1087,10 +1153,26 @@ impl Journal {
             {
                 // An autocommit write whose xid was asked for in its own transaction.
                 self.last_committed_xid = self.xid;
+                self.unchecked = false;
             }
             self.pending.clear();
             self.clear_answered();
         }
+        skipped
+    }
+
+    /// Removes the groups after the one being answered up to the first that a Sync closed
+    /// (none if that is the one being answered): the server skipped them. Returns how many.
+    fn drop_skipped(&mut self) -> usize {
+        let Some(sync) = (self.answered..self.groups.len()).find(|&i| self.groups[i].synced) else {
+            return 0;
+        };
+        let mut dropped = 0;
+        for g in self.groups.drain(self.answered + 1..=sync) {
+            self.journal_bytes -= g.request.len();
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Forgets the open transaction and every unanswered request (the session continues
@@ -1888,6 +1970,55 @@ mod tests {
     /// An autocommit batch of data changes gets the xid query in front of its Sync; its answer
     /// follows every request's completion, and the xid counts as committed once the batch is
     /// answered without an error.
+    /// A Query after extended-protocol requests without a Sync: the server skips it (and all
+    /// up to the Sync) when one of those requests fails, so nothing of the gateway's may go
+    /// among them; the writes there are captured by a WAL position after the Sync, and until
+    /// then are unchecked. One ReadyForQuery, the Sync's, ends every group it skipped.
+    #[test]
+    fn a_query_closing_an_extended_batch_may_be_skipped_to_its_sync() {
+        let mut j = Journal::new(1 << 20);
+        let bind = msg(b'B', b"\0nosuch\0\0\0\0\0\0\0");
+        let execute = msg(b'E', b"\0\0\0\0\0");
+        j.on_client_message(b'B', &bind);
+        j.on_client_message(b'E', &execute);
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            Before::Forward
+        );
+        assert!(j.commit_unchecked());
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (2)")),
+            Before::Forward,
+            "still before the Sync"
+        );
+        assert_eq!(
+            j.on_client_message(b'S', &msg(b'S', b"")),
+            Before::CaptureLsnAfter
+        );
+        assert_eq!(j.groups().len(), 3);
+        // The Bind fails: the two Queries are skipped; the Sync's answer ends all three.
+        j.on_server_message(b'E');
+        assert_eq!(j.on_ready_for_query(b'I'), 2);
+        assert!(j.groups().is_empty());
+        j.position_captured();
+        assert!(!j.commit_unchecked());
+        // Synced again: an autocommit write is asked about as usual.
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (3)")),
+            Before::QueryAsBatch
+        );
+        assert_eq!(j.on_ready_for_query(b'I'), 0);
+        // Without an error each is answered: one ReadyForQuery each.
+        j.on_client_message(b'B', &bind);
+        j.on_client_message(b'E', &execute);
+        j.on_client_message(b'Q', &query("SELECT 1"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        for _ in 0..2 {
+            assert_eq!(j.on_ready_for_query(b'I'), 0);
+        }
+        assert!(j.groups().is_empty());
+    }
+
     #[test]
     fn an_autocommit_batch_asks_for_its_xid_before_its_sync() {
         let mut j = Journal::new(1 << 20);

@@ -933,6 +933,7 @@ impl Session {
                         (backend::DATA_ROW, _) if !self.journal.answering_failed() => {
                             if let Some(lsn) = first_text(body).and_then(parse_lsn) {
                                 self.acked_lsn = Some(lsn);
+                                self.journal.position_captured();
                             }
                         }
                         (backend::READY_FOR_QUERY, Some(Owner::Xid)) => {
@@ -1200,7 +1201,13 @@ impl Session {
         self.journal
             .on_server_bytes(backend::READY_FOR_QUERY, &self.pump.down.buf[at..at + n]);
         let committed_before = self.journal.last_committed_xid();
-        self.journal.on_ready_for_query(status);
+        // Requests the server skipped after a failed one (up to the Sync this answers) get no
+        // ReadyForQuery of their own: no capture went among them, so they are the client's.
+        let skipped = self.journal.on_ready_for_query(status);
+        for _ in 0..skipped {
+            self.wire.pop_front();
+        }
+        self.awaiting_ready = self.awaiting_ready.saturating_sub(skipped as u32);
         if self.journal.last_committed_xid() != committed_before {
             // A later commit whose xid is known: found on a new primary, it proves every WAL
             // position taken before it there too, and missing, it is reported itself.

@@ -644,6 +644,13 @@ impl Session {
         fresh: &mut Fresh,
         promotion: &Promotion,
     ) -> Result<(), SessionError> {
+        if self.journal.commit_unchecked() {
+            count_move("unchecked_commit");
+            return Err(cannot_move(
+                "08007",
+                "connection to the database server lost; a write this session committed inside an extended-protocol batch closed by a Query before its Sync could not be checked on the new primary: it may have been lost with the old primary".to_owned(),
+            ));
+        }
         // Autocommit writes carry no xid; the WAL position taken right after each must be
         // within what the standby had replayed when it was promoted.
         if let (Some(acked), Some(end)) = (self.acked_lsn, promotion.wal_end) {

@@ -94,10 +94,17 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
         "the pause waits for the transaction"
     );
     assert_eq!(gw.status().await["paused"], true);
-    busy.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+    tokio::time::timeout(
+        PATIENCE,
+        busy.batch_execute("INSERT INTO t VALUES (2); COMMIT"),
+    )
+    .await
+    .expect("the transaction is let end")
+    .unwrap();
+    let (status, answer) = tokio::time::timeout(PATIENCE, pausing)
         .await
+        .expect("the pause answers")
         .unwrap();
-    let (status, answer) = pausing.await.unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["paused"], true, "{answer}");
     assert_eq!(answer["held"], 2, "{answer}");
@@ -114,8 +121,14 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
         (200, true),
         "{body}"
     );
-    for w in waiting {
-        assert_eq!(w.await.unwrap(), 2);
+    for (which, w) in ["idle", "busy"].into_iter().zip(waiting) {
+        match tokio::time::timeout(PATIENCE, w).await {
+            Ok(count) => assert_eq!(count.unwrap(), 2),
+            Err(_) => panic!(
+                "the {which} session was not let go after the resume: {:#}",
+                gw.status().await
+            ),
+        }
     }
     assert_eq!(gw.status().await["paused"], false);
     assert!(!held(&gw, &idle).await);

@@ -932,6 +932,11 @@ impl Journal {
                 Before::CaptureLsnAfter
             };
         }
+        if before == Before::QueryAsBatch && self.begun_ahead() {
+            // A BEGIN pipelined ahead of it, not answered yet, puts it in a block after all:
+            // there, as a batch, it would fail otherwise (an error names the Parse).
+            before = Before::CaptureLsnAfter;
+        }
         if self.unsynced || opens_skippable {
             // The server may be skipping to the Sync: a query of the gateway's would go
             // unanswered (a Query) or end the skipping early (a Sync of its own). What was to
@@ -956,6 +961,13 @@ impl Journal {
             self.note_rollback_to();
         }
         before
+    }
+
+    /// Whether a group before the newest one, not answered yet, opens a transaction block.
+    fn begun_ahead(&self) -> bool {
+        self.groups
+            .range(self.answered..self.groups.len().saturating_sub(1))
+            .any(|g| g.begins)
     }
 
     /// Whether a commit the client was told of since the last one checked (by xid or WAL
@@ -2086,6 +2098,16 @@ mod tests {
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
             Before::QueryAsBatch
         );
+        j.on_ready_for_query(b'I');
+        // Behind a BEGIN not answered yet: in a block after all.
+        j.on_client_message(b'Q', &query("BEGIN"));
+        assert_eq!(
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
+            Before::CaptureLsnAfter
+        );
+        j.on_ready_for_query(b'T');
+        j.on_ready_for_query(b'T');
+        j.on_client_message(b'Q', &query("ROLLBACK"));
         j.on_ready_for_query(b'I');
         // Malformed: the server refuses it as sent.
         for body in [

@@ -97,7 +97,9 @@
 #   WORKLOADS="-S,-S -M prepared,-N"  the throughput workloads, comma-separated (e.g. WORKLOADS=-N
 #                ROUNDS=30 for a narrower interval on one of them); -A is one more: an autocommit
 #                UPDATE of pgbench_accounts per transaction, `-M prepared` (a driver's autocommit
-#                write, which understudy-ha gives its xid query in front of the Sync)
+#                write, which understudy-ha gives its xid query in front of the Sync); -A -M simple,
+#                the same UPDATE as a simple-protocol Query (psql's, which understudy-ha sends as
+#                such a batch)
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
 # Usage: bench/bench.sh            (as root; see bench/README.md)
@@ -138,8 +140,8 @@ require_root "needs apt, runuser and taskset"
 IFS=, read -r -a WORKLOAD_NAMES <<<"$WORKLOADS"
 for w in "${WORKLOAD_NAMES[@]}"; do
     case $w in
-    "-S" | "-S -M prepared" | "-N" | "-A") ;;
-    *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared, -N and -A, comma-separated)" ;;
+    "-S" | "-S -M prepared" | "-N" | "-A" | "-A -M simple") ;;
+    *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared, -N, -A and -A -M simple, comma-separated)" ;;
     esac
 done
 for knob in DURATION ROUNDS LAT_ROUNDS; do
@@ -398,6 +400,8 @@ prepare_target() {
 workload_args() {
     if [[ $1 == -A ]]; then
         wargs=(-M prepared -f "$TMP/autocommit.sql")
+    elif [[ $1 == "-A -M simple" ]]; then
+        wargs=(-M simple -f "$TMP/autocommit.sql")
     else
         read -r -a wargs <<<"$1"
     fi
@@ -745,7 +749,7 @@ def med(kind, w, t, col):
     vals = [float(r[col]) for r in rows if r[0] == kind and r[1] == w and r[2] == t and len(r) > col]
     vals = [v for v in vals if not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
-stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5, "-A": 1}
+stmts = {"-S": 1, "-S -M prepared": 1, "-N": 5, "-A": 1, "-A -M simple": 1}
 # The workloads this run measured (WORKLOADS), in the usual order.
 WL = [w for w in stmts if any(r[0] == "tput" and r[1] == w for r in rows)]
 def tps_by_round(w, t):

@@ -662,6 +662,42 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// A primary with a streaming standby, `sql` run there by the superuser (whose connection is
+/// returned), and a gateway that could move sessions to the standby, so that it journals and
+/// captures as in production.
+async fn armed_after(
+    sql: &str,
+) -> (
+    Cluster,
+    tokio_postgres::Client,
+    understudy_integration_tests::TestGateway,
+) {
+    let cluster = Cluster::primary_and_standby().await;
+    let admin = cluster.superuser().await;
+    admin.batch_execute(sql).await.unwrap();
+    let gw = cluster.gateway().await;
+    (cluster, admin, gw)
+}
+
+/// A raw connection logged in as the trust role with `application_name` `app`, and the
+/// backend PID the login reported.
+async fn login_with_pid(addr: std::net::SocketAddr, app: &str) -> (RawConn, i32) {
+    let (rc, login) = RawConn::login_as_app(addr, roles::TRUST, app).await;
+    let pid = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
+        .expect("BackendKeyData");
+    (rc, pid)
+}
+
+/// Each message as its type and its body read as text, to compare and print.
+fn as_text(msgs: Vec<raw::Msg>) -> Vec<(char, String)> {
+    msgs.into_iter()
+        .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+        .collect()
+}
+
 /// The last statement text of `pid`'s backend, as the server saw it (`pg_stat_activity`).
 async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
     admin
@@ -684,11 +720,8 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 /// unnamed statement.)
 #[tokio::test]
 async fn autocommit_queries_sent_as_batches_answer_as_directly() {
-    let cluster = Cluster::primary_and_standby().await;
-    let admin = cluster.superuser().await;
-    admin
-        .batch_execute(
-            "CREATE TABLE q(a int PRIMARY KEY, b text);
+    let (cluster, admin, gw) = armed_after(
+        "CREATE TABLE q(a int PRIMARY KEY, b text);
              CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
              CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
                $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
@@ -700,10 +733,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
              CREATE TRIGGER elsewhere BEFORE INSERT ON skip
                FOR EACH ROW EXECUTE FUNCTION elsewhere();
              GRANT ALL ON q, c, skip TO PUBLIC",
-        )
-        .await
-        .unwrap();
-    let gw = cluster.gateway().await;
+    )
+    .await;
     let settling = cluster
         .gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
         .await;
@@ -756,12 +787,7 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     let transcript = |addr| {
         let script = script.clone();
         async move {
-            let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "queries").await;
-            let pid = login
-                .iter()
-                .find(|m| m.tag == b'K')
-                .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
-                .unwrap();
+            let (mut rc, pid) = login_with_pid(addr, "queries").await;
             let mut all = Vec::new();
             for (_, bytes) in script {
                 rc.send(&bytes).await;
@@ -839,13 +865,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
 /// the client.)
 #[tokio::test]
 async fn a_query_skipped_to_the_sync_leaves_the_count_of_answers_right() {
-    let cluster = Cluster::primary_and_standby().await;
-    let admin = cluster.superuser().await;
-    admin
-        .batch_execute("CREATE TABLE w(a int PRIMARY KEY); GRANT ALL ON w TO PUBLIC")
-        .await
-        .unwrap();
-    let gw = cluster.gateway().await;
+    let (cluster, admin, gw) =
+        armed_after("CREATE TABLE w(a int PRIMARY KEY); GRANT ALL ON w TO PUBLIC").await;
     let sync = raw::msg(b'S', b"");
     let execute = raw::msg(b'E', b"\0\0\0\0\0");
     let insert = |a: i32| {
@@ -901,23 +922,20 @@ async fn a_query_skipped_to_the_sync_leaves_the_count_of_answers_right() {
         ),
         (raw::query("INSERT INTO w VALUES (6) RETURNING a"), 1),
     ];
-    let transcript =
-        |addr| {
-            let script = script.clone();
-            async move {
-                let (mut rc, _) = RawConn::login_as_app(addr, roles::TRUST, "skipped").await;
-                let mut all = Vec::new();
-                for (bytes, readies) in script {
-                    rc.send(&bytes).await;
-                    for _ in 0..readies {
-                        all.extend(rc.read_until(b'Z').await.into_iter().map(|m| {
-                            (m.tag as char, String::from_utf8_lossy(&m.body).into_owned())
-                        }));
-                    }
+    let transcript = |addr| {
+        let script = script.clone();
+        async move {
+            let (mut rc, _) = RawConn::login_as_app(addr, roles::TRUST, "skipped").await;
+            let mut all = Vec::new();
+            for (bytes, readies) in script {
+                rc.send(&bytes).await;
+                for _ in 0..readies {
+                    all.extend(as_text(rc.read_until(b'Z').await));
                 }
-                (all, rc)
             }
-        };
+            (all, rc)
+        }
+    };
     let (direct, _) = transcript(cluster.pg.primary.addr()).await;
     assert!(direct.iter().any(|(t, b)| *t == 'E' && b.contains("26000")));
     let rows = int_column(&admin, "SELECT a FROM w ORDER BY a").await;
@@ -1112,18 +1130,13 @@ async fn syncs_during_copy_data_are_owed_nothing() {
 /// the capture stays on.
 #[tokio::test]
 async fn the_gateways_queries_are_not_taken_in_by_the_search_path() {
-    let cluster = Cluster::primary_and_standby().await;
-    let admin = cluster.superuser().await;
-    admin
-        .batch_execute(
-            "CREATE TABLE sp(a int); GRANT ALL ON sp TO PUBLIC;
-             CREATE FUNCTION public.pg_current_xact_id_if_assigned() RETURNS xid8
-               LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'impostor'; END$$;
-             GRANT EXECUTE ON FUNCTION public.pg_current_xact_id_if_assigned() TO PUBLIC",
-        )
-        .await
-        .unwrap();
-    let gw = cluster.gateway().await;
+    let (_cluster, admin, gw) = armed_after(
+        "CREATE TABLE sp(a int); GRANT ALL ON sp TO PUBLIC;
+         CREATE FUNCTION public.pg_current_xact_id_if_assigned() RETURNS xid8
+           LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'impostor'; END$$;
+         GRANT EXECUTE ON FUNCTION public.pg_current_xact_id_if_assigned() TO PUBLIC",
+    )
+    .await;
     let c = gw.connect(roles::SCRAM).await;
     let pid = backend_pid(&c).await;
     c.batch_execute("SET search_path = public, pg_catalog")
@@ -1162,18 +1175,9 @@ async fn the_gateways_queries_are_not_taken_in_by_the_search_path() {
 #[tokio::test]
 async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_rollback() {
     // A standby to move to, or the gateway would capture nothing.
-    let cluster = Cluster::primary_and_standby().await;
-    let admin = cluster.superuser().await;
-    admin
-        .batch_execute("CREATE TABLE x(a int); GRANT ALL ON x TO PUBLIC")
-        .await
-        .unwrap();
-    let gw = cluster.gateway().await;
-    let tags = |msgs: Vec<raw::Msg>| {
-        msgs.into_iter()
-            .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
-            .collect::<Vec<_>>()
-    };
+    let (_cluster, admin, gw) =
+        armed_after("CREATE TABLE x(a int); GRANT ALL ON x TO PUBLIC").await;
+    let tags = as_text;
     let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
     c.send(&raw::query("BEGIN; INSERT INTO x VALUES (1)")).await;
     c.read_until(b'Z').await;
@@ -1450,12 +1454,7 @@ async fn autocommit_batches_answer_as_directly() {
     let transcript = |addr| {
         let script = script.clone();
         async move {
-            let (mut rc, login) = RawConn::login_as_app(addr, roles::TRUST, "batches").await;
-            let pid = login
-                .iter()
-                .find(|m| m.tag == b'K')
-                .map(|m| i32::from_be_bytes(m.body[..4].try_into().unwrap()))
-                .unwrap();
+            let (mut rc, pid) = login_with_pid(addr, "batches").await;
             let mut all = Vec::new();
             for (bytes, readies) in script {
                 rc.send(&bytes).await;

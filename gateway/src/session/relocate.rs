@@ -213,9 +213,24 @@ impl Fresh {
             }
         }
         let same = same && digest.digest() == seen;
+        let (answer, failed) = self.end_rerun(same).await?;
+        Ok(if same {
+            Rerun::Same {
+                // A commit that failed (a deferred constraint) committed nothing.
+                xid: xid.filter(|_| !failed),
+                answer,
+            }
+        } else {
+            Rerun::Diverged
+        })
+    }
+
+    /// Ends a batch run again up to its Sync: commits it if it answered the `same`, else
+    /// rolls it back (an error before the Sync). Returns the server's answer to the Sync and
+    /// whether it holds an error (a commit that failed, or the rollback's).
+    async fn end_rerun(&mut self, same: bool) -> Result<(BytesMut, bool), String> {
         let mut end = BytesMut::new();
         if !same {
-            // An error before the Sync rolls the batch's transaction back.
             encode::internal_request(
                 &mut end,
                 "DO $understudy$ BEGIN RAISE EXCEPTION 'diverged'; END $understudy$",
@@ -230,18 +245,9 @@ impl Fresh {
             answer.extend_from_slice(&raw);
             failed |= tag == backend::ERROR_RESPONSE;
             if tag == backend::READY_FOR_QUERY {
-                break;
+                return Ok((answer, failed));
             }
         }
-        Ok(if same {
-            Rerun::Same {
-                // A commit that failed (a deferred constraint) committed nothing.
-                xid: xid.filter(|_| !failed),
-                answer,
-            }
-        } else {
-            Rerun::Diverged
-        })
     }
 
     /// Runs again, as the batch it was sent as, an autocommit Query of one data change whose
@@ -299,26 +305,7 @@ impl Fresh {
             }
         }
         let same = same && digest.digest() == seen;
-        let mut end = BytesMut::new();
-        if !same {
-            // An error before the Sync rolls the batch's transaction back.
-            encode::internal_request(
-                &mut end,
-                "DO $understudy$ BEGIN RAISE EXCEPTION 'diverged'; END $understudy$",
-            );
-        }
-        postgres_protocol::message::frontend::sync(&mut end);
-        self.send(&end).await?;
-        let mut answer = BytesMut::new();
-        let mut failed = false;
-        loop {
-            let (tag, raw) = self.recv().await?;
-            answer.extend_from_slice(&raw);
-            failed |= tag == backend::ERROR_RESPONSE;
-            if tag == backend::READY_FOR_QUERY {
-                break;
-            }
-        }
+        let (mut answer, failed) = self.end_rerun(same).await?;
         Ok(if same {
             if !failed {
                 // Committed: the statement is complete.

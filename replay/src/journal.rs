@@ -1088,7 +1088,7 @@ impl Journal {
 
     /// A ReadyForQuery ends the oldest unanswered group; returning to idle ends the transaction.
     /// Returns how many more groups it ended: the server skipped those after a failed
-    /// extended-protocol request, up to the Sync this answers (see [`Journal::unsynced`]).
+    /// extended-protocol request, up to the Sync this answers.
     pub fn on_ready_for_query(&mut self, status: u8) -> usize {
         let skipped = if std::mem::take(&mut self.skipping) {
             self.drop_skipped()
@@ -1979,9 +1979,6 @@ mod tests {
         assert_eq!(j.unmovable(), None);
     }
 
-    /// An autocommit batch of data changes gets the xid query in front of its Sync; its answer
-    /// follows every request's completion, and the xid counts as committed once the batch is
-    /// answered without an error.
     /// A Query after extended-protocol requests without a Sync: the server skips it (and all
     /// up to the Sync) when one of those requests fails, so nothing of the gateway's may go
     /// among them; the writes there are captured by a WAL position after the Sync, and until
@@ -2031,6 +2028,9 @@ mod tests {
         assert!(j.groups().is_empty());
     }
 
+    /// An autocommit batch of data changes gets the xid query in front of its Sync; its answer
+    /// follows every request's completion, and the xid counts as committed once the batch is
+    /// answered without an error.
     #[test]
     fn an_autocommit_batch_asks_for_its_xid_before_its_sync() {
         let mut j = Journal::new(1 << 20);

@@ -102,10 +102,12 @@ impl WalGap {
     }
 
     /// After the primary was killed: waits until the gateway runs `pg_promote()` on the standby
-    /// (once the receiver has been silent past its ping and `standby_silence_ms`), then continues the
-    /// receiver. Promotion has asked it to stop, so it exits on the pending SIGTERM without
-    /// reading the WAL waiting in its socket; continued any earlier, it would read and apply
-    /// that WAL and nothing would be lost (tried: the row is then on the new primary).
+    /// (once the receiver has been silent past its ping and `standby_silence_ms`) and the
+    /// promotion has told the receiver to stop (its shared state reads `stopping`, set just
+    /// before the SIGTERM), then continues the receiver. It exits on the pending SIGTERM
+    /// without reading the WAL waiting in its socket; continued any earlier, it would read and
+    /// apply that WAL and nothing would be lost (tried: the row is then on the new primary; on
+    /// a loaded machine `pg_promote()` showing as active was not late enough).
     async fn close_after_promotion_began(self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -120,7 +122,18 @@ impl WalGap {
                 .await
                 .unwrap()
                 .get(0);
-            if promoting > 0 {
+            let stopping: i64 = self
+                .on_standby
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'stopping'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if promoting > 0 && stopping > 0 {
+                // The SIGTERM follows the state change at once.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
             assert!(

@@ -400,6 +400,14 @@ async fn make_commits_wait(cluster: &Cluster) {
     }
 }
 
+/// What `task` came to, waited for at most [`PATIENCE`].
+async fn answered<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("answered")
+        .unwrap()
+}
+
 /// Waits until table `t` on the standby has `rows` rows: the commits the primary waits on reached it.
 async fn wait_until_streamed(cluster: &Cluster, rows: usize) {
     let standby = cluster.pg.standby.as_ref().unwrap();
@@ -1850,17 +1858,11 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
     }
     cluster.kill_primary().await;
 
-    let (same, r) = tokio::time::timeout(PATIENCE, same_write)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (same, r) = answered(same_write).await;
     let rows = r.expect("run again on the new primary, with the same answer, and committed");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].get::<_, i32>(0), 1);
-    let (differs, r) = tokio::time::timeout(PATIENCE, differing_write)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (differs, r) = answered(differing_write).await;
     let e = r.expect_err("answered otherwise when run again");
     assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
     same.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
@@ -1868,20 +1870,14 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
         .execute("INSERT INTO t VALUES (4)", &[])
         .await
         .unwrap();
-    let (same, r) = tokio::time::timeout(PATIENCE, same_query)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (same, r) = answered(same_query).await;
     let answer = r.expect("run again, with the same answer, and committed");
     assert_eq!(simple_rows(&answer), [["5"]]);
     assert!(
         matches!(answer.last(), Some(SimpleQueryMessage::CommandComplete(1))),
         "{answer:?}"
     );
-    let (differs, r) = tokio::time::timeout(PATIENCE, differing_query)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (differs, r) = answered(differing_query).await;
     let e = r.expect_err("answered otherwise when run again");
     assert_eq!(sqlstate(&e), Some("40001"), "{e:?}");
     same.batch_execute("INSERT INTO t VALUES (7)")
@@ -1927,17 +1923,11 @@ async fn an_autocommit_batch_committed_unanswered_is_answered() {
         "the commits wait for their standby"
     );
     cluster.kill_primary().await;
-    let (c, r) = tokio::time::timeout(PATIENCE, write)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (c, r) = answered(write).await;
     let rows = r.expect("committed there");
     assert_eq!(rows[0].get::<_, i32>(0), 70);
     c.execute("INSERT INTO t VALUES (8)", &[]).await.unwrap();
-    let (_simple, r) = tokio::time::timeout(PATIENCE, query)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (_simple, r) = answered(query).await;
     let answer = r.expect("committed there");
     assert!(
         matches!(answer[..], [SimpleQueryMessage::CommandComplete(1)]),

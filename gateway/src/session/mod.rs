@@ -183,8 +183,8 @@ impl AsBatch {
 /// Appended to a client's one-statement Query that writes in a transaction block: the xid
 /// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells
 /// its RowDescription from anything the client's statement returns.
-const XID_SUFFIX: &[u8] =
-    b"\n;SELECT pg_catalog.pg_current_xact_id_if_assigned() AS understudy_xid\0";
+static XID_SUFFIX: LazyLock<Vec<u8>> =
+    LazyLock::new(|| format!("\n;{XID_SQL} AS understudy_xid\0").into_bytes());
 
 /// Where the answer to a Query with [`XID_SUFFIX`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -756,7 +756,7 @@ impl Session {
         pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
         // Everything but the terminating NUL, which the suffix brings along.
         pipe.ready += n - 1;
-        pipe.splice_at_ready(1, XID_SUFFIX);
+        pipe.splice_at_ready(1, &XID_SUFFIX);
         true
     }
 

@@ -205,30 +205,24 @@ impl Fresh {
                     digest.update(&raw);
                 }
                 completions += u32::from(completes_request(tag));
-            } else if super::is_tail_answer(tag) {
-                if tag == backend::DATA_ROW {
-                    xid = super::parse_xid_row(&raw[5..]);
-                }
-                tail += 1;
+            } else {
+                tail += tail_answer(tag, &raw, &mut xid);
             }
         }
-        let same = same && digest.digest() == seen;
-        let (answer, failed) = self.end_rerun(same).await?;
-        Ok(if same {
-            Rerun::Same {
-                // A commit that failed (a deferred constraint) committed nothing.
-                xid: xid.filter(|_| !failed),
-                answer,
-            }
-        } else {
-            Rerun::Diverged
-        })
+        self.end_rerun(same && digest.digest() == seen, xid, BytesMut::new())
+            .await
     }
 
     /// Ends a batch run again up to its Sync: commits it if it answered the `same`, else
-    /// rolls it back (an error before the Sync). Returns the server's answer to the Sync and
-    /// whether it holds an error (a commit that failed, or the rollback's).
-    async fn end_rerun(&mut self, same: bool) -> Result<(BytesMut, bool), String> {
+    /// rolls it back (an error before the Sync). Committed, the client is owed `owed` and the
+    /// server's answer to the Sync, and `xid` is the commit's (none if the commit failed, as a
+    /// deferred constraint's does).
+    async fn end_rerun(
+        &mut self,
+        same: bool,
+        xid: Option<u64>,
+        mut owed: BytesMut,
+    ) -> Result<Rerun, String> {
         let mut end = BytesMut::new();
         if !same {
             encode::internal_request(
@@ -245,9 +239,21 @@ impl Fresh {
             answer.extend_from_slice(&raw);
             failed |= tag == backend::ERROR_RESPONSE;
             if tag == backend::READY_FOR_QUERY {
-                return Ok((answer, failed));
+                break;
             }
         }
+        if !same {
+            return Ok(Rerun::Diverged);
+        }
+        if failed {
+            // What was owed never was: the error stands in its place.
+            owed.clear();
+        }
+        owed.extend_from_slice(&answer);
+        Ok(Rerun::Same {
+            xid: xid.filter(|_| !failed),
+            answer: owed,
+        })
     }
 
     /// Runs again, as the batch it was sent as, an autocommit Query of one data change whose
@@ -282,12 +288,7 @@ impl Fresh {
                     same = false;
                     break;
                 }
-                _ if completed => {
-                    if tag == backend::DATA_ROW {
-                        xid = super::parse_xid_row(&raw[5..]);
-                    }
-                    tail += usize::from(super::is_tail_answer(tag));
-                }
+                _ if completed => tail += tail_answer(tag, &raw, &mut xid),
                 backend::ROW_DESCRIPTION => owed.extend_from_slice(&raw),
                 backend::DATA_ROW => {
                     digest.update(&owed);
@@ -304,22 +305,9 @@ impl Fresh {
                 _ => {}
             }
         }
-        let same = same && digest.digest() == seen;
-        let (mut answer, failed) = self.end_rerun(same).await?;
-        Ok(if same {
-            if !failed {
-                // Committed: the statement is complete.
-                owed.extend_from_slice(&answer);
-                answer = owed;
-            }
-            Rerun::Same {
-                // A commit that failed (a deferred constraint) committed nothing.
-                xid: xid.filter(|_| !failed),
-                answer,
-            }
-        } else {
-            Rerun::Diverged
-        })
+        // Committed, the statement is complete.
+        self.end_rerun(same && digest.digest() == seen, xid, owed)
+            .await
     }
 
     /// Replays a request group whose full answer the client has seen; checks the answer.
@@ -336,6 +324,15 @@ impl Fresh {
             }
         }
     }
+}
+
+/// Counts a message of the xid query's answer (1 if it is one, see `is_tail_answer`), noting
+/// the xid from its row.
+fn tail_answer(tag: u8, raw: &[u8], xid: &mut Option<u64>) -> usize {
+    if tag == backend::DATA_ROW {
+        *xid = super::parse_xid_row(&raw[5..]);
+    }
+    usize::from(super::is_tail_answer(tag))
 }
 
 fn first_column(body: &[u8]) -> Option<String> {

@@ -81,7 +81,13 @@ impl Connector {
         let stream = crate::clock::timeout(self.timeout, self.negotiate(backend))
             .await
             .map_err(|_| unavailable(&format!("timed out after {:?}", self.timeout)))?
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| {
+                if crate::error::out_of_files(&e) {
+                    SessionError::out_of_files()
+                } else {
+                    unavailable(&e)
+                }
+            })?;
         metrics::histogram!("understudy_backend_connect_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(stream)

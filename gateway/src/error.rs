@@ -42,7 +42,21 @@ pub enum SessionError {
     Shutdown,
 }
 
+/// What a client the gateway has no file descriptor for is told.
+pub const OUT_OF_FILES: &str = "sorry, too many clients already: the gateway is out of file descriptors (raise its open-file limit)";
+
+/// Whether `e` is the process or the system running out of file descriptors.
+pub fn out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 impl SessionError {
+    /// The refusal of a session the gateway has no file descriptor for (its own lack, not the
+    /// server's: no failover follows).
+    pub fn out_of_files() -> Self {
+        Self::refused("53300", "out_of_files", OUT_OF_FILES)
+    }
+
     /// A FATAL refusal with a SQLSTATE and message safe to show the client.
     pub fn refused(code: &'static str, label: &'static str, message: impl Into<String>) -> Self {
         SessionError::Refused {

@@ -346,7 +346,7 @@ impl OutOfFiles {
     /// Handles an accept error; returns false if it is not the lack of descriptors (or no
     /// descriptor could be freed to answer with).
     async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error) -> bool {
-        if !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        if !crate::error::out_of_files(e) {
             tracing::warn!(error = %e, "accept failed");
             return false;
         }
@@ -369,7 +369,7 @@ impl OutOfFiles {
                 &mut buf,
                 understudy_protocol::encode::Severity::Fatal,
                 "53300",
-                "sorry, too many clients already: the gateway is out of file descriptors (raise its open-file limit)",
+                crate::error::OUT_OF_FILES,
             );
             // A fresh socket's buffer takes it whole; the client hears it whatever it sent.
             let _ = tcp.try_write(&buf);

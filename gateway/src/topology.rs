@@ -597,7 +597,7 @@ async fn open_control(
             .connector
             .dial(backend)
             .await
-            .map_err(|e| ProbeError::down(format!("could not connect: {e}")))?;
+            .map_err(|e| ProbeError::dial(&e))?;
         let stream = control
             .connector
             .secure(backend, tcp)
@@ -618,7 +618,9 @@ pub struct ProbeError {
     /// What happened, for logs and `/status`.
     pub text: String,
     /// The server answered with an error that it sends while running (too many connections,
-    /// a login it rejects, a statement timeout): it is up, whatever its role.
+    /// a login it rejects, a statement timeout): it is up, whatever its role. Also set when
+    /// the gateway could not even try for want of file descriptors: that is no sign of a
+    /// server down, and its last known role stands.
     pub server_up: bool,
 }
 
@@ -628,6 +630,17 @@ impl ProbeError {
             text: text.into(),
             server_up: false,
         }
+    }
+
+    /// No TCP connection could be opened.
+    fn dial(e: &std::io::Error) -> Self {
+        if crate::error::out_of_files(e) {
+            return Self {
+                text: format!("the gateway is out of file descriptors: {e}"),
+                server_up: true,
+            };
+        }
+        Self::down(format!("could not connect: {e}"))
     }
 
     /// TLS could not be set up as `backend_tls` says. A server that declined TLS or whose

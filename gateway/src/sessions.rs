@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::Serialize;
 use understudy_protocol::startup::CancelKey;
+
+use crate::topology::Backend;
 
 /// Where a cancel for a session must go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,8 @@ struct Detail {
     backend: Option<SocketAddr>,
     backend_pid: Option<i32>,
     movable: Option<Movability>,
+    /// The server where the session's LISTENs are in effect, if it has any.
+    listens_on: Option<Backend>,
 }
 
 /// JSON form of a session for `/status`.
@@ -139,6 +143,8 @@ impl SessionInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     next_id: AtomicU64,
+    /// Sessions with LISTENs in effect (so that a move looks for them only when there are).
+    listening: AtomicUsize,
     sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
     cancels: Mutex<HashMap<CancelKey, (CancelTarget, Arc<SessionInfo>)>>,
 }
@@ -205,6 +211,20 @@ impl Registry {
         v
     }
 
+    /// How many sessions other than `me` have LISTENs in effect on a server other than
+    /// `primary` (a move waits for them to issue their LISTENs there: see
+    /// `Session::await_listeners`).
+    pub fn listeners_elsewhere(&self, me: u64, primary: &Backend) -> usize {
+        if self.listening.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        lock(&self.sessions)
+            .values()
+            .filter(|s| s.id != me)
+            .filter(|s| s.lock().listens_on.as_ref().is_some_and(|on| on != primary))
+            .count()
+    }
+
     /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
     pub fn cancel_target(&self, key: &CancelKey) -> Option<CancelTarget> {
         lock(&self.cancels).get(key).map(|(target, _)| *target)
@@ -230,6 +250,16 @@ impl SessionGuard {
     /// The session's shared record.
     pub fn info(&self) -> &Arc<SessionInfo> {
         &self.info
+    }
+
+    /// Records that the session's LISTENs are in effect on `on` (`None`: it has none).
+    pub fn set_listens_on(&self, on: Option<&Backend>) {
+        let was = std::mem::replace(&mut self.info.lock().listens_on, on.cloned());
+        match (was.is_some(), on.is_some()) {
+            (false, true) => self.registry.listening.fetch_add(1, Ordering::AcqRel),
+            (true, false) => self.registry.listening.fetch_sub(1, Ordering::AcqRel),
+            _ => 0,
+        };
     }
 
     /// The key the client was given, if any.
@@ -263,6 +293,7 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.set_listens_on(None);
         if let Some(key) = self.cancel_key {
             lock(&self.registry.cancels).remove(&key);
         }
@@ -301,5 +332,33 @@ mod tests {
         drop(g);
         assert_eq!(reg.cancel_target(&key), None);
         assert!(reg.is_empty());
+    }
+
+    /// A move waits for the other sessions whose LISTENs are on another server, not for
+    /// itself, sessions without LISTENs, or sessions that left.
+    #[test]
+    fn listeners_elsewhere_are_the_others_listening_on_another_server() {
+        let reg = Arc::new(Registry::default());
+        let client = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (old, new) = (
+            Backend::parse("127.0.0.1:5432").unwrap(),
+            Backend::parse("127.0.0.1:5433").unwrap(),
+        );
+        let me = reg.open(client, false, "u", "d");
+        let listener = reg.open(client, false, "u", "d");
+        let _quiet = reg.open(client, false, "u", "d");
+        let id = me.info().id;
+        me.set_listens_on(Some(&old));
+        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "not itself");
+        listener.set_listens_on(Some(&old));
+        assert_eq!(reg.listeners_elsewhere(id, &new), 1);
+        listener.set_listens_on(Some(&new));
+        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "moved");
+        listener.set_listens_on(Some(&old));
+        drop(listener);
+        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "left");
+        me.set_listens_on(None);
+        me.set_listens_on(None);
+        assert_eq!(reg.listening.load(Ordering::Relaxed), 0);
     }
 }

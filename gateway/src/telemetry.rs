@@ -88,6 +88,7 @@ fn export_alerting_series() {
         "understudy_failover_failures_total",
         "understudy_lost_commits_total",
         "understudy_in_doubt_statements_total",
+        "understudy_listener_waits_given_up_total",
     ] {
         metrics::counter!(name).increment(0);
     }

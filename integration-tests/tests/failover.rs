@@ -216,6 +216,43 @@ async fn extended_protocol_session_state_moves() {
     assert_eq!(next_notification(&mut notes).await.1, "here");
 }
 
+/// Sessions move one by one, each as soon as it can; a notification a moved session commits on
+/// the new primary reaches only the listeners whose LISTEN is issued there already. So a moved
+/// session goes on only once every listening session has issued its LISTENs on the new primary
+/// (or left): a notification sent right after the failover reaches all of them.
+#[tokio::test]
+async fn listeners_move_before_a_notification_sent_after_the_failover() {
+    const LISTENERS: usize = 16;
+    let mut cluster = Cluster::primary_and_standby().await;
+    let gw = cluster.failover_gateway().await;
+    let mut listeners = Vec::new();
+    for _ in 0..LISTENERS {
+        let (c, notes) = connect_listening(&gw, roles::SCRAM).await;
+        c.batch_execute("LISTEN moved").await.unwrap();
+        listeners.push((c, notes));
+    }
+    let notifier = gw.connect(roles::TRUST).await;
+    notifier.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    cluster.kill_primary().await;
+
+    // Sent at once: it waits in the gateway for the notifier's move, not for the listeners'.
+    notifier
+        .batch_execute("NOTIFY moved, 'after'")
+        .await
+        .unwrap();
+    notifier.batch_execute("COMMIT").await.unwrap();
+    // It names the notifier's new backend (the PID of a notifier's own session is what its
+    // client was told only in the notifications it hears itself).
+    let notifier_pid = backend_pid(&notifier).await;
+    for (i, (_, notes)) in listeners.iter_mut().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(5), next_notification(notes)).await {
+            Ok(heard) => assert_eq!(heard, (notifier_pid, "after".to_owned()), "listener {i}"),
+            Err(_) => panic!("listener {i} of {LISTENERS} missed the notification"),
+        }
+    }
+}
+
 /// A second crash right after a new standby was seeded in the old primary's place, before the
 /// role probe adopted it back (it was fenced as the old primary): the failover looks for
 /// candidates again each round and promotes it once adopted, instead of finding none at its

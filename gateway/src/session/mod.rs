@@ -343,6 +343,8 @@ pub struct Session {
     holding: bool,
     /// Held there now: the client's next request is not read until the pause ends.
     held: bool,
+    /// LISTENs were in effect at the last transaction boundary (as the registry knows).
+    listening: bool,
     /// A FATAL from the server, held back (not forwarded) until it is known whether the
     /// server ended the session or the primary died.
     held_fatal: Option<(String, String, usize)>,
@@ -429,6 +431,7 @@ impl Session {
             draining: false,
             holding: false,
             held: false,
+            listening: false,
             held_fatal: None,
             server_params,
             poison: Poison::None,
@@ -1230,6 +1233,14 @@ impl Session {
                 None => self.relogin.credential.movability(),
             });
             self.shown_unmovable = unmovable;
+        }
+        if status == b'I' {
+            let listening = !self.journal.state().channels().is_empty();
+            if listening != self.listening {
+                self.listening = listening;
+                self.guard
+                    .set_listens_on(listening.then_some(&self.relogin.backend));
+            }
         }
     }
 

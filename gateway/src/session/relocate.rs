@@ -27,6 +27,13 @@ use crate::wire::{read_message, send, ReadError};
 /// How long one step of a move (a restore statement, a replayed request) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a moved session waits for the sessions with LISTENs to issue them on the new
+/// primary before it goes on (see `Session::await_listeners`).
+const LISTENERS_WAIT: Duration = Duration::from_secs(2);
+
+/// How often it looks.
+const LISTENERS_POLL: Duration = Duration::from_millis(5);
+
 /// Why a move failed, for the client (always FATAL: the session cannot continue).
 fn cannot_move(code: &'static str, message: String) -> SessionError {
     SessionError::BackendUnavailable { code, message }
@@ -436,6 +443,7 @@ impl Session {
         let partial = self.flush_old_backend().await?;
         let mut fresh = self.log_in_again(&promotion).await?;
         self.restore_state(&mut fresh).await?;
+        self.await_listeners(&promotion.primary).await;
         self.check_acknowledged_commit(&mut fresh, &promotion)
             .await?;
         let resumed = self
@@ -575,6 +583,9 @@ impl Session {
         };
         let state = self.journal.state().before(self.journal.groups());
         fresh.restore(&state).await.map_err(failed)?;
+        self.listening = !state.channels().is_empty();
+        self.guard
+            .set_listens_on(self.listening.then_some(&self.relogin.backend));
         // A function may have changed a reported setting (SET inside its body, set_config()
         // there) where the journal could not see it; the server's report of it, which the
         // client goes by, says what it was at the last transaction boundary.
@@ -593,6 +604,31 @@ impl Session {
             fresh.query(&sql).await.map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// Waits, up to [`LISTENERS_WAIT`], until every other session with LISTENs has issued them
+    /// on `primary`, as this one did: sessions move one by one, and a notification committed
+    /// there before a listener's LISTEN would never reach it.
+    async fn await_listeners(&self, primary: &crate::topology::Backend) {
+        let registry = &self.shared.registry;
+        let me = self.guard.info().id;
+        let deadline = Instant::now() + LISTENERS_WAIT;
+        loop {
+            let elsewhere = registry.listeners_elsewhere(me, primary);
+            if elsewhere == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                metrics::counter!("understudy_listener_waits_given_up_total").increment(1);
+                tracing::warn!(
+                    session = me,
+                    listeners = elsewhere,
+                    "sessions with LISTENs are still not on the new primary; going on without them (notifications sent meanwhile miss them)"
+                );
+                return;
+            }
+            crate::clock::sleep(LISTENERS_POLL).await;
+        }
     }
 
     /// Gives the new backend the prepared statements the client has, no more and no fewer,

@@ -62,8 +62,6 @@ struct Detail {
     backend: Option<SocketAddr>,
     backend_pid: Option<i32>,
     movable: Option<Movability>,
-    /// The server where the session's LISTENs are in effect, if it has any.
-    listens_on: Option<Backend>,
 }
 
 /// JSON form of a session for `/status`.
@@ -145,6 +143,8 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Sessions with LISTENs in effect (so that a move looks for them only when there are).
     listening: AtomicUsize,
+    /// How many of them have them in effect on each server.
+    listeners: Mutex<HashMap<Backend, usize>>,
     sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
     cancels: Mutex<HashMap<CancelKey, (CancelTarget, Arc<SessionInfo>)>>,
 }
@@ -180,6 +180,7 @@ impl Registry {
             registry: self.clone(),
             info,
             cancel_key: None,
+            listens_on: None,
         }
     }
 
@@ -211,18 +212,15 @@ impl Registry {
         v
     }
 
-    /// How many sessions other than `me` have LISTENs in effect on a server other than
-    /// `primary` (a move waits for them to issue their LISTENs there: see
-    /// `Session::await_listeners`).
-    pub fn listeners_elsewhere(&self, me: u64, primary: &Backend) -> usize {
+    /// How many sessions have LISTENs in effect on a server other than `primary` (a moved
+    /// session waits for them to issue their LISTENs there: see `Session::await_listeners`).
+    pub fn listeners_elsewhere(&self, primary: &Backend) -> usize {
         if self.listening.load(Ordering::Acquire) == 0 {
             return 0;
         }
-        lock(&self.sessions)
-            .values()
-            .filter(|s| s.id != me)
-            .filter(|s| s.lock().listens_on.as_ref().is_some_and(|on| on != primary))
-            .count()
+        let listeners = lock(&self.listeners);
+        let total: usize = listeners.values().sum();
+        total - listeners.get(primary).copied().unwrap_or(0)
     }
 
     /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
@@ -244,6 +242,8 @@ pub struct SessionGuard {
     registry: Arc<Registry>,
     info: Arc<SessionInfo>,
     cancel_key: Option<CancelKey>,
+    /// The server where the session's LISTENs are in effect, if it has any.
+    listens_on: Option<Backend>,
 }
 
 impl SessionGuard {
@@ -253,13 +253,25 @@ impl SessionGuard {
     }
 
     /// Records that the session's LISTENs are in effect on `on` (`None`: it has none).
-    pub fn set_listens_on(&self, on: Option<&Backend>) {
-        let was = std::mem::replace(&mut self.info.lock().listens_on, on.cloned());
-        match (was.is_some(), on.is_some()) {
-            (false, true) => self.registry.listening.fetch_add(1, Ordering::AcqRel),
-            (true, false) => self.registry.listening.fetch_sub(1, Ordering::AcqRel),
-            _ => 0,
-        };
+    pub fn set_listens_on(&mut self, on: Option<&Backend>) {
+        if self.listens_on.as_ref() == on {
+            return;
+        }
+        let mut listeners = lock(&self.registry.listeners);
+        if let Some(was) = self.listens_on.take() {
+            if let Some(n) = listeners.get_mut(&was) {
+                *n -= 1;
+                if *n == 0 {
+                    listeners.remove(&was);
+                }
+            }
+            self.registry.listening.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(on) = on {
+            *listeners.entry(on.clone()).or_default() += 1;
+            self.registry.listening.fetch_add(1, Ordering::AcqRel);
+            self.listens_on = Some(on.clone());
+        }
     }
 
     /// The key the client was given, if any.
@@ -334,31 +346,31 @@ mod tests {
         assert!(reg.is_empty());
     }
 
-    /// A move waits for the other sessions whose LISTENs are on another server, not for
-    /// itself, sessions without LISTENs, or sessions that left.
+    /// A move waits for the sessions whose LISTENs are on another server, not for sessions
+    /// without LISTENs, nor for sessions that left.
     #[test]
-    fn listeners_elsewhere_are_the_others_listening_on_another_server() {
+    fn listeners_elsewhere_are_the_sessions_listening_on_another_server() {
         let reg = Arc::new(Registry::default());
         let client = SocketAddr::from(([127, 0, 0, 1], 1));
         let (old, new) = (
             Backend::parse("127.0.0.1:5432").unwrap(),
             Backend::parse("127.0.0.1:5433").unwrap(),
         );
-        let me = reg.open(client, false, "u", "d");
-        let listener = reg.open(client, false, "u", "d");
+        let mut me = reg.open(client, false, "u", "d");
+        let mut listener = reg.open(client, false, "u", "d");
         let _quiet = reg.open(client, false, "u", "d");
-        let id = me.info().id;
         me.set_listens_on(Some(&old));
-        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "not itself");
         listener.set_listens_on(Some(&old));
-        assert_eq!(reg.listeners_elsewhere(id, &new), 1);
-        listener.set_listens_on(Some(&new));
-        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "moved");
-        listener.set_listens_on(Some(&old));
+        assert_eq!(reg.listeners_elsewhere(&new), 2);
+        me.set_listens_on(Some(&new));
+        me.set_listens_on(Some(&new));
+        assert_eq!(reg.listeners_elsewhere(&new), 1, "moved");
+        assert_eq!(reg.listeners_elsewhere(&old), 1);
         drop(listener);
-        assert_eq!(reg.listeners_elsewhere(id, &new), 0, "left");
+        assert_eq!(reg.listeners_elsewhere(&new), 0, "left");
         me.set_listens_on(None);
         me.set_listens_on(None);
+        assert_eq!(reg.listeners_elsewhere(&old), 0);
         assert_eq!(reg.listening.load(Ordering::Relaxed), 0);
     }
 }

@@ -13,7 +13,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::Stream;
 
 /// A configured PostgreSQL server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// Host name or address, as configured (also the TLS server name).
     pub host: String,

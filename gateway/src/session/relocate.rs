@@ -606,22 +606,20 @@ impl Session {
         Ok(())
     }
 
-    /// Waits, up to [`LISTENERS_WAIT`], until every other session with LISTENs has issued them
-    /// on `primary`, as this one did: sessions move one by one, and a notification committed
-    /// there before a listener's LISTEN would never reach it.
+    /// Waits, up to [`LISTENERS_WAIT`], until every session with LISTENs has issued them on
+    /// `primary` (this one's are there already): sessions move one by one, and a notification
+    /// committed there before a listener's LISTEN would never reach it.
     async fn await_listeners(&self, primary: &crate::topology::Backend) {
-        let registry = &self.shared.registry;
-        let me = self.guard.info().id;
         let deadline = Instant::now() + LISTENERS_WAIT;
         loop {
-            let elsewhere = registry.listeners_elsewhere(me, primary);
+            let elsewhere = self.shared.registry.listeners_elsewhere(primary);
             if elsewhere == 0 {
                 return;
             }
             if Instant::now() >= deadline {
                 metrics::counter!("understudy_listener_waits_given_up_total").increment(1);
                 tracing::warn!(
-                    session = me,
+                    session = self.guard.info().id,
                     listeners = elsewhere,
                     "sessions with LISTENs are still not on the new primary; going on without them (notifications sent meanwhile miss them)"
                 );

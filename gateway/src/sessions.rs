@@ -212,15 +212,18 @@ impl Registry {
         v
     }
 
-    /// How many sessions have LISTENs in effect on a server other than `primary` (a moved
-    /// session waits for them to issue their LISTENs there: see `Session::await_listeners`).
-    pub fn listeners_elsewhere(&self, primary: &Backend) -> usize {
+    /// How many sessions have LISTENs in effect on a server that `on` picks (a moved session
+    /// waits for those on a fenced server to issue them on the new primary: see
+    /// `Session::await_listeners`).
+    pub fn listeners_on(&self, on: impl Fn(&Backend) -> bool) -> usize {
         if self.listening.load(Ordering::Acquire) == 0 {
             return 0;
         }
-        let listeners = lock(&self.listeners);
-        let total: usize = listeners.values().sum();
-        total - listeners.get(primary).copied().unwrap_or(0)
+        lock(&self.listeners)
+            .iter()
+            .filter(|(server, _)| on(server))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
@@ -346,10 +349,10 @@ mod tests {
         assert!(reg.is_empty());
     }
 
-    /// A move waits for the sessions whose LISTENs are on another server, not for sessions
-    /// without LISTENs, nor for sessions that left.
+    /// Listeners are counted on the server they listen on, each once; sessions without
+    /// LISTENs and sessions that left are not.
     #[test]
-    fn listeners_elsewhere_are_the_sessions_listening_on_another_server() {
+    fn listeners_are_counted_where_their_listens_are() {
         let reg = Arc::new(Registry::default());
         let client = SocketAddr::from(([127, 0, 0, 1], 1));
         let (old, new) = (
@@ -359,18 +362,19 @@ mod tests {
         let mut me = reg.open(client, false, "u", "d");
         let mut listener = reg.open(client, false, "u", "d");
         let _quiet = reg.open(client, false, "u", "d");
+        let elsewhere = |than: &Backend| reg.listeners_on(|b| b != than);
         me.set_listens_on(Some(&old));
         listener.set_listens_on(Some(&old));
-        assert_eq!(reg.listeners_elsewhere(&new), 2);
+        assert_eq!(elsewhere(&new), 2);
         me.set_listens_on(Some(&new));
         me.set_listens_on(Some(&new));
-        assert_eq!(reg.listeners_elsewhere(&new), 1, "moved");
-        assert_eq!(reg.listeners_elsewhere(&old), 1);
+        assert_eq!(elsewhere(&new), 1, "moved");
+        assert_eq!(elsewhere(&old), 1);
         drop(listener);
-        assert_eq!(reg.listeners_elsewhere(&new), 0, "left");
+        assert_eq!(elsewhere(&new), 0, "left");
         me.set_listens_on(None);
         me.set_listens_on(None);
-        assert_eq!(reg.listeners_elsewhere(&old), 0);
+        assert_eq!(elsewhere(&old), 0);
         assert_eq!(reg.listening.load(Ordering::Relaxed), 0);
     }
 }

@@ -462,6 +462,9 @@ impl Session {
     }
 
     async fn forward(&mut self, shutdown: &mut Shutdown) -> End {
+        // Logged in right after a failover, the session waits for the listeners still moving,
+        // as a moved one does (nothing to wait for otherwise: one atomic load).
+        self.await_listeners(&self.relogin.backend).await;
         // Login may have left bytes of either side in the buffers.
         if let Some(end) = self.scan_up().or_else(|| self.scan_down()) {
             return end;

@@ -606,13 +606,17 @@ impl Session {
         Ok(())
     }
 
-    /// Waits, up to [`LISTENERS_WAIT`], until every session with LISTENs has issued them on
-    /// `primary` (this one's are there already): sessions move one by one, and a notification
-    /// committed there before a listener's LISTEN would never reach it.
-    async fn await_listeners(&self, primary: &crate::topology::Backend) {
+    /// Waits, up to [`LISTENERS_WAIT`], until no session has LISTENs on a fenced server (each
+    /// of those is moving to `primary`, or ending): sessions move one by one, and a
+    /// notification committed on the new primary before a listener's LISTEN is issued there
+    /// would never reach it. Listeners on a server that is not fenced are not moving, and are
+    /// not waited for.
+    pub(super) async fn await_listeners(&self, primary: &crate::topology::Backend) {
+        let topology = &self.shared.topology;
+        let moving = |b: &crate::topology::Backend| b != primary && topology.is_fenced(b);
         let deadline = Instant::now() + LISTENERS_WAIT;
         loop {
-            let elsewhere = self.shared.registry.listeners_elsewhere(primary);
+            let elsewhere = self.shared.registry.listeners_on(moving);
             if elsewhere == 0 {
                 return;
             }

@@ -27,8 +27,8 @@ use crate::wire::{read_message, send, ReadError};
 /// How long one step of a move (a restore statement, a replayed request) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a moved session waits for the sessions with LISTENs to issue them on the new
-/// primary before it goes on (see `Session::await_listeners`).
+/// How long a moved session, or one logging in meanwhile, waits for the sessions with LISTENs
+/// to issue them on the new primary before it goes on (see `Session::await_listeners`).
 const LISTENERS_WAIT: Duration = Duration::from_secs(2);
 
 /// How often it looks.

@@ -147,6 +147,8 @@ struct Established {
     server_params: Vec<(String, String)>,
     backend_pid: i32,
     relogin: Relogin,
+    /// Whether the session's role may run the xid capture (see [`crate::grants`]).
+    may_capture: bool,
 }
 
 async fn session(
@@ -212,6 +214,7 @@ async fn session(
         established.relogin,
         established.backend_pid,
         established.server_params,
+        established.may_capture,
     );
     // Boxed: the data path's poll should not carry the construction's temporaries.
     Box::pin(session.run(shutdown)).await
@@ -329,6 +332,17 @@ async fn establish(
         tail.unsplit(rest);
     }
     greeting.unsplit(tail);
+    // Asked before the client hears its ReadyForQuery, while the backend is idle; only by a
+    // gateway that captures xids (one that can move sessions).
+    let may_capture = if result.is_ok() && shared.failover.disabled().is_none() {
+        let database = startup.database().unwrap_or(user);
+        shared
+            .capture_grants
+            .may_capture(database, user, &mut backend, &mut backend_buf)
+            .await?
+    } else {
+        false
+    };
     client.send(&greeting).await?;
     result?;
     let server_params = relayed.params;
@@ -338,6 +352,7 @@ async fn establish(
         client_buf: std::mem::take(client.buf),
         server_params,
         backend_pid,
+        may_capture,
         relogin: Relogin {
             backend: primary,
             params: startup

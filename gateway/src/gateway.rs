@@ -43,6 +43,8 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Runs failovers.
     pub failover: crate::failover::Coordinator,
+    /// Which roles may run the xid capture, as learned at login.
+    pub capture_grants: crate::grants::CaptureGrants,
     /// Whether the gateway is paused: sessions hold at their next transaction boundary.
     pub hold: tokio::sync::watch::Sender<bool>,
     /// Where a reload reads the configuration; without one it re-reads the files the
@@ -123,6 +125,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             limit: Arc::new(Semaphore::new(config.max_client_connections)),
             failover: crate::failover::Coordinator::new(topology.clone(), config.failover.clone()),
+            capture_grants: crate::grants::CaptureGrants::default(),
             config,
             topology,
             registry: Arc::new(Registry::default()),

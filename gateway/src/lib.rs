@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod failover;
 pub mod gateway;
+pub mod grants;
 pub mod handshake;
 pub mod local_cluster;
 pub mod pause;

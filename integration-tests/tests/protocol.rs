@@ -1169,9 +1169,10 @@ async fn the_gateways_queries_are_not_taken_in_by_the_search_path() {
 
 /// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
 /// client gets exactly the server's answer to its COMMIT, in the simple and the extended
-/// protocol. If the capture itself fails (EXECUTE on the function revoked), the COMMIT is
-/// answered with that error rather than a silent "ROLLBACK", and the session's later
-/// transactions commit without the capture.
+/// protocol. If the capture itself fails (EXECUTE on the function revoked after the session
+/// logged in), the COMMIT is answered with that error rather than a silent "ROLLBACK", and the
+/// session's later transactions commit without the capture; a session logging in once the
+/// gateway knows (it asks at login) does without it from its start.
 #[tokio::test]
 async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_rollback() {
     // A standby to move to, or the gateway would capture nothing.
@@ -1221,36 +1222,40 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         [('C', "COMMIT\0".into()), ('Z', "I".into())]
     );
 
+    // Sessions that logged in while the role could run the capture (the gateway asked at the
+    // first login and keeps the answer a minute)...
+    let s = gw.connect(roles::SCRAM).await;
+    let w = gw.connect(roles::SCRAM).await;
+    let e = gw.connect(roles::SCRAM).await;
+    let b = gw.connect(roles::SCRAM).await;
     admin
         .batch_execute("REVOKE EXECUTE ON FUNCTION pg_current_xact_id_if_assigned() FROM PUBLIC")
         .await
         .unwrap();
-    // The failed capture aborted the transaction, so the server answers the COMMIT
-    // "ROLLBACK"; the client gets the capture's error instead, and the transaction is over.
-    let s = gw.connect(roles::SCRAM).await;
+    // ...find out at their first capture. The failed capture aborted the transaction, so the
+    // server answers the COMMIT "ROLLBACK"; the client gets the capture's error instead, and
+    // the transaction is over.
     s.batch_execute("BEGIN; INSERT INTO x VALUES (3)")
         .await
         .unwrap();
-    let e = s.batch_execute("COMMIT").await.unwrap_err();
-    assert_eq!(sqlstate(&e), Some("42501"), "{e}");
+    let err = s.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(sqlstate(&err), Some("42501"), "{err}");
     s.batch_execute("BEGIN; INSERT INTO x VALUES (4)")
         .await
         .unwrap();
     s.batch_execute("COMMIT").await.unwrap();
     // The xid query after a write: the write's string fails with its error, as a whole.
-    let w = gw.connect(roles::SCRAM).await;
     w.batch_execute("BEGIN").await.unwrap();
-    let e = w
+    let err = w
         .batch_execute("INSERT INTO x VALUES (7)")
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&e), Some("42501"), "{e}");
+    assert_eq!(sqlstate(&err), Some("42501"), "{err}");
     w.batch_execute("ROLLBACK").await.unwrap();
     w.batch_execute("BEGIN").await.unwrap();
     w.batch_execute("INSERT INTO x VALUES (8)").await.unwrap();
     w.batch_execute("COMMIT").await.unwrap();
     // The same in the extended protocol.
-    let e = gw.connect(roles::SCRAM).await;
     e.batch_execute("BEGIN; INSERT INTO x VALUES (5)")
         .await
         .unwrap();
@@ -1263,7 +1268,6 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
     // An autocommit batch asks in its own transaction, which the failure aborts: the write
     // fails with the capture's error, and the session takes the WAL position after its writes
     // from then on.
-    let b = gw.connect(roles::SCRAM).await;
     let err = b
         .execute("INSERT INTO x VALUES (13)", &[])
         .await
@@ -1273,6 +1277,26 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         b.execute("INSERT INTO x VALUES (14)", &[]).await.unwrap(),
         1
     );
+    // A session that logs in after the failures (which the gateway noted), or as a role it
+    // asks about only now, does without the capture from its start: none of its writes fails.
+    for (role, first) in [(roles::SCRAM, 20), (roles::MD5, 30)] {
+        let n = gw.connect(role).await;
+        n.batch_execute(&format!("BEGIN; INSERT INTO x VALUES ({first})"))
+            .await
+            .unwrap();
+        n.batch_execute("COMMIT").await.unwrap();
+        n.batch_execute("BEGIN").await.unwrap();
+        n.batch_execute(&format!("INSERT INTO x VALUES ({})", first + 1))
+            .await
+            .unwrap();
+        n.execute("COMMIT", &[]).await.unwrap();
+        n.execute(&format!("INSERT INTO x VALUES ({})", first + 2), &[])
+            .await
+            .unwrap();
+        n.batch_execute(&format!("INSERT INTO x VALUES ({})", first + 3))
+            .await
+            .unwrap();
+    }
 
     let rows = admin
         .query("SELECT a FROM x ORDER BY a", &[])
@@ -1281,7 +1305,10 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .iter()
         .map(|r| r.get::<_, i32>(0))
         .collect::<Vec<_>>();
-    assert_eq!(rows, [1, 2, 4, 6, 8, 10, 14]);
+    assert_eq!(
+        rows,
+        [1, 2, 4, 6, 8, 10, 14, 20, 21, 22, 23, 30, 31, 32, 33]
+    );
 }
 
 /// The unnamed prepared statement lasts until the next unnamed Parse or simple Query the

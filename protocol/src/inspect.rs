@@ -54,6 +54,15 @@ pub fn first_field_name(body: &[u8]) -> Option<&str> {
     std::str::from_utf8(&fields[..end]).ok()
 }
 
+/// The first column of a DataRow body (`None`: NULL, or no column).
+pub fn first_column(body: &[u8]) -> Option<&[u8]> {
+    if body.get(..2)? == [0, 0] {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    body.get(6..6 + usize::try_from(len).ok()?)
+}
+
 /// Status byte of a ReadyForQuery body (`I`, `T` or `E`).
 pub fn ready_for_query_status(body: &[u8]) -> Option<u8> {
     match body {

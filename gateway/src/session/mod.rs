@@ -24,7 +24,7 @@ use crate::auth::Credential;
 use crate::error::SessionError;
 use crate::gateway::Shared;
 use crate::pump::{Event, Pump, PumpError};
-use crate::sessions::SessionGuard;
+use crate::sessions::{SessionGuard, SessionInfo};
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{count_error, Tally};
 use crate::topology::Backend;
@@ -395,6 +395,7 @@ impl Session {
         relogin: Relogin,
         backend_pid: i32,
         server_params: Vec<(String, String)>,
+        may_capture: bool,
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let can_move = shared.failover.disabled().is_none();
@@ -436,7 +437,7 @@ impl Session {
             server_params,
             poison: Poison::None,
             can_move,
-            capture_xid: can_move,
+            capture_xid: can_move && may_capture,
             doomed_commit: None,
             xid_suffix: XidSuffix::None,
             as_batch: AsBatch::None,
@@ -925,6 +926,7 @@ impl Session {
                                 "the xid query before a COMMIT failed; this session commits without it from now on"
                             );
                             self.capture_xid = false;
+                            capture_failed(&self.shared, self.guard.info(), err.code);
                             let len = (n as u32 - 1).to_be_bytes();
                             self.doomed_commit =
                                 Some(([&[tag][..], &len, body].concat(), "server"));
@@ -975,7 +977,8 @@ impl Session {
                             &mut self.xid_suffix,
                             &mut self.journal,
                             &mut self.capture_xid,
-                            self.guard.info().id,
+                            &self.shared,
+                            self.guard.info(),
                             tag,
                             body,
                         ) =>
@@ -1032,6 +1035,7 @@ impl Session {
                                         "the xid query of a Query sent as a batch failed; this session does without it from now on"
                                     );
                                     self.capture_xid = false;
+                                    capture_failed(&self.shared, self.guard.info(), err.code);
                                 }
                                 // The Query failed, at its commit if it got that far: what is
                                 // held never was (the server answers a Query's statement once
@@ -1055,6 +1059,7 @@ impl Session {
                                     "the xid query before an autocommit batch's Sync failed; this session does without it from now on"
                                 );
                                 self.capture_xid = false;
+                                capture_failed(&self.shared, self.guard.info(), err.code);
                             }
                             if owner == Some(Owner::Raised) && !err.is_fatal() {
                                 let mut own = BytesMut::new();
@@ -1371,13 +1376,24 @@ impl Session {
     }
 }
 
+/// The xid capture failed with `code`: where the role lacks the privilege, its next sessions
+/// do without the capture from their start (see [`crate::grants`]).
+fn capture_failed(shared: &Shared, session: &SessionInfo, code: &str) {
+    if code == "42501" {
+        shared
+            .capture_grants
+            .record(&session.database, &session.user, false);
+    }
+}
+
 /// Follows the answer to a Query that carries the xid query; returns whether the message
 /// is the xid query's (consumed) rather than the client's.
 fn on_xid_suffix(
     state: &mut XidSuffix,
     journal: &mut Journal,
     capture_xid: &mut bool,
-    session: u64,
+    shared: &Shared,
+    session: &SessionInfo,
     tag: u8,
     body: &[u8],
 ) -> bool {
@@ -1405,12 +1421,13 @@ fn on_xid_suffix(
             // transaction is aborted, and the client must hear it with this error.
             let err = ErrorView::parse(body);
             tracing::warn!(
-                session,
+                session = session.id,
                 code = err.code,
                 message = err.message,
                 "the xid query after a write failed; this session does without it from now on"
             );
             *capture_xid = false;
+            capture_failed(shared, session, err.code);
             *state = XidSuffix::Done;
             false
         }

@@ -119,7 +119,12 @@ impl Fresh {
         loop {
             let (tag, raw) = self.recv().await?;
             match tag {
-                backend::DATA_ROW if value.is_none() => value = Some(first_column(&raw[5..])),
+                backend::DATA_ROW if value.is_none() => {
+                    value = Some(
+                        understudy_protocol::inspect::first_column(&raw[5..])
+                            .map(|text| String::from_utf8_lossy(text).into_owned()),
+                    )
+                }
                 backend::ERROR_RESPONSE => {
                     let e = ErrorView::parse(&raw[5..]);
                     error = Some(format!("{} {}", e.code, e.message));
@@ -340,12 +345,6 @@ fn tail_answer(tag: u8, raw: &[u8], xid: &mut Option<u64>) -> usize {
         *xid = super::parse_xid_row(&raw[5..]);
     }
     usize::from(super::is_tail_answer(tag))
-}
-
-fn first_column(body: &[u8]) -> Option<String> {
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
-    Some(String::from_utf8_lossy(text).into_owned())
 }
 
 /// The query for what became of transaction `xid` (its names qualified: the session's

@@ -1,0 +1,109 @@
+//! Whether a role may run the gateway's xid capture (`EXECUTE` on
+//! `pg_current_xact_id_if_assigned()`, which PUBLIC has unless it was revoked). Asked at login,
+//! at most once a minute per database and role: a session whose role may not does without the
+//! capture from its start, instead of having its first write fail with the capture's `42501`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use understudy_protocol::encode;
+use understudy_protocol::inspect::{self, ErrorView};
+use understudy_protocol::tags::backend;
+
+use crate::error::SessionError;
+use crate::stream::Stream;
+use crate::wire::{read_message, send, ReadError};
+
+/// The question, asked on the session's own backend: privileges are per database, and the
+/// answer is for the role the session logged in as.
+const GRANT_SQL: &str = "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_current_xact_id_if_assigned()', 'EXECUTE')";
+
+/// How long an answer stands before a login asks again (a GRANT or REVOKE since then shows).
+const FRESH_FOR: Duration = Duration::from_secs(60);
+
+/// Each role's answer in one database, and when it was given.
+type RoleAnswers = HashMap<String, (bool, Instant)>;
+
+/// The answers known, by database and role.
+#[derive(Debug, Default)]
+pub struct CaptureGrants {
+    answers: Mutex<HashMap<String, RoleAnswers>>,
+}
+
+impl CaptureGrants {
+    /// Whether `user` may run the capture in `database`, if that was learned in the last minute.
+    fn fresh(&self, database: &str, user: &str) -> Option<bool> {
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        let (may, at) = answers.get(database)?.get(user)?;
+        (at.elapsed() < FRESH_FOR).then_some(*may)
+    }
+
+    /// Records whether `user` may run the capture in `database` (a session's capture failing
+    /// with `42501` says it may not).
+    pub fn record(&self, database: &str, user: &str, may: bool) {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(database.to_owned())
+            .or_default()
+            .insert(user.to_owned(), (may, Instant::now()));
+    }
+
+    /// Whether the session that just logged in on `stream` may run the capture: known, or
+    /// asked there (the backend is idle, its ReadyForQuery read). Messages the server sends
+    /// the client meanwhile (a notice, a parameter report, a FATAL) are left at the front of
+    /// `buf` for the session to pass on. Without an answer (the question failed) the capture
+    /// is tried, as before there was a question.
+    pub async fn may_capture(
+        &self,
+        database: &str,
+        user: &str,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+    ) -> Result<bool, SessionError> {
+        if let Some(may) = self.fresh(database, user) {
+            return Ok(may);
+        }
+        let answer = ask(stream, buf).await.map_err(|e| match e {
+            ReadError::Io(e) => SessionError::BackendLost(e),
+            ReadError::Frame(e) => SessionError::BackendLost(std::io::Error::other(e)),
+        })?;
+        if let Some(may) = answer {
+            self.record(database, user, may);
+        }
+        Ok(answer.unwrap_or(true))
+    }
+}
+
+/// Runs [`GRANT_SQL`] on an idle backend; its answer, if it gave one.
+async fn ask(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<bool>, ReadError> {
+    let mut question = BytesMut::new();
+    encode::internal_query(&mut question, GRANT_SQL);
+    send(stream, &question).await?;
+    let mut answer = None;
+    let mut passed = BytesMut::new();
+    loop {
+        let frame = read_message(stream, buf, usize::MAX >> 1).await?;
+        let body = &frame.raw[5..];
+        match frame.tag {
+            backend::DATA_ROW => answer = Some(inspect::first_column(body) == Some(b"t")),
+            backend::READY_FOR_QUERY => break,
+            backend::ERROR_RESPONSE if ErrorView::parse(body).is_fatal() => {
+                passed.extend_from_slice(&frame.raw);
+                break;
+            }
+            backend::NOTICE_RESPONSE
+            | backend::NOTIFICATION_RESPONSE
+            | backend::PARAMETER_STATUS => passed.extend_from_slice(&frame.raw),
+            // The completions of the question's own requests, or its error.
+            _ => {}
+        }
+    }
+    if !passed.is_empty() {
+        passed.extend_from_slice(buf);
+        *buf = passed;
+    }
+    Ok(answer)
+}

@@ -792,6 +792,37 @@ async fn autocommit_write_in_flight_gets_08007() {
     );
 }
 
+/// The 08007 an in-doubt request gets comes from a query of the gateway's on the new backend,
+/// which must leave the client's unnamed statement as the request, failing on its own, would
+/// have: a client that parses it once and binds it again and again (libpq's `PQprepare(conn,
+/// "", …)` then `PQexecPrepared`) binds it again after the 08007 and goes on.
+#[tokio::test]
+async fn the_unnamed_statement_outlives_an_in_doubt_write() {
+    let (mut cluster, gw, _c) = session_after(TABLE_T).await;
+    let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
+    let mut parse = raw::parse("", "INSERT INTO t SELECT $1::int FROM pg_sleep($2::float8)");
+    parse.extend(raw::msg(b'S', b""));
+    c.send(&parse).await;
+    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
+    c.send(&raw::bind_execute_sync("", &["1", "0"])).await;
+    assert_eq!(tags(&c.read_until(b'Z').await), "2CZ");
+    let (mut c, answer) =
+        kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+            c.send(&raw::bind_execute_sync("", &["2", "1.5"])).await;
+            let answer = c.read_until(b'Z').await;
+            (c, answer)
+        })
+        .await;
+    assert_eq!(tags(&answer), "EZ", "{answer:?}");
+    assert_eq!(answer[0].code(), "08007", "{answer:?}");
+    c.send(&raw::bind_execute_sync("", &["3", "0"])).await;
+    let again = c.read_until(b'Z').await;
+    assert_eq!(tags(&again), "2CZ", "{again:?}");
+    let su = cluster_on_new_primary(&mut cluster).await.superuser().await;
+    assert_eq!(int_column(&su, "SELECT a FROM t ORDER BY a").await, [1, 3]);
+}
+
 /// A session-state change in flight when the primary dies runs again on the new primary: it
 /// died with the old backend whether it ran there or not, so it is no in-doubt write (08007).
 /// The client gets the whole answer and the session keeps the setting.

@@ -877,6 +877,7 @@ impl Session {
             let as_batch = self.as_batch;
             let doomed = self.doomed_commit.is_some();
             let tail = self.journal.answering_tail();
+            let raised = owner == Some(Owner::Raised);
             let at = self.pump.down.ready;
             let down = &mut self.pump.down;
             // The messages to look into; any other comes whole only when small (see
@@ -891,6 +892,7 @@ impl Session {
                     || suffix == XidSuffix::Answer && t == backend::DATA_ROW
                     || tail && is_tail_answer(t)
                     || as_batch.looks_at(t)
+                    || raised && is_raise_completion(t)
             };
             let (step, n) = match down.scanner.next(&down.buf[at..], look) {
                 Ok(s) => s,
@@ -909,6 +911,10 @@ impl Session {
                         .on_server_bytes(tag, &self.pump.down.buf[at..at + n]);
                     self.journal.on_server_message(tag);
                     self.pump.down.ready += n;
+                }
+                Step::Whole { tag, .. } if raised && is_raise_completion(tag) => {
+                    // The raising query's own requests: only its error is the client's.
+                    self.pump.down.remove_at_ready(n);
                 }
                 Step::Whole { tag, body } if internal => {
                     if tag == backend::ERROR_RESPONSE {
@@ -1435,6 +1441,13 @@ fn on_xid_suffix(
     }
 }
 
+/// Whether `tag` completes one of the requests of the query that raises the gateway's error
+/// in a client request's place (see `relocate::raise`).
+fn is_raise_completion(tag: u8) -> bool {
+    // ParseComplete, BindComplete, CloseComplete.
+    matches!(tag, b'1' | b'2' | b'3')
+}
+
 /// Whether a server message of type `tag` belongs to the answer of [`XID_TAIL`] once it is being
 /// answered: a completion of one of its requests, or its row.
 fn is_tail_answer(tag: u8) -> bool {
@@ -1446,10 +1459,7 @@ fn is_tail_answer(tag: u8) -> bool {
 
 /// The first column of a DataRow as text (`None` for NULL).
 fn first_text(body: &[u8]) -> Option<&str> {
-    // DataRow: int16 column count, then int32 length (-1 for NULL) and the text value.
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
-    std::str::from_utf8(text).ok()
+    std::str::from_utf8(inspect::first_column(body)?).ok()
 }
 
 /// The xid in the gateway's xid query's DataRow (`None` for NULL: nothing was written).

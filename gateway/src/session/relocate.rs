@@ -364,18 +364,18 @@ fn resendable(g: &Group) -> Result<(), SessionError> {
     Ok(())
 }
 
-/// A simple Query message the new primary answers with an ERROR of `code`, in order with the
-/// requests around it (the client hears it where it expects that request's answer).
+/// A request the new primary answers with an ERROR of `code`, in order with the requests
+/// around it (the client hears it where it expects that request's answer): the gateway's own
+/// query up to a Sync, whose ErrorResponse and ReadyForQuery go to the client (the rest is
+/// dropped). Under the gateway's statement name, it leaves the client's unnamed statement as
+/// the client's request, had it failed on its own, would have left it.
 fn raise(code: &str, message: &str) -> BytesMut {
     let sql = format!(
         "DO $understudy$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END $understudy$",
         message.replace('\'', "''")
     );
     let mut q = BytesMut::new();
-    // A simple Query: its answer goes to the client, an ErrorResponse and a ReadyForQuery
-    // as for the request it stands for. (It ends the unnamed statement, which the client's
-    // request, had it failed on its own, would have left.)
-    let _ = postgres_protocol::message::frontend::query(&sql, &mut q);
+    encode::internal_query(&mut q, &sql);
     q
 }
 

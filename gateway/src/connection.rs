@@ -335,10 +335,13 @@ async fn establish(
     // Asked before the client hears its ReadyForQuery, while the backend is idle; only by a
     // gateway that captures xids (one that can move sessions).
     let may_capture = if result.is_ok() && shared.failover.disabled().is_none() {
-        let database = startup.database().unwrap_or(user);
+        // As the registry has it, which is what a failed capture forgets by.
+        let database = startup.database().unwrap_or_default();
+        let options = startup.server_params().find(|(k, _)| *k == "options");
+        let login = crate::grants::login_key(user, options.map(|(_, v)| v));
         shared
             .capture_grants
-            .may_capture(database, user, &mut backend, &mut backend_buf)
+            .may_capture(database, &login, &mut backend, &mut backend_buf)
             .await?
     } else {
         false

@@ -1,7 +1,8 @@
 //! Whether a role may run the gateway's xid capture (`EXECUTE` on
 //! `pg_current_xact_id_if_assigned()`, which PUBLIC has unless it was revoked). Asked at login,
-//! at most once a minute per database and role: a session whose role may not does without the
-//! capture from its start, instead of having its first write fail with the capture's `42501`.
+//! at most once a minute per database and login (role and startup `options`, which may name
+//! another role): a session whose role may not does without the capture from its start,
+//! instead of having its first write fail with the capture's `42501`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,47 +24,64 @@ const GRANT_SQL: &str = "SELECT pg_catalog.has_function_privilege('pg_catalog.pg
 /// How long an answer stands before a login asks again (a GRANT or REVOKE since then shows).
 const FRESH_FOR: Duration = Duration::from_secs(60);
 
-/// Each role's answer in one database, and when it was given.
+/// Each login's answer in one database (see [`login_key`]), and when it was given.
 type RoleAnswers = HashMap<String, (bool, Instant)>;
 
-/// The answers known, by database and role.
+/// A login as the answers are kept by: the role, and the startup `options` (`-c role=…` runs
+/// the session as another role).
+pub fn login_key(user: &str, options: Option<&str>) -> String {
+    match options {
+        Some(options) if !options.is_empty() => format!("{user}\0{options}"),
+        _ => user.to_owned(),
+    }
+}
+
+/// The answers known, by database and login.
 #[derive(Debug, Default)]
 pub struct CaptureGrants {
     answers: Mutex<HashMap<String, RoleAnswers>>,
 }
 
 impl CaptureGrants {
-    /// Whether `user` may run the capture in `database`, if that was learned in the last minute.
-    fn fresh(&self, database: &str, user: &str) -> Option<bool> {
+    /// Whether `login` may run the capture in `database`, if that was learned in the last minute.
+    fn fresh(&self, database: &str, login: &str) -> Option<bool> {
         let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        let (may, at) = answers.get(database)?.get(user)?;
+        let (may, at) = answers.get(database)?.get(login)?;
         (at.elapsed() < FRESH_FOR).then_some(*may)
     }
 
-    /// Records whether `user` may run the capture in `database` (a session's capture failing
-    /// with `42501` says it may not).
-    pub fn record(&self, database: &str, user: &str, may: bool) {
+    fn record(&self, database: &str, login: &str, may: bool) {
         self.answers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(database.to_owned())
             .or_default()
-            .insert(user.to_owned(), (may, Instant::now()));
+            .insert(login.to_owned(), (may, Instant::now()));
+    }
+
+    /// Forgets the answer for `login` in `database` (a capture of its session failed with
+    /// `42501`), so that its next login asks again.
+    pub fn forget(&self, database: &str, login: &str) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(logins) = answers.get_mut(database) {
+            logins.remove(login);
+        }
     }
 
     /// Whether the session that just logged in on `stream` may run the capture: known, or
     /// asked there (the backend is idle, its ReadyForQuery read). Messages the server sends
-    /// the client meanwhile (a notice, a parameter report, a FATAL) are left at the front of
-    /// `buf` for the session to pass on. Without an answer (the question failed) the capture
+    /// the client meanwhile (a parameter report, a notification, a FATAL) are left at the front
+    /// of `buf` for the session to pass on; notices are the question's (a `LOG` of it where
+    /// `client_min_messages` shows those), as for the gateway's other queries. Without an answer (the question failed) the capture
     /// is tried, as before there was a question.
     pub async fn may_capture(
         &self,
         database: &str,
-        user: &str,
+        login: &str,
         stream: &mut Stream,
         buf: &mut BytesMut,
     ) -> Result<bool, SessionError> {
-        if let Some(may) = self.fresh(database, user) {
+        if let Some(may) = self.fresh(database, login) {
             return Ok(may);
         }
         let answer = ask(stream, buf).await.map_err(|e| match e {
@@ -71,7 +89,7 @@ impl CaptureGrants {
             ReadError::Frame(e) => SessionError::BackendLost(std::io::Error::other(e)),
         })?;
         if let Some(may) = answer {
-            self.record(database, user, may);
+            self.record(database, login, may);
         }
         Ok(answer.unwrap_or(true))
     }
@@ -94,10 +112,10 @@ async fn ask(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<bool>, Re
                 passed.extend_from_slice(&frame.raw);
                 break;
             }
-            backend::NOTICE_RESPONSE
-            | backend::NOTIFICATION_RESPONSE
-            | backend::PARAMETER_STATUS => passed.extend_from_slice(&frame.raw),
-            // The completions of the question's own requests, or its error.
+            backend::NOTIFICATION_RESPONSE | backend::PARAMETER_STATUS => {
+                passed.extend_from_slice(&frame.raw)
+            }
+            // The completions of the question's own requests, its error, its notices.
             _ => {}
         }
     }
@@ -106,4 +124,27 @@ async fn ask(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<bool>, Re
         *buf = passed;
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers are kept per database and login (`options` included), and a forgotten one is
+    /// asked again.
+    #[test]
+    fn answers_are_kept_per_database_and_login_until_forgotten() {
+        let grants = CaptureGrants::default();
+        let (plain, as_other) = (login_key("u", None), login_key("u", Some("-c role=v")));
+        assert_eq!(login_key("u", Some("")), plain);
+        assert_ne!(plain, as_other);
+        grants.record("d", &plain, false);
+        grants.record("d", &as_other, true);
+        assert_eq!(grants.fresh("d", &plain), Some(false));
+        assert_eq!(grants.fresh("d", &as_other), Some(true));
+        assert_eq!(grants.fresh("other", &plain), None);
+        grants.forget("d", &plain);
+        assert_eq!(grants.fresh("d", &plain), None);
+        assert_eq!(grants.fresh("d", &as_other), Some(true));
+    }
 }

@@ -699,6 +699,9 @@ fn as_text(msgs: Vec<raw::Msg>) -> Vec<(char, String)> {
 }
 
 /// The last statement text of `pid`'s backend, as the server saw it (`pg_stat_activity`).
+/// The xid capture, as the server shows it in `pg_stat_activity`.
+const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id_if_assigned()";
+
 async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
     admin
         .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
@@ -844,10 +847,7 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
         // It was sent as a batch: the xid query ran last, in the write's transaction.
         rc.send(&raw::query("INSERT INTO q VALUES (7, 'v')")).await;
         rc.read_until(b'Z').await;
-        assert_eq!(
-            last_query(&admin, pid).await,
-            "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
-        );
+        assert_eq!(last_query(&admin, pid).await, XID_SQL);
         assert_eq!(
             int_column(&admin, "SELECT a FROM q ORDER BY a").await,
             [1, 2, 3, 7, 30, 50, 51, 52],
@@ -987,10 +987,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
     a.batch_execute("COMMIT").await.unwrap();
     // An autocommit write is sent as a batch with the xid query in front of its Sync.
     a.batch_execute(write).await.unwrap();
-    assert_eq!(
-        last_query(&admin, a_pid).await,
-        "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
-    );
+    assert_eq!(last_query(&admin, a_pid).await, XID_SQL);
     // Two in one string cannot be: the WAL position query follows their answer.
     let writes = format!("{write}; {write}");
     a.batch_execute(&writes).await.unwrap();
@@ -1161,10 +1158,7 @@ async fn the_gateways_queries_are_not_taken_in_by_the_search_path() {
         [1, 2, 3, 4]
     );
     c.batch_execute("INSERT INTO sp VALUES (5)").await.unwrap();
-    assert_eq!(
-        last_query(&admin, pid).await,
-        "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
-    );
+    assert_eq!(last_query(&admin, pid).await, XID_SQL);
 }
 
 /// The xid the gateway captures before the COMMIT of a writing transaction never shows: the
@@ -1297,6 +1291,32 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
             .await
             .unwrap();
     }
+    // The answer is kept per login, its `options` included: a login that runs as a role that
+    // may run the capture (`-c role=…`) asks for itself, and captures; the login role's own
+    // sessions still do without.
+    admin
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION pg_current_xact_id_if_assigned() TO {md5};
+             GRANT {md5} TO {scram}",
+            md5 = roles::MD5,
+            scram = roles::SCRAM
+        ))
+        .await
+        .unwrap();
+    let mut config = gw.pg_config(roles::SCRAM);
+    config.options(format!("-c role={}", roles::MD5));
+    let (as_md5, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let plain = gw.connect(roles::SCRAM).await;
+    for (session, a, captures) in [(&as_md5, 40, true), (&plain, 41, false)] {
+        let pid = backend_pid(session).await;
+        session
+            .execute(&format!("INSERT INTO x VALUES ({a})"), &[])
+            .await
+            .unwrap();
+        let last = last_query(&admin, pid).await;
+        assert_eq!(last == XID_SQL, captures, "{a}: {last}");
+    }
 
     let rows = admin
         .query("SELECT a FROM x ORDER BY a", &[])
@@ -1307,7 +1327,7 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
         .collect::<Vec<_>>();
     assert_eq!(
         rows,
-        [1, 2, 4, 6, 8, 10, 14, 20, 21, 22, 23, 30, 31, 32, 33]
+        [1, 2, 4, 6, 8, 10, 14, 20, 21, 22, 23, 30, 31, 32, 33, 40, 41]
     );
 }
 
@@ -1512,10 +1532,7 @@ async fn autocommit_batches_answer_as_directly() {
         rc.send(&[bind("ins", &["1"]), execute(0), sync.clone()].concat())
             .await;
         rc.read_until(b'Z').await;
-        assert_eq!(
-            last_query(&admin, pid).await,
-            "SELECT pg_catalog.pg_current_xact_id_if_assigned()"
-        );
+        assert_eq!(last_query(&admin, pid).await, XID_SQL);
         admin.batch_execute("DELETE FROM z").await.unwrap();
     }
 }

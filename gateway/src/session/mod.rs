@@ -298,6 +298,14 @@ pub struct Relogin {
     pub credential: Credential,
 }
 
+impl Relogin {
+    /// The login as [`crate::grants`] knows it.
+    fn grants_key(&self) -> String {
+        let options = self.params.iter().find(|(k, _)| k == "options");
+        crate::grants::login_key(&self.user, options.map(|(_, v)| v.as_str()))
+    }
+}
+
 /// The answer the gateway owes a client request itself, after a replay diverged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Poison {
@@ -932,7 +940,12 @@ impl Session {
                                 "the xid query before a COMMIT failed; this session commits without it from now on"
                             );
                             self.capture_xid = false;
-                            capture_failed(&self.shared, self.guard.info(), err.code);
+                            capture_failed(
+                                &self.shared,
+                                self.guard.info(),
+                                &self.relogin,
+                                err.code,
+                            );
                             let len = (n as u32 - 1).to_be_bytes();
                             self.doomed_commit =
                                 Some(([&[tag][..], &len, body].concat(), "server"));
@@ -983,8 +996,10 @@ impl Session {
                             &mut self.xid_suffix,
                             &mut self.journal,
                             &mut self.capture_xid,
-                            &self.shared,
-                            self.guard.info(),
+                            self.guard.info().id,
+                            &|code| {
+                                capture_failed(&self.shared, self.guard.info(), &self.relogin, code)
+                            },
                             tag,
                             body,
                         ) =>
@@ -1041,7 +1056,12 @@ impl Session {
                                         "the xid query of a Query sent as a batch failed; this session does without it from now on"
                                     );
                                     self.capture_xid = false;
-                                    capture_failed(&self.shared, self.guard.info(), err.code);
+                                    capture_failed(
+                                        &self.shared,
+                                        self.guard.info(),
+                                        &self.relogin,
+                                        err.code,
+                                    );
                                 }
                                 // The Query failed, at its commit if it got that far: what is
                                 // held never was (the server answers a Query's statement once
@@ -1065,7 +1085,12 @@ impl Session {
                                     "the xid query before an autocommit batch's Sync failed; this session does without it from now on"
                                 );
                                 self.capture_xid = false;
-                                capture_failed(&self.shared, self.guard.info(), err.code);
+                                capture_failed(
+                                    &self.shared,
+                                    self.guard.info(),
+                                    &self.relogin,
+                                    err.code,
+                                );
                             }
                             if owner == Some(Owner::Raised) && !err.is_fatal() {
                                 let mut own = BytesMut::new();
@@ -1382,13 +1407,14 @@ impl Session {
     }
 }
 
-/// The xid capture failed with `code`: where the role lacks the privilege, its next sessions
-/// do without the capture from their start (see [`crate::grants`]).
-fn capture_failed(shared: &Shared, session: &SessionInfo, code: &str) {
+/// The xid capture failed with `code`: where it was for want of the privilege, the answer
+/// the gateway keeps for the session's login is forgotten, so the next such login asks again
+/// (see [`crate::grants`]). Not recorded as a refusal: the session may have changed its role.
+fn capture_failed(shared: &Shared, session: &SessionInfo, relogin: &Relogin, code: &str) {
     if code == "42501" {
         shared
             .capture_grants
-            .record(&session.database, &session.user, false);
+            .forget(&session.database, &relogin.grants_key());
     }
 }
 
@@ -1398,8 +1424,8 @@ fn on_xid_suffix(
     state: &mut XidSuffix,
     journal: &mut Journal,
     capture_xid: &mut bool,
-    shared: &Shared,
-    session: &SessionInfo,
+    session: u64,
+    failed: &dyn Fn(&str),
     tag: u8,
     body: &[u8],
 ) -> bool {
@@ -1427,13 +1453,13 @@ fn on_xid_suffix(
             // transaction is aborted, and the client must hear it with this error.
             let err = ErrorView::parse(body);
             tracing::warn!(
-                session = session.id,
+                session,
                 code = err.code,
                 message = err.message,
                 "the xid query after a write failed; this session does without it from now on"
             );
             *capture_xid = false;
-            capture_failed(shared, session, err.code);
+            failed(err.code);
             *state = XidSuffix::Done;
             false
         }

@@ -1331,6 +1331,39 @@ async fn commit_answers_hide_the_xid_capture_and_a_failed_capture_is_no_silent_r
     );
 }
 
+/// The question a gateway armed for failover asks at login (may the session run the xid
+/// capture) is its own: a client that has the server's statement log sent to it
+/// (`client_min_messages = log`) sees its own statements logged, not the question.
+#[tokio::test]
+async fn the_login_question_is_not_shown_to_the_client() {
+    let (_cluster, _admin, gw) = armed_after("SELECT 1").await;
+    let mut config = gw.pg_config(roles::SUPERUSER);
+    config.options("-c log_statement=all -c client_min_messages=log");
+    let (c, mut conn) = config.connect(NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    c.batch_execute("SELECT 'mine'").await.unwrap();
+    let mut logged = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        if let AsyncMessage::Notice(n) = m {
+            logged.push(n.message().to_owned());
+        }
+    }
+    assert!(
+        logged.iter().any(|m| m.contains("SELECT 'mine'")),
+        "{logged:?}"
+    );
+    assert!(
+        !logged.iter().any(|m| m.contains("has_function_privilege")),
+        "{logged:?}"
+    );
+}
+
 /// The unnamed prepared statement lasts until the next unnamed Parse or simple Query the
 /// client sends, across Syncs and transactions; the queries a gateway armed for failover
 /// slips in (a write's WAL position, the xid before a COMMIT) must not end it, or the client's

@@ -18,11 +18,14 @@ use crate::stream::Stream;
 use crate::wire::{read_message, send, ReadError};
 
 /// The question, asked on the session's own backend: privileges are per database, and the
-/// answer is for the role the session logged in as.
+/// answer is for the role the session runs as.
 const GRANT_SQL: &str = "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_current_xact_id_if_assigned()', 'EXECUTE')";
 
 /// How long an answer stands before a login asks again (a GRANT or REVOKE since then shows).
 const FRESH_FOR: Duration = Duration::from_secs(60);
+
+/// How many answers one database keeps before the stale ones are dropped.
+const PRUNE_ABOVE: usize = 1024;
 
 /// Each login's answer in one database (see [`login_key`]), and when it was given.
 type RoleAnswers = HashMap<String, (bool, Instant)>;
@@ -51,12 +54,13 @@ impl CaptureGrants {
     }
 
     fn record(&self, database: &str, login: &str, may: bool) {
-        self.answers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(database.to_owned())
-            .or_default()
-            .insert(login.to_owned(), (may, Instant::now()));
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        let logins = answers.entry(database.to_owned()).or_default();
+        // Logins with `options` of their own each add one: the stale go before there are many.
+        if logins.len() >= PRUNE_ABOVE {
+            logins.retain(|_, (_, at)| at.elapsed() < FRESH_FOR);
+        }
+        logins.insert(login.to_owned(), (may, Instant::now()));
     }
 
     /// Forgets the answer for `login` in `database` (a capture of its session failed with
@@ -70,10 +74,11 @@ impl CaptureGrants {
 
     /// Whether the session that just logged in on `stream` may run the capture: known, or
     /// asked there (the backend is idle, its ReadyForQuery read). Messages the server sends
-    /// the client meanwhile (a parameter report, a notification, a FATAL) are left at the front
-    /// of `buf` for the session to pass on; notices are the question's (a `LOG` of it where
-    /// `client_min_messages` shows those), as for the gateway's other queries. Without an answer (the question failed) the capture
-    /// is tried, as before there was a question.
+    /// the client meanwhile (a parameter report, a notification, a FATAL) are left at the
+    /// front of `buf` for the session to pass on; notices are the question's (a `LOG` of it
+    /// where `client_min_messages` shows those), dropped as for the gateway's other queries.
+    /// Without an answer (the question failed) the capture is tried, as before there was a
+    /// question.
     pub async fn may_capture(
         &self,
         database: &str,
@@ -146,5 +151,27 @@ mod tests {
         grants.forget("d", &plain);
         assert_eq!(grants.fresh("d", &plain), None);
         assert_eq!(grants.fresh("d", &as_other), Some(true));
+    }
+
+    /// A database's stale answers are dropped once there are many; fresh ones stay.
+    #[test]
+    fn stale_answers_go_once_there_are_many() {
+        let grants = CaptureGrants::default();
+        let Some(stale) = Instant::now().checked_sub(FRESH_FOR * 2) else {
+            return;
+        };
+        grants.record("d", "fresh", true);
+        {
+            let mut answers = grants.answers.lock().unwrap();
+            let logins = answers.get_mut("d").unwrap();
+            for i in 0..PRUNE_ABOVE {
+                logins.insert(format!("old{i}"), (true, stale));
+            }
+        }
+        grants.record("d", "new", false);
+        let answers = grants.answers.lock().unwrap();
+        let mut left: Vec<&str> = answers["d"].keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["fresh", "new"]);
     }
 }

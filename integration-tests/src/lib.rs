@@ -460,6 +460,26 @@ pub async fn int_column(client: &Client, sql: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Connects with `config` (no TLS) and forwards the connection's notifications and notices
+/// to a channel.
+pub async fn connect_with_messages(
+    config: &tokio_postgres::Config,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = config.connect(NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    (client, rx)
+}
+
 /// The PID of `c`'s backend, asked over the simple protocol: a prepared statement would be
 /// closed by the driver in the background, and a FATAL that crosses that Close is taken as its
 /// answer rather than the connection's end.

@@ -9,8 +9,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
-    application_name_and_port, assert_gateway_error, backend_pid, backend_status, errors_counted,
-    int_column, roles, simple_rows, sqlstate, Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+    application_name_and_port, assert_gateway_error, backend_pid, backend_status,
+    connect_with_messages, errors_counted, int_column, roles, simple_rows, sqlstate, Cluster,
+    TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -18,15 +19,7 @@ async fn connect_listening(
     gw: &TestGateway,
     user: &str,
 ) -> (Client, mpsc::UnboundedReceiver<AsyncMessage>) {
-    let (client, mut conn) = gw.pg_config(user).connect(NoTls).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            let _ = tx.send(m);
-        }
-    });
-    (client, rx)
+    connect_with_messages(&gw.pg_config(user)).await
 }
 
 async fn values(cluster: &Cluster, table: &str) -> Vec<i32> {

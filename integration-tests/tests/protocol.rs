@@ -9,7 +9,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, RawConn};
 use understudy_integration_tests::{
-    backend_pid, int_column, roles, run_program, simple_rows, sqlstate, Cluster,
+    backend_pid, connect_with_messages, int_column, roles, run_program, simple_rows, sqlstate,
+    Cluster,
 };
 
 /// Simple query with several statements, errors in and out of transactions, and recovery.
@@ -210,14 +211,7 @@ async fn copy_in_and_out_text_and_binary() {
 async fn notifications_while_idle_and_notices() {
     let cluster = Cluster::primary_only().await;
     let gw = cluster.gateway().await;
-    let (listener, mut conn) = gw.pg_config(roles::SCRAM).connect(NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            let _ = tx.send(m);
-        }
-    });
+    let (listener, mut rx) = connect_with_messages(&gw.pg_config(roles::SCRAM)).await;
     listener.batch_execute("LISTEN jobs").await.unwrap();
 
     let notifier = gw.connect(roles::MD5).await;
@@ -1339,14 +1333,7 @@ async fn the_login_question_is_not_shown_to_the_client() {
     let (_cluster, _admin, gw) = armed_after("SELECT 1").await;
     let mut config = gw.pg_config(roles::SUPERUSER);
     config.options("-c log_statement=all -c client_min_messages=log");
-    let (c, mut conn) = config.connect(NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            let _ = tx.send(m);
-        }
-    });
+    let (c, mut rx) = connect_with_messages(&config).await;
     c.batch_execute("SELECT 'mine'").await.unwrap();
     let mut logged = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {

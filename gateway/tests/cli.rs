@@ -84,12 +84,21 @@ async fn run_ctl_and_sigterm() {
         .unwrap()
         .get(0);
 
-    let out = Command::new(BIN)
-        .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "status"])
-        .output()
-        .expect("ctl status");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    // A single backend is routed to without a probe; its role shows once the first probe (run
+    // alongside, and slow on a loaded machine) has answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let out = Command::new(BIN)
+            .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "status"])
+            .output()
+            .expect("ctl status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        if text.contains("primary") || Instant::now() >= deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(text.contains("running, 1 session(s)"), "{text}");
     assert!(text.contains(&pid.to_string()), "{text}");
     assert!(text.contains("primary"), "{text}");

@@ -933,18 +933,13 @@ impl Session {
                             continue;
                         }
                         if owner == Some(Owner::Xid) {
-                            tracing::warn!(
-                                session = self.guard.info().id,
-                                code = err.code,
-                                message = err.message,
-                                "the xid query before a COMMIT failed; this session commits without it from now on"
-                            );
-                            self.capture_xid = false;
                             capture_failed(
+                                &mut self.capture_xid,
                                 &self.shared,
                                 self.guard.info(),
                                 &self.relogin,
-                                err.code,
+                                &err,
+                                "before a COMMIT",
                             );
                             let len = (n as u32 - 1).to_be_bytes();
                             self.doomed_commit =
@@ -995,10 +990,15 @@ impl Session {
                         && on_xid_suffix(
                             &mut self.xid_suffix,
                             &mut self.journal,
-                            &mut self.capture_xid,
-                            self.guard.info().id,
-                            &|code| {
-                                capture_failed(&self.shared, self.guard.info(), &self.relogin, code)
+                            &mut |err| {
+                                capture_failed(
+                                    &mut self.capture_xid,
+                                    &self.shared,
+                                    self.guard.info(),
+                                    &self.relogin,
+                                    err,
+                                    "after a write",
+                                )
                             },
                             tag,
                             body,
@@ -1049,18 +1049,13 @@ impl Session {
                             let err = ErrorView::parse(body);
                             if as_batch != AsBatch::None && !err.is_fatal() {
                                 if as_batch == AsBatch::Tail {
-                                    tracing::warn!(
-                                        session = self.guard.info().id,
-                                        code = err.code,
-                                        message = err.message,
-                                        "the xid query of a Query sent as a batch failed; this session does without it from now on"
-                                    );
-                                    self.capture_xid = false;
                                     capture_failed(
+                                        &mut self.capture_xid,
                                         &self.shared,
                                         self.guard.info(),
                                         &self.relogin,
-                                        err.code,
+                                        &err,
+                                        "of a Query sent as a batch",
                                     );
                                 }
                                 // The Query failed, at its commit if it got that far: what is
@@ -1078,18 +1073,13 @@ impl Session {
                             {
                                 // As for the xid query after a lone write: the batch's
                                 // transaction is aborted, and the client hears why.
-                                tracing::warn!(
-                                    session = self.guard.info().id,
-                                    code = err.code,
-                                    message = err.message,
-                                    "the xid query before an autocommit batch's Sync failed; this session does without it from now on"
-                                );
-                                self.capture_xid = false;
                                 capture_failed(
+                                    &mut self.capture_xid,
                                     &self.shared,
                                     self.guard.info(),
                                     &self.relogin,
-                                    err.code,
+                                    &err,
+                                    "before an autocommit batch's Sync",
                                 );
                             }
                             if owner == Some(Owner::Raised) && !err.is_fatal() {
@@ -1407,11 +1397,26 @@ impl Session {
     }
 }
 
-/// The xid capture failed with `code`: where it was for want of the privilege, the answer
-/// the gateway keeps for the session's login is forgotten, so the next such login asks again
-/// (see [`crate::grants`]). Not recorded as a refusal: the session may have changed its role.
-fn capture_failed(shared: &Shared, session: &SessionInfo, relogin: &Relogin, code: &str) {
-    if code == "42501" {
+/// The xid query `what` failed with `err`: the session does without the capture from now on.
+/// Where it was for want of the privilege, the answer the gateway keeps for the session's
+/// login is forgotten, so the next such login asks again (see [`crate::grants`]); not
+/// recorded as a refusal, since the session may have changed its role.
+fn capture_failed(
+    capture_xid: &mut bool,
+    shared: &Shared,
+    session: &SessionInfo,
+    relogin: &Relogin,
+    err: &ErrorView,
+    what: &str,
+) {
+    tracing::warn!(
+        session = session.id,
+        code = err.code,
+        message = err.message,
+        "the xid query {what} failed; this session does without it from now on"
+    );
+    *capture_xid = false;
+    if err.code == "42501" {
         shared
             .capture_grants
             .forget(&session.database, &relogin.grants_key());
@@ -1423,9 +1428,7 @@ fn capture_failed(shared: &Shared, session: &SessionInfo, relogin: &Relogin, cod
 fn on_xid_suffix(
     state: &mut XidSuffix,
     journal: &mut Journal,
-    capture_xid: &mut bool,
-    session: u64,
-    failed: &dyn Fn(&str),
+    failed: &mut dyn FnMut(&ErrorView),
     tag: u8,
     body: &[u8],
 ) -> bool {
@@ -1451,15 +1454,7 @@ fn on_xid_suffix(
         (XidSuffix::Completed | XidSuffix::Answer, backend::ERROR_RESPONSE) => {
             // The xid query failed after the client's statement succeeded: the
             // transaction is aborted, and the client must hear it with this error.
-            let err = ErrorView::parse(body);
-            tracing::warn!(
-                session,
-                code = err.code,
-                message = err.message,
-                "the xid query after a write failed; this session does without it from now on"
-            );
-            *capture_xid = false;
-            failed(err.code);
+            failed(&ErrorView::parse(body));
             *state = XidSuffix::Done;
             false
         }

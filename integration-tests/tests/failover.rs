@@ -314,6 +314,80 @@ async fn open_transaction_is_replayed() {
     );
 }
 
+/// Settings made for the transaction only with `set_config(…, true)`, as PostgREST makes
+/// them for every request (a Query, and a Parse with parameters), leave the session movable:
+/// the replay makes them again, the transaction carries on with them, and they end with it
+/// on the new backend as they would have on the old one. A session setting made that way
+/// still makes the session unmovable.
+#[tokio::test]
+async fn settings_made_for_the_transaction_move_with_it() {
+    let (mut cluster, gw, c) = session_after(TABLE_T).await;
+    let (session_wide, connection) = gw.pg_config(roles::SCRAM).connect(NoTls).await.unwrap();
+    let session_wide_end = tokio::spawn(connection);
+    session_wide
+        .batch_execute("SELECT set_config('request.claims', '1', false)")
+        .await
+        .unwrap();
+    assert_eq!(gw.session_status(&session_wide).await["movable"], "no");
+    c.batch_execute(
+        "BEGIN; SELECT set_config('search_path', 'pg_catalog, public', true); \
+         INSERT INTO t VALUES ((current_setting('search_path') = 'pg_catalog, public')::int)",
+    )
+    .await
+    .unwrap();
+    let claims = c
+        .query_one(
+            "SELECT set_config($1, $2, true)",
+            &[&"request.claims", &"7"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claims.get::<_, String>(0), "7");
+    c.batch_execute("INSERT INTO t VALUES (current_setting('request.claims')::int)")
+        .await
+        .unwrap();
+    // Asked of the gateway, not in the transaction (a PID read in it would not replay).
+    let status = gw.status().await;
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{status:#}");
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["movable"] == "yes" && s["transaction"] == "in_transaction"),
+        "{status:#}"
+    );
+
+    cluster.kill_primary().await;
+
+    let claims: String = c
+        .query_one("SELECT current_setting('request.claims')", &[])
+        .await
+        .expect("the session moved, the transaction replayed")
+        .get(0);
+    assert_eq!(claims, "7");
+    c.batch_execute("INSERT INTO t VALUES (current_setting('request.claims')::int + 1); COMMIT")
+        .await
+        .unwrap();
+    // Ended with the transaction, as on the old backend.
+    let after = simple_rows(
+        &c.simple_query(
+            "SELECT current_setting('request.claims', true), current_setting('search_path')",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(after, [["", "\"$user\", public"]]);
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 7, 8]
+    );
+    // Idle when the primary died: the gateway's FATAL ends its connection.
+    let e = session_wide_end.await.unwrap().unwrap_err();
+    let db = e.as_db_error().expect("a FATAL from the gateway");
+    assert_eq!(db.code().code(), "08006");
+    assert!(db.message().contains("set_config()"), "{}", db.message());
+}
+
 /// A statement running when the primary dies is run again and its result returned; the
 /// transaction then commits once.
 #[tokio::test]

@@ -381,29 +381,29 @@ impl<'a> Facts<'a> {
                 f.keyword = key(word);
                 calls = may_read(f.keyword);
             } else if let Token::Quoted(q) = tok {
-                f.note_quoted(q, lex.before_paren(), calls);
+                f.note_quoted(q, lex, calls);
             }
             if word.is_empty() || word == b"*" {
                 prev = b"";
                 continue;
             }
-            f.note(word, prev);
+            f.note(word, prev, lex);
             // The statement's own keyword is no call (`COPY (`, `EXPLAIN (`).
             if n > 0 && calls && lex.before_paren() {
-                f.note_call(word);
+                f.note_call(word, lex);
             }
             prev = word;
         }
         while let Some(skimmed) = lex.skim() {
             match skimmed {
                 Skimmed::Word { word, adjacent } => {
-                    f.note(word, if adjacent { prev } else { b"" });
+                    f.note(word, if adjacent { prev } else { b"" }, lex);
                     if calls && lex.before_paren() {
-                        f.note_call(word);
+                        f.note_call(word, lex);
                     }
                     prev = word;
                 }
-                Skimmed::Quoted { name, call } => f.note_quoted(name, call, calls),
+                Skimmed::Quoted { name } => f.note_quoted(name, lex, calls),
                 Skimmed::Semicolon => {
                     f.end = lex.pos - 1;
                     break;
@@ -413,28 +413,31 @@ impl<'a> Facts<'a> {
         f
     }
 
-    /// Notes a double-quoted identifier `name`: `"pg_temp"` as the temporary schema, and a
-    /// call `"f"(…)` as the same call unquoted would be (a quoted name is exact, so this can
-    /// only find more than there is), which in a statement that `calls` may write.
-    fn note_quoted(&mut self, name: &[u8], call: bool, calls: bool) {
+    /// Notes a double-quoted identifier `name` that `lex` has just read: `"pg_temp"` as the
+    /// temporary schema, and a call `"f"(…)` as the same call unquoted would be (a quoted name
+    /// is exact, so this can only find more than there is), which in a statement that `calls`
+    /// may write.
+    fn note_quoted(&mut self, name: &[u8], lex: &Lexer, calls: bool) {
         self.temp |= name == b"pg_temp";
-        if call && !name.is_empty() {
-            self.calls |= calls;
-            self.note(name, b"");
+        if lex.before_paren() && !name.is_empty() {
+            self.note(name, b"", lex);
+            // Exact: `"SET_CONFIG"(…)` is some other function.
+            self.calls |= calls && !(name == b"set_config" && lex.call_ends_in_true());
         }
     }
 
-    /// Notes a call of `word(`: a keyword that takes parentheses, a type modifier or a
-    /// read-only built-in function is no write; anything else may be.
+    /// Notes a call of `word(`: a keyword that takes parentheses, a type modifier, a
+    /// read-only built-in function or a setting made for the transaction only is no write;
+    /// anything else may be.
     #[inline(always)]
-    fn note_call(&mut self, word: &[u8]) {
-        self.calls |= !takes_parentheses(word);
+    fn note_call(&mut self, word: &[u8], lex: &Lexer) {
+        self.calls |= !takes_parentheses(word) && !local_set_config(word, lex);
     }
 
-    /// Notes what `word` (after `prev`) tells; dispatching on the first letter keeps the
-    /// common case, a word that is none of these, to one comparison.
+    /// Notes what `word` (after `prev`, `lex` just past it) tells; dispatching on the first
+    /// letter keeps the common case, a word that is none of these, to one comparison.
     #[inline(always)]
-    fn note(&mut self, word: &[u8], prev: &[u8]) {
+    fn note(&mut self, word: &[u8], prev: &[u8], lex: &Lexer) {
         let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
         let starts =
             |k: &str| word.len() >= k.len() && word[..k.len()].eq_ignore_ascii_case(k.as_bytes());
@@ -466,7 +469,7 @@ impl<'a> Facts<'a> {
             }
             b's' => {
                 self.writes |= is("setval");
-                self.set_config |= is("set_config");
+                self.set_config |= is("set_config") && !local_set_config(word, lex);
                 self.from_stdin |= is("STDIN") && prev.eq_ignore_ascii_case(b"FROM");
                 self.to_stdout |= is("STDOUT") && prev.eq_ignore_ascii_case(b"TO");
             }
@@ -481,6 +484,14 @@ impl<'a> Facts<'a> {
             _ => {}
         }
     }
+}
+
+/// Whether `word` is a `set_config` call, `lex` just past the name, that makes its setting
+/// for the transaction only (`set_config(name, value, true)`, what PostgREST sends for every
+/// request): that lasts as a `SET LOCAL` does, so a replay of the transaction makes it again
+/// and nothing of it outlives the transaction. Any other form may change the session.
+fn local_set_config(word: &[u8], lex: &Lexer) -> bool {
+    word.eq_ignore_ascii_case(b"set_config") && lex.call_ends_in_true()
 }
 
 /// The variable a session-level SET assigns, via sqlparser; `None` when it cannot tell.
@@ -535,8 +546,6 @@ enum Skimmed<'a> {
     Quoted {
         /// Its content.
         name: &'a [u8],
-        /// Whether `(` follows it.
-        call: bool,
     },
     Semicolon,
 }
@@ -727,8 +736,7 @@ impl<'a> Lexer<'a> {
                     Special::Comment => {}
                     Special::Semicolon => return Some(Skimmed::Semicolon),
                     Special::Quoted(name) if name == b"pg_temp" || self.before_paren() => {
-                        let call = self.before_paren();
-                        return Some(Skimmed::Quoted { name, call });
+                        return Some(Skimmed::Quoted { name });
                     }
                     _ => adjacent = false,
                 }
@@ -744,6 +752,54 @@ impl<'a> Lexer<'a> {
             .iter()
             .find(|&&c| CLASS[usize::from(c)] != SPACE)
             == Some(&b'(')
+    }
+
+    /// Whether the call whose `(` comes next has exactly three arguments, the last a `true`
+    /// constant (`true`, or a literal such as `'on'` that PostgreSQL reads as true).
+    fn call_ends_in_true(&self) -> bool {
+        let mut ahead = Lexer {
+            src: self.src,
+            pos: self.pos,
+            backslash_strings: self.backslash_strings,
+        };
+        if ahead.next_token() != Some(Token::Other(b'(')) {
+            return false;
+        }
+        let (mut depth, mut commas) = (0usize, 0);
+        while commas < 2 {
+            match ahead.next_token() {
+                Some(Token::Other(b'(')) => depth += 1,
+                Some(Token::Other(b')')) if depth == 0 => return false,
+                Some(Token::Other(b')')) => depth -= 1,
+                Some(Token::Other(b',')) if depth == 0 => commas += 1,
+                None | Some(Token::Semicolon) => return false,
+                Some(_) => {}
+            }
+        }
+        ahead.skip_space();
+        let start = ahead.pos;
+        let is_true = match ahead.next_token() {
+            Some(Token::Word(w)) => w.eq_ignore_ascii_case(b"true"),
+            Some(Token::Other(b'\'')) => {
+                let literal = &ahead.src[start..ahead.pos];
+                ["'true'", "'t'", "'on'", "'yes'", "'y'", "'1'"]
+                    .iter()
+                    .any(|t| literal.eq_ignore_ascii_case(t.as_bytes()))
+            }
+            _ => false,
+        };
+        is_true && ahead.next_token() == Some(Token::Other(b')'))
+    }
+
+    /// Moves past whitespace and comments.
+    fn skip_space(&mut self) {
+        loop {
+            self.pos = skip_while(self.src, self.pos, SPACE);
+            if !(self.rest().starts_with(b"--") || self.rest().starts_with(b"/*")) {
+                return;
+            }
+            self.special();
+        }
     }
 
     fn skip_block_comment(&mut self) {
@@ -972,6 +1028,55 @@ mod tests {
             );
         }
         assert!(classify("SELECT * FROM pg_temp.tt").hazards.is_empty());
+    }
+
+    /// `set_config(name, value, true)` makes its setting for the transaction only, as
+    /// `SET LOCAL` does (PostgREST sends one per request): no data written, nothing the session
+    /// keeps. Every other form, or a third argument that is not a `true` constant, may change
+    /// the session.
+    #[test]
+    fn transaction_local_set_config_is_no_session_change() {
+        for sql in [
+            "SELECT set_config('request.jwt.claims', '{\"sub\":\"a\"}', true), \
+             set_config('search_path', 'app', TRUE)",
+            "select pg_catalog.set_config($1, $2, true)",
+            "SELECT set_config('a.b', (SELECT lower('X')), 'on'), current_setting('a.b')",
+            "SELECT set_config('a.b', format('%s,%s', 1, 2), /* local */ 't')",
+            r#"SELECT "set_config"('a.b', 'c', true)"#,
+        ] {
+            let c = classify(sql);
+            assert_eq!(c.statements, [Statement::Read], "{sql}");
+            assert!(c.hazards.is_empty(), "{sql}: {:?}", c.hazards);
+        }
+        let write = classify("UPDATE t SET a = 1 WHERE set_config('a.b', 'c', true) <> ''");
+        assert_eq!(write.statements, [Statement::Write]);
+        assert!(write.hazards.is_empty());
+        let write = classify("SELECT set_config('a.b', 'c', true), ins_fn(1)");
+        assert_eq!(write.statements, [Statement::Write]);
+        assert!(write.hazards.is_empty());
+        // Some other function, written exactly: it may write, and change what it likes.
+        let other = classify(r#"SELECT "SET_CONFIG"('a.b', 'c', true)"#);
+        assert_eq!(other.statements, [Statement::Write]);
+        for sql in [
+            "SELECT set_config('a.b', 'c', false)",
+            "SELECT set_config('a.b', 'c', $3)",
+            "SELECT set_config('a.b', 'c', 'off')",
+            "SELECT set_config('a.b', 'c', true AND x)",
+            "SELECT set_config('a.b', 'c', true::bool)",
+            "SELECT set_config('a.b', 'c', E'true')",
+            "SELECT set_config('a.b', f('c', true), false)",
+            "SELECT set_config('a.b', 'c', true), set_config('d.e', 'f', false)",
+            "SELECT set_config('a.b', 'c', (true))",
+            "SELECT set_config('a.b', 'c')",
+            "SELECT set_config('a.b', 'c', true",
+            "SELECT set_config('a.b', 'c', true, 1)",
+        ] {
+            assert_eq!(
+                classify(sql).hazards,
+                [Hazard::Unmovable("a setting changed with set_config()")],
+                "{sql}"
+            );
+        }
     }
 
     #[test]

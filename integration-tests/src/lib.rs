@@ -402,7 +402,12 @@ impl TestGateway {
 
     /// The `/status` entry of `client`'s session, found by its backend PID.
     pub async fn session_status(&self, client: &Client) -> serde_json::Value {
-        let pid = backend_pid(client).await;
+        self.session_status_by_pid(backend_pid(client).await).await
+    }
+
+    /// The `/status` entry of the session whose backend PID is `pid` (asked without a query
+    /// on the session, which a held or busy session would not answer).
+    pub async fn session_status_by_pid(&self, pid: i32) -> serde_json::Value {
         let status = self.status().await;
         status["sessions"]
             .as_array()

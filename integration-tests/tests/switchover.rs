@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 use understudy_integration_tests::{
-    application_name_and_port, autocommit_writer, backend_status, int_column, roles, Cluster,
-    TestGateway, PATIENCE,
+    application_name_and_port, autocommit_writer, backend_pid, backend_status, int_column, roles,
+    Cluster, TestGateway, PATIENCE,
 };
 
 const TABLE_T: &str = "CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC";
@@ -38,9 +38,10 @@ fn pause(admin: SocketAddr, timeout_ms: u64) -> tokio::task::JoinHandle<(u16, se
     })
 }
 
-/// Whether `/status` says the session of `client` is held.
-async fn held(gw: &TestGateway, client: &Client) -> bool {
-    gw.session_status(client).await["held"] == true
+/// Whether `/status` says the session whose backend PID is `pid` is held (asked of the
+/// gateway only: a query on a held session would wait for the resume).
+async fn held(gw: &TestGateway, pid: i32) -> bool {
+    gw.session_status_by_pid(pid).await["held"] == true
 }
 
 /// Runs `SELECT count(*) FROM t` on `client` in a task.
@@ -75,10 +76,11 @@ async fn idle_and_busy() -> (Cluster, TestGateway, Arc<Client>, Arc<Client>) {
 #[tokio::test]
 async fn a_pause_holds_sessions_at_transaction_boundaries() {
     let (_cluster, gw, idle, busy) = idle_and_busy().await;
+    let (idle_pid, busy_pid) = (backend_pid(&idle).await, backend_pid(&busy).await);
 
     let pausing = pause(gw.admin(), 20_000);
     let deadline = std::time::Instant::now() + PATIENCE;
-    while !held(&gw, &idle).await {
+    while !held(&gw, idle_pid).await {
         assert!(
             std::time::Instant::now() < deadline,
             "idle session never held"
@@ -86,7 +88,7 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        !held(&gw, &busy).await,
+        !held(&gw, busy_pid).await,
         "a session in a transaction runs on"
     );
     assert!(
@@ -131,7 +133,7 @@ async fn a_pause_holds_sessions_at_transaction_boundaries() {
         }
     }
     assert_eq!(gw.status().await["paused"], false);
-    assert!(!held(&gw, &idle).await);
+    assert!(!held(&gw, idle_pid).await);
 }
 
 /// A pause that a transaction outlasts gives up: 503 naming the busy session, and the gateway

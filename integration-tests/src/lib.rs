@@ -371,6 +371,12 @@ impl TestGateway {
         Ok(client)
     }
 
+    /// Connects as `user`, keeping the connection's end (see [`ending_fatal`]).
+    pub async fn connect_watched(&self, user: &str) -> (Client, ConnectionEnd) {
+        let (client, conn) = self.pg_config(user).connect(NoTls).await.unwrap();
+        (client, tokio::spawn(conn))
+    }
+
     /// GET from the admin listener.
     pub async fn admin_get(&self, path: &str) -> String {
         understudy::ctl::get(self.admin(), path)
@@ -483,6 +489,30 @@ pub async fn connect_with_messages(
         }
     });
     (client, rx)
+}
+
+/// How a connection ended: the error it ended with, if any.
+pub type ConnectionEnd = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// The FATAL that ends `client`'s session: the answer to a query sent now or, where it came
+/// while the session was idle (the connection ended before the query could be sent), the
+/// error the connection ended with.
+pub async fn ending_fatal(client: &Client, end: ConnectionEnd) -> tokio_postgres::error::DbError {
+    let e = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the session has ended");
+    if let Some(db) = e.as_db_error() {
+        return db.clone();
+    }
+    let ended = tokio::time::timeout(PATIENCE, end)
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    let e = ended.expect_err("a FATAL ended the connection");
+    e.as_db_error()
+        .unwrap_or_else(|| panic!("no FATAL, but {e:?}"))
+        .clone()
 }
 
 /// The PID of `c`'s backend, asked over the simple protocol: a prepared statement would be

@@ -10,8 +10,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
-    connect_with_messages, errors_counted, int_column, roles, simple_rows, sqlstate, Cluster,
-    TestGateway, PATIENCE, SLOW_COMMIT,
+    connect_with_messages, ending_fatal, errors_counted, int_column, roles, simple_rows, sqlstate,
+    Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -322,8 +322,7 @@ async fn open_transaction_is_replayed() {
 #[tokio::test]
 async fn settings_made_for_the_transaction_move_with_it() {
     let (mut cluster, gw, c) = session_after(TABLE_T).await;
-    let (session_wide, connection) = gw.pg_config(roles::SCRAM).connect(NoTls).await.unwrap();
-    let session_wide_end = tokio::spawn(connection);
+    let (session_wide, session_wide_end) = gw.connect_watched(roles::SCRAM).await;
     session_wide
         .batch_execute("SELECT set_config('request.claims', '1', false)")
         .await
@@ -381,9 +380,7 @@ async fn settings_made_for_the_transaction_move_with_it() {
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [1, 7, 8]
     );
-    // Idle when the primary died: the gateway's FATAL ends its connection.
-    let e = session_wide_end.await.unwrap().unwrap_err();
-    let db = e.as_db_error().expect("a FATAL from the gateway");
+    let db = ending_fatal(&session_wide, session_wide_end).await;
     assert_eq!(db.code().code(), "08006");
     assert!(db.message().contains("set_config()"), "{}", db.message());
 }
@@ -1396,7 +1393,7 @@ async fn a_login_during_the_failover_waits_for_the_new_primary() {
 async fn unmovable_session_gets_08006() {
     let mut cluster = Cluster::primary_and_standby().await;
     let gw = cluster.failover_gateway().await;
-    let temp = gw.connect(roles::SCRAM).await;
+    let (temp, temp_end) = gw.connect_watched(roles::SCRAM).await;
     temp.batch_execute("CREATE TEMP TABLE scratch(a int)")
         .await
         .unwrap();
@@ -1424,8 +1421,7 @@ async fn unmovable_session_gets_08006() {
         "{status:#}"
     );
     cluster.kill_primary().await;
-    let e = temp.query_one("SELECT 1", &[]).await.unwrap_err();
-    let db = e.as_db_error().expect("a FATAL from the gateway");
+    let db = ending_fatal(&temp, temp_end).await;
     assert_eq!(db.code().code(), "08006");
     assert!(db.message().contains("temporary table"), "{}", db.message());
     plain.query_one("SELECT 1", &[]).await.unwrap();

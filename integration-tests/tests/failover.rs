@@ -385,6 +385,52 @@ async fn settings_made_for_the_transaction_move_with_it() {
     assert!(db.message().contains("set_config()"), "{}", db.message());
 }
 
+/// A temporary table made `ON COMMIT DROP` in a transaction (a staging table, filled and
+/// merged from before the commit) leaves the session movable: the replay makes and fills it
+/// again, the transaction carries on with it, and it is gone after the commit as it would
+/// have been. One kept past the commit still makes the session unmovable.
+#[tokio::test]
+async fn a_temporary_table_dropped_at_commit_moves_with_its_transaction() {
+    let (mut cluster, gw, c) = session_after(TABLE_T).await;
+    let (kept, kept_end) = gw.connect_watched(roles::SCRAM).await;
+    kept.batch_execute("CREATE TEMP TABLE scratch (a int) ON COMMIT DELETE ROWS")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "BEGIN; CREATE TEMP TABLE stage (a int) ON COMMIT DROP; \
+         INSERT INTO stage SELECT generate_series(1, 3)",
+    )
+    .await
+    .unwrap();
+    let status = gw.status().await;
+    let sessions = status["sessions"].as_array().unwrap();
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["movable"] == "yes" && s["transaction"] == "in_transaction"),
+        "{status:#}"
+    );
+
+    cluster.kill_primary().await;
+
+    c.batch_execute("INSERT INTO stage VALUES (4); INSERT INTO t SELECT a FROM stage; COMMIT")
+        .await
+        .expect("the session moved, the transaction replayed");
+    let stage = simple_rows(
+        &c.simple_query("SELECT pg_catalog.to_regclass('pg_temp.stage') IS NULL")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(stage, [["t"]], "dropped at the commit");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2, 3, 4]
+    );
+    let db = ending_fatal(&kept, kept_end).await;
+    assert_eq!(db.code().code(), "08006");
+    assert!(db.message().contains("temporary table"), "{}", db.message());
+}
+
 /// A statement running when the primary dies is run again and its result returned; the
 /// transaction then commits once.
 #[tokio::test]

@@ -294,7 +294,9 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 | kw::MERGE
         );
         out.changes_only &= matches!(keyword, kw::INSERT | kw::UPDATE | kw::DELETE | kw::MERGE);
-        if keyword == kw::CREATE && facts.temp || facts.into_temp {
+        // A temporary table dropped at commit lives and dies with the transaction, which a
+        // replay makes again.
+        if keyword == kw::CREATE && facts.temp && !facts.on_commit_drop || facts.into_temp {
             out.hazards.push(Hazard::Unmovable("a temporary table"));
         }
         if keyword == kw::DO {
@@ -343,6 +345,8 @@ struct Facts<'a> {
     /// A call of `set_config`, which changes a setting the journal cannot follow.
     set_config: bool,
     temp: bool,
+    /// `ON COMMIT DROP`.
+    on_commit_drop: bool,
     into_temp: bool,
     with_hold: bool,
     program: bool,
@@ -444,6 +448,7 @@ impl<'a> Facts<'a> {
         match word[0].to_ascii_lowercase() {
             b'd' => {
                 self.writes |= is("DELETE");
+                self.on_commit_drop |= is("DROP") && prev.eq_ignore_ascii_case(b"COMMIT");
                 self.dblink |= starts("dblink");
             }
             b'f' => self.writes |= is("FOR"),
@@ -1028,6 +1033,36 @@ mod tests {
             );
         }
         assert!(classify("SELECT * FROM pg_temp.tt").hazards.is_empty());
+        // Kept past the commit: the session holds the table.
+        for sql in [
+            "CREATE TEMP TABLE tt (a int) ON COMMIT DELETE ROWS",
+            "CREATE TEMP TABLE tt (a int) ON COMMIT PRESERVE ROWS",
+            "CREATE TEMP TABLE tt AS SELECT 1 AS commit, 2 AS \"drop\"",
+            "CREATE TEMP TABLE tt (commit int, drop_it int)",
+        ] {
+            assert_eq!(
+                classify(sql).hazards,
+                [Hazard::Unmovable("a temporary table")],
+                "{sql}"
+            );
+        }
+    }
+
+    /// A temporary table dropped at commit lives only as long as its transaction, which a
+    /// replay makes again: it leaves the session movable.
+    #[test]
+    fn temporary_tables_dropped_at_commit_leave_the_session_movable() {
+        for sql in [
+            "CREATE TEMP TABLE stage (a int) ON COMMIT DROP",
+            "create temporary table stage (like t including defaults) on commit drop",
+            "CREATE TABLE pg_temp.stage (a int) ON COMMIT DROP",
+            "CREATE TEMP TABLE stage ON COMMIT DROP AS SELECT * FROM t",
+            "CREATE TEMP TABLE stage (a int) ON /* c */ COMMIT\n DROP",
+        ] {
+            let c = classify(sql);
+            assert_eq!(c.statements, [Statement::Write], "{sql}");
+            assert!(c.hazards.is_empty(), "{sql}: {:?}", c.hazards);
+        }
     }
 
     /// `set_config(name, value, true)` makes its setting for the transaction only, as

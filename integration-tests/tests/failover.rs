@@ -777,6 +777,45 @@ async fn diverging_replay_gets_40001() {
     );
 }
 
+/// A notice is part of what the client saw: a replay whose statement raises another one (a
+/// value that differs on the new primary; a `CREATE TABLE IF NOT EXISTS` that skips, where
+/// it had created the table) gets 40001, and one that raises the same notice moves.
+#[tokio::test]
+async fn a_replay_that_raises_another_notice_gets_40001() {
+    let (mut cluster, gw, differs) = session_after(&format!(
+        "{TABLE_T}; CREATE FUNCTION say(text) RETURNS void LANGUAGE plpgsql \
+         AS $$ BEGIN RAISE NOTICE '%', $1; END $$"
+    ))
+    .await;
+    let same = gw.connect(roles::MD5).await;
+    for (c, said, a) in [
+        (&differs, "pg_backend_pid()::text", 1),
+        (&same, "'the same'", 11),
+    ] {
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO t VALUES ({a}); SELECT say({said})"
+        ))
+        .await
+        .unwrap();
+    }
+
+    cluster.kill_primary().await;
+
+    let e = differs
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_gateway_error(&e, "40001");
+    differs.batch_execute("ROLLBACK").await.unwrap();
+    same.batch_execute("INSERT INTO t VALUES (12); COMMIT")
+        .await
+        .expect("the same notice: the transaction moved");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [11, 12]
+    );
+}
+
 /// A transaction that deallocates statements prepared before it (as psycopg does when its
 /// statement cache is full) moves like any other: its replay runs the DEALLOCATEs on a new
 /// backend that has the statements, and they are gone afterwards, as the client made them.

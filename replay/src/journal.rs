@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write;
 
 use bytes::{Bytes, BytesMut};
+use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::tags::{backend, frontend};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -24,8 +25,7 @@ pub struct Digest {
     pub hash: u64,
 }
 
-/// Streaming digest over the response bytes that count (not notices, ParameterStatus or
-/// notifications, which may legitimately differ between servers).
+/// Streaming digest over the response bytes that count (see [`digested`]).
 #[derive(Clone)]
 pub struct DigestBuilder {
     hasher: Xxh3,
@@ -71,12 +71,22 @@ impl DigestBuilder {
     }
 }
 
-/// Whether a response message of type `tag` counts towards the digest.
-pub fn digested(tag: u8) -> bool {
-    !matches!(
-        tag,
-        backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE
-    )
+/// Whether a response message counts towards the digest, told by its type and its first
+/// bytes (`message`, from the type byte on). ParameterStatus and notifications do not: they may
+/// differ between servers. Nor do notices that are about the server or the connection rather
+/// than the statement: echoes of the server log (severity LOG or DEBUG: a statement's text and
+/// duration, the gateway's own queries') and SQLSTATE class 57 (a backend told to stop). Other
+/// notices count: `relation … already exists, skipping`, a value a function raised, are what
+/// the statement did, and the client saw them.
+pub fn digested(tag: u8, message: &[u8]) -> bool {
+    match tag {
+        backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE => false,
+        backend::NOTICE_RESPONSE => {
+            let notice = ErrorView::parse(message.get(5..).unwrap_or_default());
+            !(matches!(notice.severity, "LOG" | "DEBUG") || notice.code.starts_with("57"))
+        }
+        _ => true,
+    }
 }
 
 /// One request group and what came back for it.
@@ -510,6 +520,8 @@ pub struct Journal {
     /// Digest of the answer so far of the oldest unanswered group (the one the server is
     /// answering: responses come in request order).
     live: DigestBuilder,
+    /// Whether the server message being read counts towards the digest.
+    digesting: bool,
     /// The last classification, kept for its buffers.
     classified: Classified,
     journal_bytes: usize,
@@ -564,6 +576,7 @@ impl Journal {
             answered: 0,
             spares: Vec::new(),
             live: DigestBuilder::default(),
+            digesting: false,
             classified: Classified::default(),
             journal_bytes: 0,
             max_bytes,
@@ -1038,12 +1051,22 @@ impl Journal {
         self.groups.get(self.answered).is_some_and(|g| g.failed)
     }
 
-    /// Adds response bytes of a message of type `tag` (all or part of it) to the digest.
+    /// Adds a response message of type `tag` (all of it, or its first part, from the type byte
+    /// on) to the digest, if it counts (see [`digested`]).
     pub fn on_server_bytes(&mut self, tag: u8, bytes: &[u8]) {
-        if !self.keeps || !digested(tag) {
-            return;
-        }
-        if self.answered < self.groups.len() {
+        self.begin_server_message(tag, bytes);
+        self.on_server_body(bytes);
+    }
+
+    /// Notes whether the response message of type `tag` that begins with `first` (from the
+    /// type byte on) counts towards the digest, before any of it is added.
+    pub fn begin_server_message(&mut self, tag: u8, first: &[u8]) {
+        self.digesting = self.keeps && digested(tag, first);
+    }
+
+    /// Adds more bytes of the message [`Journal::on_server_bytes`] began.
+    pub fn on_server_body(&mut self, bytes: &[u8]) {
+        if self.digesting && self.answered < self.groups.len() {
             self.live.update(bytes);
         }
     }
@@ -1604,6 +1627,29 @@ mod tests {
         assert_eq!(j.on_client_message(b'Q', &query("COMMIT")), Before::Forward);
     }
 
+    /// A NoticeResponse of `severity`, SQLSTATE `code` and `text`, whole.
+    fn notice(severity: &str, code: &str, text: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', text),
+        ] {
+            body.push(field);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut m = vec![b'N'];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
+    /// Log echoes and a backend's notice that it is told to stop are about the server, not
+    /// the statement: one server may send them where another does not. Other notices say
+    /// what the statement did, and count.
     #[test]
     fn digests_cover_counted_bytes_only() {
         let mut a = Journal::new(1 << 20);
@@ -1612,9 +1658,32 @@ mod tests {
             j.on_client_message(b'Q', &query("SELECT 1"));
         }
         a.on_server_bytes(b'D', b"row");
-        b.on_server_bytes(b'N', b"a notice only one server sent");
+        for extra in [
+            notice("LOG", "00000", "statement: SELECT 1"),
+            notice("DEBUG", "00000", "StartTransaction(1)"),
+            notice(
+                "WARNING",
+                "57P02",
+                "terminating connection because of crash",
+            ),
+            b"S\0\0\0\x0fTimeZone\0UTC\0".to_vec(),
+        ] {
+            b.on_server_bytes(extra[0], &extra);
+        }
         b.on_server_bytes(b'D', b"row");
         assert_eq!(a.answer_so_far(), b.answer_so_far());
+        for counted in [
+            notice("NOTICE", "42P07", "relation \"t\" already exists, skipping"),
+            notice("WARNING", "01000", "kv rows 0"),
+            notice("INFO", "00000", "v now 11"),
+        ] {
+            let mut c = Journal::new(1 << 20);
+            c.on_client_message(b'Q', &query("SELECT 1"));
+            c.on_server_bytes(b'N', &counted[..9]);
+            c.on_server_body(&counted[9..]);
+            c.on_server_bytes(b'D', b"row");
+            assert_ne!(a.answer_so_far(), c.answer_so_far(), "{counted:?}");
+        }
     }
 
     #[test]

@@ -1136,8 +1136,7 @@ impl Session {
                     self.pump.down.ready += n;
                 }
                 Step::Body => {
-                    self.journal
-                        .on_server_bytes(self.down_tag, &self.pump.down.buf[at..at + n]);
+                    self.journal.on_server_body(&self.pump.down.buf[at..at + n]);
                     self.pump.down.ready += n;
                 }
             }

@@ -213,7 +213,7 @@ impl Fresh {
                 break;
             }
             if completions < group.requests {
-                if digested(tag) {
+                if digested(tag, &raw) {
                     digest.update(&raw);
                 }
                 completions += u32::from(completes_request(tag));
@@ -328,7 +328,7 @@ impl Fresh {
         let mut digest = DigestBuilder::default();
         loop {
             let (tag, raw) = self.recv().await?;
-            if digested(tag) {
+            if digested(tag, &raw) {
                 digest.update(&raw);
             }
             if tag == backend::READY_FOR_QUERY {
@@ -1102,7 +1102,7 @@ impl Session {
                 metrics::counter!("understudy_replays_total", "outcome" => "diverged").increment(1);
                 return Err(cannot_move("40001", DIVERGED.to_owned()));
             }
-            if !digested(tag) {
+            if !digested(tag, &raw) {
                 continue;
             }
             let take = ((seen - consumed) as usize).min(raw.len());
@@ -1221,7 +1221,9 @@ impl Session {
             self.pump.down.insert_ready(&to_client);
         }
         if let Some((tag, raw, take)) = &resumed.split {
-            self.journal.on_server_bytes(*tag, &raw[take.to_owned()..]);
+            // The rest of a message the journal has the first part of (from the old backend).
+            self.journal.begin_server_message(*tag, raw);
+            self.journal.on_server_body(&raw[*take..]);
         }
         self.wire = resumed.owners.iter().copied().collect();
         self.awaiting_ready = self.wire.iter().filter(|o| o.is_client()).count() as u32;

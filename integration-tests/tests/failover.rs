@@ -1818,6 +1818,54 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
     drop(frozen);
 }
 
+/// COMMITs in flight when the primary hangs (frozen) whose answer is no plain `COMMIT`: in a
+/// failed transaction the server answers `ROLLBACK` (the replay fails the same way first), and
+/// `COMMIT AND CHAIN` opens the next transaction, which the gateway cannot make up for a
+/// read-only transaction as it does a plain COMMIT's answer: in doubt, `08007`. Either way the
+/// client's next statement does not commit on its own where the client expects a transaction.
+#[tokio::test]
+async fn commits_in_flight_that_roll_back_or_chain() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster.failover_gateway().await;
+    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    let status = |msgs: &[Msg]| msgs.last().map(|z| z.body[0] as char);
+    let mut failed = RawConn::login(gw.addr(), roles::TRUST).await;
+    let mut chained = RawConn::login(gw.addr(), roles::TRUST).await;
+    for c in [&mut failed, &mut chained] {
+        c.send(&query("BEGIN; SELECT 1")).await;
+        assert_eq!(status(&c.read_until(b'Z').await), Some('T'));
+    }
+    failed.send(&query("SELECT 1/0")).await;
+    let error = failed.read_until(b'Z').await;
+    assert_eq!(
+        (error[0].code(), status(&error)),
+        ("22012".into(), Some('E'))
+    );
+    let frozen = cluster.freeze_primary(&[]);
+    failed.send(&query("COMMIT")).await;
+    chained.send(&query("COMMIT AND CHAIN")).await;
+    let rolled_back = tokio::time::timeout(PATIENCE, failed.read_until(b'Z'))
+        .await
+        .expect("answered by the new primary");
+    assert_eq!(tags(&rolled_back), "CZ", "{rolled_back:?}");
+    assert_eq!(rolled_back[0].body, b"ROLLBACK\0");
+    assert_eq!(status(&rolled_back), Some('I'));
+    let in_doubt = tokio::time::timeout(PATIENCE, chained.read_until(b'Z'))
+        .await
+        .expect("answered by the new primary");
+    assert_eq!(in_doubt[0].code(), "08007", "{in_doubt:?}");
+    let after = status(&in_doubt);
+    chained.send(&query("INSERT INTO t VALUES (1)")).await;
+    let inserted = chained.read_until(b'Z').await;
+    assert_eq!(
+        (after, status(&inserted)),
+        (Some('I'), Some('I')),
+        "the client is told no transaction is open: {inserted:?}"
+    );
+    drop(frozen);
+}
+
 /// A COMMIT pipelined behind a write, neither answered when the primary hangs (frozen). A
 /// transaction whose xid is known (an earlier write was answered) is looked up: never committed
 /// on the new primary, so it is replayed and the client gets both answers. Without an xid the

@@ -74,6 +74,8 @@ pub struct Classified {
     /// Whether a statement is ROLLBACK TO SAVEPOINT, which undoes the transaction's settings
     /// since that savepoint.
     pub rolls_back_to: bool,
+    /// Whether a COMMIT is `COMMIT AND CHAIN`, which opens the next transaction at once.
+    pub chains: bool,
     /// Byte range in the query string of each [`Statement::Session`] statement, in order: the
     /// text a new backend is given to restore it.
     pub session_spans: Vec<std::ops::Range<usize>>,
@@ -183,6 +185,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.hazards.clear();
     out.copies = false;
     out.rolls_back_to = false;
+    out.chains = false;
     out.session_spans.clear();
     out.dml_only = true;
     out.changes_only = true;
@@ -207,7 +210,10 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
                 Statement::Write
             }
-            kw::COMMIT | kw::END => Statement::Commit,
+            kw::COMMIT | kw::END => {
+                out.chains |= is(1, "AND") && is(2, "CHAIN") || is(2, "AND") && is(3, "CHAIN");
+                Statement::Commit
+            }
             kw::ROLLBACK | kw::ABORT if is(1, "TO") || is(2, "TO") => {
                 out.rolls_back_to = true;
                 Statement::Savepoint
@@ -1111,6 +1117,27 @@ mod tests {
                 [Hazard::Unmovable("a setting changed with set_config()")],
                 "{sql}"
             );
+        }
+    }
+
+    #[test]
+    fn commit_and_chain() {
+        for sql in [
+            "COMMIT AND CHAIN",
+            "commit work and chain",
+            "END TRANSACTION AND CHAIN",
+        ] {
+            let c = classify(sql);
+            assert_eq!(c.statements, [Statement::Commit], "{sql}");
+            assert!(c.chains, "{sql}");
+        }
+        for sql in [
+            "COMMIT",
+            "COMMIT AND NO CHAIN",
+            "END WORK",
+            "ROLLBACK AND CHAIN",
+        ] {
+            assert!(!classify(sql).chains, "{sql}");
         }
     }
 

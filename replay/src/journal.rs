@@ -117,7 +117,7 @@ pub struct Group {
     /// Whether it opens a transaction block (BEGIN).
     pub begins: bool,
     /// Whether it runs nothing but a COMMIT (a Query of it alone, or one Bind of a statement
-    /// that is it alone), whose answer is known.
+    /// that is it alone; not `COMMIT AND CHAIN`), whose answer is known.
     pub sole_commit: bool,
     /// Whether a Bind came in it.
     bound: bool,
@@ -766,7 +766,8 @@ impl Journal {
                 group.begins |= classified.statements.contains(&Statement::Begin);
                 group.copies |= classified.copies;
                 group.copy_in_pending |= classified.copies;
-                group.sole_commit = first && classified.statements == [Statement::Commit];
+                group.sole_commit =
+                    first && classified.statements == [Statement::Commit] && !classified.chains;
                 // The xid is assigned at a transaction's first write, so asking just before the
                 // string that commits gives it whenever an earlier request wrote; a single
                 // writing statement inside the block can carry the question itself, for free.
@@ -823,7 +824,7 @@ impl Journal {
                     copies: classified.copies,
                     changes: !changes.is_empty(),
                     rolls_back_to: classified.rolls_back_to,
-                    sole_commit: classified.statements == [Statement::Commit],
+                    sole_commit: classified.statements == [Statement::Commit] && !classified.chains,
                     dml_only: classified.dml_only,
                     unreplayable: classified.hazards.iter().find_map(|h| match h {
                         Hazard::Unreplayable(why) => Some(*why),

@@ -786,6 +786,9 @@ impl Session {
         // A COMMIT in flight: look its outcome up before anything is replayed.
         if let Some(first) = in_flight.first().filter(|g| g.commits && in_txn) {
             let outcome = match self.journal.xid() {
+                // A failed transaction never commits: its replay fails the same way, and the
+                // server answers the COMMIT with ROLLBACK.
+                _ if self.journal.txn_status() == b'E' => CommitOutcome::NotCommitted,
                 Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
                 // No xid: the transaction wrote nothing, or its xid answer was lost with the
                 // COMMIT's; either way the new primary has nothing of it unless replayed.
@@ -1270,7 +1273,8 @@ impl Fresh {
     }
 }
 
-/// What the server answers a request group that runs nothing but a COMMIT that commits: a
+/// What the server answers a request group that runs nothing but a COMMIT (not AND CHAIN, see
+/// [`Group::sole_commit`]) that commits, outside a failed transaction: a
 /// Query of it, or its Parse, Bind, Describe, Execute, Close, Flush and Sync messages; `None`
 /// for anything else.
 fn commit_answer(request: &[u8]) -> Option<BytesMut> {

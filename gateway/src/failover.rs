@@ -17,14 +17,59 @@ pub struct Promotion {
     pub primary: Backend,
     /// The primary that failed.
     pub failed: Backend,
-    /// The new primary's next transaction ID as of its promotion, when the gateway promoted it
-    /// itself before anyone could write; xids at or above it never committed there.
-    pub next_xid: Option<u64>,
+    /// Where the new primary's transaction IDs stood, when the gateway promoted it itself.
+    pub xids: Option<XidBounds>,
     /// How far the standby had replayed when the gateway promoted it: WAL past this point
     /// (commits clients saw) did not reach the new primary.
     pub wal_end: Option<u64>,
     /// When the coordinator started on this failover.
     pub started: Instant,
+}
+
+/// The transaction IDs of a standby the gateway promoted, which tell an xid the old primary
+/// gave a transaction from one the new primary gave another after its promotion (xids are
+/// given out again from where the standby's replay left them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XidBounds {
+    /// One past the newest transaction the standby's replay had seen end, once it had
+    /// replayed what it received, read before it was promoted: no xid below it is given out
+    /// again, so the status there of one below it is the old primary's transaction's.
+    pub replayed: u64,
+    /// The same, read right after the promotion: no transaction of the old primary's at or
+    /// above it committed there. Between the two, a committed xid may be another transaction's
+    /// (a client connected to the new primary directly may write before this is read).
+    pub promoted: u64,
+}
+
+impl XidBounds {
+    /// What the status `committed` of `xid` on the new primary says of the old primary's
+    /// transaction with that xid.
+    pub fn committed(&self, xid: u64) -> Committed {
+        if xid < self.replayed {
+            Committed::Yes
+        } else if xid < self.promoted {
+            Committed::Unknown
+        } else {
+            Committed::No
+        }
+    }
+
+    /// Whether `xid` was given out by the new primary, if at all: never the old primary's
+    /// commit.
+    pub fn after_promotion(&self, xid: u64) -> bool {
+        xid >= self.promoted
+    }
+}
+
+/// Whether the old primary's transaction committed, as far as the new primary tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// It did.
+    Yes,
+    /// It did not.
+    No,
+    /// The new primary's answer may be about another transaction.
+    Unknown,
 }
 
 /// Why no new primary is coming.
@@ -126,7 +171,7 @@ impl Coordinator {
             Promote::Auto => self.promote_standby(failed, deadline).await,
             _ => self.await_external(failed, deadline).await,
         };
-        let (primary, (next_xid, wal_end)) = match result {
+        let (primary, (xids, wal_end)) = match result {
             Ok(r) => r,
             Err(e) => {
                 metrics::counter!("understudy_failover_failures_total").increment(1);
@@ -137,11 +182,11 @@ impl Coordinator {
         self.topology.switch_primary(failed, &primary);
         let took = started.elapsed();
         metrics::histogram!("understudy_failover_promotion_seconds").record(took.as_secs_f64());
-        tracing::info!(%primary, old = %failed, ?next_xid, took_ms = took.as_millis() as u64, "new primary; old one fenced");
+        tracing::info!(%primary, old = %failed, ?xids, took_ms = took.as_millis() as u64, "new primary; old one fenced");
         let promotion = Promotion {
             primary,
             failed: failed.clone(),
-            next_xid,
+            xids,
             wal_end,
             started,
         };
@@ -151,14 +196,14 @@ impl Coordinator {
 
     /// `promote = "auto"`: with two witnesses that the primary is gone (this gateway cannot
     /// reach it, and the standby's WAL receiver has lost it), promote the standby (which first
-    /// replays all it received), and read where replay ended and its next xid before any
-    /// session writes. Standbys that still hear the primary are asked again every
+    /// replays all it received), reading its xids before and after (see [`XidBounds`]) and
+    /// where replay ended. Standbys that still hear the primary are asked again every
     /// [`WITNESS_POLL`], each over a connection kept for the whole failover.
     async fn promote_standby(
         &self,
         failed: &Backend,
         deadline: Instant,
-    ) -> Result<(Backend, (Option<u64>, Option<u64>)), FailoverError> {
+    ) -> Result<(Backend, (Option<XidBounds>, Option<u64>)), FailoverError> {
         let control = self.topology.control();
         let timeout = self.config.probe_timeout();
         let backends = self.topology.backends();
@@ -194,7 +239,7 @@ impl Coordinator {
                     continue;
                 };
                 match self.try_promote(client, standby).await {
-                    Ok(Some(next_xid)) => return Ok((standby.clone(), next_xid)),
+                    Ok(Some(promoted)) => return Ok((standby.clone(), promoted)),
                     Ok(None) => last_error = format!("{standby} still hears the primary"),
                     Err(e) => {
                         last_error = format!("{standby}: {e}");
@@ -211,13 +256,13 @@ impl Coordinator {
     }
 
     /// One attempt on one standby: `Ok(None)` means "not yet" (it still hears the primary);
-    /// `Ok(Some(..))` means it is the primary now, with its next xid and where its replay
-    /// ended when the gateway promoted it.
+    /// `Ok(Some(..))` means it is the primary now, with its xids and where its replay ended
+    /// when the gateway promoted it.
     async fn try_promote(
         &self,
         client: &tokio_postgres::Client,
         standby: &Backend,
-    ) -> Result<Option<(Option<u64>, Option<u64>)>, String> {
+    ) -> Result<Option<(Option<XidBounds>, Option<u64>)>, String> {
         let e = |e: tokio_postgres::Error| e.to_string();
         let timeout = self.config.probe_timeout();
         let witness = client.query_one(
@@ -233,7 +278,7 @@ impl Coordinator {
             .map_err(e)?;
         let in_recovery: bool = row.get(0);
         if !in_recovery {
-            // Promoted by someone else: accept it, but its next xid is not ours to know.
+            // Promoted by someone else: accept it, but its xids are not ours to know.
             return Ok(Some((None, None)));
         }
         let receiver = WalReceiver {
@@ -246,16 +291,33 @@ impl Coordinator {
             tracing::debug!(%standby, ?receiver, "standby still hears the primary; not promoting");
             return Ok(None);
         }
-        // Before it ends recovery the standby replays every whole record it received; a record
-        // the primary died in the middle of sending is never whole, so "replayed all received"
-        // is not something to wait for. Where replay ended is read once it has.
-        let promoted: bool = client
-            .query_one("SELECT pg_promote(true, 60)", &[])
+        let replayed = replayed_xid_bound(client).await?;
+        // Before it ends recovery the standby replays every whole record it received. Its
+        // end is polled for: pg_promote(true) looks only every 100 ms.
+        let signalled: bool = client
+            .query_one("SELECT pg_promote(false)", &[])
             .await
             .map_err(e)?
             .get(0);
-        if !promoted {
-            return Err("pg_promote() did not finish".to_owned());
+        if !signalled {
+            return Err("pg_promote() could not signal the standby".to_owned());
+        }
+        let give_up = Instant::now() + PROMOTE_TIMEOUT;
+        loop {
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(e)?
+                .get(0);
+            if !in_recovery {
+                break;
+            }
+            if Instant::now() >= give_up {
+                return Err(format!(
+                    "still in recovery {PROMOTE_TIMEOUT:?} after pg_promote()"
+                ));
+            }
+            crate::clock::sleep(PROMOTE_POLL).await;
         }
         let wal_end: Option<String> = client
             .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
@@ -263,7 +325,8 @@ impl Coordinator {
             .map_err(e)?
             .get(0);
         let wal_end = wal_end.as_deref().and_then(crate::session::parse_lsn);
-        Ok(Some((Some(next_xid(client).await?), wal_end)))
+        let promoted = xid_bound(client).await?;
+        Ok(Some((Some(XidBounds { replayed, promoted }), wal_end)))
     }
 
     /// `promote = "external"`: wait until an orchestrator has made another backend primary.
@@ -271,7 +334,7 @@ impl Coordinator {
         &self,
         failed: &Backend,
         deadline: Instant,
-    ) -> Result<(Backend, (Option<u64>, Option<u64>)), FailoverError> {
+    ) -> Result<(Backend, (Option<XidBounds>, Option<u64>)), FailoverError> {
         while Instant::now() < deadline {
             self.topology.probe_all().await;
             if let Some(p) = self.topology.current_primary().filter(|p| p != failed) {
@@ -326,14 +389,63 @@ impl WalReceiver {
     }
 }
 
-/// The next xid the server will assign, read without assigning one.
-async fn next_xid(client: &tokio_postgres::Client) -> Result<u64, String> {
+/// [`XidBounds::replayed`] of a standby, read once its replay has caught up with the WAL it
+/// received (the primary is gone: no more comes), before it is promoted. Replay that stops short of
+/// what was received (a record the primary died in the middle of sending is never whole) is
+/// taken as done once it has not moved for [`REPLAY_STILL`]; after [`REPLAY_SETTLE`] the xid
+/// is read as it stands (commits replayed later are then in doubt, never taken for
+/// another's).
+async fn replayed_xid_bound(client: &tokio_postgres::Client) -> Result<u64, String> {
+    let give_up = Instant::now() + REPLAY_SETTLE;
+    let mut still_since: Option<(String, Instant)> = None;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(),
+                        pg_last_wal_replay_lsn()::text,
+                        pg_snapshot_xmax(pg_current_snapshot())::text",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let caught_up: Option<bool> = row.get(0);
+        let replay: Option<String> = row.get(1);
+        let xmax: String = row.get(2);
+        let replay = replay.unwrap_or_default();
+        let still = match &still_since {
+            Some((at, since)) if *at == replay => since.elapsed() >= REPLAY_STILL,
+            _ => {
+                still_since = Some((replay, Instant::now()));
+                false
+            }
+        };
+        if caught_up != Some(false) || still || Instant::now() >= give_up {
+            return xmax.parse().map_err(|e| format!("xid bound {xmax:?}: {e}"));
+        }
+        crate::clock::sleep(PROMOTE_POLL).await;
+    }
+}
+
+/// How often a standby's replay, and the end of its promotion, are looked at.
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
+
+/// How long replay must stand still to count as done with what was received.
+const REPLAY_STILL: Duration = Duration::from_millis(20);
+
+/// Longest wait for a standby's replay to catch up before it is promoted.
+const REPLAY_SETTLE: Duration = Duration::from_secs(1);
+
+/// Longest wait for a promoted standby to leave recovery.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One past the newest transaction the server has seen end, read without assigning an xid.
+async fn xid_bound(client: &tokio_postgres::Client) -> Result<u64, String> {
     let text: String = client
         .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
         .map_err(|e| e.to_string())?
         .get(0);
-    text.parse().map_err(|e| format!("next xid {text:?}: {e}"))
+    text.parse().map_err(|e| format!("xid bound {text:?}: {e}"))
 }
 
 fn refused(error: &str) -> bool {

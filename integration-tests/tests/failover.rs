@@ -11,7 +11,7 @@ use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
     connect_with_messages, ending_fatal, errors_counted, int_column, roles, simple_rows, sqlstate,
-    Cluster, TestGateway, PATIENCE, SLOW_COMMIT,
+    Cluster, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -1864,6 +1864,63 @@ async fn commits_in_flight_that_roll_back_or_chain() {
         "the client is told no transaction is open: {inserted:?}"
     );
     drop(frozen);
+}
+
+/// A commit the client saw that never reached the standby (its WAL sender stuck, replication
+/// asynchronous) is lost with the old primary, and the new primary gives its xid out again:
+/// here to a client connected to the promoted standby directly, writing as soon as it can.
+/// Found committed there, that xid is another transaction's; the gateway must not take it for
+/// the session's, and ends the session with 08007 (a lost commit), never carrying on as if
+/// the commit were there.
+#[tokio::test]
+async fn a_lost_commit_is_not_mistaken_for_a_direct_writer_s_with_the_same_xid() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster.failover_gateway().await;
+    let (c, c_end) = gw.connect_watched(roles::SCRAM).await;
+    let sender: i32 = cluster
+        .superuser()
+        .await
+        .query_one("SELECT pid FROM pg_stat_replication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let stuck = Frozen::freeze(vec![sender as u32]);
+    for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let standby = cluster.pg.standby.as_ref().unwrap();
+    let direct = standby.client("postgres", "postgres").await.unwrap();
+    let writer = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let recovering: bool = direct
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if !recovering {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never promoted");
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        for a in 100..150 {
+            direct
+                .execute("INSERT INTO t VALUES ($1)", &[&a])
+                .await
+                .unwrap();
+        }
+    });
+
+    cluster.kill_primary().await;
+    drop(stuck);
+
+    writer.await.unwrap();
+    let db = ending_fatal(&c, c_end).await;
+    assert_eq!(db.code().code(), "08007", "{}", db.message());
+    let rows = values(cluster_on_new_primary(&mut cluster).await, "t").await;
+    assert_eq!(rows, (100..150).collect::<Vec<_>>(), "the commit was lost");
 }
 
 /// A COMMIT pipelined behind a write, neither answered when the primary hangs (frozen). A

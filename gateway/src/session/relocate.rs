@@ -18,7 +18,7 @@ use understudy_replay::journal::{
 use super::{AsBatch, Owner, Poison, Session, XID_QUERY, XID_TAIL_FLUSHED};
 use crate::auth::login::login;
 use crate::error::SessionError;
-use crate::failover::{FailoverError, Promotion};
+use crate::failover::{Committed, FailoverError, Promotion};
 use crate::pump::Pipe;
 use crate::sessions::CancelTarget;
 use crate::stream::Stream;
@@ -684,14 +684,19 @@ impl Session {
         let Some(xid) = self.journal.last_committed_xid() else {
             return Ok(());
         };
-        let beyond = promotion.next_xid.is_some_and(|next| xid >= next);
+        let beyond = promotion.xids.is_some_and(|x| x.after_promotion(xid));
         let status = if beyond {
             None
         } else {
             fresh.query(&xact_status(xid)).await.ok().flatten()
         };
         if status.as_deref() == Some("committed") {
-            return Ok(());
+            match promotion.xids.map(|x| x.committed(xid)) {
+                Some(Committed::Unknown) => {
+                    return Err(self.lost_commit(format!("a transaction this session committed (xid {xid}) cannot be told on the new primary from one given the same xid there after the promotion, by a client that wrote to it directly: it may have been lost with the old primary (asynchronous replication)")));
+                }
+                _ => return Ok(()),
+            }
         }
         Err(self.lost_commit(format!("a transaction this session committed (xid {xid}, status there: {}) is missing on the new primary: it was lost with the old primary (asynchronous replication)", status.as_deref().unwrap_or("never assigned"))))
     }
@@ -711,16 +716,19 @@ impl Session {
         xid: u64,
         promotion: &Promotion,
     ) -> CommitOutcome {
-        if promotion.next_xid.is_some_and(|next| xid >= next) {
+        if promotion.xids.is_some_and(|x| x.after_promotion(xid)) {
             // Handed out after the promotion, if at all: never ours.
             return CommitOutcome::NotCommitted;
         }
         let status = fresh.query(&xact_status(xid)).await;
         match status.as_ref().map(|s| s.as_deref()) {
-            Ok(Some("committed")) if promotion.next_xid.is_some() => CommitOutcome::Committed,
-            // Without the promotion's next xid, "committed" may be another transaction that
-            // was given the same xid after the promotion.
-            Ok(Some("committed")) => CommitOutcome::InDoubt,
+            Ok(Some("committed")) => match promotion.xids.map(|x| x.committed(xid)) {
+                Some(Committed::Yes) => CommitOutcome::Committed,
+                Some(Committed::No) => CommitOutcome::NotCommitted,
+                // Without the promotion's xids, or between them, "committed" may be another
+                // transaction that was given the same xid after the promotion.
+                Some(Committed::Unknown) | None => CommitOutcome::InDoubt,
+            },
             Ok(Some(_)) => CommitOutcome::NotCommitted,
             // "in the future": never assigned on the new primary.
             Err(e) if e.contains("future") => CommitOutcome::NotCommitted,

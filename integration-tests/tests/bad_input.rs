@@ -268,6 +268,105 @@ async fn malformed_messages_after_login_end_only_their_session() {
     assert_no_gateway_panics();
 }
 
+/// Requests sent before a bad message are answered before its FATAL, as PostgreSQL answers
+/// them before it reads the bad one: a COMMIT pipelined in front of an unknown message type,
+/// an impossible length or a Sync longer than PostgreSQL reads is committed and the client is
+/// told so, and a statement still running when the bad message comes is answered when it ends.
+/// Nothing sent after the bad message runs. (The client used to get the FATAL alone, and a
+/// commit it was not told of: a retry would write twice.)
+#[tokio::test]
+async fn answers_owed_before_a_bad_message_come_before_its_fatal() {
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE owed (a int); GRANT ALL ON owed TO PUBLIC")
+        .await
+        .unwrap();
+    let unknown_type = [&[0xee][..], &8i32.to_be_bytes(), b"abcd"].concat();
+    let short_length = [&b"Q"[..], &2i32.to_be_bytes()].concat();
+    let long_sync = [&b"S"[..], &10_001i32.to_be_bytes()].concat();
+    for (app, a, bad) in [
+        ("owed_type", 1, &unknown_type),
+        ("owed_length", 2, &short_length),
+        ("owed_sync", 3, &long_sync),
+    ] {
+        let (mut c, _) = raw_session(gw.addr(), app).await;
+        for sql in ["BEGIN".to_owned(), format!("INSERT INTO owed VALUES ({a})")] {
+            c.send(&query(&sql)).await;
+            assert_no_error(&c.read_until(b'Z').await);
+        }
+        let mut pipelined = query("COMMIT");
+        pipelined.extend_from_slice(bad);
+        pipelined.extend(query("INSERT INTO owed VALUES (99)"));
+        c.send(&pipelined).await;
+        let answer = c.read_until(b'E').await;
+        let tags: String = answer.iter().map(|m| m.tag as char).collect();
+        assert_eq!(tags, "CZE", "{app}: {answer:?}");
+        assert_eq!(answer[0].body, b"COMMIT\0", "{app}");
+        assert_fatal(&answer[2], "08P01");
+        assert!(c.closed().await, "{app}: closed after the FATAL");
+        cluster.wait_backends_named(app, 0).await;
+    }
+    let (mut c, _) = raw_session(gw.addr(), "owed_running").await;
+    c.send(&query("INSERT INTO owed SELECT 4 FROM pg_sleep(0.3)"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(&unknown_type).await;
+    let answer = c.read_until(b'E').await;
+    let tags: String = answer.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "CZE", "{answer:?}");
+    assert!(c.closed().await);
+    let rows: Vec<i32> = neighbour
+        .query("SELECT a FROM owed ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        [1, 2, 3, 4],
+        "each told commit once, nothing after a bad message"
+    );
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A message of a type PostgreSQL reads only up to 10,000 bytes (Sync, Flush, Execute …) that
+/// says it is longer is refused from its header, as the server refuses it, not waited for up
+/// to `max_message_size` nor passed on to end the backend.
+#[tokio::test]
+async fn small_message_types_longer_than_postgresql_reads_are_refused() {
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
+    for (app, tag) in [
+        ("long_flush", b'H'),
+        ("long_execute", b'E'),
+        ("long_close", b'C'),
+    ] {
+        let (mut c, _) = raw_session(gw.addr(), app).await;
+        c.send(&[&[tag][..], &10_001i32.to_be_bytes()].concat())
+            .await;
+        let e = c.expect_error().await;
+        assert_fatal(&e, "08P01");
+        assert!(
+            e.message().contains("invalid message length"),
+            "{}",
+            e.message()
+        );
+        assert!(c.closed().await, "{app}");
+        cluster.wait_backends_named(app, 0).await;
+    }
+    // 10,000 bytes is within what the server reads: the server judges the body.
+    let (mut c, _) = raw_session(gw.addr(), "long_ok").await;
+    c.send(&[&b"H"[..], &10_000i32.to_be_bytes(), &[0u8; 9_996]].concat())
+        .await;
+    let e = c.expect_error().await;
+    assert_eq!(e.code(), "08P01", "{}", e.message());
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
 /// A client that goes on sending after the gateway ended its session (a pipelining driver,
 /// or the rest of an oversized message) is not reset under the FATAL: the gateway reads and
 /// drops what follows until the client closes, so its writes go through, it reads the FATAL

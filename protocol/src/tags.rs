@@ -51,6 +51,17 @@ pub mod frontend {
         )
     }
 
+    /// The longest message of type `tag` PostgreSQL reads, its length word included: 10,000
+    /// bytes for the ones that carry little (Close, Describe, Execute, Flush, Sync, Terminate,
+    /// CopyDone, CopyFail), `None` (the gateway's own limit) for the rest.
+    pub fn max_len(tag: u8) -> Option<usize> {
+        matches!(
+            tag,
+            CLOSE | DESCRIBE | EXECUTE | FLUSH | SYNC | TERMINATE | COPY_DONE | COPY_FAIL
+        )
+        .then_some(10_000)
+    }
+
     /// Whether a ReadyForQuery answers `tag` (Query, Sync and FunctionCall each get one).
     pub fn expects_ready_for_query(tag: u8) -> bool {
         matches!(tag, QUERY | SYNC | FUNCTION_CALL)

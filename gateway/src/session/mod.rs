@@ -222,6 +222,10 @@ const READY_LEN: usize = 6;
 enum End {
     /// The client sent Terminate (forwarded; `terminated`) or ended its stream.
     ClientDone { terminated: bool },
+    /// The client sent a message PostgreSQL refuses (`error`, for the client); nothing of it
+    /// or past it was forwarded. The requests before it are answered first, as the server
+    /// answers them before it reads the bad one.
+    ClientBroke(SessionError),
     /// Anything else; the client may need to be told.
     Failed(SessionError),
 }
@@ -680,16 +684,28 @@ impl Session {
             // body its length word promises.
             if let Some(&tag) = self.pump.up.unscanned().first() {
                 if !frontend::is_known(tag) {
-                    return Some(End::Failed(SessionError::refused(
+                    return Some(End::ClientBroke(SessionError::refused(
                         "08P01",
                         "protocol_violation",
                         format!("invalid frontend message type {tag}"),
                     )));
                 }
+                if let (Some(max), Some(len)) =
+                    (frontend::max_len(tag), self.pump.up.unscanned().get(1..5))
+                {
+                    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+                    if len as usize > max {
+                        return Some(End::ClientBroke(SessionError::refused(
+                            "08P01",
+                            "protocol_violation",
+                            format!("invalid message length {len} for message type {tag}"),
+                        )));
+                    }
+                }
             }
             let (step, n) = match self.pump.up.scan(|_| true) {
                 Ok(s) => s,
-                Err(e) => return Some(End::Failed(client_frame_error(e))),
+                Err(e) => return Some(End::ClientBroke(client_frame_error(e))),
             };
             let tag = match step {
                 Step::NeedMore => return None,
@@ -1315,6 +1331,21 @@ impl Session {
             End::ClientDone { terminated } => {
                 self.pass_owed_answers(terminated, shutdown).await;
                 Ok(())
+            }
+            End::ClientBroke(e) => {
+                // The backend runs what it was sent and ends, as the server would at the bad
+                // message (an open transaction is rolled back); the client gets the answers
+                // it is owed, then the error.
+                if self.awaiting_ready > 0 {
+                    let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
+                    let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                        self.pump.backend.write_all(&terminate).await?;
+                        self.pump.backend.flush().await
+                    })
+                    .await;
+                    self.pass_owed_answers(true, shutdown).await;
+                }
+                Err(e)
             }
             End::Failed(e) => Err(e),
         };

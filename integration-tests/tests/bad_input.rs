@@ -317,6 +317,18 @@ async fn answers_owed_before_a_bad_message_come_before_its_fatal() {
     let tags: String = answer.iter().map(|m| m.tag as char).collect();
     assert_eq!(tags, "CZE", "{answer:?}");
     assert!(c.closed().await);
+    // In the middle of a COPY FROM STDIN the COPY is what is owed an answer, and it never
+    // ends: the FATAL comes at once, and nothing of the COPY is kept.
+    let (mut c, _) = raw_session(gw.addr(), "owed_copy").await;
+    c.send(&query("COPY owed FROM STDIN")).await;
+    c.read_until(b'G').await;
+    c.send(&[msg(b'd', b"5\n"), unknown_type.clone()].concat())
+        .await;
+    let e = c.expect_error().await;
+    assert_fatal(&e, "08P01");
+    assert_eq!(e.message(), "invalid frontend message type 238");
+    assert!(c.closed().await);
+    cluster.wait_backends_named("owed_copy", 0).await;
     let rows: Vec<i32> = neighbour
         .query("SELECT a FROM owed ORDER BY a", &[])
         .await

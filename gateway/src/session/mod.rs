@@ -1335,8 +1335,9 @@ impl Session {
             End::ClientBroke(e) => {
                 // The backend runs what it was sent and ends, as the server would at the bad
                 // message (an open transaction is rolled back); the client gets the answers
-                // it is owed, then the error.
-                if self.awaiting_ready > 0 {
+                // it is owed, then the error. (Not in the middle of a COPY FROM STDIN, which
+                // would answer the Terminate as a message out of place.)
+                if self.awaiting_ready > 0 && !self.journal.copy_in_pending() {
                     let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
                     let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
                         self.pump.backend.write_all(&terminate).await?;

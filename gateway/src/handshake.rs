@@ -61,10 +61,17 @@ pub async fn accept(
         match packet {
             StartupPacket::SslRequest if !ssl_done => {
                 ssl_done = true;
+                let ahead = sent_ahead(&stream);
                 let Some(config) = tls else {
                     stream = answer(stream, b'N').await?;
+                    if ahead {
+                        return Err(sent_before_answer(stream, "SSL"));
+                    }
                     continue;
                 };
+                if ahead {
+                    return Err(sent_before_answer(stream, "SSL"));
+                }
                 let Stream::Plain(mut tcp) = stream else {
                     unreachable!("TLS is set up only here, once")
                 };
@@ -82,7 +89,11 @@ pub async fn accept(
             }
             StartupPacket::GssEncRequest if !gss_done => {
                 gss_done = true;
+                let ahead = sent_ahead(&stream);
                 stream = answer(stream, b'N').await?;
+                if ahead {
+                    return Err(sent_before_answer(stream, "GSSAPI encryption"));
+                }
             }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 let minor = if matches!(packet, StartupPacket::SslRequest) {
@@ -146,6 +157,30 @@ fn refused(stream: Stream, e: StartupError) -> (Option<Stream>, SessionError) {
     (
         Some(stream),
         SessionError::refused(code, "bad_startup", e.to_string()),
+    )
+}
+
+/// Whether the client sent more after an encryption request before it had the answer: bytes
+/// that came before the TLS handshake (or in place of it), which a man in the middle may have
+/// put there.
+fn sent_ahead(stream: &Stream) -> bool {
+    let Stream::Plain(tcp) = stream else {
+        return false;
+    };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    // The socket does not block: an empty one answers WouldBlock.
+    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(n) if n > 0)
+}
+
+/// PostgreSQL's refusal of a client that sent data right behind its `what` request.
+fn sent_before_answer(stream: Stream, what: &str) -> (Option<Stream>, SessionError) {
+    (
+        Some(stream),
+        SessionError::refused(
+            "08P01",
+            "bad_startup",
+            format!("received unencrypted data after {what} request"),
+        ),
     )
 }
 

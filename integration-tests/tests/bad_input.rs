@@ -497,7 +497,7 @@ async fn garbage_before_startup_gets_08p01_and_close() {
         ),
         ("random bytes", random),
         ("length 4", 4i32.to_be_bytes().to_vec()),
-        ("length 10001", 10_001i32.to_be_bytes().to_vec()),
+        ("length 10005", 10_005i32.to_be_bytes().to_vec()),
     ];
     for (what, bytes) in cases {
         let mut c = RawConn::open(gw.addr()).await;
@@ -518,6 +518,30 @@ async fn garbage_before_startup_gets_08p01_and_close() {
         }
         assert!(c.closed().await, "{what}: connection closed");
     }
+
+    // PostgreSQL measures the packet past its length word: 10,004 bytes in all is within it.
+    let base = startup(
+        0,
+        &[
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("options", ""),
+        ],
+    )
+    .len();
+    let spaces = " ".repeat(10_004 - base);
+    let longest = startup(
+        0,
+        &[
+            ("user", roles::TRUST),
+            ("database", "postgres"),
+            ("options", &spaces),
+        ],
+    );
+    assert_eq!(longest.len(), 10_004);
+    let mut c = RawConn::open(gw.addr()).await;
+    c.send(&longest).await;
+    assert_no_error(&c.read_until(b'Z').await);
 
     // A valid length with an unknown request code is an unsupported protocol, as in PostgreSQL.
     let mut c = RawConn::open(gw.addr()).await;
@@ -712,6 +736,34 @@ async fn encryption_requests_are_declined_then_startup_proceeds() {
             "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0".to_owned()
         )
     );
+
+    // A startup packet sent right behind the request, before its answer, is refused as
+    // PostgreSQL refuses it (it may have been put there by someone in the middle): the
+    // server's own answer, compared.
+    let ahead = |addr| async move {
+        let mut c = RawConn::open(addr).await;
+        let mut both = request(SSL_REQUEST);
+        both.extend(startup(
+            0,
+            &[("user", roles::TRUST), ("database", "postgres")],
+        ));
+        c.send(&both).await;
+        let answer = c.read_byte().await;
+        let e = c.expect_error().await;
+        assert!(c.closed().await, "closed");
+        (answer, e.severity(), e.code(), e.message())
+    };
+    let server_says = ahead(cluster.pg.primary.addr()).await;
+    assert_eq!(
+        server_says,
+        (
+            b'N',
+            "FATAL".to_owned(),
+            "08P01".to_owned(),
+            "received unencrypted data after SSL request".to_owned()
+        )
+    );
+    assert_eq!(ahead(gw.addr()).await, server_says);
 
     // tokio-postgres's sslmode=prefer takes the `N` and carries on in the clear.
     let mut config = gw.pg_config(roles::TRUST);

@@ -277,6 +277,26 @@ async fn direct_tls_negotiation() {
         Some(&b"postgresql"[..])
     );
 
+    // Bytes sent behind the SSLRequest before its answer came before the handshake, where
+    // someone in the middle may have put them: refused, in the clear, with no handshake.
+    let mut tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .unwrap();
+    tcp.write_all(&[&SSL_REQUEST[..], b"Q\0\0\0\x0dSELECT 1\0"].concat())
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut said))
+        .await
+        .expect("closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&said);
+    assert_eq!(said.first(), Some(&b'E'), "{text:?}");
+    assert!(
+        text.contains("C08P01") && text.contains("unencrypted data after SSL request"),
+        "{text:?}"
+    );
+
     let plain = cluster.gateway().await;
     let refused = direct_tls(plain.addr().port(), &ca, &[b"postgresql"]).await;
     refused.expect_err("no TLS to be had");

@@ -93,7 +93,8 @@ impl StartupMessage {
 /// A startup packet the gateway cannot accept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StartupError {
-    /// Length word below 8 or above [`MAX_STARTUP_PACKET_LEN`].
+    /// Length word below 8, or a packet longer than [`MAX_STARTUP_PACKET_LEN`] past its
+    /// length word.
     #[error("invalid length of startup packet: {0}")]
     InvalidLength(i64),
     /// Protocol major version other than 3, or an unknown request code.
@@ -129,7 +130,8 @@ pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, StartupError> {
         return Ok(None);
     };
     let len = i32::from_be_bytes(*word);
-    if !(8..=MAX_STARTUP_PACKET_LEN as i32).contains(&len) {
+    // PostgreSQL measures the packet without its length word.
+    if !(8..=MAX_STARTUP_PACKET_LEN as i32 + 4).contains(&len) {
         return Err(StartupError::InvalidLength(len.into()));
     }
     Ok(Some(len as usize))

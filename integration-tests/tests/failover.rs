@@ -1818,6 +1818,37 @@ async fn commit_in_flight_of_session_changes_is_replayed() {
     drop(frozen);
 }
 
+/// A cursor runs its query as it is fetched: a transaction whose cursor called a function that
+/// writes wrote, though none of its statements reads like a write. Its COMMIT in flight when
+/// the primary hangs (frozen, never committing it) is in doubt (08007); it was answered
+/// `COMMIT` unchecked, as a read-only transaction's is, with the write lost.
+#[tokio::test]
+async fn a_cursor_over_a_writing_function_makes_its_transaction_a_write() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        &format!(
+            "{TABLE_T}; CREATE FUNCTION ins(a int) RETURNS int LANGUAGE sql \
+             AS $$ INSERT INTO t VALUES (a) RETURNING a $$"
+        ),
+    )
+    .await;
+    let gw = cluster.failover_gateway().await;
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT ins(1); FETCH ALL c")
+        .await
+        .unwrap();
+    let frozen = cluster.freeze_primary(&[]);
+    let committed = tokio::time::timeout(PATIENCE, c.batch_execute("COMMIT"))
+        .await
+        .expect("answered by the new primary");
+    let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
+    assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
+    let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
+    assert!(rows.is_empty(), "the frozen primary never committed it");
+    drop(frozen);
+}
+
 /// COMMITs in flight when the primary hangs (frozen) whose answer is no plain `COMMIT`: in a
 /// failed transaction the server answers `ROLLBACK` (the replay fails the same way first), and
 /// `COMMIT AND CHAIN` opens the next transaction, which the gateway cannot make up for a

@@ -278,7 +278,11 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                     out.hazards
                         .push(Hazard::Unmovable("a cursor declared WITH HOLD"));
                 }
-                Statement::Read
+                // The cursor's query runs as it is fetched: a FETCH does what it does.
+                match cursor_query(stmt) {
+                    Some(query) if reads_only(query, strings) => Statement::Read,
+                    _ => Statement::Write,
+                }
             }
             kw::COPY if facts.to_stdout && !facts.writes && !calls && !facts.from_stdin => {
                 Statement::Read
@@ -503,6 +507,24 @@ impl<'a> Facts<'a> {
 /// and nothing of it outlives the transaction. Any other form may change the session.
 fn local_set_config(word: &[u8], lex: &Lexer) -> bool {
     word.eq_ignore_ascii_case(b"set_config") && lex.call_ends_in_true()
+}
+
+/// The query of `DECLARE name … CURSOR … FOR query`: the text after its first `FOR`.
+fn cursor_query(stmt: &[u8]) -> Option<&[u8]> {
+    let mut lex = Lexer::new(stmt);
+    while let Some(tok) = lex.next_token() {
+        if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case(b"FOR")) {
+            return Some(&stmt[lex.pos..]);
+        }
+    }
+    None
+}
+
+/// Whether `sql` is one statement that reads only.
+fn reads_only(sql: &[u8], strings: Strings) -> bool {
+    let mut query = Classified::default();
+    classify_into(sql, strings, &mut query);
+    query.statements == [Statement::Read]
 }
 
 /// The variable a session-level SET assigns, via sqlparser; `None` when it cannot tell.
@@ -1118,6 +1140,31 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    /// A cursor runs its query as it is fetched: DECLARE is what the query is.
+    #[test]
+    fn a_cursor_is_what_its_query_is() {
+        for sql in [
+            "DECLARE c CURSOR FOR SELECT * FROM t",
+            "declare c binary no scroll cursor without hold for select lower(a) from t",
+        ] {
+            assert_eq!(kinds(sql), [Statement::Read], "{sql}");
+        }
+        for sql in [
+            "DECLARE c CURSOR FOR SELECT ins_fn(1)",
+            "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
+            "DECLARE c CURSOR FOR SELECT nextval('s') FROM t",
+            "DECLARE c CURSOR",
+        ] {
+            assert_eq!(kinds(sql), [Statement::Write], "{sql}");
+        }
+        let held = classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1");
+        assert_eq!(held.statements, [Statement::Read]);
+        assert_eq!(
+            held.hazards,
+            [Hazard::Unmovable("a cursor declared WITH HOLD")]
+        );
     }
 
     #[test]

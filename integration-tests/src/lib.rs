@@ -373,8 +373,7 @@ impl TestGateway {
 
     /// Connects as `user`, keeping the connection's end (see [`ending_fatal`]).
     pub async fn connect_watched(&self, user: &str) -> (Client, ConnectionEnd) {
-        let (client, conn) = self.pg_config(user).connect(NoTls).await.unwrap();
-        (client, tokio::spawn(conn))
+        connect_watched(self.pg_config(user)).await
     }
 
     /// GET from the admin listener.
@@ -494,14 +493,29 @@ pub async fn connect_with_messages(
 /// How a connection ended: the error it ended with, if any.
 pub type ConnectionEnd = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
+/// Connects with `config` (no TLS), keeping the connection's end: a FATAL sent while the
+/// client is idle ends the connection with that error, which no request gets.
+pub async fn connect_watched(config: tokio_postgres::Config) -> (Client, ConnectionEnd) {
+    let (client, conn) = config.connect(NoTls).await.expect("connect");
+    (client, tokio::spawn(conn))
+}
+
 /// The FATAL that ends `client`'s session: the answer to a query sent now or, where it came
-/// while the session was idle (the connection ended before the query could be sent), the
-/// error the connection ended with.
+/// while the session was idle, the error the connection ended with.
 pub async fn ending_fatal(client: &Client, end: ConnectionEnd) -> tokio_postgres::error::DbError {
     let e = client
         .simple_query("SELECT 1")
         .await
         .expect_err("the session has ended");
+    fatal_of(&e, end).await
+}
+
+/// The FATAL behind `e`, a request's error: its own, or, where the FATAL came first and the
+/// request found the connection closed, the error the connection `end`ed with.
+pub async fn fatal_of(
+    e: &tokio_postgres::Error,
+    end: ConnectionEnd,
+) -> tokio_postgres::error::DbError {
     if let Some(db) = e.as_db_error() {
         return db.clone();
     }
@@ -509,9 +523,10 @@ pub async fn ending_fatal(client: &Client, end: ConnectionEnd) -> tokio_postgres
         .await
         .expect("the connection ends")
         .unwrap();
-    let e = ended.expect_err("a FATAL ended the connection");
-    e.as_db_error()
-        .unwrap_or_else(|| panic!("no FATAL, but {e:?}"))
+    let end_error = ended.expect_err("a FATAL ended the connection");
+    end_error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("no FATAL: {e:?}, connection: {end_error:?}"))
         .clone()
 }
 

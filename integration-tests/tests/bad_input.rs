@@ -11,13 +11,14 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use understudy::config::{Config, Keepalive};
 use understudy_integration_tests::netns::NetNs;
 use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
-use understudy_integration_tests::{backend_pid, roles, sqlstate, Cluster, TestGateway, PATIENCE};
+use understudy_integration_tests::{
+    backend_pid, connect_watched, roles, sqlstate, Cluster, ConnectionEnd, TestGateway, PATIENCE,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Private helpers
@@ -123,20 +124,8 @@ fn assert_fatal(m: &Msg, code: &str) {
     );
 }
 
-/// Connects with a tokio-postgres config, keeping the connection task's result: a FATAL sent
-/// while the client is idle ends that task with the server's (or gateway's) error.
-async fn connect_watched(
-    config: tokio_postgres::Config,
-) -> (Client, JoinHandle<Result<(), tokio_postgres::Error>>) {
-    let (client, conn) = config.connect(NoTls).await.expect("connect");
-    (client, tokio::spawn(conn))
-}
-
 /// SQLSTATE the connection task ended with, waiting at most `within`.
-async fn connection_end(
-    conn: JoinHandle<Result<(), tokio_postgres::Error>>,
-    within: Duration,
-) -> Option<String> {
+async fn connection_end(conn: ConnectionEnd, within: Duration) -> Option<String> {
     let ended = tokio::time::timeout(within, conn)
         .await
         .expect("connection ends in time")

@@ -8,11 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 use understudy_integration_tests::{
-    int_column, metric_total, roles, simple_rows, sqlstate, Cluster, Frozen, TestGateway, PATIENCE,
-    SLOW_COMMIT,
+    fatal_of, int_column, metric_total, roles, simple_rows, sqlstate, Cluster, ConnectionEnd,
+    Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 async fn setup(cluster: &Cluster, sql: &str) {
@@ -39,20 +38,6 @@ async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
         cluster.reseed().await;
     }
     cluster
-}
-
-/// Connects and keeps the connection's own ending (the error a FATAL the client did not ask
-/// for closes it with) in a channel.
-async fn connect_watched(
-    gw: &TestGateway,
-    user: &str,
-) -> (Client, oneshot::Receiver<Option<tokio_postgres::Error>>) {
-    let (client, conn) = gw.pg_config(user).connect(NoTls).await.unwrap();
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = tx.send(conn.await.err());
-    });
-    (client, rx)
 }
 
 /// The standby's WAL receiver, frozen: what the primary writes from now on waits in the
@@ -101,27 +86,16 @@ impl WalGap {
         self.receiver.thaw();
     }
 
-    /// After the primary was killed: waits until the gateway runs `pg_promote()` on the standby
-    /// (once the receiver has been silent past its ping and `standby_silence_ms`) and the
-    /// promotion has told the receiver to stop (its shared state reads `stopping`, set just
-    /// before the SIGTERM), then continues the receiver. It exits on the pending SIGTERM
-    /// without reading the WAL waiting in its socket; continued any earlier, it would read and
-    /// apply that WAL and nothing would be lost (tried: the row is then on the new primary; on
-    /// a loaded machine `pg_promote()` showing as active was not late enough).
+    /// After the primary was killed: waits until the gateway's `pg_promote()` on the standby
+    /// (once the receiver has been silent past its ping and `standby_silence_ms`) has told the
+    /// receiver to stop (its shared state reads `stopping`, set just before the SIGTERM; the
+    /// frozen receiver cannot change it itself), then continues the receiver. It exits on the
+    /// pending SIGTERM without reading the WAL waiting in its socket; continued any earlier, it
+    /// would read and apply that WAL and nothing would be lost (tried: the row is then on the
+    /// new primary).
     async fn close_after_promotion_began(self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let promoting: i64 = self
-                .on_standby
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE query LIKE '%pg_promote(%' AND state = 'active'
-                        AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
             let stopping: i64 = self
                 .on_standby
                 .query_one(
@@ -131,7 +105,7 @@ impl WalGap {
                 .await
                 .unwrap()
                 .get(0);
-            if promoting > 0 && stopping > 0 {
+            if stopping > 0 {
                 // The SIGTERM follows the state change at once.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
@@ -163,24 +137,14 @@ fn spawn_statement(
 /// end.
 async fn assert_lost_commit_fatal(
     next: tokio::task::JoinHandle<(Client, Result<(), tokio_postgres::Error>)>,
-    conn_end: oneshot::Receiver<Option<tokio_postgres::Error>>,
+    conn_end: ConnectionEnd,
 ) {
     let (client, r) = tokio::time::timeout(PATIENCE, next)
         .await
         .expect("the session's next statement is answered")
         .unwrap();
     let e = r.expect_err("the session cannot carry on past a lost commit");
-    let conn_error = match e.as_db_error() {
-        Some(_) => None,
-        None => tokio::time::timeout(PATIENCE, conn_end)
-            .await
-            .expect("the connection ends")
-            .unwrap(),
-    };
-    let db = e
-        .as_db_error()
-        .or_else(|| conn_error.as_ref().and_then(|e| e.as_db_error()))
-        .unwrap_or_else(|| panic!("no server error: {e:?}, connection: {conn_error:?}"));
+    let db = fatal_of(&e, conn_end).await;
     assert_eq!(db.code().code(), "08007", "{db:?}");
     assert_eq!(db.severity(), "FATAL", "{db:?}");
     assert!(
@@ -494,7 +458,7 @@ async fn a_failed_write_is_no_lost_commit() {
 #[tokio::test]
 async fn lost_commit_ends_the_session_with_08007() {
     let (mut cluster, gw) = asynchronous_with_table().await;
-    let (c, conn_end) = connect_watched(&gw, roles::SCRAM).await;
+    let (c, conn_end) = gw.connect_watched(roles::SCRAM).await;
     for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
         c.batch_execute(sql).await.unwrap();
     }
@@ -538,10 +502,10 @@ async fn lost_commit_ends_the_session_with_08007() {
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
-    let (autocommit, autocommit_end) = connect_watched(&gw, roles::SCRAM).await;
-    let (batch, batch_end) = connect_watched(&gw, roles::TRUST).await;
-    let (one_string, one_string_end) = connect_watched(&gw, roles::MD5).await;
-    let (prepared, prepared_end) = connect_watched(&gw, roles::CLEARTEXT).await;
+    let (autocommit, autocommit_end) = gw.connect_watched(roles::SCRAM).await;
+    let (batch, batch_end) = gw.connect_watched(roles::TRUST).await;
+    let (one_string, one_string_end) = gw.connect_watched(roles::MD5).await;
+    let (prepared, prepared_end) = gw.connect_watched(roles::CLEARTEXT).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -704,7 +668,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
 #[tokio::test]
 async fn session_changes_lose_no_commit() {
     let (mut cluster, gw) = asynchronous_with_table().await;
-    let (writer, writer_end) = connect_watched(&gw, roles::SCRAM).await;
+    let (writer, writer_end) = gw.connect_watched(roles::SCRAM).await;
     let setter = gw.connect(roles::MD5).await;
 
     let gap = WalGap::open(&cluster).await;

@@ -525,8 +525,9 @@ async fn terminate_closes_backend() {
 
 /// Requests a client sends just before it leaves (in one write with its Terminate, or before
 /// it half-closes its socket) are answered as the server answers them directly, and then the
-/// connection ends; each write lands once. (The gateway used to close at once, answering
-/// nothing, though the server still ran them.)
+/// connection ends; each write lands once. So are extended-protocol requests flushed but not
+/// synced in front of a Terminate. (The gateway used to close at once, answering nothing,
+/// though the server still ran them.)
 #[tokio::test]
 async fn answers_owed_when_the_client_leaves_are_delivered() {
     let cluster = Cluster::primary_only().await;
@@ -537,14 +538,22 @@ async fn answers_owed_when_the_client_leaves_are_delivered() {
         .await
         .unwrap();
     let gw = cluster.gateway().await;
-    let transcript = |addr, n: i32, half_close: bool| async move {
+    let transcript = |addr, n: i32, half_close: bool, flushed_only: bool| async move {
         let mut rc = RawConn::login(addr, roles::TRUST).await;
-        let mut requests = raw::query(&format!("INSERT INTO owed VALUES ({n})"));
-        requests.extend(raw::query("SELECT 'last words'"));
+        let mut requests = Vec::new();
+        if !flushed_only {
+            requests.extend(raw::query(&format!("INSERT INTO owed VALUES ({n})")));
+            requests.extend(raw::query("SELECT 'last words'"));
+        }
         if half_close {
             rc.send(&requests).await;
             rc.shutdown_write().await;
         } else {
+            // Flushed, never synced: answered, but not committed.
+            requests.extend(raw::parse("", "SELECT 'flushed words'"));
+            requests.extend(raw::bind("", &[]));
+            requests.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+            requests.extend(raw::msg(b'H', b""));
             requests.extend(raw::msg(b'X', b""));
             rc.send(&requests).await;
         }
@@ -554,16 +563,27 @@ async fn answers_owed_when_the_client_leaves_are_delivered() {
         }
         all
     };
-    for (n, half_close) in [(1, false), (2, true)] {
-        let direct = transcript(cluster.pg.primary.addr(), n, half_close).await;
-        assert!(
+    for (n, half_close, flushed_only) in [(1, false, false), (2, true, false), (3, false, true)] {
+        let direct = transcript(cluster.pg.primary.addr(), n, half_close, flushed_only).await;
+        assert_eq!(
             direct
                 .iter()
                 .any(|(t, b)| *t == 'D' && b.contains("last words")),
+            !flushed_only,
             "{direct:?}"
         );
-        let through = transcript(gw.addr(), n + 10, half_close).await;
-        assert_eq!(through, direct, "half-closed: {half_close}");
+        assert_eq!(
+            direct
+                .iter()
+                .any(|(t, b)| *t == 'D' && b.contains("flushed words")),
+            !half_close,
+            "{direct:?}"
+        );
+        let through = transcript(gw.addr(), n + 10, half_close, flushed_only).await;
+        assert_eq!(
+            through, direct,
+            "half-closed: {half_close}, flushed only: {flushed_only}"
+        );
     }
     let su = cluster.superuser().await;
     let rows = int_column(&su, "SELECT a FROM owed ORDER BY a").await;

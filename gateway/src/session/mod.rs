@@ -1291,9 +1291,11 @@ impl Session {
     /// The client left with answers still owed (requests pipelined before its Terminate, or
     /// before the end of its stream, as a client that half-closes sends them): the server
     /// answers them, as it would a direct client, and they are passed on until the server
-    /// closes, the client stops taking them, or shutdown is forced.
+    /// closes, the client stops taking them, or shutdown is forced. Requests not yet synced
+    /// in front of a Terminate count too: a Flush among them has the server send their
+    /// answers before it ends.
     async fn pass_owed_answers(&mut self, terminated: bool, shutdown: &mut Shutdown) {
-        if self.awaiting_ready == 0 {
+        if self.awaiting_ready == 0 && !(terminated && self.journal.has_open_batch()) {
             return;
         }
         if !terminated {

@@ -147,8 +147,8 @@ struct Established {
     server_params: Vec<(String, String)>,
     backend_pid: i32,
     relogin: Relogin,
-    /// Whether the session's role may run the xid capture (see [`crate::grants`]).
-    may_capture: bool,
+    /// What the login learned of the session's role and database.
+    learned: crate::session::Learned,
 }
 
 async fn session(
@@ -214,7 +214,7 @@ async fn session(
         established.relogin,
         established.backend_pid,
         established.server_params,
-        established.may_capture,
+        established.learned,
     );
     // Boxed: the data path's poll should not carry the construction's temporaries.
     Box::pin(session.run(shutdown)).await
@@ -334,17 +334,23 @@ async fn establish(
     greeting.unsplit(tail);
     // Asked before the client hears its ReadyForQuery, while the backend is idle; only by a
     // gateway that captures xids (one that can move sessions).
-    let may_capture = if result.is_ok() && shared.failover.disabled().is_none() {
+    let learned = if result.is_ok() && shared.failover.disabled().is_none() {
         // As the registry has it, which is what a failed capture forgets by.
         let database = startup.database().unwrap_or_default();
         let options = startup.server_params().find(|(k, _)| *k == "options");
         let login = crate::grants::login_key(user, options.map(|(_, v)| v));
-        shared
-            .capture_grants
-            .may_capture(database, &login, &mut backend, &mut backend_buf)
-            .await?
+        crate::session::Learned {
+            may_capture: shared
+                .capture_grants
+                .may_capture(database, &login, &mut backend, &mut backend_buf)
+                .await?,
+            suspects: shared
+                .catalog_suspects
+                .of(database, &mut backend, &mut backend_buf)
+                .await?,
+        }
     } else {
-        false
+        crate::session::Learned::default()
     };
     client.send(&greeting).await?;
     result?;
@@ -355,7 +361,7 @@ async fn establish(
         client_buf: std::mem::take(client.buf),
         server_params,
         backend_pid,
-        may_capture,
+        learned,
         relogin: Relogin {
             backend: primary,
             params: startup

@@ -45,6 +45,8 @@ pub struct Shared {
     pub failover: crate::failover::Coordinator,
     /// Which roles may run the xid capture, as learned at login.
     pub capture_grants: crate::grants::CaptureGrants,
+    /// What in each database makes a statement write unseen, as learned at login.
+    pub catalog_suspects: crate::suspects::CatalogSuspects,
     /// Whether the gateway is paused: sessions hold at their next transaction boundary.
     pub hold: tokio::sync::watch::Sender<bool>,
     /// Where a reload reads the configuration; without one it re-reads the files the
@@ -126,6 +128,7 @@ impl Gateway {
             limit: Arc::new(Semaphore::new(config.max_client_connections)),
             failover: crate::failover::Coordinator::new(topology.clone(), config.failover.clone()),
             capture_grants: crate::grants::CaptureGrants::default(),
+            catalog_suspects: crate::suspects::CatalogSuspects::default(),
             config,
             topology,
             registry: Arc::new(Registry::default()),

@@ -73,10 +73,7 @@ impl CaptureGrants {
     }
 
     /// Whether the session that just logged in on `stream` may run the capture: known, or
-    /// asked there (the backend is idle, its ReadyForQuery read). Messages the server sends
-    /// the client meanwhile (a parameter report, a notification, a FATAL) are left at the
-    /// front of `buf` for the session to pass on; notices are the question's (a `LOG` of it
-    /// where `client_min_messages` shows those), dropped as for the gateway's other queries.
+    /// asked there (the backend is idle, its ReadyForQuery read; see [`ask`] for `buf`).
     /// Without an answer (the question failed) the capture is tried, as before there was a
     /// question.
     pub async fn may_capture(
@@ -89,10 +86,9 @@ impl CaptureGrants {
         if let Some(may) = self.fresh(database, login) {
             return Ok(may);
         }
-        let answer = ask(stream, buf).await.map_err(|e| match e {
-            ReadError::Io(e) => SessionError::BackendLost(e),
-            ReadError::Frame(e) => SessionError::BackendLost(std::io::Error::other(e)),
-        })?;
+        let answer = ask(stream, buf, GRANT_SQL)
+            .await?
+            .map(|value| value == b"t");
         if let Some(may) = answer {
             self.record(database, login, may);
         }
@@ -100,10 +96,29 @@ impl CaptureGrants {
     }
 }
 
-/// Runs [`GRANT_SQL`] on an idle backend; its answer, if it gave one.
-async fn ask(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<bool>, ReadError> {
+/// Runs `sql`, a query of one row and column, on an idle backend just logged in; the value, if
+/// it gave one. Messages the server sends the client meanwhile (a parameter report, a
+/// notification, a FATAL) are left at the front of `buf` for the session to pass on; notices
+/// are the question's (a `LOG` of it where `client_min_messages` shows those), dropped as for
+/// the gateway's other queries.
+pub async fn ask(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    sql: &str,
+) -> Result<Option<Vec<u8>>, SessionError> {
+    ask_on(stream, buf, sql).await.map_err(|e| match e {
+        ReadError::Io(e) => SessionError::BackendLost(e),
+        ReadError::Frame(e) => SessionError::BackendLost(std::io::Error::other(e)),
+    })
+}
+
+async fn ask_on(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    sql: &str,
+) -> Result<Option<Vec<u8>>, ReadError> {
     let mut question = BytesMut::new();
-    encode::internal_query(&mut question, GRANT_SQL);
+    encode::internal_query(&mut question, sql);
     send(stream, &question).await?;
     let mut answer = None;
     let mut passed = BytesMut::new();
@@ -111,7 +126,7 @@ async fn ask(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<bool>, Re
         let frame = read_message(stream, buf, usize::MAX >> 1).await?;
         let body = &frame.raw[5..];
         match frame.tag {
-            backend::DATA_ROW => answer = Some(inspect::first_column(body) == Some(b"t")),
+            backend::DATA_ROW => answer = inspect::first_column(body).map(<[u8]>::to_vec),
             backend::READY_FOR_QUERY => break,
             backend::ERROR_RESPONSE if ErrorView::parse(body).is_fatal() => {
                 passed.extend_from_slice(&frame.raw);

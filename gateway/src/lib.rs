@@ -26,6 +26,7 @@ pub mod sessions;
 pub mod shutdown;
 pub mod spares;
 pub mod stream;
+pub mod suspects;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

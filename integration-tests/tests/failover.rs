@@ -1849,6 +1849,85 @@ async fn a_cursor_over_a_writing_function_makes_its_transaction_a_write() {
     drop(frozen);
 }
 
+/// A view over a function that inserts, a function of the user's named like a read-only
+/// built-in (`public.abs(text)`), and a table whose row-level security policy inserts, for the
+/// tests of writes a statement's text does not show.
+const HIDDEN_WRITES: &str = "CREATE FUNCTION logged(a int) RETURNS int LANGUAGE sql \
+     AS $$ INSERT INTO t VALUES (a) RETURNING a $$; \
+     CREATE VIEW vw AS SELECT logged(1) AS one; \
+     CREATE VIEW slow_vw AS SELECT logged(3) AS one FROM pg_sleep(1); \
+     CREATE FUNCTION public.abs(text) RETURNS int LANGUAGE sql \
+     AS $$ INSERT INTO t VALUES (2) RETURNING 2 $$; \
+     CREATE FUNCTION audited() RETURNS boolean LANGUAGE sql \
+     AS $$ INSERT INTO t VALUES (4) RETURNING true $$; \
+     CREATE TABLE guarded (a int); INSERT INTO guarded VALUES (1); \
+     ALTER TABLE guarded ENABLE ROW LEVEL SECURITY; \
+     CREATE POLICY audit ON guarded USING (audited()); \
+     GRANT SELECT ON vw, slow_vw, guarded TO PUBLIC";
+
+/// Writes a statement's text does not show, learned from the catalog at login (see
+/// [`HIDDEN_WRITES`]): a transaction that read the view or the guarded table, or called the
+/// look-alike, wrote, so its COMMIT in flight when the primary hangs (frozen, never committing
+/// it) is in doubt (08007). It was answered `COMMIT` unchecked, as a read-only transaction's
+/// is, with the write lost.
+#[tokio::test]
+async fn a_transaction_that_wrote_through_a_view_or_a_look_alike_is_no_read() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, &format!("{TABLE_T}; {HIDDEN_WRITES}")).await;
+    let gw = cluster.failover_gateway().await;
+    let view = gw.connect(roles::SCRAM).await;
+    let look_alike = gw.connect(roles::MD5).await;
+    let policy = gw.connect(roles::TRUST).await;
+    view.batch_execute("BEGIN; SELECT one FROM vw")
+        .await
+        .unwrap();
+    look_alike
+        .batch_execute("BEGIN; SELECT abs('5'::text)")
+        .await
+        .unwrap();
+    policy
+        .batch_execute("BEGIN; SELECT count(*) FROM guarded")
+        .await
+        .unwrap();
+    let frozen = cluster.freeze_primary(&[]);
+    let (by_view, by_look_alike, by_policy) = tokio::time::timeout(
+        PATIENCE,
+        futures_util::future::join3(
+            view.batch_execute("COMMIT"),
+            look_alike.batch_execute("COMMIT"),
+            policy.batch_execute("COMMIT"),
+        ),
+    )
+    .await
+    .expect("answered by the new primary");
+    for committed in [by_view, by_look_alike, by_policy] {
+        let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
+        assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
+    }
+    let rows = view.query("SELECT a FROM t", &[]).await.unwrap();
+    assert!(rows.is_empty(), "the frozen primary never committed them");
+    drop(frozen);
+}
+
+/// A read of a view over a function that inserts, in flight outside a transaction when the
+/// primary dies, is not run again (08007): the old primary may have committed it. It was run
+/// again, which applies its write twice where the old primary had.
+#[tokio::test]
+async fn a_read_that_writes_through_a_view_is_not_run_again() {
+    let (mut cluster, _gw, c) = session_after(&format!("{TABLE_T}; {HIDDEN_WRITES}")).await;
+    let read = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+        c.simple_query("SELECT one FROM slow_vw").await
+    })
+    .await;
+    assert_gateway_error(&read.unwrap_err(), "08007");
+    assert!(
+        values(cluster_on_new_primary(&mut cluster).await, "t")
+            .await
+            .is_empty(),
+        "nothing run again"
+    );
+}
+
 /// COMMITs in flight when the primary hangs (frozen) whose answer is no plain `COMMIT`: in a
 /// failed transaction the server answers `ROLLBACK` (the replay fails the same way first), and
 /// `COMMIT AND CHAIN` opens the next transaction, which the gateway cannot make up for a

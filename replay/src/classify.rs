@@ -5,6 +5,8 @@
 //! consulted only for SET, to learn the variable's name; it fails on some valid PostgreSQL, so a
 //! parse failure falls back to the conservative answer, never to an error.
 
+use std::collections::HashSet;
+
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -113,8 +115,75 @@ impl Classified {
 /// Classifies every statement of `sql`.
 pub fn classify(sql: &str) -> Classified {
     let mut out = Classified::default();
-    classify_into(sql.as_bytes(), Strings::Standard, &mut out);
+    classify_into(
+        sql.as_bytes(),
+        Strings::Standard,
+        &Suspects::default(),
+        &mut out,
+    );
     out
+}
+
+/// Names whose mention may make a statement write though its text does not show it, learned
+/// from the catalog of the session's database: relations whose reading runs a function that
+/// may write (a view over one, a table whose row-level security policy calls one), and
+/// functions of the user's named like read-only built-ins (`public.abs(text)`, called as
+/// `abs(…)`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Suspects {
+    /// Relation names, exactly as in the catalog.
+    relations: HashSet<Box<[u8]>>,
+    /// Function names, exactly as in the catalog.
+    calls: HashSet<Box<[u8]>>,
+}
+
+impl Suspects {
+    /// Suspects from the catalog's names of relations and functions.
+    pub fn new(
+        relations: impl IntoIterator<Item = String>,
+        calls: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let names = |n: String| n.into_bytes().into_boxed_slice();
+        Self {
+            relations: relations.into_iter().map(names).collect(),
+            calls: calls.into_iter().map(names).collect(),
+        }
+    }
+
+    /// Whether there are none (the common case: nothing to look words up in).
+    pub fn is_empty(&self) -> bool {
+        self.relations.is_empty() && self.calls.is_empty()
+    }
+
+    /// How many names there are.
+    pub fn len(&self) -> usize {
+        self.relations.len() + self.calls.len()
+    }
+
+    /// Whether `word`, as written (`quoted` or not), names a suspect relation.
+    fn names_relation(&self, word: &[u8], quoted: bool) -> bool {
+        !self.relations.is_empty() && Self::holds(&self.relations, word, quoted)
+    }
+
+    /// Whether `word`, as written, names a suspect function.
+    fn names_call(&self, word: &[u8], quoted: bool) -> bool {
+        !self.calls.is_empty() && Self::holds(&self.calls, word, quoted)
+    }
+
+    /// Whether `names` holds the identifier `word`: as it is when quoted, else folded to lower
+    /// case, as PostgreSQL folds it; longer than 63 bytes, cut as PostgreSQL cuts it.
+    fn holds(names: &HashSet<Box<[u8]>>, word: &[u8], quoted: bool) -> bool {
+        let word = &word[..word.len().min(63)];
+        if quoted {
+            return names.contains(word);
+        }
+        let mut lower = [0u8; 63];
+        let lower = &mut lower[..word.len()];
+        for (l, c) in lower.iter_mut().zip(word) {
+            *l = c.to_ascii_lowercase();
+        }
+        names.contains(&*lower)
+    }
 }
 
 /// How `'…'` string literals read: PostgreSQL's `standard_conforming_strings`.
@@ -180,7 +249,7 @@ mod kw {
 
 /// Classifies every statement of `sql` (in the client's encoding, with the bytes of multi-byte
 /// characters that may end in ASCII masked) into `out`, reusing its buffers.
-pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
+pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mut Classified) {
     out.statements.clear();
     out.hazards.clear();
     out.copies = false;
@@ -191,6 +260,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
     out.changes_only = true;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
+    lex.suspects = (!suspects.is_empty()).then_some(suspects);
     while lex.pos < sql.len() {
         let start = lex.pos;
         let facts = Facts::scan(&mut lex);
@@ -280,7 +350,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, out: &mut Classified) {
                 }
                 // The cursor's query runs as it is fetched: a FETCH does what it does.
                 match cursor_query(stmt) {
-                    Some(query) if reads_only(query, strings) => Statement::Read,
+                    Some(query) if reads_only(query, strings, suspects) => Statement::Read,
                     _ => Statement::Write,
                 }
             }
@@ -433,7 +503,11 @@ impl<'a> Facts<'a> {
     /// may write.
     fn note_quoted(&mut self, name: &[u8], lex: &Lexer, calls: bool) {
         self.temp |= name == b"pg_temp";
-        if lex.before_paren() && !name.is_empty() {
+        let call = lex.before_paren();
+        if let Some(suspects) = lex.suspects {
+            self.writes |= !call && suspects.names_relation(name, true);
+        }
+        if call && !name.is_empty() {
             self.note(name, b"", lex);
             // Exact: `"SET_CONFIG"(…)` is some other function.
             self.calls |= calls && !(name == b"set_config" && lex.call_ends_in_true());
@@ -445,13 +519,18 @@ impl<'a> Facts<'a> {
     /// anything else may be.
     #[inline(always)]
     fn note_call(&mut self, word: &[u8], lex: &Lexer) {
-        self.calls |= !takes_parentheses(word) && !local_set_config(word, lex);
+        let read_only =
+            takes_parentheses(word) && !lex.suspects.is_some_and(|s| s.names_call(word, false));
+        self.calls |= !read_only && !local_set_config(word, lex);
     }
 
     /// Notes what `word` (after `prev`, `lex` just past it) tells; dispatching on the first
     /// letter keeps the common case, a word that is none of these, to one comparison.
     #[inline(always)]
     fn note(&mut self, word: &[u8], prev: &[u8], lex: &Lexer) {
+        if let Some(suspects) = lex.suspects {
+            self.writes |= suspects.names_relation(word, false);
+        }
         let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
         let starts =
             |k: &str| word.len() >= k.len() && word[..k.len()].eq_ignore_ascii_case(k.as_bytes());
@@ -521,9 +600,9 @@ fn cursor_query(stmt: &[u8]) -> Option<&[u8]> {
 }
 
 /// Whether `sql` is one statement that reads only.
-fn reads_only(sql: &[u8], strings: Strings) -> bool {
+fn reads_only(sql: &[u8], strings: Strings, suspects: &Suspects) -> bool {
     let mut query = Classified::default();
-    classify_into(sql, strings, &mut query);
+    classify_into(sql, strings, suspects, &mut query);
     query.statements == [Statement::Read]
 }
 
@@ -575,7 +654,8 @@ enum Skimmed<'a> {
         word: &'a [u8],
         adjacent: bool,
     },
-    /// A quoted identifier that is a function called (`"f"(…)`) or the temporary schema.
+    /// A quoted identifier that is a function called (`"f"(…)`) or the temporary schema (any,
+    /// where the session has [`Suspects`]).
     Quoted {
         /// Its content.
         name: &'a [u8],
@@ -647,6 +727,8 @@ struct Lexer<'a> {
     pos: usize,
     /// Whether backslashes escape in `'…'` too (see [`Strings`]).
     backslash_strings: bool,
+    /// The session's suspects, if it has any: then every quoted identifier is looked at.
+    suspects: Option<&'a Suspects>,
 }
 
 impl<'a> Lexer<'a> {
@@ -655,6 +737,7 @@ impl<'a> Lexer<'a> {
             src,
             pos: 0,
             backslash_strings: false,
+            suspects: None,
         }
     }
 
@@ -768,7 +851,9 @@ impl<'a> Lexer<'a> {
                 match self.special() {
                     Special::Comment => {}
                     Special::Semicolon => return Some(Skimmed::Semicolon),
-                    Special::Quoted(name) if name == b"pg_temp" || self.before_paren() => {
+                    Special::Quoted(name)
+                        if name == b"pg_temp" || self.suspects.is_some() || self.before_paren() =>
+                    {
                         return Some(Skimmed::Quoted { name });
                     }
                     _ => adjacent = false,
@@ -794,6 +879,7 @@ impl<'a> Lexer<'a> {
             src: self.src,
             pos: self.pos,
             backslash_strings: self.backslash_strings,
+            suspects: None,
         };
         if ahead.next_token() != Some(Token::Other(b'(')) {
             return false;
@@ -1142,6 +1228,48 @@ mod tests {
         }
     }
 
+    /// A statement that names a relation whose reading may write, or calls a function of the
+    /// user's named like a read-only built-in, is a write: the session's [`Suspects`] say
+    /// which. Names compare as PostgreSQL compares identifiers.
+    #[test]
+    fn suspects_make_reads_writes() {
+        let suspects = Suspects::new(
+            ["vw".into(), "Logged".into(), "guarded".into()],
+            ["abs".into()],
+        );
+        let kinds = |sql: &str, suspects: &Suspects| {
+            let mut out = Classified::default();
+            classify_into(sql.as_bytes(), Strings::Standard, suspects, &mut out);
+            out.statements
+        };
+        for sql in [
+            "SELECT * FROM vw",
+            "select one from public.VW",
+            r#"SELECT * FROM "Logged""#,
+            "TABLE vw",
+            "SELECT abs('5'::text)",
+            "SELECT count(*) FROM t WHERE a = ABS(b)",
+            "DECLARE c CURSOR FOR SELECT * FROM vw",
+            "COPY (SELECT * FROM vw) TO STDOUT",
+            "WITH x AS (SELECT * FROM guarded) SELECT * FROM x",
+            "EXPLAIN ANALYZE SELECT * FROM vw",
+        ] {
+            assert_eq!(kinds(sql, &suspects), [Statement::Write], "{sql}");
+            assert_eq!(kinds(sql, &Suspects::default()), [Statement::Read], "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM logged",
+            r#"SELECT * FROM "VW""#,
+            "SELECT 'vw', $$ vw $$",
+            "SELECT vw_count FROM t",
+            "SELECT lower(a) FROM t",
+        ] {
+            assert_eq!(kinds(sql, &suspects), [Statement::Read], "{sql}");
+        }
+        assert_eq!(suspects.len(), 4);
+        assert!(Suspects::default().is_empty());
+    }
+
     /// A cursor runs its query as it is fetched: DECLARE is what the query is.
     #[test]
     fn a_cursor_is_what_its_query_is() {
@@ -1252,7 +1380,7 @@ mod tests {
     fn strings_read_as_standard_conforming_strings_says() {
         let mut out = Classified::default();
         let mut kinds = |sql: &str, strings| {
-            classify_into(sql.as_bytes(), strings, &mut out);
+            classify_into(sql.as_bytes(), strings, &Suspects::default(), &mut out);
             out.statements.clone()
         };
         // `off`: the backslash escapes the quote, the literal is "it's", the INSERT is seen.

@@ -14,7 +14,9 @@ use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::tags::{backend, frontend};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::classify::{classify_into, Classified, Hazard, SessionChange, Statement, Strings};
+use crate::classify::{
+    classify_into, Classified, Hazard, SessionChange, Statement, Strings, Suspects,
+};
 
 /// A digest of response bytes: length and xxh3 of the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -522,6 +524,8 @@ pub struct Journal {
     live: DigestBuilder,
     /// Whether the server message being read counts towards the digest.
     digesting: bool,
+    /// Names that make a statement a write (see [`Suspects`]).
+    suspects: std::sync::Arc<Suspects>,
     /// The last classification, kept for its buffers.
     classified: Classified,
     journal_bytes: usize,
@@ -577,6 +581,7 @@ impl Journal {
             spares: Vec::new(),
             live: DigestBuilder::default(),
             digesting: false,
+            suspects: Default::default(),
             classified: Classified::default(),
             journal_bytes: 0,
             max_bytes,
@@ -734,6 +739,7 @@ impl Journal {
                     classify_into(
                         &lexable(sql, self.multibyte),
                         self.strings,
+                        &self.suspects,
                         &mut self.classified,
                     );
                     self.classified.copies
@@ -756,6 +762,7 @@ impl Journal {
                 classify_into(
                     &lexable(sql, self.multibyte),
                     self.strings,
+                    &self.suspects,
                     &mut self.classified,
                 );
                 let classified = &self.classified;
@@ -810,6 +817,7 @@ impl Journal {
                 classify_into(
                     &lexable(cstr(rest).0, self.multibyte),
                     self.strings,
+                    &self.suspects,
                     &mut self.classified,
                 );
                 let classified = &self.classified;
@@ -1247,6 +1255,11 @@ impl Journal {
         }
         self.abandon();
         committed
+    }
+
+    /// Classifies statements from now on knowing `suspects`, the session's database's.
+    pub fn set_suspects(&mut self, suspects: std::sync::Arc<Suspects>) {
+        self.suspects = suspects;
     }
 
     /// Records the open transaction's xid as captured (`None`: none assigned yet).

@@ -398,6 +398,16 @@ pub struct Session {
     query_rest: &'static [u8],
 }
 
+/// What a login learned of the session's role and database, for a gateway that can move
+/// sessions (none of it otherwise).
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// Whether the role may run the xid capture (see [`crate::grants`]).
+    pub may_capture: bool,
+    /// What makes a statement write unseen there (see [`crate::suspects`]).
+    pub suspects: Arc<understudy_replay::classify::Suspects>,
+}
+
 impl Session {
     /// A session whose login just finished.
     pub fn new(
@@ -407,7 +417,7 @@ impl Session {
         relogin: Relogin,
         backend_pid: i32,
         server_params: Vec<(String, String)>,
-        may_capture: bool,
+        learned: Learned,
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let can_move = shared.failover.disabled().is_none();
@@ -416,6 +426,8 @@ impl Session {
         } else {
             Journal::boundaries_only()
         };
+        journal.set_suspects(learned.suspects);
+        let may_capture = learned.may_capture;
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }

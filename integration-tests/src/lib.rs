@@ -145,6 +145,18 @@ impl Cluster {
             .expect("superuser connection to the primary")
     }
 
+    /// The PID of the primary's WAL sender (the one standby's).
+    pub async fn wal_sender_pid(&self) -> u32 {
+        let pid: i32 = self
+            .superuser()
+            .await
+            .query_one("SELECT pid FROM pg_stat_replication", &[])
+            .await
+            .expect("one WAL sender")
+            .get(0);
+        pid.unsigned_abs()
+    }
+
     /// Ends server process `pid` on the primary (`pg_terminate_backend`).
     pub async fn terminate_backend(&self, pid: i32) {
         self.superuser()

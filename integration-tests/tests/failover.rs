@@ -11,7 +11,7 @@ use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
     connect_with_messages, ending_fatal, errors_counted, int_column, roles, simple_rows, sqlstate,
-    Cluster, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
+    Cluster, ConnectionEnd, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -113,6 +113,26 @@ async fn next_notification(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>) -> (i
             other => panic!("no notification: {other:?}"),
         }
     }
+}
+
+/// Asks the gateway (not a session: a PID read in a transaction would not replay) that a
+/// session is in a transaction and movable.
+async fn assert_a_movable_session_in_a_transaction(gw: &TestGateway) {
+    let status = gw.status().await;
+    let sessions = status["sessions"].as_array().unwrap();
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["movable"] == "yes" && s["transaction"] == "in_transaction"),
+        "{status:#}"
+    );
+}
+
+/// Asserts that `client`'s session ended with the gateway's FATAL 08006, saying it held `why`.
+async fn assert_ended_unmovable(client: &Client, end: ConnectionEnd, why: &str) {
+    let db = ending_fatal(client, end).await;
+    assert_eq!(db.code().code(), "08006");
+    assert!(db.message().contains(why), "{}", db.message());
 }
 
 /// An idle session keeps its connection, search_path, SQL and protocol prepared statements,
@@ -345,16 +365,7 @@ async fn settings_made_for_the_transaction_move_with_it() {
     c.batch_execute("INSERT INTO t VALUES (current_setting('request.claims')::int)")
         .await
         .unwrap();
-    // Asked of the gateway, not in the transaction (a PID read in it would not replay).
-    let status = gw.status().await;
-    let sessions = status["sessions"].as_array().unwrap();
-    assert_eq!(sessions.len(), 2, "{status:#}");
-    assert!(
-        sessions
-            .iter()
-            .any(|s| s["movable"] == "yes" && s["transaction"] == "in_transaction"),
-        "{status:#}"
-    );
+    assert_a_movable_session_in_a_transaction(&gw).await;
 
     cluster.kill_primary().await;
 
@@ -380,9 +391,7 @@ async fn settings_made_for_the_transaction_move_with_it() {
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [1, 7, 8]
     );
-    let db = ending_fatal(&session_wide, session_wide_end).await;
-    assert_eq!(db.code().code(), "08006");
-    assert!(db.message().contains("set_config()"), "{}", db.message());
+    assert_ended_unmovable(&session_wide, session_wide_end, "set_config()").await;
 }
 
 /// A temporary table made `ON COMMIT DROP` in a transaction (a staging table, filled and
@@ -402,14 +411,7 @@ async fn a_temporary_table_dropped_at_commit_moves_with_its_transaction() {
     )
     .await
     .unwrap();
-    let status = gw.status().await;
-    let sessions = status["sessions"].as_array().unwrap();
-    assert!(
-        sessions
-            .iter()
-            .any(|s| s["movable"] == "yes" && s["transaction"] == "in_transaction"),
-        "{status:#}"
-    );
+    assert_a_movable_session_in_a_transaction(&gw).await;
 
     cluster.kill_primary().await;
 
@@ -426,9 +428,7 @@ async fn a_temporary_table_dropped_at_commit_moves_with_its_transaction() {
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [1, 2, 3, 4]
     );
-    let db = ending_fatal(&kept, kept_end).await;
-    assert_eq!(db.code().code(), "08006");
-    assert!(db.message().contains("temporary table"), "{}", db.message());
+    assert_ended_unmovable(&kept, kept_end, "temporary table").await;
 }
 
 /// A statement running when the primary dies is run again and its result returned; the
@@ -1506,9 +1506,7 @@ async fn unmovable_session_gets_08006() {
         "{status:#}"
     );
     cluster.kill_primary().await;
-    let db = ending_fatal(&temp, temp_end).await;
-    assert_eq!(db.code().code(), "08006");
-    assert!(db.message().contains("temporary table"), "{}", db.message());
+    assert_ended_unmovable(&temp, temp_end, "temporary table").await;
     plain.query_one("SELECT 1", &[]).await.unwrap();
     reset
         .batch_execute("CREATE TEMP TABLE scratch(a int)")
@@ -1988,14 +1986,7 @@ async fn a_lost_commit_is_not_mistaken_for_a_direct_writer_s_with_the_same_xid()
     setup(&cluster, TABLE_T).await;
     let gw = cluster.failover_gateway().await;
     let (c, c_end) = gw.connect_watched(roles::SCRAM).await;
-    let sender: i32 = cluster
-        .superuser()
-        .await
-        .query_one("SELECT pid FROM pg_stat_replication", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let stuck = Frozen::freeze(vec![sender as u32]);
+    let stuck = Frozen::freeze(vec![cluster.wal_sender_pid().await]);
     for sql in ["BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"] {
         c.batch_execute(sql).await.unwrap();
     }

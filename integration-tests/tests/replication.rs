@@ -738,14 +738,7 @@ async fn a_primary_the_standby_still_hears_is_not_promoted_away_from() {
     let gw = cluster.failover_gateway().await;
     let c = gw.connect(roles::SCRAM).await;
     assert_eq!(server_port(&c).await, primary_port);
-    let sender: i32 = cluster
-        .superuser()
-        .await
-        .query_one("SELECT pid FROM pg_stat_replication", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let frozen = cluster.freeze_primary(&[sender.unsigned_abs()]);
+    let frozen = cluster.freeze_primary(&[cluster.wal_sender_pid().await]);
 
     // Long enough for the gateway to find the primary gone and try to promote, several times
     // longer than a promotion takes once the standby has lost the primary.

@@ -368,6 +368,35 @@ async fn small_message_types_longer_than_postgresql_reads_are_refused() {
     assert_no_gateway_panics();
 }
 
+/// A client that answers a password request with a message of another type is refused as
+/// soon as its type byte arrives, in the server's words: not after the body its length word
+/// would promise, nor at the login timeout (the gateway used to wait for both).
+#[tokio::test]
+async fn a_wrong_message_in_place_of_a_password_is_refused_at_once() {
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
+    let lone_byte = |addr| async move {
+        let mut c = RawConn::open(addr).await;
+        c.send(&startup(
+            0,
+            &[("user", roles::MD5), ("database", "postgres")],
+        ))
+        .await;
+        let request = c.read().await.expect("a password request");
+        assert_eq!(request.tag, b'R');
+        let started = Instant::now();
+        c.send(b"z").await;
+        let e = c.expect_error().await;
+        assert!(started.elapsed() < Duration::from_secs(5), "at once");
+        assert!(c.closed().await);
+        (e.severity(), e.code(), e.message())
+    };
+    let server_says = lone_byte(cluster.pg.primary.addr()).await;
+    assert_eq!(server_says.1, "08P01");
+    assert_eq!(lone_byte(gw.addr()).await, server_says);
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
 /// A client that goes on sending after the gateway ended its session (a pipelining driver,
 /// or the rest of an oversized message) is not reset under the FATAL: the gateway reads and
 /// drops what follows until the client closes, so its writes go through, it reads the FATAL

@@ -2,6 +2,7 @@
 //! while keeping what is needed to log in again without the client.
 
 use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
 use understudy_protocol::scram::{recover_client_key, ScramServer, ScramVerifier};
@@ -25,8 +26,25 @@ pub struct ClientEnd<'a> {
 }
 
 impl ClientEnd<'_> {
-    /// Next message from the client, which must be a password-family message.
+    /// Next message from the client, which must be a password-family message: any other
+    /// type is refused as soon as its type byte arrives, as PostgreSQL refuses it, rather than
+    /// after the body its length word promises (or the login timeout).
     pub async fn recv_password(&mut self) -> Result<Frame, SessionError> {
+        if self.buf.is_empty() {
+            let n = self
+                .stream
+                .read_buf(self.buf)
+                .await
+                .map_err(SessionError::ClientGone)?;
+            if n == 0 {
+                return Err(SessionError::ClientGone(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+        }
+        if self.buf[0] != frontend::PASSWORD {
+            return Err(wrong_type(self.buf[0]));
+        }
         let frame = read_message(self.stream, self.buf, MAX_LOGIN_MESSAGE)
             .await
             .map_err(|e| match e {
@@ -35,13 +53,6 @@ impl ClientEnd<'_> {
                     SessionError::refused("08P01", "protocol_violation", e.to_string())
                 }
             })?;
-        if frame.tag != frontend::PASSWORD {
-            return Err(SessionError::refused(
-                "08P01",
-                "protocol_violation",
-                format!("expected password response, got message type {}", frame.tag),
-            ));
-        }
         Ok(frame)
     }
 
@@ -51,6 +62,15 @@ impl ClientEnd<'_> {
             .await
             .map_err(SessionError::ClientGone)
     }
+}
+
+/// PostgreSQL's refusal of a message of type `tag` where a password response belongs.
+fn wrong_type(tag: u8) -> SessionError {
+    SessionError::refused(
+        "08P01",
+        "protocol_violation",
+        format!("expected password response, got message type {tag}"),
+    )
 }
 
 /// Next message from a backend during login.

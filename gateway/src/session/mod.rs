@@ -1352,12 +1352,7 @@ impl Session {
                 // it is owed, then the error. (Not in the middle of a COPY FROM STDIN, which
                 // would answer the Terminate as a message out of place.)
                 if self.awaiting_ready > 0 && !self.journal.copy_in_pending() {
-                    let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
-                    let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
-                        self.pump.backend.write_all(&terminate).await?;
-                        self.pump.backend.flush().await
-                    })
-                    .await;
+                    self.terminate_backend().await;
                     self.pass_owed_answers(true, shutdown).await;
                 }
                 Err(e)
@@ -1396,12 +1391,7 @@ impl Session {
                     | SessionError::ClientGone(_)
             ) && self.pump.up.scanner.at_boundary()
             {
-                let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
-                let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
-                    self.pump.backend.write_all(&terminate).await?;
-                    self.pump.backend.flush().await
-                })
-                .await;
+                self.terminate_backend().await;
             }
         }
         let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, self.pump.client.shutdown()).await;
@@ -1411,6 +1401,16 @@ impl Session {
             self.linger(shutdown).await;
         }
         result
+    }
+
+    /// Sends the backend a Terminate of the gateway's own (best effort, bounded in time).
+    async fn terminate_backend(&mut self) {
+        let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
+        let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
+            self.pump.backend.write_all(&terminate).await?;
+            self.pump.backend.flush().await
+        })
+        .await;
     }
 
     /// Whether the client may still be sending: it waits for answers, has a batch not yet

@@ -239,7 +239,7 @@ impl Coordinator {
                     continue;
                 };
                 match self.try_promote(client, standby).await {
-                    Ok(Some(promoted)) => return Ok((standby.clone(), promoted)),
+                    Ok(Some(known)) => return Ok((standby.clone(), known)),
                     Ok(None) => last_error = format!("{standby} still hears the primary"),
                     Err(e) => {
                         last_error = format!("{standby}: {e}");
@@ -390,11 +390,11 @@ impl WalReceiver {
 }
 
 /// [`XidBounds::replayed`] of a standby, read once its replay has caught up with the WAL it
-/// received (the primary is gone: no more comes), before it is promoted. Replay that stops short of
-/// what was received (a record the primary died in the middle of sending is never whole) is
-/// taken as done once it has not moved for [`REPLAY_STILL`]; after [`REPLAY_SETTLE`] the xid
-/// is read as it stands (commits replayed later are then in doubt, never taken for
-/// another's).
+/// received (the primary is gone: no more comes), before it is promoted. Replay that stops
+/// short of what was received (a record the primary died in the middle of sending is never
+/// whole) is taken as done once it has not moved for [`REPLAY_STILL`]; after
+/// [`REPLAY_SETTLE`] the bound is read as it stands (commits replayed later are then in doubt,
+/// never taken for another's).
 async fn replayed_xid_bound(client: &tokio_postgres::Client) -> Result<u64, String> {
     let give_up = Instant::now() + REPLAY_SETTLE;
     let mut still_since: Option<(String, Instant)> = None;

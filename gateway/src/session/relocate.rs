@@ -809,8 +809,6 @@ impl Session {
                 }
                 None => CommitOutcome::InDoubt,
             };
-            outcome.count();
-            tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
             // A COMMIT alone has a known answer; a string that also did other things does not.
             let answer = match outcome {
                 CommitOutcome::Committed if first.sole_commit => commit_answer(&first.request),
@@ -820,6 +818,9 @@ impl Session {
                 CommitOutcome::Committed if answer.is_none() => CommitOutcome::InDoubt,
                 o => o,
             };
+            // Counted and logged as the client is answered.
+            outcome.count();
+            tracing::info!(session = self.guard.info().id, ?outcome, xid = ?self.journal.xid(), "COMMIT was in flight");
             match (outcome, answer) {
                 (CommitOutcome::Committed, Some(answer)) => {
                     let seen = seen_answer.len as usize;

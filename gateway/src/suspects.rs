@@ -71,7 +71,8 @@ pub struct CatalogSuspects {
 impl CatalogSuspects {
     /// The suspects of `database`: known from the last minute, or asked on `stream`, a backend
     /// just logged in there and idle (see [`crate::grants::ask`] for `buf`). Without an answer
-    /// (the question failed) there are none, as before there was a question.
+    /// (the question failed: a `statement_timeout` of the login's, say) there are none, as
+    /// before there was a question, for a minute: logged once, not asked at every login.
     pub async fn of(
         &self,
         database: &str,
@@ -82,14 +83,13 @@ impl CatalogSuspects {
             return Ok(known);
         }
         let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
-        let Some(suspects) = answer.as_deref().and_then(parse) else {
+        let suspects = Arc::new(answer.as_deref().and_then(parse).unwrap_or_else(|| {
             tracing::warn!(
                 database,
-                "could not read from the catalog which views and functions may write; statements that read them count as reads"
+                "could not read from the catalog which views and functions may write; for a minute, statements that read them count as reads"
             );
-            return Ok(Arc::default());
-        };
-        let suspects = Arc::new(suspects);
+            Suspects::default()
+        }));
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         known.insert(database.to_owned(), (suspects.clone(), Instant::now()));
         Ok(suspects)

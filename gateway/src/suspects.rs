@@ -66,13 +66,16 @@ const FRESH_FOR: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct CatalogSuspects {
     known: Mutex<HashMap<String, (Arc<Suspects>, Instant)>>,
+    /// When a failed question was last logged, by database.
+    warned: Mutex<HashMap<String, Instant>>,
 }
 
 impl CatalogSuspects {
     /// The suspects of `database`: known from the last minute, or asked on `stream`, a backend
     /// just logged in there and idle (see [`crate::grants::ask`] for `buf`). Without an answer
-    /// (the question failed: a `statement_timeout` of the login's, say) there are none, as
-    /// before there was a question, for a minute: logged once, not asked at every login.
+    /// (the question failed: a `statement_timeout` of the login's, say) that session has none,
+    /// as before there was a question, and the next login asks again (one login's failure
+    /// does not stand for the others'); the warning is logged at most once a minute.
     pub async fn of(
         &self,
         database: &str,
@@ -83,16 +86,29 @@ impl CatalogSuspects {
             return Ok(known);
         }
         let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
-        let suspects = Arc::new(answer.as_deref().and_then(parse).unwrap_or_else(|| {
-            tracing::warn!(
-                database,
-                "could not read from the catalog which views and functions may write; for a minute, statements that read them count as reads"
-            );
-            Suspects::default()
-        }));
+        let Some(suspects) = answer.as_deref().and_then(parse) else {
+            self.warn_unanswered(database);
+            return Ok(Arc::default());
+        };
+        let suspects = Arc::new(suspects);
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         known.insert(database.to_owned(), (suspects.clone(), Instant::now()));
         Ok(suspects)
+    }
+
+    fn warn_unanswered(&self, database: &str) {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned
+            .get(database)
+            .is_some_and(|at| at.elapsed() < FRESH_FOR)
+        {
+            return;
+        }
+        warned.insert(database.to_owned(), Instant::now());
+        tracing::warn!(
+            database,
+            "could not read from the catalog which views and functions may write; a session without that answer counts statements that read them as reads"
+        );
     }
 
     fn fresh(&self, database: &str) -> Option<Arc<Suspects>> {

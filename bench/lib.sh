@@ -134,8 +134,15 @@ kill_now() { # pid...: SIGKILL and reap each that is still alive
 }
 
 stop_cluster() { # data dir: immediate shutdown if a postmaster runs there
+    # A killed postmaster leaves its postmaster.pid behind, and pg_ctl would signal whatever
+    # process has that PID now (another cluster's backend, on a shared machine): only a live
+    # postmaster of this data directory is stopped.
+    local pid
     if [[ -n $1 && -f $1/postmaster.pid ]]; then
-        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$1" -m immediate -w -t 20 stop >/dev/null 2>&1
+        pid=$(head -n1 "$1/postmaster.pid")
+        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$1"; then
+            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$1" -m immediate -w -t 20 stop >/dev/null 2>&1
+        fi
     fi
     return 0
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 use understudy::config::{Config, Keepalive};
 use understudy_integration_tests::netns::NetNs;
-use understudy_integration_tests::raw::{msg, query, startup, Msg, RawConn};
+use understudy_integration_tests::raw::{self, msg, query, startup, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
     backend_pid, connect_watched, roles, sqlstate, Cluster, ConnectionEnd, TestGateway, PATIENCE,
@@ -330,6 +330,57 @@ async fn answers_owed_before_a_bad_message_come_before_its_fatal() {
         [1, 2, 3, 4],
         "each told commit once, nothing after a bad message"
     );
+    still_answers(&neighbour).await;
+    assert_no_gateway_panics();
+}
+
+/// A client that leaves (Terminate, or a bad message) behind extended-protocol requests that
+/// failed before any Sync leaves nothing behind: the server skips everything up to a Sync
+/// after such an error, the Terminate included, so the gateway also ends the backend's input
+/// (it waited for the server to close, which it never did). Requests flushed before a bad
+/// message are answered before its FATAL, as the server answers them.
+#[tokio::test]
+async fn a_client_leaving_behind_a_failed_unsynced_batch_ends_its_backend() {
+    let (cluster, gw, neighbour) = gateway_limited_to_64k().await;
+    let failed_batch = [
+        raw::parse("", "SELECT nonsense("),
+        raw::bind("", &[]),
+        msg(b'E', b"\0\0\0\0\0"),
+    ]
+    .concat();
+    let unknown_type = [&[0xee][..], &8i32.to_be_bytes(), b"abcd"].concat();
+    for (app, leaving) in [
+        ("failed_then_terminate", msg(b'X', b"")),
+        ("failed_then_garbage", unknown_type.clone()),
+    ] {
+        let (mut c, _) = raw_session(gw.addr(), app).await;
+        c.send(&[failed_batch.clone(), leaving].concat()).await;
+        assert!(c.closed().await, "{app}: closed");
+        cluster.wait_backends_named(app, 0).await;
+    }
+    let flushed = [
+        raw::parse("", "SELECT 'flushed'"),
+        raw::bind("", &[]),
+        msg(b'E', b"\0\0\0\0\0"),
+        msg(b'H', b""),
+        unknown_type,
+    ]
+    .concat();
+    let transcript = |addr| {
+        let flushed = flushed.clone();
+        async move {
+            let mut c = RawConn::login(addr, roles::TRUST).await;
+            c.send(&flushed).await;
+            let mut tags = String::new();
+            while let Some(m) = c.read().await {
+                tags.push(m.tag as char);
+            }
+            tags
+        }
+    };
+    let direct = transcript(cluster.pg.primary.addr()).await;
+    assert_eq!(direct, "12DCE");
+    assert_eq!(transcript(gw.addr()).await, direct);
     still_answers(&neighbour).await;
     assert_no_gateway_panics();
 }

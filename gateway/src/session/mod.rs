@@ -1351,7 +1351,10 @@ impl Session {
                 // message (an open transaction is rolled back); the client gets the answers
                 // it is owed, then the error. (Not in the middle of a COPY FROM STDIN, which
                 // would answer the Terminate as a message out of place.)
-                if self.awaiting_ready > 0 && !self.journal.copy_in_pending() {
+                let owed = self.awaiting_ready > 0 || self.journal.has_open_batch();
+                if owed && !self.journal.copy_in_pending() {
+                    // A Flush first: the server sends what it holds of requests not synced.
+                    self.write_backend(&[frontend::FLUSH, 0, 0, 0, 4]).await;
                     self.terminate_backend().await;
                     self.pass_owed_answers(true, shutdown).await;
                 }
@@ -1405,9 +1408,13 @@ impl Session {
 
     /// Sends the backend a Terminate of the gateway's own (best effort, bounded in time).
     async fn terminate_backend(&mut self) {
-        let terminate = [frontend::TERMINATE, 0, 0, 0, 4];
+        self.write_backend(&[frontend::TERMINATE, 0, 0, 0, 4]).await;
+    }
+
+    /// Sends the backend a message of the gateway's own (best effort, bounded in time).
+    async fn write_backend(&mut self, message: &[u8]) {
         let _ = crate::clock::timeout(CLOSE_FLUSH_TIMEOUT, async {
-            self.pump.backend.write_all(&terminate).await?;
+            self.pump.backend.write_all(message).await?;
             self.pump.backend.flush().await
         })
         .await;

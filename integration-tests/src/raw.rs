@@ -35,6 +35,11 @@ impl Msg {
     }
 }
 
+/// The type bytes of `msgs`, in order, as text (`"12DCZ"`).
+pub fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
 /// A raw connection.
 pub struct RawConn {
     /// The socket.
@@ -182,6 +187,15 @@ impl RawConn {
                 return None;
             }
         }
+    }
+
+    /// Reads every message until the connection ends (or 10 s of silence).
+    pub async fn read_to_end(&mut self) -> Vec<Msg> {
+        let mut all = Vec::new();
+        while let Some(m) = self.read().await {
+            all.push(m);
+        }
+        all
     }
 
     /// Reads until a message of type `tag` (included); panics on EOF first.

@@ -290,8 +290,7 @@ async fn answers_owed_before_a_bad_message_come_before_its_fatal() {
         pipelined.extend(query("INSERT INTO owed VALUES (99)"));
         c.send(&pipelined).await;
         let answer = c.read_until(b'E').await;
-        let tags: String = answer.iter().map(|m| m.tag as char).collect();
-        assert_eq!(tags, "CZE", "{app}: {answer:?}");
+        assert_eq!(raw::tags(&answer), "CZE", "{app}: {answer:?}");
         assert_eq!(answer[0].body, b"COMMIT\0", "{app}");
         assert_fatal(&answer[2], "08P01");
         assert!(c.closed().await, "{app}: closed after the FATAL");
@@ -303,8 +302,7 @@ async fn answers_owed_before_a_bad_message_come_before_its_fatal() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send(&unknown_type).await;
     let answer = c.read_until(b'E').await;
-    let tags: String = answer.iter().map(|m| m.tag as char).collect();
-    assert_eq!(tags, "CZE", "{answer:?}");
+    assert_eq!(raw::tags(&answer), "CZE", "{answer:?}");
     assert!(c.closed().await);
     // In the middle of a COPY FROM STDIN the COPY is what is owed an answer, and it never
     // ends: the FATAL comes at once, and nothing of the COPY is kept.
@@ -371,11 +369,7 @@ async fn a_client_leaving_behind_a_failed_unsynced_batch_ends_its_backend() {
         async move {
             let mut c = RawConn::login(addr, roles::TRUST).await;
             c.send(&flushed).await;
-            let mut tags = String::new();
-            while let Some(m) = c.read().await {
-                tags.push(m.tag as char);
-            }
-            tags
+            raw::tags(&c.read_to_end().await)
         }
     };
     let direct = transcript(cluster.pg.primary.addr()).await;

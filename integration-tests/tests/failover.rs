@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
-use understudy_integration_tests::raw::{self, msg, query, Msg, RawConn};
+use understudy_integration_tests::raw::{self, msg, query, tags, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
     connect_with_messages, ending_fatal, errors_counted, int_column, roles, simple_rows, sqlstate,
@@ -952,7 +952,6 @@ async fn the_unnamed_statement_outlives_an_in_doubt_write() {
     let mut parse = raw::parse("", "INSERT INTO t SELECT $1::int FROM pg_sleep($2::float8)");
     parse.extend(raw::msg(b'S', b""));
     c.send(&parse).await;
-    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
     assert_eq!(tags(&c.read_until(b'Z').await), "1Z");
     c.send(&raw::bind_execute_sync("", &["1", "0"])).await;
     assert_eq!(tags(&c.read_until(b'Z').await), "2CZ");
@@ -1150,7 +1149,6 @@ async fn the_unnamed_statement_moves_with_the_session() {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(&cluster, TABLE_T).await;
     let gw = cluster.failover_gateway().await;
-    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
     let sync = msg(b'S', b"");
     let parse_sync = |sql: &str| [raw::parse("", sql), sync.clone()].concat();
 
@@ -1936,7 +1934,6 @@ async fn commits_in_flight_that_roll_back_or_chain() {
     let cluster = Cluster::primary_and_standby().await;
     setup(&cluster, TABLE_T).await;
     let gw = cluster.failover_gateway().await;
-    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
     let status = |msgs: &[Msg]| msgs.last().map(|z| z.body[0] as char);
     let mut failed = RawConn::login(gw.addr(), roles::TRUST).await;
     let mut chained = RawConn::login(gw.addr(), roles::TRUST).await;

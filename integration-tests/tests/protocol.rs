@@ -118,13 +118,7 @@ async fn extended_query_pipelining_and_portals() {
     batch.extend(raw::msg(b'H', b""));
     batch.extend(raw::msg(b'S', b""));
     rc.send(&batch).await;
-    let tags: String = rc
-        .read_until(b'Z')
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
-    assert_eq!(tags, "12TDC3Z");
+    assert_eq!(raw::tags(&rc.read_until(b'Z').await), "12TDC3Z");
 }
 
 /// COPY FROM STDIN and TO STDOUT, text and binary.
@@ -557,11 +551,11 @@ async fn answers_owed_when_the_client_leaves_are_delivered() {
             requests.extend(raw::msg(b'X', b""));
             rc.send(&requests).await;
         }
-        let mut all = Vec::new();
-        while let Some(m) = rc.read().await {
-            all.push((m.tag as char, String::from_utf8_lossy(&m.body).into_owned()));
-        }
-        all
+        rc.read_to_end()
+            .await
+            .into_iter()
+            .map(|m| (m.tag as char, String::from_utf8_lossy(&m.body).into_owned()))
+            .collect::<Vec<_>>()
     };
     for (n, half_close, flushed_only) in [(1, false, false), (2, true, false), (3, false, true)] {
         let direct = transcript(cluster.pg.primary.addr(), n, half_close, flushed_only).await;
@@ -1074,7 +1068,6 @@ async fn syncs_during_copy_data_are_owed_nothing() {
         .await
         .unwrap();
     let primary = cluster.pg.primary.addr().to_string();
-    let tags = |msgs: Vec<raw::Msg>| msgs.iter().map(|m| m.tag as char).collect::<String>();
     for (armed, n) in [(true, 0), (false, 4)] {
         let gw = cluster
             .gateway_with(|c| {
@@ -1091,28 +1084,28 @@ async fn syncs_during_copy_data_are_owed_nothing() {
 
         let mut raw = RawConn::login(gw.addr(), roles::TRUST).await;
         raw.send(&raw::query("copy cp from stdin")).await;
-        assert_eq!(tags(raw.read_until(b'G').await), "G");
+        assert_eq!(raw::tags(&raw.read_until(b'G').await), "G");
         let mut data = raw::msg(b'd', format!("{}\n", n + 1).as_bytes());
         data.extend(raw::msg(b'S', b""));
         data.extend(raw::msg(b'H', b""));
         data.extend(raw::msg(b'd', format!("{}\n", n + 2).as_bytes()));
         data.extend(raw::msg(b'c', b""));
         raw.send(&data).await;
-        assert_eq!(tags(raw.read_until(b'Z').await), "CZ");
+        assert_eq!(raw::tags(&raw.read_until(b'Z').await), "CZ");
         // The extended protocol, the Sync right behind the Execute.
         let mut batch = raw::msg(b'P', b"\0COPY cp FROM STDIN\0\0\0");
         batch.extend(raw::msg(b'B', b"\0\0\0\0\0\0\0\0"));
         batch.extend(raw::msg(b'E', b"\0\0\0\0\0"));
         batch.extend(raw::msg(b'S', b""));
         raw.send(&batch).await;
-        assert_eq!(tags(raw.read_until(b'G').await), "12G");
+        assert_eq!(raw::tags(&raw.read_until(b'G').await), "12G");
         let mut data = raw::msg(b'd', format!("{}\n", n + 3).as_bytes());
         data.extend(raw::msg(b'c', b""));
         data.extend(raw::msg(b'S', b""));
         raw.send(&data).await;
-        assert_eq!(tags(raw.read_until(b'Z').await), "CZ");
+        assert_eq!(raw::tags(&raw.read_until(b'Z').await), "CZ");
         raw.send(&raw::query("SELECT 1")).await;
-        assert_eq!(tags(raw.read_until(b'Z').await), "TDCZ");
+        assert_eq!(raw::tags(&raw.read_until(b'Z').await), "TDCZ");
 
         let c = gw.connect(roles::SCRAM).await;
         let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
@@ -1385,7 +1378,7 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
         .await
         .unwrap();
     let gw = cluster.failover_gateway().await;
-    let tags = |msgs: &[raw::Msg]| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    let tags = raw::tags;
     let mut c = RawConn::login(gw.addr(), roles::TRUST).await;
 
     // Autocommit writes: each is followed by the WAL-position query.

@@ -88,6 +88,9 @@ pub struct Classified {
     /// Whether every statement is an INSERT, UPDATE, DELETE or MERGE (not in a WITH form):
     /// statements whose RETURNING rows, RowDescription first, are sent once they have run.
     pub changes_only: bool,
+    /// Whether a statement may make a new [`Suspects`] entry: a CREATE of anything but a
+    /// table, index or sequence, an ALTER, a DO block.
+    pub changes_catalog: bool,
 }
 
 impl Classified {
@@ -160,6 +163,19 @@ impl Suspects {
         self.relations.len() + self.calls.len()
     }
 
+    /// The relation names and the function names, each sorted.
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        let sorted = |names: &HashSet<Box<[u8]>>| {
+            let mut v: Vec<String> = names
+                .iter()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        (sorted(&self.relations), sorted(&self.calls))
+    }
+
     /// Whether `word`, as written (`quoted` or not), names a suspect relation.
     fn names_relation(&self, word: &[u8], quoted: bool) -> bool {
         !self.relations.is_empty() && Self::holds(&self.relations, word, quoted)
@@ -215,6 +231,7 @@ const fn key(word: &[u8]) -> u128 {
 mod kw {
     use super::key;
     pub const ABORT: u128 = key(b"ABORT");
+    pub const ALTER: u128 = key(b"ALTER");
     pub const BEGIN: u128 = key(b"BEGIN");
     pub const COMMIT: u128 = key(b"COMMIT");
     pub const COPY: u128 = key(b"COPY");
@@ -258,6 +275,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
     out.session_spans.clear();
     out.dml_only = true;
     out.changes_only = true;
+    out.changes_catalog = false;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     lex.suspects = (!suspects.is_empty()).then_some(suspects);
@@ -374,6 +392,11 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
                 | kw::MERGE
         );
         out.changes_only &= matches!(keyword, kw::INSERT | kw::UPDATE | kw::DELETE | kw::MERGE);
+        out.changes_catalog |= match keyword {
+            kw::ALTER | kw::DO => true,
+            kw::CREATE => !(1..4).any(|i| is(i, "TABLE") || is(i, "INDEX") || is(i, "SEQUENCE")),
+            _ => false,
+        };
         // A temporary table dropped at commit lives and dies with the transaction, which a
         // replay makes again.
         if keyword == kw::CREATE && facts.temp && !facts.on_commit_drop || facts.into_temp {
@@ -1268,6 +1291,38 @@ mod tests {
         }
         assert_eq!(suspects.len(), 4);
         assert!(Suspects::default().is_empty());
+    }
+
+    /// DDL that may make a view, policy or function that writes is told apart from DDL that
+    /// makes storage.
+    #[test]
+    fn statements_that_may_make_suspects() {
+        for sql in [
+            "CREATE VIEW v AS SELECT f()",
+            "create or replace function f() returns int language sql as 'select 1'",
+            "CREATE TEMP VIEW v AS SELECT 1",
+            "CREATE POLICY p ON t USING (f(a))",
+            "CREATE RULE r AS ON SELECT TO t DO INSTEAD SELECT 1",
+            "CREATE EXTENSION pgcrypto",
+            "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+            "ALTER FUNCTION f() VOLATILE",
+            "DO $$ BEGIN EXECUTE 'CREATE VIEW v AS SELECT 1'; END $$",
+            "SELECT 1; CREATE VIEW v AS SELECT 1",
+        ] {
+            assert!(classify(sql).changes_catalog, "{sql}");
+        }
+        for sql in [
+            "CREATE TABLE t (a int)",
+            "CREATE TEMP TABLE s (a int) ON COMMIT DROP",
+            "CREATE GLOBAL TEMPORARY TABLE s (a int)",
+            "CREATE UNIQUE INDEX i ON t (a)",
+            "CREATE SEQUENCE s",
+            "DROP VIEW v",
+            "SELECT 'CREATE VIEW v'",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!classify(sql).changes_catalog, "{sql}");
+        }
     }
 
     /// A cursor runs its query as it is fetched: DECLARE is what the query is.

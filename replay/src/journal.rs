@@ -526,6 +526,9 @@ pub struct Journal {
     digesting: bool,
     /// Names that make a statement a write (see [`Suspects`]).
     suspects: std::sync::Arc<Suspects>,
+    /// Whether a statement seen since [`Journal::take_catalog_changed`] may have made a
+    /// suspect ([`Classified::changes_catalog`]).
+    catalog_changed: bool,
     /// The last classification, kept for its buffers.
     classified: Classified,
     journal_bytes: usize,
@@ -582,6 +585,7 @@ impl Journal {
             live: DigestBuilder::default(),
             digesting: false,
             suspects: Default::default(),
+            catalog_changed: false,
             classified: Classified::default(),
             journal_bytes: 0,
             max_bytes,
@@ -766,6 +770,7 @@ impl Journal {
                     &mut self.classified,
                 );
                 let classified = &self.classified;
+                self.catalog_changed |= classified.changes_catalog;
                 let commits = classified.statements.contains(&Statement::Commit);
                 group.may_write |= classified.may_write();
                 group.may_write_data |= classified.may_write_data();
@@ -821,6 +826,7 @@ impl Journal {
                     &mut self.classified,
                 );
                 let classified = &self.classified;
+                self.catalog_changed |= classified.changes_catalog;
                 // Parsing runs nothing; what the statement does counts when it is executed.
                 let changes =
                     pending_changes(classified, cstr(rest).0, self.utf8, &mut self.unmovable);
@@ -1260,6 +1266,12 @@ impl Journal {
     /// Classifies statements from now on knowing `suspects`, the session's database's.
     pub fn set_suspects(&mut self, suspects: std::sync::Arc<Suspects>) {
         self.suspects = suspects;
+    }
+
+    /// Whether a statement seen since the last call may have made a view, policy or function
+    /// that writes (a CREATE, ALTER or DO); the flag is cleared.
+    pub fn take_catalog_changed(&mut self) -> bool {
+        std::mem::take(&mut self.catalog_changed)
     }
 
     /// Records the open transaction's xid as captured (`None`: none assigned yet).

@@ -41,6 +41,9 @@ pub struct Status {
     pub spare_backends: usize,
     /// Live sessions.
     pub sessions: Vec<SessionStatus>,
+    /// What each database a session logged in to has that makes a read write (a gateway
+    /// that can move sessions).
+    pub catalog: Vec<crate::suspects::CatalogStatus>,
 }
 
 /// Builds the status document.
@@ -76,6 +79,7 @@ pub fn status(shared: &Shared) -> Status {
             .as_ref()
             .map_or(0, |s| s.ready_count()),
         sessions,
+        catalog: shared.catalog_suspects.statuses(),
     }
 }
 

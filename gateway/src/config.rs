@@ -237,6 +237,9 @@ pub struct Failover {
     /// Whether an autocommit batch's answer is sent ahead of its commit, so that a commit the
     /// primary died in is settled on the new primary instead of answered `08007`.
     pub settle_in_flight_autocommit: bool,
+    /// How often the catalog of a database in use is read again for views and functions that
+    /// write, in ms (0: only at logins, at most once a minute).
+    pub catalog_refresh_ms: u64,
 }
 
 impl Default for Failover {
@@ -249,6 +252,7 @@ impl Default for Failover {
             probe_attempts: 3,
             standby_silence_ms: 2_000,
             settle_in_flight_autocommit: false,
+            catalog_refresh_ms: 5_000,
         }
     }
 }
@@ -262,6 +266,11 @@ impl Failover {
     /// Health probe timeout.
     pub fn probe_timeout(&self) -> Duration {
         Duration::from_millis(self.probe_timeout_ms.max(1))
+    }
+
+    /// How often the catalog of a database in use is read again; `None`: only at logins.
+    pub fn catalog_refresh(&self) -> Option<Duration> {
+        (self.catalog_refresh_ms > 0).then(|| Duration::from_millis(self.catalog_refresh_ms))
     }
 }
 

@@ -344,10 +344,12 @@ async fn establish(
                 .capture_grants
                 .may_capture(database, &login, &mut backend, &mut backend_buf)
                 .await?,
-            suspects: shared
-                .catalog_suspects
-                .of(database, &mut backend, &mut backend_buf)
-                .await?,
+            suspects: Some(
+                shared
+                    .catalog_suspects
+                    .of(database, &mut backend, &mut backend_buf)
+                    .await?,
+            ),
         }
     } else {
         crate::session::Learned::default()

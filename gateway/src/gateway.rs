@@ -45,7 +45,7 @@ pub struct Shared {
     pub failover: crate::failover::Coordinator,
     /// Which roles may run the xid capture, as learned at login.
     pub capture_grants: crate::grants::CaptureGrants,
-    /// What in each database makes a statement write unseen, as learned at login.
+    /// What in each database makes a statement write unseen, as learned at login and kept fresh.
     pub catalog_suspects: crate::suspects::CatalogSuspects,
     /// Whether the gateway is paused: sessions hold at their next transaction boundary.
     pub hold: tokio::sync::watch::Sender<bool>,
@@ -128,7 +128,11 @@ impl Gateway {
             limit: Arc::new(Semaphore::new(config.max_client_connections)),
             failover: crate::failover::Coordinator::new(topology.clone(), config.failover.clone()),
             capture_grants: crate::grants::CaptureGrants::default(),
-            catalog_suspects: crate::suspects::CatalogSuspects::default(),
+            catalog_suspects: crate::suspects::CatalogSuspects::new(
+                topology.clone(),
+                config.failover.catalog_refresh(),
+                config.connect_timeout(),
+            ),
             config,
             topology,
             registry: Arc::new(Registry::default()),

@@ -1,17 +1,22 @@
 //! What in a database makes a statement write though its text does not show it (see
-//! [`Suspects`]): asked of the catalog on a session's own backend at login, by a gateway that
-//! can move sessions, at most once a minute per database. A session classifies its statements
-//! knowing what its database had at its login (or up to a minute before).
+//! [`Suspects`]), for a gateway that can move sessions. A login asks the catalog on its own
+//! backend unless its database's answer is fresh; while sessions use a database, a task asks
+//! again every `failover.catalog_refresh_ms` on a control connection, and soon after a session
+//! runs DDL that may have made a suspect; each session takes the newest answer at its next
+//! ReadyForQuery.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tokio::sync::{watch, Notify};
 use understudy_replay::classify::Suspects;
 
 use crate::error::SessionError;
 use crate::stream::Stream;
+use crate::topology::{control_client, Backend, Topology};
 
 /// The question: relations whose reading may run a function that may write (views, through
 /// their rules; tables, through their row-level security policies; views over those in
@@ -59,63 +64,299 @@ SELECT pg_catalog.json_build_array(
                      AND b.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace))
 )::text";
 
-/// How long a database's answer stands before a login asks again.
+/// How long a database's answer stands before a login asks again (a refresh keeps it fresh).
 const FRESH_FOR: Duration = Duration::from_secs(60);
 
-/// The suspects known, by database, and when they were learned.
-#[derive(Debug, Default)]
+/// The shortest time between two refreshes of a database's answer, however often sessions
+/// run DDL: the question costs the primary a few milliseconds.
+const MIN_GAP: Duration = Duration::from_millis(250);
+
+/// How long a refresh's question may take.
+const QUESTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The suspects known, by database.
 pub struct CatalogSuspects {
-    known: Mutex<HashMap<String, (Arc<Suspects>, Instant)>>,
-    /// When a failed question was last logged, by database.
-    warned: Mutex<HashMap<String, Instant>>,
+    databases: Mutex<HashMap<String, Arc<Entry>>>,
+    topology: Arc<Topology>,
+    /// How often a database's answer is refreshed while sessions use it; `None`: at logins.
+    every: Option<Duration>,
+    connect_timeout: Duration,
+}
+
+/// One database's answer.
+#[derive(Debug)]
+struct Entry {
+    database: String,
+    /// The newest answer; sessions hold its receivers.
+    latest: watch::Sender<Arc<Suspects>>,
+    /// When `latest` was learned, if it was.
+    learned_at: Mutex<Option<Instant>>,
+    /// Whether a task refreshes the answer.
+    refreshed: AtomicBool,
+    /// Woken by a session that ran DDL which may have made a suspect.
+    changed: Notify,
+    /// When a failed question was last logged.
+    warned: Mutex<Option<Instant>>,
+}
+
+impl Entry {
+    fn fresh(&self) -> bool {
+        lock(&self.learned_at).is_some_and(|at| at.elapsed() < FRESH_FOR)
+    }
+
+    fn publish(&self, suspects: Suspects) {
+        *lock(&self.learned_at) = Some(Instant::now());
+        self.latest.send_if_modified(|latest| {
+            let modified = **latest != suspects;
+            if modified {
+                *latest = Arc::new(suspects);
+            }
+            modified
+        });
+    }
+
+    /// Logs that a question failed, at most once a minute per database.
+    fn warn_unanswered(&self, how: &str, why: &str) {
+        let mut warned = lock(&self.warned);
+        if warned.is_some_and(|at| at.elapsed() < FRESH_FOR) {
+            return;
+        }
+        *warned = Some(Instant::now());
+        tracing::warn!(
+            database = self.database,
+            how,
+            why,
+            "could not read from the catalog which views and functions may write; statements that read them count as reads until an answer comes"
+        );
+    }
+}
+
+/// What the gateway knows of one database's suspects (`/status`).
+#[derive(Debug, serde::Serialize)]
+pub struct CatalogStatus {
+    /// The database.
+    pub database: String,
+    /// How long ago the answer was learned, in ms; none if no question succeeded.
+    pub learned_ms_ago: Option<u64>,
+    /// Whether a task refreshes the answer (sessions use the database).
+    pub refreshed: bool,
+    /// Relations whose reading may write.
+    pub relations: Vec<String>,
+    /// Functions named like read-only built-ins that may write.
+    pub functions: Vec<String>,
+}
+
+/// A session's line to its database's suspects.
+#[derive(Debug)]
+pub struct Feed {
+    rx: watch::Receiver<Arc<Suspects>>,
+    entry: Arc<Entry>,
+}
+
+impl Feed {
+    /// The suspects now.
+    pub fn current(&mut self) -> Arc<Suspects> {
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// The suspects, if they changed since the session last took them.
+    pub fn newer(&mut self) -> Option<Arc<Suspects>> {
+        self.rx
+            .has_changed()
+            .unwrap_or(false)
+            .then(|| self.current())
+    }
+
+    /// Has the catalog read again soon: the session ran DDL that may have made a suspect.
+    pub fn catalog_changed(&self) {
+        self.entry.changed.notify_one();
+    }
 }
 
 impl CatalogSuspects {
-    /// The suspects of `database`: known from the last minute, or asked on `stream`, a backend
-    /// just logged in there and idle (see [`crate::grants::ask`] for `buf`). Without an answer
-    /// (the question failed: a `statement_timeout` of the login's, say) that session has none,
-    /// as before there was a question, and the next login asks again (one login's failure
-    /// does not stand for the others'); the warning is logged at most once a minute.
+    /// Suspects read at logins and, every `every` if given, by a task per database in use
+    /// (connecting to the primary of `topology` as its control role).
+    pub fn new(
+        topology: Arc<Topology>,
+        every: Option<Duration>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            databases: Mutex::default(),
+            topology,
+            every,
+            connect_timeout,
+        }
+    }
+
+    /// The suspects of `database`, for a session: the answer known if it is fresh, or asked on
+    /// `stream`, a backend just logged in there and idle (see [`crate::grants::ask`] for `buf`).
+    /// Without an answer (the question failed: a `statement_timeout` of the login's, say) the
+    /// session has what was known before, and the next login asks again (one login's failure
+    /// does not stand for the others').
     pub async fn of(
         &self,
         database: &str,
         stream: &mut Stream,
         buf: &mut BytesMut,
-    ) -> Result<Arc<Suspects>, SessionError> {
-        if let Some(known) = self.fresh(database) {
-            return Ok(known);
+    ) -> Result<Feed, SessionError> {
+        let entry = self.entry(database);
+        if !entry.fresh() {
+            let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
+            match answer.as_deref().and_then(parse) {
+                Some(suspects) => entry.publish(suspects),
+                None => entry.warn_unanswered("at login", "the question failed"),
+            }
         }
-        let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
-        let Some(suspects) = answer.as_deref().and_then(parse) else {
-            self.warn_unanswered(database);
-            return Ok(Arc::default());
+        let feed = Feed {
+            rx: entry.latest.subscribe(),
+            entry: entry.clone(),
         };
-        let suspects = Arc::new(suspects);
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.insert(database.to_owned(), (suspects.clone(), Instant::now()));
-        Ok(suspects)
+        self.keep_fresh(entry);
+        Ok(feed)
     }
 
-    fn warn_unanswered(&self, database: &str) {
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        if warned
-            .get(database)
-            .is_some_and(|at| at.elapsed() < FRESH_FOR)
-        {
+    /// What is known of each database, for `/status`.
+    pub fn statuses(&self) -> Vec<CatalogStatus> {
+        let entries: Vec<Arc<Entry>> = lock(&self.databases).values().cloned().collect();
+        let mut statuses: Vec<CatalogStatus> = entries
+            .iter()
+            .map(|e| {
+                let (relations, functions) = e.latest.borrow().names();
+                CatalogStatus {
+                    database: e.database.clone(),
+                    learned_ms_ago: lock(&e.learned_at)
+                        .map(|at| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                    refreshed: e.refreshed.load(Ordering::Acquire),
+                    relations,
+                    functions,
+                }
+            })
+            .collect();
+        statuses.sort_unstable_by(|a, b| a.database.cmp(&b.database));
+        statuses
+    }
+
+    fn entry(&self, database: &str) -> Arc<Entry> {
+        lock(&self.databases)
+            .entry(database.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    database: database.to_owned(),
+                    latest: watch::Sender::new(Arc::default()),
+                    learned_at: Mutex::new(None),
+                    refreshed: AtomicBool::new(false),
+                    changed: Notify::new(),
+                    warned: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    /// Starts the refresh of `entry` unless it runs.
+    fn keep_fresh(&self, entry: Arc<Entry>) {
+        let Some(every) = self.every else { return };
+        if entry.refreshed.swap(true, Ordering::AcqRel) {
             return;
         }
-        warned.insert(database.to_owned(), Instant::now());
-        tracing::warn!(
-            database,
-            "could not read from the catalog which views and functions may write; a session without that answer counts statements that read them as reads"
-        );
+        let refresh = Refresh {
+            entry,
+            topology: self.topology.clone(),
+            connect_timeout: self.connect_timeout,
+            client: None,
+        };
+        tokio::spawn(refresh.run(every));
+    }
+}
+
+/// The task that keeps one database's answer fresh while sessions use it.
+struct Refresh {
+    entry: Arc<Entry>,
+    topology: Arc<Topology>,
+    connect_timeout: Duration,
+    /// The control connection to the database, and the backend it goes to.
+    client: Option<(Backend, tokio_postgres::Client)>,
+}
+
+impl Refresh {
+    async fn run(mut self, every: Duration) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                () = crate::clock::sleep(every) => {}
+                () = self.entry.changed.notified() => {}
+            }
+            if !self.in_use() {
+                return;
+            }
+            match self.ask().await {
+                Ok(()) => failures = 0,
+                Err(why) => {
+                    self.client = None;
+                    failures += 1;
+                    // One failure is a connection a failover or a restart broke: the next
+                    // round connects again.
+                    if failures > 1 {
+                        self.entry.warn_unanswered("on a control connection", &why);
+                    }
+                }
+            }
+            crate::clock::sleep(MIN_GAP).await;
+        }
     }
 
-    fn fresh(&self, database: &str) -> Option<Arc<Suspects>> {
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let (suspects, at) = known.get(database)?;
-        (at.elapsed() < FRESH_FOR).then(|| suspects.clone())
+    /// Whether a session still takes this database's answer; if none does, the task is over
+    /// (the next login starts another).
+    fn in_use(&self) -> bool {
+        let entry = &self.entry;
+        if entry.latest.receiver_count() > 0 {
+            return true;
+        }
+        entry.refreshed.store(false, Ordering::Release);
+        // A login that subscribed meanwhile found this task running: unless one started
+        // another since, this one goes on.
+        entry.latest.receiver_count() > 0 && !entry.refreshed.swap(true, Ordering::AcqRel)
     }
+
+    /// Asks the primary's catalog, connecting first if need be.
+    async fn ask(&mut self) -> Result<(), String> {
+        let Some(primary) = self.topology.current_primary() else {
+            return Ok(());
+        };
+        if self.client.as_ref().is_none_or(|(b, _)| *b != primary) {
+            let mut control = self.topology.control().clone();
+            control.login.database.clone_from(&self.entry.database);
+            let client = control_client(
+                &primary,
+                &control,
+                "understudy-catalog",
+                self.connect_timeout,
+            )
+            .await?;
+            self.client = Some((primary, client));
+        }
+        let Some((_, client)) = &self.client else {
+            return Ok(());
+        };
+        let messages = crate::clock::timeout(QUESTION_TIMEOUT, client.simple_query(SUSPECTS_SQL))
+            .await
+            .map_err(|_| format!("no answer within {QUESTION_TIMEOUT:?}"))?
+            .map_err(|e| crate::topology::error_text(&e))?;
+        let suspects = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .and_then(|answer| parse(answer.as_bytes()))
+            .ok_or("the answer could not be read")?;
+        self.entry.publish(suspects);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the question's answer: `[[relation, …], [function, …]]`.

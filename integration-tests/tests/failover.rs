@@ -1871,38 +1871,145 @@ async fn a_transaction_that_wrote_through_a_view_or_a_look_alike_is_no_read() {
     let cluster = Cluster::primary_and_standby().await;
     setup(&cluster, &format!("{TABLE_T}; {HIDDEN_WRITES}")).await;
     let gw = cluster.failover_gateway().await;
-    let view = gw.connect(roles::SCRAM).await;
-    let look_alike = gw.connect(roles::MD5).await;
-    let policy = gw.connect(roles::TRUST).await;
-    view.batch_execute("BEGIN; SELECT one FROM vw")
-        .await
-        .unwrap();
-    look_alike
-        .batch_execute("BEGIN; SELECT abs('5'::text)")
-        .await
-        .unwrap();
-    policy
-        .batch_execute("BEGIN; SELECT count(*) FROM guarded")
-        .await
-        .unwrap();
-    let frozen = cluster.freeze_primary(&[]);
-    let (by_view, by_look_alike, by_policy) = tokio::time::timeout(
-        PATIENCE,
-        futures_util::future::join3(
-            view.batch_execute("COMMIT"),
-            look_alike.batch_execute("COMMIT"),
-            policy.batch_execute("COMMIT"),
-        ),
-    )
-    .await
-    .expect("answered by the new primary");
-    for committed in [by_view, by_look_alike, by_policy] {
-        let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
-        assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
+    let sessions = HiddenWriters::connect(&gw).await;
+    sessions.assert_commits_in_doubt(&cluster).await;
+}
+
+/// As [`a_transaction_that_wrote_through_a_view_or_a_look_alike_is_no_read`], for objects made
+/// directly on the primary after the sessions logged in: the gateway reads the catalog again
+/// while they are open (`failover.catalog_refresh_ms`), and each session classifies its next
+/// statements knowing them. (A session knew only what its login had found: its COMMITs were
+/// answered unchecked and the writes lost.)
+#[tokio::test]
+async fn hidden_writes_made_after_a_login_are_learned_by_its_session() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 100)
+        .await;
+    let sessions = HiddenWriters::connect(&gw).await;
+    setup(&cluster, HIDDEN_WRITES).await;
+    await_suspects(&gw).await;
+    sessions.assert_commits_in_doubt(&cluster).await;
+}
+
+/// The same for objects made through the gateway, with the periodic reading an hour apart: a
+/// session's DDL has the catalog read again at once, for the other sessions.
+#[tokio::test]
+async fn ddl_through_the_gateway_has_the_catalog_read_again() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 3_600_000)
+        .await;
+    let sessions = HiddenWriters::connect(&gw).await;
+    let ddl = gw.connect(roles::SUPERUSER).await;
+    ddl.batch_execute(HIDDEN_WRITES).await.unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+    await_suspects(&gw).await;
+    sessions.assert_commits_in_doubt(&cluster).await;
+}
+
+/// The catalog of a database is read again, on a control connection of its own, only while
+/// sessions use that database: the last session's end ends it.
+#[tokio::test]
+async fn the_catalog_is_read_again_only_while_sessions_use_it() {
+    let cluster = Cluster::primary_and_standby().await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 50)
+        .await;
+    let (a, b) = (gw.connect(roles::SCRAM).await, gw.connect(roles::MD5).await);
+    cluster.wait_backends_named("understudy-catalog", 1).await;
+    assert_eq!(gw.status().await["catalog"][0]["refreshed"], true);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cluster.backends_named("understudy-catalog").await, 1);
+    drop(b);
+    cluster.wait_backends_named("understudy-catalog", 0).await;
+    let status = gw.status().await;
+    assert_eq!(status["catalog"][0]["refreshed"], false, "{status:#}");
+    let _c = gw.connect(roles::TRUST).await;
+    cluster.wait_backends_named("understudy-catalog", 1).await;
+}
+
+/// Waits until `/status` lists [`HIDDEN_WRITES`]'s objects as suspects.
+async fn await_suspects(gw: &TestGateway) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let status = gw.status().await;
+        let learned = status["catalog"].as_array().is_some_and(|dbs| {
+            dbs.iter().any(|db| {
+                db["relations"] == serde_json::json!(["guarded", "slow_vw", "vw"])
+                    && db["functions"] == serde_json::json!(["abs"])
+            })
+        });
+        if learned {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "suspects never learned: {:#}",
+            status["catalog"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rows = view.query("SELECT a FROM t", &[]).await.unwrap();
-    assert!(rows.is_empty(), "the frozen primary never committed them");
-    drop(frozen);
+}
+
+/// Sessions whose transactions read [`HIDDEN_WRITES`]'s objects: the view, the look-alike,
+/// the guarded table.
+struct HiddenWriters {
+    view: Client,
+    look_alike: Client,
+    policy: Client,
+}
+
+impl HiddenWriters {
+    async fn connect(gw: &TestGateway) -> Self {
+        Self {
+            view: gw.connect(roles::SCRAM).await,
+            look_alike: gw.connect(roles::MD5).await,
+            policy: gw.connect(roles::TRUST).await,
+        }
+    }
+
+    /// Each reads its object in a transaction; its COMMIT, in flight when the primary hangs,
+    /// gets 08007, and nothing was written on the new primary.
+    async fn assert_commits_in_doubt(self, cluster: &Cluster) {
+        let Self {
+            view,
+            look_alike,
+            policy,
+        } = self;
+        view.batch_execute("BEGIN; SELECT one FROM vw")
+            .await
+            .unwrap();
+        look_alike
+            .batch_execute("BEGIN; SELECT abs('5'::text)")
+            .await
+            .unwrap();
+        policy
+            .batch_execute("BEGIN; SELECT count(*) FROM guarded")
+            .await
+            .unwrap();
+        let frozen = cluster.freeze_primary(&[]);
+        let (by_view, by_look_alike, by_policy) = tokio::time::timeout(
+            PATIENCE,
+            futures_util::future::join3(
+                view.batch_execute("COMMIT"),
+                look_alike.batch_execute("COMMIT"),
+                policy.batch_execute("COMMIT"),
+            ),
+        )
+        .await
+        .expect("answered by the new primary");
+        for committed in [by_view, by_look_alike, by_policy] {
+            let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
+            assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
+        }
+        let rows = view.query("SELECT a FROM t", &[]).await.unwrap();
+        assert!(rows.is_empty(), "the frozen primary never committed them");
+        drop(frozen);
+    }
 }
 
 /// A read of a view over a function that inserts, in flight outside a transaction when the

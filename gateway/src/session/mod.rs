@@ -396,6 +396,8 @@ pub struct Session {
     /// What follows the text of a Query sent as a batch: [`QUERY_AS_BATCH_REST`], or
     /// [`QUERY_AS_BATCH_REST_FLUSHED`] where in-flight commits are settled.
     query_rest: &'static [u8],
+    /// The database's suspects, as they are learned (a gateway that can move sessions).
+    suspects: Option<crate::suspects::Feed>,
 }
 
 /// What a login learned of the session's role and database, for a gateway that can move
@@ -404,8 +406,8 @@ pub struct Session {
 pub struct Learned {
     /// Whether the role may run the xid capture (see [`crate::grants`]).
     pub may_capture: bool,
-    /// What makes a statement write unseen there (see [`crate::suspects`]).
-    pub suspects: Arc<understudy_replay::classify::Suspects>,
+    /// What makes a statement write unseen there, kept fresh (see [`crate::suspects`]).
+    pub suspects: Option<crate::suspects::Feed>,
 }
 
 impl Session {
@@ -426,8 +428,13 @@ impl Session {
         } else {
             Journal::boundaries_only()
         };
-        journal.set_suspects(learned.suspects);
-        let may_capture = learned.may_capture;
+        let Learned {
+            may_capture,
+            mut suspects,
+        } = learned;
+        if let Some(feed) = &mut suspects {
+            journal.set_suspects(feed.current());
+        }
         for (name, value) in &server_params {
             journal.on_parameter_status(name, value);
         }
@@ -471,6 +478,7 @@ impl Session {
             params_before: None,
             tail_query,
             query_rest,
+            suspects,
         }
     }
 
@@ -690,6 +698,15 @@ impl Session {
 
     /// Inspects new client bytes, whole message by whole message (the journal keeps them).
     fn scan_up(&mut self) -> Option<End> {
+        // What the catalog says now counts for the requests about to be classified (one
+        // atomic load when nothing changed).
+        if let Some(newer) = self
+            .suspects
+            .as_mut()
+            .and_then(crate::suspects::Feed::newer)
+        {
+            self.journal.set_suspects(newer);
+        }
         loop {
             // The type byte is judged as soon as it arrives, as PostgreSQL does: a client that
             // sent an unknown one (a second startup packet, say) is not left waiting for the
@@ -1280,6 +1297,12 @@ impl Session {
             info.active.store(false, Ordering::Relaxed);
             // A cancel that missed a request now answered is moot.
             info.missed_cancel.store(false, Ordering::Relaxed);
+        }
+        // DDL is read in the catalog once it is committed.
+        if status == b'I' && self.journal.take_catalog_changed() {
+            if let Some(feed) = &self.suspects {
+                feed.catalog_changed();
+            }
         }
         let unmovable = self.journal.unmovable();
         if unmovable != self.shown_unmovable {

@@ -1889,8 +1889,49 @@ async fn hidden_writes_made_after_a_login_are_learned_by_its_session() {
         .await;
     let sessions = HiddenWriters::connect(&gw).await;
     setup(&cluster, HIDDEN_WRITES).await;
-    await_suspects(&gw).await;
+    await_suspects(&gw, &["guarded", "slow_vw", "vw"], &["abs"]).await;
     sessions.assert_commits_in_doubt(&cluster).await;
+}
+
+/// A statement prepared while its view only read, executed after the view was replaced by one
+/// that writes (directly on the primary), makes its transaction a write: its COMMIT in flight
+/// when the primary hangs is in doubt (08007). (The statement kept what its Parse had found:
+/// COMMIT answered unchecked, the write lost.)
+#[tokio::test]
+async fn a_statement_prepared_before_its_view_wrote_writes_once_it_does() {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(
+        &cluster,
+        &format!(
+            "{TABLE_T}; CREATE FUNCTION logged(a int) RETURNS int LANGUAGE sql \
+             AS $$ INSERT INTO t VALUES (a) RETURNING a $$; \
+             CREATE VIEW vw AS SELECT 1 AS one; GRANT SELECT ON vw TO PUBLIC"
+        ),
+    )
+    .await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 100)
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    let read = c.prepare("SELECT one FROM vw").await.unwrap();
+    setup(
+        &cluster,
+        "CREATE OR REPLACE VIEW vw AS SELECT logged(1) AS one",
+    )
+    .await;
+    await_suspects(&gw, &["vw"], &[]).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let rows = c.query(&read, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 1);
+    let frozen = cluster.freeze_primary(&[]);
+    let committed = tokio::time::timeout(PATIENCE, c.batch_execute("COMMIT"))
+        .await
+        .expect("answered by the new primary");
+    let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
+    assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
+    let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
+    assert!(rows.is_empty(), "the frozen primary never committed it");
+    drop(frozen);
 }
 
 /// The same for objects made through the gateway, with the periodic reading an hour apart: a
@@ -1906,7 +1947,7 @@ async fn ddl_through_the_gateway_has_the_catalog_read_again() {
     let ddl = gw.connect(roles::SUPERUSER).await;
     ddl.batch_execute(HIDDEN_WRITES).await.unwrap();
     cluster.pg.wait_standby_caught_up().await.unwrap();
-    await_suspects(&gw).await;
+    await_suspects(&gw, &["guarded", "slow_vw", "vw"], &["abs"]).await;
     sessions.assert_commits_in_doubt(&cluster).await;
 }
 
@@ -1932,15 +1973,15 @@ async fn the_catalog_is_read_again_only_while_sessions_use_it() {
     cluster.wait_backends_named("understudy-catalog", 1).await;
 }
 
-/// Waits until `/status` lists [`HIDDEN_WRITES`]'s objects as suspects.
-async fn await_suspects(gw: &TestGateway) {
+/// Waits until `/status` lists exactly `relations` and `functions` as a database's suspects.
+async fn await_suspects(gw: &TestGateway, relations: &[&str], functions: &[&str]) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let status = gw.status().await;
         let learned = status["catalog"].as_array().is_some_and(|dbs| {
             dbs.iter().any(|db| {
-                db["relations"] == serde_json::json!(["guarded", "slow_vw", "vw"])
-                    && db["functions"] == serde_json::json!(["abs"])
+                db["relations"] == serde_json::json!(relations)
+                    && db["functions"] == serde_json::json!(functions)
             })
         });
         if learned {

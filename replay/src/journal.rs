@@ -1263,9 +1263,42 @@ impl Journal {
         committed
     }
 
-    /// Classifies statements from now on knowing `suspects`, the session's database's.
+    /// Classifies statements from now on knowing `suspects`, the session's database's; a
+    /// statement prepared before that names one of them writes from now on too.
     pub fn set_suspects(&mut self, suspects: std::sync::Arc<Suspects>) {
         self.suspects = suspects;
+        if self.suspects.is_empty() {
+            return;
+        }
+        let open = self
+            .groups
+            .iter()
+            .flat_map(|g| g.parses.iter().map(|(_, raw)| raw));
+        for raw in self
+            .state
+            .parsed
+            .values()
+            .chain(&self.state.unnamed)
+            .chain(open)
+        {
+            let (name, rest) = cstr(raw.get(5..).unwrap_or_default());
+            let Some(effects) = self.statements.get_mut(name) else {
+                continue;
+            };
+            if effects.may_write_data {
+                continue;
+            }
+            classify_into(
+                &lexable(cstr(rest).0, self.multibyte),
+                self.strings,
+                &self.suspects,
+                &mut self.classified,
+            );
+            if self.classified.may_write_data() {
+                effects.may_write = true;
+                effects.may_write_data = true;
+            }
+        }
     }
 
     /// Whether a statement seen since the last call may have made a view, policy or function
@@ -2023,6 +2056,34 @@ mod tests {
         let mut k = Journal::new(1 << 20);
         k.on_client_message(b'B', &msg(b'B', b"\0nobody\0\0\0\0\0\0\0"));
         assert!(k.groups()[0].may_write);
+    }
+
+    /// A statement prepared before its view was known to write writes once it is: executing
+    /// it makes the transaction a write.
+    #[test]
+    fn statements_prepared_before_a_suspect_was_known_write_once_it_is() {
+        let mut j = Journal::new(1 << 20);
+        parsed(&mut j, b"old\0SELECT * FROM vw\0\0\0", b'I');
+        parsed(&mut j, b"\0SELECT abs('5'::text)\0\0\0", b'I');
+        parsed(&mut j, b"other\0SELECT * FROM t\0\0\0", b'I');
+        j.set_suspects(std::sync::Arc::new(Suspects::new(
+            ["vw".into()],
+            ["abs".into()],
+        )));
+        for (statement, writes) in [(&b"old"[..], true), (b"", true), (b"other", false)] {
+            j.on_client_message(b'Q', &query("BEGIN"));
+            answer(&mut j, b"BEGIN", b'T');
+            let mut bind = statement.to_vec();
+            bind.insert(0, 0);
+            bind.extend_from_slice(b"\0\0\0\0\0\0\0");
+            j.on_client_message(b'B', &msg(b'B', &bind));
+            j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+            j.on_client_message(b'S', &msg(b'S', b""));
+            j.on_ready_for_query(b'T');
+            assert_eq!(j.txn_may_write_data(), writes, "{statement:?}");
+            j.on_client_message(b'Q', &query("ROLLBACK"));
+            answer(&mut j, b"ROLLBACK", b'I');
+        }
     }
 
     /// A statement prepared with an effect outside the database makes each transaction that

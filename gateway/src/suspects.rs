@@ -105,6 +105,8 @@ impl Entry {
     }
 
     fn publish(&self, suspects: Suspects) {
+        metrics::counter!("understudy_catalog_questions_total", "outcome" => "answered")
+            .increment(1);
         *lock(&self.learned_at) = Some(Instant::now());
         self.latest.send_if_modified(|latest| {
             let modified = **latest != suspects;
@@ -115,8 +117,12 @@ impl Entry {
         });
     }
 
-    /// Logs that a question failed, at most once a minute per database.
-    fn warn_unanswered(&self, how: &str, why: &str) {
+    /// Counts a failed question, and if `log`, logs it (at most once a minute per database).
+    fn unanswered(&self, how: &str, why: &str, log: bool) {
+        metrics::counter!("understudy_catalog_questions_total", "outcome" => "failed").increment(1);
+        if !log {
+            return;
+        }
         let mut warned = lock(&self.warned);
         if warned.is_some_and(|at| at.elapsed() < FRESH_FOR) {
             return;
@@ -205,7 +211,7 @@ impl CatalogSuspects {
             let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
             match answer.as_deref().and_then(parse) {
                 Some(suspects) => entry.publish(suspects),
-                None => entry.warn_unanswered("at login", "the question failed"),
+                None => entry.unanswered("at login", "the question failed", true),
             }
         }
         let feed = Feed {
@@ -296,9 +302,8 @@ impl Refresh {
                     failures += 1;
                     // One failure is a connection a failover or a restart broke: the next
                     // round connects again.
-                    if failures > 1 {
-                        self.entry.warn_unanswered("on a control connection", &why);
-                    }
+                    self.entry
+                        .unanswered("on a control connection", &why, failures > 1);
                 }
             }
             crate::clock::sleep(MIN_GAP).await;

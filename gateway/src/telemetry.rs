@@ -65,6 +65,10 @@ fn describe() {
         "Cancel requests, by outcome"
     );
     describe_counter!(
+        "understudy_catalog_questions_total",
+        "Questions of a database's catalog for views and functions that write unseen, by outcome"
+    );
+    describe_counter!(
         "understudy_config_reloads_total",
         "Configuration reloads (SIGHUP, POST /reload), by outcome"
     );
@@ -92,7 +96,7 @@ fn export_alerting_series() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    let outcomes: [(&'static str, &[&'static str]); 5] = [
+    let outcomes: [(&'static str, &[&'static str]); 6] = [
         (
             "understudy_in_doubt_commits_total",
             &["committed", "replayed", "unknown"],
@@ -110,6 +114,10 @@ fn export_alerting_series() {
             &["forwarded", "failed", "timeout", "unknown_key"],
         ),
         ("understudy_config_reloads_total", &["applied", "failed"]),
+        (
+            "understudy_catalog_questions_total",
+            &["answered", "failed"],
+        ),
     ];
     for (name, outcomes) in outcomes {
         for &outcome in outcomes {

@@ -10,8 +10,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, msg, query, tags, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
-    connect_with_messages, ending_fatal, errors_counted, int_column, roles, simple_rows, sqlstate,
-    Cluster, ConnectionEnd, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
+    connect_with_messages, ending_fatal, errors_counted, int_column, metric_series, roles,
+    simple_rows, sqlstate, Cluster, ConnectionEnd, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -1971,6 +1971,15 @@ async fn the_catalog_is_read_again_only_while_sessions_use_it() {
     assert_eq!(status["catalog"][0]["refreshed"], false, "{status:#}");
     let _c = gw.connect(roles::TRUST).await;
     cluster.wait_backends_named("understudy-catalog", 1).await;
+    let metrics = gw.admin_get("/metrics").await;
+    let questions = metric_series(&metrics, "understudy_catalog_questions_total");
+    assert!(
+        questions.contains(&("{outcome=\"failed\"}", 0.0))
+            && questions
+                .iter()
+                .any(|&(labels, n)| labels == "{outcome=\"answered\"}" && n >= 2.0),
+        "{questions:?}"
+    );
 }
 
 /// Waits until `/status` lists exactly `relations` and `functions` as a database's suspects.

@@ -65,6 +65,10 @@ fn describe() {
         "Cancel requests, by outcome"
     );
     describe_counter!(
+        "understudy_unread_requests_total",
+        "Requests in flight at a failover that the old primary provably never read, run on the new one"
+    );
+    describe_counter!(
         "understudy_catalog_questions_total",
         "Questions of a database's catalog for views and functions that write unseen, by outcome"
     );

@@ -10,8 +10,9 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, msg, query, tags, Msg, RawConn};
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
-    connect_with_messages, ending_fatal, errors_counted, int_column, metric_series, roles,
-    simple_rows, sqlstate, Cluster, ConnectionEnd, Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
+    connect_with_messages, ending_fatal, errors_counted, int_column, metric_series, metric_total,
+    roles, simple_rows, sqlstate, Cluster, ConnectionEnd, Frozen, TestGateway, PATIENCE,
+    SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -938,6 +939,62 @@ async fn autocommit_write_in_flight_gets_08007() {
     assert!(
         c.query("SELECT a FROM t", &[]).await.unwrap().is_empty(),
         "no write ran again"
+    );
+}
+
+/// Autocommit writes the old primary never read run on the new one: each session's backend
+/// was stopped, its request waiting unread in its socket, when every process of the primary
+/// was killed. The kernel resets a connection closed with data unread instead of ending it in
+/// order, which proves the request unread: the client gets its answer, not 08007, and each row
+/// is there once. A Query of one INSERT (sent as a batch), a prepared INSERT (extended
+/// protocol), and a COMMIT whose transaction wrote. (All three got 08007; the requests of
+/// [`autocommit_write_in_flight_gets_08007`], read and running when the primary died, still
+/// do.)
+#[tokio::test]
+async fn writes_the_dead_primary_never_read_run_on_the_new_one() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster.failover_gateway().await;
+    let simple = gw.connect(roles::SCRAM).await;
+    let extended = gw.connect(roles::MD5).await;
+    let committing = gw.connect(roles::TRUST).await;
+    let insert = extended.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    let mut pids = Vec::new();
+    for c in [&simple, &extended, &committing] {
+        pids.push(u32::try_from(backend_pid(c).await).unwrap());
+    }
+    committing
+        .batch_execute("BEGIN; INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    let stopped = Frozen::freeze(pids);
+    let requests = tokio::spawn(async move {
+        futures_util::future::join3(
+            simple.simple_query("INSERT INTO t VALUES (1)"),
+            extended.execute(&insert, &[&2i32]),
+            committing.batch_execute("COMMIT"),
+        )
+        .await
+    });
+    // The requests reach the stopped backends' sockets.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    cluster.kill_primary().await;
+    drop(stopped);
+    let (by_query, by_prepared, by_commit) = tokio::time::timeout(PATIENCE, requests)
+        .await
+        .expect("answered by the new primary")
+        .unwrap();
+    by_query.expect("the Query ran on the new primary");
+    assert_eq!(by_prepared.expect("the prepared INSERT ran there"), 1);
+    by_commit.expect("the transaction was replayed and committed there");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1, 2, 3]
+    );
+    let metrics = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric_total(&metrics, "understudy_unread_requests_total"),
+        3.0
     );
 }
 

@@ -398,6 +398,12 @@ pub struct Session {
     query_rest: &'static [u8],
     /// The database's suspects, as they are learned (a gateway that can move sessions).
     suspects: Option<crate::suspects::Feed>,
+    /// When the last request that expects a ReadyForQuery was scanned (a session that can
+    /// move): how long before its connection broke it was sent (see `Session::never_read`).
+    last_request_at: Option<std::time::Instant>,
+    /// Found by a move: the old server never read the last request in flight, which runs on
+    /// the new primary even where it would be in doubt.
+    last_unread: bool,
 }
 
 /// What a login learned of the session's role and database, for a gateway that can move
@@ -479,6 +485,8 @@ impl Session {
             tail_query,
             query_rest,
             suspects,
+            last_request_at: None,
+            last_unread: false,
         }
     }
 
@@ -775,6 +783,9 @@ impl Session {
             let as_batch =
                 before == Before::QueryAsBatch && self.capture_xid && self.send_query_as_batch(n);
             if self.journal.expects_ready() {
+                if self.can_move {
+                    self.last_request_at = Some(std::time::Instant::now());
+                }
                 if self.awaiting_ready == 0 {
                     self.guard.info().active.store(true, Ordering::Relaxed);
                 }

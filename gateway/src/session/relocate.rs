@@ -34,6 +34,13 @@ const LISTENERS_WAIT: Duration = Duration::from_secs(2);
 /// How often it looks.
 const LISTENERS_POLL: Duration = Duration::from_millis(5);
 
+/// A reset of the backend connection this soon after the last request was sent says the
+/// server never read it (see `Session::never_read`): a host that took over a dead server's
+/// address would reset it too, knowing nothing of it, but that takes longer after a crash (and
+/// for a request sent before the crash, which the server may have read, the reset comes after
+/// the takeover).
+const RESET_WITHIN: Duration = Duration::from_millis(100);
+
 /// Why a move failed, for the client (always FATAL: the session cannot continue).
 fn cannot_move(code: &'static str, message: String) -> SessionError {
     SessionError::BackendUnavailable { code, message }
@@ -409,6 +416,11 @@ impl Session {
     pub(super) async fn relocate(&mut self, cause: std::io::Error) -> Result<(), SessionError> {
         let failed_at = Instant::now();
         let failed = self.relogin.backend.clone();
+        let client_last = matches!(
+            self.wire.back(),
+            Some(Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch)
+        );
+        self.last_unread = client_last && self.never_read(&cause, failed_at);
         let promotion = match self.await_promotion(&failed).await {
             Ok(p) => p,
             Err(FailoverError::PrimaryAlive | FailoverError::Disabled(_)) => {
@@ -437,6 +449,13 @@ impl Session {
                 ),
             ));
         }
+        if self.last_unread {
+            metrics::counter!("understudy_unread_requests_total").increment(1);
+            tracing::info!(
+                session = self.guard.info().id,
+                "the old primary never read the last request in flight (its connection was reset); it runs on the new primary"
+            );
+        }
         // Everything the client was meant to get from the old backend it gets; anything the
         // old backend said past that (a FATAL, half a message) is dropped.
         let partial = self.flush_old_backend().await?;
@@ -460,6 +479,21 @@ impl Session {
             "session moved to the new primary"
         );
         Ok(())
+    }
+
+    /// Whether the old server never read the last request sent to it (the caller knows that
+    /// is a request of the client's, no query of the gateway's behind it), as its kernel tells:
+    /// a connection its process closes (or dies) with data unread is reset (`ECONNRESET`)
+    /// instead of ended in order. The data the gateway sends arrives in order, so what is
+    /// unread is the end of it: the last request, which a server runs only once it has read
+    /// it whole. So: the connection `failed_at` with a reset, within [`RESET_WITHIN`] of that
+    /// request. (A reset behind an orderly end, `EPIPE`, is no such proof: a kernel short of
+    /// memory for orphaned sockets resets them after their FIN, whatever was read.)
+    fn never_read(&self, cause: &std::io::Error, failed_at: Instant) -> bool {
+        let recent = self
+            .last_request_at
+            .is_some_and(|at| failed_at.saturating_duration_since(at) <= RESET_WITHIN);
+        cause.kind() == std::io::ErrorKind::ConnectionReset && recent
     }
 
     /// Waits for the coordinator, keeping the client's connection warm meanwhile.
@@ -797,6 +831,8 @@ impl Session {
                 // A failed transaction never commits: its replay fails the same way, and the
                 // server answers the COMMIT with ROLLBACK.
                 _ if self.journal.txn_status() == b'E' => CommitOutcome::NotCommitted,
+                // Nor does one whose COMMIT the old server never read.
+                _ if self.last_unread && in_flight.len() == 1 => CommitOutcome::NotCommitted,
                 Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
                 // No xid: the transaction wrote nothing, or its xid answer was lost with the
                 // COMMIT's; either way the new primary has nothing of it unless replayed.
@@ -862,6 +898,8 @@ impl Session {
             // The xid is the transaction's that was open before them: one begun in the
             // pipeline has none known.
             let outcome = match self.journal.xid().filter(|_| already_open) {
+                // The COMMIT, last, was never read: nothing of the transaction committed.
+                _ if self.last_unread && at + 1 == in_flight.len() => CommitOutcome::NotCommitted,
                 Some(xid) => self.commit_outcome(fresh, xid, promotion).await,
                 None => CommitOutcome::InDoubt,
             };
@@ -1037,8 +1075,11 @@ impl Session {
         resumed: &mut Resumed,
     ) -> Result<(), SessionError> {
         let mut in_txn = in_txn;
+        let last = in_flight.len().saturating_sub(1);
         for (i, g) in in_flight.iter().enumerate() {
-            let doubtful = in_doubt(g, in_txn);
+            // The old server never read the last request: it ran only if it runs here.
+            let unread = i == last && self.last_unread && !g.truncated;
+            let doubtful = in_doubt(g, in_txn) && !unread;
             if doubtful {
                 metrics::counter!("understudy_in_doubt_statements_total").increment(1);
                 resumed
@@ -1383,7 +1424,50 @@ fn shape(g: &Group) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
     use understudy_replay::journal::Journal;
+
+    /// What `Session::never_read` relies on, as this machine's kernel does it: a connection
+    /// closed with data unread is reset (`ECONNRESET`); one closed after all was read ends in
+    /// order, and a request sent after that close is seen as that end, not as a reset.
+    #[test]
+    fn the_kernel_tells_data_its_peer_never_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        let settle = || std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 16];
+
+        // Closed with the request unread: reset.
+        let (mut client, server) = pair();
+        client.write_all(b"request").unwrap();
+        settle();
+        drop(server);
+        settle();
+        let e = client.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+
+        // Read whole, then closed: an orderly end, nothing reset.
+        let (mut client, mut server) = pair();
+        client.write_all(b"request").unwrap();
+        settle();
+        assert_eq!(server.read(&mut buf).unwrap(), 7);
+        drop(server);
+        settle();
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+
+        // Closed first, the request sent after: the end of the stream comes first.
+        let (mut client, server) = pair();
+        drop(server);
+        settle();
+        client.write_all(b"request").unwrap();
+        settle();
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+    }
 
     /// The unanswered request groups of Query strings `sent` after `answered` ones (each
     /// answered with the status given), and whether a transaction was open in between.

@@ -431,7 +431,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # 5. finish: the probe checks the write invariant, then everything stops
 curl -fsS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null \
-    | grep -E '^understudy_(failover|session_move|replays|in_doubt|lost_commits)' | grep -v '_bucket' >"$TMP/metrics.txt" || true
+    | grep -E '^understudy_(failover|session_move|replays|in_doubt|lost_commits|unread_requests)' | grep -v '_bucket' >"$TMP/metrics.txt" || true
 echo quit >&7
 exec 7>&-
 for ((i = 0; i < 300; i++)); do kill -0 "$PROBE_PID" 2>/dev/null || break; sleep 0.1; done

@@ -991,11 +991,9 @@ async fn writes_the_dead_primary_never_read_run_on_the_new_one() {
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
         [1, 2, 3]
     );
+    // The registry is the process's, shared with the tests running alongside: at least ours.
     let metrics = gw.admin_get("/metrics").await;
-    assert_eq!(
-        metric_total(&metrics, "understudy_unread_requests_total"),
-        3.0
-    );
+    assert!(metric_total(&metrics, "understudy_unread_requests_total") >= 3.0);
 }
 
 /// The 08007 an in-doubt request gets comes from a query of the gateway's on the new backend,

@@ -449,6 +449,15 @@ impl Session {
                 ),
             ));
         }
+        // Everything the client was meant to get from the old backend it gets; anything the
+        // old backend said past that (a FATAL, half a message) is dropped.
+        let partial = self.flush_old_backend().await?;
+        // The client has part of the answer to the only request in flight: the server read
+        // it, whatever reset the connection (a kernel out of memory for sockets resets them).
+        let in_flight = self.journal.groups().iter().filter(|g| !g.answered).count();
+        if in_flight == 1 && (partial.is_some() || self.journal.answer_so_far().len > 0) {
+            self.last_unread = false;
+        }
         if self.last_unread {
             metrics::counter!("understudy_unread_requests_total").increment(1);
             tracing::info!(
@@ -456,9 +465,6 @@ impl Session {
                 "the old primary never read the last request in flight (its connection was reset); it runs on the new primary"
             );
         }
-        // Everything the client was meant to get from the old backend it gets; anything the
-        // old backend said past that (a FATAL, half a message) is dropped.
-        let partial = self.flush_old_backend().await?;
         let mut fresh = self.log_in_again(&promotion).await?;
         self.restore_state(&mut fresh).await?;
         self.await_listeners(&promotion.primary).await;

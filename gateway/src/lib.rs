@@ -52,3 +52,8 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     };
     builder.enable_io().build()
 }
+
+/// Locks `m`, taking over a lock poisoned by a panic elsewhere (what it guards stays usable).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use understudy_protocol::startup::CancelKey;
 
+use crate::lock;
 use crate::topology::Backend;
 
 /// Where a cancel for a session must go now.
@@ -147,10 +148,6 @@ pub struct Registry {
     listeners: Mutex<HashMap<Backend, usize>>,
     sessions: Mutex<HashMap<u64, Arc<SessionInfo>>>,
     cancels: Mutex<HashMap<CancelKey, (CancelTarget, Arc<SessionInfo>)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Registry {

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use understudy_replay::classify::Suspects;
 
 use crate::error::SessionError;
+use crate::lock;
 use crate::stream::Stream;
 use crate::topology::{control_client, Backend, Topology};
 
@@ -358,10 +359,6 @@ impl Refresh {
         self.entry.publish(suspects);
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the question's answer: `[[relation, …], [function, …]]`.

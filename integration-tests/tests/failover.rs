@@ -1937,14 +1937,9 @@ async fn a_transaction_that_wrote_through_a_view_or_a_look_alike_is_no_read() {
 /// answered unchecked and the writes lost.)
 #[tokio::test]
 async fn hidden_writes_made_after_a_login_are_learned_by_its_session() {
-    let cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, TABLE_T).await;
-    let gw = cluster
-        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 100)
-        .await;
-    let sessions = HiddenWriters::connect(&gw).await;
+    let (cluster, gw, sessions) = hidden_writers_before_their_objects(100).await;
     setup(&cluster, HIDDEN_WRITES).await;
-    await_suspects(&gw, &["guarded", "slow_vw", "vw"], &["abs"]).await;
+    await_hidden_writes_learned(&gw).await;
     sessions.assert_commits_in_doubt(&cluster).await;
 }
 
@@ -1978,32 +1973,38 @@ async fn a_statement_prepared_before_its_view_wrote_writes_once_it_does() {
     c.batch_execute("BEGIN").await.unwrap();
     let rows = c.query(&read, &[]).await.unwrap();
     assert_eq!(rows[0].get::<_, i32>(0), 1);
-    let frozen = cluster.freeze_primary(&[]);
-    let committed = tokio::time::timeout(PATIENCE, c.batch_execute("COMMIT"))
-        .await
-        .expect("answered by the new primary");
-    let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
-    assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
-    let rows = c.query("SELECT a FROM t", &[]).await.unwrap();
-    assert!(rows.is_empty(), "the frozen primary never committed it");
-    drop(frozen);
+    assert_commits_in_doubt(&cluster, &[&c]).await;
 }
 
 /// The same for objects made through the gateway, with the periodic reading an hour apart: a
 /// session's DDL has the catalog read again at once, for the other sessions.
 #[tokio::test]
 async fn ddl_through_the_gateway_has_the_catalog_read_again() {
-    let cluster = Cluster::primary_and_standby().await;
-    setup(&cluster, TABLE_T).await;
-    let gw = cluster
-        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = 3_600_000)
-        .await;
-    let sessions = HiddenWriters::connect(&gw).await;
+    let (cluster, gw, sessions) = hidden_writers_before_their_objects(3_600_000).await;
     let ddl = gw.connect(roles::SUPERUSER).await;
     ddl.batch_execute(HIDDEN_WRITES).await.unwrap();
     cluster.pg.wait_standby_caught_up().await.unwrap();
-    await_suspects(&gw, &["guarded", "slow_vw", "vw"], &["abs"]).await;
+    await_hidden_writes_learned(&gw).await;
     sessions.assert_commits_in_doubt(&cluster).await;
+}
+
+/// A primary and standby with [`TABLE_T`], a failover gateway that reads the catalog again
+/// every `refresh_ms`, and [`HiddenWriters`] logged in before [`HIDDEN_WRITES`] made anything.
+async fn hidden_writers_before_their_objects(
+    refresh_ms: u64,
+) -> (Cluster, TestGateway, HiddenWriters) {
+    let cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.catalog_refresh_ms = refresh_ms)
+        .await;
+    let sessions = HiddenWriters::connect(&gw).await;
+    (cluster, gw, sessions)
+}
+
+/// Waits until `/status` lists [`HIDDEN_WRITES`]'s objects as suspects.
+async fn await_hidden_writes_learned(gw: &TestGateway) {
+    await_suspects(gw, &["guarded", "slow_vw", "vw"], &["abs"]).await;
 }
 
 /// The catalog of a database is read again, on a control connection of its own, only while
@@ -2096,25 +2097,27 @@ impl HiddenWriters {
             .batch_execute("BEGIN; SELECT count(*) FROM guarded")
             .await
             .unwrap();
-        let frozen = cluster.freeze_primary(&[]);
-        let (by_view, by_look_alike, by_policy) = tokio::time::timeout(
-            PATIENCE,
-            futures_util::future::join3(
-                view.batch_execute("COMMIT"),
-                look_alike.batch_execute("COMMIT"),
-                policy.batch_execute("COMMIT"),
-            ),
-        )
+        assert_commits_in_doubt(cluster, &[&view, &look_alike, &policy]).await;
+    }
+}
+
+/// Freezes the primary while `sessions` are each in a transaction that wrote unseen (a
+/// frozen primary never commits), and checks that each COMMIT, in flight, gets 08007 and
+/// that the new primary has nothing of them.
+async fn assert_commits_in_doubt(cluster: &Cluster, sessions: &[&Client]) {
+    let frozen = cluster.freeze_primary(&[]);
+    let commits =
+        futures_util::future::join_all(sessions.iter().map(|c| c.batch_execute("COMMIT")));
+    let committed = tokio::time::timeout(PATIENCE, commits)
         .await
         .expect("answered by the new primary");
-        for committed in [by_view, by_look_alike, by_policy] {
-            let e = committed.expect_err("the COMMIT of a write the new primary lacks is in doubt");
-            assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
-        }
-        let rows = view.query("SELECT a FROM t", &[]).await.unwrap();
-        assert!(rows.is_empty(), "the frozen primary never committed them");
-        drop(frozen);
+    for commit in committed {
+        let e = commit.expect_err("the COMMIT of a write the new primary lacks is in doubt");
+        assert_eq!(sqlstate(&e), Some("08007"), "{e:?}");
     }
+    let rows = sessions[0].query("SELECT a FROM t", &[]).await.unwrap();
+    assert!(rows.is_empty(), "the frozen primary never committed them");
+    drop(frozen);
 }
 
 /// A read of a view over a function that inserts, in flight outside a transaction when the

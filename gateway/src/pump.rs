@@ -314,6 +314,16 @@ impl Pump {
             self.task = Some(cx.waker().clone());
             self.armed = 0;
         }
+        // A plain backend's end (its FIN), when tokio has seen it, is read before more is
+        // written there: a request written after the end cannot be told from one the server
+        // read before it, one left unwritten is known unread (see `Session::relocate`). One
+        // atomic load when the backend has nothing.
+        if self.up.ready > 0 && matches!(self.backend, Stream::Plain(_)) {
+            let event = self.poll_read(BACKEND, cx);
+            if event.is_ready() {
+                return event;
+            }
+        }
         if let Poll::Ready(Err(e)) = self.up.poll_write_to(&mut self.backend, cx) {
             return Poll::Ready(Err(PumpError::Backend(e)));
         }
@@ -461,5 +471,32 @@ mod tests {
         drop(backend_peer);
         assert_eq!(next_event(&mut pump).await, Event::BackendEof);
         assert!(pump.up.buf.is_empty(), "the client's bytes were written");
+    }
+
+    /// Bytes for a backend whose end has arrived are not written to it: the end is read first,
+    /// and the bytes stay unwritten (a request the server never got).
+    #[tokio::test]
+    async fn a_backend_that_ended_is_read_before_it_is_written_to() {
+        let (_client_peer, client) = socket_pair().await;
+        let (backend_peer, backend) = socket_pair().await;
+        let mut pump = Pump::new(
+            Stream::Plain(client),
+            Stream::Plain(backend),
+            Pipe::new(BytesMut::new(), 1 << 20),
+            Pipe::new(BytesMut::new(), 1 << 20),
+        );
+        let idle = std::future::poll_fn(|cx| Poll::Ready(pump.poll_event(cx).is_pending()));
+        assert!(idle.await);
+        drop(backend_peer);
+        pump.backend.tcp().readable().await.unwrap();
+        let request = b"Q\0\0\0\x07a\0";
+        pump.up.buf.extend_from_slice(request);
+        pump.up.ready = request.len();
+        assert_eq!(next_event(&mut pump).await, Event::BackendEof);
+        assert_eq!(
+            pump.up.ready,
+            request.len(),
+            "nothing written after the end"
+        );
     }
 }

@@ -996,6 +996,44 @@ async fn writes_the_dead_primary_never_read_run_on_the_new_one() {
     assert!(metric_total(&metrics, "understudy_unread_requests_total") >= 3.0);
 }
 
+/// An autocommit write the gateway could not finish writing to the old primary (its backend
+/// stopped, the socket buffers full) never ran there, whenever the primary dies: it runs on
+/// the new one, not 08007, and its row is there once. The reset comes long after the request
+/// (so it is not what tells), and a backend whose end has arrived is not written to. (It got
+/// 08007.)
+#[tokio::test]
+async fn a_write_not_all_written_to_the_dead_primary_runs_on_the_new_one() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    setup(&cluster, TABLE_T).await;
+    let gw = cluster
+        .failover_gateway_with(|c| c.failover.max_replay_bytes = 64 << 20)
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    let pid = u32::try_from(backend_pid(&c).await).unwrap();
+    let stopped = Frozen::freeze(vec![pid]);
+    // Larger than the socket buffers of both ends can grow together (Linux's largest
+    // defaults: 32 MiB to receive, 4 MiB to send), yet small enough to be kept for a move.
+    let padding = "x".repeat(48 << 20);
+    let insert = tokio::spawn(async move {
+        c.simple_query(&format!("INSERT INTO t VALUES (1) -- {padding}"))
+            .await
+            .map(drop)
+    });
+    // Long past its arrival: the reset the kill brings says nothing of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.kill_primary().await;
+    drop(stopped);
+    tokio::time::timeout(PATIENCE, insert)
+        .await
+        .expect("answered by the new primary")
+        .unwrap()
+        .expect("the INSERT ran on the new primary");
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1]
+    );
+}
+
 /// The 08007 an in-doubt request gets comes from a query of the gateway's on the new backend,
 /// which must leave the client's unnamed statement as the request, failing on its own, would
 /// have: a client that parses it once and binds it again and again (libpq's `PQprepare(conn,

@@ -420,7 +420,9 @@ impl Session {
             self.wire.back(),
             Some(Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch)
         );
-        self.last_unread = client_last && self.never_read(&cause, failed_at);
+        // Bytes of it still waiting to be written never reached the server at all.
+        let unwritten = self.pump.up.ready > 0;
+        self.last_unread = client_last && (unwritten || self.never_read(&cause, failed_at));
         let promotion = match self.await_promotion(&failed).await {
             Ok(p) => p,
             Err(FailoverError::PrimaryAlive | FailoverError::Disabled(_)) => {
@@ -462,7 +464,7 @@ impl Session {
             metrics::counter!("understudy_unread_requests_total").increment(1);
             tracing::info!(
                 session = self.guard.info().id,
-                "the old primary never read the last request in flight (its connection was reset); it runs on the new primary"
+                "the old primary never read the last request in flight (its connection was reset, or the request was not all written); it runs on the new primary"
             );
         }
         let mut fresh = self.log_in_again(&promotion).await?;

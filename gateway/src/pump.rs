@@ -284,6 +284,9 @@ pub struct Pump {
     client_open: bool,
     backend_open: bool,
     client_first: bool,
+    /// Whether a plain backend's end, once tokio has seen it, is read before more is written
+    /// there (set for a session that can move; see `poll_event`).
+    pub end_before_write: bool,
     /// The task's waker the sockets were last registered with.
     task: Option<Waker>,
     /// Plain sockets registered with `task` that tokio has seen no readiness on since: the
@@ -302,6 +305,7 @@ impl Pump {
             client_open: true,
             backend_open: true,
             client_first: false,
+            end_before_write: false,
             task: None,
             armed: 0,
         }
@@ -317,8 +321,8 @@ impl Pump {
         // A plain backend's end (its FIN), when tokio has seen it, is read before more is
         // written there: a request written after the end cannot be told from one the server
         // read before it, one left unwritten is known unread (see `Session::relocate`). One
-        // atomic load when the backend has nothing.
-        if self.up.ready > 0 && matches!(self.backend, Stream::Plain(_)) {
+        // atomic load when the backend has nothing; only where a session can move.
+        if self.end_before_write && self.up.ready > 0 && matches!(self.backend, Stream::Plain(_)) {
             let event = self.poll_read(BACKEND, cx);
             if event.is_ready() {
                 return event;
@@ -485,6 +489,7 @@ mod tests {
             Pipe::new(BytesMut::new(), 1 << 20),
             Pipe::new(BytesMut::new(), 1 << 20),
         );
+        pump.end_before_write = true;
         let idle = std::future::poll_fn(|cx| Poll::Ready(pump.poll_event(cx).is_pending()));
         assert!(idle.await);
         drop(backend_peer);

@@ -429,6 +429,8 @@ impl Session {
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let can_move = shared.failover.disabled().is_none();
+        let mut pump = pump;
+        pump.end_before_write = can_move;
         let mut journal = if can_move {
             Journal::new(shared.config.failover.max_replay_bytes)
         } else {

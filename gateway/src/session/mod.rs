@@ -9,7 +9,7 @@ use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -400,7 +400,7 @@ pub struct Session {
     suspects: Option<crate::suspects::Feed>,
     /// When the last request that expects a ReadyForQuery was scanned (a session that can
     /// move): how long before its connection broke it was sent (see `Session::never_read`).
-    last_request_at: Option<std::time::Instant>,
+    last_request_at: Option<Instant>,
     /// Found by a move: the old server never read the last request in flight, which runs on
     /// the new primary even where it would be in doubt.
     last_unread: bool,
@@ -419,7 +419,7 @@ pub struct Learned {
 impl Session {
     /// A session whose login just finished.
     pub fn new(
-        pump: Pump,
+        mut pump: Pump,
         guard: SessionGuard,
         shared: Arc<Shared>,
         relogin: Relogin,
@@ -429,7 +429,6 @@ impl Session {
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let can_move = shared.failover.disabled().is_none();
-        let mut pump = pump;
         pump.end_before_write = can_move;
         let mut journal = if can_move {
             Journal::new(shared.config.failover.max_replay_bytes)
@@ -786,7 +785,7 @@ impl Session {
                 before == Before::QueryAsBatch && self.capture_xid && self.send_query_as_batch(n);
             if self.journal.expects_ready() {
                 if self.can_move {
-                    self.last_request_at = Some(std::time::Instant::now());
+                    self.last_request_at = Some(Instant::now());
                 }
                 if self.awaiting_ready == 0 {
                     self.guard.info().active.store(true, Ordering::Relaxed);

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod netns;
+pub mod nft;
 pub mod raw;
 pub mod tls;
 

@@ -401,9 +401,27 @@ pub struct Session {
     /// When the last request that expects a ReadyForQuery was scanned (a session that can
     /// move): how long before its connection broke it was sent (see `Session::never_read`).
     last_request_at: Option<Instant>,
+    /// Where the request being received began among the bytes written to the backend (a
+    /// session that can move).
+    request_start: RequestStart,
+    /// Where the last request that expects a ReadyForQuery began, on the same count (`None`:
+    /// not known); see `Session::never_read`.
+    last_request_from: Option<u64>,
     /// Found by a move: the old server never read the last request in flight, which runs on
     /// the new primary even where it would be in doubt.
     last_unread: bool,
+}
+
+/// Where, among the bytes the pump wrote to the backend ([`crate::pump::Pipe::written`]), the client's
+/// request being received began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestStart {
+    /// None is being received: the next client message begins one.
+    Between,
+    /// At this byte.
+    At(u64),
+    /// Before the session moved: its bytes went to the new backend otherwise.
+    Unknown,
 }
 
 /// What a login learned of the session's role and database, for a gateway that can move
@@ -419,7 +437,7 @@ pub struct Learned {
 impl Session {
     /// A session whose login just finished.
     pub fn new(
-        mut pump: Pump,
+        pump: Pump,
         guard: SessionGuard,
         shared: Arc<Shared>,
         relogin: Relogin,
@@ -429,7 +447,6 @@ impl Session {
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
         let can_move = shared.failover.disabled().is_none();
-        pump.end_before_write = can_move;
         let mut journal = if can_move {
             Journal::new(shared.config.failover.max_replay_bytes)
         } else {
@@ -487,6 +504,8 @@ impl Session {
             query_rest,
             suspects,
             last_request_at: None,
+            request_start: RequestStart::Between,
+            last_request_from: None,
             last_unread: false,
         }
     }
@@ -763,6 +782,9 @@ impl Session {
                 continue;
             }
             let at = self.pump.up.ready;
+            if self.can_move && self.request_start == RequestStart::Between {
+                self.request_start = RequestStart::At(self.pump.up.written + at as u64);
+            }
             let raw = &self.pump.up.buf[at..at + n];
             let before = self.journal.on_client_message(tag, raw);
             if before == Before::CaptureXid && self.capture_xid {
@@ -786,6 +808,11 @@ impl Session {
             if self.journal.expects_ready() {
                 if self.can_move {
                     self.last_request_at = Some(Instant::now());
+                    self.last_request_from = match self.request_start {
+                        RequestStart::At(byte) => Some(byte),
+                        RequestStart::Between | RequestStart::Unknown => None,
+                    };
+                    self.request_start = RequestStart::Between;
                 }
                 if self.awaiting_ready == 0 {
                     self.guard.info().active.store(true, Ordering::Relaxed);

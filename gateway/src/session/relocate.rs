@@ -15,7 +15,7 @@ use understudy_replay::journal::{
     completes_request, digested, Digest, DigestBuilder, Group, SessionState, Unreplayable,
 };
 
-use super::{AsBatch, Owner, Poison, Session, XID_QUERY, XID_TAIL_FLUSHED};
+use super::{AsBatch, Owner, Poison, RequestStart, Session, XID_QUERY, XID_TAIL_FLUSHED};
 use crate::auth::login::login;
 use crate::error::SessionError;
 use crate::failover::{Committed, FailoverError, Promotion};
@@ -464,7 +464,7 @@ impl Session {
             metrics::counter!("understudy_unread_requests_total").increment(1);
             tracing::info!(
                 session = self.guard.info().id,
-                "the old primary never read the last request in flight (its connection was reset, or the request was not all written); it runs on the new primary"
+                "the old primary never read the last request in flight (its connection was reset, the request was not all written, or it arrived after the server closed the connection); it runs on the new primary"
             );
         }
         let mut fresh = self.log_in_again(&promotion).await?;
@@ -490,18 +490,39 @@ impl Session {
     }
 
     /// Whether the old server never read the last request sent to it (the caller knows that
-    /// is a request of the client's, no query of the gateway's behind it), as its kernel tells:
-    /// a connection its process closes (or dies) with data unread is reset (`ECONNRESET`)
-    /// instead of ended in order. The data the gateway sends arrives in order, so what is
-    /// unread is the end of it: the last request, which a server runs only once it has read
-    /// it whole. So: the connection `failed_at` with a reset, within [`RESET_WITHIN`] of that
-    /// request. (A reset behind an orderly end, `EPIPE`, is no such proof: a kernel short of
-    /// memory for orphaned sockets resets them after their FIN, whatever was read.)
+    /// is a request of the client's, no query of the gateway's behind it), as its kernel tells.
+    /// The data the gateway sends arrives in order, so what is unread is the end of it: the
+    /// last request, which a server runs only once it has read it whole.
+    ///
+    /// - A connection its process closes (or dies) with data unread is reset (`ECONNRESET`)
+    ///   instead of ended in order: a reset within [`RESET_WITHIN`] of that request, `failed_at`.
+    /// - One closed with everything read ends in order: its FIN acknowledges every byte the
+    ///   server's kernel had received, and bytes that arrive after it are answered with a
+    ///   reset, never acknowledged. So after an orderly end (EOF, or `EPIPE`: the reset behind
+    ///   it), a request none of whose bytes were acknowledged reached the server after its
+    ///   process had gone. Plain TCP only: a TLS record's bytes cannot be told from the
+    ///   request's. (A reset behind an orderly end proves nothing by itself: a kernel short of
+    ///   memory for orphaned sockets resets them after their FIN, whatever was read.)
     fn never_read(&self, cause: &std::io::Error, failed_at: Instant) -> bool {
-        let recent = self
-            .last_request_at
-            .is_some_and(|at| failed_at.saturating_duration_since(at) <= RESET_WITHIN);
-        cause.kind() == std::io::ErrorKind::ConnectionReset && recent
+        match cause.kind() {
+            std::io::ErrorKind::ConnectionReset => self
+                .last_request_at
+                .is_some_and(|at| failed_at.saturating_duration_since(at) <= RESET_WITHIN),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe => {
+                self.never_acknowledged()
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether no byte of the last request (nor of anything sent after it) was acknowledged
+    /// by the server's kernel.
+    fn never_acknowledged(&self) -> bool {
+        let (Some(from), Stream::Plain(tcp)) = (self.last_request_from, &self.pump.backend) else {
+            return false;
+        };
+        let sent = self.pump.up.written.saturating_sub(from);
+        sent > 0 && crate::sockopt::unacknowledged(tcp).is_ok_and(|n| n >= sent)
     }
 
     /// Waits for the coordinator, keeping the client's connection warm meanwhile.
@@ -1267,6 +1288,12 @@ impl Session {
             params,
         } = fresh;
         self.pump.replace_backend(stream, Pipe::from_server(buf));
+        // The requests in flight were sent to the new backend again, and a request begun
+        // before the move goes there otherwise than it came: where they begin is not known.
+        self.last_request_from = None;
+        if self.request_start != RequestStart::Between {
+            self.request_start = RequestStart::Unknown;
+        }
         // After the rest of a message the client got part of, never inside it.
         let mut to_client = resumed.to_client;
         // Parameters that differ on the new backend now are reported, as the server would.
@@ -1438,7 +1465,8 @@ mod tests {
 
     /// What `Session::never_read` relies on, as this machine's kernel does it: a connection
     /// closed with data unread is reset (`ECONNRESET`); one closed after all was read ends in
-    /// order, and a request sent after that close is seen as that end, not as a reset.
+    /// order, and a request sent after that close is seen as that end (then `EPIPE`), not as a
+    /// reset, and is never acknowledged.
     #[test]
     fn the_kernel_tells_data_its_peer_never_read() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1467,14 +1495,19 @@ mod tests {
         drop(server);
         settle();
         assert_eq!(client.read(&mut buf).unwrap(), 0);
+        assert_eq!(crate::sockopt::unacknowledged(&client).unwrap(), 0);
 
-        // Closed first, the request sent after: the end of the stream comes first.
+        // Closed first, the request sent after: the end of the stream comes first, and the
+        // request stays unacknowledged (the reset that answers it acknowledges nothing).
         let (mut client, server) = pair();
         drop(server);
         settle();
         client.write_all(b"request").unwrap();
         settle();
         assert_eq!(client.read(&mut buf).unwrap(), 0);
+        assert_eq!(crate::sockopt::unacknowledged(&client).unwrap(), 7);
+        let e = client.write_all(b"more").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
     }
 
     /// The unanswered request groups of Query strings `sent` after `answered` ones (each

@@ -3,9 +3,11 @@
 //! backend unless its database's answer is fresh; while sessions use a database, a task asks
 //! again every `failover.catalog_refresh_ms` on a control connection, and soon after a session
 //! runs DDL that may have made a suspect; each session takes the newest answer at its next
-//! ReadyForQuery.
+//! ReadyForQuery. A session that moves with requests whose judgement rests on the answer asks
+//! the new primary again (see [`Feed::since`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,8 +92,10 @@ struct Entry {
     database: String,
     /// The newest answer; sessions hold its receivers.
     latest: watch::Sender<Arc<Suspects>>,
-    /// When `latest` was learned, if it was.
+    /// When the question `latest` answers was asked, if one was answered.
     learned_at: Mutex<Option<Instant>>,
+    /// Held by the session asking at a move (see [`Feed::since`]).
+    asking: tokio::sync::Mutex<()>,
     /// Whether a task refreshes the answer.
     refreshed: AtomicBool,
     /// Woken by a session that ran DDL which may have made a suspect.
@@ -105,10 +109,11 @@ impl Entry {
         lock(&self.learned_at).is_some_and(|at| at.elapsed() < FRESH_FOR)
     }
 
-    fn publish(&self, suspects: Suspects) {
+    /// Publishes the answer to a question `asked` then.
+    fn publish(&self, suspects: Suspects, asked: Instant) {
         metrics::counter!("understudy_catalog_questions_total", "outcome" => "answered")
             .increment(1);
-        *lock(&self.learned_at) = Some(Instant::now());
+        *lock(&self.learned_at) = Some(asked);
         self.latest.send_if_modified(|latest| {
             let modified = **latest != suspects;
             if modified {
@@ -178,6 +183,31 @@ impl Feed {
     pub fn catalog_changed(&self) {
         self.entry.changed.notify_one();
     }
+
+    /// The suspects as the catalog has had them since `since`: the answer to a question asked
+    /// since then, or else to the catalog question, run by `ask` (on the session's new backend
+    /// at a move, say). The database's sessions ask one at a time, so that those moving together
+    /// take the first one's answer. `None` if the question failed.
+    pub async fn since<F: Future<Output = Option<String>>>(
+        &mut self,
+        since: Instant,
+        ask: impl FnOnce(&'static str) -> F,
+    ) -> Option<Arc<Suspects>> {
+        let entry = self.entry.clone();
+        let _one_at_a_time = entry.asking.lock().await;
+        if lock(&entry.learned_at).is_none_or(|at| at < since) {
+            let asked = Instant::now();
+            let answer = ask(SUSPECTS_SQL).await;
+            match answer.as_deref().map(str::as_bytes).and_then(parse) {
+                Some(suspects) => entry.publish(suspects, asked),
+                None => {
+                    entry.unanswered("at a move", "the question failed", true);
+                    return None;
+                }
+            }
+        }
+        Some(self.current())
+    }
 }
 
 impl CatalogSuspects {
@@ -209,9 +239,10 @@ impl CatalogSuspects {
     ) -> Result<Feed, SessionError> {
         let entry = self.entry(database);
         if !entry.fresh() {
+            let asked = Instant::now();
             let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
             match answer.as_deref().and_then(parse) {
-                Some(suspects) => entry.publish(suspects),
+                Some(suspects) => entry.publish(suspects, asked),
                 None => entry.unanswered("at login", "the question failed", true),
             }
         }
@@ -253,6 +284,7 @@ impl CatalogSuspects {
                     latest: watch::Sender::new(Arc::default()),
                     learned_at: Mutex::new(None),
                     refreshed: AtomicBool::new(false),
+                    asking: tokio::sync::Mutex::new(()),
                     changed: Notify::new(),
                     warned: Mutex::new(None),
                 })
@@ -344,6 +376,7 @@ impl Refresh {
         let Some((_, client)) = &self.client else {
             return Ok(());
         };
+        let asked = Instant::now();
         let messages = crate::clock::timeout(QUESTION_TIMEOUT, client.simple_query(SUSPECTS_SQL))
             .await
             .map_err(|_| format!("no answer within {QUESTION_TIMEOUT:?}"))?
@@ -356,7 +389,7 @@ impl Refresh {
             })
             .and_then(|answer| parse(answer.as_bytes()))
             .ok_or("the answer could not be read")?;
-        self.entry.publish(suspects);
+        self.entry.publish(suspects, asked);
         Ok(())
     }
 }

@@ -2064,6 +2064,22 @@ async fn ddl_through_the_gateway_has_the_catalog_read_again() {
     sessions.assert_commits_in_doubt(&cluster).await;
 }
 
+/// The same for objects made directly on the primary just before it fails, the periodic
+/// reading an hour apart: a session that moves with such a read in its transaction reads the
+/// new primary's catalog before it judges the COMMIT in flight, and it is in doubt (08007).
+/// (The COMMITs were answered unchecked and the writes lost.)
+#[tokio::test]
+async fn hidden_writes_made_just_before_a_failover_are_learned_by_the_move() {
+    let (cluster, gw, sessions) = hidden_writers_before_their_objects(3_600_000).await;
+    setup(&cluster, HIDDEN_WRITES).await;
+    assert_eq!(
+        gw.status().await["catalog"][0]["relations"],
+        serde_json::json!([]),
+        "not learned before the failover"
+    );
+    sessions.assert_commits_in_doubt(&cluster).await;
+}
+
 /// A primary and standby with [`TABLE_T`], a failover gateway that reads the catalog again
 /// every `refresh_ms`, and [`HiddenWriters`] logged in before [`HIDDEN_WRITES`] made anything.
 async fn hidden_writers_before_their_objects(
@@ -2202,6 +2218,27 @@ async fn assert_commits_in_doubt(cluster: &Cluster, sessions: &[&Client]) {
 #[tokio::test]
 async fn a_read_that_writes_through_a_view_is_not_run_again() {
     let (mut cluster, _gw, c) = session_after(&format!("{TABLE_T}; {HIDDEN_WRITES}")).await;
+    let read = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+        c.simple_query("SELECT one FROM slow_vw").await
+    })
+    .await;
+    assert_gateway_error(&read.unwrap_err(), "08007");
+    assert!(
+        values(cluster_on_new_primary(&mut cluster).await, "t")
+            .await
+            .is_empty(),
+        "nothing run again"
+    );
+}
+
+/// As [`a_read_that_writes_through_a_view_is_not_run_again`], for a view made directly on the
+/// primary just before it dies, the periodic reading an hour apart: the move learns it from
+/// the new primary's catalog. (The read was run again.)
+#[tokio::test]
+async fn a_read_through_a_view_made_just_before_a_failover_is_not_run_again() {
+    let (mut cluster, _gw, sessions) = hidden_writers_before_their_objects(3_600_000).await;
+    setup(&cluster, HIDDEN_WRITES).await;
+    let c = sessions.view;
     let read = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
         c.simple_query("SELECT one FROM slow_vw").await
     })

@@ -157,6 +157,21 @@ impl FrameScanner {
     }
 }
 
+/// The whole messages at the front of `buf`, each as its type byte and body, in order; ends
+/// at one that is incomplete or whose length word is impossible.
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let header = rest.first_chunk::<HEADER_LEN>()?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let end = HEADER_LEN + usize::try_from(len).ok()?.checked_sub(4)?;
+        let body = rest.get(HEADER_LEN..end)?;
+        let tag = header[0];
+        rest = &rest[end..];
+        Some((tag, body))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +181,20 @@ mod tests {
         v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn messages_are_listed_up_to_an_incomplete_one() {
+        let buf = [msg(b'Q', b"SELECT 1\0"), msg(b'S', b""), msg(b'X', b"")].concat();
+        let tags: Vec<u8> = messages(&buf).map(|(t, _)| t).collect();
+        assert_eq!(tags, b"QSX");
+        assert_eq!(messages(&buf).next(), Some((b'Q', &b"SELECT 1\0"[..])));
+        assert_eq!(messages(&buf[..buf.len() - 1]).count(), 2);
+        assert_eq!(
+            messages(b"Q\0\0\0\x02").count(),
+            0,
+            "a length below its own"
+        );
     }
 
     #[test]

@@ -1301,6 +1301,60 @@ impl Journal {
         }
     }
 
+    /// Whether a request kept (in flight, or answered in the open transaction) runs statements
+    /// judged not to write data, which suspects learned later may show to write (see
+    /// [`Journal::judge_again`]).
+    pub fn holds_reads(&self) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.runs && !g.may_write_data && !g.truncated)
+    }
+
+    /// Judges the requests kept again with the suspects known now (see
+    /// [`Journal::set_suspects`], called first): one that reads a relation or calls a function
+    /// now known to write may write data, and so does the open transaction it was answered
+    /// in. For a move, whose decisions about what was in flight rest on these; requests and
+    /// the transaction only ever gain writes.
+    pub fn judge_again(&mut self) {
+        if self.suspects.is_empty() {
+            return;
+        }
+        let in_txn = self.txn_status != b'I';
+        for g in &mut self.groups {
+            if g.may_write_data || g.truncated {
+                continue;
+            }
+            let mut writes = false;
+            for (tag, body) in understudy_protocol::frame::messages(&g.request) {
+                writes |= match tag {
+                    frontend::QUERY => {
+                        classify_into(
+                            &lexable(cstr(body).0, self.multibyte),
+                            self.strings,
+                            &self.suspects,
+                            &mut self.classified,
+                        );
+                        self.classified.may_write_data()
+                    }
+                    // Its statement was judged again by `set_suspects`.
+                    frontend::BIND => self
+                        .statements
+                        .get(cstr(cstr(body).1).0)
+                        .is_none_or(|e| e.may_write_data),
+                    _ => false,
+                };
+            }
+            if writes {
+                g.may_write = true;
+                g.may_write_data = true;
+                if g.answered && in_txn {
+                    self.txn_may_write = true;
+                    self.txn_may_write_data = true;
+                }
+            }
+        }
+    }
+
     /// Whether a statement seen since the last call may have made a view, policy or function
     /// that writes (a CREATE, ALTER or DO); the flag is cleared.
     pub fn take_catalog_changed(&mut self) -> bool {
@@ -2084,6 +2138,35 @@ mod tests {
             j.on_client_message(b'Q', &query("ROLLBACK"));
             answer(&mut j, b"ROLLBACK", b'I');
         }
+    }
+
+    /// Requests kept for a move are judged again once the suspects a move learns are set: the
+    /// open transaction's answered reads, and those in flight, simple or bound.
+    #[test]
+    fn requests_kept_are_judged_again_with_suspects_learned_later() {
+        let mut j = Journal::new(1 << 20);
+        parsed(&mut j, b"old\0SELECT * FROM vw\0\0\0", b'I');
+        j.on_client_message(b'Q', &query("SELECT 1"));
+        answer(&mut j, b"SELECT 1", b'I');
+        assert!(!j.holds_reads(), "nothing kept outside a transaction");
+        j.on_client_message(b'Q', &query("BEGIN"));
+        answer(&mut j, b"BEGIN", b'T');
+        j.on_client_message(b'Q', &query("SELECT one FROM vw"));
+        answer(&mut j, b"SELECT 1", b'T');
+        j.on_client_message(b'Q', &query("SELECT * FROM t"));
+        j.on_client_message(b'B', &msg(b'B', b"\0old\0\0\0\0\0\0\0"));
+        j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+        j.on_client_message(b'S', &msg(b'S', b""));
+        assert!(j.holds_reads() && !j.txn_may_write_data());
+        j.set_suspects(std::sync::Arc::new(Suspects::new(["vw".into()], [])));
+        j.judge_again();
+        assert!(
+            j.txn_may_write_data(),
+            "the answered read of the view wrote"
+        );
+        let writes: Vec<bool> = j.groups().iter().map(|g| g.may_write_data).collect();
+        assert_eq!(writes, [false, true, false, true]);
+        assert!(j.holds_reads(), "the read of the table still reads");
     }
 
     /// A statement prepared with an effect outside the database makes each transaction that

@@ -423,6 +423,15 @@ impl Session {
         // Bytes of it still waiting to be written never reached the server at all.
         let unwritten = self.pump.up.ready > 0;
         self.last_unread = client_last && (unwritten || self.never_read(&cause, failed_at));
+        tracing::debug!(
+            session = self.guard.info().id,
+            %cause,
+            client_last,
+            unwritten,
+            since_request = ?self.last_request_at.map(|at| failed_at.saturating_duration_since(at)),
+            unread = self.last_unread,
+            "backend connection lost"
+        );
         let promotion = match self.await_promotion(&failed).await {
             Ok(p) => p,
             Err(FailoverError::PrimaryAlive | FailoverError::Disabled(_)) => {
@@ -468,6 +477,7 @@ impl Session {
             );
         }
         let mut fresh = self.log_in_again(&promotion).await?;
+        self.learn_hidden_writes(&mut fresh, failed_at).await;
         self.restore_state(&mut fresh).await?;
         self.await_listeners(&promotion.primary).await;
         self.check_acknowledged_commit(&mut fresh, &promotion)
@@ -522,7 +532,34 @@ impl Session {
             return false;
         };
         let sent = self.pump.up.written.saturating_sub(from);
-        sent > 0 && crate::sockopt::unacknowledged(tcp).is_ok_and(|n| n >= sent)
+        let unacknowledged = crate::sockopt::unacknowledged(tcp);
+        tracing::debug!(
+            session = self.guard.info().id,
+            sent,
+            ?unacknowledged,
+            "bytes of the last request (and after it) the old primary's kernel acknowledged"
+        );
+        sent > 0 && unacknowledged.is_ok_and(|n| n >= sent)
+    }
+
+    /// Judges the requests in flight, and the open transaction's, again with what the new
+    /// primary's catalog says makes a read write, asked there unless another session of the
+    /// database did since the connection `failed_at`: a view or function made on the old
+    /// primary since the catalog was last read would count as a read, and a COMMIT of it in
+    /// flight be answered unchecked, or a write in flight be run again. Only where such a
+    /// request is kept; without an answer, what was known stands.
+    async fn learn_hidden_writes(&mut self, fresh: &mut Fresh, failed_at: Instant) {
+        if !self.journal.holds_reads() {
+            return;
+        }
+        let Some(feed) = self.suspects.as_mut() else {
+            return;
+        };
+        let ask = |sql| async move { fresh.query(sql).await.ok().flatten() };
+        if let Some(suspects) = feed.since(failed_at, ask).await {
+            self.journal.set_suspects(suspects);
+            self.journal.judge_again();
+        }
     }
 
     /// Waits for the coordinator, keeping the client's connection warm meanwhile.
@@ -1437,12 +1474,9 @@ fn count_move(outcome: &'static str) {
 
 /// A group's message tags and flags, for the debug log (`BDEBDES closed`).
 fn shape(g: &Group) -> String {
-    let mut tags = String::new();
-    let mut at = 0;
-    while let Some(head) = g.request.get(at..at + 5) {
-        tags.push(char::from(head[0]));
-        at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    }
+    let mut tags: String = understudy_protocol::frame::messages(&g.request)
+        .map(|(tag, _)| char::from(tag))
+        .collect();
     let flags = [
         (g.closed, "closed"),
         (g.truncated, "truncated"),

@@ -74,6 +74,10 @@ const FRESH_FOR: Duration = Duration::from_secs(60);
 /// run DDL: the question costs the primary a few milliseconds.
 const MIN_GAP: Duration = Duration::from_millis(250);
 
+/// How long a moving session waits for another session's question at the same move before
+/// it asks on its own backend (see [`Feed::since`]).
+const OTHERS_QUESTION_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a refresh's question may take.
 const QUESTION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -187,14 +191,17 @@ impl Feed {
     /// The suspects as the catalog has had them since `since`: the answer to a question asked
     /// since then, or else to the catalog question, run by `ask` (on the session's new backend
     /// at a move, say). The database's sessions ask one at a time, so that those moving together
-    /// take the first one's answer. `None` if the question failed.
+    /// take the first one's answer (waiting for it a second at most). `None` if the question
+    /// failed.
     pub async fn since<F: Future<Output = Option<String>>>(
         &mut self,
         since: Instant,
         ask: impl FnOnce(&'static str) -> F,
     ) -> Option<Arc<Suspects>> {
         let entry = self.entry.clone();
-        let _one_at_a_time = entry.asking.lock().await;
+        let _one_at_a_time = crate::clock::timeout(OTHERS_QUESTION_WAIT, entry.asking.lock())
+            .await
+            .ok();
         if lock(&entry.learned_at).is_none_or(|at| at < since) {
             let asked = Instant::now();
             let answer = ask(SUSPECTS_SQL).await;

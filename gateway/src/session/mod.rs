@@ -412,8 +412,8 @@ pub struct Session {
     last_unread: bool,
 }
 
-/// Where, among the bytes the pump wrote to the backend ([`crate::pump::Pipe::written`]), the client's
-/// request being received began.
+/// Where the client's request being received began, among the bytes the pump wrote to the
+/// backend ([`crate::pump::Pipe::written`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RequestStart {
     /// None is being received: the next client message begins one.

@@ -1034,42 +1034,49 @@ async fn a_write_not_all_written_to_the_dead_primary_runs_on_the_new_one() {
     );
 }
 
-/// An autocommit write that reached the old primary's host after its backend had closed the
-/// connection, but was sent before that end (its FIN) reached the gateway, never ran there:
-/// it runs on the new primary, not 08007, and its row is there once. On a network the two
-/// cross in flight; here both are held back with nftables until the write is out, so the FIN
-/// comes when its kernel sends it again, acknowledging nothing of the write. (It got 08007:
-/// the connection ended in order, and the write went out before the end was seen.)
+/// Autocommit writes that reached the old primary's host after their backends had closed the
+/// connection, but were sent before that end (its FIN) reached the gateway, never ran there:
+/// they run on the new primary, not 08007, and their rows are there once. On a network the
+/// two cross in flight; here both are held back with nftables until the writes are out, so
+/// the FIN comes when its kernel sends it again, acknowledging nothing of them. One INSERT,
+/// and a Query of two, which the gateway follows with a WAL-position query of its own. (Both
+/// got 08007: the connection ended in order, and the write went out before the end was seen.)
 #[tokio::test]
-async fn a_write_that_crossed_the_dead_primarys_end_runs_on_the_new_one() {
+async fn writes_that_crossed_the_dead_primarys_end_run_on_the_new_one() {
     let mut cluster = Cluster::primary_and_standby().await;
     setup(&cluster, TABLE_T).await;
     let gw = cluster.failover_gateway().await;
-    let c = gw.connect(roles::SCRAM).await;
+    let (one, two) = (gw.connect(roles::SCRAM).await, gw.connect(roles::MD5).await);
     let port = cluster.pg.primary.port();
     let held_back = Dropped::segments(Direction::From, port);
     let lost = Dropped::segments(Direction::To, port);
     cluster.kill_primary().await;
-    let insert =
-        tokio::spawn(async move { c.simple_query("INSERT INTO t VALUES (1)").await.map(drop) });
-    // The write is out (and lost); the FIN comes with its kernel's next try, within a second
-    // or two. Until the gateway has it, the primary does not answer the gateway's probes at
-    // all, which proves nothing: no failover begins without it.
+    let inserts = tokio::spawn(async move {
+        futures_util::future::try_join(
+            one.simple_query("INSERT INTO t VALUES (1)"),
+            two.simple_query("INSERT INTO t VALUES (2); INSERT INTO t VALUES (3)"),
+        )
+        .await
+        .map(drop)
+    });
+    // The writes are out (and lost); the FIN comes with its kernel's next try, within a
+    // second or two. Until the gateway has it, the primary does not answer the gateway's
+    // probes at all, which proves nothing: no failover begins without it.
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(held_back);
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(lost);
-    tokio::time::timeout(PATIENCE, insert)
+    tokio::time::timeout(PATIENCE, inserts)
         .await
         .expect("answered by the new primary")
         .unwrap()
-        .expect("the INSERT ran on the new primary");
+        .expect("the INSERTs ran on the new primary");
     assert_eq!(
         values(cluster_on_new_primary(&mut cluster).await, "t").await,
-        [1]
+        [1, 2, 3]
     );
     let metrics = gw.admin_get("/metrics").await;
-    assert!(metric_total(&metrics, "understudy_unread_requests_total") >= 1.0);
+    assert!(metric_total(&metrics, "understudy_unread_requests_total") >= 2.0);
 }
 
 /// The 08007 an in-doubt request gets comes from a query of the gateway's on the new backend,

@@ -399,13 +399,13 @@ pub struct Session {
     /// The database's suspects, as they are learned (a gateway that can move sessions).
     suspects: Option<crate::suspects::Feed>,
     /// When the last request that expects a ReadyForQuery was scanned (a session that can
-    /// move): how long before its connection broke it was sent (see `Session::never_read`).
+    /// move): how long before its connection broke it was sent (see `Session::reset_soon_after`).
     last_request_at: Option<Instant>,
     /// Where the request being received began among the bytes written to the backend (a
     /// session that can move).
     request_start: RequestStart,
     /// Where the last request that expects a ReadyForQuery began, on the same count (`None`:
-    /// not known); see `Session::never_read`.
+    /// not known); see `Session::ended_before_acknowledging`.
     last_request_from: Option<u64>,
     /// Found by a move: the old server never read the last request in flight, which runs on
     /// the new primary even where it would be in doubt.

@@ -35,7 +35,7 @@ const LISTENERS_WAIT: Duration = Duration::from_secs(2);
 const LISTENERS_POLL: Duration = Duration::from_millis(5);
 
 /// A reset of the backend connection this soon after the last request was sent says the
-/// server never read it (see `Session::never_read`): a host that took over a dead server's
+/// server never read it (see `Session::reset_soon_after`): a host that took over a dead server's
 /// address would reset it too, knowing nothing of it, but that takes longer after a crash (and
 /// for a request sent before the crash, which the server may have read, the reset comes after
 /// the takeover).
@@ -416,17 +416,25 @@ impl Session {
     pub(super) async fn relocate(&mut self, cause: std::io::Error) -> Result<(), SessionError> {
         let failed_at = Instant::now();
         let failed = self.relogin.backend.clone();
-        let client_last = matches!(
-            self.wire.back(),
-            Some(Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch)
-        );
+        let is_client = |o: Option<&Owner>| {
+            matches!(
+                o,
+                Some(Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch)
+            )
+        };
+        let client_last = is_client(self.wire.back());
+        // The client's last request, then a WAL-position query of the gateway's.
+        let client_then_lsn =
+            self.wire.back() == Some(&Owner::Lsn) && is_client(self.wire.iter().rev().nth(1));
         // Bytes of it still waiting to be written never reached the server at all.
         let unwritten = self.pump.up.ready > 0;
-        self.last_unread = client_last && (unwritten || self.never_read(&cause, failed_at));
+        self.last_unread = (client_last && (unwritten || self.reset_soon_after(&cause, failed_at)))
+            || ((client_last || client_then_lsn) && self.ended_before_acknowledging(&cause));
         tracing::debug!(
             session = self.guard.info().id,
             %cause,
             client_last,
+            client_then_lsn,
             unwritten,
             since_request = ?self.last_request_at.map(|at| failed_at.saturating_duration_since(at)),
             unread = self.last_unread,
@@ -499,35 +507,37 @@ impl Session {
         Ok(())
     }
 
-    /// Whether the old server never read the last request sent to it (the caller knows that
-    /// is a request of the client's, no query of the gateway's behind it), as its kernel tells.
-    /// The data the gateway sends arrives in order, so what is unread is the end of it: the
-    /// last request, which a server runs only once it has read it whole.
-    ///
-    /// - A connection its process closes (or dies) with data unread is reset (`ECONNRESET`)
-    ///   instead of ended in order: a reset within [`RESET_WITHIN`] of that request, `failed_at`.
-    /// - One closed with everything read ends in order: its FIN acknowledges every byte the
-    ///   server's kernel had received, and bytes that arrive after it are answered with a
-    ///   reset, never acknowledged. So after an orderly end (EOF, or `EPIPE`: the reset behind
-    ///   it), a request none of whose bytes were acknowledged reached the server after its
-    ///   process had gone. Plain TCP only: a TLS record's bytes cannot be told from the
-    ///   request's. (A reset behind an orderly end proves nothing by itself: a kernel short of
-    ///   memory for orphaned sockets resets them after their FIN, whatever was read.)
-    fn never_read(&self, cause: &std::io::Error, failed_at: Instant) -> bool {
-        match cause.kind() {
-            std::io::ErrorKind::ConnectionReset => self
+    /// Whether the old server's kernel says it never read the last request sent to it (the
+    /// caller knows that is a request of the client's, no query of the gateway's behind it):
+    /// a connection its process closes (or dies) with data unread is reset (`ECONNRESET`)
+    /// instead of ended in order. The data the gateway sends arrives in order, so what is
+    /// unread is the end of it: the last request, which a server runs only once it has read
+    /// it whole. So: the connection `failed_at` with a reset, within [`RESET_WITHIN`] of that
+    /// request.
+    fn reset_soon_after(&self, cause: &std::io::Error, failed_at: Instant) -> bool {
+        cause.kind() == std::io::ErrorKind::ConnectionReset
+            && self
                 .last_request_at
-                .is_some_and(|at| failed_at.saturating_duration_since(at) <= RESET_WITHIN),
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe => {
-                self.never_acknowledged()
-            }
-            _ => false,
-        }
+                .is_some_and(|at| failed_at.saturating_duration_since(at) <= RESET_WITHIN)
     }
 
-    /// Whether no byte of the last request (nor of anything sent after it) was acknowledged
-    /// by the server's kernel.
-    fn never_acknowledged(&self) -> bool {
+    /// Whether the old server's kernel says it never read the client's last request (the
+    /// caller knows that is what was sent last, but for a query of the gateway's, which this
+    /// counts too): a connection closed with everything read ends in order, with a FIN that
+    /// acknowledges every byte the server's kernel had received, and bytes that arrive after
+    /// it are answered with a reset, never acknowledged. So after an orderly end (EOF, or
+    /// `EPIPE`: the reset behind it), a request none of whose bytes were acknowledged reached
+    /// the server after its process had gone. Plain TCP only: a TLS record's bytes cannot be
+    /// told from the request's. (A reset behind an orderly end proves nothing by itself: a
+    /// kernel short of memory for orphaned sockets resets them after their FIN, whatever was
+    /// read.)
+    fn ended_before_acknowledging(&self, cause: &std::io::Error) -> bool {
+        if !matches!(
+            cause.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe
+        ) {
+            return false;
+        }
         let (Some(from), Stream::Plain(tcp)) = (self.last_request_from, &self.pump.backend) else {
             return false;
         };
@@ -1497,10 +1507,11 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use understudy_replay::journal::Journal;
 
-    /// What `Session::never_read` relies on, as this machine's kernel does it: a connection
-    /// closed with data unread is reset (`ECONNRESET`); one closed after all was read ends in
-    /// order, and a request sent after that close is seen as that end (then `EPIPE`), not as a
-    /// reset, and is never acknowledged.
+    /// What `Session::reset_soon_after` and `Session::ended_before_acknowledging` rely on, as
+    /// this machine's kernel does it: a connection closed with data unread is reset
+    /// (`ECONNRESET`); one closed after all was read ends in order, and a request sent after
+    /// that close is seen as that end (then `EPIPE`), not as a reset, and is never
+    /// acknowledged.
     #[test]
     fn the_kernel_tells_data_its_peer_never_read() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();

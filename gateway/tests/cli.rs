@@ -386,11 +386,18 @@ async fn demo_prints_a_working_psql_command_and_cleans_up() {
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn demo"),
     );
     let stdout = demo.0.stdout.take().expect("stdout");
+    // Read all along (the pipe must not fill), and shown if the demo gives no command.
+    let mut stderr = demo.0.stderr.take().expect("stderr");
+    let said = std::thread::spawn(move || {
+        let mut said = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+        said
+    });
     let lines = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut seen = Vec::new();
@@ -408,10 +415,22 @@ async fn demo_prints_a_working_psql_command_and_cleans_up() {
     })
     .join()
     .expect("read demo output");
-    let psql_line = lines
-        .iter()
-        .find(|l| l.trim_start().starts_with("psql "))
-        .unwrap_or_else(|| panic!("no psql command in {lines:#?}"));
+    let Some(psql_line) = lines.iter().find(|l| l.trim_start().starts_with("psql ")) else {
+        let _ = demo.0.kill();
+        // A server the demo started may hold the pipe open: five seconds at most.
+        for _ in 0..50 {
+            if said.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let said = if said.is_finished() {
+            said.join().unwrap_or_default()
+        } else {
+            "(its error output did not end)".to_owned()
+        };
+        panic!("no psql command in {lines:#?}; the demo said:\n{said}");
+    };
     let conninfo = psql_line
         .trim()
         .trim_start_matches("psql ")

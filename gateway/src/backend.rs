@@ -124,7 +124,7 @@ impl Connector {
             b'S' => {
                 let name = server_name(&backend.host).map_err(std::io::Error::other)?;
                 let tls = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
+                    .connect(name, crate::stream::Counted::new(tcp))
                     .await?;
                 Ok(Stream::ClientTls(Box::new(tls)))
             }

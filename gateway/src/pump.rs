@@ -46,7 +46,16 @@ pub struct Pipe {
     /// Bytes written on so far, to any peer: `buf[i]` goes out as byte `written + i`.
     pub written: u64,
     needs_flush: bool,
+    /// Where the last writes to a TLS backend began: the byte, as `written` counts, and the
+    /// bytes the socket had been written by then (see [`Pipe::records_from`]).
+    marks: [(u64, u64); MARKS],
+    next_mark: usize,
 }
+
+/// How many writes to a TLS backend [`Pipe::records_from`] remembers.
+const MARKS: usize = 4;
+/// A mark that stands for no write.
+const NO_MARK: (u64, u64) = (u64::MAX, 0);
 
 impl Pipe {
     /// A pipe starting with bytes already read during login.
@@ -58,7 +67,25 @@ impl Pipe {
             paused: false,
             written: 0,
             needs_flush: false,
+            marks: [NO_MARK; MARKS],
+            next_mark: 0,
         }
+    }
+
+    /// How many bytes the backend's socket had been written when the write holding byte
+    /// `byte` (as [`Pipe::written`] counts) began, at most: TLS records carry that byte and
+    /// the ones after it only past that point. `None` if no write remembered began by then.
+    pub fn records_from(&self, byte: u64) -> Option<u64> {
+        self.marks
+            .iter()
+            .filter(|(at, _)| *at <= byte)
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, records)| *records)
+    }
+
+    /// Forgets the writes remembered (their socket is gone).
+    pub fn forget_marks(&mut self) {
+        self.marks = [NO_MARK; MARKS];
     }
 
     /// Bytes received but not inspected yet.
@@ -141,7 +168,13 @@ impl Pipe {
         while self.ready > 0 {
             let n = match stream {
                 Stream::Plain(tcp) => ready!(poll_send(tcp, &self.buf[..self.ready], cx))?,
-                _ => ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?,
+                _ => {
+                    if let Some(records) = stream.records_written() {
+                        self.marks[self.next_mark % MARKS] = (self.written, records);
+                        self.next_mark = self.next_mark.wrapping_add(1);
+                    }
+                    ready!(Pin::new(&mut *stream).poll_write(cx, &self.buf[..self.ready]))?
+                }
             };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -377,6 +410,7 @@ impl Pump {
     /// Swaps in a new backend connection (after a failover), whose bytes `down` starts with.
     pub fn replace_backend(&mut self, backend: Stream, down: Pipe) {
         self.backend = backend;
+        self.up.forget_marks();
         self.down = down;
         self.backend_open = true;
         self.armed &= !BACKEND;
@@ -436,6 +470,20 @@ mod tests {
             .await
             .expect("the pump was not woken")
             .unwrap()
+    }
+
+    /// The records carrying a byte begin no earlier than the socket's count when the last
+    /// write begun at or before that byte began; forgotten writes give no answer.
+    #[test]
+    fn the_write_that_began_a_byte_is_found() {
+        let mut p = Pipe::new(BytesMut::new(), 1024);
+        assert_eq!(p.records_from(0), None);
+        p.marks = [(0, 500), (100, 700), (250, 900), NO_MARK];
+        assert_eq!(p.records_from(99), Some(500));
+        assert_eq!(p.records_from(100), Some(700));
+        assert_eq!(p.records_from(1000), Some(900));
+        p.forget_marks();
+        assert_eq!(p.records_from(1000), None);
     }
 
     #[tokio::test]

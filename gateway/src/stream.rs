@@ -14,7 +14,22 @@ pub enum Stream {
     /// TLS accepted from a client.
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS opened to a backend.
-    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<Counted>>),
+}
+
+/// A TCP socket that counts the bytes written to it: under TLS, the records' bytes, which is
+/// what the kernel's count of unacknowledged bytes counts (see `Session::relocate`).
+#[derive(Debug)]
+pub struct Counted {
+    tcp: TcpStream,
+    written: u64,
+}
+
+impl Counted {
+    /// Counts from now on.
+    pub fn new(tcp: TcpStream) -> Self {
+        Self { tcp, written: 0 }
+    }
 }
 
 impl Stream {
@@ -28,7 +43,15 @@ impl Stream {
         match self {
             Stream::Plain(s) => s,
             Stream::ServerTls(s) => s.get_ref().0,
-            Stream::ClientTls(s) => s.get_ref().0,
+            Stream::ClientTls(s) => &s.get_ref().0.tcp,
+        }
+    }
+
+    /// Bytes written to the socket of a TLS connection to a backend ([`Counted`]).
+    pub fn records_written(&self) -> Option<u64> {
+        match self {
+            Stream::ClientTls(s) => Some(s.get_ref().0.written),
+            _ => None,
         }
     }
 }
@@ -87,4 +110,54 @@ pub fn tune_socket(s: &TcpStream, keepalive: &crate::config::Keepalive) -> io::R
         socket2::SockRef::from(s).set_tcp_keepalive(&ka)?;
     }
     Ok(())
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.written += n as u64;
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            this.written += n as u64;
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }

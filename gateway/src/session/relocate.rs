@@ -527,10 +527,10 @@ impl Session {
     /// acknowledges every byte the server's kernel had received, and bytes that arrive after
     /// it are answered with a reset, never acknowledged. So after an orderly end (EOF, or
     /// `EPIPE`: the reset behind it), a request none of whose bytes were acknowledged reached
-    /// the server after its process had gone. Plain TCP only: a TLS record's bytes cannot be
-    /// told from the request's. (A reset behind an orderly end proves nothing by itself: a
-    /// kernel short of memory for orphaned sockets resets them after their FIN, whatever was
-    /// read.)
+    /// the server after its process had gone. Over TLS, none of the records written from the
+    /// start of the write that began the request on (a record is read whole or not at all).
+    /// (A reset behind an orderly end proves nothing by itself: a kernel short of memory for
+    /// orphaned sockets resets them after their FIN, whatever was read.)
     fn ended_before_acknowledging(&self, cause: &std::io::Error) -> bool {
         if !matches!(
             cause.kind(),
@@ -538,11 +538,25 @@ impl Session {
         ) {
             return false;
         }
-        let (Some(from), Stream::Plain(tcp)) = (self.last_request_from, &self.pump.backend) else {
+        let Some(from) = self.last_request_from else {
             return false;
         };
-        let sent = self.pump.up.written.saturating_sub(from);
-        let unacknowledged = crate::sockopt::unacknowledged(tcp);
+        let backend = &self.pump.backend;
+        // Over TLS, in records' bytes: from where the write that began the request began.
+        let sent = match backend {
+            Stream::Plain(_) => Some(self.pump.up.written.saturating_sub(from)),
+            Stream::ClientTls(_) => self
+                .pump
+                .up
+                .records_from(from)
+                .zip(backend.records_written())
+                .map(|(start, now)| now.saturating_sub(start)),
+            Stream::ServerTls(_) => None,
+        };
+        let Some(sent) = sent else {
+            return false;
+        };
+        let unacknowledged = crate::sockopt::unacknowledged(backend.tcp());
         tracing::debug!(
             session = self.guard.info().id,
             sent,

@@ -129,11 +129,10 @@ impl AsyncWrite for Counted {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            this.written += n as u64;
-        }
-        written
+        count(
+            &mut this.written,
+            Pin::new(&mut this.tcp).poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -142,11 +141,10 @@ impl AsyncWrite for Counted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            this.written += n as u64;
-        }
-        written
+        count(
+            &mut this.written,
+            Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -160,4 +158,12 @@ impl AsyncWrite for Counted {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
+}
+
+/// Adds what a write wrote to `written`.
+fn count(written: &mut u64, write: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(Ok(n)) = write {
+        *written += n as u64;
+    }
+    write
 }

@@ -611,7 +611,8 @@ if errors:
     if werr:
         print()
         print("Write errors: when the INSERT was sent relative to the kill (sent_ms < 0: in flight when the primary died;"
-              " > 0: sent to the gateway after the primary was already dead) and whether it is in the table at the end:")
+              " > 0: sent to the gateway after the SIGKILL, which the kernel takes milliseconds to carry out: a backend may"
+              " still read and commit such a write) and whether it is in the table at the end:")
         print()
         print("| failover | client | seq | sqlstate | sent_ms | answered after kill ms | in the table |")
         print("|---:|---|---:|---|---:|---:|:---:|")
@@ -624,7 +625,7 @@ if errors:
                 sm = float(d.get("sent_ms", "nan"))
                 when = ("sent before the kill (in flight)" if sm < 0 else
                         "sent < 1 ms after the kill instant (the kill takes effect within about that)" if sm < 1 else
-                        "sent ≥ 1 ms after the kill (the primary was already dead)")
+                        "sent ≥ 1 ms after the kill (its processes may not all be gone yet)")
             except ValueError:
                 when = "?"
             pres = {"1": "applied", "0": "not applied"}.get(doubt.get((d["client"], d["seq"]), "?"), "?")

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+#[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 
 /// Bytes written to a TCP socket that its peer has not acknowledged (Linux `SIOCOUTQ`: sent

@@ -27,6 +27,8 @@ impl Dropped {
     /// Starts dropping the TCP segments sent `direction` `port` on this host (loopback
     /// included: it filters where packets leave, whatever the interface).
     pub fn segments(direction: Direction, port: u16) -> Self {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_stale_tables);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let table = format!("understudy_{}_{n}", std::process::id());
         let field = match direction {
@@ -64,5 +66,30 @@ impl Drop for Dropped {
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &self.table])
             .status();
+    }
+}
+
+/// Removes the tables of test processes that died without removing theirs (killed, say): a
+/// later run may be given the ports they drop.
+fn remove_stale_tables() {
+    let Ok(out) = Command::new("nft").args(["list", "tables"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "table inet understudy_<pid>_<n>"
+        let Some(table) = line.strip_prefix("table inet ") else {
+            continue;
+        };
+        let Some(pid) = table
+            .strip_prefix("understudy_")
+            .and_then(|rest| rest.split('_').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", table])
+                .status();
+        }
     }
 }

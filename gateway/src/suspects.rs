@@ -127,6 +127,21 @@ impl Entry {
         });
     }
 
+    /// Publishes `answer`, to a question `asked` then, if it is one; else counts and logs the
+    /// failure of the question asked `how`. Whether it was.
+    fn take(&self, answer: Option<&[u8]>, asked: Instant, how: &str) -> bool {
+        match answer.and_then(parse) {
+            Some(suspects) => {
+                self.publish(suspects, asked);
+                true
+            }
+            None => {
+                self.unanswered(how, "the question failed", true);
+                false
+            }
+        }
+    }
+
     /// Counts a failed question, and if `log`, logs it (at most once a minute per database).
     fn unanswered(&self, how: &str, why: &str, log: bool) {
         metrics::counter!("understudy_catalog_questions_total", "outcome" => "failed").increment(1);
@@ -205,12 +220,8 @@ impl Feed {
         if lock(&entry.learned_at).is_none_or(|at| at < since) {
             let asked = Instant::now();
             let answer = ask(SUSPECTS_SQL).await;
-            match answer.as_deref().map(str::as_bytes).and_then(parse) {
-                Some(suspects) => entry.publish(suspects, asked),
-                None => {
-                    entry.unanswered("at a move", "the question failed", true);
-                    return None;
-                }
+            if !entry.take(answer.as_deref().map(str::as_bytes), asked, "at a move") {
+                return None;
             }
         }
         Some(self.current())
@@ -248,10 +259,7 @@ impl CatalogSuspects {
         if !entry.fresh() {
             let asked = Instant::now();
             let answer = crate::grants::ask(stream, buf, SUSPECTS_SQL).await?;
-            match answer.as_deref().and_then(parse) {
-                Some(suspects) => entry.publish(suspects, asked),
-                None => entry.unanswered("at login", "the question failed", true),
-            }
+            entry.take(answer.as_deref(), asked, "at login");
         }
         let feed = Feed {
             rx: entry.latest.subscribe(),

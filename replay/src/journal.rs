@@ -1264,7 +1264,8 @@ impl Journal {
     }
 
     /// Classifies statements from now on knowing `suspects`, the session's database's; a
-    /// statement prepared before that names one of them writes from now on too.
+    /// statement prepared before that names one of them writes from now on too, and so do the
+    /// requests kept (see [`Journal::judge_kept_again`]).
     pub fn set_suspects(&mut self, suspects: std::sync::Arc<Suspects>) {
         self.suspects = suspects;
         if self.suspects.is_empty() {
@@ -1299,26 +1300,25 @@ impl Journal {
                 effects.may_write_data = true;
             }
         }
+        self.judge_kept_again();
     }
 
     /// Whether a request kept (in flight, or answered in the open transaction) runs statements
     /// judged not to write data, which suspects learned later may show to write (see
-    /// [`Journal::judge_again`]).
+    /// [`Journal::set_suspects`]).
     pub fn holds_reads(&self) -> bool {
         self.groups
             .iter()
             .any(|g| g.runs && !g.may_write_data && !g.truncated)
     }
 
-    /// Judges the requests kept again with the suspects known now (see
-    /// [`Journal::set_suspects`], called first): one that reads a relation or calls a function
-    /// now known to write may write data, and so does the open transaction it was answered
-    /// in. For a move, whose decisions about what was in flight rest on these; requests and
-    /// the transaction only ever gain writes.
-    pub fn judge_again(&mut self) {
-        if self.suspects.is_empty() {
-            return;
-        }
+    /// Judges the requests kept (in flight, or answered in the open transaction) again with
+    /// the suspects known now, their statements judged again first: one that reads a relation
+    /// or calls a function now known to write may write data, and so does the open
+    /// transaction it was answered in. A move's decisions about what was in flight rest on
+    /// these, and a COMMIT of such a transaction captures its xid. Requests and the
+    /// transaction only ever gain writes.
+    fn judge_kept_again(&mut self) {
         let in_txn = self.txn_status != b'I';
         for g in &mut self.groups {
             if g.may_write_data || g.truncated {
@@ -1336,7 +1336,7 @@ impl Journal {
                         );
                         self.classified.may_write_data()
                     }
-                    // Its statement was judged again by `set_suspects`.
+                    // Its statement was judged again before.
                     frontend::BIND => self
                         .statements
                         .get(cstr(cstr(body).1).0)
@@ -2140,8 +2140,8 @@ mod tests {
         }
     }
 
-    /// Requests kept for a move are judged again once the suspects a move learns are set: the
-    /// open transaction's answered reads, and those in flight, simple or bound.
+    /// Requests kept are judged again when suspects are learned: the open transaction's
+    /// answered reads, and those in flight, simple or bound.
     #[test]
     fn requests_kept_are_judged_again_with_suspects_learned_later() {
         let mut j = Journal::new(1 << 20);
@@ -2159,7 +2159,6 @@ mod tests {
         j.on_client_message(b'S', &msg(b'S', b""));
         assert!(j.holds_reads() && !j.txn_may_write_data());
         j.set_suspects(std::sync::Arc::new(Suspects::new(["vw".into()], [])));
-        j.judge_again();
         assert!(
             j.txn_may_write_data(),
             "the answered read of the view wrote"

@@ -582,7 +582,6 @@ impl Session {
         let ask = |sql| async move { fresh.query(sql).await.ok().flatten() };
         if let Some(suspects) = feed.since(failed_at, ask).await {
             self.journal.set_suspects(suspects);
-            self.journal.judge_again();
         }
     }
 

@@ -37,10 +37,10 @@ impl Connector {
     pub async fn open<'a>(
         &self,
         backend: &Backend,
-        params: impl Iterator<Item = (&'a str, &'a str)>,
+        params: impl Iterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Stream, SessionError> {
         let mut buf = BytesMut::with_capacity(256);
-        postgres_startup(&mut buf, params);
+        understudy_protocol::startup::write_startup(&mut buf, params);
         if let Some(mut spare) = self.spares.as_ref().and_then(|s| s.take(backend)) {
             // The server has read nothing from a spare it closed, so sending the StartupMessage
             // again on a new connection starts nothing twice.
@@ -134,14 +134,6 @@ impl Connector {
                 "unexpected answer {other:#x} to SSLRequest"
             ))),
         }
-    }
-}
-
-fn postgres_startup<'a>(buf: &mut BytesMut, params: impl Iterator<Item = (&'a str, &'a str)>) {
-    // postgres-protocol writes protocol 3.0; its only failure is a NUL inside a parameter, which
-    // a parsed StartupMessage cannot contain.
-    if let Err(e) = postgres_protocol::message::frontend::startup_message(params, buf) {
-        tracing::error!(error = %e, "startup parameters could not be encoded");
     }
 }
 

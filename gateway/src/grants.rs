@@ -32,9 +32,9 @@ type RoleAnswers = HashMap<String, (bool, Instant)>;
 
 /// A login as the answers are kept by: the role, and the startup `options` (`-c role=…` runs
 /// the session as another role).
-pub fn login_key(user: &str, options: Option<&str>) -> String {
+pub fn login_key(user: &str, options: Option<&[u8]>) -> String {
     match options {
-        Some(options) if !options.is_empty() => format!("{user}\0{options}"),
+        Some(options) if !options.is_empty() => format!("{user}\0{}", options.escape_ascii()),
         _ => user.to_owned(),
     }
 }
@@ -155,8 +155,8 @@ mod tests {
     #[test]
     fn answers_are_kept_per_database_and_login_until_forgotten() {
         let grants = CaptureGrants::default();
-        let (plain, as_other) = (login_key("u", None), login_key("u", Some("-c role=v")));
-        assert_eq!(login_key("u", Some("")), plain);
+        let (plain, as_other) = (login_key("u", None), login_key("u", Some(b"-c role=v")));
+        assert_eq!(login_key("u", Some(b"")), plain);
         assert_ne!(plain, as_other);
         grants.record("d", &plain, false);
         grants.record("d", &as_other, true);

@@ -64,12 +64,21 @@ pub fn query(sql: &str) -> Vec<u8> {
 
 /// A StartupMessage for protocol 3.`minor` with `params`.
 pub fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let params: Vec<_> = params
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect();
+    startup_bytes(minor, &params)
+}
+
+/// A StartupMessage for protocol 3.`minor` with `params` as bytes, UTF-8 or not.
+pub fn startup_bytes(minor: u16, params: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut body = BytesMut::new();
     body.put_i32((3 << 16) | i32::from(minor));
     for (k, v) in params {
-        body.put_slice(k.as_bytes());
+        body.put_slice(k);
         body.put_u8(0);
-        body.put_slice(v.as_bytes());
+        body.put_slice(v);
         body.put_u8(0);
     }
     body.put_u8(0);

@@ -201,6 +201,43 @@ async fn idle_session_moves_with_its_state() {
     );
 }
 
+/// Startup values that are not UTF-8 go to the new primary as the client sent them: a setting
+/// of its own keeps its bytes after the move.
+#[tokio::test]
+async fn startup_values_that_are_not_utf8_move_with_the_session() {
+    let mut cluster = Cluster::primary_and_standby().await;
+    let standby_port = cluster.pg.standby.as_ref().unwrap().port();
+    let gw = cluster.failover_gateway().await;
+    let mut c = RawConn::open(gw.addr()).await;
+    c.send(&raw::startup_bytes(
+        0,
+        &[
+            (b"user", roles::TRUST.as_bytes()),
+            (b"database", b"postgres"),
+            (b"application_name", b"caf\xe9"),
+            (b"understudy.note", b"\xe9t\xe9"),
+        ],
+    ))
+    .await;
+    let greeting = c.read_until(b'Z').await;
+    assert!(greeting.iter().all(|m| m.tag != b'E'), "{greeting:?}");
+
+    cluster.kill_primary().await;
+
+    c.send(&query(
+        "SELECT current_setting('understudy.note'), current_setting('application_name'), \
+         inet_server_port()",
+    ))
+    .await;
+    let answer = c.read_until(b'Z').await;
+    let row = answer.iter().find(|m| m.tag == b'D').expect("a row");
+    let port = standby_port.to_string();
+    let mut expected = b"\0\x03\0\0\0\x03\xe9t\xe9\0\0\0\x04caf?".to_vec();
+    expected.extend_from_slice(&(port.len() as i32).to_be_bytes());
+    expected.extend_from_slice(port.as_bytes());
+    assert_eq!(row.body, expected, "{answer:?}");
+}
+
 /// Session state set with the extended protocol (as JDBC and Npgsql send every statement)
 /// moves too: a `search_path` set that way still picks the table it picked before, in the
 /// replayed transaction and after it, and a LISTEN made that way still hears.

@@ -303,6 +303,94 @@ async fn startup_parameters_and_parameter_status() {
     assert_eq!(String::from_utf8_lossy(&data.body[6..]), pid.to_string());
 }
 
+/// Startup values that are not UTF-8 (a LATIN1 client's `application_name`, a setting of its
+/// own) reach the server as sent, and the server answers as it does directly, with psql too.
+/// A role or database name that is not UTF-8 is refused with its own SQLSTATE and message.
+#[tokio::test]
+async fn startup_values_that_are_not_utf8_reach_the_server_as_sent() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let params: [(&[u8], &[u8]); 4] = [
+        (b"user", roles::TRUST.as_bytes()),
+        (b"database", b"postgres"),
+        (b"application_name", b"caf\xe9"),
+        (b"understudy.note", b"\xe9t\xe9"),
+    ];
+    let answers = |addr| async move {
+        let mut rc = RawConn::open(addr).await;
+        rc.send(&raw::startup_bytes(0, &params)).await;
+        let greeting = rc.read_until(b'Z').await;
+        assert!(greeting.iter().all(|m| m.tag != b'E'), "{greeting:?}");
+        rc.send(&raw::query(
+            "SELECT current_setting('application_name'), current_setting('understudy.note')",
+        ))
+        .await;
+        let rows = rc.read_until(b'Z').await;
+        let reported = greeting
+            .into_iter()
+            .filter(|m| m.tag == b'S' && m.body.starts_with(b"application_name\0"))
+            .map(|m| m.body);
+        let data = rows.into_iter().filter(|m| m.tag == b'D').map(|m| m.body);
+        reported.chain(data).collect::<Vec<_>>()
+    };
+    let through = answers(gw.addr()).await;
+    assert_eq!(through, answers(cluster.pg.primary.addr()).await);
+    // PostgreSQL 15 shows a non-ASCII application_name with '?'s; a placeholder keeps its bytes.
+    assert_eq!(
+        through,
+        [
+            b"application_name\0caf?\0".to_vec(),
+            b"\0\x02\0\0\0\x04caf?\0\0\0\x03\xe9t\xe9".to_vec()
+        ]
+    );
+
+    let mut psql = tokio::process::Command::new(cluster.program("psql"));
+    let port = gw.addr().port().to_string();
+    psql.args([
+        "-X",
+        "-A",
+        "-t",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        roles::TRUST,
+    ])
+    .args(["-d", "postgres", "-c", "SHOW application_name"])
+    .env(
+        "PGAPPNAME",
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"psql-\xe9"),
+    )
+    .env("PGCONNECT_TIMEOUT", "10")
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), psql.output())
+        .await
+        .expect("psql finishes")
+        .expect("psql runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "psql failed: {stderr}");
+    assert_eq!(out.stdout, b"psql-?\n", "{stderr}");
+
+    for (name, what) in [(&b"user"[..], "user"), (b"database", "database")] {
+        let mut params = vec![(&b"user"[..], roles::TRUST.as_bytes())];
+        params.retain(|(k, _)| *k != name);
+        params.push((name, b"jos\xe9"));
+        let mut rc = RawConn::open(gw.addr()).await;
+        rc.send(&raw::startup_bytes(0, &params)).await;
+        let err = rc.expect_error().await;
+        assert_eq!(err.code(), "0A000", "{what}");
+        assert_eq!(
+            err.message(),
+            format!("the gateway takes only UTF-8 {what} names")
+        );
+        assert!(rc.closed().await, "{what}: the connection is closed");
+    }
+    // The refusals left the gateway serving.
+    let c = gw.connect(roles::TRUST).await;
+    assert_eq!(int_column(&c, "SELECT 1").await, [1]);
+}
+
 /// Everything the server says at login and in answer to SET, RESET and a rolled-back SET
 /// reaches the client verbatim and in the server's order, as it does on a direct connection:
 /// ParameterStatus included (only BackendKeyData's secret is the gateway's own).

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use bytes::{BufMut, BytesMut};
+
 /// Longest startup packet PostgreSQL accepts (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
 /// Code of an SSLRequest.
@@ -37,40 +39,53 @@ pub struct CancelKey {
 }
 
 /// A StartupMessage: protocol version and the parameters in the order the client sent them.
+///
+/// Values are bytes, as PostgreSQL takes them (a client in LATIN1 may send a LATIN1
+/// `application_name`); names, `user` and `database` are UTF-8 (see [`StartupError::NotUtf8`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     /// Minor protocol version asked for (major is always 3 here).
     pub minor: u16,
     /// Parameters, including `user`, `database`, `options` and any `_pq_.` protocol options.
-    pub params: Vec<(String, String)>,
+    pub params: Vec<(String, Vec<u8>)>,
 }
 
 impl fmt::Debug for StartupMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let params: Vec<_> = self
+            .params
+            .iter()
+            .map(|(k, v)| (k, v.escape_ascii().to_string()))
+            .collect();
         f.debug_struct("StartupMessage")
             .field("minor", &self.minor)
-            .field("params", &self.params)
+            .field("params", &params)
             .finish()
     }
 }
 
 impl StartupMessage {
     /// Value of parameter `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.params
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
     }
 
     /// The role name (`user` is mandatory).
     pub fn user(&self) -> Option<&str> {
-        self.get("user")
+        self.text("user")
     }
 
     /// The database, which defaults to the role name.
     pub fn database(&self) -> Option<&str> {
-        self.get("database").or_else(|| self.user())
+        self.text("database").or_else(|| self.user())
+    }
+
+    /// Value of parameter `name`, if it is UTF-8 (`user` and `database` are: see [`parse_packet`]).
+    fn text(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(self.get(name)?).ok()
     }
 
     /// Protocol options (`_pq_.` prefix) the client asked for; the gateway supports none.
@@ -82,11 +97,11 @@ impl StartupMessage {
     }
 
     /// Parameters to pass to the server: all but protocol options.
-    pub fn server_params(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn server_params(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.params
             .iter()
             .filter(|(k, _)| !k.starts_with("_pq_."))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 }
 
@@ -105,9 +120,14 @@ pub enum StartupError {
         /// Minor version asked for.
         minor: u16,
     },
-    /// The parameter list is not a list of NUL-terminated UTF-8 pairs ending in a NUL.
+    /// The parameter list is not a list of NUL-terminated pairs ending in a NUL.
     #[error("invalid startup packet layout: {0}")]
     Malformed(&'static str),
+    /// A parameter name, or the `user` or `database` value, is not UTF-8: the gateway names
+    /// roles and databases in its own queries and settings, which are UTF-8 (values of other
+    /// parameters are passed on as sent).
+    #[error("the gateway takes only UTF-8 {0}")]
+    NotUtf8(&'static str),
     /// No `user` parameter.
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
@@ -120,6 +140,7 @@ impl StartupError {
             StartupError::UnsupportedProtocol { .. } => "0A000",
             StartupError::NoUser => "28000",
             StartupError::InvalidLength(_) | StartupError::Malformed(_) => "08P01",
+            StartupError::NotUtf8(_) => "0A000",
         }
     }
 }
@@ -166,6 +187,11 @@ pub fn parse_packet(packet: &[u8]) -> Result<StartupPacket, StartupError> {
             }
             let params = parse_params(body)?;
             let msg = StartupMessage { minor, params };
+            for (name, what) in [("user", "user names"), ("database", "database names")] {
+                if msg.get(name).is_some() && msg.text(name).is_none() {
+                    return Err(StartupError::NotUtf8(what));
+                }
+            }
             if msg.user().is_none() {
                 return Err(StartupError::NoUser);
             }
@@ -174,13 +200,32 @@ pub fn parse_packet(packet: &[u8]) -> Result<StartupPacket, StartupError> {
     }
 }
 
-fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
+/// Writes a protocol 3.0 StartupMessage with `params` in order. Neither postgres-protocol's
+/// encoder nor pgwire's takes values that are not UTF-8; a value holds no NUL once parsed.
+pub fn write_startup<'a>(buf: &mut BytesMut, params: impl Iterator<Item = (&'a str, &'a [u8])>) {
+    let start = buf.len();
+    buf.put_i32(0);
+    buf.put_i32(i32::from(PROTOCOL_MAJOR) << 16);
+    for (name, value) in params {
+        for part in [name.as_bytes(), value] {
+            buf.put_slice(part);
+            buf.put_u8(0);
+        }
+    }
+    buf.put_u8(0);
+    let len = (buf.len() - start) as i32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn parse_params(mut body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StartupError> {
     let mut params = Vec::new();
     loop {
         let name = cstr(&mut body)?;
         if name.is_empty() {
             break;
         }
+        let name =
+            std::str::from_utf8(name).map_err(|_| StartupError::NotUtf8("parameter names"))?;
         let value = cstr(&mut body)?;
         params.push((name.to_owned(), value.to_owned()));
     }
@@ -190,12 +235,12 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
     Ok(params)
 }
 
-fn cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a str, StartupError> {
+fn cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], StartupError> {
     let end = buf
         .iter()
         .position(|&b| b == 0)
         .ok_or(StartupError::Malformed("expected terminator as last byte"))?;
-    let s = std::str::from_utf8(&buf[..end]).map_err(|_| StartupError::Malformed("not UTF-8"))?;
+    let s = &buf[..end];
     *buf = &buf[end + 1..];
     Ok(s)
 }
@@ -225,8 +270,34 @@ mod tests {
         assert_eq!(m.protocol_options().collect::<Vec<_>>(), ["_pq_.foo"]);
         assert_eq!(
             m.server_params().collect::<Vec<_>>(),
-            [("user", "alice"), ("options", "-c x=1")]
+            [("user", &b"alice"[..]), ("options", b"-c x=1")]
         );
+    }
+
+    /// A written StartupMessage parses back to what it was written from.
+    #[test]
+    fn startup_messages_round_trip() {
+        let params = [("user", &b"alice"[..]), ("application_name", b"caf\xe9")];
+        let mut buf = BytesMut::from(&b"xy"[..]);
+        write_startup(&mut buf, params.into_iter());
+        assert_eq!(packet_len(&buf[2..]), Ok(Some(buf.len() - 2)));
+        let StartupPacket::Startup(m) = parse_packet(&buf[2..]).unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(m.minor, 0);
+        assert_eq!(m.server_params().collect::<Vec<_>>(), params);
+    }
+
+    /// Values other than the role's and the database's are bytes, as PostgreSQL takes them.
+    #[test]
+    fn values_need_not_be_utf8() {
+        let p = packet(196_608, b"user\0alice\0application_name\0caf\xe9\0\0");
+        let StartupPacket::Startup(m) = parse_packet(&p).unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(m.get("application_name"), Some(&b"caf\xe9"[..]));
+        assert_eq!((m.user(), m.database()), (Some("alice"), Some("alice")));
+        assert!(format!("{m:?}").contains(r#""caf\\xe9""#), "{m:?}");
     }
 
     #[test]
@@ -275,7 +346,15 @@ mod tests {
         );
         assert_eq!(
             parse_packet(&packet(196_608, b"user\0\xff\0\0")),
-            Err(StartupError::Malformed("not UTF-8"))
+            Err(StartupError::NotUtf8("user names"))
+        );
+        assert_eq!(
+            parse_packet(&packet(196_608, b"user\0a\0database\0caf\xe9\0\0")),
+            Err(StartupError::NotUtf8("database names"))
+        );
+        assert_eq!(
+            parse_packet(&packet(196_608, b"user\0a\0x.caf\xe9\0v\0\0")),
+            Err(StartupError::NotUtf8("parameter names"))
         );
         assert!(parse_packet(&packet(CANCEL_REQUEST_CODE, b"\0\0")).is_err());
     }

@@ -295,7 +295,7 @@ pub struct Relogin {
     /// The backend the session uses now.
     pub backend: Backend,
     /// Startup parameters for the server, as the client sent them.
-    pub params: Vec<(String, String)>,
+    pub params: Vec<(String, Vec<u8>)>,
     /// Role name.
     pub user: String,
     /// How to authenticate.
@@ -306,7 +306,7 @@ impl Relogin {
     /// The login as [`crate::grants`] knows it.
     fn grants_key(&self) -> String {
         let options = self.params.iter().find(|(k, _)| k == "options");
-        crate::grants::login_key(&self.user, options.map(|(_, v)| v.as_str()))
+        crate::grants::login_key(&self.user, options.map(|(_, v)| v.as_slice()))
     }
 }
 

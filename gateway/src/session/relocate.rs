@@ -658,7 +658,7 @@ impl Session {
             .relogin
             .params
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
+            .map(|(k, v)| (k.as_str(), v.as_slice()));
         let mut stream = self
             .shared
             .connector

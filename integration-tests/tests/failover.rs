@@ -941,8 +941,9 @@ async fn requests_too_large_to_keep_at_a_failover() {
 
 /// An autocommit write running when the primary dies may or may not have been applied: the
 /// client gets 08007 and the session continues. So does a whole transaction sent as one string
-/// (`BEGIN; …; COMMIT`), which commits as an autocommit write does, and a SELECT of a function
-/// that writes (run again, the write would be applied twice). None of them runs again.
+/// (`BEGIN; …; COMMIT`), which commits as an autocommit write does, a SELECT of a function
+/// that writes (run again, the write would be applied twice), and a Query of two INSERTs that
+/// carries the xid query. None of them runs again.
 #[tokio::test]
 async fn autocommit_write_in_flight_gets_08007() {
     let (mut cluster, gw, c) = session_after(&format!(
@@ -952,27 +953,33 @@ async fn autocommit_write_in_flight_gets_08007() {
     .await;
     let whole = gw.connect(roles::MD5).await;
     let call = gw.connect(roles::CLEARTEXT).await;
+    let several = gw.connect(roles::TRUST).await;
     let counted_before = errors_counted(&gw.admin_get("/metrics").await, "08007", "gateway");
-    let (c, whole, call, r, w, f) =
+    let (c, whole, call, several, r, w, f, s) =
         kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
-            let (r, w, f) = futures_util::future::join3(
+            let (r, w, f, s) = futures_util::future::join4(
                 c.batch_execute("INSERT INTO t SELECT 9 FROM pg_sleep(1.5)"),
                 whole.batch_execute("BEGIN; INSERT INTO t SELECT 8 FROM pg_sleep(1.5); COMMIT"),
                 call.batch_execute("SELECT ins_fn(7)"),
+                // The first statement's answer is held until the next message shows it was
+                // not the last; the client hears nothing of a Query whose commit is in doubt.
+                several.simple_query(
+                    "INSERT INTO t VALUES (6); INSERT INTO t SELECT 5 FROM pg_sleep(1.5)",
+                ),
             )
             .await;
-            (c, whole, call, r, w, f)
+            (c, whole, call, several, r, w, f, s.map(|_| ()))
         })
         .await;
-    for e in [r, w, f] {
+    for e in [r, w, f, s] {
         assert_gateway_error(&e.unwrap_err(), "08007");
     }
     // The registry is the process's, shared with the tests running alongside: at least ours,
     // and none from a server (no test's server sends 08007).
     let metrics = gw.admin_get("/metrics").await;
-    assert!(errors_counted(&metrics, "08007", "gateway") - counted_before >= 3.0);
+    assert!(errors_counted(&metrics, "08007", "gateway") - counted_before >= 4.0);
     assert_eq!(errors_counted(&metrics, "08007", "server"), 0.0);
-    for session in [&c, &whole, &call] {
+    for session in [&c, &whole, &call, &several] {
         let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(one, 1);
     }

@@ -952,6 +952,97 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     }
 }
 
+/// A Query of several queries and data changes outside a transaction block, which a gateway
+/// armed for failover sends with its xid query appended (in the same string, so in the same
+/// transaction, before the commit), is answered exactly as directly: rows between the writes,
+/// a later statement failing (the earlier ones were answered), a syntax error, a deferred
+/// constraint failing at the commit (its error replaces the last CommandComplete), a notice
+/// raised during the commit (before the last CommandComplete), a ParameterStatus and a
+/// notification (after it), empty statements, a write of no row, and a Query that only reads
+/// (nothing appended). Each acknowledged write is there once.
+#[tokio::test]
+async fn autocommit_queries_of_several_statements_answer_as_directly() {
+    let (cluster, admin, gw) = armed_after(
+        "CREATE TABLE q(a int PRIMARY KEY, b text);
+             CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
+             CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
+             CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
+               FOR EACH ROW EXECUTE FUNCTION said();
+             GRANT ALL ON q, c TO PUBLIC",
+    )
+    .await;
+    let script = [
+        "INSERT INTO q VALUES (1, 'x'); INSERT INTO q VALUES (2, 'y')",
+        "INSERT INTO q VALUES (3, 'z') RETURNING a, b; SELECT b FROM q WHERE a = 1",
+        "INSERT INTO q VALUES (4, 'w'); INSERT INTO q VALUES (1, 'again')",
+        "INSERT INTO q VALUES (5, 'v'); INSERT INTO q VALUS (6)",
+        "INSERT INTO q VALUES (6, 'u'); INSERT INTO c VALUES (42)",
+        "INSERT INTO q VALUES (7, 't'); INSERT INTO c VALUES (7);",
+        "UPDATE q SET b = 's' WHERE a = 99; DELETE FROM q WHERE a = 98",
+        "DELETE FROM q WHERE a = 2; SELECT 1 / 0",
+        ";INSERT INTO q VALUES (8, 'r');; INSERT INTO q VALUES (9, 'q') -- the end",
+        "LISTEN ch",
+        "INSERT INTO q VALUES (10, 'p'); \
+         SELECT set_config('application_name', 'renamed', false), pg_notify('ch', 'x')",
+        "SELECT 1; SELECT count(*) FROM q",
+    ];
+    let transcript = |addr| async move {
+        let (mut rc, pid) = login_with_pid(addr, "several").await;
+        let mut all = Vec::new();
+        for sql in script {
+            rc.send(&raw::query(sql)).await;
+            all.push(
+                rc.read_until(b'Z')
+                    .await
+                    .into_iter()
+                    .map(|m| {
+                        // A notification names the sending backend, another one each run.
+                        let body = if m.tag == b'A' {
+                            &m.body[4..]
+                        } else {
+                            &m.body[..]
+                        };
+                        (m.tag as char, String::from_utf8_lossy(body).into_owned())
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        (all, rc, pid)
+    };
+    let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
+    let tags = |i: usize| direct[i].iter().map(|(t, _)| *t).collect::<String>();
+    assert_eq!(
+        (0..script.len()).map(tags).collect::<Vec<_>>(),
+        [
+            "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
+            "TDCTDCZ"
+        ],
+        "{direct:?}"
+    );
+    let rows = "SELECT a FROM q ORDER BY a";
+    let written = int_column(&admin, rows).await;
+    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10]);
+    admin.batch_execute("TRUNCATE c, q").await.unwrap();
+    let (through, mut rc, pid) = transcript(gw.addr()).await;
+    for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
+        assert_eq!(through, direct, "{}", script[i]);
+    }
+    assert_eq!(int_column(&admin, rows).await, written, "each write once");
+    // The xid query ran in the string, after the client's statements.
+    rc.send(&raw::query(
+        "INSERT INTO q VALUES (11, 'o'); INSERT INTO q VALUES (12, 'n')",
+    ))
+    .await;
+    rc.read_until(b'Z').await;
+    let ran = last_query(&admin, pid).await;
+    assert!(
+        ran.starts_with("INSERT INTO q VALUES (11, 'o'); INSERT INTO q VALUES (12, 'n')\n;")
+            && ran.ends_with(&format!("{XID_SQL} AS understudy_xid")),
+        "{ran}"
+    );
+}
+
 /// A Query sent after extended-protocol requests without a Sync is skipped by the server when
 /// one of those requests fails, up to the Sync, whose one ReadyForQuery answers them all. The
 /// gateway keeps count: the client gets what it would directly, before and after (writes sent
@@ -1049,8 +1140,9 @@ async fn a_query_skipped_to_the_sync_leaves_the_count_of_answers_right() {
 }
 
 /// The server runs what the client sends and nothing more unless a session could move: with a
-/// second backend, a lone write in a transaction block carries the xid query and an autocommit
-/// write is followed by the WAL position query; with one backend (or `promote = "off"`) neither
+/// second backend, a lone write in a transaction block carries the xid query, and so do
+/// autocommit writes (a Query of two INSERTs in the same string), but for one with another
+/// kind of statement, which the WAL position query follows; with one backend (or `promote = "off"`) neither
 /// is sent, so revoking the function the capture uses changes nothing, and `/status` says why
 /// failover is off.
 #[tokio::test]
@@ -1084,13 +1176,20 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
     // An autocommit write is sent as a batch with the xid query in front of its Sync.
     a.batch_execute(write).await.unwrap();
     assert_eq!(last_query(&admin, a_pid).await, XID_SQL);
-    // Two in one string cannot be: the WAL position query follows their answer.
+    // Two in one string carry the xid query after them.
     let writes = format!("{write}; {write}");
     a.batch_execute(&writes).await.unwrap();
+    assert_eq!(
+        last_query(&admin, a_pid).await,
+        format!("{writes}\n;{XID_SQL} AS understudy_xid")
+    );
+    // A write with another kind of statement cannot: the WAL position query follows its answer.
+    let mixed = format!("{write}; ANALYZE y");
+    a.batch_execute(&mixed).await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {
         text = last_query(&admin, a_pid).await;
-        if text != writes {
+        if text != mixed {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1139,7 +1238,7 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 10);
+    assert_eq!(n, 11);
 }
 
 /// A Sync or Flush sent during COPY data is ignored by the server, so the gateway must not count

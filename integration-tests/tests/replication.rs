@@ -493,11 +493,12 @@ async fn lost_commit_ends_the_session_with_08007() {
 }
 
 /// As [`lost_commit_ends_the_session_with_08007`], for the other ways the gateway learns of a
-/// commit: an autocommit INSERT as a simple Query (a WAL position taken after it) and as an
-/// extended-protocol batch (its xid asked for in front of its Sync), `BEGIN; INSERT; COMMIT`
-/// sent as one Query string (a WAL position), and a transaction whose only write is
-/// Bind/Execute of a statement prepared earlier. All four were acknowledged and all are lost,
-/// so all four sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count,
+/// commit: an autocommit INSERT as a simple Query (sent as a batch with the xid query) and as
+/// an extended-protocol batch (its xid asked for in front of its Sync), `BEGIN; INSERT;
+/// COMMIT` sent as one Query string (a WAL position), two INSERTs in one Query string (its
+/// xid asked for after them, in the same string), and a transaction whose only write is
+/// Bind/Execute of a statement prepared earlier. All five were acknowledged and all are lost,
+/// so all five sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count,
 /// log, report, never hide").
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
@@ -506,6 +507,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let (batch, batch_end) = gw.connect_watched(roles::TRUST).await;
     let (one_string, one_string_end) = gw.connect_watched(roles::MD5).await;
     let (prepared, prepared_end) = gw.connect_watched(roles::CLEARTEXT).await;
+    let (two, two_end) = gw.connect_watched(roles::SCRAM).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -526,6 +528,9 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     prepared.batch_execute("BEGIN").await.unwrap();
     prepared.execute(&insert, &[&4]).await.unwrap();
     prepared.batch_execute("COMMIT").await.unwrap();
+    two.batch_execute("INSERT INTO t VALUES (6); INSERT INTO t VALUES (7)")
+        .await
+        .unwrap();
     let lost_before = lost_commits_counted(&gw).await;
 
     cluster.kill_primary().await;
@@ -533,17 +538,19 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let next_batch = spawn_statement(batch, "SELECT 1");
     let next_one_string = spawn_statement(one_string, "SELECT 1");
     let next_prepared = spawn_statement(prepared, "SELECT 1");
+    let next_two = spawn_statement(two, "SELECT 1");
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the four commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the five commits are lost");
     assert_lost_commit_fatal(next_autocommit, autocommit_end).await;
     assert_lost_commit_fatal(next_batch, batch_end).await;
     assert_lost_commit_fatal(next_one_string, one_string_end).await;
     assert_lost_commit_fatal(next_prepared, prepared_end).await;
-    assert!(lost_commits_counted(&gw).await >= lost_before + 4.0);
+    assert_lost_commit_fatal(next_two, two_end).await;
+    assert!(lost_commits_counted(&gw).await >= lost_before + 5.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -552,9 +559,9 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
 /// client gets 08007 for the write instead of its success. The session goes on. (A Query of
-/// two statements: an extended-protocol batch, and a Query of one data change sent as one,
-/// ask for their xid in their own transaction instead, see
-/// [`a_write_that_changed_nothing_is_no_lost_commit`].)
+/// a data change and an ANALYZE: an extended-protocol batch, a Query of one data change sent
+/// as one, and a Query of several queries and data changes ask for their xid in their own
+/// transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -566,7 +573,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let write = spawn_statement(writer, "INSERT INTO t VALUES (2); SELECT 1");
+    let write = spawn_statement(writer, "INSERT INTO t VALUES (2); ANALYZE t");
     let deadline = Instant::now() + PATIENCE;
     while values(&locker).await.is_empty() {
         assert!(Instant::now() < deadline, "the INSERT never committed");
@@ -599,15 +606,16 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 }
 
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
-/// in the extended protocol or a simple Query, commits nothing that could be lost; a
-/// superuser's commit straight on the primary, made just before them while the standby's
-/// receiver is frozen, is lost with the primary. Both sessions carry on after the failover:
-/// their xids were asked for inside their own transactions (the Query sent as a batch), and
-/// none was assigned. (The gateway took the primary's WAL position after each autocommit write
-/// instead; that position counted the superuser's commit, and the sessions were ended with
-/// FATAL 08007 for a commit they never made. The same position counted any commit of another
-/// session flushed between a write's commit and the position query, which under synchronous
-/// replication the standby need not have had yet.)
+/// in the extended protocol, a simple Query, or a Query of several statements, commits nothing
+/// that could be lost; a superuser's commit straight on the primary, made just before them
+/// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
+/// after the failover: their xids were asked for inside their own transactions (the Query sent
+/// as a batch; the xid query after the statements, in the same string), and none was assigned.
+/// (The gateway took the primary's WAL position after each autocommit write instead; that
+/// position counted the superuser's commit, and the sessions were ended with FATAL 08007 for a
+/// commit they never made. The same position counted any commit of another session flushed
+/// between a write's commit and the position query, which under synchronous replication the
+/// standby need not have had yet.)
 #[tokio::test]
 async fn a_write_that_changed_nothing_is_no_lost_commit() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -621,6 +629,11 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         .batch_execute("INSERT INTO t VALUES (30)")
         .await
         .unwrap();
+    let several = gw.connect(roles::TRUST).await;
+    several
+        .batch_execute("INSERT INTO t VALUES (50); INSERT INTO t VALUES (51)")
+        .await
+        .unwrap();
 
     let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
@@ -632,6 +645,20 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         matches!(answer[..], [SimpleQueryMessage::CommandComplete(0)]),
         "{answer:?}"
     );
+    let answer = several
+        .simple_query("UPDATE t SET a = a WHERE a = -1; DELETE FROM t WHERE a = -2")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            answer[..],
+            [
+                SimpleQueryMessage::CommandComplete(0),
+                SimpleQueryMessage::CommandComplete(0)
+            ]
+        ),
+        "{answer:?}"
+    );
 
     cluster.kill_primary().await;
     let insert = |c: Client, a: i32| {
@@ -641,10 +668,11 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         })
     };
     let (next, next_simple) = (insert(c, 20), insert(simple, 40));
+    let next_several = insert(several, 60);
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
-    for next in [next, next_simple] {
+    for next in [next, next_simple, next_several] {
         let (c, r) = tokio::time::timeout(PATIENCE, next)
             .await
             .expect("answered")
@@ -655,7 +683,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
     let c = gw.connect(roles::MD5).await;
     assert_eq!(
         values(&c).await,
-        [10, 20, 30, 40],
+        [10, 20, 30, 40, 50, 51, 60],
         "every acknowledged write once; the superuser's was lost"
     );
 }

@@ -107,6 +107,14 @@ impl Classified {
         self.statements.contains(&Statement::Write)
     }
 
+    /// How many statements the server runs (and completes) for the string: all but the empty.
+    pub fn statement_count(&self) -> usize {
+        self.statements
+            .iter()
+            .filter(|s| **s != Statement::Empty)
+            .count()
+    }
+
     /// Whether the string ends a transaction block.
     pub fn ends_transaction(&self) -> bool {
         self.statements

@@ -477,7 +477,10 @@ pub enum Before {
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
     /// The message is a Query of one writing statement inside a transaction block whose xid is
-    /// not known yet: ask for the xid in the same string, right after the statement.
+    /// not known yet, or of several queries and data changes that write outside one: ask for
+    /// the xid in the same string, right after the statements (outside a block, should that
+    /// not be done, capture the WAL position after it instead, as for
+    /// [`Before::CaptureLsnAfter`]).
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
@@ -798,6 +801,19 @@ impl Journal {
                     && !classified.copies
                 {
                     before = Before::CaptureXidAfter;
+                } else if self.txn_status == b'I'
+                    && first
+                    && classified.dml_only
+                    && classified.may_write_data()
+                    && classified.statement_count() > 1
+                    && sql.len() + 1 == body.len()
+                {
+                    // Several statements outside a block run in one transaction, committed
+                    // after the last: one more statement asks for its xid before that
+                    // commit, which no other session's WAL can confuse as a WAL position can.
+                    // (Alone, a statement would no longer be last; and only queries and data
+                    // changes run the same in a block as alone.)
+                    before = Before::CaptureXidAfter;
                 }
                 // (A text without its NUL, or with one inside, is the server's to refuse as
                 // it was sent.)
@@ -977,8 +993,9 @@ impl Journal {
                     Before::Forward
                 };
             } else if before != Before::Forward {
-                // (A write in a block asks for the xid again before the COMMIT.)
-                self.unchecked |= before != Before::CaptureXidAfter;
+                // (A write in a block asks for the xid again before the COMMIT; a Query of
+                // several statements outside one commits unchecked.)
+                self.unchecked |= before != Before::CaptureXidAfter || self.txn_status == b'I';
                 before = Before::Forward;
             }
         }
@@ -1004,6 +1021,12 @@ impl Journal {
     /// A failover then cannot tell whether the new primary has it.
     pub fn commit_unchecked(&self) -> bool {
         self.unchecked
+    }
+
+    /// How many statements the server runs for the Query last given to
+    /// [`Journal::on_client_message`] (see [`Classified::statement_count`]).
+    pub fn last_statement_count(&self) -> usize {
+        self.classified.statement_count()
     }
 
     /// A WAL position taken after every commit so far is known.
@@ -2330,7 +2353,7 @@ mod tests {
     #[test]
     fn wal_position_follows_autocommit_writes_and_copy_data() {
         let mut j = Journal::new(1 << 20);
-        // A Query outside a block that cannot be sent as a batch: more than one statement, a
+        // A Query outside a block that cannot be sent as a batch, nor carry the xid query: a
         // `$` a Parse would take for a parameter, a statement other than a data change.
         assert_eq!(
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
@@ -2359,7 +2382,7 @@ mod tests {
             j.on_ready_for_query(b'I');
         }
         for sql in [
-            "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+            "INSERT INTO t VALUES (1); CREATE TABLE u()",
             "INSERT INTO t VALUES ('$1')",
             "INSERT INTO t VALUES ($$x$$)",
             "WITH d AS (DELETE FROM t RETURNING a) SELECT count(*) FROM d",
@@ -2407,6 +2430,59 @@ mod tests {
         );
         assert!(j.expects_ready());
         assert_eq!(j.groups().len(), 1);
+    }
+
+    /// A Query of several queries and data changes that writes, outside a block, carries the
+    /// xid query after its statements; the xid it gives is the commit's to check. One that
+    /// only reads, or holds another kind of statement, or a NUL inside, does not.
+    #[test]
+    fn several_autocommit_statements_carry_the_xid_query() {
+        let mut j = Journal::new(1 << 20);
+        for (sql, statements) in [
+            ("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)", 2),
+            (";INSERT INTO t VALUES (1);; SELECT ins_fn(1); -- end", 2),
+            ("SELECT 1; UPDATE t SET a = 2 RETURNING a; DELETE FROM t", 3),
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureXidAfter,
+                "{sql}"
+            );
+            assert_eq!(j.last_statement_count(), statements, "{sql}");
+            j.on_ready_for_query(b'I');
+        }
+        j.on_client_message(b'Q', &query("UPDATE t SET a = 1; UPDATE t SET a = 2"));
+        j.set_xid(Some(700));
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.last_committed_xid(), Some(700));
+        assert!(!j.commit_unchecked());
+        assert_eq!(
+            j.on_client_message(b'Q', &query("SELECT 1; SELECT 2")),
+            Before::Forward
+        );
+        j.on_ready_for_query(b'I');
+        assert_eq!(
+            j.on_client_message(
+                b'Q',
+                &msg(
+                    b'Q',
+                    b"INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)\0x\0"
+                )
+            ),
+            Before::CaptureLsnAfter
+        );
+        j.on_ready_for_query(b'I');
+        // After extended-protocol requests not synced, the server may be skipping to the
+        // Sync: nothing is appended, and the commit goes unchecked.
+        j.on_client_message(b'P', &msg(b'P', b"\0SELECT 1\0\0\0"));
+        assert_eq!(
+            j.on_client_message(
+                b'Q',
+                &query("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
+            ),
+            Before::Forward
+        );
+        assert!(j.commit_unchecked());
     }
 
     /// Extended-protocol SET, LISTEN, PREPARE and DEALLOCATE change the session as a Query

@@ -180,25 +180,63 @@ impl AsBatch {
     }
 }
 
-/// Appended to a client's one-statement Query that writes in a transaction block: the xid
-/// comes back in the same answer. The newline ends a trailing `--` comment; the alias tells
-/// its RowDescription from anything the client's statement returns.
+/// Appended to a client's one-statement Query that writes in a transaction block, or to one of
+/// several statements that writes outside a block: the xid comes back in the same answer. The
+/// newline ends a trailing `--` comment; the alias tells its RowDescription from anything the
+/// client's statements return.
 static XID_SUFFIX: LazyLock<Vec<u8>> =
     LazyLock::new(|| format!("\n;{XID_SQL} AS understudy_xid\0").into_bytes());
 
 /// Where the answer to a Query with [`XID_SUFFIX`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum XidSuffix {
     /// No such Query is being answered.
+    #[default]
     None,
-    /// The client's statement is being answered.
+    /// A statement of the client's is being answered.
     Statement,
-    /// The client's statement completed; the xid query's answer is next.
+    /// A statement of the client's completed; the xid query's answer may be next.
     Completed,
     /// Inside the xid query's answer (after its RowDescription).
     Answer,
     /// The xid query's answer is over; the ReadyForQuery is the client's.
     Done,
+}
+
+/// The answer to a Query with [`XID_SUFFIX`] as it goes by.
+///
+/// Outside a transaction block the server commits the Query's statements after the xid query,
+/// where it would have committed them after the client's last one, before that one's
+/// CommandComplete: so each of the client's CommandCompletes is held until the next message
+/// shows whether it was the last (the xid query's RowDescription comes next), and the last one
+/// until the xid query completes, which is once the commit succeeded. A commit that fails
+/// answers with its error in the last CommandComplete's place, as it does directly.
+#[derive(Debug, Clone, Copy, Default)]
+struct SuffixAnswer {
+    state: XidSuffix,
+    /// The client's statements not completed yet.
+    left: usize,
+    /// Whether the CommandCompletes are held (outside a transaction block).
+    holds: bool,
+    /// Whether the xid query's row came.
+    row_seen: bool,
+}
+
+/// What to do with a message of the answer to a Query with [`XID_SUFFIX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SuffixStep {
+    /// The client's: handled as any other message.
+    Pass,
+    /// The xid query's: taken out.
+    Consume,
+    /// The client's CommandComplete: held (see [`SuffixAnswer`]).
+    Hold,
+    /// The CommandComplete held goes out first; then this message is looked at again.
+    ReleaseFirst,
+    /// The xid query's CommandComplete: taken out, and the one held goes out in its place.
+    ConsumeAndRelease,
+    /// The commit failed: the CommandComplete held is dropped, and the error passes.
+    DropHeld,
 }
 
 /// The query the gateway slips in after an autocommit write: a WAL position at or past its
@@ -267,9 +305,9 @@ enum Owner {
     Client,
     /// The gateway's xid query: consume.
     Xid,
-    /// The client, whose one-statement Query carries the xid query after its statement: the
-    /// answers to that are consumed (see [`XidSuffix`]), the rest forwarded.
-    ClientThenXid,
+    /// The client, whose Query of `statements` statements carries the xid query after them:
+    /// the answers to that are consumed (see [`SuffixAnswer`]), the rest forwarded.
+    ClientThenXid { statements: usize },
     /// The client, whose Query was sent as a batch with the xid query (see [`AsBatch`]).
     ClientAsBatch,
     /// The gateway's WAL position query: consume.
@@ -285,7 +323,7 @@ impl Owner {
     fn is_client(self) -> bool {
         matches!(
             self,
-            Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch | Owner::Raised
+            Owner::Client | Owner::ClientThenXid { .. } | Owner::ClientAsBatch | Owner::Raised
         )
     }
 }
@@ -376,7 +414,7 @@ pub struct Session {
     /// the client gets this error in its place. With its origin, for the error counts.
     doomed_commit: Option<(Vec<u8>, &'static str)>,
     /// Progress through the answer to a Query that carries the xid query.
-    xid_suffix: XidSuffix,
+    xid_suffix: SuffixAnswer,
     /// Progress through the answer to a client's Query sent as a batch.
     as_batch: AsBatch,
     /// What of that answer is held back (see [`AsBatch`]): whole server messages.
@@ -494,7 +532,7 @@ impl Session {
             can_move,
             capture_xid: can_move && may_capture,
             doomed_commit: None,
-            xid_suffix: XidSuffix::None,
+            xid_suffix: SuffixAnswer::default(),
             as_batch: AsBatch::None,
             held_answer: Vec::new(),
             tail_done: false,
@@ -819,7 +857,9 @@ impl Session {
                 }
                 self.awaiting_ready += 1;
                 self.wire.push_back(if suffixed {
-                    Owner::ClientThenXid
+                    Owner::ClientThenXid {
+                        statements: self.journal.last_statement_count(),
+                    }
                 } else if as_batch {
                     Owner::ClientAsBatch
                 } else {
@@ -832,8 +872,12 @@ impl Session {
             if !suffixed && !as_batch {
                 self.pump.up.ready += n;
             }
+            // Outside a block, a write whose xid was not asked for is checked by WAL position.
             let unasked = (before == Before::CommitXidBeforeSync && !tail)
-                || (before == Before::QueryAsBatch && !as_batch);
+                || (before == Before::QueryAsBatch && !as_batch)
+                || (before == Before::CaptureXidAfter
+                    && !suffixed
+                    && self.journal.txn_status() == b'I');
             if (before == Before::CaptureLsnAfter || unasked) && self.can_move {
                 self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);
@@ -959,13 +1003,25 @@ impl Session {
             }
             let owner = self.wire.front().copied();
             let internal = owner.is_some_and(|o| !o.is_client());
-            if owner == Some(Owner::ClientThenXid) && self.xid_suffix == XidSuffix::None {
-                self.xid_suffix = XidSuffix::Statement;
+            if let Some(Owner::ClientThenXid { statements }) = owner {
+                if self.xid_suffix.state == XidSuffix::None {
+                    self.xid_suffix = SuffixAnswer {
+                        state: XidSuffix::Statement,
+                        left: statements,
+                        // The status the Query runs in: the last one the server reported.
+                        holds: self.txn_status == b'I',
+                        row_seen: false,
+                    };
+                }
             }
             if owner == Some(Owner::ClientAsBatch) && self.as_batch == AsBatch::None {
                 self.as_batch = AsBatch::Preamble;
             }
-            let suffix = self.xid_suffix;
+            let suffix = self.xid_suffix.state;
+            let suffix_active = !matches!(suffix, XidSuffix::None | XidSuffix::Done);
+            // A CommandComplete held: every message is looked at, whole, to know whether it
+            // goes out before the next one.
+            let holding = suffix_active && !self.held_answer.is_empty();
             let as_batch = self.as_batch;
             let doomed = self.doomed_commit.is_some();
             let tail = self.journal.answering_tail();
@@ -978,10 +1034,10 @@ impl Session {
                 internal
                     || wanted(t)
                     || doomed && t == backend::COMMAND_COMPLETE
-                    || matches!(suffix, XidSuffix::Statement | XidSuffix::Answer)
-                        && t == backend::COMMAND_COMPLETE
+                    || suffix_active && t == backend::COMMAND_COMPLETE
                     || suffix == XidSuffix::Completed && t == backend::ROW_DESCRIPTION
                     || suffix == XidSuffix::Answer && t == backend::DATA_ROW
+                    || holding
                     || tail && is_tail_answer(t)
                     || as_batch.looks_at(t)
                     || raised && is_raise_completion(t)
@@ -995,6 +1051,49 @@ impl Session {
                     )))
                 }
             };
+            let suffix_step = match step {
+                Step::Whole { tag, body } if suffix_active && look(tag) => on_xid_suffix(
+                    &mut self.xid_suffix,
+                    holding,
+                    &mut self.journal,
+                    &mut |err| {
+                        capture_failed(
+                            &mut self.capture_xid,
+                            &self.shared,
+                            self.guard.info(),
+                            &self.relogin,
+                            err,
+                            "after a write",
+                        )
+                    },
+                    tag,
+                    body,
+                ),
+                _ => SuffixStep::Pass,
+            };
+            match suffix_step {
+                SuffixStep::Pass => {}
+                SuffixStep::Consume => {
+                    self.pump.down.remove_at_ready(n);
+                    continue;
+                }
+                SuffixStep::Hold => {
+                    self.held_answer
+                        .extend_from_slice(&self.pump.down.buf[at..at + n]);
+                    self.pump.down.remove_at_ready(n);
+                    continue;
+                }
+                SuffixStep::ReleaseFirst => {
+                    self.release_held_answer();
+                    continue;
+                }
+                SuffixStep::ConsumeAndRelease => {
+                    self.pump.down.remove_at_ready(n);
+                    self.release_held_answer();
+                    continue;
+                }
+                SuffixStep::DropHeld => self.held_answer.clear(),
+            }
             match step {
                 Step::NeedMore => return None,
                 Step::Whole { tag, .. } if !look(tag) => {
@@ -1067,27 +1166,6 @@ impl Session {
                         backend::COMMAND_COMPLETE => self.tail_done = true,
                         _ => {}
                     }
-                    self.pump.down.remove_at_ready(n);
-                }
-                Step::Whole { tag, body }
-                    if !matches!(suffix, XidSuffix::None | XidSuffix::Done)
-                        && on_xid_suffix(
-                            &mut self.xid_suffix,
-                            &mut self.journal,
-                            &mut |err| {
-                                capture_failed(
-                                    &mut self.capture_xid,
-                                    &self.shared,
-                                    self.guard.info(),
-                                    &self.relogin,
-                                    err,
-                                    "after a write",
-                                )
-                            },
-                            tag,
-                            body,
-                        ) =>
-                {
                     self.pump.down.remove_at_ready(n);
                 }
                 Step::Whole {
@@ -1301,7 +1379,7 @@ impl Session {
     }
 
     fn on_ready_for_query(&mut self, status: u8, at: usize, n: usize) {
-        self.xid_suffix = XidSuffix::None;
+        self.xid_suffix = SuffixAnswer::default();
         self.as_batch = AsBatch::None;
         self.tail_done = false;
         if status == b'I' {
@@ -1537,42 +1615,86 @@ fn capture_failed(
     }
 }
 
-/// Follows the answer to a Query that carries the xid query; returns whether the message
-/// is the xid query's (consumed) rather than the client's.
+/// Follows the answer to a Query that carries the xid query (see [`SuffixAnswer`]): what to do
+/// with the message of type `tag` looked at, `holding` a CommandComplete or not.
 fn on_xid_suffix(
-    state: &mut XidSuffix,
+    s: &mut SuffixAnswer,
+    holding: bool,
     journal: &mut Journal,
     failed: &mut dyn FnMut(&ErrorView),
     tag: u8,
     body: &[u8],
-) -> bool {
-    match (*state, tag) {
-        (XidSuffix::Statement, backend::COMMAND_COMPLETE) => {
-            *state = XidSuffix::Completed;
-            false
-        }
-        (XidSuffix::Completed, backend::ROW_DESCRIPTION)
-            if inspect::first_field_name(body) == Some("understudy_xid") =>
+) -> SuffixStep {
+    let xid_row = || {
+        tag == backend::ROW_DESCRIPTION && inspect::first_field_name(body) == Some("understudy_xid")
+    };
+    if holding {
+        if s.state == XidSuffix::Answer
+            && tag == backend::ERROR_RESPONSE
+            && ErrorView::parse(body).is_fatal()
         {
-            *state = XidSuffix::Answer;
-            true
+            // The session ends before the commit: the last statement never completed.
+            s.state = XidSuffix::Done;
+            return SuffixStep::DropHeld;
+        }
+        if tag == backend::READY_FOR_QUERY {
+            s.state = XidSuffix::Done;
+            return SuffixStep::ReleaseFirst;
+        }
+        if s.state == XidSuffix::Completed && !xid_row() {
+            // Another statement of the client's follows: the one held was not the last.
+            s.state = XidSuffix::Statement;
+            return SuffixStep::ReleaseFirst;
+        }
+    }
+    match (s.state, tag) {
+        (XidSuffix::Statement | XidSuffix::Completed, backend::COMMAND_COMPLETE) => {
+            s.left = s.left.saturating_sub(1);
+            s.state = XidSuffix::Completed;
+            if s.holds {
+                SuffixStep::Hold
+            } else {
+                SuffixStep::Pass
+            }
+        }
+        (XidSuffix::Completed, backend::ROW_DESCRIPTION) if xid_row() => {
+            s.state = XidSuffix::Answer;
+            SuffixStep::Consume
         }
         (XidSuffix::Answer, backend::DATA_ROW) => {
             journal.set_xid(parse_xid_row(body));
-            true
+            s.row_seen = true;
+            SuffixStep::Consume
         }
         (XidSuffix::Answer, backend::COMMAND_COMPLETE) => {
-            *state = XidSuffix::Done;
-            true
+            s.state = XidSuffix::Done;
+            if holding {
+                SuffixStep::ConsumeAndRelease
+            } else {
+                SuffixStep::Consume
+            }
         }
-        (XidSuffix::Completed | XidSuffix::Answer, backend::ERROR_RESPONSE) => {
-            // The xid query failed after the client's statement succeeded: the
-            // transaction is aborted, and the client must hear it with this error.
-            failed(&ErrorView::parse(body));
-            *state = XidSuffix::Done;
-            false
+        (XidSuffix::Answer, backend::ERROR_RESPONSE) if s.holds && s.row_seen => {
+            // The commit failed (a deferred constraint, a serialization failure): its error
+            // takes the last statement's CommandComplete's place, as it does directly.
+            s.state = XidSuffix::Done;
+            SuffixStep::DropHeld
         }
-        _ => false,
+        (_, backend::ERROR_RESPONSE) => {
+            // Once the client's statements all completed, the error is the xid query's: the
+            // transaction is aborted, and the client must hear it with this error, after
+            // what it did see. Before that, it is a statement's of the client's.
+            if s.left == 0 {
+                failed(&ErrorView::parse(body));
+            }
+            s.state = XidSuffix::Done;
+            if holding {
+                SuffixStep::ReleaseFirst
+            } else {
+                SuffixStep::Pass
+            }
+        }
+        _ => SuffixStep::Pass,
     }
 }
 

@@ -419,7 +419,7 @@ impl Session {
         let is_client = |o: Option<&Owner>| {
             matches!(
                 o,
-                Some(Owner::Client | Owner::ClientThenXid | Owner::ClientAsBatch)
+                Some(Owner::Client | Owner::ClientThenXid { .. } | Owner::ClientAsBatch)
             )
         };
         let client_last = is_client(self.wire.back());
@@ -639,7 +639,7 @@ impl Session {
         // A write whose ReadyForQuery was held has no WAL position: it stays in flight.
         self.held_ready = None;
         self.xid_row = None;
-        self.xid_suffix = super::XidSuffix::None;
+        self.xid_suffix = super::SuffixAnswer::default();
         Ok((left > 0).then_some((self.down_tag, left)))
     }
 

@@ -775,6 +775,31 @@ async fn armed_after(
     (cluster, admin, gw)
 }
 
+/// Logs in as [`login_with_pid`] does and sends each request, reading its answer up to its
+/// ReadyForQuery: the answers as (type, text), a notification's without its sender's PID
+/// (another backend each run), then the connection and its backend PID.
+async fn answers(
+    addr: std::net::SocketAddr,
+    app: &str,
+    requests: &[Vec<u8>],
+) -> (Vec<Vec<(char, String)>>, RawConn, i32) {
+    let (mut rc, pid) = login_with_pid(addr, app).await;
+    let mut all = Vec::new();
+    for request in requests {
+        rc.send(request).await;
+        let answer = rc.read_until(b'Z').await.into_iter().map(|m| {
+            let body = if m.tag == b'A' {
+                &m.body[4..]
+            } else {
+                &m.body[..]
+            };
+            (m.tag as char, String::from_utf8_lossy(body).into_owned())
+        });
+        all.push(answer.collect());
+    }
+    (all, rc, pid)
+}
+
 /// A raw connection logged in as the trust role with `application_name` `app`, and the
 /// backend PID the login reported.
 async fn login_with_pid(addr: std::net::SocketAddr, app: &str) -> (RawConn, i32) {
@@ -883,32 +908,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
             .concat(),
         ),
     ];
-    let transcript = |addr| {
-        let script = script.clone();
-        async move {
-            let (mut rc, pid) = login_with_pid(addr, "queries").await;
-            let mut all = Vec::new();
-            for (_, bytes) in script {
-                rc.send(&bytes).await;
-                all.push(
-                    rc.read_until(b'Z')
-                        .await
-                        .into_iter()
-                        .map(|m| {
-                            // A notification names the sending backend, another one each run.
-                            let body = if m.tag == b'A' {
-                                &m.body[4..]
-                            } else {
-                                &m.body[..]
-                            };
-                            (m.tag as char, String::from_utf8_lossy(body).into_owned())
-                        })
-                        .collect::<Vec<_>>(),
-                );
-            }
-            (all, rc, pid)
-        }
-    };
+    let requests: Vec<_> = script.iter().map(|(_, bytes)| bytes.clone()).collect();
+    let transcript = |addr| answers(addr, "queries", &requests);
     let reset = "TRUNCATE c, q, skip";
     let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
     let has = |i: usize, tag: char, text: &str| {
@@ -987,29 +988,8 @@ async fn autocommit_queries_of_several_statements_answer_as_directly() {
          SELECT set_config('application_name', 'renamed', false), pg_notify('ch', 'x')",
         "SELECT 1; SELECT count(*) FROM q",
     ];
-    let transcript = |addr| async move {
-        let (mut rc, pid) = login_with_pid(addr, "several").await;
-        let mut all = Vec::new();
-        for sql in script {
-            rc.send(&raw::query(sql)).await;
-            all.push(
-                rc.read_until(b'Z')
-                    .await
-                    .into_iter()
-                    .map(|m| {
-                        // A notification names the sending backend, another one each run.
-                        let body = if m.tag == b'A' {
-                            &m.body[4..]
-                        } else {
-                            &m.body[..]
-                        };
-                        (m.tag as char, String::from_utf8_lossy(body).into_owned())
-                    })
-                    .collect::<Vec<_>>(),
-            );
-        }
-        (all, rc, pid)
-    };
+    let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
+    let transcript = |addr| answers(addr, "several", &requests);
     let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
     let tags = |i: usize| direct[i].iter().map(|(t, _)| *t).collect::<String>();
     assert_eq!(

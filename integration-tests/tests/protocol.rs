@@ -831,6 +831,15 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
         .get(0)
 }
 
+/// Tables whose writes commit or fail at the commit: `q`, and `c`, whose deferred foreign key
+/// on `q` fails at the commit, and whose deferred trigger raises a notice there.
+const COMMITS_CHECKED: &str = "CREATE TABLE q(a int PRIMARY KEY, b text);
+    CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
+    CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
+      $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
+    CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION said();";
+
 /// A Query of one data change outside a transaction block, which a gateway armed for failover
 /// sends as a batch with its xid query (flushed where in-flight commits are settled), is
 /// answered exactly as directly: rows of a RETURNING, a write of no row, a unique violation, a
@@ -844,20 +853,15 @@ async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
 /// unnamed statement.)
 #[tokio::test]
 async fn autocommit_queries_sent_as_batches_answer_as_directly() {
-    let (cluster, admin, gw) = armed_after(
-        "CREATE TABLE q(a int PRIMARY KEY, b text);
-             CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
-             CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
-               $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
-             CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
-               FOR EACH ROW EXECUTE FUNCTION said();
+    let (cluster, admin, gw) = armed_after(&format!(
+        "{COMMITS_CHECKED}
              CREATE TABLE skip(a int);
              CREATE FUNCTION elsewhere() RETURNS trigger LANGUAGE plpgsql AS
                $$BEGIN INSERT INTO c VALUES (NEW.a); RETURN NULL; END$$;
              CREATE TRIGGER elsewhere BEFORE INSERT ON skip
                FOR EACH ROW EXECUTE FUNCTION elsewhere();
-             GRANT ALL ON q, c, skip TO PUBLIC",
-    )
+             GRANT ALL ON q, c, skip TO PUBLIC"
+    ))
     .await;
     let settling = cluster
         .gateway_with(|c| c.failover.settle_in_flight_autocommit = true)
@@ -963,16 +967,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
 /// (nothing appended). Each acknowledged write is there once.
 #[tokio::test]
 async fn autocommit_queries_of_several_statements_answer_as_directly() {
-    let (cluster, admin, gw) = armed_after(
-        "CREATE TABLE q(a int PRIMARY KEY, b text);
-             CREATE TABLE c(a int REFERENCES q DEFERRABLE INITIALLY DEFERRED);
-             CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
-               $$BEGIN RAISE NOTICE 'committing %', NEW.a; RETURN NULL; END$$;
-             CREATE CONSTRAINT TRIGGER said AFTER INSERT ON c DEFERRABLE INITIALLY DEFERRED
-               FOR EACH ROW EXECUTE FUNCTION said();
-             GRANT ALL ON q, c TO PUBLIC",
-    )
-    .await;
+    let (cluster, admin, gw) =
+        armed_after(&format!("{COMMITS_CHECKED} GRANT ALL ON q, c TO PUBLIC")).await;
     let script = [
         "INSERT INTO q VALUES (1, 'x'); INSERT INTO q VALUES (2, 'y')",
         "INSERT INTO q VALUES (3, 'z') RETURNING a, b; SELECT b FROM q WHERE a = 1",

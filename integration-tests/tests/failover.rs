@@ -1492,8 +1492,8 @@ async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
     cluster
 }
 
-/// pgbench's transactions (`BEGIN; UPDATE; SELECT; INSERT; END`, simple and extended
-/// protocol) run on through a SIGKILL of the primary: none fails, and every one pgbench counts
+/// pgbench's transactions (`BEGIN; UPDATE; SELECT; INSERT; END`, in the simple and extended
+/// protocol and as prepared statements) run on through a SIGKILL of the primary: none fails, and every one pgbench counts
 /// is in `pgbench_history` once, on the new primary, with the balances it wrote. (Replication
 /// is synchronous: with asynchronous replication the last commits may be lost with the
 /// primary, and their sessions rightly end with 08007.)
@@ -1516,7 +1516,7 @@ async fn pgbench_runs_through_a_crash_of_the_primary() {
             run_program(pgbench, &args, None).await
         })
     };
-    let runs = [run("simple"), run("extended")];
+    let runs = [run("simple"), run("extended"), run("prepared")];
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.kill_primary().await;
     let mut processed = 0;

@@ -957,18 +957,25 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     }
 }
 
-/// A Query of several queries and data changes outside a transaction block, which a gateway
-/// armed for failover sends with its xid query appended (in the same string, so in the same
-/// transaction, before the commit), is answered exactly as directly: rows between the writes,
-/// a later statement failing (the earlier ones were answered), a syntax error, a deferred
-/// constraint failing at the commit (its error replaces the last CommandComplete), a notice
-/// raised during the commit (before the last CommandComplete), a ParameterStatus and a
-/// notification (after it), empty statements, a write of no row, and a Query that only reads
-/// (nothing appended). Each acknowledged write is there once.
+/// A Query of queries and data changes that writes outside a transaction block, which a
+/// gateway armed for failover sends with its xid query appended (in the same string, so in the
+/// same transaction, before the commit), is answered exactly as directly: several statements
+/// with rows between the writes, a later statement failing (the earlier ones were answered), a
+/// syntax error, a deferred constraint failing at the commit (its error replaces the last
+/// CommandComplete), a notice raised during the commit (before the last CommandComplete), a
+/// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
+/// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes,
+/// its commit failing); and a Query that only reads (nothing appended). Each acknowledged
+/// write is there once.
 #[tokio::test]
-async fn autocommit_queries_of_several_statements_answer_as_directly() {
-    let (cluster, admin, gw) =
-        armed_after(&format!("{COMMITS_CHECKED} GRANT ALL ON q, c TO PUBLIC")).await;
+async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
+    let (cluster, admin, gw) = armed_after(&format!(
+        "{COMMITS_CHECKED}
+         CREATE FUNCTION add_child(i int, parent int) RETURNS int LANGUAGE sql
+           AS $$ INSERT INTO q VALUES (i, 'f'); INSERT INTO c VALUES (parent); SELECT i $$;
+         GRANT ALL ON q, c TO PUBLIC"
+    ))
+    .await;
     let script = [
         "INSERT INTO q VALUES (1, 'x'); INSERT INTO q VALUES (2, 'y')",
         "INSERT INTO q VALUES (3, 'z') RETURNING a, b; SELECT b FROM q WHERE a = 1",
@@ -983,6 +990,10 @@ async fn autocommit_queries_of_several_statements_answer_as_directly() {
         "INSERT INTO q VALUES (10, 'p'); \
          SELECT set_config('application_name', 'renamed', false), pg_notify('ch', 'x')",
         "SELECT 1; SELECT count(*) FROM q",
+        "INSERT INTO q VALUES (11, 'costs $5') RETURNING b",
+        "WITH i AS (INSERT INTO q VALUES (12, 'n') RETURNING a) SELECT a + 1 FROM i",
+        "SELECT add_child(13, 13)",
+        "SELECT add_child(77, 78)",
     ];
     let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
     let transcript = |addr| answers(addr, "several", &requests);
@@ -992,13 +1003,13 @@ async fn autocommit_queries_of_several_statements_answer_as_directly() {
         (0..script.len()).map(tags).collect::<Vec<_>>(),
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
-            "TDCTDCZ"
+            "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ"
         ],
         "{direct:?}"
     );
     let rows = "SELECT a FROM q ORDER BY a";
     let written = int_column(&admin, rows).await;
-    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10]);
+    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13]);
     admin.batch_execute("TRUNCATE c, q").await.unwrap();
     let (through, mut rc, pid) = transcript(gw.addr()).await;
     for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
@@ -1006,17 +1017,15 @@ async fn autocommit_queries_of_several_statements_answer_as_directly() {
     }
     assert_eq!(int_column(&admin, rows).await, written, "each write once");
     // The xid query ran in the string, after the client's statements.
-    rc.send(&raw::query(
-        "INSERT INTO q VALUES (11, 'o'); INSERT INTO q VALUES (12, 'n')",
-    ))
-    .await;
-    rc.read_until(b'Z').await;
-    let ran = last_query(&admin, pid).await;
-    assert!(
-        ran.starts_with("INSERT INTO q VALUES (11, 'o'); INSERT INTO q VALUES (12, 'n')\n;")
-            && ran.ends_with(&format!("{XID_SQL} AS understudy_xid")),
-        "{ran}"
-    );
+    for sql in [
+        "INSERT INTO q VALUES (21, 'o'); INSERT INTO q VALUES (22, 'n')",
+        "INSERT INTO q VALUES (23, '$')",
+    ] {
+        rc.send(&raw::query(sql)).await;
+        rc.read_until(b'Z').await;
+        let ran = last_query(&admin, pid).await;
+        assert_eq!(ran, format!("{sql}\n;{XID_SQL} AS understudy_xid"));
+    }
 }
 
 /// A Query sent after extended-protocol requests without a Sync is skipped by the server when

@@ -560,7 +560,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
 /// client gets 08007 for the write instead of its success. The session goes on. (A Query of
 /// a data change and an ANALYZE: an extended-protocol batch, a Query of one data change sent
-/// as one, and a Query of several queries and data changes ask for their xid in their own
+/// as one, and other Queries of queries and data changes ask for their xid in their own
 /// transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {

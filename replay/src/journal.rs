@@ -477,10 +477,10 @@ pub enum Before {
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
     /// The message is a Query of one writing statement inside a transaction block whose xid is
-    /// not known yet, or of several queries and data changes that write outside one: ask for
-    /// the xid in the same string, right after the statements (outside a block, should that
-    /// not be done, capture the WAL position after it instead, as for
-    /// [`Before::CaptureLsnAfter`]).
+    /// not known yet, or of queries and data changes that write outside one (but a lone data
+    /// change sent as a batch): ask for the xid in the same string, right after the
+    /// statements (outside a block, should that not be done, capture the WAL position after
+    /// it instead, as for [`Before::CaptureLsnAfter`]).
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
@@ -805,14 +805,17 @@ impl Journal {
                     && first
                     && classified.dml_only
                     && classified.may_write_data()
-                    && classified.statement_count() > 1
+                    && (classified.statement_count() > 1
+                        || !classified.changes_only
+                        || sql.contains(&b'$'))
                     && sql.len() + 1 == body.len()
                 {
-                    // Several statements outside a block run in one transaction, committed
-                    // after the last: one more statement asks for its xid before that
+                    // Outside a block, statements of one string run in one transaction,
+                    // committed after the last: one more statement asks for its xid before that
                     // commit, which no other session's WAL can confuse as a WAL position can.
-                    // (Alone, a statement would no longer be last; and only queries and data
-                    // changes run the same in a block as alone.)
+                    // Only queries and data changes run the same in a block as alone. (A lone
+                    // data change with no `$` is sent as a batch instead, see
+                    // `Before::QueryAsBatch`.)
                     before = Before::CaptureXidAfter;
                 }
                 // (A text without its NUL, or with one inside, is the server's to refuse as
@@ -2353,8 +2356,8 @@ mod tests {
     #[test]
     fn wal_position_follows_autocommit_writes_and_copy_data() {
         let mut j = Journal::new(1 << 20);
-        // A Query outside a block that cannot be sent as a batch, nor carry the xid query: a
-        // `$` a Parse would take for a parameter, a statement other than a data change.
+        // A Query outside a block that can neither be sent as a batch nor carry the xid query:
+        // a statement other than a query or a data change, or a NUL inside.
         assert_eq!(
             j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1)")),
             Before::QueryAsBatch
@@ -2383,10 +2386,6 @@ mod tests {
         }
         for sql in [
             "INSERT INTO t VALUES (1); CREATE TABLE u()",
-            "INSERT INTO t VALUES ('$1')",
-            "INSERT INTO t VALUES ($$x$$)",
-            "WITH d AS (DELETE FROM t RETURNING a) SELECT count(*) FROM d",
-            "SELECT ins_fn(1)",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
             "CALL p()",
@@ -2432,13 +2431,23 @@ mod tests {
         assert_eq!(j.groups().len(), 1);
     }
 
-    /// A Query of several queries and data changes that writes, outside a block, carries the
-    /// xid query after its statements; the xid it gives is the commit's to check. One that
-    /// only reads, or holds another kind of statement, or a NUL inside, does not.
+    /// A Query of queries and data changes that writes, outside a block, carries the xid query
+    /// after its statements (but a lone data change a batch can carry); the xid it gives is
+    /// the commit's to check. One that only reads, or holds another kind of statement, or a
+    /// NUL inside, does not.
     #[test]
     fn several_autocommit_statements_carry_the_xid_query() {
         let mut j = Journal::new(1 << 20);
         for (sql, statements) in [
+            // Alone, what cannot be sent as a batch: a `$` a Parse would take for a
+            // parameter, a WITH form, a call of a function that may write.
+            ("INSERT INTO t VALUES ('$1')", 1),
+            ("INSERT INTO t VALUES ($$x$$)", 1),
+            (
+                "WITH d AS (DELETE FROM t RETURNING a) SELECT count(*) FROM d",
+                1,
+            ),
+            ("SELECT ins_fn(1)", 1),
             ("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)", 2),
             (";INSERT INTO t VALUES (1);; SELECT ins_fn(1); -- end", 2),
             ("SELECT 1; UPDATE t SET a = 2 RETURNING a; DELETE FROM t", 3),

@@ -965,8 +965,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
 /// CommandComplete), a notice raised during the commit (before the last CommandComplete), a
 /// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
 /// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes,
-/// its commit failing); and a Query that only reads (nothing appended). Each acknowledged
-/// write is there once.
+/// its commit failing); text that ends inside a literal or comment, and a Query that only
+/// reads (nothing appended to either). Each acknowledged write is there once.
 #[tokio::test]
 async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
     let (cluster, admin, gw) = armed_after(&format!(
@@ -994,6 +994,10 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         "WITH i AS (INSERT INTO q VALUES (12, 'n') RETURNING a) SELECT a + 1 FROM i",
         "SELECT add_child(13, 13)",
         "SELECT add_child(77, 78)",
+        // Text ending inside a literal or comment: nothing is appended, which the server's
+        // error would show.
+        "INSERT INTO q VALUES (30, '$ open",
+        "INSERT INTO q VALUES (31, 'a'); SELECT 1 /* open",
     ];
     let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
     let transcript = |addr| answers(addr, "several", &requests);
@@ -1003,7 +1007,7 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         (0..script.len()).map(tags).collect::<Vec<_>>(),
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
-            "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ"
+            "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ"
         ],
         "{direct:?}"
     );

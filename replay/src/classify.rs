@@ -91,6 +91,9 @@ pub struct Classified {
     /// Whether a statement may make a new [`Suspects`] entry: a CREATE of anything but a
     /// table, index or sequence, an ALTER, a DO block.
     pub changes_catalog: bool,
+    /// Whether the text ends inside a string, quoted identifier, dollar quote or block
+    /// comment, which would take in anything appended to it.
+    pub ends_open: bool,
 }
 
 impl Classified {
@@ -284,6 +287,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
     out.dml_only = true;
     out.changes_only = true;
     out.changes_catalog = false;
+    out.ends_open = false;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     lex.suspects = (!suspects.is_empty()).then_some(suspects);
@@ -436,6 +440,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
         }
         out.statements.push(statement);
     }
+    out.ends_open = lex.open_at_end;
     out.hazards.dedup();
 }
 
@@ -760,6 +765,8 @@ struct Lexer<'a> {
     backslash_strings: bool,
     /// The session's suspects, if it has any: then every quoted identifier is looked at.
     suspects: Option<&'a Suspects>,
+    /// Whether a literal, quoted identifier or block comment ran to the end of the text.
+    open_at_end: bool,
 }
 
 impl<'a> Lexer<'a> {
@@ -769,6 +776,7 @@ impl<'a> Lexer<'a> {
             pos: 0,
             backslash_strings: false,
             suspects: None,
+            open_at_end: false,
         }
     }
 
@@ -820,7 +828,10 @@ impl<'a> Lexer<'a> {
                 // An unclosed identifier runs to the end of the text.
                 let (end, next) = match self.rest()[1..].iter().position(|&c| c == b'"') {
                     Some(e) => (start + e, start + e + 1),
-                    None => (self.src.len(), self.src.len()),
+                    None => {
+                        self.open_at_end = true;
+                        (self.src.len(), self.src.len())
+                    }
                 };
                 self.pos = next;
                 Special::Quoted(&self.src[start..end])
@@ -911,6 +922,7 @@ impl<'a> Lexer<'a> {
             pos: self.pos,
             backslash_strings: self.backslash_strings,
             suspects: None,
+            open_at_end: false,
         };
         if ahead.next_token() != Some(Token::Other(b'(')) {
             return false;
@@ -968,6 +980,7 @@ impl<'a> Lexer<'a> {
                 self.pos += 1;
             }
         }
+        self.open_at_end = true;
     }
 
     fn skip_string(&mut self, backslash_escapes: bool) {
@@ -981,6 +994,7 @@ impl<'a> Lexer<'a> {
                 _ => {}
             }
         }
+        self.open_at_end = true;
     }
 
     /// Skips `$tag$ … $tag$` if one starts here; false for `$1`-style parameters.
@@ -1001,7 +1015,10 @@ impl<'a> Lexer<'a> {
         let tag = &self.src[self.pos..body_start];
         self.pos = match memchr::memmem::find(&self.src[body_start..], tag) {
             Some(end) => body_start + end + tag.len(),
-            None => self.src.len(),
+            None => {
+                self.open_at_end = true;
+                self.src.len()
+            }
         };
         true
     }
@@ -1038,6 +1055,35 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<Statement> {
         classify(sql).statements
+    }
+
+    /// Text that ends inside a literal, quoted identifier or block comment would take in
+    /// whatever is appended to it; one that closes them, or ends in a line comment, would not.
+    #[test]
+    fn text_ending_inside_a_token_is_told() {
+        for sql in [
+            "select 'a",
+            "select 'it''s",
+            "select E'a\\'",
+            "select $q$ a $$ b",
+            "select \"a",
+            "select 1 /* a /* b */",
+            "select 1; select 'x",
+        ] {
+            assert!(classify(sql).ends_open, "{sql}");
+        }
+        for sql in [
+            "select 'a'",
+            "select 'it''s'",
+            "select E'a\\''",
+            "select $q$ a $$ b $q$",
+            "select $1",
+            "select \"a\"",
+            "select 1 /* a /* b */ */",
+            "select 1 -- 'a",
+        ] {
+            assert!(!classify(sql).ends_open, "{sql}");
+        }
     }
 
     #[test]

@@ -799,6 +799,7 @@ impl Journal {
                     && first
                     && classified.statements == [Statement::Write]
                     && !classified.copies
+                    && !classified.ends_open
                 {
                     before = Before::CaptureXidAfter;
                 } else if self.txn_status == b'I'
@@ -809,6 +810,7 @@ impl Journal {
                         || !classified.changes_only
                         || sql.contains(&b'$'))
                     && sql.len() + 1 == body.len()
+                    && !classified.ends_open
                 {
                     // Outside a block, statements of one string run in one transaction,
                     // committed after the last: one more statement asks for its xid before that
@@ -2470,6 +2472,21 @@ mod tests {
             Before::Forward
         );
         j.on_ready_for_query(b'I');
+        // Text ending inside a literal or comment would take the query in: the server's error
+        // about it would show it.
+        for sql in [
+            "INSERT INTO t VALUES ('$x",
+            "INSERT INTO t VALUES ($$x",
+            "SELECT ins_fn(1) /* x",
+            "UPDATE t SET a = 1; SELECT \"t",
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureLsnAfter,
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
         assert_eq!(
             j.on_client_message(
                 b'Q',

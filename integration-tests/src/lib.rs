@@ -600,6 +600,21 @@ pub async fn run_program(program: PathBuf, args: &[&str], stdin: Option<&[u8]>) 
         .expect("client program output")
 }
 
+/// Runs `pgbench -i -s 1` on `conn` (a libpq connection string).
+pub async fn pgbench_init(cluster: &Cluster, conn: &str) {
+    let init = run_program(
+        cluster.program("pgbench"),
+        &["-i", "-s", "1", "-q", conn],
+        None,
+    )
+    .await;
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 /// SQLSTATE of a tokio-postgres error, if the server (or gateway) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())

@@ -14,8 +14,8 @@ use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
     application_name_and_port, assert_gateway_error, backend_pid, backend_status,
     connect_with_messages, ending_fatal, errors_counted, int_column, metric_series, metric_total,
-    roles, run_program, simple_rows, sqlstate, Cluster, ConnectionEnd, Frozen, TestGateway,
-    PATIENCE, SLOW_COMMIT,
+    pgbench_init, roles, run_program, simple_rows, sqlstate, Cluster, ConnectionEnd, Frozen,
+    TestGateway, PATIENCE, SLOW_COMMIT,
 };
 
 /// Connects and forwards the connection's notifications to a channel.
@@ -1503,12 +1503,7 @@ async fn pgbench_runs_through_a_crash_of_the_primary() {
     let gw = cluster.failover_gateway().await;
     let conn = gw.conn_str(roles::SCRAM, "postgres");
     let pgbench = cluster.program("pgbench");
-    let init = run_program(pgbench.clone(), &["-i", "-s", "1", "-q", &conn], None).await;
-    assert!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&cluster, &conn).await;
     let run = |mode: &'static str| {
         let (pgbench, conn) = (pgbench.clone(), conn.clone());
         tokio::spawn(async move {

@@ -9,8 +9,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use understudy_integration_tests::raw::{self, RawConn};
 use understudy_integration_tests::{
-    backend_pid, connect_with_messages, int_column, roles, run_program, simple_rows, sqlstate,
-    Cluster,
+    backend_pid, connect_with_messages, int_column, pgbench_init, roles, run_program, simple_rows,
+    sqlstate, Cluster,
 };
 
 /// Simple query with several statements, errors in and out of transactions, and recovery.
@@ -710,12 +710,7 @@ async fn psql_large_objects_and_pgbench() {
     let _ = std::fs::remove_dir_all(&dir);
 
     let pgbench = cluster.program("pgbench");
-    let init = run_program(pgbench.clone(), &["-i", "-s", "1", "-q", &conn], None).await;
-    assert!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&cluster, &conn).await;
     let run = run_program(
         pgbench,
         &[

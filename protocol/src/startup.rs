@@ -137,10 +137,9 @@ impl StartupError {
     /// SQLSTATE PostgreSQL uses for this error.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            StartupError::UnsupportedProtocol { .. } => "0A000",
+            StartupError::UnsupportedProtocol { .. } | StartupError::NotUtf8(_) => "0A000",
             StartupError::NoUser => "28000",
             StartupError::InvalidLength(_) | StartupError::Malformed(_) => "08P01",
-            StartupError::NotUtf8(_) => "0A000",
         }
     }
 }

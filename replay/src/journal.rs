@@ -998,8 +998,8 @@ impl Journal {
                     Before::Forward
                 };
             } else if before != Before::Forward {
-                // (A write in a block asks for the xid again before the COMMIT; a Query of
-                // several statements outside one commits unchecked.)
+                // (A write in a block asks for the xid again before the COMMIT; a Query
+                // outside one commits unchecked.)
                 self.unchecked |= before != Before::CaptureXidAfter || self.txn_status == b'I';
                 before = Before::Forward;
             }
@@ -2444,7 +2444,7 @@ mod tests {
     /// the commit's to check. One that only reads, or holds another kind of statement, or a
     /// NUL inside, does not.
     #[test]
-    fn several_autocommit_statements_carry_the_xid_query() {
+    fn autocommit_queries_and_data_changes_carry_the_xid_query() {
         let mut j = Journal::new(1 << 20);
         for (sql, statements) in [
             // Alone, what cannot be sent as a batch: a `$` a Parse would take for a

@@ -1493,10 +1493,10 @@ async fn cluster_on_new_primary(cluster: &mut Cluster) -> &Cluster {
 }
 
 /// pgbench's transactions (`BEGIN; UPDATE; SELECT; INSERT; END`, in the simple and extended
-/// protocol and as prepared statements) run on through a SIGKILL of the primary: none fails, and every one pgbench counts
-/// is in `pgbench_history` once, on the new primary, with the balances it wrote. (Replication
-/// is synchronous: with asynchronous replication the last commits may be lost with the
-/// primary, and their sessions rightly end with 08007.)
+/// protocol and as prepared statements) run on through a SIGKILL of the primary: none fails,
+/// and every one pgbench counts is in `pgbench_history` once, on the new primary, with the
+/// balances it wrote. (Replication is synchronous: with asynchronous replication the last
+/// commits may be lost with the primary, and their sessions rightly end with 08007.)
 #[tokio::test]
 async fn pgbench_runs_through_a_crash_of_the_primary() {
     let mut cluster = Cluster::build(|o| o.synchronous = true).await;

@@ -1126,9 +1126,9 @@ async fn a_query_skipped_to_the_sync_leaves_the_count_of_answers_right() {
 /// The server runs what the client sends and nothing more unless a session could move: with a
 /// second backend, a lone write in a transaction block carries the xid query, and so do
 /// autocommit writes (a Query of two INSERTs in the same string), but for one with another
-/// kind of statement, which the WAL position query follows; with one backend (or `promote = "off"`) neither
-/// is sent, so revoking the function the capture uses changes nothing, and `/status` says why
-/// failover is off.
+/// kind of statement, which the WAL position query follows; with one backend (or
+/// `promote = "off"`) neither is sent, so revoking the function the capture uses changes
+/// nothing, and `/status` says why failover is off.
 #[tokio::test]
 async fn sessions_that_cannot_move_get_no_capture_statements() {
     let cluster = Cluster::primary_and_standby().await;

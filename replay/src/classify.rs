@@ -81,10 +81,12 @@ pub struct Classified {
     /// Byte range in the query string of each [`Statement::Session`] statement, in order: the
     /// text a new backend is given to restore it.
     pub session_spans: Vec<std::ops::Range<usize>>,
-    /// Whether every statement is a query or a data change (SELECT, INSERT, UPDATE, DELETE,
-    /// MERGE and their WITH, VALUES, TABLE and EXPLAIN forms), none a COPY: statements that
-    /// run the same inside a transaction block as alone.
-    pub dml_only: bool,
+    /// Whether every statement runs the same inside a transaction block as alone: a query or
+    /// a data change (SELECT, INSERT, UPDATE, DELETE, MERGE and their WITH, VALUES, TABLE and
+    /// EXPLAIN forms, TRUNCATE), or a schema or privilege change PostgreSQL does not refuse
+    /// there (CREATE, ALTER, DROP, COMMENT, GRANT, REVOKE, REFRESH; not CONCURRENTLY, nor of
+    /// a database, tablespace, subscription or the system); none a COPY, VACUUM, CALL or LOCK.
+    pub block_safe: bool,
     /// Whether every statement is an INSERT, UPDATE, DELETE or MERGE (not in a WITH form):
     /// statements whose RETURNING rows, RowDescription first, are sent once they have run.
     pub changes_only: bool,
@@ -244,6 +246,7 @@ mod kw {
     pub const ABORT: u128 = key(b"ABORT");
     pub const ALTER: u128 = key(b"ALTER");
     pub const BEGIN: u128 = key(b"BEGIN");
+    pub const COMMENT: u128 = key(b"COMMENT");
     pub const COMMIT: u128 = key(b"COMMIT");
     pub const COPY: u128 = key(b"COPY");
     pub const CREATE: u128 = key(b"CREATE");
@@ -252,16 +255,20 @@ mod kw {
     pub const DELETE: u128 = key(b"DELETE");
     pub const DISCARD: u128 = key(b"DISCARD");
     pub const DO: u128 = key(b"DO");
+    pub const DROP: u128 = key(b"DROP");
     pub const END: u128 = key(b"END");
     pub const EXPLAIN: u128 = key(b"EXPLAIN");
     pub const FETCH: u128 = key(b"FETCH");
+    pub const GRANT: u128 = key(b"GRANT");
     pub const INSERT: u128 = key(b"INSERT");
     pub const LISTEN: u128 = key(b"LISTEN");
     pub const MERGE: u128 = key(b"MERGE");
     pub const MOVE: u128 = key(b"MOVE");
     pub const PREPARE: u128 = key(b"PREPARE");
+    pub const REFRESH: u128 = key(b"REFRESH");
     pub const RELEASE: u128 = key(b"RELEASE");
     pub const RESET: u128 = key(b"RESET");
+    pub const REVOKE: u128 = key(b"REVOKE");
     pub const ROLLBACK: u128 = key(b"ROLLBACK");
     pub const SAVEPOINT: u128 = key(b"SAVEPOINT");
     pub const SELECT: u128 = key(b"SELECT");
@@ -269,6 +276,7 @@ mod kw {
     pub const SHOW: u128 = key(b"SHOW");
     pub const START: u128 = key(b"START");
     pub const TABLE: u128 = key(b"TABLE");
+    pub const TRUNCATE: u128 = key(b"TRUNCATE");
     pub const UNLISTEN: u128 = key(b"UNLISTEN");
     pub const UPDATE: u128 = key(b"UPDATE");
     pub const VALUES: u128 = key(b"VALUES");
@@ -284,7 +292,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
     out.rolls_back_to = false;
     out.chains = false;
     out.session_spans.clear();
-    out.dml_only = true;
+    out.block_safe = true;
     out.changes_only = true;
     out.changes_catalog = false;
     out.ends_open = false;
@@ -391,18 +399,34 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
         };
         let copy = keyword == kw::COPY;
         out.copies |= copy && facts.from_stdin;
-        out.dml_only &= matches!(
-            keyword,
+        out.block_safe &= match keyword {
             kw::SELECT
-                | kw::WITH
-                | kw::VALUES
-                | kw::TABLE
-                | kw::EXPLAIN
-                | kw::INSERT
-                | kw::UPDATE
-                | kw::DELETE
-                | kw::MERGE
-        );
+            | kw::WITH
+            | kw::VALUES
+            | kw::TABLE
+            | kw::EXPLAIN
+            | kw::INSERT
+            | kw::UPDATE
+            | kw::DELETE
+            | kw::MERGE
+            | kw::TRUNCATE
+            | kw::COMMENT
+            | kw::GRANT
+            | kw::REVOKE
+            | kw::REFRESH => true,
+            // What PostgreSQL refuses in a block: CREATE INDEX CONCURRENTLY and the like,
+            // CREATE DATABASE, ALTER SYSTEM …
+            kw::CREATE | kw::ALTER | kw::DROP => {
+                !facts.concurrently
+                    && !(1..4).any(|i| {
+                        is(i, "DATABASE")
+                            || is(i, "TABLESPACE")
+                            || is(i, "SUBSCRIPTION")
+                            || is(i, "SYSTEM")
+                    })
+            }
+            _ => false,
+        };
         out.changes_only &= matches!(keyword, kw::INSERT | kw::UPDATE | kw::DELETE | kw::MERGE);
         out.changes_catalog |= match keyword {
             kw::ALTER | kw::DO => true,
@@ -468,6 +492,8 @@ struct Facts<'a> {
     program: bool,
     advisory_lock: bool,
     dblink: bool,
+    /// The word CONCURRENTLY, which PostgreSQL refuses in a transaction block.
+    concurrently: bool,
     from_stdin: bool,
     to_stdout: bool,
 }
@@ -571,6 +597,7 @@ impl<'a> Facts<'a> {
         let starts =
             |k: &str| word.len() >= k.len() && word[..k.len()].eq_ignore_ascii_case(k.as_bytes());
         match word[0].to_ascii_lowercase() {
+            b'c' => self.concurrently |= is("CONCURRENTLY"),
             b'd' => {
                 self.writes |= is("DELETE");
                 self.on_commit_drop |= is("DROP") && prev.eq_ignore_ascii_case(b"COMMIT");
@@ -1097,7 +1124,7 @@ mod tests {
             "explain analyze insert into t values (1)",
         ] {
             let c = classify(sql);
-            assert!(c.dml_only, "{sql}");
+            assert!(c.block_safe, "{sql}");
             assert_eq!(
                 c.changes_only,
                 ["insert", "UPDATE", "merge"]
@@ -1106,9 +1133,38 @@ mod tests {
                 "{sql}"
             );
         }
+        // Schema and privilege changes PostgreSQL runs in a transaction block.
+        for sql in [
+            "CREATE TABLE u (a int); CREATE INDEX ON u (a)",
+            "alter table t add column b int; comment on column t.b is 'b'",
+            "DROP TABLE IF EXISTS u CASCADE",
+            "truncate t; grant select on t to public; revoke all on t from r",
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+            "ALTER TYPE e ADD VALUE 'b'",
+            "ALTER TABLE t SET TABLESPACE ts",
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY mv",
+        ] {
+            let c = classify(sql);
+            assert!(c.block_safe && !c.changes_only, "{sql}");
+        }
         for sql in [
             "VACUUM t",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
+            "create unique index concurrently on t(a)",
+            "DROP INDEX CONCURRENTLY i",
+            "ALTER TABLE p DETACH PARTITION p2 CONCURRENTLY",
+            "CREATE DATABASE d",
+            "drop database if exists d",
+            "ALTER DATABASE d SET TABLESPACE ts",
+            "CREATE TABLESPACE ts LOCATION '/x'",
+            "DROP SUBSCRIPTION s",
+            "ALTER SYSTEM SET work_mem = '4MB'",
+            "CREATE TABLE u (a int); VACUUM u",
+            "CLUSTER",
+            "REINDEX TABLE t",
+            "ANALYZE t",
+            "DISCARD ALL",
+            "CHECKPOINT",
             "LOCK TABLE t",
             "CALL p()",
             "COPY t FROM STDIN",
@@ -1118,7 +1174,7 @@ mod tests {
             "SET x = 1",
         ] {
             let c = classify(sql);
-            assert!(!c.dml_only && !c.changes_only, "{sql}");
+            assert!(!c.block_safe && !c.changes_only, "{sql}");
         }
     }
 

@@ -148,10 +148,10 @@ pub struct Group {
     /// What its statements were before it changed them (Parse, Close, PREPARE, DEALLOCATE),
     /// in the order it changed them.
     undo: Vec<Undo>,
-    /// Whether every statement it binds is a query or a data change (see
-    /// [`crate::classify::Classified::dml_only`]); for a Query, whether it is one INSERT,
+    /// Whether every statement it binds runs the same in a transaction block as alone (see
+    /// [`crate::classify::Classified::block_safe`]); for a Query, whether it is one INSERT,
     /// UPDATE, DELETE or MERGE with no `$` (see [`Before::QueryAsBatch`]).
-    dml_only: bool,
+    block_safe: bool,
     /// Its Parse, Bind, Close, Describe and Execute messages: each is answered by one
     /// completion message unless an error ends the group first.
     pub requests: u32,
@@ -199,7 +199,7 @@ impl Group {
             closes: Vec::new(),
             queries: false,
             undo: Vec::new(),
-            dml_only: true,
+            block_safe: true,
             requests: 0,
             completions: 0,
             tail: false,
@@ -231,7 +231,7 @@ impl Group {
         self.closes.clear();
         self.queries = false;
         self.undo.clear();
-        self.dml_only = true;
+        self.block_safe = true;
         self.requests = 0;
         self.completions = 0;
         self.tail = false;
@@ -454,8 +454,9 @@ struct Effects {
     rolls_back_to: bool,
     /// It is a COMMIT and nothing else.
     sole_commit: bool,
-    /// It is a query or a data change (see [`crate::classify::Classified::dml_only`]).
-    dml_only: bool,
+    /// It runs the same in a transaction block as alone (see
+    /// [`crate::classify::Classified::block_safe`]).
+    block_safe: bool,
     /// Why running it again could act twice outside the database, if so.
     unreplayable: Option<&'static str>,
 }
@@ -477,17 +478,15 @@ pub enum Before {
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
     /// The message is a Query of one writing statement inside a transaction block whose xid is
-    /// not known yet, or of queries and data changes that write outside one (but a lone data
-    /// change sent as a batch): ask for the xid in the same string, right after the
+    /// not known yet, or of statements that write and run the same in a block as alone (see
+    /// [`crate::classify::Classified::block_safe`]) outside one (but a lone data change sent
+    /// as a batch): ask for the xid in the same string, right after the
     /// statements (outside a block, should that not be done, capture the WAL position after
     /// it instead, as for [`Before::CaptureLsnAfter`]).
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
-    /// commit is what tells later whether a failover lost it. (A Query of one statement is
-    /// not given the xid query in the same string outside a transaction block: the server
-    /// would then answer the statement before committing it, so a commit that fails, a
-    /// deferred constraint's, would follow its CommandComplete instead of replacing it.)
+    /// commit is what tells later whether a failover lost it.
     CaptureLsnAfter,
     /// The message is a Query of one INSERT, UPDATE, DELETE or MERGE outside a transaction
     /// block (no `$`, which a Parse would take for a parameter): it can be sent as the batch
@@ -495,8 +494,9 @@ pub enum Before {
     /// gateway turns back into the Query's (see [`Before::CommitXidBeforeSync`]); failing that,
     /// capture the WAL position after it.
     QueryAsBatch,
-    /// The message is a Sync ending a batch of data-changing statements outside a transaction
-    /// block, which the server commits at the Sync: ask for the xid in front of it, inside the
+    /// The message is a Sync ending a batch that writes outside a transaction block, of
+    /// statements that run the same in one as alone, which the server commits at the Sync:
+    /// ask for the xid in front of it, inside the
     /// batch's transaction (see [`Journal::note_tail`]); failing that, capture the WAL
     /// position after it.
     CommitXidBeforeSync,
@@ -804,7 +804,7 @@ impl Journal {
                     before = Before::CaptureXidAfter;
                 } else if self.txn_status == b'I'
                     && first
-                    && classified.dml_only
+                    && classified.block_safe
                     && classified.may_write_data()
                     && (classified.statement_count() > 1
                         || !classified.changes_only
@@ -815,14 +815,15 @@ impl Journal {
                     // Outside a block, statements of one string run in one transaction,
                     // committed after the last: one more statement asks for its xid before that
                     // commit, which no other session's WAL can confuse as a WAL position can.
-                    // Only queries and data changes run the same in a block as alone. (A lone
-                    // data change with no `$` is sent as a batch instead, see
+                    // Only what runs the same in a block as alone can be followed so: not
+                    // VACUUM, nor CREATE INDEX CONCURRENTLY, which PostgreSQL refuses there. (A
+                    // lone data change with no `$` is sent as a batch instead, see
                     // `Before::QueryAsBatch`.)
                     before = Before::CaptureXidAfter;
                 }
                 // (A text without its NUL, or with one inside, is the server's to refuse as
                 // it was sent.)
-                group.dml_only &= first
+                group.block_safe &= first
                     && classified.changes_only
                     && classified.statements.len() == 1
                     && !sql.contains(&b'$')
@@ -860,7 +861,7 @@ impl Journal {
                     changes: !changes.is_empty(),
                     rolls_back_to: classified.rolls_back_to,
                     sole_commit: classified.statements == [Statement::Commit] && !classified.chains,
-                    dml_only: classified.dml_only,
+                    block_safe: classified.block_safe,
                     unreplayable: classified.hazards.iter().find_map(|h| match h {
                         Hazard::Unreplayable(why) => Some(*why),
                         Hazard::Unmovable(_) => None,
@@ -902,7 +903,7 @@ impl Journal {
                 group.begins |= effects.begins;
                 group.copies |= effects.copies;
                 group.copy_in_pending |= effects.copies;
-                group.dml_only &= effects.dml_only;
+                group.block_safe &= effects.block_safe;
                 // Parsed in an earlier transaction, whose hazards are forgotten: each run of
                 // it counts.
                 if let Some(why) = effects.unreplayable {
@@ -969,13 +970,13 @@ impl Journal {
         let autocommit = self.txn_status == b'I' && (!group.begins || group.commits);
         // Session-state changes commit nothing the new primary could lack.
         if ends_write && autocommit && group.may_write_data && before == Before::Forward {
-            // A batch of queries and data changes runs in one transaction up to its Sync, so
-            // a query slipped in before the Sync is in it (one with COMMIT, BEGIN or anything
-            // that commits on its own may end that transaction earlier).
-            let dml_only = group.dml_only && !group.commits && !group.begins && !group.copies;
-            before = if tag == frontend::SYNC && dml_only && !group.queries {
+            // A batch runs in one transaction up to its Sync, so a query slipped in before the
+            // Sync is in it (one with COMMIT, BEGIN or anything that commits on its own, as
+            // VACUUM, may end that transaction earlier, or refuse to run in it).
+            let block_safe = group.block_safe && !group.commits && !group.begins && !group.copies;
+            before = if tag == frontend::SYNC && block_safe && !group.queries {
                 Before::CommitXidBeforeSync
-            } else if tag == frontend::QUERY && dml_only {
+            } else if tag == frontend::QUERY && block_safe {
                 Before::QueryAsBatch
             } else {
                 Before::CaptureLsnAfter
@@ -2336,6 +2337,25 @@ mod tests {
         j.set_xid(None);
         j.on_ready_for_query(b'I');
         assert_eq!(j.last_committed_xid(), Some(900));
+        // A schema change runs in the batch's transaction as well, unless PostgreSQL refuses
+        // it there.
+        let unnamed = |j: &mut Journal, sql: &str| {
+            j.on_client_message(b'P', &msg(b'P', format!("\0{sql}\0\0\0").as_bytes()));
+            j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+            j.on_client_message(b'S', &msg(b'S', b""))
+        };
+        assert_eq!(
+            unnamed(&mut j, "CREATE TABLE u (a int)"),
+            Before::CommitXidBeforeSync
+        );
+        j.set_xid(None);
+        j.on_ready_for_query(b'I');
+        assert_eq!(
+            unnamed(&mut j, "CREATE INDEX CONCURRENTLY ON u (a)"),
+            Before::CaptureLsnAfter
+        );
+        j.on_ready_for_query(b'I');
         // A COMMIT in the batch, or a statement the journal never saw: the WAL position.
         j.on_client_message(b'P', &msg(b'P', b"c\0COMMIT\0\0\0"));
         j.on_client_message(b'B', &msg(b'B', b"\0ins\0\0\0\0\0\0\0"));
@@ -2389,7 +2409,10 @@ mod tests {
             j.on_ready_for_query(b'I');
         }
         for sql in [
-            "INSERT INTO t VALUES (1); CREATE TABLE u()",
+            "INSERT INTO t VALUES (1); ANALYZE t",
+            "CREATE TABLE u(); VACUUM u",
+            "DROP INDEX CONCURRENTLY i",
+            "CREATE DATABASE d",
             "INSERT INTO t VALUES ('$x",
             "INSERT INTO t VALUES ($$x",
             "SELECT ins_fn(1) /* x",
@@ -2459,6 +2482,14 @@ mod tests {
             ("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)", 2),
             (";INSERT INTO t VALUES (1);; SELECT ins_fn(1); -- end", 2),
             ("SELECT 1; UPDATE t SET a = 2 RETURNING a; DELETE FROM t", 3),
+            // Schema changes PostgreSQL runs in a block.
+            ("CREATE TABLE u (a int)", 1),
+            ("INSERT INTO t VALUES (1); CREATE TABLE u()", 2),
+            (
+                "ALTER TABLE u ADD b int; CREATE INDEX ON u (b); TRUNCATE u",
+                3,
+            ),
+            ("DROP TABLE IF EXISTS u; GRANT SELECT ON t TO PUBLIC", 2),
         ] {
             assert_eq!(
                 j.on_client_message(b'Q', &query(sql)),

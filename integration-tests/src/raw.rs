@@ -123,6 +123,20 @@ pub fn bind_execute_sync(name: &str, params: &[&str]) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// Parse, Bind and Execute of each of `sqls` as the unnamed statement, then one Sync: an
+/// extended-protocol batch, which runs in one transaction outside a block.
+pub fn batch(sqls: &[&str]) -> Vec<u8> {
+    use postgres_protocol::message::frontend;
+    let mut buf = bytes::BytesMut::new();
+    for sql in sqls {
+        buf.extend_from_slice(&parse("", sql));
+        buf.extend_from_slice(&bind("", &[]));
+        frontend::execute("", 0, &mut buf).unwrap();
+    }
+    frontend::sync(&mut buf);
+    buf.to_vec()
+}
+
 impl RawConn {
     /// Opens a TCP connection without saying anything.
     pub async fn open(addr: SocketAddr) -> Self {

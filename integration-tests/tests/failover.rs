@@ -2687,11 +2687,12 @@ async fn reported_parameters_follow_the_session() {
 /// both commits, so both batches run there again: the one that answers the same is committed
 /// and its client sees its write succeed, once; the one whose answer differs (RETURNING the
 /// backend's PID) is rolled back, and its client gets 40001. Both sessions go on. The same for
-/// two simple-protocol Queries (sent as batches; the gateway holds their CommandComplete).
-/// (All four got 08007, outcome unknown.)
+/// two simple-protocol Queries (sent as batches; the gateway holds their CommandComplete), and
+/// a batch that creates a table and writes to it, which runs again whole. (All five got 08007,
+/// outcome unknown.)
 #[tokio::test]
 async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
-    let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2, 5, 6)");
+    let slow = SLOW_COMMIT.replace("NEW.a = 1", "NEW.a IN (1, 2, 5, 6, 10)");
     let (mut cluster, gw, same) = settling_session_after(&format!("{TABLE_T}; {slow}")).await;
     let differs = gw.connect(roles::MD5).await;
     let insert = same
@@ -2724,6 +2725,15 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
         gw.connect(roles::TRUST).await,
         "INSERT INTO t VALUES (6) RETURNING pg_backend_pid()",
     );
+    let mut schema = RawConn::login(gw.addr(), roles::TRUST).await;
+    schema
+        .send(&raw::batch(&[
+            "CREATE TABLE made (a int)",
+            "INSERT INTO made VALUES (1)",
+            "INSERT INTO t VALUES (10)",
+        ]))
+        .await;
+    assert_eq!(tags(&schema.read_until(b'C').await), "12C");
     // All are in their commits, in the trigger's 1.5 s.
     let admin = cluster.superuser().await;
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -2736,7 +2746,7 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
             .await
             .unwrap()
             .get(0);
-        if sleeping == 4 {
+        if sleeping == 5 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never all in commit");
@@ -2773,10 +2783,19 @@ async fn autocommit_batches_whose_commit_was_cut_short_run_again() {
         .batch_execute("INSERT INTO t VALUES (8)")
         .await
         .unwrap();
+    let answer = schema.read_until(b'Z').await;
     assert_eq!(
-        values(cluster_on_new_primary(&mut cluster).await, "t").await,
-        [1, 3, 4, 5, 7, 8]
+        tags(&answer),
+        "12C12CZ",
+        "run again and committed: {answer:?}"
     );
+    schema
+        .send(&raw::query("INSERT INTO made VALUES (2)"))
+        .await;
+    assert_eq!(tags(&schema.read_until(b'Z').await), "CZ");
+    let new_primary = cluster_on_new_primary(&mut cluster).await;
+    assert_eq!(values(new_primary, "made").await, [1, 2]);
+    assert_eq!(values(new_primary, "t").await, [1, 3, 4, 5, 7, 8, 10]);
 }
 
 /// With `failover.settle_in_flight_autocommit`: an autocommit extended-protocol write that

@@ -952,16 +952,18 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     }
 }
 
-/// A Query of queries and data changes that writes outside a transaction block, which a
-/// gateway armed for failover sends with its xid query appended (in the same string, so in the
-/// same transaction, before the commit), is answered exactly as directly: several statements
-/// with rows between the writes, a later statement failing (the earlier ones were answered), a
-/// syntax error, a deferred constraint failing at the commit (its error replaces the last
-/// CommandComplete), a notice raised during the commit (before the last CommandComplete), a
+/// A Query that writes outside a transaction block, of statements that run the same in one as
+/// alone, which a gateway armed for failover sends with its xid query appended (in the same string,
+/// so in the same transaction, before the commit), is answered exactly as directly: several
+/// statements with rows between the writes, a later statement failing (the earlier ones were
+/// answered), a syntax error, a deferred constraint failing at the commit (its error replaces the
+/// last CommandComplete), a notice raised during the commit (before the last CommandComplete), a
 /// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
-/// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes,
-/// its commit failing); text that ends inside a literal or comment, and a Query that only
-/// reads (nothing appended to either). Each acknowledged write is there once.
+/// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes, its
+/// commit failing); schema changes (a notice, one failing, one with a data change); text that ends
+/// inside a literal or comment, a Query that only reads, and CREATE INDEX CONCURRENTLY, which
+/// refuses a transaction block (nothing appended to any). Each acknowledged write is there once,
+/// and the schema is the same.
 #[tokio::test]
 async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
     let (cluster, admin, gw) = armed_after(&format!(
@@ -993,6 +995,15 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         // error would show.
         "INSERT INTO q VALUES (30, '$ open",
         "INSERT INTO q VALUES (31, 'a'); SELECT 1 /* open",
+        // Schema changes, which run in a block as alone: a notice, a failing one, one after
+        // a data change; and one PostgreSQL refuses in a block, which gets nothing appended.
+        "CREATE TABLE d1 (a int PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS d1 (a int)",
+        "ALTER TABLE d1 ADD b text; CREATE INDEX ON d1 (b); INSERT INTO q VALUES (14, 'm')",
+        "DROP TABLE IF EXISTS nothere; COMMENT ON TABLE d1 IS 'd'; TRUNCATE d1",
+        "INSERT INTO d1 VALUES (1, 'x'); ALTER TABLE d1 ADD CHECK (b <> 'x')",
+        "CREATE TABLE d2 (a int); CREATE TABLE d2 (a int)",
+        "CREATE INDEX CONCURRENTLY ON d1 (a)",
     ];
     let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
     let transcript = |addr| answers(addr, "several", &requests);
@@ -1002,23 +1013,42 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         (0..script.len()).map(tags).collect::<Vec<_>>(),
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
-            "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ"
+            "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ", "CZ", "NCZ", "CCCZ", "NCCCZ",
+            "CEZ", "CEZ", "CZ"
         ],
         "{direct:?}"
     );
     let rows = "SELECT a FROM q ORDER BY a";
     let written = int_column(&admin, rows).await;
-    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13]);
-    admin.batch_execute("TRUNCATE c, q").await.unwrap();
+    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14]);
+    let schema = "SELECT string_agg(relname, ' ' ORDER BY relname) FROM pg_class \
+                  WHERE relname ~ '^d[0-9]' AND relkind IN ('r', 'i')";
+    let made = admin
+        .query_one(schema, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(made, "d1 d1_a_idx d1_b_idx d1_pkey");
+    admin
+        .batch_execute("TRUNCATE c, q; DROP TABLE d1")
+        .await
+        .unwrap();
     let (through, mut rc, pid) = transcript(gw.addr()).await;
     for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
         assert_eq!(through, direct, "{}", script[i]);
     }
     assert_eq!(int_column(&admin, rows).await, written, "each write once");
+    let again = admin
+        .query_one(schema, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(again, made);
     // The xid query ran in the string, after the client's statements.
     for sql in [
         "INSERT INTO q VALUES (21, 'o'); INSERT INTO q VALUES (22, 'n')",
         "INSERT INTO q VALUES (23, '$')",
+        "CREATE TABLE d3 (a int)",
     ] {
         rc.send(&raw::query(sql)).await;
         rc.read_until(b'Z').await;
@@ -1605,7 +1635,7 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
 /// a Flush), answer exactly as directly: rows from a Describe'd portal, an Execute with a row
 /// limit and its PortalSuspended, two batches pipelined, a statement Described and Closed in
 /// the batch, an empty query, answers read after a Flush before the Sync, a failing batch, a
-/// simple Query.
+/// simple Query, schema changes.
 #[tokio::test]
 async fn autocommit_batches_answer_as_directly() {
     use postgres_protocol::message::frontend;
@@ -1701,6 +1731,16 @@ async fn autocommit_batches_answer_as_directly() {
         (raw::query("DELETE FROM z WHERE a > 2"), 1),
         (raw::query("TABLE z"), 1),
         (raw::query("DELETE FROM z"), 1),
+        // Schema changes: they run in the batch's transaction too.
+        (raw::batch(&["CREATE TABLE zz (a int)"]), 1),
+        (
+            raw::batch(&["ALTER TABLE zz ADD b int", "CREATE TABLE zz (a int)"]),
+            1,
+        ),
+        (
+            raw::batch(&["INSERT INTO zz VALUES (1)", "DROP TABLE zz"]),
+            1,
+        ),
     ];
     let transcript = |addr| {
         let script = script.clone();
@@ -1737,6 +1777,12 @@ async fn autocommit_batches_answer_as_directly() {
             .await;
         rc.read_until(b'Z').await;
         assert_eq!(last_query(&admin, pid).await, XID_SQL);
-        admin.batch_execute("DELETE FROM z").await.unwrap();
+        rc.send(&raw::batch(&["CREATE TABLE zz (a int)"])).await;
+        rc.read_until(b'Z').await;
+        assert_eq!(last_query(&admin, pid).await, XID_SQL);
+        admin
+            .batch_execute("DELETE FROM z; DROP TABLE zz")
+            .await
+            .unwrap();
     }
 }

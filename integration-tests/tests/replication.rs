@@ -496,10 +496,11 @@ async fn lost_commit_ends_the_session_with_08007() {
 /// commit: an autocommit INSERT as a simple Query (sent as a batch with the xid query) and as
 /// an extended-protocol batch (its xid asked for in front of its Sync), `BEGIN; INSERT;
 /// COMMIT` sent as one Query string (a WAL position), two INSERTs in one Query string (its
-/// xid asked for after them, in the same string), and a transaction whose only write is
-/// Bind/Execute of a statement prepared earlier. All five were acknowledged and all are lost,
-/// so all five sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count,
-/// log, report, never hide").
+/// xid asked for after them, in the same string), a transaction whose only write is
+/// Bind/Execute of a statement prepared earlier, and a CREATE TABLE with an INSERT in one Query
+/// string (its xid asked for after them). All six were acknowledged and all are lost, so all six
+/// sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count, log, report,
+/// never hide").
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -508,6 +509,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let (one_string, one_string_end) = gw.connect_watched(roles::MD5).await;
     let (prepared, prepared_end) = gw.connect_watched(roles::CLEARTEXT).await;
     let (two, two_end) = gw.connect_watched(roles::SCRAM).await;
+    let (ddl, ddl_end) = gw.connect_watched(roles::TRUST).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -531,6 +533,9 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     two.batch_execute("INSERT INTO t VALUES (6); INSERT INTO t VALUES (7)")
         .await
         .unwrap();
+    ddl.batch_execute("CREATE TABLE u (a int); INSERT INTO t VALUES (8)")
+        .await
+        .unwrap();
     let lost_before = lost_commits_counted(&gw).await;
 
     cluster.kill_primary().await;
@@ -539,18 +544,24 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let next_one_string = spawn_statement(one_string, "SELECT 1");
     let next_prepared = spawn_statement(prepared, "SELECT 1");
     let next_two = spawn_statement(two, "SELECT 1");
+    let next_ddl = spawn_statement(ddl, "SELECT 1");
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the five commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the six commits are lost");
+    let u = fresh
+        .query_one("SELECT to_regclass('u') IS NULL", &[])
+        .await;
+    assert!(u.unwrap().get::<_, bool>(0), "the table is lost too");
     assert_lost_commit_fatal(next_autocommit, autocommit_end).await;
     assert_lost_commit_fatal(next_batch, batch_end).await;
     assert_lost_commit_fatal(next_one_string, one_string_end).await;
     assert_lost_commit_fatal(next_prepared, prepared_end).await;
     assert_lost_commit_fatal(next_two, two_end).await;
-    assert!(lost_commits_counted(&gw).await >= lost_before + 5.0);
+    assert_lost_commit_fatal(next_ddl, ddl_end).await;
+    assert!(lost_commits_counted(&gw).await >= lost_before + 6.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -560,7 +571,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
 /// client gets 08007 for the write instead of its success. The session goes on. (A Query of
 /// a data change and an ANALYZE: an extended-protocol batch, a Query of one data change sent
-/// as one, and other Queries of queries and data changes ask for their xid in their own
+/// as one, and other Queries of data and schema changes ask for their xid in their own
 /// transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
@@ -606,7 +617,8 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 }
 
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
-/// in the extended protocol, a simple Query, or a Query of several statements, commits nothing
+/// in the extended protocol, a simple Query, or a Query of several statements, or schema
+/// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
 /// after the failover: their xids were asked for inside their own transactions (the Query sent
@@ -634,6 +646,10 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         .batch_execute("INSERT INTO t VALUES (50); INSERT INTO t VALUES (51)")
         .await
         .unwrap();
+    let ddl = gw.connect(roles::TRUST).await;
+    ddl.batch_execute("CREATE TABLE u (a int); INSERT INTO t VALUES (70)")
+        .await
+        .unwrap();
 
     let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
@@ -659,6 +675,12 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         ),
         "{answer:?}"
     );
+    // Schema changes that found nothing to do (notices say so).
+    let answer = ddl
+        .simple_query("CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere")
+        .await
+        .unwrap();
+    assert_eq!(answer.len(), 2, "{answer:?}");
 
     cluster.kill_primary().await;
     let insert = |c: Client, a: i32| {
@@ -668,11 +690,11 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         })
     };
     let (next, next_simple) = (insert(c, 20), insert(simple, 40));
-    let next_several = insert(several, 60);
+    let (next_several, next_ddl) = (insert(several, 60), insert(ddl, 80));
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
-    for next in [next, next_simple, next_several] {
+    for next in [next, next_simple, next_several, next_ddl] {
         let (c, r) = tokio::time::timeout(PATIENCE, next)
             .await
             .expect("answered")
@@ -683,7 +705,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
     let c = gw.connect(roles::MD5).await;
     assert_eq!(
         values(&c).await,
-        [10, 20, 30, 40, 50, 51, 60],
+        [10, 20, 30, 40, 50, 51, 60, 70, 80],
         "every acknowledged write once; the superuser's was lost"
     );
 }

@@ -96,6 +96,9 @@ pub struct Classified {
     /// Whether the text ends inside a string, quoted identifier, dollar quote or block
     /// comment, which would take in anything appended to it.
     pub ends_open: bool,
+    /// Whether a statement begins, ends or prepares a transaction, finishes a prepared one,
+    /// or sets or undoes to a savepoint.
+    pub controls_transaction: bool,
 }
 
 impl Classified {
@@ -296,6 +299,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
     out.changes_only = true;
     out.changes_catalog = false;
     out.ends_open = false;
+    out.controls_transaction = false;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     lex.suspects = (!suspects.is_empty()).then_some(suspects);
@@ -316,6 +320,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             kw::BEGIN | kw::START => Statement::Begin,
             kw::COMMIT | kw::END if is(1, "PREPARED") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+                out.controls_transaction = true;
                 Statement::Write
             }
             kw::COMMIT | kw::END => {
@@ -328,6 +333,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             }
             kw::ROLLBACK if is(1, "PREPARED") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+                out.controls_transaction = true;
                 Statement::Write
             }
             kw::ROLLBACK | kw::ABORT => Statement::Rollback,
@@ -360,6 +366,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             kw::DISCARD => Statement::Session(SessionChange::Discard),
             kw::PREPARE if is(1, "TRANSACTION") => {
                 out.hazards.push(Hazard::Unreplayable("two-phase commit"));
+                out.controls_transaction = true;
                 Statement::Write
             }
             kw::PREPARE => Statement::Session(SessionChange::Prepare(name_after(stmt, 1))),
@@ -397,6 +404,10 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             }
             _ => Statement::Write,
         };
+        out.controls_transaction |= matches!(
+            statement,
+            Statement::Begin | Statement::Commit | Statement::Rollback | Statement::Savepoint
+        );
         let copy = keyword == kw::COPY;
         out.copies |= copy && facts.from_stdin;
         out.block_safe &= match keyword {
@@ -1200,6 +1211,21 @@ mod tests {
         );
         let two_pc = classify("PREPARE TRANSACTION 'x'");
         assert_eq!(two_pc.hazards, [Hazard::Unreplayable("two-phase commit")]);
+        for sql in [
+            "INSERT INTO t VALUES (1); COMMIT",
+            "begin",
+            "select 1; rollback to a",
+            "PREPARE TRANSACTION 'x'",
+            "commit prepared 'x'",
+        ] {
+            assert!(classify(sql).controls_transaction, "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES (1); SET x = 1",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert!(!classify(sql).controls_transaction, "{sql}");
+        }
     }
 
     #[test]

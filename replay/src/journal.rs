@@ -478,11 +478,12 @@ pub enum Before {
     /// Capture the transaction's xid first: the message commits a transaction that wrote.
     CaptureXid,
     /// The message is a Query of one writing statement inside a transaction block whose xid is
-    /// not known yet, or of statements that write and run the same in a block as alone (see
-    /// [`crate::classify::Classified::block_safe`]) outside one (but a lone data change sent
-    /// as a batch): ask for the xid in the same string, right after the
-    /// statements (outside a block, should that not be done, capture the WAL position after
-    /// it instead, as for [`Before::CaptureLsnAfter`]).
+    /// not known yet, or a Query that writes outside one: of one statement that runs the same
+    /// in a block as alone (see [`crate::classify::Classified::block_safe`]; but a lone data
+    /// change is sent as a batch), or of several, none of them transaction control or COPY
+    /// FROM STDIN. Ask for the xid in the same string, right after the statements (outside a
+    /// block, should that not be done, capture the WAL position after it instead, as for
+    /// [`Before::CaptureLsnAfter`]).
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its
@@ -804,7 +805,10 @@ impl Journal {
                     before = Before::CaptureXidAfter;
                 } else if self.txn_status == b'I'
                     && first
-                    && classified.block_safe
+                    && (classified.block_safe
+                        || classified.statement_count() > 1
+                            && !classified.controls_transaction
+                            && !classified.copies)
                     && classified.may_write_data()
                     && (classified.statement_count() > 1
                         || !classified.changes_only
@@ -815,9 +819,11 @@ impl Journal {
                     // Outside a block, statements of one string run in one transaction,
                     // committed after the last: one more statement asks for its xid before that
                     // commit, which no other session's WAL can confuse as a WAL position can.
-                    // Only what runs the same in a block as alone can be followed so: not
-                    // VACUUM, nor CREATE INDEX CONCURRENTLY, which PostgreSQL refuses there. (A
-                    // lone data change with no `$` is sent as a batch instead, see
+                    // Two or more already run in an implicit block, so one more changes
+                    // nothing for them (unless one ends it, or waits for COPY data); a lone
+                    // statement must be one that runs the same in a block as alone: not
+                    // VACUUM, CALL (whose procedure may commit) or CREATE INDEX CONCURRENTLY.
+                    // (A lone data change with no `$` is sent as a batch instead, see
                     // `Before::QueryAsBatch`.)
                     before = Before::CaptureXidAfter;
                 }
@@ -2409,10 +2415,11 @@ mod tests {
             j.on_ready_for_query(b'I');
         }
         for sql in [
-            "INSERT INTO t VALUES (1); ANALYZE t",
-            "CREATE TABLE u(); VACUUM u",
+            "ANALYZE t",
             "DROP INDEX CONCURRENTLY i",
             "CREATE DATABASE d",
+            "INSERT INTO t VALUES (1); SAVEPOINT s",
+            "INSERT INTO t VALUES (1); PREPARE TRANSACTION 'x'",
             "INSERT INTO t VALUES ('$x",
             "INSERT INTO t VALUES ($$x",
             "SELECT ins_fn(1) /* x",
@@ -2433,8 +2440,9 @@ mod tests {
             Before::Forward
         );
         j.on_ready_for_query(b'I');
+        // A COPY from the client in the string: the data follows it.
         assert_eq!(
-            j.on_client_message(b'Q', &query("COPY t FROM STDIN")),
+            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1); COPY t FROM STDIN")),
             Before::Forward
         );
         assert_eq!(
@@ -2462,12 +2470,12 @@ mod tests {
         assert_eq!(j.groups().len(), 1);
     }
 
-    /// A Query of queries and data changes that writes, outside a block, carries the xid query
-    /// after its statements (but a lone data change a batch can carry); the xid it gives is
-    /// the commit's to check. One that only reads, or holds another kind of statement, or a
-    /// NUL inside, does not.
+    /// A Query that writes outside a block carries the xid query after its statements: one
+    /// statement that runs the same in a block as alone (but a lone data change a batch can
+    /// carry), or several of any kind but transaction control and COPY FROM STDIN; the xid it
+    /// gives is the commit's to check. One that only reads, or has a NUL inside, does not.
     #[test]
-    fn autocommit_queries_and_data_changes_carry_the_xid_query() {
+    fn autocommit_writing_queries_carry_the_xid_query() {
         let mut j = Journal::new(1 << 20);
         for (sql, statements) in [
             // Alone, what cannot be sent as a batch: a `$` a Parse would take for a
@@ -2490,6 +2498,12 @@ mod tests {
                 3,
             ),
             ("DROP TABLE IF EXISTS u; GRANT SELECT ON t TO PUBLIC", 2),
+            // Two or more of any kind but transaction control and COPY FROM STDIN: they run
+            // in an implicit block already.
+            ("INSERT INTO t VALUES (1); ANALYZE t", 2),
+            ("SET search_path = s; INSERT INTO t VALUES (1)", 2),
+            ("LOCK TABLE t; UPDATE t SET a = 1; NOTIFY ch", 3),
+            ("CALL p(); COPY t TO STDOUT", 2),
         ] {
             assert_eq!(
                 j.on_client_message(b'Q', &query(sql)),
@@ -2631,7 +2645,7 @@ mod tests {
         // A data write beside one is still a write.
         assert_eq!(
             j.on_client_message(b'Q', &query("SET a.b = 1; INSERT INTO t VALUES (1)")),
-            Before::CaptureLsnAfter
+            Before::CaptureXidAfter
         );
         assert!(j.groups()[0].may_write_data);
         answer(&mut j, b"", b'I');

@@ -960,7 +960,8 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
 /// last CommandComplete), a notice raised during the commit (before the last CommandComplete), a
 /// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
 /// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes, its
-/// commit failing); schema changes (a notice, one failing, one with a data change); text that ends
+/// commit failing); schema changes (a notice, one failing, one with a data change); several
+/// statements of other kinds (SET, ANALYZE, LOCK, NOTIFY, COPY out, VACUUM refused); text that ends
 /// inside a literal or comment, a Query that only reads, and CREATE INDEX CONCURRENTLY, which
 /// refuses a transaction block (nothing appended to any). Each acknowledged write is there once,
 /// and the schema is the same.
@@ -1004,6 +1005,14 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         "INSERT INTO d1 VALUES (1, 'x'); ALTER TABLE d1 ADD CHECK (b <> 'x')",
         "CREATE TABLE d2 (a int); CREATE TABLE d2 (a int)",
         "CREATE INDEX CONCURRENTLY ON d1 (a)",
+        // Several statements of other kinds, which an implicit block holds already: a
+        // setting (its ParameterStatus comes at the end), ANALYZE (a warning: not the owner),
+        // LOCK, NOTIFY (heard after the commit), COPY out; VACUUM, refused in the block.
+        "SET application_name = 'mixed'; INSERT INTO q VALUES (15, 'l')",
+        "INSERT INTO q VALUES (16, 'k'); ANALYZE q",
+        "LOCK TABLE q; UPDATE q SET b = 'j' WHERE a = 16; NOTIFY ch, 'y'",
+        "INSERT INTO q VALUES (17, 'i'); COPY (SELECT a FROM q WHERE a > 15) TO STDOUT",
+        "INSERT INTO q VALUES (18, 'h'); VACUUM q",
     ];
     let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
     let transcript = |addr| answers(addr, "several", &requests);
@@ -1014,13 +1023,13 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
             "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ", "CZ", "NCZ", "CCCZ", "NCCCZ",
-            "CEZ", "CEZ", "CZ"
+            "CEZ", "CEZ", "CZ", "CCSZ", "CNCZ", "CCCAZ", "CHddcCZ", "CEZ"
         ],
         "{direct:?}"
     );
     let rows = "SELECT a FROM q ORDER BY a";
     let written = int_column(&admin, rows).await;
-    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]);
     let schema = "SELECT string_agg(relname, ' ' ORDER BY relname) FROM pg_class \
                   WHERE relname ~ '^d[0-9]' AND relkind IN ('r', 'i')";
     let made = admin
@@ -1049,6 +1058,7 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         "INSERT INTO q VALUES (21, 'o'); INSERT INTO q VALUES (22, 'n')",
         "INSERT INTO q VALUES (23, '$')",
         "CREATE TABLE d3 (a int)",
+        "INSERT INTO q VALUES (24, 'm'); ANALYZE q",
     ] {
         rc.send(&raw::query(sql)).await;
         rc.read_until(b'Z').await;
@@ -1197,8 +1207,9 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         last_query(&admin, a_pid).await,
         format!("{writes}\n;{XID_SQL} AS understudy_xid")
     );
-    // A write with another kind of statement cannot: the WAL position query follows its answer.
-    let mixed = format!("{write}; ANALYZE y");
+    // A whole transaction block in one string cannot: the WAL position query follows its
+    // answer.
+    let mixed = format!("BEGIN; {write}; COMMIT");
     a.batch_execute(&mixed).await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {

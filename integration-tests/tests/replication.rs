@@ -569,10 +569,10 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// primary died in between would carry on past a commit lost with it, unseen. Here that query
 /// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
-/// client gets 08007 for the write instead of its success. The session goes on. (A Query of
-/// a data change and an ANALYZE: an extended-protocol batch, a Query of one data change sent
-/// as one, and other Queries of data and schema changes ask for their xid in their own
-/// transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
+/// client gets 08007 for the write instead of its success. The session goes on. (A whole
+/// `BEGIN; …; COMMIT` in one Query: an extended-protocol batch, a Query of one data change sent
+/// as one, and other autocommit Queries that write ask for their xid in their own transaction
+/// instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -584,7 +584,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let write = spawn_statement(writer, "INSERT INTO t VALUES (2); ANALYZE t");
+    let write = spawn_statement(writer, "BEGIN; INSERT INTO t VALUES (2); COMMIT");
     let deadline = Instant::now() + PATIENCE;
     while values(&locker).await.is_empty() {
         assert!(Instant::now() < deadline, "the INSERT never committed");
@@ -618,7 +618,8 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
 /// in the extended protocol, a simple Query, or a Query of several statements, or schema
-/// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), commits nothing
+/// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), or a `SET` with such a
+/// write, commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
 /// after the failover: their xids were asked for inside their own transactions (the Query sent
@@ -675,12 +676,15 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         ),
         "{answer:?}"
     );
-    // Schema changes that found nothing to do (notices say so).
-    let answer = ddl
-        .simple_query("CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere")
-        .await
-        .unwrap();
-    assert_eq!(answer.len(), 2, "{answer:?}");
+    // Schema changes that found nothing to do (notices say so), and a setting made with a
+    // write of no row.
+    for sql in [
+        "CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere",
+        "SET application_name = 'still'; UPDATE t SET a = a WHERE a = -3",
+    ] {
+        let answer = ddl.simple_query(sql).await.unwrap();
+        assert_eq!(answer.len(), 2, "{answer:?}");
+    }
 
     cluster.kill_primary().await;
     let insert = |c: Client, a: i32| {

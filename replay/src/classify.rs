@@ -99,6 +99,9 @@ pub struct Classified {
     /// Whether a statement begins, ends or prepares a transaction, finishes a prepared one,
     /// or sets or undoes to a savepoint.
     pub controls_transaction: bool,
+    /// Where the last statement that is not empty starts: right after the semicolon before
+    /// it (0 for the first).
+    pub last_start: usize,
 }
 
 impl Classified {
@@ -300,6 +303,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
     out.changes_catalog = false;
     out.ends_open = false;
     out.controls_transaction = false;
+    out.last_start = 0;
     let mut lex = Lexer::new(sql);
     lex.backslash_strings = strings == Strings::BackslashEscapes;
     lex.suspects = (!suspects.is_empty()).then_some(suspects);
@@ -312,6 +316,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
         if w(0).is_empty() {
             continue;
         }
+        out.last_start = start;
         let keyword = facts.keyword;
         // COPY of a table calls nothing: a word before parentheses there is the table, with
         // its column list, or an option list.

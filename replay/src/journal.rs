@@ -162,6 +162,46 @@ pub struct Group {
     pub tail: bool,
 }
 
+/// Where the COMMIT of `sql` starts, right after the semicolon before it, if `sql` is one
+/// whole transaction block: BEGIN first, COMMIT last, no BEGIN, COMMIT or ROLLBACK between,
+/// and the COMMIT plain (no AND CHAIN, no comment), so that nothing put in front of it can
+/// shift the position of a syntax error the server reports.
+fn whole_block_commit(classified: &Classified, sql: &[u8]) -> Option<usize> {
+    let mut statements = classified
+        .statements
+        .iter()
+        .filter(|s| **s != Statement::Empty);
+    if statements.next() != Some(&Statement::Begin) || statements.next_back()? != &Statement::Commit
+    {
+        return None;
+    }
+    if statements.any(|s| {
+        matches!(
+            s,
+            Statement::Begin | Statement::Commit | Statement::Rollback
+        )
+    }) {
+        return None;
+    }
+    let at = classified.last_start;
+    let mut commit = sql[at..].trim_ascii();
+    while let Some(rest) = commit.strip_suffix(b";") {
+        commit = rest.trim_ascii();
+    }
+    const PLAIN: [&[u8]; 6] = [
+        b"COMMIT",
+        b"COMMIT WORK",
+        b"COMMIT TRANSACTION",
+        b"END",
+        b"END WORK",
+        b"END TRANSACTION",
+    ];
+    PLAIN
+        .iter()
+        .any(|p| commit.eq_ignore_ascii_case(p))
+        .then_some(at)
+}
+
 /// A prepared statement's slot as it was before a change: `None`, it did not exist.
 #[derive(Debug, Clone)]
 enum Undo {
@@ -489,6 +529,11 @@ pub enum Before {
     /// transaction in one string) whose xid is not captured, and a position at or past its
     /// commit is what tells later whether a failover lost it.
     CaptureLsnAfter,
+    /// The message is a Query outside a transaction block that is one whole block that writes,
+    /// `BEGIN; …; COMMIT`, its COMMIT plain and last: ask for the xid in the same string,
+    /// right before the COMMIT (at [`Journal::commit_at`]), whose answer then comes after the
+    /// commit as directly; failing that, capture the WAL position after it.
+    CaptureXidBeforeCommit,
     /// The message is a Query of one INSERT, UPDATE, DELETE or MERGE outside a transaction
     /// block (no `$`, which a Parse would take for a parameter): it can be sent as the batch
     /// Parse, Bind, Describe, Execute with the xid query in front of its Sync, whose answer the
@@ -576,6 +621,9 @@ pub struct Journal {
     skipping: bool,
     /// A commit the gateway could not ask about (see [`Journal::commit_unchecked`]).
     unchecked: bool,
+    /// Where the last Query's COMMIT starts in its text (see
+    /// [`Before::CaptureXidBeforeCommit`]).
+    commit_at: usize,
 }
 
 impl Journal {
@@ -611,6 +659,7 @@ impl Journal {
             unsynced: false,
             skipping: false,
             unchecked: false,
+            commit_at: 0,
         }
     }
 
@@ -826,6 +875,18 @@ impl Journal {
                     // (A lone data change with no `$` is sent as a batch instead, see
                     // `Before::QueryAsBatch`.)
                     before = Before::CaptureXidAfter;
+                } else if self.txn_status == b'I'
+                    && first
+                    && classified.may_write_data()
+                    && classified.hazards.is_empty()
+                    && !classified.copies
+                    && sql.len() + 1 == body.len()
+                    && !classified.ends_open
+                {
+                    if let Some(at) = whole_block_commit(classified, sql) {
+                        self.commit_at = at;
+                        before = Before::CaptureXidBeforeCommit;
+                    }
                 }
                 // (A text without its NUL, or with one inside, is the server's to refuse as
                 // it was sent.)
@@ -1039,6 +1100,13 @@ impl Journal {
     /// [`Journal::on_client_message`] (see [`Classified::statement_count`]).
     pub fn last_statement_count(&self) -> usize {
         self.classified.statement_count()
+    }
+
+    /// Where the COMMIT of the Query last given to [`Journal::on_client_message`] starts in
+    /// its text, right after the semicolon before it (see
+    /// [`Before::CaptureXidBeforeCommit`]).
+    pub fn commit_at(&self) -> usize {
+        self.commit_at
     }
 
     /// A WAL position taken after every commit so far is known.
@@ -2424,7 +2492,7 @@ mod tests {
             "INSERT INTO t VALUES ($$x",
             "SELECT ins_fn(1) /* x",
             "UPDATE t SET a = 1; SELECT \"t",
-            "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT; SELECT 1",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
             "CALL p()",
         ] {
@@ -2468,6 +2536,71 @@ mod tests {
         );
         assert!(j.expects_ready());
         assert_eq!(j.groups().len(), 1);
+    }
+
+    /// A Query that is one whole transaction block that writes gets the xid query right before
+    /// its COMMIT, which must be plain and last; the xid counts as committed once the Query is
+    /// answered without an error.
+    #[test]
+    fn a_whole_block_in_one_query_asks_for_its_xid_before_its_commit() {
+        let mut j = Journal::new(1 << 20);
+        for (sql, commit) in [
+            ("BEGIN; INSERT INTO t VALUES (1); COMMIT", " COMMIT"),
+            (
+                "begin isolation level serializable;\nupdate t set a = 2;;\n  end work ;\n",
+                "\n  end work ;\n",
+            ),
+            (
+                "START TRANSACTION; SAVEPOINT s; DELETE FROM t; RELEASE s; COMMIT TRANSACTION",
+                " COMMIT TRANSACTION",
+            ),
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureXidBeforeCommit,
+                "{sql}"
+            );
+            assert_eq!(&sql[j.commit_at()..], commit);
+            j.set_xid(Some(800));
+            j.on_ready_for_query(b'I');
+            assert_eq!(j.last_committed_xid(), Some(800));
+            assert!(!j.commit_unchecked());
+            j.set_xid(None);
+        }
+        // A failed COMMIT committed nothing.
+        j.on_client_message(b'Q', &query("BEGIN; INSERT INTO t VALUES (1); COMMIT"));
+        j.set_xid(Some(801));
+        j.on_server_message(b'E');
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.last_committed_xid(), Some(800));
+        j.set_xid(None);
+        for sql in [
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT AND CHAIN",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT -- done",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT; SELECT 1",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT; BEGIN; INSERT INTO t VALUES (2); COMMIT",
+            "INSERT INTO t VALUES (0); BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            "BEGIN; CREATE TEMP TABLE u (a int); COMMIT",
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureLsnAfter,
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
+        for sql in [
+            "BEGIN; SELECT 1; COMMIT",
+            "BEGIN; INSERT INTO t VALUES (1); ROLLBACK",
+            "BEGIN; COPY t FROM STDIN; COMMIT",
+        ] {
+            assert_ne!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureXidBeforeCommit,
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
     }
 
     /// A Query that writes outside a block carries the xid query after its statements: one

@@ -187,6 +187,12 @@ impl AsBatch {
 static XID_SUFFIX: LazyLock<Vec<u8>> =
     LazyLock::new(|| format!("\n;{XID_SQL} AS understudy_xid\0").into_bytes());
 
+/// Put in front of the COMMIT of a client's Query that is one whole transaction block (right
+/// after the semicolon before it), so that the xid comes back in the same answer, before the
+/// commit. The alias tells its RowDescription from anything the client's statements return.
+static XID_BEFORE_COMMIT: LazyLock<Vec<u8>> =
+    LazyLock::new(|| format!("{XID_SQL} AS understudy_xid;").into_bytes());
+
 /// Where the answer to a Query with [`XID_SUFFIX`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum XidSuffix {
@@ -305,9 +311,13 @@ enum Owner {
     Client,
     /// The gateway's xid query: consume.
     Xid,
-    /// The client, whose Query of `statements` statements carries the xid query after them:
-    /// the answers to that are consumed (see [`SuffixAnswer`]), the rest forwarded.
-    ClientThenXid { statements: usize },
+    /// The client, whose Query carries the xid query after `statements` of its statements:
+    /// the answers to that are consumed (see [`SuffixAnswer`]), the rest forwarded. With
+    /// `before_commit`, the string's COMMIT follows it (see [`XID_BEFORE_COMMIT`]).
+    ClientThenXid {
+        statements: usize,
+        before_commit: bool,
+    },
     /// The client, whose Query was sent as a batch with the xid query (see [`AsBatch`]).
     ClientAsBatch,
     /// The gateway's WAL position query: consume.
@@ -841,6 +851,9 @@ impl Session {
                 && self.capture_xid
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
+            let before_commit = before == Before::CaptureXidBeforeCommit
+                && self.capture_xid
+                && self.insert_xid_query(n, self.journal.commit_at());
             let as_batch =
                 before == Before::QueryAsBatch && self.capture_xid && self.send_query_as_batch(n);
             if self.journal.expects_ready() {
@@ -859,6 +872,12 @@ impl Session {
                 self.wire.push_back(if suffixed {
                     Owner::ClientThenXid {
                         statements: self.journal.last_statement_count(),
+                        before_commit: false,
+                    }
+                } else if before_commit {
+                    Owner::ClientThenXid {
+                        statements: self.journal.last_statement_count() - 1,
+                        before_commit: true,
                     }
                 } else if as_batch {
                     Owner::ClientAsBatch
@@ -869,12 +888,13 @@ impl Session {
             if matches!(tag, frontend::QUERY | frontend::EXECUTE) {
                 self.tally.query();
             }
-            if !suffixed && !as_batch {
+            if !suffixed && !as_batch && !before_commit {
                 self.pump.up.ready += n;
             }
             // Outside a block, a write whose xid was not asked for is checked by WAL position.
             let unasked = (before == Before::CommitXidBeforeSync && !tail)
                 || (before == Before::QueryAsBatch && !as_batch)
+                || (before == Before::CaptureXidBeforeCommit && !before_commit)
                 || (before == Before::CaptureXidAfter
                     && !suffixed
                     && self.journal.txn_status() == b'I');
@@ -900,6 +920,23 @@ impl Session {
         // Everything but the terminating NUL, which the suffix brings along.
         pipe.ready += n - 1;
         pipe.splice_at_ready(1, &XID_SUFFIX);
+        true
+    }
+
+    /// Puts [`XID_BEFORE_COMMIT`] at byte `commit_at` of the text of the client's Query of `n`
+    /// bytes at `ready` (one whole transaction block) and passes the message over. Returns
+    /// false (nothing done) if the message would grow past the protocol's limit.
+    fn insert_xid_query(&mut self, n: usize, commit_at: usize) -> bool {
+        // The length word counts itself but not the type byte.
+        let Ok(len) = i32::try_from(n - 1 + XID_BEFORE_COMMIT.len()) else {
+            return false;
+        };
+        let pipe = &mut self.pump.up;
+        let at = pipe.ready;
+        pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
+        pipe.ready += 5 + commit_at;
+        pipe.splice_at_ready(0, &XID_BEFORE_COMMIT);
+        pipe.ready += n - 5 - commit_at;
         true
     }
 
@@ -1003,13 +1040,18 @@ impl Session {
             }
             let owner = self.wire.front().copied();
             let internal = owner.is_some_and(|o| !o.is_client());
-            if let Some(Owner::ClientThenXid { statements }) = owner {
+            if let Some(Owner::ClientThenXid {
+                statements,
+                before_commit,
+            }) = owner
+            {
                 if self.xid_suffix.state == XidSuffix::None {
                     self.xid_suffix = SuffixAnswer {
                         state: XidSuffix::Statement,
                         left: statements,
-                        // The status the Query runs in: the last one the server reported.
-                        holds: self.txn_status == b'I',
+                        // The status the Query runs in: the last one the server reported. (A
+                        // COMMIT after the xid query answers once it committed.)
+                        holds: self.txn_status == b'I' && !before_commit,
                         row_seen: false,
                     };
                 }

@@ -961,7 +961,9 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
 /// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
 /// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes, its
 /// commit failing); schema changes (a notice, one failing, one with a data change); several
-/// statements of other kinds (SET, ANALYZE, LOCK, NOTIFY, COPY out, VACUUM refused); text that ends
+/// statements of other kinds (SET, ANALYZE, LOCK, NOTIFY, COPY out, VACUUM refused); a whole
+/// transaction block (the xid query before its COMMIT; that COMMIT failing; a statement failing
+/// before it); text that ends
 /// inside a literal or comment, a Query that only reads, and CREATE INDEX CONCURRENTLY, which
 /// refuses a transaction block (nothing appended to any). Each acknowledged write is there once,
 /// and the schema is the same.
@@ -1013,6 +1015,14 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         "LOCK TABLE q; UPDATE q SET b = 'j' WHERE a = 16; NOTIFY ch, 'y'",
         "INSERT INTO q VALUES (17, 'i'); COPY (SELECT a FROM q WHERE a > 15) TO STDOUT",
         "INSERT INTO q VALUES (18, 'h'); VACUUM q",
+        // A whole transaction block: the xid query goes before its COMMIT, which answers once
+        // it committed; a deferred constraint failing at that COMMIT; a statement failing,
+        // which leaves the block open.
+        "BEGIN; INSERT INTO q VALUES (19, 'g'); COMMIT",
+        "begin;\ninsert into q values (20, 'f');;\nend;\n",
+        "BEGIN; INSERT INTO c VALUES (99); COMMIT",
+        "BEGIN; INSERT INTO q VALUES (1, 'dup'); COMMIT",
+        "ROLLBACK",
     ];
     let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
     let transcript = |addr| answers(addr, "several", &requests);
@@ -1023,13 +1033,17 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
             "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ", "CZ", "NCZ", "CCCZ", "NCCCZ",
-            "CEZ", "CEZ", "CZ", "CCSZ", "CNCZ", "CCCAZ", "CHddcCZ", "CEZ"
+            "CEZ", "CEZ", "CZ", "CCSZ", "CNCZ", "CCCAZ", "CHddcCZ", "CEZ", "CCCZ", "CCCZ", "CCEZ",
+            "CEZ", "CZ"
         ],
         "{direct:?}"
     );
     let rows = "SELECT a FROM q ORDER BY a";
     let written = int_column(&admin, rows).await;
-    assert_eq!(written, [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]);
+    assert_eq!(
+        written,
+        [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20]
+    );
     let schema = "SELECT string_agg(relname, ' ' ORDER BY relname) FROM pg_class \
                   WHERE relname ~ '^d[0-9]' AND relkind IN ('r', 'i')";
     let made = admin
@@ -1053,6 +1067,13 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         .unwrap()
         .get::<_, String>(0);
     assert_eq!(again, made);
+    let block = "BEGIN; INSERT INTO q VALUES (25, 'l'); COMMIT";
+    rc.send(&raw::query(block)).await;
+    rc.read_until(b'Z').await;
+    assert_eq!(
+        last_query(&admin, pid).await,
+        format!("BEGIN; INSERT INTO q VALUES (25, 'l');{XID_SQL} AS understudy_xid; COMMIT")
+    );
     // The xid query ran in the string, after the client's statements.
     for sql in [
         "INSERT INTO q VALUES (21, 'o'); INSERT INTO q VALUES (22, 'n')",
@@ -1207,9 +1228,9 @@ async fn sessions_that_cannot_move_get_no_capture_statements() {
         last_query(&admin, a_pid).await,
         format!("{writes}\n;{XID_SQL} AS understudy_xid")
     );
-    // A whole transaction block in one string cannot: the WAL position query follows its
-    // answer.
-    let mixed = format!("BEGIN; {write}; COMMIT");
+    // A transaction block with more after it in one string cannot: the WAL position query
+    // follows its answer.
+    let mixed = format!("BEGIN; {write}; COMMIT; SELECT 1");
     a.batch_execute(&mixed).await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {

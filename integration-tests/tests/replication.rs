@@ -495,12 +495,12 @@ async fn lost_commit_ends_the_session_with_08007() {
 /// As [`lost_commit_ends_the_session_with_08007`], for the other ways the gateway learns of a
 /// commit: an autocommit INSERT as a simple Query (sent as a batch with the xid query) and as
 /// an extended-protocol batch (its xid asked for in front of its Sync), `BEGIN; INSERT;
-/// COMMIT` sent as one Query string (a WAL position), two INSERTs in one Query string (its
-/// xid asked for after them, in the same string), a transaction whose only write is
-/// Bind/Execute of a statement prepared earlier, and a CREATE TABLE with an INSERT in one Query
-/// string (its xid asked for after them). All six were acknowledged and all are lost, so all six
-/// sessions must end with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count, log, report,
-/// never hide").
+/// COMMIT` sent as one Query string (its xid asked for before the COMMIT), the same with a
+/// SELECT after it (a WAL position), two INSERTs in one Query string (its xid asked for after
+/// them, in the same string), a transaction whose only write is Bind/Execute of a statement
+/// prepared earlier, and a CREATE TABLE with an INSERT in one Query string (its xid asked for
+/// after them). All seven were acknowledged and all are lost, so all seven sessions must end
+/// with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count, log, report, never hide").
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -510,6 +510,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let (prepared, prepared_end) = gw.connect_watched(roles::CLEARTEXT).await;
     let (two, two_end) = gw.connect_watched(roles::SCRAM).await;
     let (ddl, ddl_end) = gw.connect_watched(roles::TRUST).await;
+    let (block_then, block_then_end) = gw.connect_watched(roles::MD5).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -536,6 +537,10 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     ddl.batch_execute("CREATE TABLE u (a int); INSERT INTO t VALUES (8)")
         .await
         .unwrap();
+    block_then
+        .batch_execute("BEGIN; INSERT INTO t VALUES (9); COMMIT; SELECT 1")
+        .await
+        .unwrap();
     let lost_before = lost_commits_counted(&gw).await;
 
     cluster.kill_primary().await;
@@ -545,12 +550,13 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let next_prepared = spawn_statement(prepared, "SELECT 1");
     let next_two = spawn_statement(two, "SELECT 1");
     let next_ddl = spawn_statement(ddl, "SELECT 1");
+    let next_block_then = spawn_statement(block_then, "SELECT 1");
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the six commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the seven commits are lost");
     let u = fresh
         .query_one("SELECT to_regclass('u') IS NULL", &[])
         .await;
@@ -561,7 +567,8 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     assert_lost_commit_fatal(next_prepared, prepared_end).await;
     assert_lost_commit_fatal(next_two, two_end).await;
     assert_lost_commit_fatal(next_ddl, ddl_end).await;
-    assert!(lost_commits_counted(&gw).await >= lost_before + 6.0);
+    assert_lost_commit_fatal(next_block_then, block_then_end).await;
+    assert!(lost_commits_counted(&gw).await >= lost_before + 7.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -569,10 +576,10 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 /// primary died in between would carry on past a commit lost with it, unseen. Here that query
 /// is held up (another session locks `pg_proc`, where a fresh backend looks up its function),
 /// so the write's answer waits; the primary dies meanwhile, its commit not replicated, and the
-/// client gets 08007 for the write instead of its success. The session goes on. (A whole
-/// `BEGIN; …; COMMIT` in one Query: an extended-protocol batch, a Query of one data change sent
-/// as one, and other autocommit Queries that write ask for their xid in their own transaction
-/// instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
+/// client gets 08007 for the write instead of its success. The session goes on. (A
+/// `BEGIN; …; COMMIT` with a statement after it in one Query: an extended-protocol batch, a
+/// Query of one data change sent as one, and other autocommit Queries that write ask for their
+/// xid in their own transaction instead, see [`a_write_that_changed_nothing_is_no_lost_commit`].)
 #[tokio::test]
 async fn autocommit_write_is_answered_after_its_wal_position() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -584,7 +591,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_proc IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let write = spawn_statement(writer, "BEGIN; INSERT INTO t VALUES (2); COMMIT");
+    let write = spawn_statement(writer, "BEGIN; INSERT INTO t VALUES (2); COMMIT; SELECT 1");
     let deadline = Instant::now() + PATIENCE;
     while values(&locker).await.is_empty() {
         assert!(Instant::now() < deadline, "the INSERT never committed");
@@ -619,7 +626,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
 /// in the extended protocol, a simple Query, or a Query of several statements, or schema
 /// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), or a `SET` with such a
-/// write, commits nothing
+/// write, or a whole `BEGIN; …; COMMIT` of one, commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
 /// after the failover: their xids were asked for inside their own transactions (the Query sent
@@ -676,14 +683,21 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         ),
         "{answer:?}"
     );
-    // Schema changes that found nothing to do (notices say so), and a setting made with a
-    // write of no row.
-    for sql in [
-        "CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere",
-        "SET application_name = 'still'; UPDATE t SET a = a WHERE a = -3",
+    // Schema changes that found nothing to do (notices say so), a setting made with a write
+    // of no row, and a whole transaction block of one.
+    for (sql, statements) in [
+        (
+            "CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere",
+            2,
+        ),
+        (
+            "SET application_name = 'still'; UPDATE t SET a = a WHERE a = -3",
+            2,
+        ),
+        ("BEGIN; DELETE FROM t WHERE a = -4; COMMIT", 3),
     ] {
         let answer = ddl.simple_query(sql).await.unwrap();
-        assert_eq!(answer.len(), 2, "{answer:?}");
+        assert_eq!(answer.len(), statements, "{answer:?}");
     }
 
     cluster.kill_primary().await;

@@ -83,9 +83,10 @@ pub struct Classified {
     pub session_spans: Vec<std::ops::Range<usize>>,
     /// Whether every statement runs the same inside a transaction block as alone: a query or
     /// a data change (SELECT, INSERT, UPDATE, DELETE, MERGE and their WITH, VALUES, TABLE and
-    /// EXPLAIN forms, TRUNCATE), or a schema or privilege change PostgreSQL does not refuse
-    /// there (CREATE, ALTER, DROP, COMMENT, GRANT, REVOKE, REFRESH; not CONCURRENTLY, nor of
-    /// a database, tablespace, subscription or the system); none a COPY, VACUUM, CALL or LOCK.
+    /// EXPLAIN forms, TRUNCATE, COPY), or a schema or privilege change PostgreSQL does not
+    /// refuse there (CREATE, ALTER, DROP, COMMENT, GRANT, REVOKE, REFRESH; not CONCURRENTLY,
+    /// nor of a database, tablespace, subscription or the system); none a VACUUM, CALL or
+    /// LOCK.
     pub block_safe: bool,
     /// Whether every statement is an INSERT, UPDATE, DELETE or MERGE (not in a WITH form):
     /// statements whose RETURNING rows, RowDescription first, are sent once they have run.
@@ -426,6 +427,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             | kw::DELETE
             | kw::MERGE
             | kw::TRUNCATE
+            | kw::COPY
             | kw::COMMENT
             | kw::GRANT
             | kw::REVOKE
@@ -1149,8 +1151,10 @@ mod tests {
                 "{sql}"
             );
         }
-        // Schema and privilege changes PostgreSQL runs in a transaction block.
+        // COPY, and schema and privilege changes PostgreSQL runs in a transaction block.
         for sql in [
+            "COPY t FROM STDIN",
+            "copy t (a) from stdin with (format csv); copy u to stdout",
             "CREATE TABLE u (a int); CREATE INDEX ON u (a)",
             "alter table t add column b int; comment on column t.b is 'b'",
             "DROP TABLE IF EXISTS u CASCADE",
@@ -1183,7 +1187,6 @@ mod tests {
             "CHECKPOINT",
             "LOCK TABLE t",
             "CALL p()",
-            "COPY t FROM STDIN",
             "INSERT INTO t VALUES (1); COMMIT",
             "insert into t values (1); savepoint s",
             "DO $$ BEGIN PERFORM 1; END $$",

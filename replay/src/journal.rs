@@ -160,6 +160,9 @@ pub struct Group {
     /// Whether the gateway's xid query follows its requests, before its Sync (see
     /// [`Before::CommitXidBeforeSync`]).
     pub tail: bool,
+    /// Whether the gateway's xid query is in its Query's string (see
+    /// [`Before::CaptureXidAfter`]).
+    suffixed: bool,
 }
 
 /// Where the COMMIT of `sql` starts, right after the semicolon before it, if `sql` is one
@@ -243,6 +246,7 @@ impl Group {
             requests: 0,
             completions: 0,
             tail: false,
+            suffixed: false,
         }
     }
 
@@ -275,6 +279,7 @@ impl Group {
         self.requests = 0;
         self.completions = 0;
         self.tail = false;
+        self.suffixed = false;
     }
 }
 
@@ -855,9 +860,7 @@ impl Journal {
                 } else if self.txn_status == b'I'
                     && first
                     && (classified.block_safe
-                        || classified.statement_count() > 1
-                            && !classified.controls_transaction
-                            && !classified.copies)
+                        || classified.statement_count() > 1 && !classified.controls_transaction)
                     && classified.may_write_data()
                     && (classified.statement_count() > 1
                         || !classified.changes_only
@@ -869,7 +872,7 @@ impl Journal {
                     // committed after the last: one more statement asks for its xid before that
                     // commit, which no other session's WAL can confuse as a WAL position can.
                     // Two or more already run in an implicit block, so one more changes
-                    // nothing for them (unless one ends it, or waits for COPY data); a lone
+                    // nothing for them (unless one ends it); a lone
                     // statement must be one that runs the same in a block as alone: not
                     // VACUUM, CALL (whose procedure may commit) or CREATE INDEX CONCURRENTLY.
                     // (A lone data change with no `$` is sent as a batch instead, see
@@ -1036,7 +1039,12 @@ impl Journal {
         // Outside a transaction block, unless this very request opens one it leaves open.
         let autocommit = self.txn_status == b'I' && (!group.begins || group.commits);
         // Session-state changes commit nothing the new primary could lack.
-        if ends_write && autocommit && group.may_write_data && before == Before::Forward {
+        if ends_write
+            && autocommit
+            && group.may_write_data
+            && before == Before::Forward
+            && !group.suffixed
+        {
             // A batch runs in one transaction up to its Sync, so a query slipped in before the
             // Sync is in it (one with COMMIT, BEGIN or anything that commits on its own, as
             // VACUUM, may end that transaction earlier, or refuse to run in it).
@@ -1216,6 +1224,15 @@ impl Journal {
     pub fn note_tail(&mut self) {
         if let Some(g) = self.groups.back_mut() {
             g.tail = true;
+        }
+    }
+
+    /// Records that the gateway's xid query went into the string of the Query just passed
+    /// (see [`Before::CaptureXidAfter`]): a COPY in it is then checked by that xid, not by the
+    /// WAL position after its data.
+    pub fn note_suffix(&mut self) {
+        if let Some(g) = self.groups.back_mut() {
+            g.suffixed = true;
         }
     }
 
@@ -2508,20 +2525,36 @@ mod tests {
             Before::Forward
         );
         j.on_ready_for_query(b'I');
-        // A COPY from the client in the string: the data follows it.
-        assert_eq!(
-            j.on_client_message(b'Q', &query("INSERT INTO t VALUES (1); COPY t FROM STDIN")),
-            Before::Forward
-        );
-        assert_eq!(
-            j.on_client_message(b'd', &msg(b'd', b"1\n")),
-            Before::Forward
-        );
-        assert_eq!(
-            j.on_client_message(b'c', &msg(b'c', b"")),
-            Before::CaptureLsnAfter
-        );
-        j.on_ready_for_query(b'I');
+        // A COPY from the client: the xid query can go in its string; where it did not, the
+        // WAL position is taken after the data, not in the middle of it.
+        for (sql, suffixed) in [
+            ("INSERT INTO t VALUES (1); COPY t FROM STDIN", false),
+            ("COPY t FROM STDIN", false),
+            ("COPY t FROM STDIN", true),
+        ] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::CaptureXidAfter
+            );
+            if suffixed {
+                j.note_suffix();
+            }
+            assert!(j.copy_in_pending());
+            assert_eq!(
+                j.on_client_message(b'd', &msg(b'd', b"1\n")),
+                Before::Forward
+            );
+            assert_eq!(
+                j.on_client_message(b'c', &msg(b'c', b"")),
+                if suffixed {
+                    Before::Forward
+                } else {
+                    Before::CaptureLsnAfter
+                },
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
         // Extended protocol: the Sync sent right after Execute is discarded during COPY.
         j.on_client_message(b'P', &msg(b'P', b"\0COPY t FROM STDIN\0\0\0"));
         j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));

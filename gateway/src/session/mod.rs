@@ -851,6 +851,9 @@ impl Session {
                 && self.capture_xid
                 && tag == frontend::QUERY
                 && self.append_xid_query(n);
+            if suffixed {
+                self.journal.note_suffix();
+            }
             let before_commit = before == Before::CaptureXidBeforeCommit
                 && self.capture_xid
                 && self.insert_xid_query(n, self.journal.commit_at());
@@ -891,13 +894,15 @@ impl Session {
             if !suffixed && !as_batch && !before_commit {
                 self.pump.up.ready += n;
             }
-            // Outside a block, a write whose xid was not asked for is checked by WAL position.
+            // Outside a block, a write whose xid was not asked for is checked by WAL position
+            // (a COPY's after its data: the journal says when).
             let unasked = (before == Before::CommitXidBeforeSync && !tail)
                 || (before == Before::QueryAsBatch && !as_batch)
                 || (before == Before::CaptureXidBeforeCommit && !before_commit)
                 || (before == Before::CaptureXidAfter
                     && !suffixed
-                    && self.journal.txn_status() == b'I');
+                    && self.journal.txn_status() == b'I'
+                    && !self.journal.copy_in_pending());
             if (before == Before::CaptureLsnAfter || unasked) && self.can_move {
                 self.pump.up.insert_ready(&LSN_QUERY);
                 self.wire.push_back(Owner::Lsn);

@@ -952,21 +952,21 @@ async fn autocommit_queries_sent_as_batches_answer_as_directly() {
     }
 }
 
-/// A Query that writes outside a transaction block, of statements that run the same in one as
-/// alone, which a gateway armed for failover sends with its xid query appended (in the same string,
-/// so in the same transaction, before the commit), is answered exactly as directly: several
-/// statements with rows between the writes, a later statement failing (the earlier ones were
-/// answered), a syntax error, a deferred constraint failing at the commit (its error replaces the
-/// last CommandComplete), a notice raised during the commit (before the last CommandComplete), a
+/// A Query that writes outside a transaction block, which a gateway armed for failover sends with
+/// its xid query in the same string (after its statements, or before the COMMIT of a whole block:
+/// in the same transaction, before the commit), is answered exactly as directly: several statements
+/// with rows between the writes, a later statement failing (the earlier ones were answered), a
+/// syntax error, a deferred constraint failing at the commit (its error replaces the last
+/// CommandComplete), a notice raised during the commit (before the last CommandComplete), a
 /// ParameterStatus and a notification (after it), empty statements, a write of no row; lone
 /// statements a batch cannot carry (a `$` in the text, a WITH form, a function that writes, its
 /// commit failing); schema changes (a notice, one failing, one with a data change); several
 /// statements of other kinds (SET, ANALYZE, LOCK, NOTIFY, COPY out, VACUUM refused); a whole
 /// transaction block (the xid query before its COMMIT; that COMMIT failing; a statement failing
-/// before it); text that ends
-/// inside a literal or comment, a Query that only reads, and CREATE INDEX CONCURRENTLY, which
-/// refuses a transaction block (nothing appended to any). Each acknowledged write is there once,
-/// and the schema is the same.
+/// before it); COPY from the client (rows, a bad row, after an INSERT, its commit failing); text
+/// that ends inside a literal or comment, a Query that only reads, and CREATE INDEX CONCURRENTLY,
+/// which refuses a transaction block (nothing appended to any). Each acknowledged write is there
+/// once, and the schema is the same.
 #[tokio::test]
 async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
     let (cluster, admin, gw) = armed_after(&format!(
@@ -1024,17 +1024,41 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         "BEGIN; INSERT INTO q VALUES (1, 'dup'); COMMIT",
         "ROLLBACK",
     ];
-    let requests: Vec<_> = script.iter().map(|sql| raw::query(sql)).collect();
+    // COPY from the client, its data right behind the Query: rows, a bad row, after an
+    // INSERT, and a deferred constraint failing at the commit (its error in the COPY's
+    // CommandComplete's place).
+    let copies: [(&str, &[u8]); 4] = [
+        ("COPY q (a, b) FROM STDIN", b"40\tcopied\n41\tcopied\n"),
+        ("COPY q (a, b) FROM STDIN", b"42\tok\nbad\n"),
+        (
+            "INSERT INTO q VALUES (43, 'e'); COPY q (a, b) FROM STDIN",
+            b"44\tcopied\n",
+        ),
+        ("COPY c FROM STDIN", b"98\n"),
+    ];
+    let copy = |sql: &str, data: &[u8]| {
+        [raw::query(sql), raw::msg(b'd', data), raw::msg(b'c', b"")].concat()
+    };
+    let labels: Vec<&str> = script
+        .iter()
+        .chain(copies.iter().map(|(sql, _)| sql))
+        .copied()
+        .collect();
+    let requests: Vec<_> = script
+        .iter()
+        .map(|sql| raw::query(sql))
+        .chain(copies.iter().map(|(sql, data)| copy(sql, data)))
+        .collect();
     let transcript = |addr| answers(addr, "several", &requests);
     let (direct, _, _) = transcript(cluster.pg.primary.addr()).await;
     let tags = |i: usize| direct[i].iter().map(|(t, _)| *t).collect::<String>();
     assert_eq!(
-        (0..script.len()).map(tags).collect::<Vec<_>>(),
+        (0..labels.len()).map(tags).collect::<Vec<_>>(),
         [
             "CCZ", "TDCTDCZ", "CEZ", "EZ", "CEZ", "CNCZ", "CCZ", "CEZ", "CCZ", "CZ", "CTDCASZ",
             "TDCTDCZ", "TDCZ", "TDCZ", "TDNCZ", "TDEZ", "EZ", "EZ", "CZ", "NCZ", "CCCZ", "NCCCZ",
             "CEZ", "CEZ", "CZ", "CCSZ", "CNCZ", "CCCAZ", "CHddcCZ", "CEZ", "CCCZ", "CCCZ", "CCEZ",
-            "CEZ", "CZ"
+            "CEZ", "CZ", "GCZ", "GEZ", "CGCZ", "GEZ"
         ],
         "{direct:?}"
     );
@@ -1042,7 +1066,7 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
     let written = int_column(&admin, rows).await;
     assert_eq!(
         written,
-        [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20]
+        [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 40, 41, 43, 44]
     );
     let schema = "SELECT string_agg(relname, ' ' ORDER BY relname) FROM pg_class \
                   WHERE relname ~ '^d[0-9]' AND relkind IN ('r', 'i')";
@@ -1058,7 +1082,7 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
         .unwrap();
     let (through, mut rc, pid) = transcript(gw.addr()).await;
     for (i, (through, direct)) in through.iter().zip(&direct).enumerate() {
-        assert_eq!(through, direct, "{}", script[i]);
+        assert_eq!(through, direct, "{}", labels[i]);
     }
     assert_eq!(int_column(&admin, rows).await, written, "each write once");
     let again = admin
@@ -1073,6 +1097,12 @@ async fn autocommit_queries_carrying_the_xid_query_answer_as_directly() {
     assert_eq!(
         last_query(&admin, pid).await,
         format!("BEGIN; INSERT INTO q VALUES (25, 'l');{XID_SQL} AS understudy_xid; COMMIT")
+    );
+    rc.send(&copy("COPY q (a, b) FROM STDIN", b"45\tz\n")).await;
+    rc.read_until(b'Z').await;
+    assert_eq!(
+        last_query(&admin, pid).await,
+        format!("COPY q (a, b) FROM STDIN\n;{XID_SQL} AS understudy_xid")
     );
     // The xid query ran in the string, after the client's statements.
     for sql in [

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
+use understudy_integration_tests::raw::{self, tags, RawConn};
 use understudy_integration_tests::{
     fatal_of, int_column, metric_total, roles, simple_rows, sqlstate, Cluster, ConnectionEnd,
     Frozen, TestGateway, PATIENCE, SLOW_COMMIT,
@@ -498,9 +499,10 @@ async fn lost_commit_ends_the_session_with_08007() {
 /// COMMIT` sent as one Query string (its xid asked for before the COMMIT), the same with a
 /// SELECT after it (a WAL position), two INSERTs in one Query string (its xid asked for after
 /// them, in the same string), a transaction whose only write is Bind/Execute of a statement
-/// prepared earlier, and a CREATE TABLE with an INSERT in one Query string (its xid asked for
-/// after them). All seven were acknowledged and all are lost, so all seven sessions must end
-/// with FATAL 08007 (DESIGN.md, Failover step 6: "detect, count, log, report, never hide").
+/// prepared earlier, a CREATE TABLE with an INSERT in one Query string (its xid asked for
+/// after them), and a simple-protocol COPY (its xid asked for after it, in the same string).
+/// All eight were acknowledged and all are lost, so all eight sessions must end with FATAL
+/// 08007 (DESIGN.md, Failover step 6: "detect, count, log, report, never hide").
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -511,6 +513,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let (two, two_end) = gw.connect_watched(roles::SCRAM).await;
     let (ddl, ddl_end) = gw.connect_watched(roles::TRUST).await;
     let (block_then, block_then_end) = gw.connect_watched(roles::MD5).await;
+    let mut copier = RawConn::login(gw.addr(), roles::TRUST).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -541,6 +544,13 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
         .batch_execute("BEGIN; INSERT INTO t VALUES (9); COMMIT; SELECT 1")
         .await
         .unwrap();
+    let copy = [
+        raw::query("COPY t FROM STDIN"),
+        raw::msg(b'd', b"10\n"),
+        raw::msg(b'c', b""),
+    ];
+    copier.send(&copy.concat()).await;
+    assert_eq!(tags(&copier.read_until(b'Z').await), "GCZ");
     let lost_before = lost_commits_counted(&gw).await;
 
     cluster.kill_primary().await;
@@ -556,7 +566,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the seven commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the eight commits are lost");
     let u = fresh
         .query_one("SELECT to_regclass('u') IS NULL", &[])
         .await;
@@ -568,7 +578,16 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     assert_lost_commit_fatal(next_two, two_end).await;
     assert_lost_commit_fatal(next_ddl, ddl_end).await;
     assert_lost_commit_fatal(next_block_then, block_then_end).await;
-    assert!(lost_commits_counted(&gw).await >= lost_before + 7.0);
+    copier.send(&raw::query("SELECT 1")).await;
+    let answer = tokio::time::timeout(PATIENCE, copier.read_to_end())
+        .await
+        .expect("the COPY's session is answered");
+    let fatal = answer.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(
+        (fatal.severity(), fatal.code()),
+        ("FATAL".into(), "08007".into())
+    );
+    assert!(lost_commits_counted(&gw).await >= lost_before + 8.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -626,7 +645,7 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
 /// in the extended protocol, a simple Query, or a Query of several statements, or schema
 /// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), or a `SET` with such a
-/// write, or a whole `BEGIN; …; COMMIT` of one, commits nothing
+/// write, or a whole `BEGIN; …; COMMIT` of one, or a COPY of no row, commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
 /// after the failover: their xids were asked for inside their own transactions (the Query sent
@@ -658,6 +677,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
     ddl.batch_execute("CREATE TABLE u (a int); INSERT INTO t VALUES (70)")
         .await
         .unwrap();
+    let mut copier = RawConn::login(gw.addr(), roles::TRUST).await;
 
     let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
@@ -699,6 +719,10 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         let answer = ddl.simple_query(sql).await.unwrap();
         assert_eq!(answer.len(), statements, "{answer:?}");
     }
+    copier
+        .send(&[raw::query("COPY t FROM STDIN"), raw::msg(b'c', b"")].concat())
+        .await;
+    assert_eq!(tags(&copier.read_until(b'Z').await), "GCZ");
 
     cluster.kill_primary().await;
     let insert = |c: Client, a: i32| {
@@ -712,6 +736,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
+    copier.send(&raw::query("INSERT INTO t VALUES (90)")).await;
     for next in [next, next_simple, next_several, next_ddl] {
         let (c, r) = tokio::time::timeout(PATIENCE, next)
             .await
@@ -720,10 +745,16 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         r.expect("the session carries on: its commits are on the new primary");
         assert_eq!(server_port(&c).await, standby_port);
     }
+    let answer = tokio::time::timeout(PATIENCE, copier.read_until(b'Z'))
+        .await
+        .expect("the COPY's session is answered");
+    // (A ParameterStatus the client has comes every second of the wait, as a keepalive.)
+    let answer = tags(&answer).replace('S', "");
+    assert_eq!(answer, "CZ", "it carries on");
     let c = gw.connect(roles::MD5).await;
     assert_eq!(
         values(&c).await,
-        [10, 20, 30, 40, 50, 51, 60, 70, 80],
+        [10, 20, 30, 40, 50, 51, 60, 70, 80, 90],
         "every acknowledged write once; the superuser's was lost"
     );
 }

@@ -1175,6 +1175,38 @@ async fn the_unnamed_statement_outlives_an_in_doubt_write() {
     assert_eq!(int_column(&su, "SELECT a FROM t ORDER BY a").await, [1, 3]);
 }
 
+/// Maintenance in flight when the primary dies (a VACUUM waiting for a lock another session
+/// holds there) runs again on the new primary: it changes nothing a client reads, so it is no
+/// in-doubt write (08007). The client gets its answer and the session goes on.
+#[tokio::test]
+async fn maintenance_in_flight_runs_again() {
+    let (mut cluster, _gw, c) = session_after(TABLE_T).await;
+    // Its own table: a VACUUM of another's skips it at once.
+    c.batch_execute("CREATE TABLE m (a int); INSERT INTO m VALUES (1)")
+        .await
+        .unwrap();
+    let locker = cluster.superuser().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE m IN SHARE UPDATE EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (c, r) = kill_primary_during(&mut cluster, Duration::from_millis(400), async move {
+        let r = c.simple_query("VACUUM (ANALYZE) m").await;
+        (c, r)
+    })
+    .await;
+    let answer = r.expect("run again on the new primary");
+    assert!(
+        matches!(answer[..], [SimpleQueryMessage::CommandComplete(0)]),
+        "{answer:?}"
+    );
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    assert_eq!(
+        values(cluster_on_new_primary(&mut cluster).await, "t").await,
+        [1]
+    );
+}
+
 /// A session-state change in flight when the primary dies runs again on the new primary: it
 /// died with the old backend whether it ran there or not, so it is no in-doubt write (08007).
 /// The client gets the whole answer and the session keeps the setting.

@@ -645,7 +645,8 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
 /// in the extended protocol, a simple Query, or a Query of several statements, or schema
 /// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), or a `SET` with such a
-/// write, or a whole `BEGIN; …; COMMIT` of one, or a COPY of no row, commits nothing
+/// write, or a whole `BEGIN; …; COMMIT` of one, or a COPY of no row, or maintenance (VACUUM,
+/// ANALYZE: what it changes no client reads), commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
 /// after the failover: their xids were asked for inside their own transactions (the Query sent
@@ -704,7 +705,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
         "{answer:?}"
     );
     // Schema changes that found nothing to do (notices say so), a setting made with a write
-    // of no row, and a whole transaction block of one.
+    // of no row, a whole transaction block of one, and maintenance.
     for (sql, statements) in [
         (
             "CREATE TABLE IF NOT EXISTS u (a int); DROP TABLE IF EXISTS nothere",
@@ -715,6 +716,8 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
             2,
         ),
         ("BEGIN; DELETE FROM t WHERE a = -4; COMMIT", 3),
+        ("VACUUM u", 1),
+        ("ANALYZE u", 1),
     ] {
         let answer = ddl.simple_query(sql).await.unwrap();
         assert_eq!(answer.len(), statements, "{answer:?}");

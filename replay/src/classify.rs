@@ -34,6 +34,9 @@ pub enum Statement {
     Session(SessionChange),
     /// Transaction-scoped settings (SET LOCAL, SET TRANSACTION, SET CONSTRAINTS).
     TransactionSetting,
+    /// Maintenance that changes nothing a client reads (VACUUM, ANALYZE, CHECKPOINT): lost
+    /// with a primary or run twice, it does no harm.
+    Maintenance,
 }
 
 /// A session-state change, restorable by running the statement again.
@@ -252,7 +255,10 @@ mod kw {
     use super::key;
     pub const ABORT: u128 = key(b"ABORT");
     pub const ALTER: u128 = key(b"ALTER");
+    pub const ANALYSE: u128 = key(b"ANALYSE");
+    pub const ANALYZE: u128 = key(b"ANALYZE");
     pub const BEGIN: u128 = key(b"BEGIN");
+    pub const CHECKPOINT: u128 = key(b"CHECKPOINT");
     pub const COMMENT: u128 = key(b"COMMENT");
     pub const COMMIT: u128 = key(b"COMMIT");
     pub const COPY: u128 = key(b"COPY");
@@ -286,6 +292,7 @@ mod kw {
     pub const TRUNCATE: u128 = key(b"TRUNCATE");
     pub const UNLISTEN: u128 = key(b"UNLISTEN");
     pub const UPDATE: u128 = key(b"UPDATE");
+    pub const VACUUM: u128 = key(b"VACUUM");
     pub const VALUES: u128 = key(b"VALUES");
     pub const WITH: u128 = key(b"WITH");
 }
@@ -408,6 +415,7 @@ pub fn classify_into(sql: &[u8], strings: Strings, suspects: &Suspects, out: &mu
             kw::COPY if facts.to_stdout && !facts.writes && !calls && !facts.from_stdin => {
                 Statement::Read
             }
+            kw::VACUUM | kw::ANALYZE | kw::ANALYSE | kw::CHECKPOINT => Statement::Maintenance,
             _ => Statement::Write,
         };
         out.controls_transaction |= matches!(
@@ -1246,7 +1254,18 @@ mod tests {
             [Statement::Write]
         );
         assert_eq!(kinds("insert into t values (1)"), [Statement::Write]);
-        assert_eq!(kinds("VACUUM ANALYZE t"), [Statement::Write]);
+        for sql in [
+            "VACUUM ANALYZE t",
+            "analyse",
+            "vacuum (full, verbose) t",
+            "CHECKPOINT",
+        ] {
+            assert_eq!(kinds(sql), [Statement::Maintenance], "{sql}");
+            assert!(!classify(sql).may_write(), "{sql}");
+        }
+        // A persistent mark (CLUSTER … USING), a tablespace (REINDEX (TABLESPACE …)).
+        assert_eq!(kinds("CLUSTER t USING i"), [Statement::Write]);
+        assert_eq!(kinds("REINDEX TABLE t"), [Statement::Write]);
         assert_eq!(kinds("DO $$ BEGIN PERFORM 1; END $$"), [Statement::Write]);
         assert_eq!(kinds("select 'commit; begin'"), [Statement::Read]);
         assert_eq!(kinds("select $a$ ; $a$, $1"), [Statement::Read]);

@@ -2500,7 +2500,7 @@ mod tests {
             j.on_ready_for_query(b'I');
         }
         for sql in [
-            "ANALYZE t",
+            "REINDEX TABLE t",
             "DROP INDEX CONCURRENTLY i",
             "CREATE DATABASE d",
             "INSERT INTO t VALUES (1); SAVEPOINT s",
@@ -2520,11 +2520,15 @@ mod tests {
             );
             j.on_ready_for_query(b'I');
         }
-        assert_eq!(
-            j.on_client_message(b'Q', &query("SELECT 1")),
-            Before::Forward
-        );
-        j.on_ready_for_query(b'I');
+        // Nor is anything checked after a read or maintenance.
+        for sql in ["SELECT 1", "VACUUM t", "ANALYZE t", "CHECKPOINT"] {
+            assert_eq!(
+                j.on_client_message(b'Q', &query(sql)),
+                Before::Forward,
+                "{sql}"
+            );
+            j.on_ready_for_query(b'I');
+        }
         // A COPY from the client: the xid query can go in its string; where it did not, the
         // WAL position is taken after the data, not in the middle of it.
         for (sql, suffixed) in [

@@ -1539,7 +1539,11 @@ async fn pgbench_runs_through_a_crash_of_the_primary() {
     let run = |mode: &'static str| {
         let (pgbench, conn) = (pgbench.clone(), conn.clone());
         tokio::spawn(async move {
-            let args = ["-N", "-c", "2", "-j", "1", "-T", "6", "-M", mode, &conn];
+            // `-n`: no VACUUM and TRUNCATE of `pgbench_history` first, which one run would
+            // otherwise do while another already commits into it.
+            let args = [
+                "-n", "-N", "-c", "2", "-j", "1", "-T", "6", "-M", mode, &conn,
+            ];
             run_program(pgbench, &args, None).await
         })
     };

@@ -30,6 +30,8 @@
 #               inet_server_port()`  (extended protocol, named prepared statement, autocommit)
 #       simple-write: the same INSERT as a simple-protocol Query, values in its text (psql's,
 #               or psycopg's in autocommit mode)
+#       block-write: the same INSERT as a whole transaction block in one Query,
+#               `BEGIN; INSERT …; COMMIT`; mixed-write: after a `SET` in one Query
 #     All run at the same time (CLIENTS=read,write,simple-write), on their own connections.
 #
 # One failover
@@ -520,7 +522,8 @@ print("Gateway: \`understudy run --backend PRIMARY --backend STANDBY --promote a
 print("(probe_timeout_ms=1000, probe_attempts=3, topology_interval_ms=1000, standby_silence_ms=2000).")
 print("Clients (bench/failover_probe), each on ONE connection through the gateway for the whole run, one statement every ${INTERVAL_MS} ms:")
 print("\`read\` = \`SELECT inet_server_port()\` (simple protocol); \`write\` = autocommit \`INSERT … RETURNING inet_server_port()\`")
-print("(extended protocol, named prepared statement); \`simple-write\` = the same INSERT as a simple-protocol Query, values in its text.")
+print("(extended protocol, named prepared statement); \`simple-write\` = the same INSERT as a simple-protocol Query, values in its text;"
+      " \`block-write\` = \`BEGIN; INSERT …; COMMIT\` in one Query; \`mixed-write\` = \`SET …; INSERT …\` in one Query.")
 print("Fault: SIGKILL of every process of the primary (postmaster and children, microseconds apart) after ${SETTLE} s of steady traffic." if "$FAULT" == "kill" else
       "Fault: SIGSTOP of every process of the primary (postmaster and children, microseconds apart: a hung host, no connection closes) after ${SETTLE} s of steady traffic; standbys run with wal_receiver_timeout = 5 s; the frozen node is SIGKILLed once every client recovered. The stall targets below are for SIGKILL.")
 print("Stall = kill instant → completion of that connection's first successful statement answered by the new primary.")
@@ -607,7 +610,7 @@ if errors:
     for l in errors: print(l)
     print("\`\`\`")
     doubt = {(kv(l)["client"], kv(l)["seq"]): kv(l)["present"] for l in lines if l.startswith("doubt ")}
-    werr = [kv(l) for l in errors if kv(l).get("client") in ("write", "simple-write") and "seq" in kv(l)]
+    werr = [kv(l) for l in errors if kv(l).get("client", "").endswith("write") and "seq" in kv(l)]
     if werr:
         print()
         print("Write errors: when the INSERT was sent relative to the kill (sent_ms < 0: in flight when the primary died;"

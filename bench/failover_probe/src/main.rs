@@ -10,7 +10,10 @@
 //!   autocommit). `seq` increases by one per statement; the seqs whose INSERT succeeded are kept
 //!   and checked against the table at the end (nothing acknowledged may be missing or doubled);
 //! - `simple-write`: the same INSERT as a simple-protocol Query, values in its text (what psql,
-//!   or psycopg in autocommit mode, sends), checked the same way.
+//!   or psycopg in autocommit mode, sends), checked the same way;
+//! - `block-write`: the same INSERT as a whole transaction block in one Query,
+//!   `BEGIN; INSERT …; COMMIT`;
+//! - `mixed-write`: the same INSERT after a `SET` in one Query (an ORM's batch).
 //!
 //! Every statement returns the port of the server that ran it, so the probe knows which
 //! PostgreSQL answered. The script kills the primary and then writes on stdin
@@ -41,7 +44,7 @@
 //! that started after the command arrived: proof both clients are running), `quit`.
 //!
 //! Usage: failover_probe --host 127.0.0.1 --port 6432 --user bench --dbname bench
-//!                       [--interval-ms 10] [--clients read,write,simple-write]
+//!                       [--interval-ms 10] [--clients read,write,simple-write,block-write,mixed-write]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -116,7 +119,7 @@ fn parse_args() -> Result<Opts, String> {
     for c in &o.clients {
         if c != "read" && !writes(c) {
             return Err(format!(
-                "unknown client kind {c:?} (read, write, simple-write)"
+                "unknown client kind {c:?} (read, write, simple-write, block-write, mixed-write)"
             ));
         }
     }
@@ -238,7 +241,7 @@ const INSERT: &str =
 
 /// Whether the client kind `name` inserts (and is checked at the end).
 fn writes(name: &str) -> bool {
-    name == "write" || name == "simple-write"
+    matches!(name, "write" | "simple-write" | "block-write" | "mixed-write")
 }
 
 /// The first column of a simple Query's first row, as a port.
@@ -324,10 +327,15 @@ async fn run_client(
                 .query_one(stmt, &[&name, &seq])
                 .await
                 .map(|row| row.get::<_, i32>(0))
-        } else if name == "simple-write" {
-            let sql = format!(
+        } else if writes(&name) {
+            let insert = format!(
                 "INSERT INTO failover_probe (client, seq) VALUES ('{name}', {seq}) RETURNING inet_server_port()"
             );
+            let sql = match name.as_str() {
+                "block-write" => format!("BEGIN; {insert}; COMMIT"),
+                "mixed-write" => format!("SET application_name = '{name}'; {insert}"),
+                _ => insert,
+            };
             c.client.simple_query(&sql).await.map(|msgs| port_of(&msgs))
         } else {
             c.client

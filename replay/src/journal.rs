@@ -1048,10 +1048,11 @@ impl Journal {
             // A batch runs in one transaction up to its Sync, so a query slipped in before the
             // Sync is in it (one with COMMIT, BEGIN or anything that commits on its own, as
             // VACUUM, may end that transaction earlier, or refuse to run in it).
-            let block_safe = group.block_safe && !group.commits && !group.begins && !group.copies;
+            // (A COPY's Sync is the one after its data: one sent before is discarded.)
+            let block_safe = group.block_safe && !group.commits && !group.begins;
             before = if tag == frontend::SYNC && block_safe && !group.queries {
                 Before::CommitXidBeforeSync
-            } else if tag == frontend::QUERY && block_safe {
+            } else if tag == frontend::QUERY && block_safe && !group.copies {
                 Before::QueryAsBatch
             } else {
                 Before::CaptureLsnAfter
@@ -2559,7 +2560,8 @@ mod tests {
             );
             j.on_ready_for_query(b'I');
         }
-        // Extended protocol: the Sync sent right after Execute is discarded during COPY.
+        // Extended protocol: the Sync sent right after Execute is discarded during COPY; the
+        // one after the data ends the batch, and the xid query goes in front of it.
         j.on_client_message(b'P', &msg(b'P', b"\0COPY t FROM STDIN\0\0\0"));
         j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
         j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
@@ -2569,7 +2571,7 @@ mod tests {
         assert_eq!(j.on_client_message(b'c', &msg(b'c', b"")), Before::Forward);
         assert_eq!(
             j.on_client_message(b'S', &msg(b'S', b"")),
-            Before::CaptureLsnAfter
+            Before::CommitXidBeforeSync
         );
         assert!(j.expects_ready());
         assert_eq!(j.groups().len(), 1);

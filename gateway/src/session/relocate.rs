@@ -904,7 +904,8 @@ impl Session {
             } else {
                 g.tail && tail_done
             };
-            !in_txn && settled && !g.failed && partial.is_none()
+            // (A COPY's data is not run again here: it is in doubt, as before.)
+            !in_txn && settled && !g.failed && !g.copies && partial.is_none()
         }) {
             if let Some(resumed) = self
                 .settle_batch(fresh, promotion, first, seen_answer, &held, &in_flight[1..])

@@ -1697,7 +1697,7 @@ async fn the_unnamed_statement_outlives_the_gateways_own_queries() {
 /// a Flush), answer exactly as directly: rows from a Describe'd portal, an Execute with a row
 /// limit and its PortalSuspended, two batches pipelined, a statement Described and Closed in
 /// the batch, an empty query, answers read after a Flush before the Sync, a failing batch, a
-/// simple Query, schema changes.
+/// simple Query, schema changes, COPY (rows, a bad row).
 #[tokio::test]
 async fn autocommit_batches_answer_as_directly() {
     use postgres_protocol::message::frontend;
@@ -1731,6 +1731,18 @@ async fn autocommit_batches_answer_as_directly() {
     let sync = raw::msg(b'S', b"");
     let flush = raw::msg(b'H', b"");
     let ins = "INSERT INTO z SELECT generate_series(1, $1::int) RETURNING a";
+    let copy_batch = |data: &[u8]| {
+        [
+            raw::parse("", "COPY z FROM STDIN"),
+            bind("", &[]),
+            execute(0),
+            sync.clone(),
+            raw::msg(b'd', data),
+            raw::msg(b'c', b""),
+            sync.clone(),
+        ]
+        .concat()
+    };
     // Each step: what is sent, then how many ReadyForQuery to read (0: read up to a
     // CommandComplete instead).
     let script: Vec<(Vec<u8>, usize)> = vec![
@@ -1791,6 +1803,9 @@ async fn autocommit_batches_answer_as_directly() {
             1,
         ),
         (raw::query("DELETE FROM z WHERE a > 2"), 1),
+        // COPY: the Sync sent before the data is discarded; the one after it ends the batch.
+        (copy_batch(b"7\n8\n"), 1),
+        (copy_batch(b"9\nnine\n"), 1),
         (raw::query("TABLE z"), 1),
         (raw::query("DELETE FROM z"), 1),
         // Schema changes: they run in the batch's transaction too.
@@ -1840,6 +1855,9 @@ async fn autocommit_batches_answer_as_directly() {
         rc.read_until(b'Z').await;
         assert_eq!(last_query(&admin, pid).await, XID_SQL);
         rc.send(&raw::batch(&["CREATE TABLE zz (a int)"])).await;
+        rc.read_until(b'Z').await;
+        assert_eq!(last_query(&admin, pid).await, XID_SQL);
+        rc.send(&copy_batch(b"10\n")).await;
         rc.read_until(b'Z').await;
         assert_eq!(last_query(&admin, pid).await, XID_SQL);
         admin

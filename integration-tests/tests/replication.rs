@@ -136,6 +136,19 @@ fn spawn_statement(
 /// Asserts that a session ended with FATAL 08007 naming a commit lost with the old primary:
 /// as the answer to `next`, its statement, or (had the FATAL come first) as its connection's
 /// end.
+/// Loads `data` into `t` with an extended-protocol COPY (tokio-postgres's); returns the rows.
+async fn copy_rows(c: &Client, data: &'static str) -> u64 {
+    use futures_util::SinkExt;
+    let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    if !data.is_empty() {
+        sink.send(bytes::Bytes::from_static(data.as_bytes()))
+            .await
+            .unwrap();
+    }
+    sink.finish().await.unwrap()
+}
+
 async fn assert_lost_commit_fatal(
     next: tokio::task::JoinHandle<(Client, Result<(), tokio_postgres::Error>)>,
     conn_end: ConnectionEnd,
@@ -500,9 +513,10 @@ async fn lost_commit_ends_the_session_with_08007() {
 /// SELECT after it (a WAL position), two INSERTs in one Query string (its xid asked for after
 /// them, in the same string), a transaction whose only write is Bind/Execute of a statement
 /// prepared earlier, a CREATE TABLE with an INSERT in one Query string (its xid asked for
-/// after them), and a simple-protocol COPY (its xid asked for after it, in the same string).
-/// All eight were acknowledged and all are lost, so all eight sessions must end with FATAL
-/// 08007 (DESIGN.md, Failover step 6: "detect, count, log, report, never hide").
+/// after them), a simple-protocol COPY (its xid asked for after it, in the same string), and
+/// an extended-protocol one (its xid asked for in front of the Sync after its data). All nine
+/// were acknowledged and all are lost, so all nine sessions must end with FATAL 08007
+/// (DESIGN.md, Failover step 6: "detect, count, log, report, never hide").
 #[tokio::test]
 async fn lost_commits_of_every_kind_end_their_sessions() {
     let (mut cluster, gw) = asynchronous_with_table().await;
@@ -514,6 +528,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let (ddl, ddl_end) = gw.connect_watched(roles::TRUST).await;
     let (block_then, block_then_end) = gw.connect_watched(roles::MD5).await;
     let mut copier = RawConn::login(gw.addr(), roles::TRUST).await;
+    let (copy_ext, copy_ext_end) = gw.connect_watched(roles::SCRAM).await;
     let insert = prepared.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     let batch_insert = batch.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
     autocommit
@@ -551,6 +566,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     ];
     copier.send(&copy.concat()).await;
     assert_eq!(tags(&copier.read_until(b'Z').await), "GCZ");
+    assert_eq!(copy_rows(&copy_ext, "11\n").await, 1);
     let lost_before = lost_commits_counted(&gw).await;
 
     cluster.kill_primary().await;
@@ -561,12 +577,13 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     let next_two = spawn_statement(two, "SELECT 1");
     let next_ddl = spawn_statement(ddl, "SELECT 1");
     let next_block_then = spawn_statement(block_then, "SELECT 1");
+    let next_copy_ext = spawn_statement(copy_ext, "SELECT 1");
     let standby_port = gap.standby_port;
     gap.close_after_promotion_began().await;
 
     wait_routed_to(&gw, standby_port).await;
     let fresh = gw.connect(roles::TRUST).await;
-    assert_eq!(values(&fresh).await, [1], "the eight commits are lost");
+    assert_eq!(values(&fresh).await, [1], "the nine commits are lost");
     let u = fresh
         .query_one("SELECT to_regclass('u') IS NULL", &[])
         .await;
@@ -578,6 +595,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
     assert_lost_commit_fatal(next_two, two_end).await;
     assert_lost_commit_fatal(next_ddl, ddl_end).await;
     assert_lost_commit_fatal(next_block_then, block_then_end).await;
+    assert_lost_commit_fatal(next_copy_ext, copy_ext_end).await;
     copier.send(&raw::query("SELECT 1")).await;
     let answer = tokio::time::timeout(PATIENCE, copier.read_to_end())
         .await
@@ -587,7 +605,7 @@ async fn lost_commits_of_every_kind_end_their_sessions() {
         (fatal.severity(), fatal.code()),
         ("FATAL".into(), "08007".into())
     );
-    assert!(lost_commits_counted(&gw).await >= lost_before + 8.0);
+    assert!(lost_commits_counted(&gw).await >= lost_before + 9.0);
 }
 
 /// A client hears that its autocommit write succeeded only once the gateway holds a WAL
@@ -645,7 +663,8 @@ async fn autocommit_write_is_answered_after_its_wal_position() {
 /// Asynchronous replication. An autocommit write that changes nothing (an UPDATE of no rows),
 /// in the extended protocol, a simple Query, or a Query of several statements, or schema
 /// changes that find nothing to do (`IF NOT EXISTS`, `IF EXISTS`), or a `SET` with such a
-/// write, or a whole `BEGIN; …; COMMIT` of one, or a COPY of no row, or maintenance (VACUUM,
+/// write, or a whole `BEGIN; …; COMMIT` of one, or a COPY of no row (either protocol), or
+/// maintenance (VACUUM,
 /// ANALYZE: what it changes no client reads), commits nothing
 /// that could be lost; a superuser's commit straight on the primary, made just before them
 /// while the standby's receiver is frozen, is lost with the primary. The sessions carry on
@@ -682,6 +701,7 @@ async fn a_write_that_changed_nothing_is_no_lost_commit() {
 
     let gap = WalGap::open_past_a_direct_commit(&cluster).await;
     assert_eq!(c.execute(&nothing, &[&-1]).await.unwrap(), 0);
+    assert_eq!(copy_rows(&c, "").await, 0);
     let answer = simple
         .simple_query("UPDATE t SET a = a WHERE a = -1")
         .await

@@ -1689,6 +1689,14 @@ mod tests {
         msg(b'Q', &b)
     }
 
+    /// Sends each of `sqls` as a Query answered outside a block; checks what comes first.
+    fn each_query_gets(j: &mut Journal, sqls: &[&str], want: Before) {
+        for sql in sqls {
+            assert_eq!(j.on_client_message(b'Q', &query(sql)), want, "{sql}");
+            j.on_ready_for_query(b'I');
+        }
+    }
+
     fn answer(j: &mut Journal, bytes: &[u8], status: u8) {
         j.on_server_bytes(b'C', bytes);
         j.on_ready_for_query(status);
@@ -2500,7 +2508,7 @@ mod tests {
             );
             j.on_ready_for_query(b'I');
         }
-        for sql in [
+        let position = [
             "REINDEX TABLE t",
             "DROP INDEX CONCURRENTLY i",
             "CREATE DATABASE d",
@@ -2513,23 +2521,11 @@ mod tests {
             "BEGIN; INSERT INTO t VALUES (1); COMMIT; SELECT 1",
             "CREATE INDEX CONCURRENTLY i ON t(a)",
             "CALL p()",
-        ] {
-            assert_eq!(
-                j.on_client_message(b'Q', &query(sql)),
-                Before::CaptureLsnAfter,
-                "{sql}"
-            );
-            j.on_ready_for_query(b'I');
-        }
+        ];
+        each_query_gets(&mut j, &position, Before::CaptureLsnAfter);
         // Nor is anything checked after a read or maintenance.
-        for sql in ["SELECT 1", "VACUUM t", "ANALYZE t", "CHECKPOINT"] {
-            assert_eq!(
-                j.on_client_message(b'Q', &query(sql)),
-                Before::Forward,
-                "{sql}"
-            );
-            j.on_ready_for_query(b'I');
-        }
+        let unchecked = ["SELECT 1", "VACUUM t", "ANALYZE t", "CHECKPOINT"];
+        each_query_gets(&mut j, &unchecked, Before::Forward);
         // A COPY from the client: the xid query can go in its string; where it did not, the
         // WAL position is taken after the data, not in the middle of it.
         for (sql, suffixed) in [
@@ -2613,21 +2609,15 @@ mod tests {
         j.on_ready_for_query(b'I');
         assert_eq!(j.last_committed_xid(), Some(800));
         j.set_xid(None);
-        for sql in [
+        let position = [
             "BEGIN; INSERT INTO t VALUES (1); COMMIT AND CHAIN",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT -- done",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT; SELECT 1",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT; BEGIN; INSERT INTO t VALUES (2); COMMIT",
             "INSERT INTO t VALUES (0); BEGIN; INSERT INTO t VALUES (1); COMMIT",
             "BEGIN; CREATE TEMP TABLE u (a int); COMMIT",
-        ] {
-            assert_eq!(
-                j.on_client_message(b'Q', &query(sql)),
-                Before::CaptureLsnAfter,
-                "{sql}"
-            );
-            j.on_ready_for_query(b'I');
-        }
+        ];
+        each_query_gets(&mut j, &position, Before::CaptureLsnAfter);
         for sql in [
             "BEGIN; SELECT 1; COMMIT",
             "BEGIN; INSERT INTO t VALUES (1); ROLLBACK",

@@ -131,6 +131,12 @@ pub struct Group {
     /// COPY data is expected and has not ended (CopyDone/CopyFail) yet; meanwhile the server
     /// discards Sync and Flush (docs 55.2.6).
     copy_in_pending: bool,
+    /// The server answered its COPY with CopyInResponse: it takes the data now.
+    copy_started: bool,
+    /// A Sync came while its COPY data was expected but before the server said whether it
+    /// takes it: discarded if it does, answered if the COPY failed first (see
+    /// [`Journal::copy_sync_pending`]).
+    copy_sync_pending: bool,
     /// Whether it runs statements (Query, Execute, FunctionCall), as opposed to housekeeping
     /// such as Close or Describe that a driver sends on its own.
     pub runs: bool,
@@ -235,6 +241,8 @@ impl Group {
             only_flushes: true,
             copies: false,
             copy_in_pending: false,
+            copy_started: false,
+            copy_sync_pending: false,
             runs: false,
             changes: Vec::new(),
             parses: Vec::new(),
@@ -268,6 +276,8 @@ impl Group {
         self.only_flushes = true;
         self.copies = false;
         self.copy_in_pending = false;
+        self.copy_started = false;
+        self.copy_sync_pending = false;
         self.runs = false;
         self.changes.clear();
         self.parses.clear();
@@ -629,6 +639,8 @@ pub struct Journal {
     /// Where the last Query's COMMIT starts in its text (see
     /// [`Before::CaptureXidBeforeCommit`]).
     commit_at: usize,
+    /// See [`Journal::take_copy_sync_answered`].
+    copy_sync_answered: bool,
 }
 
 impl Journal {
@@ -665,6 +677,7 @@ impl Journal {
             skipping: false,
             unchecked: false,
             commit_at: 0,
+            copy_sync_answered: false,
         }
     }
 
@@ -1024,6 +1037,9 @@ impl Journal {
         // A Sync sent while COPY data is still expected is discarded by the server.
         let closes = frontend::expects_ready_for_query(tag)
             && !(tag == frontend::SYNC && group.copy_in_pending);
+        if tag == frontend::SYNC && group.copy_in_pending && !group.copy_started {
+            group.copy_sync_pending = true;
+        }
         if copy_end {
             group.copy_in_pending = false;
         }
@@ -1039,11 +1055,13 @@ impl Journal {
         // Outside a transaction block, unless this very request opens one it leaves open.
         let autocommit = self.txn_status == b'I' && (!group.begins || group.commits);
         // Session-state changes commit nothing the new primary could lack.
+        // (A group that already failed, its COPY refused before the data, committed nothing.)
         if ends_write
             && autocommit
             && group.may_write_data
             && before == Before::Forward
             && !group.suffixed
+            && !group.failed
         {
             // A batch runs in one transaction up to its Sync, so a query slipped in before the
             // Sync is in it (one with COMMIT, BEGIN or anything that commits on its own, as
@@ -1207,6 +1225,20 @@ impl Journal {
             g.completions += 1;
         }
         match tag {
+            backend::COPY_IN_RESPONSE => {
+                g.copy_started = true;
+                g.copy_sync_pending = false;
+            }
+            backend::ERROR_RESPONSE if g.copy_sync_pending => {
+                // The COPY failed before taking data: the Sync sent behind it is no COPY's to
+                // discard, and ends the group; the server answers it.
+                g.failed = true;
+                g.copy_sync_pending = false;
+                g.copy_in_pending = false;
+                g.closed = true;
+                g.synced = true;
+                self.copy_sync_answered = true;
+            }
             backend::ERROR_RESPONSE => {
                 g.failed = true;
                 // An extended-protocol request failed (not the Query or FunctionCall after them,
@@ -1218,6 +1250,31 @@ impl Journal {
             b'1' => g.parses_done += 1,
             _ => {}
         }
+    }
+
+    /// Whether a Sync the client sent behind a COPY waits for the server to say whether it
+    /// takes the COPY's data (then it discards the Sync) or failed first (then it answers the
+    /// Sync): until then the gateway sends nothing more, so that the requests after it are
+    /// known to be in that Sync's batch or after it.
+    pub fn copy_sync_pending(&self) -> bool {
+        self.groups
+            .back()
+            .is_some_and(|g| g.copy_sync_pending && !g.answered)
+    }
+
+    /// Takes every such Sync to be discarded, as it is once the COPY runs (after a move,
+    /// whose new backend answers the requests sent again itself).
+    pub fn forget_copy_sync(&mut self) {
+        for g in &mut self.groups {
+            g.copy_sync_pending = false;
+        }
+        self.copy_sync_answered = false;
+    }
+
+    /// Whether such a Sync turned out to be answered (the COPY failed before its data) since
+    /// last asked: a ReadyForQuery more is owed to the client.
+    pub fn take_copy_sync_answered(&mut self) -> bool {
+        std::mem::take(&mut self.copy_sync_answered)
     }
 
     /// Records that the gateway's xid query went in front of the Sync just passed (see
@@ -1359,6 +1416,7 @@ impl Journal {
         self.xid = None;
         self.unreplayable = None;
         self.txn_status = b'I';
+        self.copy_sync_answered = false;
     }
 
     /// The in-flight COMMIT turned out to have committed: the transaction is over and its xid
@@ -2571,6 +2629,52 @@ mod tests {
         );
         assert!(j.expects_ready());
         assert_eq!(j.groups().len(), 1);
+    }
+
+    /// A Sync sent right behind a COPY's Execute is discarded if the server takes the COPY's
+    /// data, answered if the COPY failed first; which, only the server's answer tells.
+    #[test]
+    fn a_sync_behind_a_copy_waits_for_the_server() {
+        let mut j = Journal::new(1 << 20);
+        let copy = |j: &mut Journal| {
+            j.on_client_message(b'P', &msg(b'P', b"\0COPY t FROM STDIN\0\0\0"));
+            j.on_client_message(b'B', &msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            j.on_client_message(b'E', &msg(b'E', b"\0\0\0\0\0"));
+            assert_eq!(j.on_client_message(b'S', &msg(b'S', b"")), Before::Forward);
+            assert!(!j.expects_ready());
+            assert!(j.copy_sync_pending());
+            j.on_server_message(b'1');
+            j.on_server_message(b'2');
+        };
+        // Taken: the Sync was discarded; the one after the data ends the batch.
+        copy(&mut j);
+        j.on_server_message(b'G');
+        assert!(!j.copy_sync_pending() && !j.take_copy_sync_answered());
+        j.on_client_message(b'd', &msg(b'd', b"1\n"));
+        j.on_client_message(b'c', &msg(b'c', b""));
+        assert_eq!(
+            j.on_client_message(b'S', &msg(b'S', b"")),
+            Before::CommitXidBeforeSync
+        );
+        j.on_server_message(b'C');
+        j.on_ready_for_query(b'I');
+        // Refused: the Sync ends the batch and is answered; the data after it is ignored,
+        // and the next Sync is a batch of its own, which wrote nothing.
+        copy(&mut j);
+        j.on_server_message(b'E');
+        assert!(!j.copy_sync_pending());
+        assert!(j.take_copy_sync_answered());
+        assert!(!j.take_copy_sync_answered());
+        assert_eq!(
+            j.on_client_message(b'd', &msg(b'd', b"1\n")),
+            Before::Forward
+        );
+        assert_eq!(j.on_client_message(b'c', &msg(b'c', b"")), Before::Forward);
+        j.on_ready_for_query(b'I');
+        assert_eq!(j.on_client_message(b'S', &msg(b'S', b"")), Before::Forward);
+        assert!(j.expects_ready());
+        j.on_ready_for_query(b'I');
+        assert!(j.groups().is_empty());
     }
 
     /// A Query that is one whole transaction block that writes gets the xid query right before

@@ -425,6 +425,9 @@ pub struct Session {
     doomed_commit: Option<(Vec<u8>, &'static str)>,
     /// Progress through the answer to a Query that carries the xid query.
     xid_suffix: SuffixAnswer,
+    /// The client's next messages wait for the server to say what became of a Sync sent
+    /// behind a COPY (see [`Journal::copy_sync_pending`]).
+    up_waits_copy: bool,
     /// Progress through the answer to a client's Query sent as a batch.
     as_batch: AsBatch,
     /// What of that answer is held back (see [`AsBatch`]): whole server messages.
@@ -543,6 +546,7 @@ impl Session {
             capture_xid: can_move && may_capture,
             doomed_commit: None,
             xid_suffix: SuffixAnswer::default(),
+            up_waits_copy: false,
             as_batch: AsBatch::None,
             held_answer: Vec::new(),
             tail_done: false,
@@ -686,7 +690,13 @@ impl Session {
                 }
                 Ok(Event::FromBackend(n)) => {
                     self.tally.backend_bytes(n);
-                    let end = self.scan_down();
+                    let mut end = self.scan_down();
+                    if end.is_none() && self.up_waits_copy && !self.journal.copy_sync_pending() {
+                        // The server said what became of the Sync behind a COPY: the client's
+                        // messages after it go on.
+                        self.up_waits_copy = false;
+                        end = self.scan_up();
+                    }
                     self.pace();
                     end
                 }
@@ -717,8 +727,9 @@ impl Session {
             self.held = held;
             self.guard.info().held.store(held, Ordering::Relaxed);
         }
-        self.pump.up.paused =
-            held || (self.wire.len() >= MAX_IN_FLIGHT && !self.journal.copy_in_pending());
+        self.pump.up.paused = held
+            || (self.wire.len() >= MAX_IN_FLIGHT && !self.journal.copy_in_pending())
+            || self.up_waits_copy;
     }
 
     /// The backend connection ended: either the server ended the session (forward its word)
@@ -784,6 +795,12 @@ impl Session {
             self.journal.set_suspects(newer);
         }
         loop {
+            if self.journal.copy_sync_pending() {
+                // Until the server answers the COPY in front of it: what follows goes in that
+                // Sync's batch or after it, and the gateway's own queries with it.
+                self.up_waits_copy = true;
+                return None;
+            }
             // The type byte is judged as soon as it arrives, as PostgreSQL does: a client that
             // sent an unknown one (a second startup packet, say) is not left waiting for the
             // body its length word promises.
@@ -868,11 +885,7 @@ impl Session {
                     };
                     self.request_start = RequestStart::Between;
                 }
-                if self.awaiting_ready == 0 {
-                    self.guard.info().active.store(true, Ordering::Relaxed);
-                }
-                self.awaiting_ready += 1;
-                self.wire.push_back(if suffixed {
+                self.owe_ready(if suffixed {
                     Owner::ClientThenXid {
                         statements: self.journal.last_statement_count(),
                         before_commit: false,
@@ -908,6 +921,15 @@ impl Session {
                 self.wire.push_back(Owner::Lsn);
             }
         }
+    }
+
+    /// Counts a ReadyForQuery the server owes, `owner` waiting for it.
+    fn owe_ready(&mut self, owner: Owner) {
+        if self.awaiting_ready == 0 {
+            self.guard.info().active.store(true, Ordering::Relaxed);
+        }
+        self.awaiting_ready += 1;
+        self.wire.push_back(owner);
     }
 
     /// Appends the xid query to the client's Query of `n` bytes at `ready` (one writing
@@ -1042,6 +1064,11 @@ impl Session {
         loop {
             if self.held_fatal.is_some() {
                 return None;
+            }
+            if self.journal.take_copy_sync_answered() {
+                // The COPY failed before its data: the server answers the Sync behind it.
+                self.owe_ready(Owner::Client);
+                self.request_start = RequestStart::Between;
             }
             let owner = self.wire.front().copied();
             let internal = owner.is_some_and(|o| !o.is_client());

@@ -640,6 +640,8 @@ impl Session {
         self.held_ready = None;
         self.xid_row = None;
         self.xid_suffix = super::SuffixAnswer::default();
+        self.journal.forget_copy_sync();
+        self.up_waits_copy = false;
         Ok((left > 0).then_some((self.down_tag, left)))
     }
 

@@ -1866,3 +1866,73 @@ async fn autocommit_batches_answer_as_directly() {
             .unwrap();
     }
 }
+
+/// An extended-protocol COPY that fails before its data (no such table), sent as drivers
+/// send it (Parse, Bind, Execute, Sync, the data, CopyDone, Sync): the first Sync is then no
+/// COPY's to discard, and the server answers both. Through a gateway, one that could move the
+/// session and one that could not, the client gets what it gets directly, and the session
+/// goes on (a COPY that works, a query). (The gateway took that Sync for discarded: the
+/// client got the answer to the gateway's own query behind the batch.)
+#[tokio::test]
+async fn an_extended_copy_refused_before_its_data_answers_as_directly() {
+    let (cluster, _admin, gw) =
+        armed_after("CREATE TABLE cz(a int); GRANT ALL ON cz TO PUBLIC").await;
+    let sync = raw::msg(b'S', b"");
+    let copy = |table: &str| {
+        [
+            raw::parse("", &format!("COPY {table} FROM STDIN")),
+            raw::bind("", &[]),
+            raw::msg(b'E', b"\0\0\0\0\0"),
+            sync.clone(),
+            raw::msg(b'd', b"1\n"),
+            raw::msg(b'c', b""),
+            sync.clone(),
+        ]
+        .concat()
+    };
+    let transcript = |addr| {
+        let (nosuch, cz) = (copy("nosuch"), copy("cz"));
+        async move {
+            let (mut rc, _) = login_with_pid(addr, "copy").await;
+            let mut all = Vec::new();
+            for request in [nosuch, cz] {
+                rc.send(&request).await;
+                rc.send(&raw::query("SELECT 'end'")).await;
+                loop {
+                    let answer = rc.read_until(b'Z').await;
+                    let end = answer.iter().any(|m| m.tag == b'D');
+                    all.extend(as_text(answer));
+                    if end {
+                        break;
+                    }
+                }
+            }
+            all
+        }
+    };
+    let direct = transcript(cluster.pg.primary.addr()).await;
+    let tags: String = direct.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, "12EZZTDCZ12GCZTDCZ", "{direct:?}");
+    cluster
+        .superuser()
+        .await
+        .batch_execute("TRUNCATE cz")
+        .await
+        .unwrap();
+    let primary = cluster.pg.primary.addr().to_string();
+    let single = cluster
+        .gateway_with(|c| c.backends = vec![primary.clone()])
+        .await;
+    for gw in [&gw, &single] {
+        let through = tokio::time::timeout(Duration::from_secs(10), transcript(gw.addr()))
+            .await
+            .expect("answered");
+        assert_eq!(through, direct);
+        cluster
+            .superuser()
+            .await
+            .batch_execute("TRUNCATE cz")
+            .await
+            .unwrap();
+    }
+}

@@ -1871,8 +1871,9 @@ async fn autocommit_batches_answer_as_directly() {
 /// send it (Parse, Bind, Execute, Sync, the data, CopyDone, Sync): the first Sync is then no
 /// COPY's to discard, and the server answers both. Through a gateway, one that could move the
 /// session and one that could not, the client gets what it gets directly, and the session
-/// goes on (a COPY that works, a query). (The gateway took that Sync for discarded: the
-/// client got the answer to the gateway's own query behind the batch.)
+/// goes on (a COPY that works, a query). (The gateway took that Sync for discarded: through
+/// one that could move the session, the client got the answer to the gateway's own query
+/// behind the batch.)
 #[tokio::test]
 async fn an_extended_copy_refused_before_its_data_answers_as_directly() {
     let (cluster, _admin, gw) =

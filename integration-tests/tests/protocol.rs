@@ -1898,7 +1898,8 @@ async fn an_extended_copy_refused_before_its_data_answers_as_directly() {
             let mut all = Vec::new();
             for request in [nosuch, cz] {
                 rc.send(&request).await;
-                rc.send(&raw::query("SELECT 'end'")).await;
+                rc.send(&raw::query("INSERT INTO cz VALUES (2) RETURNING 'end'"))
+                    .await;
                 loop {
                     let answer = rc.read_until(b'Z').await;
                     let end = answer.iter().any(|m| m.tag == b'D');

@@ -535,10 +535,10 @@ pub enum Before {
     /// The message is a Query of one writing statement inside a transaction block whose xid is
     /// not known yet, or a Query that writes outside one: of one statement that runs the same
     /// in a block as alone (see [`crate::classify::Classified::block_safe`]; but a lone data
-    /// change is sent as a batch), or of several, none of them transaction control or COPY
-    /// FROM STDIN. Ask for the xid in the same string, right after the statements (outside a
-    /// block, should that not be done, capture the WAL position after it instead, as for
-    /// [`Before::CaptureLsnAfter`]).
+    /// change is sent as a batch), or of several, none of them transaction control. Ask for
+    /// the xid in the same string, right after the statements (outside a block, should that
+    /// not be done, capture the WAL position after it instead, as for
+    /// [`Before::CaptureLsnAfter`]; a COPY's after its data).
     CaptureXidAfter,
     /// Capture the WAL position right after it: it ends an autocommit write (or a whole
     /// transaction in one string) whose xid is not captured, and a position at or past its

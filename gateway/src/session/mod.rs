@@ -693,7 +693,8 @@ impl Session {
                     let mut end = self.scan_down();
                     if end.is_none() && self.up_waits_copy && !self.journal.copy_sync_pending() {
                         // The server said what became of the Sync behind a COPY: the client's
-                        // messages after it go on.
+                        // messages after it go on, behind that Sync's ReadyForQuery if owed.
+                        self.owe_copy_sync_ready();
                         self.up_waits_copy = false;
                         end = self.scan_up();
                     }
@@ -923,6 +924,15 @@ impl Session {
         }
     }
 
+    /// A Sync behind a COPY turned out to be answered (the COPY failed before its data): the
+    /// client is owed its ReadyForQuery.
+    fn owe_copy_sync_ready(&mut self) {
+        if self.journal.take_copy_sync_answered() {
+            self.owe_ready(Owner::Client);
+            self.request_start = RequestStart::Between;
+        }
+    }
+
     /// Counts a ReadyForQuery the server owes, `owner` waiting for it.
     fn owe_ready(&mut self, owner: Owner) {
         if self.awaiting_ready == 0 {
@@ -1065,11 +1075,7 @@ impl Session {
             if self.held_fatal.is_some() {
                 return None;
             }
-            if self.journal.take_copy_sync_answered() {
-                // The COPY failed before its data: the server answers the Sync behind it.
-                self.owe_ready(Owner::Client);
-                self.request_start = RequestStart::Between;
-            }
+            self.owe_copy_sync_ready();
             let owner = self.wire.front().copied();
             let internal = owner.is_some_and(|o| !o.is_client());
             if let Some(Owner::ClientThenXid {

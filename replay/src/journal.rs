@@ -171,29 +171,27 @@ pub struct Group {
     suffixed: bool,
 }
 
-/// Where the COMMIT of `sql` starts, right after the semicolon before it, if `sql` is one
-/// whole transaction block: BEGIN first, COMMIT last, no BEGIN, COMMIT or ROLLBACK between,
-/// and the COMMIT plain (no AND CHAIN, no comment), so that nothing put in front of it can
-/// shift the position of a syntax error the server reports.
-fn whole_block_commit(classified: &Classified, sql: &[u8]) -> Option<usize> {
+/// Whether `sql` is one whole transaction block: BEGIN first, COMMIT last (its statement
+/// starts at [`Classified::last_start`]), no BEGIN, COMMIT or ROLLBACK between, and the COMMIT
+/// plain (no AND CHAIN, no comment), so that nothing put in front of it can shift the
+/// position of a syntax error the server reports.
+fn whole_block(classified: &Classified, sql: &[u8]) -> bool {
     let mut statements = classified
         .statements
         .iter()
         .filter(|s| **s != Statement::Empty);
-    if statements.next() != Some(&Statement::Begin) || statements.next_back()? != &Statement::Commit
+    if statements.next() != Some(&Statement::Begin)
+        || statements.next_back() != Some(&Statement::Commit)
+        || statements.any(|s| {
+            matches!(
+                s,
+                Statement::Begin | Statement::Commit | Statement::Rollback
+            )
+        })
     {
-        return None;
+        return false;
     }
-    if statements.any(|s| {
-        matches!(
-            s,
-            Statement::Begin | Statement::Commit | Statement::Rollback
-        )
-    }) {
-        return None;
-    }
-    let at = classified.last_start;
-    let mut commit = sql[at..].trim_ascii();
+    let mut commit = sql[classified.last_start..].trim_ascii();
     while let Some(rest) = commit.strip_suffix(b";") {
         commit = rest.trim_ascii();
     }
@@ -205,10 +203,7 @@ fn whole_block_commit(classified: &Classified, sql: &[u8]) -> Option<usize> {
         b"END WORK",
         b"END TRANSACTION",
     ];
-    PLAIN
-        .iter()
-        .any(|p| commit.eq_ignore_ascii_case(p))
-        .then_some(at)
+    PLAIN.iter().any(|p| commit.eq_ignore_ascii_case(p))
 }
 
 /// A prepared statement's slot as it was before a change: `None`, it did not exist.
@@ -636,9 +631,6 @@ pub struct Journal {
     skipping: bool,
     /// A commit the gateway could not ask about (see [`Journal::commit_unchecked`]).
     unchecked: bool,
-    /// Where the last Query's COMMIT starts in its text (see
-    /// [`Before::CaptureXidBeforeCommit`]).
-    commit_at: usize,
     /// See [`Journal::take_copy_sync_answered`].
     copy_sync_answered: bool,
 }
@@ -676,7 +668,6 @@ impl Journal {
             unsynced: false,
             skipping: false,
             unchecked: false,
-            commit_at: 0,
             copy_sync_answered: false,
         }
     }
@@ -898,11 +889,9 @@ impl Journal {
                     && !classified.copies
                     && sql.len() + 1 == body.len()
                     && !classified.ends_open
+                    && whole_block(classified, sql)
                 {
-                    if let Some(at) = whole_block_commit(classified, sql) {
-                        self.commit_at = at;
-                        before = Before::CaptureXidBeforeCommit;
-                    }
+                    before = Before::CaptureXidBeforeCommit;
                 }
                 // (A text without its NUL, or with one inside, is the server's to refuse as
                 // it was sent.)
@@ -1133,7 +1122,7 @@ impl Journal {
     /// its text, right after the semicolon before it (see
     /// [`Before::CaptureXidBeforeCommit`]).
     pub fn commit_at(&self) -> usize {
-        self.commit_at
+        self.classified.last_start
     }
 
     /// A WAL position taken after every commit so far is known.

@@ -868,13 +868,13 @@ impl Session {
             let suffixed = before == Before::CaptureXidAfter
                 && self.capture_xid
                 && tag == frontend::QUERY
-                && self.append_xid_query(n);
+                && self.splice_into_query(n, n - 1, 1, &XID_SUFFIX);
             if suffixed {
                 self.journal.note_suffix();
             }
             let before_commit = before == Before::CaptureXidBeforeCommit
                 && self.capture_xid
-                && self.insert_xid_query(n, self.journal.commit_at());
+                && self.splice_into_query(n, 5 + self.journal.commit_at(), 0, &XID_BEFORE_COMMIT);
             let as_batch =
                 before == Before::QueryAsBatch && self.capture_xid && self.send_query_as_batch(n);
             if self.journal.expects_ready() {
@@ -942,38 +942,22 @@ impl Session {
         self.wire.push_back(owner);
     }
 
-    /// Appends the xid query to the client's Query of `n` bytes at `ready` (one writing
-    /// statement in a transaction block) and passes the message over; its answer comes before
-    /// the client's ReadyForQuery, with no flush of its own. Returns false (nothing done) if
-    /// the message would grow past the protocol's limit.
-    fn append_xid_query(&mut self, n: usize) -> bool {
-        // The length word counts itself but not the type byte; the old NUL is replaced.
-        let Ok(len) = i32::try_from(n - 2 + XID_SUFFIX.len()) else {
-            return false;
-        };
-        let pipe = &mut self.pump.up;
-        let at = pipe.ready;
-        pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
-        // Everything but the terminating NUL, which the suffix brings along.
-        pipe.ready += n - 1;
-        pipe.splice_at_ready(1, &XID_SUFFIX);
-        true
-    }
-
-    /// Puts [`XID_BEFORE_COMMIT`] at byte `commit_at` of the text of the client's Query of `n`
-    /// bytes at `ready` (one whole transaction block) and passes the message over. Returns
+    /// Puts `text` in place of `remove` bytes at byte `at` of the client's Query of `n` bytes
+    /// at `ready` (the xid query: [`XID_SUFFIX`] in place of the terminating NUL, or
+    /// [`XID_BEFORE_COMMIT`] in front of a whole block's COMMIT) and passes the message over;
+    /// its answer comes before the client's ReadyForQuery, with no flush of its own. Returns
     /// false (nothing done) if the message would grow past the protocol's limit.
-    fn insert_xid_query(&mut self, n: usize, commit_at: usize) -> bool {
+    fn splice_into_query(&mut self, n: usize, at: usize, remove: usize, text: &[u8]) -> bool {
         // The length word counts itself but not the type byte.
-        let Ok(len) = i32::try_from(n - 1 + XID_BEFORE_COMMIT.len()) else {
+        let Ok(len) = i32::try_from(n - 1 - remove + text.len()) else {
             return false;
         };
         let pipe = &mut self.pump.up;
-        let at = pipe.ready;
-        pipe.buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
-        pipe.ready += 5 + commit_at;
-        pipe.splice_at_ready(0, &XID_BEFORE_COMMIT);
-        pipe.ready += n - 5 - commit_at;
+        let start = pipe.ready;
+        pipe.buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        pipe.ready += at;
+        pipe.splice_at_ready(remove, text);
+        pipe.ready += n - at - remove;
         true
     }
 

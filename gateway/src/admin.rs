@@ -24,6 +24,9 @@ pub struct Status {
     pub version: &'static str,
     /// Client listen address.
     pub listen: String,
+    /// The Unix-domain socket clients may connect to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<String>,
     /// `running`, `draining` or `stopping`.
     pub state: &'static str,
     /// Live sessions.
@@ -60,6 +63,7 @@ pub fn status(shared: &Shared) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION"),
         listen: shared.config.listen.to_string(),
+        unix_socket: shared.unix_socket.as_ref().map(|p| p.display().to_string()),
         paused: *shared.hold.borrow(),
         state: match shared.shutdown.subscribe().phase() {
             Phase::Running => "running",

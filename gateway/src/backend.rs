@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{BackendSslMode, Keepalive};
 use crate::error::SessionError;
@@ -45,7 +45,7 @@ impl Connector {
             // The server has read nothing from a spare it closed, so sending the StartupMessage
             // again on a new connection starts nothing twice.
             let answer = match send(&mut spare, &buf).await {
-                Ok(()) => crate::spares::answer(spare.tcp(), self.timeout).await,
+                Ok(()) => crate::spares::answer(&spare, self.timeout).await,
                 Err(_) => Answer::Closed,
             };
             match answer {
@@ -94,21 +94,30 @@ impl Connector {
     }
 
     async fn negotiate(&self, backend: &Backend) -> std::io::Result<Stream> {
-        let tcp = self.dial(backend).await?;
-        self.secure(backend, tcp).await
+        let socket = self.dial(backend).await?;
+        self.secure(backend, socket).await
     }
 
-    /// A TCP connection to `backend` with the gateway's socket options (no timeout).
-    pub async fn dial(&self, backend: &Backend) -> std::io::Result<TcpStream> {
+    /// A plain connection to `backend` (no timeout): TCP with the gateway's socket options, or
+    /// a Unix-domain socket when the backend's host is a directory.
+    pub async fn dial(&self, backend: &Backend) -> std::io::Result<Stream> {
+        if let Some(path) = backend.socket_path() {
+            return Ok(Stream::Unix(UnixStream::connect(path).await?));
+        }
         let addr = backend.resolve().await?;
         let tcp = TcpStream::connect(addr).await?;
         tune_socket(&tcp, &self.keepalive)?;
-        Ok(tcp)
+        Ok(Stream::Plain(tcp))
     }
 
-    /// `tcp` with TLS negotiated as `sslmode` says (SSLRequest, then the handshake), or as it
-    /// is when TLS is off or a `prefer` server declines it.
-    pub async fn secure(&self, backend: &Backend, tcp: TcpStream) -> std::io::Result<Stream> {
+    /// A plain TCP connection with TLS negotiated as `sslmode` says (SSLRequest, then the
+    /// handshake), or as it is when TLS is off or a `prefer` server declines it. A Unix-domain
+    /// socket stays as it is whatever `sslmode` says, as libpq leaves it: PostgreSQL offers no
+    /// TLS there.
+    pub async fn secure(&self, backend: &Backend, socket: Stream) -> std::io::Result<Stream> {
+        let Stream::Plain(mut tcp) = socket else {
+            return Ok(socket);
+        };
         let Some(tls) = self
             .tls
             .get()
@@ -116,7 +125,6 @@ impl Connector {
         else {
             return Ok(Stream::Plain(tcp));
         };
-        let mut tcp = tcp;
         let mut req = BytesMut::new();
         postgres_protocol::message::frontend::ssl_request(&mut req);
         send(&mut tcp, &req).await?;

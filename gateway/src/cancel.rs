@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use understudy_protocol::startup::CancelKey;
 
 use crate::sessions::Registry;
+use crate::stream::{PeerAddr, Stream};
 use crate::wire::send;
 
 /// Forwards a cancel to the backend the session uses now; unknown keys are ignored, as
@@ -20,18 +21,21 @@ pub async fn forward(registry: &Registry, key: CancelKey, timeout: Duration) {
         return;
     };
     let work = async {
-        let mut tcp = TcpStream::connect(target.backend).await?;
+        let mut socket = match &target.backend {
+            PeerAddr::Tcp(addr) => Stream::Plain(TcpStream::connect(addr).await?),
+            PeerAddr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+        };
         let mut buf = BytesMut::with_capacity(16);
         postgres_protocol::message::frontend::cancel_request(
             target.key.pid,
             target.key.secret,
             &mut buf,
         );
-        send(&mut tcp, &buf).await?;
+        send(&mut socket, &buf).await?;
         // The server closes once it has signalled the backend; waiting for that keeps the
         // cancel ordered before our own close of the client's cancel connection.
         let mut sink = [0u8; 64];
-        while tcp.read(&mut sink).await? > 0 {}
+        while socket.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
     let outcome = match crate::clock::timeout(timeout, work).await {

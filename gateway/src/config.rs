@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address clients connect to.
     pub listen: SocketAddr,
+    /// Directory of a Unix-domain socket clients may connect to besides `listen`:
+    /// `<dir>/.s.PGSQL.<listen's port>`, where libpq looks for it; none when unset.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Permissions of that socket (as PostgreSQL's `unix_socket_permissions`).
+    pub unix_socket_mode: u32,
     /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.
     pub admin_listen: Option<SocketAddr>,
     /// PostgreSQL servers (`host:port`); with several, the gateway routes to the one not in recovery.
@@ -53,6 +58,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            unix_socket_dir: None,
+            unix_socket_mode: 0o777,
             admin_listen: None,
             backends: vec!["127.0.0.1:5432".to_owned()],
             max_client_connections: 1000,
@@ -329,6 +336,16 @@ impl Config {
         if self.spare_backends > 0 && self.spare_max_age_ms < 1_000 {
             return invalid("spare_max_age_ms must be at least 1000");
         }
+        if self.unix_socket_mode > 0o777 {
+            return invalid("unix_socket_mode takes permission bits only (at most 0o777)");
+        }
+        if self
+            .unix_socket_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return invalid("unix_socket_dir is empty");
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
         }
@@ -390,6 +407,8 @@ mod tests {
         let c: Config = toml::from_str(
             r#"
             listen = "0.0.0.0:6432"
+            unix_socket_dir = "/run/understudy"
+            unix_socket_mode = 0o770
             admin_listen = "127.0.0.1:9187"
             backends = ["10.0.0.1:5432", "10.0.0.2:5432"]
             max_client_connections = 10
@@ -410,6 +429,18 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.auth.client_auth, ClientAuth::ScramSha256);
+        assert_eq!(c.unix_socket_dir, Some(PathBuf::from("/run/understudy")));
+        assert_eq!(c.unix_socket_mode, 0o770);
+    }
+
+    #[test]
+    fn unix_socket_settings_are_checked() {
+        let c: Config = toml::from_str("unix_socket_mode = 0o1777").unwrap();
+        assert!(c.validate().is_err(), "permission bits only");
+        let c: Config = toml::from_str("unix_socket_dir = \"\"").unwrap();
+        assert!(c.validate().is_err(), "an empty directory");
+        assert_eq!(Config::default().unix_socket_mode, 0o777);
+        assert_eq!(Config::default().unix_socket_dir, None);
     }
 
     #[test]

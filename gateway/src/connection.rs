@@ -1,12 +1,10 @@
 //! One client connection from accept to close: startup, login, then the data path.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use understudy_protocol::encode::{self, Severity};
 use understudy_protocol::startup::{CancelKey, StartupMessage};
 
@@ -23,7 +21,7 @@ use crate::pump::{Pipe, Pump};
 use crate::session::{Relogin, Session};
 use crate::sessions::{CancelTarget, SessionGuard};
 use crate::shutdown::{Phase, Shutdown};
-use crate::stream::Stream;
+use crate::stream::{PeerAddr, Stream};
 use crate::telemetry::count_error;
 use crate::topology::Backend;
 use crate::wire::send;
@@ -31,15 +29,15 @@ use crate::wire::send;
 /// How long the gateway tries to hand its last words to a client it closes before a session.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serves one accepted client connection to its end.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Serves one accepted client connection (plain TCP or a Unix-domain socket) to its end.
+pub async fn serve(shared: Arc<Shared>, socket: Stream, peer: PeerAddr) {
     let permit = shared.limit.clone().try_acquire_owned().ok();
     let shutdown = shared.shutdown.subscribe();
     let mut forced = shared.shutdown.subscribe();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + shared.config.login_timeout();
     let tls = shared.client_tls.get();
-    let handshake = crate::clock::timeout_at(deadline, handshake::accept(tcp, tls.as_ref()));
+    let handshake = crate::clock::timeout_at(deadline, handshake::accept(socket, tls.as_ref()));
     let opening = tokio::select! {
         r = handshake => r,
         // A client still negotiating does not hold up a forced shutdown.
@@ -71,7 +69,10 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     };
     // Taken before the phase is read, so a drain that begins in between waits for this session.
     let in_session = shared.sessions.token();
-    let refusal = if shared.config.tls.required && !stream.is_tls() {
+    // A Unix-domain socket is not the network TLS guards against, and carries no TLS (as a
+    // `local` line of pg_hba.conf).
+    let unencrypted = !stream.is_tls() && !matches!(stream, Stream::Unix(_));
+    let refusal = if shared.config.tls.required && unencrypted {
         // What PostgreSQL says when only hostssl lines would let the client in.
         Some(SessionError::refused(
             "28000",
@@ -108,7 +109,16 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     shared.metrics.sessions_total.increment(1);
     shared.metrics.sessions_open.increment(1.0);
     let user = startup.user().unwrap_or_default().to_owned();
-    let result = session(&shared, stream, startup, peer, shutdown, deadline, started).await;
+    let result = session(
+        &shared,
+        stream,
+        startup,
+        peer.clone(),
+        shutdown,
+        deadline,
+        started,
+    )
+    .await;
     shared.metrics.sessions_open.decrement(1.0);
     let reason = match &result {
         Ok(()) => "client_closed",
@@ -155,7 +165,7 @@ async fn session(
     shared: &Arc<Shared>,
     mut stream: Stream,
     startup: StartupMessage,
-    peer: SocketAddr,
+    peer: PeerAddr,
     shutdown: Shutdown,
     deadline: tokio::time::Instant,
     started: Instant,
@@ -306,10 +316,7 @@ async fn establish(
     guard.info().set_movable(credential.movability());
 
     // After AuthenticationOk: ParameterStatus…, BackendKeyData, ReadyForQuery (docs 55.2.1).
-    let backend_addr = backend
-        .tcp()
-        .peer_addr()
-        .map_err(SessionError::BackendLost)?;
+    let backend_addr = backend.peer_addr().map_err(SessionError::BackendLost)?;
     let greeting_result = crate::backend::read_greeting(&mut backend, &mut backend_buf).await;
     let (relayed, result) = match greeting_result {
         Ok(g) => (g, Ok(())),
@@ -321,7 +328,7 @@ async fn establish(
     let mut backend_pid = 0;
     if let Some((pid, secret)) = relayed.key {
         let key = guard.issue_cancel_key(CancelTarget {
-            backend: backend_addr,
+            backend: backend_addr.clone(),
             key: CancelKey { pid, secret },
         });
         guard.info().set_backend(backend_addr, pid);

@@ -1,10 +1,12 @@
 //! The gateway process: listeners, shared state, graceful shutdown.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +17,7 @@ use crate::reload::{ConfigSource, Swappable};
 use crate::sessions::Registry;
 use crate::shutdown::{self, Phase, ShutdownTrigger};
 use crate::spares::Spares;
+use crate::stream::{PeerAddr, Stream};
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 
@@ -52,6 +55,8 @@ pub struct Shared {
     /// Where a reload reads the configuration; without one it re-reads the files the
     /// running configuration names.
     pub config_source: Option<ConfigSource>,
+    /// The Unix-domain socket clients may connect to, if one was asked for.
+    pub unix_socket: Option<PathBuf>,
     /// Set by `understudy demo` only: where `POST /demo/crash-primary` asks for a crash.
     pub demo_crash: Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -73,6 +78,14 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The Unix-domain socket could not be made.
+    #[error("cannot listen on {}: {source}", path.display())]
+    BindUnix {
+        /// The socket's path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Anything else that is wrong with the setup.
     #[error("{0}")]
     Setup(String),
@@ -82,6 +95,7 @@ pub enum StartError {
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    unix: Option<UnixSocket>,
     admin: Option<TcpListener>,
 }
 
@@ -115,6 +129,20 @@ impl Gateway {
                     addr: config.listen,
                     source,
                 })?;
+        let unix = match &config.unix_socket_dir {
+            Some(dir) => {
+                let port = listener
+                    .local_addr()
+                    .map_or(config.listen.port(), |a| a.port());
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                Some(
+                    UnixSocket::bind(&path, config.unix_socket_mode)
+                        .await
+                        .map_err(|source| StartError::BindUnix { path, source })?,
+                )
+            }
+            None => None,
+        };
         let admin = match config.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -143,12 +171,14 @@ impl Gateway {
             metrics: Metrics::new(),
             shutdown: trigger,
             sessions: TaskTracker::new(),
+            unix_socket: unix.as_ref().map(|u| u.path.clone()),
             demo_crash: None,
             hold: tokio::sync::watch::Sender::new(false),
         });
         Ok(Self {
             shared,
             listener,
+            unix,
             admin,
         })
     }
@@ -179,6 +209,11 @@ impl Gateway {
             .unwrap_or(self.shared.config.listen)
     }
 
+    /// The Unix-domain socket clients may connect to, if one was asked for.
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|u| u.path.as_path())
+    }
+
     /// Address of the admin listener.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
@@ -201,6 +236,7 @@ impl Gateway {
         let Gateway {
             shared,
             listener,
+            unix,
             admin,
         } = self;
         let tracker = TaskTracker::new();
@@ -219,6 +255,9 @@ impl Gateway {
             tokio::spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()))
         });
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "accepting connections");
+        if let Some(unix) = &unix {
+            tracing::info!(socket = %unix.path.display(), "accepting connections");
+        }
         if let Some(why) = shared.failover.disabled() {
             tracing::info!(why, "failover is off: sessions end with their backend");
         }
@@ -234,11 +273,22 @@ impl Gateway {
                         if let Err(e) = crate::stream::tune_socket(&tcp, &shared.config.tcp_keepalive) {
                             tracing::debug!(%peer, error = %e, "socket options not set");
                         }
-                        tracker.spawn(crate::connection::serve(shared.clone(), tcp, peer));
+                        tracker.spawn(crate::connection::serve(shared.clone(), Stream::Plain(tcp), PeerAddr::Tcp(peer)));
                     }
                     Err(e) => {
-                        if !out_of_files.refuse_one(&listener, &e).await {
+                        let accept = async { listener.accept().await.map(|(tcp, _)| Stream::Plain(tcp)) };
+                        if !out_of_files.refuse_one(accept, &e).await {
                             // Something else: back off instead of spinning.
+                            crate::clock::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                },
+                accepted = UnixSocket::accept(unix.as_ref()) => match accepted {
+                    Ok((socket, peer)) => {
+                        tracker.spawn(crate::connection::serve(shared.clone(), socket, peer));
+                    }
+                    Err(e) => {
+                        if !out_of_files.refuse_one(async { UnixSocket::accept(unix.as_ref()).await.map(|(s, _)| s) }, &e).await {
                             crate::clock::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -267,6 +317,9 @@ impl Gateway {
             }
         }
         drop(listener);
+        if let Some(unix) = unix {
+            unix.remove();
+        }
         if let Some(force) = force {
             force.abort();
         }
@@ -355,7 +408,11 @@ impl OutOfFiles {
 
     /// Handles an accept error; returns false if it is not the lack of descriptors (or no
     /// descriptor could be freed to answer with).
-    async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error) -> bool {
+    async fn refuse_one(
+        &mut self,
+        accept: impl std::future::Future<Output = std::io::Result<Stream>>,
+        e: &std::io::Error,
+    ) -> bool {
         if !crate::error::out_of_files(e) {
             tracing::warn!(error = %e, "accept failed");
             return false;
@@ -368,12 +425,12 @@ impl OutOfFiles {
         };
         drop(reserve);
         // Polled once, not awaited: no other task may take the descriptor just freed.
-        let mut accept = std::pin::pin!(listener.accept());
+        let mut accept = std::pin::pin!(accept);
         let accepted = std::future::poll_fn(|cx| {
             std::task::Poll::Ready(std::future::Future::poll(accept.as_mut(), cx))
         })
         .await;
-        if let std::task::Poll::Ready(Ok((tcp, _))) = accepted {
+        if let std::task::Poll::Ready(Ok(socket)) = accepted {
             let mut buf = bytes::BytesMut::new();
             understudy_protocol::encode::error_response(
                 &mut buf,
@@ -382,7 +439,10 @@ impl OutOfFiles {
                 crate::error::OUT_OF_FILES,
             );
             // A fresh socket's buffer takes it whole; the client hears it whatever it sent.
-            let _ = tcp.try_write(&buf);
+            let _ = match &socket {
+                Stream::Unix(s) => s.try_write(&buf),
+                other => other.tcp().map_or(Ok(0), |tcp| tcp.try_write(&buf)),
+            };
             crate::telemetry::count_error("53300", "gateway");
         }
         self.refused += 1;
@@ -423,5 +483,83 @@ pub fn raise_open_file_limit(config: &Config) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "the open-file limit could not be raised"),
+    }
+}
+
+/// The Unix-domain socket clients may connect to besides TCP (`unix_socket_dir`), named as
+/// PostgreSQL names its own so that libpq finds it from a directory and a port.
+struct UnixSocket {
+    listener: UnixListener,
+    /// Where it is.
+    path: PathBuf,
+    /// Its peers' address: the socket's own path (a client's end has none).
+    peer: PeerAddr,
+    /// The inode made, so that only this socket is removed at the end.
+    inode: (u64, u64),
+}
+
+impl UnixSocket {
+    /// Makes the socket at `path` with permissions `mode`. A socket already there that nothing
+    /// answers on is left from a process that died, and is replaced; one something answers
+    /// on, or a file of another kind, is not touched.
+    async fn bind(path: &Path, mode: u32) -> std::io::Result<Self> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ))
+            }
+            Ok(_) => match tokio::net::UnixStream::connect(path).await {
+                Ok(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another server is listening on it",
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "removing a socket nothing listens on");
+                    std::fs::remove_file(path)?;
+                }
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        let made = Self::made(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            peer: PeerAddr::Unix(path.into()),
+            inode: made,
+        })
+    }
+
+    /// The device and inode of the file at `path`.
+    fn made(path: &Path) -> std::io::Result<(u64, u64)> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
+    /// The next client, or never without a socket.
+    async fn accept(socket: Option<&Self>) -> std::io::Result<(Stream, PeerAddr)> {
+        match socket {
+            Some(s) => {
+                let (unix, _) = s.listener.accept().await?;
+                Ok((Stream::Unix(unix), s.peer.clone()))
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Removes the socket's file, unless another process has put its own in its place.
+    fn remove(self) {
+        if Self::made(&self.path).is_ok_and(|now| now == self.inode) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(socket = %self.path.display(), error = %e, "the socket file could not be removed");
+            }
+        }
     }
 }

@@ -34,21 +34,25 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The ALPN protocol PostgreSQL 17 defines, required of a client that opens TLS at once.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// Runs the startup phase on a fresh client connection.
+/// Runs the startup phase on a fresh client connection, plain TCP or a Unix-domain socket.
 pub async fn accept(
-    tcp: TcpStream,
+    socket: Stream,
     tls: Option<&Arc<rustls::ServerConfig>>,
 ) -> Result<Opening, (Option<Stream>, SessionError)> {
-    let mut first = [0u8; 1];
-    let direct = match tcp.peek(&mut first).await {
-        Ok(n) => n == 1 && first[0] == TLS_HANDSHAKE_RECORD,
-        Err(e) => return Err((None, SessionError::ClientGone(e))),
+    let mut stream = match socket {
+        Stream::Plain(tcp) => {
+            let mut first = [0u8; 1];
+            match tcp.peek(&mut first).await {
+                Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => direct_tls(tcp, tls).await?,
+                Ok(_) => Stream::Plain(tcp),
+                Err(e) => return Err((None, SessionError::ClientGone(e))),
+            }
+        }
+        other => other,
     };
-    let mut stream = if direct {
-        direct_tls(tcp, tls).await?
-    } else {
-        Stream::Plain(tcp)
-    };
+    let direct = stream.is_tls();
+    // As PostgreSQL, no TLS on a Unix-domain socket: an SSLRequest there is answered `N`.
+    let tls = tls.filter(|_| !matches!(stream, Stream::Unix(_)));
     // SSLRequest and GSSENCRequest may each come once, in either order, before the real packet
     // (none after TLS is set up); as in PostgreSQL, one more is an unsupported protocol.
     let (mut ssl_done, mut gss_done) = (direct, direct);
@@ -164,12 +168,12 @@ fn refused(stream: Stream, e: StartupError) -> (Option<Stream>, SessionError) {
 /// that came before the TLS handshake (or in place of it), which a man in the middle may have
 /// put there.
 fn sent_ahead(stream: &Stream) -> bool {
-    let Stream::Plain(tcp) = stream else {
+    if stream.is_tls() {
         return false;
-    };
+    }
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
     // The socket does not block: an empty one answers WouldBlock.
-    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(n) if n > 0)
+    matches!(socket2::SockRef::from(&stream.fd()).peek(&mut byte), Ok(n) if n > 0)
 }
 
 /// PostgreSQL's refusal of a client that sent data right behind its `what` request.

@@ -71,7 +71,11 @@ struct RunArgs {
     /// Address clients connect to.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// A PostgreSQL server, HOST:PORT; repeat for several (the primary is found by role).
+    /// Directory for a Unix-domain socket clients may connect to as well (.s.PGSQL.<port>).
+    #[arg(long)]
+    unix_socket_dir: Option<PathBuf>,
+    /// A PostgreSQL server, HOST:PORT (HOST a directory: its Unix-domain socket); repeat for
+    /// several (the primary is found by role).
     #[arg(long = "backend")]
     backends: Vec<String>,
     /// Admin HTTP address for /metrics and /status.
@@ -96,6 +100,9 @@ impl RunArgs {
         };
         if let Some(listen) = self.listen {
             config.listen = listen;
+        }
+        if self.unix_socket_dir.is_some() {
+            config.unix_socket_dir = self.unix_socket_dir;
         }
         if !self.backends.is_empty() {
             config.backends = self.backends;

@@ -11,11 +11,10 @@ use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, Interest};
-use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 use understudy_protocol::frame::{FrameError, FrameScanner, Step};
 
-use crate::stream::Stream;
+use crate::stream::{PlainSocket, Stream};
 
 /// Server messages are not limited by the gateway (the server's own limit is 1 GB); this only
 /// keeps a corrupt length word from being believed.
@@ -168,6 +167,7 @@ impl Pipe {
         while self.ready > 0 {
             let n = match stream {
                 Stream::Plain(tcp) => ready!(poll_send(tcp, &self.buf[..self.ready], cx))?,
+                Stream::Unix(unix) => ready!(poll_send(unix, &self.buf[..self.ready], cx))?,
                 _ => {
                     if let Some(records) = stream.records_written() {
                         self.marks[self.next_mark % MARKS] = (self.written, records);
@@ -208,6 +208,7 @@ impl Pipe {
         }
         match stream {
             Stream::Plain(tcp) => poll_recv(tcp, &mut self.buf, cx, armed),
+            Stream::Unix(unix) => poll_recv(unix, &mut self.buf, cx, armed),
             _ => poll_read_buf(Pin::new(stream), cx, &mut self.buf),
         }
     }
@@ -223,7 +224,7 @@ impl Pipe {
 /// only when it sets readiness, and only a read tried here clears readiness (then `armed` is
 /// cleared too).
 fn poll_recv(
-    tcp: &TcpStream,
+    tcp: &impl PlainSocket,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
     armed: &mut bool,
@@ -269,7 +270,11 @@ fn poll_recv(
 }
 
 /// Writes to a plain socket without the `AsyncWrite` layers (see [`poll_recv`]).
-fn poll_send(tcp: &TcpStream, bytes: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+fn poll_send(
+    tcp: &impl PlainSocket,
+    bytes: &[u8],
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     loop {
         match tcp.try_write(bytes) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(tcp.poll_write_ready(cx))?,

@@ -1,7 +1,6 @@
 //! The registry of live sessions: what `/status` shows and where cancel requests go.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -10,13 +9,14 @@ use serde::Serialize;
 use understudy_protocol::startup::CancelKey;
 
 use crate::lock;
+use crate::stream::PeerAddr;
 use crate::topology::Backend;
 
 /// Where a cancel for a session must go now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
     /// The backend the session is connected to.
-    pub backend: SocketAddr,
+    pub backend: PeerAddr,
     /// The backend's own key.
     pub key: CancelKey,
 }
@@ -36,8 +36,8 @@ pub enum Movability {
 pub struct SessionInfo {
     /// Gateway-wide session number.
     pub id: u64,
-    /// Client address.
-    pub client: SocketAddr,
+    /// Client address (a Unix-domain socket's: the path of the gateway's socket).
+    pub client: PeerAddr,
     /// Whether the client connection uses TLS.
     pub tls: bool,
     /// Role name.
@@ -60,7 +60,7 @@ pub struct SessionInfo {
 
 #[derive(Debug, Default)]
 struct Detail {
-    backend: Option<SocketAddr>,
+    backend: Option<PeerAddr>,
     backend_pid: Option<i32>,
     movable: Option<Movability>,
 }
@@ -102,7 +102,7 @@ impl SessionInfo {
     }
 
     /// Records the backend the session now uses.
-    pub fn set_backend(&self, addr: SocketAddr, pid: i32) {
+    pub fn set_backend(&self, addr: PeerAddr, pid: i32) {
         let mut d = self.lock();
         d.backend = Some(addr);
         d.backend_pid = Some(pid);
@@ -123,7 +123,7 @@ impl SessionInfo {
             user: self.user.clone(),
             database: self.database.clone(),
             age_secs: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-            backend: d.backend.map(|a| a.to_string()),
+            backend: d.backend.as_ref().map(|a| a.to_string()),
             backend_pid: d.backend_pid,
             transaction: match self.txn_status.load(Ordering::Relaxed) {
                 b'I' => "idle",
@@ -154,7 +154,7 @@ impl Registry {
     /// Adds a session; it leaves the registry when the returned guard drops.
     pub fn open(
         self: &Arc<Self>,
-        client: SocketAddr,
+        client: PeerAddr,
         tls: bool,
         user: &str,
         database: &str,
@@ -225,7 +225,9 @@ impl Registry {
 
     /// Where a cancel quoting `key` must go, if the key is one the gateway issued.
     pub fn cancel_target(&self, key: &CancelKey) -> Option<CancelTarget> {
-        lock(&self.cancels).get(key).map(|(target, _)| *target)
+        lock(&self.cancels)
+            .get(key)
+            .map(|(target, _)| target.clone())
     }
 
     /// Notes that a cancel quoting `key` could not reach its backend (the session is moving
@@ -316,18 +318,19 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn cancel_keys_map_and_vanish_with_the_session() {
         let reg = Arc::new(Registry::default());
-        let client = SocketAddr::from(([127, 0, 0, 1], 1));
-        let backend = SocketAddr::from(([127, 0, 0, 1], 5432));
+        let client = PeerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let backend = PeerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5432)));
         let mut g = reg.open(client, false, "u", "d");
         let target = CancelTarget {
-            backend,
+            backend: backend.clone(),
             key: CancelKey { pid: 99, secret: 5 },
         };
-        let key = g.issue_cancel_key(target);
+        let key = g.issue_cancel_key(target.clone());
         assert_eq!(key.pid, 99, "the client sees the backend's real PID");
         assert_eq!(reg.cancel_target(&key), Some(target));
         let moved = CancelTarget {
@@ -335,7 +338,7 @@ mod tests {
             key: CancelKey { pid: 7, secret: 8 },
         };
         assert_eq!(
-            g.issue_cancel_key(moved),
+            g.issue_cancel_key(moved.clone()),
             key,
             "the client's key survives a move"
         );
@@ -351,14 +354,14 @@ mod tests {
     #[test]
     fn listeners_are_counted_where_their_listens_are() {
         let reg = Arc::new(Registry::default());
-        let client = SocketAddr::from(([127, 0, 0, 1], 1));
+        let client = PeerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 1)));
         let (old, new) = (
             Backend::parse("127.0.0.1:5432").unwrap(),
             Backend::parse("127.0.0.1:5433").unwrap(),
         );
-        let mut me = reg.open(client, false, "u", "d");
-        let mut listener = reg.open(client, false, "u", "d");
-        let _quiet = reg.open(client, false, "u", "d");
+        let mut me = reg.open(client.clone(), false, "u", "d");
+        let mut listener = reg.open(client.clone(), false, "u", "d");
+        let _quiet = reg.open(client.clone(), false, "u", "d");
         let elsewhere = |than: &Backend| reg.listeners_on(|b| b != than);
         me.set_listens_on(Some(&old));
         listener.set_listens_on(Some(&old));

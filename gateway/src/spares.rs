@@ -16,11 +16,10 @@
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::backend::Connector;
@@ -208,7 +207,7 @@ fn publish(ready: usize) {
 /// so bytes or an end of stream mean it gave the connection up. (On TLS a server may send
 /// session tickets after the handshake, so bytes there are not held against it.)
 fn looks_open(stream: &Stream) -> bool {
-    match peek(stream.tcp()) {
+    match peek(stream.fd()) {
         Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         Ok(0) => false,
         Ok(_) => stream.is_tls(),
@@ -216,9 +215,9 @@ fn looks_open(stream: &Stream) -> bool {
 }
 
 /// Peeks at one byte without waiting.
-fn peek(tcp: &TcpStream) -> std::io::Result<usize> {
+fn peek(socket: BorrowedFd<'_>) -> std::io::Result<usize> {
     let mut byte = [MaybeUninit::<u8>::uninit()];
-    socket2::SockRef::from(tcp).peek(&mut byte)
+    socket2::SockRef::from(&socket).peek(&mut byte)
 }
 
 /// What became of a StartupMessage sent on a spare.
@@ -233,11 +232,11 @@ pub enum Answer {
 }
 
 /// Waits until the server answers on a spare, closes it, or `timeout` passes.
-pub async fn answer(tcp: &TcpStream, timeout: Duration) -> Answer {
+pub async fn answer(stream: &Stream, timeout: Duration) -> Answer {
     let wait = async {
         loop {
-            tcp.readable().await?;
-            match tcp.try_io(Interest::READABLE, || peek(tcp)) {
+            stream.readable().await?;
+            match stream.try_read_io(|| peek(stream.fd())) {
                 Ok(0) => return Ok::<Answer, std::io::Error>(Answer::Closed),
                 Ok(_) => return Ok(Answer::Answered),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -1,6 +1,7 @@
 //! The configured backends, their roles, and which one is the primary now.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,14 @@ impl Backend {
             host: host.to_owned(),
             port,
         })
+    }
+
+    /// The Unix-domain socket to connect to when `host` is a directory (an absolute path, as
+    /// libpq reads it): `<host>/.s.PGSQL.<port>`.
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
     }
 
     /// Resolves the address (first result).
@@ -593,14 +602,14 @@ async fn open_control(
         cfg.password(p);
     }
     let connect = async {
-        let tcp = control
+        let socket = control
             .connector
             .dial(backend)
             .await
             .map_err(|e| ProbeError::dial(&e))?;
         let stream = control
             .connector
-            .secure(backend, tcp)
+            .secure(backend, socket)
             .await
             .map_err(|e| ProbeError::tls(&e))?;
         cfg.connect_raw(stream, tokio_postgres::NoTls)
@@ -726,6 +735,18 @@ mod tests {
             "[::1]:6000"
         );
         assert!(Backend::parse("db:x").is_err());
+        let socket = Backend::parse("/var/run/postgresql:5433").unwrap();
+        assert_eq!(socket.host, "/var/run/postgresql");
+        assert_eq!(
+            socket.socket_path().unwrap(),
+            Path::new("/var/run/postgresql/.s.PGSQL.5433")
+        );
+        assert_eq!(socket.to_string(), "/var/run/postgresql:5433");
+        assert_eq!(
+            Backend::parse("/tmp").unwrap().socket_path().unwrap(),
+            Path::new("/tmp/.s.PGSQL.5432")
+        );
+        assert_eq!(Backend::parse("db1").unwrap().socket_path(), None);
         assert!(Backend::parse(":5432").is_err());
     }
 }

@@ -149,6 +149,62 @@ async fn run_ctl_and_sigterm() {
     pg.shutdown().await;
 }
 
+/// `run --unix-socket-dir DIR --backend SOCKET_DIR:PORT`: a client connects by the gateway's
+/// socket, its session runs on a server connection made by the server's socket, and the
+/// gateway's socket file is gone once SIGTERM has stopped it.
+#[tokio::test]
+async fn run_with_unix_sockets_at_both_ends() {
+    let mut pg = primary_only().await;
+    let port = free_port().unwrap();
+    let dir = pg.base_dir().join("gw");
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = format!(
+        "{}:{}",
+        pg.primary.socket_dir().display(),
+        pg.primary.port()
+    );
+    let mut gw = Killed(
+        Command::new(BIN)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--unix-socket-dir")
+            .arg(&dir)
+            .args(["--backend", &backend])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&dir)
+            .port(port)
+            .user("postgres")
+            .dbname("postgres");
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                break client;
+            }
+            Err(e) if Instant::now() > deadline => panic!("never accepted on {socket:?}: {e}"),
+            Err(_) => understudy::clock::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let by_socket: bool = client
+        .query_one("SELECT inet_client_addr() IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(by_socket, "the server sees a client on its socket");
+    assert!(socket.exists());
+    signal(&gw.0, "TERM");
+    let status = wait_exit(&mut gw.0, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "the socket file is removed at exit");
+    pg.shutdown().await;
+}
+
 /// Connects as `user` with `password`, or says why not.
 async fn try_login(
     port: u16,

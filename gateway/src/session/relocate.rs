@@ -551,12 +551,14 @@ impl Session {
                 .records_from(from)
                 .zip(backend.records_written())
                 .map(|(start, now)| now.saturating_sub(start)),
-            Stream::ServerTls(_) => None,
+            // A Unix-domain socket counts what its peer has not read yet, and forgets it all
+            // when the peer's process dies: no sign that the server never had a request.
+            Stream::ServerTls(_) | Stream::Unix(_) => None,
         };
         let Some(sent) = sent else {
             return false;
         };
-        let unacknowledged = crate::sockopt::unacknowledged(backend.tcp());
+        let unacknowledged = crate::sockopt::unacknowledged(&backend.fd());
         tracing::debug!(
             session = self.guard.info().id,
             sent,
@@ -679,11 +681,11 @@ impl Session {
         let greeting = crate::backend::read_greeting(&mut stream, &mut buf)
             .await
             .map_err(|(_, e)| lost(e.to_string()))?;
-        let addr = stream.tcp().peer_addr().map_err(|e| lost(e.to_string()))?;
+        let addr = stream.peer_addr().map_err(|e| lost(e.to_string()))?;
         if let Some((pid, secret)) = greeting.key {
             // The client keeps its key; it now cancels on the new backend.
             self.guard.issue_cancel_key(CancelTarget {
-                backend: addr,
+                backend: addr.clone(),
                 key: CancelKey { pid, secret },
             });
             self.guard.info().set_backend(addr, pid);

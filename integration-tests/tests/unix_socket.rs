@@ -1,0 +1,420 @@
+//! Unix-domain sockets at both ends: clients that connect to the gateway by a socket
+//! directory, as libpq does by default, and a gateway that reaches its PostgreSQL server by the
+//! server's own socket.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+use understudy_integration_tests::tls::TestCa;
+use understudy_integration_tests::{
+    backend_status, roles, run_program, sqlstate, Cluster, TestGateway, DOWN_STANDBY,
+};
+
+/// A directory of the cluster's for the gateway's socket (removed with the cluster).
+fn socket_dir(cluster: &Cluster) -> PathBuf {
+    let dir = cluster.pg.base_dir().join("gw");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The gateway's socket, as its shared state names it.
+fn socket_of(gw: &TestGateway) -> PathBuf {
+    gw.handle
+        .shared()
+        .unix_socket
+        .clone()
+        .expect("the gateway has a Unix-domain socket")
+}
+
+/// tokio-postgres to the gateway by its socket directory and port, as libpq would.
+async fn connect_by_socket(gw: &TestGateway, user: &str) -> Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(socket_of(gw).parent().unwrap())
+        .port(gw.addr().port())
+        .user(user)
+        .dbname("postgres");
+    if let Some(p) = roles::password(user) {
+        config.password(p);
+    }
+    let (client, conn) = config.connect(NoTls).await.expect("connects by the socket");
+    tokio::spawn(conn);
+    client
+}
+
+/// libpq and tokio-postgres find the gateway's socket from a directory and the listen port;
+/// every login the server decides (SCRAM, md5, a wrong password with its own 28P01) works
+/// there as over TCP; the session shows the socket as its client in `/status`; a cancel sent
+/// over the socket cancels the query; the socket has PostgreSQL's default permissions and is
+/// gone once the gateway stops.
+#[tokio::test]
+async fn clients_connect_by_the_gateways_socket() {
+    let cluster = Cluster::primary_only().await;
+    let dir = socket_dir(&cluster);
+    let gw = cluster
+        .gateway_with(|c| c.unix_socket_dir = Some(dir.clone()))
+        .await;
+    let socket = socket_of(&gw);
+    assert_eq!(
+        socket,
+        dir.join(format!(".s.PGSQL.{}", gw.addr().port())),
+        "named as PostgreSQL names its socket, after the TCP port"
+    );
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o777);
+
+    let port = gw.addr().port().to_string();
+    let psql = |user: &'static str, password: &'static str, sql: &'static str| {
+        let mut cmd = tokio::process::Command::new(cluster.program("psql"));
+        cmd.args(["-X", "-A", "-t", "-h"])
+            .arg(&dir)
+            .args(["-p", &port, "-U", user, "-d", "postgres", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .kill_on_drop(true);
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), cmd.output())
+                .await
+                .expect("psql finishes")
+                .expect("psql runs")
+        }
+    };
+    for (user, password) in [
+        (roles::SCRAM, roles::SCRAM_PASSWORD),
+        (roles::MD5, roles::MD5_PASSWORD),
+    ] {
+        let out = psql(user, password, "SELECT current_user || ' ' || 6 * 7").await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "psql as {user}: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{user} 42\n"));
+    }
+    let out = psql(roles::SCRAM, "wrong", "SELECT 1").await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("password authentication failed for user"),
+        "the server's own refusal: {stderr}"
+    );
+
+    let c = connect_by_socket(&gw, roles::SCRAM).await;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        gw.status().await["unix_socket"],
+        socket.display().to_string()
+    );
+    let session = gw.session_status_by_pid(pid).await;
+    assert_eq!(session["client"], socket.display().to_string());
+    assert_eq!(session["tls"], false);
+
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token
+        .cancel_query(NoTls)
+        .await
+        .expect("the cancel goes over the socket");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query ends soon after the cancel")
+        .unwrap();
+    assert_eq!(sqlstate(&cancelled.unwrap_err()), Some("57014"));
+
+    gw.shutdown().await;
+    assert!(
+        !socket.exists(),
+        "the socket file is removed when the gateway stops"
+    );
+}
+
+/// PostgreSQL offers no TLS on its socket, and neither does the gateway, whose TCP clients
+/// must use TLS (`tls.required`): an SSLRequest on the socket is answered `N` and the session
+/// goes on unencrypted, while the same client over TCP without TLS is refused with 28000.
+#[tokio::test]
+async fn the_socket_answers_an_ssl_request_with_no() {
+    let cluster = Cluster::primary_only().await;
+    let ca = TestCa::new();
+    let (cert, key) = (ca.server_cert.clone(), ca.server_key.clone());
+    let dir = socket_dir(&cluster);
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.tls.cert = Some(cert);
+            c.tls.key = Some(key);
+            c.tls.required = true;
+        })
+        .await;
+
+    let mut socket = tokio::net::UnixStream::connect(socket_of(&gw))
+        .await
+        .unwrap();
+    let mut request = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::ssl_request(&mut request);
+    socket.write_all(&request).await.unwrap();
+    assert_eq!(socket.read_u8().await.unwrap(), b'N');
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", roles::TRUST), ("database", "postgres")],
+        &mut startup,
+    )
+    .unwrap();
+    socket.write_all(&startup).await.unwrap();
+    assert_eq!(
+        socket.read_u8().await.unwrap(),
+        b'R',
+        "the login goes on unencrypted"
+    );
+    drop(socket);
+    let c = connect_by_socket(&gw, roles::SCRAM).await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+
+    let refused = gw
+        .try_connect(gw.pg_config(roles::SCRAM))
+        .await
+        .expect_err("TCP without TLS is refused");
+    assert_eq!(sqlstate(&refused), Some("28000"));
+}
+
+/// A free loopback port, for a gateway whose socket's name must be known before it starts.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Binds a gateway on `port` with its socket in `dir`; the error if it does not start.
+async fn bind_on(cluster: &Cluster, dir: &Path, port: u16) -> Result<(), String> {
+    let mut config = cluster.gateway_config();
+    config.listen.set_port(port);
+    config.unix_socket_dir = Some(dir.to_owned());
+    config.admin_listen = None;
+    match understudy::Gateway::bind(config).await {
+        Ok(gateway) => {
+            gateway.spawn().shutdown().await;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A socket file left by a process that died is replaced; one a live server answers on, or a
+/// file of another kind, stops the gateway from starting and is left as it was.
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+    let cluster = Cluster::primary_only().await;
+    let dir = socket_dir(&cluster);
+
+    let port = free_port();
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "a stale socket file");
+    bind_on(&cluster, &dir, port)
+        .await
+        .expect("a stale socket is replaced");
+    assert!(!path.exists(), "and removed at the end");
+
+    let port = free_port();
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let e = bind_on(&cluster, &dir, port).await.unwrap_err();
+    assert!(e.contains("another server is listening on it"), "{e}");
+    assert!(path.exists());
+    drop(live);
+
+    let port = free_port();
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    std::fs::write(&path, b"keep me").unwrap();
+    let e = bind_on(&cluster, &dir, port).await.unwrap_err();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+}
+
+/// The primary's backend address as its socket directory and port.
+fn socket_backend(cluster: &Cluster) -> String {
+    let primary = &cluster.pg.primary;
+    format!("{}:{}", primary.socket_dir().display(), primary.port())
+}
+
+/// A cluster whose server asks the password roles for their passwords on its socket too.
+async fn cluster_with_socket_passwords(standby: bool) -> Cluster {
+    Cluster::build(|o| {
+        o.with_standby = standby;
+        o.hba.push(format!("local all {} md5", roles::MD5));
+        o.hba
+            .push(format!("local all {} scram-sha-256", roles::SCRAM));
+    })
+    .await
+}
+
+/// A backend named by its socket directory: sessions log in there (SCRAM, md5), run on a
+/// server connection that is no TCP one (`inet_client_addr()` is null), copy data both ways,
+/// and a cancel reaches the query over the server's socket; `/status` names the socket.
+#[tokio::test]
+async fn sessions_reach_a_server_by_its_socket() {
+    let cluster = cluster_with_socket_passwords(false).await;
+    let backend = socket_backend(&cluster);
+    let gw = cluster
+        .gateway_with(|c| c.backends = vec![backend.clone(), DOWN_STANDBY.to_owned()])
+        .await;
+    let status = gw.status().await;
+    assert_eq!(backend_status(&status, &backend)["role"], "primary");
+
+    for user in [roles::SCRAM, roles::MD5] {
+        let c = gw.connect(user).await;
+        let row = c
+            .query_one("SELECT current_user::text, inet_client_addr() IS NULL", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), user);
+        assert!(row.get::<_, bool>(1), "the server sees a socket client");
+    }
+
+    let c = gw.connect(roles::SCRAM).await;
+    c.batch_execute("CREATE TEMP TABLE copied (a int, b text)")
+        .await
+        .unwrap();
+    let sink = c.copy_in("COPY copied FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    let rows: String = (0..5000).map(|i| format!("{i}\trow {i}\n")).collect();
+    sink.send(bytes::Bytes::from(rows.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 5000);
+    let out = c.copy_out("COPY copied TO STDOUT").await.unwrap();
+    use futures_util::TryStreamExt;
+    let chunks: Vec<bytes::Bytes> = out.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), rows.into_bytes());
+
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let session = gw.session_status_by_pid(pid).await;
+    assert_eq!(
+        session["backend"],
+        format!(
+            "{}/.s.PGSQL.{}",
+            cluster.pg.primary.socket_dir().display(),
+            cluster.pg.primary.port()
+        )
+    );
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancel reached the server")
+        .unwrap();
+    assert_eq!(sqlstate(&cancelled.unwrap_err()), Some("57014"));
+
+    let out = run_program(
+        cluster.program("pgbench"),
+        &[
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            &gw.conn_str(roles::SCRAM, "postgres"),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_program(
+        cluster.program("pgbench"),
+        &[
+            "-n",
+            "-c",
+            "4",
+            "-t",
+            "100",
+            &gw.conn_str(roles::SCRAM, "postgres"),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history: i64 = cluster
+        .superuser()
+        .await
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 400, "every transaction once");
+}
+
+/// A primary reached by its socket fails over like any other: its sessions move to the
+/// standby, reached over TCP, with their open transaction replayed, and every row the client
+/// saw written is there once.
+#[tokio::test]
+async fn a_session_moves_off_a_primary_reached_by_its_socket() {
+    let mut cluster = cluster_with_socket_passwords(true).await;
+    cluster
+        .superuser()
+        .await
+        .batch_execute("CREATE TABLE t(a int PRIMARY KEY); GRANT ALL ON t TO PUBLIC")
+        .await
+        .unwrap();
+    cluster.pg.wait_standby_caught_up().await.unwrap();
+    let backends = vec![
+        socket_backend(&cluster),
+        cluster.pg.standby.as_ref().unwrap().addr().to_string(),
+    ];
+    let gw = cluster
+        .failover_gateway_with(|c| c.backends = backends)
+        .await;
+    let c = gw.connect(roles::SCRAM).await;
+    // Asked before the transaction: a replay could not reproduce the old backend's PID.
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(gw.session_status_by_pid(pid).await["movable"], "yes");
+
+    cluster.kill_primary().await;
+
+    c.batch_execute("INSERT INTO t VALUES (3); COMMIT")
+        .await
+        .expect("the session moved and its transaction was replayed");
+    let rows: Vec<i32> = c
+        .query("SELECT a FROM t ORDER BY a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [1, 2, 3]);
+    let on_tcp: bool = c
+        .query_one("SELECT inet_client_addr() IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(on_tcp, "the session now runs on the standby, over TCP");
+}

@@ -92,6 +92,12 @@
 #                ~30k page faults as 8 new backends map shared_buffers, against ~4.5k for
 #                reused ones); pooled: PgBouncer keeps them from run to run, as it would in
 #                production, which adds its pooling benefit to its proxy cost
+#   TRANSPORT=tcp|unix  how pgbench reaches each target and the proxies reach PostgreSQL: tcp
+#                (default) over 127.0.0.1; unix by Unix-domain sockets at both ends (the
+#                server's socket directory, understudy's unix_socket_dir and a backend named
+#                by its socket directory, PgBouncer's unix_socket_dir and host=<dir>), as on a
+#                database host where the proxy runs beside PostgreSQL; the memory and login
+#                probes stay on TCP
 #   HA=1         also measure understudy armed for failover (see 1. above); HA=0 skips it
 #   SYSCALLS=1   count each proxy's system calls per transaction (see 1b. above); SYSCALLS=0 skips it
 #   WORKLOADS="-S,-S -M prepared,-N"  the throughput workloads, comma-separated (e.g. WORKLOADS=-N
@@ -122,6 +128,7 @@ IDLE_WAIT=${IDLE_WAIT:-0}
 PGB_SERVERS=${PGB_SERVERS:-fresh}
 SKIP_BUILD=${SKIP_BUILD:-0}
 HA=${HA:-1}
+TRANSPORT=${TRANSPORT:-tcp}
 SYSCALLS=${SYSCALLS:-1}
 WORKLOADS=${WORKLOADS:--S,-S -M prepared,-N}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -144,6 +151,7 @@ for w in "${WORKLOAD_NAMES[@]}"; do
     *) die "WORKLOADS: unknown workload '$w' (use -S, -S -M prepared, -N, -A and -A -M simple, comma-separated)" ;;
     esac
 done
+[[ $TRANSPORT == tcp || $TRANSPORT == unix ]] || die "TRANSPORT must be tcp or unix, not '$TRANSPORT'"
 for knob in DURATION ROUNDS LAT_ROUNDS; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive whole number, not '${!knob}'"
 done
@@ -278,13 +286,19 @@ fi
 # 3. understudy and pgbouncer
 GW_PORT=$(free_port)
 GW_ADMIN_PORT=$(free_port)
+# server_at port: a PostgreSQL server's address as the proxies are told it (TRANSPORT)
+server_at() {
+    if [[ $TRANSPORT == unix ]]; then echo "$TMP/pg:$1"; else echo "127.0.0.1:$1"; fi
+}
 start_gateway() { # port admin_port logfile [more --backend flags] -> sets STARTED_PID
     # setsid: the gateway runs in a session of its own, as a service (and PgBouncer, which
     # daemonizes) would. In the script's session it would share one scheduler autogroup with
     # pgbench (kernel.sched_autogroup_enabled=1), and the clients it wakes would preempt it
     # twice as often as they preempt PgBouncer.
-    RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "127.0.0.1:$PG_PORT" \
-        --admin-listen "127.0.0.1:$2" "${@:4}" >"$3" 2>&1 &
+    local socket=()
+    [[ $TRANSPORT == tcp ]] || socket=(--unix-socket-dir "$TMP/gw")
+    RUST_LOG=${RUST_LOG:-warn} setsid "$GATEWAY_BIN" run --listen "127.0.0.1:$1" --backend "$(server_at "$PG_PORT")" \
+        --admin-listen "127.0.0.1:$2" "${socket[@]}" "${@:4}" >"$3" 2>&1 &
     STARTED_PID=$!
     wait_port "$1" 30 || { tail -n 30 "$3" >&2; die "understudy did not start listening on $1"; }
 }
@@ -295,7 +309,7 @@ if [[ $HA == 1 ]]; then
     HAGW_PORT=$(free_port)
     HAGW_ADMIN_PORT=$(free_port)
     log "starting understudy-ha (backends: primary and standby) on 127.0.0.1:$HAGW_PORT"
-    start_gateway "$HAGW_PORT" "$HAGW_ADMIN_PORT" "$TMP/gw/understudy-ha.log" --backend "127.0.0.1:$SB_PORT"
+    start_gateway "$HAGW_PORT" "$HAGW_ADMIN_PORT" "$TMP/gw/understudy-ha.log" --backend "$(server_at "$SB_PORT")"
     HAGW_PID=$STARTED_PID
     # Routed once the first role probe has found the primary.
     for _ in $(seq 100); do
@@ -312,12 +326,12 @@ cat >"$PGB_DIR/userlist.txt" <<EOF
 EOF
 cat >"$PGB_DIR/pgbouncer.ini" <<EOF
 [databases]
-* = host=127.0.0.1 port=$PG_PORT
+* = host=$(if [[ $TRANSPORT == unix ]]; then echo "$TMP/pg"; else echo 127.0.0.1; fi) port=$PG_PORT
 
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PGB_PORT
-unix_socket_dir =
+unix_socket_dir = $(if [[ $TRANSPORT == unix ]]; then echo "$PGB_DIR"; fi)
 auth_type = trust
 auth_file = $PGB_DIR/userlist.txt
 pool_mode = session
@@ -341,6 +355,11 @@ PGB_PID=$(cat "$PGB_PIDFILE")
 
 TARGETS=(direct understudy pgbouncer)
 declare -A PORT=([direct]=$PG_PORT [understudy]=$GW_PORT [pgbouncer]=$PGB_PORT)
+# Where pgbench finds each target: an address, or a socket directory (TRANSPORT=unix).
+declare -A HOST=([direct]=127.0.0.1 [understudy]=127.0.0.1 [understudy-ha]=127.0.0.1 [pgbouncer]=127.0.0.1)
+if [[ $TRANSPORT == unix ]]; then
+    HOST=([direct]=$TMP/pg [understudy]=$TMP/gw [understudy-ha]=$TMP/gw [pgbouncer]=$PGB_DIR)
+fi
 # Throughput also runs the armed gateway; the latency probe (read-only, where the two
 # gateways do the same work) and the memory test do not.
 TPUT_TARGETS=("${TARGETS[@]}")
@@ -351,7 +370,7 @@ fi
 
 # sanity: every target answers
 for t in "${TPUT_TARGETS[@]}"; do
-    psql -X -q -t -A -h 127.0.0.1 -p "${PORT[$t]}" -d "$DB" -c "SELECT 1" >/dev/null \
+    psql -X -q -t -A -h "${HOST[$t]}" -p "${PORT[$t]}" -d "$DB" -c "SELECT 1" >/dev/null \
         || die "$t (port ${PORT[$t]}) does not answer"
 done
 
@@ -415,7 +434,7 @@ run_pgbench() {
     while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
     shift
     local rc=0
-    "${prefix[@]}" pgbench -n -h 127.0.0.1 -p "${PORT[$target]}" -T "$secs" "$@" "$DB" >"$out" 2>&1 || rc=$?
+    "${prefix[@]}" pgbench -n -h "${HOST[$target]}" -p "${PORT[$target]}" -T "$secs" "$@" "$DB" >"$out" 2>&1 || rc=$?
     if [[ $rc -ne 0 ]]; then
         log "pgbench against $target exited $rc:"
         tail -n 15 "$out" >&2
@@ -762,7 +781,7 @@ print("# Understudy benchmark")
 print()
 print("$(date -u '+%Y-%m-%d %H:%M UTC'), understudy $GIT_REV, PostgreSQL $PG_VERSION, PgBouncer $PGB_VERSION,")
 print("$(nproc) CPUs ($(uname -r)); DURATION=$DURATION s, ROUNDS=$ROUNDS (median), SCALE=$SCALE, -c $CLIENTS -j $THREADS,")
-print("synchronous_commit=off, trust auth, everything on 127.0.0.1. Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
+print("synchronous_commit=off, trust auth, everything on 127.0.0.1" + (", pgbench and the proxies' server connections over Unix-domain sockets (TRANSPORT=unix)" if "$TRANSPORT" == "unix" else "") + ". Load average (1 min) at start $LOAD_START, at end $LOAD_END.")
 # Sampled before each throughput and latency run (the login probe's rows have none).
 bg = [float(r[6]) for r in rows if r[0] in ("tput", "lat")]
 if bg:

@@ -209,11 +209,6 @@ impl Gateway {
             .unwrap_or(self.shared.config.listen)
     }
 
-    /// The Unix-domain socket clients may connect to, if one was asked for.
-    pub fn unix_socket(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|u| u.path.as_path())
-    }
-
     /// Address of the admin listener.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
-    backend_status, roles, run_program, sqlstate, Cluster, TestGateway, DOWN_STANDBY,
+    backend_status, roles, run_program, simple_rows, sqlstate, Cluster, TestGateway, DOWN_STANDBY,
 };
 
 /// A directory of the cluster's for the gateway's socket (removed with the cluster).
@@ -417,4 +417,73 @@ async fn a_session_moves_off_a_primary_reached_by_its_socket() {
         .unwrap()
         .get(0);
     assert!(on_tcp, "the session now runs on the standby, over TCP");
+}
+
+/// Reads one backend message from `socket`: its tag and body; `None` at the end of stream.
+async fn read_message(socket: &mut tokio::net::UnixStream) -> Option<(u8, Vec<u8>)> {
+    let tag = socket.read_u8().await.ok()?;
+    let len = socket.read_i32().await.ok()?;
+    let mut body = vec![0u8; usize::try_from(len).ok()?.checked_sub(4)?];
+    socket.read_exact(&mut body).await.ok()?;
+    Some((tag, body))
+}
+
+/// An ErrorResponse body's SQLSTATE (its `C` field).
+fn error_code(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
+}
+
+/// Bad input on the socket is answered as on TCP: bytes that are no startup packet get
+/// `08P01` and a closed connection, a client past `max_client_connections` gets `53300`, and a
+/// session of the socket next to them is untouched.
+#[tokio::test]
+async fn bad_input_on_the_socket_is_refused_as_on_tcp() {
+    let cluster = Cluster::primary_only().await;
+    let dir = socket_dir(&cluster);
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.max_client_connections = 2;
+        })
+        .await;
+    let neighbour = connect_by_socket(&gw, roles::TRUST).await;
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ],
+        &4i32.to_be_bytes(),
+    ] {
+        let mut socket = tokio::net::UnixStream::connect(socket_of(&gw))
+            .await
+            .unwrap();
+        socket.write_all(garbage).await.unwrap();
+        let (tag, body) = read_message(&mut socket)
+            .await
+            .expect("an ErrorResponse before the close");
+        assert_eq!(tag, b'E');
+        assert_eq!(error_code(&body), "08P01");
+        assert!(read_message(&mut socket).await.is_none(), "then closed");
+    }
+
+    let _second = gw.connect(roles::TRUST).await;
+    let mut third = tokio::net::UnixStream::connect(socket_of(&gw))
+        .await
+        .unwrap();
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", roles::TRUST), ("database", "postgres")],
+        &mut startup,
+    )
+    .unwrap();
+    third.write_all(&startup).await.unwrap();
+    let (tag, body) = read_message(&mut third).await.expect("a refusal");
+    assert_eq!((tag, error_code(&body).as_str()), (b'E', "53300"));
+    assert!(read_message(&mut third).await.is_none());
+
+    let rows = neighbour.simple_query("SELECT 7").await.unwrap();
+    assert_eq!(simple_rows(&rows), [["7"]]);
 }

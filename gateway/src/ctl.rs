@@ -117,9 +117,13 @@ pub fn render_status(json: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "understudy {} on {}: {}{}, {} session(s), failover {}",
+        "understudy {} on {}{}: {}{}, {} session(s), failover {}",
         s(&json["version"]),
         s(&json["listen"]),
+        match json["unix_socket"].as_str() {
+            Some(socket) => format!(" and {socket}"),
+            None => String::new(),
+        },
         s(&json["state"]),
         if json["paused"] == true {
             " (paused)"

@@ -155,7 +155,7 @@ async fn run_ctl_and_sigterm() {
 #[tokio::test]
 async fn run_with_unix_sockets_at_both_ends() {
     let mut pg = primary_only().await;
-    let port = free_port().unwrap();
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
     let dir = pg.base_dir().join("gw");
     std::fs::create_dir_all(&dir).unwrap();
     let backend = format!(
@@ -169,6 +169,7 @@ async fn run_with_unix_sockets_at_both_ends() {
             .arg("--unix-socket-dir")
             .arg(&dir)
             .args(["--backend", &backend])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn understudy run"),
@@ -198,6 +199,16 @@ async fn run_with_unix_sockets_at_both_ends() {
         .get(0);
     assert!(by_socket, "the server sees a client on its socket");
     assert!(socket.exists());
+    let out = Command::new(BIN)
+        .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "status"])
+        .output()
+        .expect("ctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("127.0.0.1:{port} and {}", socket.display())),
+        "{text}"
+    );
+    assert!(text.contains(&backend), "{text}");
     signal(&gw.0, "TERM");
     let status = wait_exit(&mut gw.0, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");

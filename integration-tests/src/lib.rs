@@ -75,6 +75,12 @@ pub struct Cluster {
 /// standby with its one backend (a gateway that cannot move sessions and keeps no journal).
 pub const ONE_BACKEND_ENV: &str = "UNDERSTUDY_TEST_ONE_BACKEND";
 
+/// Environment variable that makes every gateway of [`Cluster::gateway_config`] listen on a
+/// Unix-domain socket too, and the tests' tokio-postgres, psql and pgbench clients connect by
+/// it ([`TestGateway::conn_str`]), to run the same tests over a socket (raw byte-level clients,
+/// and clients of a gateway that offers TLS, stay on TCP).
+pub const UNIX_SOCKET_ENV: &str = "UNDERSTUDY_TEST_UNIX_SOCKET";
+
 /// A standby that is down: a privileged loopback port nothing listens on (connections are
 /// refused at once, and no test server can take it).
 pub const DOWN_STANDBY: &str = "127.0.0.1:1";
@@ -186,6 +192,11 @@ impl Cluster {
             ..Config::default()
         };
         c.connect_timeout_ms = 3_000;
+        if std::env::var_os(UNIX_SOCKET_ENV).is_some() {
+            let dir = self.pg.base_dir().join("gateway-sockets");
+            std::fs::create_dir_all(&dir).expect("the gateways' socket directory");
+            c.unix_socket_dir = Some(dir);
+        }
         c
     }
 
@@ -348,10 +359,23 @@ impl TestGateway {
         self.handle.admin_addr.expect("admin listener configured")
     }
 
-    /// A libpq-style connection string to the gateway.
+    /// A libpq-style connection string to the gateway: by its Unix-domain socket when it has
+    /// one, offers no TLS and [`UNIX_SOCKET_ENV`] is set, else over TCP.
     pub fn conn_str(&self, user: &str, dbname: &str) -> String {
+        let shared = self.handle.shared();
+        // A gateway that offers TLS is tested over TCP: a socket carries none, as PostgreSQL's.
+        let by_socket =
+            std::env::var_os(UNIX_SOCKET_ENV).is_some() && shared.config.tls.cert.is_none();
+        let host = match &shared.unix_socket {
+            Some(socket) if by_socket => socket
+                .parent()
+                .expect("a socket's directory")
+                .display()
+                .to_string(),
+            _ => "127.0.0.1".to_owned(),
+        };
         let mut s = format!(
-            "host=127.0.0.1 port={} user={user} dbname={dbname} application_name=it_{user}",
+            "host={host} port={} user={user} dbname={dbname} application_name=it_{user}",
             self.addr().port()
         );
         if let Some(p) = roles::password(user) {

@@ -413,7 +413,12 @@ async fn tls_required_but_not_offered_fails_cleanly() {
     let cluster = Cluster::primary_only().await;
     let gw = cluster.gateway().await;
 
-    let conninfo = format!("{} sslmode=require", gw.conn_str(roles::TRUST, "postgres"));
+    // Over TCP whatever the tests' transport: libpq ignores sslmode on a Unix-domain socket.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} dbname=postgres sslmode=require",
+        gw.addr().port(),
+        roles::TRUST
+    );
     let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
     assert!(!ok, "sslmode=require succeeded without a certificate");
     assert!(

@@ -1603,7 +1603,8 @@ impl LocalCluster {
         write_node_files(&cluster.opts, &cluster.primary)?;
         cluster.primary.start().await?;
         if cluster.opts.with_standby {
-            let standby = cluster.add_standby(free_port()?).await?;
+            let name = cluster.next_name();
+            let standby = cluster.add_standby(free_port()?, name).await?;
             cluster.standby = Some(standby);
             if cluster.opts.synchronous {
                 cluster.enable_synchronous().await?;
@@ -1617,8 +1618,9 @@ impl LocalCluster {
 
     /// After a failover: the promoted standby becomes [`LocalCluster::primary`], the old primary
     /// is killed (if anything of it still runs) and deleted, and a new standby is
-    /// pg_basebackup'ed from the new primary on the old primary's port, so a gateway configured
-    /// with both ports stays valid across any number of failovers.
+    /// pg_basebackup'ed from the new primary on the old primary's port and under its name (so
+    /// in its socket directory), so a gateway configured with both stays valid across any
+    /// number of failovers, whether it names them by port or by socket.
     pub async fn reseed_standby(&mut self) -> Result<(), LocalClusterError> {
         let Some(standby) = self.standby.as_ref() else {
             return Err(LocalClusterError::State(
@@ -1646,8 +1648,10 @@ impl LocalCluster {
         } else {
             free_port()?
         };
+        // The old primary's name too, so its socket directory is the new standby's.
+        let name = old.name.clone();
         drop(old);
-        let standby = self.add_standby(port).await?;
+        let standby = self.add_standby(port, name).await?;
         self.standby = Some(standby);
         if self.opts.synchronous {
             self.enable_synchronous().await?;
@@ -1746,10 +1750,14 @@ impl LocalCluster {
         name
     }
 
-    /// pg_basebackup a new standby from the primary, start it, wait until it streams.
-    async fn add_standby(&mut self, port: u16) -> Result<LocalNode, LocalClusterError> {
+    /// pg_basebackup a new standby named `name` from the primary, start it, wait until it
+    /// streams.
+    async fn add_standby(
+        &mut self,
+        port: u16,
+        name: String,
+    ) -> Result<LocalNode, LocalClusterError> {
         let started = Instant::now();
-        let name = self.next_name();
         let mut node = LocalNode::new(
             &name,
             port,

@@ -146,6 +146,12 @@ impl Entry {
     fn unanswered(&self, how: &str, why: &str, log: bool) {
         metrics::counter!("understudy_catalog_questions_total", "outcome" => "failed").increment(1);
         if !log {
+            tracing::debug!(
+                database = self.database,
+                how,
+                why,
+                "catalog question failed"
+            );
             return;
         }
         let mut warned = lock(&self.warned);

@@ -59,10 +59,15 @@ async fn serve(cluster: &mut LocalCluster, args: &DemoArgs) -> anyhow::Result<()
         .await?;
     cluster.wait_standby_caught_up().await?;
 
+    // A socket in the cluster's folder, removed with it, unless the folder's path is too long
+    // for a socket's (108 bytes on Linux).
+    let socket_dir = (cluster.base_dir().as_os_str().len() + "/.s.PGSQL.65535".len() < 108)
+        .then(|| cluster.base_dir().to_owned());
     let mut config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], args.port)),
         admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port))),
         backends: cluster.nodes().map(|n| n.addr().to_string()).collect(),
+        unix_socket_dir: socket_dir.clone(),
         ..Config::default()
     };
     // The control role (postgres, trusted on loopback) reads verifiers, so SCRAM sessions keep
@@ -74,6 +79,15 @@ async fn serve(cluster: &mut LocalCluster, args: &DemoArgs) -> anyhow::Result<()
     gateway.enable_demo_crash(crash_tx);
     let topology = gateway.shared().topology.clone();
     let addr = gateway.local_addr();
+    let by_socket = match &socket_dir {
+        Some(dir) => format!(
+            "or by its Unix-domain socket (password {DEMO_ROLE}):\n\n  \
+             psql -h {} -p {} -U {DEMO_ROLE} {DEMO_ROLE}\n\n",
+            dir.display(),
+            addr.port()
+        ),
+        None => String::new(),
+    };
     let admin_addr = gateway.admin_addr();
     let trigger = gateway.shutdown_trigger();
     let running = tokio::spawn(gateway.run());
@@ -89,6 +103,7 @@ async fn serve(cluster: &mut LocalCluster, args: &DemoArgs) -> anyhow::Result<()
          gateway  {addr}\n\n\
          Connect through the gateway:\n\n  \
          psql \"postgresql://{DEMO_ROLE}:{DEMO_ROLE}@{addr}/{DEMO_ROLE}\"\n\n\
+         {by_socket}\
          Status:   understudy ctl --admin {admin} status\n\
          Metrics:  curl http://{admin}/metrics\n\
          Failover: understudy ctl --admin {admin} crash-primary   (SIGKILLs the primary; sessions move)\n\n\

@@ -520,6 +520,23 @@ async fn demo_prints_a_working_psql_command_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.exists());
+    // The other command it prints: the same by the gateway's Unix-domain socket.
+    let socket_line = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("psql -h "))
+        .unwrap_or_else(|| panic!("no socket psql command in {lines:#?}"));
+    let out = Command::new(PgBinaries::find().unwrap().program("psql"))
+        .args(socket_line.split_whitespace().skip(1))
+        .args(["-X", "-At", "-c", "SELECT inet_client_addr() IS NULL"])
+        .env("PGPASSWORD", "app")
+        .output()
+        .expect("psql by the socket");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "f",
+        "the gateway's own connection to the server is TCP: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The README's walkthrough: a transaction survives `ctl crash-primary` in its middle.
     let script = format!(

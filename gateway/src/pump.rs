@@ -224,7 +224,7 @@ impl Pipe {
 /// only when it sets readiness, and only a read tried here clears readiness (then `armed` is
 /// cleared too).
 fn poll_recv(
-    tcp: &impl PlainSocket,
+    socket: &impl PlainSocket,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
     armed: &mut bool,
@@ -233,8 +233,8 @@ fn poll_recv(
     loop {
         // Stays `None` when tokio knows the socket has nothing: the read is not even tried.
         let mut read = None;
-        let _ = tcp.try_io(Interest::READABLE, || {
-            let result = tcp.try_read_buf(buf);
+        let _ = socket.try_io(Interest::READABLE, || {
+            let result = socket.try_read_buf(buf);
             // A read that did not fill the room drained the socket (edge-triggered epoll):
             // tokio is told so, as its own reads tell it, and waits for the next readiness
             // event instead of asking the socket again for a read that would block. The
@@ -262,7 +262,7 @@ fn poll_recv(
                 }
             }
         }
-        if tcp.poll_read_ready(cx)?.is_pending() {
+        if socket.poll_read_ready(cx)?.is_pending() {
             *armed = true;
             return Poll::Pending;
         }
@@ -271,13 +271,13 @@ fn poll_recv(
 
 /// Writes to a plain socket without the `AsyncWrite` layers (see [`poll_recv`]).
 fn poll_send(
-    tcp: &impl PlainSocket,
+    socket: &impl PlainSocket,
     bytes: &[u8],
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     loop {
-        match tcp.try_write(bytes) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(tcp.poll_write_ready(cx))?,
+        match socket.try_write(bytes) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(socket.poll_write_ready(cx))?,
             result => return Poll::Ready(result),
         }
     }

@@ -153,7 +153,8 @@ impl AsyncWrite for Stream {
 pub enum PeerAddr {
     /// A TCP peer.
     Tcp(SocketAddr),
-    /// A Unix-domain socket: the path of the socket listened on.
+    /// A Unix-domain socket, named by the path its listening end is bound to (the gateway's
+    /// own for its clients, the server's for a backend).
     Unix(Arc<Path>),
 }
 

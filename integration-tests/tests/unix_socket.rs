@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
-    backend_status, roles, run_program, simple_rows, sqlstate, Cluster, TestGateway, DOWN_STANDBY,
+    backend_status, pgbench_init, roles, run_program, simple_rows, sqlstate, Cluster, TestGateway,
+    DOWN_STANDBY,
 };
 
 /// A directory of the cluster's for the gateway's socket (removed with the cluster).
@@ -43,6 +44,23 @@ async fn connect_by_socket(gw: &TestGateway, user: &str) -> Client {
     let (client, conn) = config.connect(NoTls).await.expect("connects by the socket");
     tokio::spawn(conn);
     client
+}
+
+/// Cancels a `pg_sleep` of `c`'s from another connection (the cancel goes where `c` went),
+/// and checks the query ends with `57014` soon after.
+async fn cancel_a_sleep(c: Client) {
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token
+        .cancel_query(NoTls)
+        .await
+        .expect("the cancel is passed on");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query ends soon after the cancel")
+        .unwrap();
+    assert_eq!(sqlstate(&cancelled.unwrap_err()), Some("57014"));
 }
 
 /// libpq and tokio-postgres find the gateway's socket from a directory and the listen port;
@@ -114,18 +132,7 @@ async fn clients_connect_by_the_gateways_socket() {
     assert_eq!(session["client"], socket.display().to_string());
     assert_eq!(session["tls"], false);
 
-    let token = c.cancel_token();
-    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token
-        .cancel_query(NoTls)
-        .await
-        .expect("the cancel goes over the socket");
-    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
-        .await
-        .expect("the query ends soon after the cancel")
-        .unwrap();
-    assert_eq!(sqlstate(&cancelled.unwrap_err()), Some("57014"));
+    cancel_a_sleep(c).await;
 
     gw.shutdown().await;
     assert!(
@@ -310,33 +317,9 @@ async fn sessions_reach_a_server_by_its_socket() {
             cluster.pg.primary.port()
         )
     );
-    let token = c.cancel_token();
-    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let cancelled = tokio::time::timeout(Duration::from_secs(10), sleeping)
-        .await
-        .expect("the cancel reached the server")
-        .unwrap();
-    assert_eq!(sqlstate(&cancelled.unwrap_err()), Some("57014"));
+    cancel_a_sleep(c).await;
 
-    let out = run_program(
-        cluster.program("pgbench"),
-        &[
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            &gw.conn_str(roles::SCRAM, "postgres"),
-        ],
-        None,
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pgbench_init(&cluster, &gw.conn_str(roles::SCRAM, "postgres")).await;
     let out = run_program(
         cluster.program("pgbench"),
         &[

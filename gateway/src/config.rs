@@ -17,6 +17,9 @@ pub struct Config {
     pub unix_socket_dir: Option<PathBuf>,
     /// Permissions of that socket (as PostgreSQL's `unix_socket_permissions`).
     pub unix_socket_mode: u32,
+    /// Group that owns that socket, a name from `/etc/group` or a number (as PostgreSQL's
+    /// `unix_socket_group`); none: the gateway's own.
+    pub unix_socket_group: Option<String>,
     /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.
     pub admin_listen: Option<SocketAddr>,
     /// PostgreSQL servers (`host:port`); with several, the gateway routes to the one not in recovery.
@@ -60,6 +63,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             unix_socket_dir: None,
             unix_socket_mode: 0o777,
+            unix_socket_group: None,
             admin_listen: None,
             backends: vec!["127.0.0.1:5432".to_owned()],
             max_client_connections: 1000,
@@ -409,6 +413,7 @@ mod tests {
             listen = "0.0.0.0:6432"
             unix_socket_dir = "/run/understudy"
             unix_socket_mode = 0o770
+            unix_socket_group = "understudy"
             admin_listen = "127.0.0.1:9187"
             backends = ["10.0.0.1:5432", "10.0.0.2:5432"]
             max_client_connections = 10
@@ -431,6 +436,7 @@ mod tests {
         assert_eq!(c.auth.client_auth, ClientAuth::ScramSha256);
         assert_eq!(c.unix_socket_dir, Some(PathBuf::from("/run/understudy")));
         assert_eq!(c.unix_socket_mode, 0o770);
+        assert_eq!(c.unix_socket_group.as_deref(), Some("understudy"));
     }
 
     #[test]

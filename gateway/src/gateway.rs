@@ -135,8 +135,15 @@ impl Gateway {
                     .local_addr()
                     .map_or(config.listen.port(), |a| a.port());
                 let path = dir.join(format!(".s.PGSQL.{port}"));
+                let group = match &config.unix_socket_group {
+                    Some(name) => Some(group_id(name).map_err(|source| StartError::BindUnix {
+                        path: path.clone(),
+                        source,
+                    })?),
+                    None => None,
+                };
                 Some(
-                    UnixSocket::bind(&path, config.unix_socket_mode)
+                    UnixSocket::bind(&path, config.unix_socket_mode, group)
                         .await
                         .map_err(|source| StartError::BindUnix { path, source })?,
                 )
@@ -494,10 +501,10 @@ struct UnixSocket {
 }
 
 impl UnixSocket {
-    /// Makes the socket at `path` with permissions `mode`. A socket already there that nothing
-    /// answers on is left from a process that died, and is replaced; one something answers
-    /// on, or a file of another kind, is not touched.
-    async fn bind(path: &Path, mode: u32) -> std::io::Result<Self> {
+    /// Makes the socket at `path` with permissions `mode`, owned by `group` if given. A socket
+    /// already there that nothing answers on is left from a process that died, and is
+    /// replaced; one something answers on, or a file of another kind, is not touched.
+    async fn bind(path: &Path, mode: u32, group: Option<u32>) -> std::io::Result<Self> {
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(std::io::Error::new(
@@ -523,7 +530,13 @@ impl UnixSocket {
         }
         let listener = UnixListener::bind(path)?;
         let made = Self::made(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        let settled = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::os::unix::fs::chown(path, None, group));
+        if let Err(e) = settled {
+            // Nobody may connect through a socket whose permissions are not as asked.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -556,5 +569,48 @@ impl UnixSocket {
                 tracing::warn!(socket = %self.path.display(), error = %e, "the socket file could not be removed");
             }
         }
+    }
+}
+
+/// The id of the group `name`: a number as it is, or a name looked up in `/etc/group` (a
+/// group only a directory service knows is given by its number).
+fn group_id(name: &str) -> std::io::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")?;
+    group_in(&groups, name).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("unix_socket_group: no group {name:?} in /etc/group (give its number)"),
+        )
+    })
+}
+
+/// The id of group `name` in an `/etc/group` text.
+fn group_in(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != name {
+            return None;
+        }
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_found_by_name_or_number() {
+        let groups = "root:x:0:\npostgres:x:104:\nssl-cert:x:105:postgres\n";
+        assert_eq!(group_in(groups, "postgres"), Some(104));
+        assert_eq!(group_in(groups, "ssl-cert"), Some(105));
+        assert_eq!(group_in(groups, "post"), None);
+        assert_eq!(group_id("4242").unwrap(), 4242);
+        assert_eq!(group_id("root").unwrap(), 0);
+        let e = group_id("no-such-group-here").unwrap_err();
+        assert!(e.to_string().contains("give its number"), "{e}");
     }
 }

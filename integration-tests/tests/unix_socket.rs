@@ -470,3 +470,72 @@ async fn bad_input_on_the_socket_is_refused_as_on_tcp() {
     let rows = neighbour.simple_query("SELECT 7").await.unwrap();
     assert_eq!(simple_rows(&rows), [["7"]]);
 }
+
+/// `unix_socket_mode` and `unix_socket_group` decide who may connect, as PostgreSQL's
+/// `unix_socket_permissions` and `unix_socket_group` do: with `0o770` and the group
+/// `postgres`, psql run as `postgres` gets in, and psql run as `nobody` is refused by the
+/// kernel before the gateway hears of it. (As root, which these tests run as; skipped
+/// otherwise.)
+#[tokio::test]
+async fn the_sockets_mode_and_group_decide_who_connects() {
+    if !std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    {
+        eprintln!("skipped: needs root to run psql as other users");
+        return;
+    }
+    let cluster = Cluster::primary_only().await;
+    // A directory every user may enter, so that only the socket's own permissions decide.
+    let dir = std::env::temp_dir().join(format!("understudy-socket-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.unix_socket_mode = 0o770;
+            c.unix_socket_group = Some("postgres".to_owned());
+        })
+        .await;
+    let meta = std::fs::metadata(socket_of(&gw)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o770);
+    let postgres_gid = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("postgres:x:"))
+        .and_then(|rest| rest.split(':').next()?.parse::<u32>().ok())
+        .expect("a postgres group");
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), postgres_gid);
+
+    let port = gw.addr().port().to_string();
+    let psql_as = |user: &'static str| {
+        let mut cmd = tokio::process::Command::new("runuser");
+        cmd.args(["-u", user, "--"])
+            .arg(cluster.program("psql"))
+            .args(["-X", "-A", "-t", "-h"])
+            .arg(&dir)
+            .args(["-p", &port, "-U", roles::TRUST, "-d", "postgres"])
+            .args(["-c", "SELECT 'in'"])
+            .kill_on_drop(true);
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), cmd.output())
+                .await
+                .expect("psql finishes")
+                .expect("psql runs")
+        }
+    };
+    let member = psql_as("postgres").await;
+    assert_eq!(
+        String::from_utf8_lossy(&member.stdout),
+        "in\n",
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let stranger = psql_as("nobody").await;
+    assert!(!stranger.status.success());
+    let stderr = String::from_utf8_lossy(&stranger.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

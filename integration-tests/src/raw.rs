@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use understudy_protocol::inspect::ErrorView;
 
 /// One backend message as received.
@@ -40,10 +40,10 @@ pub fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
 
-/// A raw connection.
-pub struct RawConn {
+/// A raw connection, over TCP unless opened on a Unix-domain socket.
+pub struct RawConn<S = TcpStream> {
     /// The socket.
-    pub tcp: TcpStream,
+    pub socket: S,
     buf: BytesMut,
 }
 
@@ -141,7 +141,7 @@ impl RawConn {
     /// Opens a TCP connection without saying anything.
     pub async fn open(addr: SocketAddr) -> Self {
         Self {
-            tcp: TcpStream::connect(addr).await.expect("connect"),
+            socket: TcpStream::connect(addr).await.expect("connect"),
             buf: BytesMut::new(),
         }
     }
@@ -172,20 +172,32 @@ impl RawConn {
         (c, greeting)
     }
 
-    /// Writes bytes (errors ignored: the peer may have closed on purpose).
-    pub async fn send(&mut self, bytes: &[u8]) {
-        let _ = self.tcp.write_all(bytes).await;
-    }
-
     /// Closes the connection with a reset (SO_LINGER 0), as a client whose host or process
     /// died abruptly might.
     pub fn reset(self) {
-        let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
+        let _ = socket2::SockRef::from(&self.socket).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+impl RawConn<UnixStream> {
+    /// Opens a connection to the Unix-domain socket at `path` without saying anything.
+    pub async fn open_unix(path: &std::path::Path) -> Self {
+        Self {
+            socket: UnixStream::connect(path).await.expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawConn<S> {
+    /// Writes bytes (errors ignored: the peer may have closed on purpose).
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.socket.write_all(bytes).await;
     }
 
     /// Ends the stream towards the peer (a half-close); reading goes on.
     pub async fn shutdown_write(&mut self) {
-        let _ = self.tcp.shutdown().await;
+        let _ = self.socket.shutdown().await;
     }
 
     /// Reads one message; None on EOF or after 10 s of silence.
@@ -202,10 +214,11 @@ impl RawConn {
                     });
                 }
             }
-            let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read_buf(&mut self.buf))
-                .await
-                .ok()?
-                .ok()?;
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.socket.read_buf(&mut self.buf))
+                    .await
+                    .ok()?
+                    .ok()?;
             if n == 0 {
                 return None;
             }
@@ -247,7 +260,7 @@ impl RawConn {
         matches!(
             tokio::time::timeout(Duration::from_secs(10), async {
                 loop {
-                    match self.tcp.read(&mut sink).await {
+                    match self.socket.read(&mut sink).await {
                         Ok(0) | Err(_) => return true,
                         Ok(_) => {}
                     }
@@ -260,6 +273,6 @@ impl RawConn {
 
     /// Reads the single-byte answer to SSLRequest/GSSENCRequest.
     pub async fn read_byte(&mut self) -> u8 {
-        self.tcp.read_u8().await.expect("one byte")
+        self.socket.read_u8().await.expect("one byte")
     }
 }

@@ -457,7 +457,7 @@ async fn a_client_still_sending_after_its_fatal_is_not_reset() {
     // The rest of the promised body, a while after the FATAL.
     let chunk = vec![b'x'; 64 * 1024];
     for i in 0..16 {
-        c.tcp
+        c.socket
             .write_all(&chunk)
             .await
             .unwrap_or_else(|e| panic!("write {i} after the FATAL: {e}"));
@@ -465,7 +465,7 @@ async fn a_client_still_sending_after_its_fatal_is_not_reset() {
     }
     c.shutdown_write().await;
     let mut rest = Vec::new();
-    let end = tokio::time::timeout(PATIENCE, c.tcp.read_to_end(&mut rest))
+    let end = tokio::time::timeout(PATIENCE, c.socket.read_to_end(&mut rest))
         .await
         .expect("the gateway closes once the client has");
     assert!(end.is_ok(), "a clean end of stream, not a reset: {end:?}");
@@ -660,7 +660,7 @@ async fn garbage_before_startup_gets_08p01_and_close() {
         c.send(&request(SSL_REQUEST)).await;
         assert_eq!(c.read_byte().await, b'S');
         c.send(garbage).await;
-        c.tcp.shutdown().await.expect("half-close");
+        c.socket.shutdown().await.expect("half-close");
         assert!(c.closed().await, "closed after a failed TLS handshake");
     }
     let mut config = tls_gw.pg_config(roles::TRUST);

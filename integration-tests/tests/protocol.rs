@@ -501,7 +501,7 @@ async fn deep_pipeline_keeps_gateway_memory_bounded() {
     pipeline.extend(raw::msg(b'c', b""));
     pipeline.extend(raw::query(";").repeat(N - COPY_AT - 1));
     let rss_before = rss_kib();
-    let (mut rd, mut wr) = rc.tcp.split();
+    let (mut rd, mut wr) = rc.socket.split();
     let write = async { wr.write_all(&pipeline).await.unwrap() };
     let read = async {
         tokio::time::sleep(Duration::from_secs(2)).await;

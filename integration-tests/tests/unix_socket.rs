@@ -6,8 +6,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
+use understudy_integration_tests::raw::{startup, RawConn};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
     backend_status, pgbench_init, roles, run_program, simple_rows, sqlstate, Cluster, TestGateway,
@@ -44,6 +44,38 @@ async fn connect_by_socket(gw: &TestGateway, user: &str) -> Client {
     let (client, conn) = config.connect(NoTls).await.expect("connects by the socket");
     tokio::spawn(conn);
     client
+}
+
+/// Runs `sql` with psql by the gateway's socket (its directory and port, as libpq finds it)
+/// as role `user` with `password`, as the operating-system user `os_user` when given.
+async fn psql_by_socket(
+    cluster: &Cluster,
+    gw: &TestGateway,
+    os_user: Option<&str>,
+    user: &str,
+    password: &str,
+    sql: &str,
+) -> std::process::Output {
+    let psql = cluster.program("psql");
+    let mut cmd = match os_user {
+        Some(os_user) => {
+            let mut cmd = tokio::process::Command::new("runuser");
+            cmd.args(["-u", os_user, "--"]).arg(psql);
+            cmd
+        }
+        None => tokio::process::Command::new(psql),
+    };
+    cmd.args(["-X", "-A", "-t", "-h"])
+        .arg(socket_of(gw).parent().unwrap())
+        .args(["-p", &gw.addr().port().to_string()])
+        .args(["-U", user, "-d", "postgres", "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("psql finishes")
+        .expect("psql runs")
 }
 
 /// Cancels a `pg_sleep` of `c`'s from another connection (the cancel goes where `c` went),
@@ -85,22 +117,7 @@ async fn clients_connect_by_the_gateways_socket() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o777);
 
-    let port = gw.addr().port().to_string();
-    let psql = |user: &'static str, password: &'static str, sql: &'static str| {
-        let mut cmd = tokio::process::Command::new(cluster.program("psql"));
-        cmd.args(["-X", "-A", "-t", "-h"])
-            .arg(&dir)
-            .args(["-p", &port, "-U", user, "-d", "postgres", "-c", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .kill_on_drop(true);
-        async move {
-            tokio::time::timeout(Duration::from_secs(60), cmd.output())
-                .await
-                .expect("psql finishes")
-                .expect("psql runs")
-        }
-    };
+    let psql = |user, password, sql| psql_by_socket(&cluster, &gw, None, user, password, sql);
     for (user, password) in [
         (roles::SCRAM, roles::SCRAM_PASSWORD),
         (roles::MD5, roles::MD5_PASSWORD),
@@ -159,24 +176,21 @@ async fn the_socket_answers_an_ssl_request_with_no() {
         })
         .await;
 
-    let mut socket = tokio::net::UnixStream::connect(socket_of(&gw))
-        .await
-        .unwrap();
+    let mut socket = RawConn::open_unix(&socket_of(&gw)).await;
     let mut request = bytes::BytesMut::new();
     postgres_protocol::message::frontend::ssl_request(&mut request);
-    socket.write_all(&request).await.unwrap();
-    assert_eq!(socket.read_u8().await.unwrap(), b'N');
-    let mut startup = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", roles::TRUST), ("database", "postgres")],
-        &mut startup,
-    )
-    .unwrap();
-    socket.write_all(&startup).await.unwrap();
-    assert_eq!(
-        socket.read_u8().await.unwrap(),
-        b'R',
-        "the login goes on unencrypted"
+    socket.send(&request).await;
+    assert_eq!(socket.read_byte().await, b'N');
+    socket
+        .send(&startup(
+            0,
+            &[("user", roles::TRUST), ("database", "postgres")],
+        ))
+        .await;
+    let login = socket.read_until(b'Z').await;
+    assert!(
+        login.iter().all(|m| m.tag != b'E'),
+        "the login goes on unencrypted: {login:?}"
     );
     drop(socket);
     let c = connect_by_socket(&gw, roles::SCRAM).await;
@@ -402,23 +416,6 @@ async fn a_session_moves_off_a_primary_reached_by_its_socket() {
     assert!(on_tcp, "the session now runs on the standby, over TCP");
 }
 
-/// Reads one backend message from `socket`: its tag and body; `None` at the end of stream.
-async fn read_message(socket: &mut tokio::net::UnixStream) -> Option<(u8, Vec<u8>)> {
-    let tag = socket.read_u8().await.ok()?;
-    let len = socket.read_i32().await.ok()?;
-    let mut body = vec![0u8; usize::try_from(len).ok()?.checked_sub(4)?];
-    socket.read_exact(&mut body).await.ok()?;
-    Some((tag, body))
-}
-
-/// An ErrorResponse body's SQLSTATE (its `C` field).
-fn error_code(body: &[u8]) -> String {
-    body.split(|b| *b == 0)
-        .find_map(|field| field.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .unwrap_or_default()
-}
-
 /// Bad input on the socket is answered as on TCP: bytes that are no startup packet get
 /// `08P01` and a closed connection, a client past `max_client_connections` gets `53300`, and a
 /// session of the socket next to them is untouched.
@@ -440,32 +437,27 @@ async fn bad_input_on_the_socket_is_refused_as_on_tcp() {
         ],
         &4i32.to_be_bytes(),
     ] {
-        let mut socket = tokio::net::UnixStream::connect(socket_of(&gw))
-            .await
-            .unwrap();
-        socket.write_all(garbage).await.unwrap();
-        let (tag, body) = read_message(&mut socket)
+        let mut socket = RawConn::open_unix(&socket_of(&gw)).await;
+        socket.send(garbage).await;
+        let refusal = socket
+            .read()
             .await
             .expect("an ErrorResponse before the close");
-        assert_eq!(tag, b'E');
-        assert_eq!(error_code(&body), "08P01");
-        assert!(read_message(&mut socket).await.is_none(), "then closed");
+        assert_eq!((refusal.tag, refusal.code().as_str()), (b'E', "08P01"));
+        assert!(socket.closed().await, "then closed");
     }
 
     let _second = gw.connect(roles::TRUST).await;
-    let mut third = tokio::net::UnixStream::connect(socket_of(&gw))
-        .await
-        .unwrap();
-    let mut startup = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", roles::TRUST), ("database", "postgres")],
-        &mut startup,
-    )
-    .unwrap();
-    third.write_all(&startup).await.unwrap();
-    let (tag, body) = read_message(&mut third).await.expect("a refusal");
-    assert_eq!((tag, error_code(&body).as_str()), (b'E', "53300"));
-    assert!(read_message(&mut third).await.is_none());
+    let mut third = RawConn::open_unix(&socket_of(&gw)).await;
+    third
+        .send(&startup(
+            0,
+            &[("user", roles::TRUST), ("database", "postgres")],
+        ))
+        .await;
+    let refusal = third.read().await.expect("a refusal");
+    assert_eq!((refusal.tag, refusal.code().as_str()), (b'E', "53300"));
+    assert!(third.closed().await);
 
     let rows = neighbour.simple_query("SELECT 7").await.unwrap();
     assert_eq!(simple_rows(&rows), [["7"]]);
@@ -508,22 +500,15 @@ async fn the_sockets_mode_and_group_decide_who_connects() {
         .expect("a postgres group");
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), postgres_gid);
 
-    let port = gw.addr().port().to_string();
-    let psql_as = |user: &'static str| {
-        let mut cmd = tokio::process::Command::new("runuser");
-        cmd.args(["-u", user, "--"])
-            .arg(cluster.program("psql"))
-            .args(["-X", "-A", "-t", "-h"])
-            .arg(&dir)
-            .args(["-p", &port, "-U", roles::TRUST, "-d", "postgres"])
-            .args(["-c", "SELECT 'in'"])
-            .kill_on_drop(true);
-        async move {
-            tokio::time::timeout(Duration::from_secs(60), cmd.output())
-                .await
-                .expect("psql finishes")
-                .expect("psql runs")
-        }
+    let psql_as = |os_user| {
+        psql_by_socket(
+            &cluster,
+            &gw,
+            Some(os_user),
+            roles::TRUST,
+            "",
+            "SELECT 'in'",
+        )
     };
     let member = psql_as("postgres").await;
     assert_eq!(

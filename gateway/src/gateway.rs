@@ -1,7 +1,7 @@
 //! The gateway process: listeners, shared state, graceful shutdown.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -498,13 +498,17 @@ struct UnixSocket {
     peer: PeerAddr,
     /// The inode made, so that only this socket is removed at the end.
     inode: (u64, u64),
+    /// The lock file beside it; removed when this is dropped.
+    _lock: SocketLock,
 }
 
 impl UnixSocket {
-    /// Makes the socket at `path` with permissions `mode`, owned by `group` if given. A socket
-    /// already there that nothing answers on is left from a process that died, and is
-    /// replaced; one something answers on, or a file of another kind, is not touched.
+    /// Makes the socket at `path` with permissions `mode`, owned by `group` if given, after
+    /// taking its lock file. A socket already there that nothing answers on is left from a
+    /// process that died, and is replaced; one something answers on, or a file of another
+    /// kind, is not touched.
     async fn bind(path: &Path, mode: u32, group: Option<u32>) -> std::io::Result<Self> {
+        let lock = SocketLock::take(path)?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(std::io::Error::new(
@@ -529,7 +533,7 @@ impl UnixSocket {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(path)?;
-        let made = Self::made(path)?;
+        let made = file_id(path)?;
         let settled = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .and_then(|()| std::os::unix::fs::chown(path, None, group));
         if let Err(e) = settled {
@@ -542,13 +546,8 @@ impl UnixSocket {
             path: path.to_owned(),
             peer: PeerAddr::Unix(path.into()),
             inode: made,
+            _lock: lock,
         })
-    }
-
-    /// The device and inode of the file at `path`.
-    fn made(path: &Path) -> std::io::Result<(u64, u64)> {
-        let meta = std::fs::symlink_metadata(path)?;
-        Ok((meta.dev(), meta.ino()))
     }
 
     /// The next client, or never without a socket.
@@ -564,12 +563,128 @@ impl UnixSocket {
 
     /// Removes the socket's file, unless another process has put its own in its place.
     fn remove(self) {
-        if Self::made(&self.path).is_ok_and(|now| now == self.inode) {
+        if file_id(&self.path).is_ok_and(|now| now == self.inode) {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 tracing::warn!(socket = %self.path.display(), error = %e, "the socket file could not be removed");
             }
         }
     }
+}
+
+/// The device and inode of the file at `path`.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// The lock file beside a socket (`.s.PGSQL.<port>.lock`), written as PostgreSQL writes its
+/// own, so that a PostgreSQL server started on the same directory and port refuses to start
+/// instead of taking the socket over (when it may signal the gateway's process: the same
+/// operating-system user, or root), and the gateway in turn refuses a socket whose lock a
+/// live process holds, a PostgreSQL server still starting included.
+struct SocketLock {
+    path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl SocketLock {
+    /// How often a lock file that vanishes while it is looked at is tried again (PostgreSQL's
+    /// figure).
+    const ATTEMPTS: usize = 100;
+
+    /// Takes the lock of `socket`: makes its lock file, or replaces one whose process has
+    /// ended. One a process that exists holds, or that names no process, is left alone.
+    fn take(socket: &Path) -> std::io::Result<Self> {
+        let mut path = socket.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        let own = std::process::id();
+        // PostgreSQL's layout: PID, data directory (a gateway has none), start time, port,
+        // socket directory.
+        let port = socket
+            .file_name()
+            .and_then(|name| name.to_str()?.rsplit('.').next())
+            .unwrap_or_default();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let dir = socket.parent().unwrap_or(Path::new(""));
+        let contents = format!("{own}\n\n{started}\n{port}\n{}\n", dir.display());
+        for _ in 0..Self::ATTEMPTS {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    use std::io::Write;
+                    let inode = file_id(&path)?;
+                    let lock = Self { path, inode };
+                    // On failure `lock` is dropped, which removes the file.
+                    file.write_all(contents.as_bytes())?;
+                    file.sync_all()?;
+                    return Ok(lock);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                // Its holder removed it meanwhile: try again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let holder = lock_holder(&text).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "its lock file {} names no process (another server may be starting; remove the file if none is)",
+                        path.display()
+                    ),
+                )
+            })?;
+            if holder != own && crate::sockopt::process_exists(holder) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "its lock file {} is held by process {holder}, which is running (a PostgreSQL server or another gateway on this directory and port?)",
+                        path.display()
+                    ),
+                ));
+            }
+            tracing::info!(lock = %path.display(), holder, "removing a lock file whose process has ended");
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "its lock file {} could not be made",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for SocketLock {
+    /// Removes the lock file, unless another process has put its own in its place.
+    fn drop(&mut self) {
+        if file_id(&self.path).is_ok_and(|now| now == self.inode) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(lock = %self.path.display(), error = %e, "the socket's lock file could not be removed");
+            }
+        }
+    }
+}
+
+/// The process a socket lock file names on its first line, as PostgreSQL reads it (a
+/// negative number is a single-user server's PID); `None` when it names none.
+fn lock_holder(text: &str) -> Option<u32> {
+    let pid: i64 = text.lines().next()?.trim().parse().ok()?;
+    u32::try_from(pid.unsigned_abs())
+        .ok()
+        .filter(|&pid| pid > 0)
 }
 
 /// The id of the group `name`: a number as it is, or a name looked up in `/etc/group` (a
@@ -612,5 +727,22 @@ mod tests {
         assert_eq!(group_id("root").unwrap(), 0);
         let e = group_id("no-such-group-here").unwrap_err();
         assert!(e.to_string().contains("give its number"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_files_holder_is_read_as_postgresql_reads_it() {
+        assert_eq!(
+            lock_holder("4242\n/var/lib/postgresql/15/main\n0\n5432\n/tmp\n"),
+            Some(4242)
+        );
+        assert_eq!(
+            lock_holder("-4242\n/data\n"),
+            Some(4242),
+            "a single-user server"
+        );
+        assert_eq!(lock_holder(" 17 \n"), Some(17));
+        for none in ["", "\n4242\n", "0\n", "postmaster\n", "99999999999\n"] {
+            assert_eq!(lock_holder(none), None, "{none:?}");
+        }
     }
 }

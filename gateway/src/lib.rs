@@ -1,6 +1,6 @@
 //! Understudy, a PostgreSQL failover gateway: clients connect here instead of to PostgreSQL, and
 //! each session is forwarded to the current primary over the native wire protocol.
-// `deny`, not `forbid`: `sockopt` alone is allowed `unsafe`, for the kernel's socket queries.
+// `deny`, not `forbid`: `sockopt` alone is allowed `unsafe`, for the kernel queries std lacks.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,6 +1,6 @@
-//! What the kernel knows of a TCP connection that neither the standard library nor tokio
-//! asks it: the crate's one module with `unsafe` code (STYLE.md), each block saying why it is
-//! sound.
+//! What the kernel knows that neither the standard library nor tokio asks it (a TCP
+//! connection's unacknowledged bytes, whether a process exists): the crate's one module with
+//! `unsafe` code (STYLE.md), each block saying why it is sound.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -28,4 +28,20 @@ pub fn unacknowledged(socket: &impl AsFd) -> io::Result<u64> {
 #[cfg(not(target_os = "linux"))]
 pub fn unacknowledged(_socket: &impl AsFd) -> io::Result<u64> {
     Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Whether process `pid` exists, as PostgreSQL asks of a lock file's holder (`kill(pid, 0)`).
+/// One this process may not signal (another user's) exists too: only `ESRCH` says it does not.
+pub fn process_exists(pid: u32) -> bool {
+    // 0 and values past i32::MAX are no process's ID (they would name a process group).
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing and touches no memory; `kill` only reports whether `pid`
+    // could be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }

@@ -1,5 +1,7 @@
 //! The `understudy` binary as scripts drive it: `run` with flags, `ctl status`, SIGTERM, `demo`.
 
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -213,6 +215,103 @@ async fn run_with_unix_sockets_at_both_ends() {
     let status = wait_exit(&mut gw.0, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
     assert!(!socket.exists(), "the socket file is removed at exit");
+    pg.shutdown().await;
+}
+
+/// The uid and gid of operating-system user `name`, from `/etc/passwd`.
+fn os_user(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&name) && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+    })
+}
+
+/// A PostgreSQL server started on the directory and port of a running gateway's socket, as
+/// the same operating-system user, refuses to start (as it refuses a second postmaster on
+/// its socket) instead of taking the socket over: the gateway's lock file stops it. Once the
+/// gateway has stopped, lock file and socket are gone and the server starts. (As root, which
+/// runs both as `postgres`; skipped otherwise.)
+#[tokio::test]
+async fn postgres_leaves_a_running_gateways_socket_alone() {
+    let Some((uid, gid)) = os_user("postgres").filter(|_| {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    }) else {
+        eprintln!("skipped: needs root and a postgres user");
+        return;
+    };
+    let mut pg = primary_only().await;
+    pg.primary.stop().await.unwrap();
+    let (dir, port) = (pg.primary.socket_dir().to_owned(), pg.primary.port());
+    // Where the postgres user may run it, whoever owns the checkout.
+    let bin = pg.base_dir().join("understudy");
+    std::fs::copy(BIN, &bin).unwrap();
+    // On another loopback address, so that the server's own TCP listener (127.0.0.1) would
+    // not clash; its backend is the stopped server, as no session is made.
+    let mut gw = Killed(
+        Command::new(&bin)
+            .args(["run", "--listen", &format!("127.0.0.2:{port}")])
+            .arg("--unix-socket-dir")
+            .arg(&dir)
+            .args(["--backend", &format!("127.0.0.1:{port}")])
+            .uid(uid)
+            .gid(gid)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run as postgres"),
+    );
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let lock = dir.join(format!(".s.PGSQL.{port}.lock"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held = std::fs::read_to_string(&lock).expect("the gateway's lock file");
+    assert_eq!(held.lines().next(), Some(gw.0.id().to_string().as_str()));
+
+    let postgres = PgBinaries::find().unwrap().program("postgres");
+    let mut server = Killed(
+        Command::new(&postgres)
+            .arg("-D")
+            .arg(pg.primary.data_dir())
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn postgres"),
+    );
+    let status = wait_exit(&mut server.0, Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "PostgreSQL started on the gateway's socket"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&format!(".s.PGSQL.{port}.lock\" already exists"))
+            && stderr.contains(&format!("Is another postmaster (PID {})", gw.0.id())),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), held);
+    assert!(std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+
+    signal(&gw.0, "TERM");
+    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    assert!(!socket.exists() && !lock.exists(), "both removed at exit");
+    pg.primary.start().await.expect("the server starts now");
     pg.shutdown().await;
 }
 

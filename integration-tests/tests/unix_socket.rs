@@ -116,6 +116,21 @@ async fn clients_connect_by_the_gateways_socket() {
     let meta = std::fs::metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o777);
+    let lock = lock_of(&socket);
+    let held = std::fs::read_to_string(&lock).expect("a lock file beside the socket");
+    let lines: Vec<&str> = held.lines().collect();
+    assert_eq!(lines.len(), 5, "PostgreSQL's layout: {held:?}");
+    assert_eq!(
+        lines[0],
+        std::process::id().to_string(),
+        "the gateway's PID"
+    );
+    assert_eq!(lines[3], gw.addr().port().to_string());
+    assert_eq!(lines[4], dir.display().to_string());
+    assert_eq!(
+        std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let psql = |user, password, sql| psql_by_socket(&cluster, &gw, None, user, password, sql);
     for (user, password) in [
@@ -156,6 +171,14 @@ async fn clients_connect_by_the_gateways_socket() {
         !socket.exists(),
         "the socket file is removed when the gateway stops"
     );
+    assert!(!lock.exists(), "and so is its lock file");
+}
+
+/// The lock file beside `socket`, as PostgreSQL names it.
+fn lock_of(socket: &Path) -> PathBuf {
+    let mut lock = socket.as_os_str().to_owned();
+    lock.push(".lock");
+    lock.into()
 }
 
 /// PostgreSQL offers no TLS on its socket, and neither does the gateway, whose TCP clients
@@ -231,9 +254,11 @@ async fn bind_on(cluster: &Cluster, dir: &Path, port: u16) -> Result<(), String>
 }
 
 /// A socket file left by a process that died is replaced; one a live server answers on, or a
-/// file of another kind, stops the gateway from starting and is left as it was.
+/// file of another kind, stops the gateway from starting and is left as it was. So for lock
+/// files: one whose process has ended is replaced, and one a running process holds, or one
+/// that names no process, stops the start and stays.
 #[tokio::test]
-async fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+async fn a_stale_socket_or_lock_is_replaced_and_a_live_one_kept() {
     let cluster = Cluster::primary_only().await;
     let dir = socket_dir(&cluster);
 
@@ -260,6 +285,71 @@ async fn a_stale_socket_is_replaced_and_a_live_one_kept() {
     let e = bind_on(&cluster, &dir, port).await.unwrap_err();
     assert!(e.contains("not a socket"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+    assert!(!lock_of(&path).exists(), "the lock taken is given back");
+
+    // A process that has ended: its PID is free (the kernel hands PIDs out in turn).
+    let mut ended = std::process::Command::new("true").spawn().unwrap();
+    ended.wait().unwrap();
+    let port = free_port();
+    let lock = lock_of(&dir.join(format!(".s.PGSQL.{port}")));
+    std::fs::write(&lock, format!("{}\n/data\n0\n{port}\n/tmp\n", ended.id())).unwrap();
+    bind_on(&cluster, &dir, port)
+        .await
+        .expect("the lock of a process that ended is replaced");
+    assert!(!lock.exists(), "and removed at the end");
+
+    let mut running = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let held = format!("-{}\n/data\n0\n{port}\n/tmp\n", running.id());
+    std::fs::write(&lock, &held).unwrap();
+    let e = bind_on(&cluster, &dir, port).await.unwrap_err();
+    assert!(
+        e.contains(&format!(
+            "is held by process {}, which is running",
+            running.id()
+        )),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), held);
+    running.kill().unwrap();
+    running.wait().unwrap();
+
+    for bogus in ["", "postmaster\n"] {
+        std::fs::write(&lock, bogus).unwrap();
+        let e = bind_on(&cluster, &dir, port).await.unwrap_err();
+        assert!(e.contains("names no process"), "{bogus:?}: {e}");
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), bogus);
+    }
+    std::fs::remove_file(&lock).unwrap();
+
+    // PostgreSQL's own socket, by its lock (on another loopback address, so that the TCP
+    // listener does not clash first).
+    let primary = &cluster.pg.primary;
+    let mut config = cluster.gateway_config();
+    config.listen = std::net::SocketAddr::from(([127, 0, 0, 2], primary.port()));
+    config.unix_socket_dir = Some(primary.socket_dir().to_owned());
+    config.admin_listen = None;
+    let Err(e) = understudy::Gateway::bind(config).await else {
+        panic!("a gateway started on PostgreSQL's own socket");
+    };
+    let postmaster = primary.postmaster_pid().unwrap();
+    assert!(
+        e.to_string().contains(&format!(
+            "is held by process {postmaster}, which is running"
+        )),
+        "{e}"
+    );
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(primary.socket_dir())
+        .port(primary.port())
+        .user("postgres")
+        .dbname("postgres");
+    let (server, conn) = config.connect(NoTls).await.expect("the server's socket");
+    tokio::spawn(conn);
+    assert!(server.simple_query("SELECT 1").await.is_ok());
 }
 
 /// The primary's backend address as its socket directory and port.

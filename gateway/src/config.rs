@@ -179,6 +179,9 @@ pub enum ClientAuth {
     #[serde(rename = "scram-sha-256")]
     #[value(name = "scram-sha-256")]
     ScramSha256,
+    /// The client's operating-system user, as the kernel reports it, must be the role it logs
+    /// in as (PostgreSQL's `peer`); the gateway's Unix-domain socket only.
+    Peer,
 }
 
 /// Authentication settings.
@@ -191,6 +194,8 @@ pub struct Auth {
     pub auth_file: Option<PathBuf>,
     /// Query run as the control role to fetch a role's secret; `$1` is the role name.
     pub auth_query: Option<String>,
+    /// Who authenticates clients on the Unix-domain socket; unset, `client_auth` does.
+    pub unix_socket_auth: Option<ClientAuth>,
 }
 
 /// The gateway's own control-plane login.
@@ -361,14 +366,24 @@ impl Config {
         {
             return invalid("backend_tls.sslmode = \"verify-full\" needs backend_tls.root_cert");
         }
-        let gateway_checks = !matches!(
-            self.auth.client_auth,
-            ClientAuth::Passthrough | ClientAuth::Trust
-        );
-        if gateway_checks && self.auth.auth_file.is_none() && self.auth.auth_query.is_none() {
+        if self.auth.client_auth == ClientAuth::Peer {
             return invalid(
-                "auth.client_auth md5/scram-sha-256 needs auth.auth_file or auth.auth_query",
+                "auth.client_auth = \"peer\": only a Unix-domain socket tells who the client is; set auth.unix_socket_auth = \"peer\" (with unix_socket_dir)",
             );
+        }
+        if self.auth.unix_socket_auth.is_some() && self.unix_socket_dir.is_none() {
+            return invalid("auth.unix_socket_auth needs unix_socket_dir");
+        }
+        for (key, mode) in [
+            ("client_auth", Some(self.auth.client_auth)),
+            ("unix_socket_auth", self.auth.unix_socket_auth),
+        ] {
+            let checks_passwords = matches!(mode, Some(ClientAuth::Md5 | ClientAuth::ScramSha256));
+            if checks_passwords && self.auth.auth_file.is_none() && self.auth.auth_query.is_none() {
+                return invalid(&format!(
+                    "auth.{key} md5/scram-sha-256 needs auth.auth_file or auth.auth_query"
+                ));
+            }
         }
         Ok(())
     }
@@ -447,6 +462,21 @@ mod tests {
         assert!(c.validate().is_err(), "an empty directory");
         assert_eq!(Config::default().unix_socket_mode, 0o777);
         assert_eq!(Config::default().unix_socket_dir, None);
+
+        let peer = "unix_socket_dir = \"/run/understudy\"\n[auth]\nunix_socket_auth = \"peer\"";
+        let c: Config = toml::from_str(peer).unwrap();
+        assert_eq!(c.auth.unix_socket_auth, Some(ClientAuth::Peer));
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[auth]\nunix_socket_auth = \"peer\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("needs unix_socket_dir"), "{e}");
+        let c: Config = toml::from_str("[auth]\nclient_auth = \"peer\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("set auth.unix_socket_auth"), "{e}");
+        let md5 = "unix_socket_dir = \"/run/understudy\"\n[auth]\nunix_socket_auth = \"md5\"";
+        let c: Config = toml::from_str(md5).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth.unix_socket_auth md5/scram-sha-256 needs"), "{e}");
     }
 
     #[test]

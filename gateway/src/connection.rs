@@ -230,6 +230,28 @@ async fn session(
     Box::pin(session.run(shutdown)).await
 }
 
+/// PostgreSQL's `peer` check: the operating-system user of the process at the other end of
+/// the Unix-domain socket, as the kernel reports it, must have the role's name. A refusal
+/// tells the client what PostgreSQL tells it; the log says why.
+fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
+    let uid = match stream {
+        Stream::Unix(unix) => unix.peer_cred().map(|cred| cred.uid()),
+        _ => Err(std::io::Error::other("not a Unix-domain socket")),
+    };
+    let why = match uid.and_then(|uid| Ok((uid, crate::accounts::user_name(uid)?))) {
+        Ok((_, Some(name))) if name == user => return Ok(()),
+        Ok((_, Some(name))) => format!("the client runs as operating-system user {name:?}"),
+        Ok((uid, None)) => format!("no user has id {uid} in /etc/passwd"),
+        Err(e) => format!("who the client is could not be learned: {e}"),
+    };
+    tracing::info!(%user, why, "peer authentication failed");
+    Err(SessionError::refused(
+        "28000",
+        "peer_auth_failed",
+        format!("Peer authentication failed for user \"{user}\""),
+    ))
+}
+
 /// Logs in to the primary for the client and relays the server's greeting.
 async fn establish(
     shared: &Arc<Shared>,
@@ -239,7 +261,14 @@ async fn establish(
     guard: &mut SessionGuard,
 ) -> Result<Established, SessionError> {
     let user = startup.user().unwrap_or_default();
-    let mode = shared.config.auth.client_auth;
+    let auth = &shared.config.auth;
+    let mode = match stream {
+        Stream::Unix(_) => auth.unix_socket_auth.unwrap_or(auth.client_auth),
+        _ => auth.client_auth,
+    };
+    if mode == ClientAuth::Peer {
+        check_peer(stream, user)?;
+    }
     let mut greeting = BytesMut::new();
     // Newer minor versions and protocol options are answered here; the server gets plain 3.0.
     let options: Vec<String> = startup.protocol_options().map(str::to_owned).collect();

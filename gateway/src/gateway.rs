@@ -136,9 +136,11 @@ impl Gateway {
                     .map_or(config.listen.port(), |a| a.port());
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let group = match &config.unix_socket_group {
-                    Some(name) => Some(group_id(name).map_err(|source| StartError::BindUnix {
-                        path: path.clone(),
-                        source,
+                    Some(name) => Some(crate::accounts::group_id(name).map_err(|source| {
+                        StartError::BindUnix {
+                            path: path.clone(),
+                            source,
+                        }
                     })?),
                     None => None,
                 };
@@ -687,47 +689,9 @@ fn lock_holder(text: &str) -> Option<u32> {
         .filter(|&pid| pid > 0)
 }
 
-/// The id of the group `name`: a number as it is, or a name looked up in `/etc/group` (a
-/// group only a directory service knows is given by its number).
-fn group_id(name: &str) -> std::io::Result<u32> {
-    if let Ok(gid) = name.parse() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group")?;
-    group_in(&groups, name).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("unix_socket_group: no group {name:?} in /etc/group (give its number)"),
-        )
-    })
-}
-
-/// The id of group `name` in an `/etc/group` text.
-fn group_in(groups: &str, name: &str) -> Option<u32> {
-    groups.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        if fields.next()? != name {
-            return None;
-        }
-        fields.nth(1)?.parse().ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn groups_are_found_by_name_or_number() {
-        let groups = "root:x:0:\npostgres:x:104:\nssl-cert:x:105:postgres\n";
-        assert_eq!(group_in(groups, "postgres"), Some(104));
-        assert_eq!(group_in(groups, "ssl-cert"), Some(105));
-        assert_eq!(group_in(groups, "post"), None);
-        assert_eq!(group_id("4242").unwrap(), 4242);
-        assert_eq!(group_id("root").unwrap(), 0);
-        let e = group_id("no-such-group-here").unwrap_err();
-        assert!(e.to_string().contains("give its number"), "{e}");
-    }
 
     #[test]
     fn a_lock_files_holder_is_read_as_postgresql_reads_it() {

@@ -84,6 +84,9 @@ struct RunArgs {
     /// Who authenticates clients.
     #[arg(long, value_enum)]
     client_auth: Option<ClientAuth>,
+    /// Who authenticates clients on the Unix-domain socket (peer: their OS user).
+    #[arg(long, value_enum)]
+    unix_socket_auth: Option<ClientAuth>,
     /// TLS towards the backends.
     #[arg(long, value_enum)]
     backend_sslmode: Option<BackendSslMode>,
@@ -112,6 +115,9 @@ impl RunArgs {
         }
         if let Some(mode) = self.client_auth {
             config.auth.client_auth = mode;
+        }
+        if let Some(mode) = self.unix_socket_auth {
+            config.auth.unix_socket_auth = Some(mode);
         }
         if let Some(mode) = self.backend_sslmode {
             config.backend_tls.sslmode = mode;

@@ -560,19 +560,12 @@ async fn bad_input_on_the_socket_is_refused_as_on_tcp() {
 /// otherwise.)
 #[tokio::test]
 async fn the_sockets_mode_and_group_decide_who_connects() {
-    if !std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    {
+    if !running_as_root() {
         eprintln!("skipped: needs root to run psql as other users");
         return;
     }
     let cluster = Cluster::primary_only().await;
-    // A directory every user may enter, so that only the socket's own permissions decide.
-    let dir = std::env::temp_dir().join(format!("understudy-socket-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = open_dir("mode");
     let gw = cluster
         .gateway_with(|c| {
             c.unix_socket_dir = Some(dir.clone());
@@ -611,6 +604,134 @@ async fn the_sockets_mode_and_group_decide_who_connects() {
     assert!(!stranger.status.success());
     let stderr = String::from_utf8_lossy(&stranger.stderr);
     assert!(stderr.contains("Permission denied"), "{stderr}");
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether this process runs as root (and so may run psql as other users).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+/// A directory every user may enter (so that only the socket's own permissions decide who
+/// connects), named after `what` and this process.
+fn open_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("understudy-socket-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// `auth.unix_socket_auth = "peer"`, PostgreSQL's `peer` on the gateway's socket: a client
+/// whose operating-system user has the role's name gets in with no password, and the gateway
+/// logs in to the server for it with the auth file's password (so the session can move); any
+/// other gets PostgreSQL's `28000` `Peer authentication failed`. TCP clients stay under
+/// `client_auth` (here the server decides). (As root, which runs psql as other users; skipped
+/// otherwise.)
+#[tokio::test]
+async fn peer_authentication_on_the_socket() {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to run psql as other users");
+        return;
+    }
+    let cluster = Cluster::primary_only().await;
+    let su = cluster.superuser().await;
+    su.batch_execute("CREATE ROLE nobody LOGIN PASSWORD 'nobody-secret'")
+        .await
+        .unwrap();
+    let dir = open_dir("peer");
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(&userlist, "\"nobody\" \"nobody-secret\"\n").unwrap();
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
+            c.auth.auth_file = Some(userlist.clone());
+        })
+        .await;
+    let psql = |os_user, user| {
+        psql_by_socket(
+            &cluster,
+            &gw,
+            os_user,
+            user,
+            "",
+            "SELECT current_user, inet_client_addr() IS NOT NULL",
+        )
+    };
+
+    // The server sees the gateway's TCP connection, logged in with the auth file's password
+    // (its pg_hba line for that asks for SCRAM).
+    let nobody = psql(Some("nobody"), "nobody").await;
+    let stdout = String::from_utf8_lossy(&nobody.stdout);
+    assert!(
+        stdout == "nobody|t\n",
+        "{stdout}{}",
+        String::from_utf8_lossy(&nobody.stderr)
+    );
+    let postgres = psql(Some("postgres"), roles::SUPERUSER).await;
+    let stdout = String::from_utf8_lossy(&postgres.stdout);
+    assert!(
+        stdout == "postgres|t\n",
+        "{stdout}{}",
+        String::from_utf8_lossy(&postgres.stderr)
+    );
+
+    for (os_user, user) in [
+        (Some("postgres"), "nobody"),
+        (Some("nobody"), roles::SUPERUSER),
+        (None, roles::SUPERUSER),
+    ] {
+        let refused = psql(os_user, user).await;
+        assert!(!refused.status.success(), "{os_user:?} as {user}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains(&format!("Peer authentication failed for user \"{user}\"")),
+            "{os_user:?} as {user}: {stderr}"
+        );
+    }
+    // 28000, as PostgreSQL's own refusal.
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(&dir)
+        .port(gw.addr().port())
+        .user(roles::SUPERUSER)
+        .dbname("postgres");
+    let refused = config
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("root is not postgres");
+    assert_eq!(sqlstate(&refused), Some("28000"));
+
+    // The session can move: the gateway can log in for it again.
+    let sleeper = psql_by_socket(
+        &cluster,
+        &gw,
+        Some("nobody"),
+        "nobody",
+        "",
+        "SELECT pg_sleep(2)",
+    );
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = gw.status().await;
+            let sessions = status["sessions"].as_array().unwrap();
+            if let Some(s) = sessions.iter().find(|s| s["user"] == "nobody") {
+                break s.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (slept, session) = tokio::join!(sleeper, watch);
+    assert!(slept.status.success());
+    assert_eq!(session["movable"], "yes", "{session:#}");
+    assert_eq!(session["client"], socket_of(&gw).display().to_string());
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

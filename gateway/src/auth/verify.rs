@@ -1,4 +1,5 @@
-//! The gateway authenticating a client itself (`client_auth` = trust, md5, scram-sha-256).
+//! The gateway authenticating a client itself (`client_auth` = trust, md5, scram-sha-256;
+//! `peer` on the Unix-domain socket).
 
 use bytes::BytesMut;
 use subtle::ConstantTimeEq;
@@ -32,7 +33,8 @@ pub async fn verify(
     secret: Option<Secret>,
 ) -> Result<Credential, SessionError> {
     match mode {
-        ClientAuth::Passthrough | ClientAuth::Trust => Ok(secret
+        // Peer: the client's operating-system user was checked when it connected.
+        ClientAuth::Passthrough | ClientAuth::Trust | ClientAuth::Peer => Ok(secret
             .as_ref()
             .map(Credential::from_secret)
             .unwrap_or(Credential::NotNeeded)),

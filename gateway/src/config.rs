@@ -476,7 +476,10 @@ mod tests {
         let md5 = "unix_socket_dir = \"/run/understudy\"\n[auth]\nunix_socket_auth = \"md5\"";
         let c: Config = toml::from_str(md5).unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("auth.unix_socket_auth md5/scram-sha-256 needs"), "{e}");
+        assert!(
+            e.contains("auth.unix_socket_auth md5/scram-sha-256 needs"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -721,7 +721,10 @@ async fn peer_authentication_on_the_socket() {
         loop {
             let status = gw.status().await;
             let sessions = status["sessions"].as_array().unwrap();
-            if let Some(s) = sessions.iter().find(|s| s["user"] == "nobody") {
+            // Once logged in (the session is listed from its startup on).
+            let logged_in =
+                |s: &&serde_json::Value| s["user"] == "nobody" && !s["backend_pid"].is_null();
+            if let Some(s) = sessions.iter().find(logged_in) {
                 break s.clone();
             }
             assert!(tokio::time::Instant::now() < deadline, "{status:#}");

@@ -31,6 +31,7 @@ pub mod sockopt;
 pub mod spares;
 pub mod stream;
 pub mod suspects;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

@@ -184,9 +184,18 @@ async fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         for phase in [Phase::Draining, Phase::Force] {
             signals.recv().await;
             tracing::info!(?phase, "signal received");
+            if phase == Phase::Draining {
+                understudy::systemd::stopping();
+            }
             trigger.advance(phase);
         }
     });
+    let mut status = format!("accepting connections on {}", gateway.local_addr());
+    if let Some(socket) = &gateway.shared().unix_socket {
+        status.push_str(&format!(" and {}", socket.display()));
+    }
+    tokio::spawn(understudy::systemd::feed_watchdog());
+    understudy::systemd::ready(&status);
     gateway.run().await;
     Ok(())
 }

@@ -65,6 +65,7 @@ pub struct Outcome {
 /// Reads the configuration again (from `shared`'s source, or the running one when there is
 /// none, which still re-reads the files it names) and applies what can be applied.
 pub fn reload(shared: &Shared) -> Outcome {
+    crate::systemd::reloading();
     let outcome = match prepare(shared) {
         Ok((next, outcome)) => {
             next.apply(shared);
@@ -87,6 +88,10 @@ pub fn reload(shared: &Shared) -> Outcome {
     }
     let result = if outcome.applied { "applied" } else { "failed" };
     metrics::counter!("understudy_config_reloads_total", "outcome" => result).increment(1);
+    crate::systemd::ready(&match &outcome.error {
+        Some(error) => format!("accepting connections; the last reload failed: {error}"),
+        None => "accepting connections; configuration reloaded".to_owned(),
+    });
     outcome
 }
 

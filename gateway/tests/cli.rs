@@ -218,6 +218,76 @@ async fn run_with_unix_sockets_at_both_ends() {
     pg.shutdown().await;
 }
 
+/// Under systemd (`Type=notify`, `WatchdogSec=`), as systemd hears it on `NOTIFY_SOCKET`:
+/// `READY=1` once the gateway accepts clients, `WATCHDOG=1` at half the watchdog's interval,
+/// `RELOADING=1` and `READY=1` again around a SIGHUP's reload, and `STOPPING=1` at SIGTERM.
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_reload_and_stopping() {
+    let mut pg = primary_only().await;
+    let port = free_port().unwrap();
+    let notify = pg.base_dir().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut gw = Killed(
+        Command::new(BIN)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--backend", &pg.primary.addr().to_string()])
+            .env("NOTIFY_SOCKET", &notify)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    // The next message that is not the watchdog's; counts those seen on the way.
+    let mut fed = 0;
+    let mut next = |fed: &mut u32| loop {
+        let mut buf = [0; 4096];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        let text = String::from_utf8(buf[..n].to_vec()).unwrap();
+        if text == "WATCHDOG=1\n" {
+            *fed += 1;
+        } else {
+            return text;
+        }
+    };
+    let ready = next(&mut fed);
+    assert_eq!(
+        ready,
+        format!("READY=1\nSTATUS=accepting connections on 127.0.0.1:{port}\n")
+    );
+    // Ready means accepting: a client gets in at once.
+    let client = connect(port, "postgres").await;
+    assert_eq!(
+        client
+            .simple_query("SELECT 1")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count(),
+        1
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&gw.0, "HUP");
+    let reloading = next(&mut fed);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(
+        next(&mut fed),
+        "READY=1\nSTATUS=accepting connections; configuration reloaded\n"
+    );
+    assert!(fed >= 3, "the watchdog fed every 100 ms: {fed} times");
+    signal(&gw.0, "TERM");
+    assert!(next(&mut fed).starts_with("STOPPING=1\n"));
+    drop(client);
+    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    pg.shutdown().await;
+}
+
 /// The uid and gid of operating-system user `name`, from `/etc/passwd`.
 fn os_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

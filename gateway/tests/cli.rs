@@ -242,7 +242,7 @@ async fn systemd_hears_ready_watchdog_reload_and_stopping() {
     );
     // The next message that is not the watchdog's; counts those seen on the way.
     let mut fed = 0;
-    let mut next = |fed: &mut u32| loop {
+    let next = |fed: &mut u32| loop {
         let mut buf = [0; 4096];
         let n = systemd.recv(&mut buf).expect("a notification");
         let text = String::from_utf8(buf[..n].to_vec()).unwrap();

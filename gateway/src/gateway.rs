@@ -102,6 +102,12 @@ pub struct Gateway {
 impl Gateway {
     /// Validates `config`, loads TLS and auth material, and binds the listeners.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_with(config, Activated::default()).await
+    }
+
+    /// [`Gateway::bind`], taking the listeners systemd passed in (socket activation) in place
+    /// of binding those the configuration names.
+    pub async fn bind_with(config: Config, activated: Activated) -> Result<Self, StartError> {
         config.validate()?;
         let connector = Connector {
             sslmode: config.backend_tls.sslmode,
@@ -122,15 +128,26 @@ impl Gateway {
         let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
             .map_err(StartError::Setup)?;
         let client_tls = crate::tls::server_config(&config.tls)?;
-        let listener =
-            TcpListener::bind(config.listen)
+        let listener = match activated.clients {
+            Some(listener) => {
+                TcpListener::from_std(listener).map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?
+            }
+            None => TcpListener::bind(config.listen)
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: config.listen,
                     source,
-                })?;
-        let unix = match &config.unix_socket_dir {
-            Some(dir) => {
+                })?,
+        };
+        let unix = match (activated.unix, &config.unix_socket_dir) {
+            (Some((listener, path)), _) => Some(
+                UnixSocket::adopt(listener, &path)
+                    .map_err(|source| StartError::BindUnix { path, source })?,
+            ),
+            (None, Some(dir)) => {
                 let port = listener
                     .local_addr()
                     .map_or(config.listen.port(), |a| a.port());
@@ -150,15 +167,23 @@ impl Gateway {
                         .map_err(|source| StartError::BindUnix { path, source })?,
                 )
             }
-            None => None,
+            (None, None) => None,
         };
-        let admin = match config.admin_listen {
-            Some(addr) => Some(
+        let admin = match (activated.admin, config.admin_listen) {
+            (Some(admin), addr) => {
+                Some(
+                    TcpListener::from_std(admin).map_err(|source| StartError::Bind {
+                        addr: addr.unwrap_or(config.listen),
+                        source,
+                    })?,
+                )
+            }
+            (None, Some(addr)) => Some(
                 TcpListener::bind(addr)
                     .await
                     .map_err(|source| StartError::Bind { addr, source })?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let (trigger, _) = shutdown::channel();
         let shared = Arc::new(Shared {
@@ -490,6 +515,77 @@ pub fn raise_open_file_limit(config: &Config) {
     }
 }
 
+/// Listening sockets systemd passed in (socket activation), which the gateway serves in place
+/// of binding those its configuration names: at most one TCP socket for clients, one
+/// Unix-domain socket for clients, and one TCP socket named `admin`
+/// (`FileDescriptorName=admin`) for the admin listener. Any other is refused; a listener not
+/// passed is bound as configured.
+#[derive(Debug, Default)]
+pub struct Activated {
+    clients: Option<std::net::TcpListener>,
+    unix: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Activated {
+    /// The sockets systemd passed to this process; none outside socket activation.
+    pub fn from_systemd() -> Result<Self, StartError> {
+        let sockets = crate::sockopt::activated_sockets()
+            .map_err(|e| StartError::Setup(format!("socket activation: {e}")))?;
+        let activated = Self::sort(sockets)
+            .map_err(|e| StartError::Setup(format!("socket activation: {e}")))?;
+        if activated.clients.is_some() || activated.unix.is_some() || activated.admin.is_some() {
+            tracing::info!(listen = ?activated.clients.as_ref().and_then(|c| c.local_addr().ok()), unix = ?activated.unix.as_ref().map(|u| &u.1), admin = ?activated.admin.as_ref().and_then(|a| a.local_addr().ok()), "listening sockets passed by systemd");
+        }
+        Ok(activated)
+    }
+
+    /// Sorts passed sockets by kind and name.
+    fn sort(sockets: Vec<(socket2::Socket, String)>) -> Result<Self, String> {
+        let mut this = Self::default();
+        for (socket, name) in sockets {
+            let addr = socket
+                .local_addr()
+                .map_err(|e| format!("socket {name:?}: {e}"))?;
+            let listening = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+                && socket.is_listener().unwrap_or(false);
+            if !listening {
+                return Err(format!(
+                    "socket {name:?} is not a listening stream socket (ListenStream=, Accept=no)"
+                ));
+            }
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("socket {name:?}: {e}"))?;
+            if let Some(inet) = addr.as_socket() {
+                let slot = if name == "admin" {
+                    &mut this.admin
+                } else {
+                    &mut this.clients
+                };
+                if slot.is_some() {
+                    return Err(format!(
+                        "a second TCP socket for {} ({inet}); name the admin listener's \"admin\" (FileDescriptorName=admin)",
+                        if name == "admin" { "the admin listener" } else { "clients" }
+                    ));
+                }
+                *slot = Some(socket.into());
+            } else if let Some(path) = addr.as_pathname().map(Path::to_owned) {
+                if this.unix.is_some() {
+                    return Err(format!("a second Unix-domain socket ({})", path.display()));
+                }
+                let fd = std::os::fd::OwnedFd::from(socket);
+                this.unix = Some((fd.into(), path));
+            } else {
+                return Err(format!(
+                    "socket {name:?} is neither TCP nor a Unix-domain socket with a path"
+                ));
+            }
+        }
+        Ok(this)
+    }
+}
+
 /// The Unix-domain socket clients may connect to besides TCP (`unix_socket_dir`), named as
 /// PostgreSQL names its own so that libpq finds it from a directory and a port.
 struct UnixSocket {
@@ -498,10 +594,11 @@ struct UnixSocket {
     path: PathBuf,
     /// Its peers' address: the socket's own path (a client's end has none).
     peer: PeerAddr,
-    /// The inode made, so that only this socket is removed at the end.
-    inode: (u64, u64),
-    /// The lock file beside it; removed when this is dropped.
-    _lock: SocketLock,
+    /// The inode made, so that only this socket is removed at the end; `None` for one systemd
+    /// made, which stays its to remove.
+    inode: Option<(u64, u64)>,
+    /// The lock file beside it, removed when this is dropped; systemd's socket has none.
+    _lock: Option<SocketLock>,
 }
 
 impl UnixSocket {
@@ -547,8 +644,20 @@ impl UnixSocket {
             listener,
             path: path.to_owned(),
             peer: PeerAddr::Unix(path.into()),
-            inode: made,
-            _lock: lock,
+            inode: Some(made),
+            _lock: Some(lock),
+        })
+    }
+
+    /// A socket systemd made and passed in (socket activation): served as it is, neither
+    /// locked nor removed at the end, as systemd keeps it across the gateway's restarts.
+    fn adopt(listener: std::os::unix::net::UnixListener, path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: UnixListener::from_std(listener)?,
+            path: path.to_owned(),
+            peer: PeerAddr::Unix(path.into()),
+            inode: None,
+            _lock: None,
         })
     }
 
@@ -565,7 +674,10 @@ impl UnixSocket {
 
     /// Removes the socket's file, unless another process has put its own in its place.
     fn remove(self) {
-        if file_id(&self.path).is_ok_and(|now| now == self.inode) {
+        if self
+            .inode
+            .is_some_and(|made| file_id(&self.path).is_ok_and(|now| now == made))
+        {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 tracing::warn!(socket = %self.path.display(), error = %e, "the socket file could not be removed");
             }
@@ -692,6 +804,40 @@ fn lock_holder(text: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activated_sockets_are_sorted_by_kind_and_name() {
+        let tcp = || socket2::Socket::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let dir = std::env::temp_dir().join(format!("understudy-activated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(".s.PGSQL.6432");
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let unix = socket2::Socket::from(std::os::fd::OwnedFd::from(unix));
+        let sorted = Activated::sort(vec![
+            (tcp(), "understudy.socket".into()),
+            (unix, "unix".into()),
+            (tcp(), "admin".into()),
+        ])
+        .unwrap();
+        assert!(sorted.clients.is_some() && sorted.admin.is_some());
+        assert_eq!(sorted.unix.as_ref().map(|u| &u.1), Some(&path));
+        let nothing = Activated::sort(Vec::new()).unwrap();
+        assert!(nothing.clients.is_none() && nothing.unix.is_none() && nothing.admin.is_none());
+
+        let e = Activated::sort(vec![(tcp(), "a".into()), (tcp(), "b".into())]).unwrap_err();
+        assert!(e.contains("a second TCP socket for clients"), "{e}");
+        let udp = socket2::Socket::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let e = Activated::sort(vec![(udp, "udp".into())]).unwrap_err();
+        assert!(e.contains("not a listening stream socket"), "{e}");
+        let idle =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        idle.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let e = Activated::sort(vec![(idle, "idle".into())]).unwrap_err();
+        assert!(e.contains("not a listening stream socket"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_lock_files_holder_is_read_as_postgresql_reads_it() {

@@ -169,7 +169,8 @@ fn said_once(e: &anyhow::Error) -> String {
 
 async fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     understudy::gateway::raise_open_file_limit(&config);
-    let mut gateway = Gateway::bind(config).await?;
+    let activated = understudy::gateway::Activated::from_systemd()?;
+    let mut gateway = Gateway::bind_with(config, activated).await?;
     gateway.reload_from(Box::new(move || {
         args.clone().into_config().map_err(|e| said_once(&e))
     }));

@@ -1,6 +1,7 @@
-//! What the kernel knows that neither the standard library nor tokio asks it (a TCP
-//! connection's unacknowledged bytes, whether a process exists): the crate's one module with
-//! `unsafe` code (STYLE.md), each block saying why it is sound.
+//! What the kernel knows or holds that neither the standard library nor tokio reaches (a TCP
+//! connection's unacknowledged bytes, whether a process exists, the sockets systemd passed
+//! in): the crate's one module with `unsafe` code (STYLE.md), each block saying why it is
+//! sound.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -44,4 +45,25 @@ pub fn process_exists(pid: u32) -> bool {
     // could be signalled.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The listening sockets systemd passed to this process (socket activation: `LISTEN_FDS`
+/// with `LISTEN_PID` naming this process), each with its name (`FileDescriptorName=`,
+/// `LISTEN_FDNAMES`); none outside socket activation, and none after the first call.
+pub fn activated_sockets() -> io::Result<Vec<(socket2::Socket, String)>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    let mut sockets = Vec::new();
+    for (fd, name) in sd_notify::listen_fds_with_names()? {
+        // SAFETY: systemd opens these descriptors for this process to own (sd_listen_fds(3):
+        // LISTEN_PID is this process, they are 3 and up, LISTEN_FDS of them), and nothing
+        // else in it takes them: this is the only place that does, once (`TAKEN`).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        sockets.push((socket2::Socket::from(owned), name));
+    }
+    Ok(sockets)
 }

@@ -288,6 +288,101 @@ async fn systemd_hears_ready_watchdog_reload_and_stopping() {
     pg.shutdown().await;
 }
 
+/// Socket activation, driven by systemd's own `systemd-socket-activate`: it listens on the
+/// client port, a Unix-domain socket and the admin port, and starts the gateway at the first
+/// connection, which the gateway then serves (the client waits, it is not refused). The
+/// passed sockets are served in place of binding (`ctl status` names them), and the Unix-domain
+/// socket is left to its maker at exit, with no lock file. Two unnamed TCP sockets are refused
+/// with a message saying how to name the admin one. (Skipped without the program.)
+#[tokio::test]
+async fn socket_activation_serves_the_sockets_systemd_passes() {
+    let activate = "/usr/bin/systemd-socket-activate";
+    if !std::path::Path::new(activate).exists() {
+        eprintln!("skipped: no {activate} (Debian package systemd)");
+        return;
+    }
+    let mut pg = primary_only().await;
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let dir = pg.base_dir().join("activated");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let backend = pg.primary.addr().to_string();
+    let mut gw = Killed(
+        Command::new(activate)
+            .args(["-l", &format!("127.0.0.1:{port}")])
+            .arg("-l")
+            .arg(&socket)
+            .args(["-l", &format!("127.0.0.1:{admin}")])
+            .arg("--fdname=clients:unix:admin")
+            .args([BIN, "run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--backend", &backend])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn systemd-socket-activate"),
+    );
+    // The first connection starts the gateway, which answers it.
+    let client = connect(port, "postgres").await;
+    let rows = client.simple_query("SELECT 6 * 7").await.unwrap();
+    let answer = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+        _ => None,
+    });
+    assert_eq!(answer, Some("42"));
+    let mut by_socket = tokio_postgres::Config::new();
+    by_socket
+        .host_path(&dir)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres");
+    let (unix_client, conn) = by_socket.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    unix_client.simple_query("SELECT 1").await.unwrap();
+    let out = Command::new(BIN)
+        .args(["ctl", "--admin", &format!("127.0.0.1:{admin}"), "status"])
+        .output()
+        .expect("ctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("on 127.0.0.1:{port} and {}", socket.display())),
+        "{text}"
+    );
+    drop((client, unix_client));
+    signal(&gw.0, "TERM");
+    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    assert!(socket.exists(), "systemd's socket is left to it");
+    let mut lock = socket.clone().into_os_string();
+    lock.push(".lock");
+    assert!(
+        !std::path::Path::new(&lock).exists(),
+        "and has no lock file"
+    );
+
+    let (first, second) = (free_port().unwrap(), free_port().unwrap());
+    let mut refused = Killed(
+        Command::new(activate)
+            .args(["-l", &format!("127.0.0.1:{first}")])
+            .args(["-l", &format!("127.0.0.1:{second}")])
+            .args([BIN, "run", "--backend", &backend])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn systemd-socket-activate"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", first)).is_err() {
+        assert!(Instant::now() < deadline, "never listened on {first}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!wait_exit(&mut refused.0, Duration::from_secs(10)).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("socket activation: a second TCP socket for clients")
+            && stderr.contains("FileDescriptorName=admin"),
+        "{stderr}"
+    );
+    pg.shutdown().await;
+}
+
 /// The uid and gid of operating-system user `name`, from `/etc/passwd`.
 fn os_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

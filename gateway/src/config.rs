@@ -55,6 +55,22 @@ pub struct Config {
     pub failover: Failover,
     /// Threads that run sessions; 0 means one per CPU.
     pub worker_threads: usize,
+    /// Which log lines are written: a `tracing` filter (`info`, `warn,understudy::session=debug`);
+    /// `RUST_LOG`, when set, decides instead.
+    pub log_level: String,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One line of text per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`), for collectors.
+    Json,
 }
 
 impl Default for Config {
@@ -81,6 +97,8 @@ impl Default for Config {
             control: Control::default(),
             failover: Failover::default(),
             worker_threads: 1,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -366,6 +384,9 @@ impl Config {
         {
             return invalid("backend_tls.sslmode = \"verify-full\" needs backend_tls.root_cert");
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return invalid(&format!("log_level {:?}: {e}", self.log_level));
+        }
         if self.auth.client_auth == ClientAuth::Peer {
             return invalid(
                 "auth.client_auth = \"peer\": only a Unix-domain socket tells who the client is; set auth.unix_socket_auth = \"peer\" (with unix_socket_dir)",
@@ -533,6 +554,20 @@ mod tests {
             missing.is_empty(),
             "README config reference lacks {missing:?}"
         );
+    }
+
+    #[test]
+    fn log_settings_are_read_and_checked() {
+        let c: Config =
+            toml::from_str("log_format = \"json\"\nlog_level = \"warn,understudy::session=debug\"")
+                .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.validate().is_ok());
+        assert_eq!(Config::default().log_format, LogFormat::Text);
+        assert_eq!(Config::default().log_level, "info");
+        let c: Config = toml::from_str("log_level = \"understudy=loud\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("log_level"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use understudy::config::{BackendSslMode, ClientAuth, Config, Promote};
+use understudy::config::{BackendSslMode, ClientAuth, Config, LogFormat, Promote};
 use understudy::shutdown::Phase;
 use understudy::Gateway;
 
@@ -93,6 +93,9 @@ struct RunArgs {
     /// Who promotes a standby when the primary fails.
     #[arg(long, value_enum)]
     promote: Option<Promote>,
+    /// How log lines are written.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 impl RunArgs {
@@ -125,24 +128,33 @@ impl RunArgs {
         if let Some(promote) = self.promote {
             config.failover.promote = promote;
         }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
+        }
         config.validate()?;
         Ok(config)
     }
 }
 
 fn main() -> std::process::ExitCode {
-    understudy::telemetry::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => args.clone().into_config().and_then(|config| {
+            understudy::telemetry::init_logging(&config.log_level, config.log_format);
             understudy::runtime(config.worker_threads)?.block_on(run(config, args))
         }),
-        Command::Demo(args) => understudy::runtime(1)
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(understudy::demo::run(args))),
-        Command::Ctl { admin, command } => understudy::runtime(1)
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ctl(admin, command))),
+        Command::Demo(args) => {
+            understudy::telemetry::init_logging("info", LogFormat::Text);
+            understudy::runtime(1)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(understudy::demo::run(args)))
+        }
+        Command::Ctl { admin, command } => {
+            understudy::telemetry::init_logging("info", LogFormat::Text);
+            understudy::runtime(1)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(ctl(admin, command)))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -18,11 +18,12 @@ pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Settings a reload takes into use; the files they name are read again even when the
 /// setting itself is unchanged.
-pub const RELOADABLE: [&str; 4] = [
+pub const RELOADABLE: [&str; 5] = [
     "auth.auth_file",
     "tls.cert",
     "tls.key",
     "backend_tls.root_cert",
+    "log_level",
 ];
 
 /// A value a reload replaces whole, and that its users copy out (an `Arc` or an `Option` of
@@ -113,10 +114,15 @@ struct Next {
     auth_file: std::collections::HashMap<String, crate::auth::userlist::Secret>,
     client_tls: Option<Option<Arc<rustls::ServerConfig>>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
+    log_level: String,
 }
 
 impl Next {
     fn apply(self, shared: &Shared) {
+        if let Err(e) = crate::telemetry::set_log_level(&self.log_level) {
+            // Checked by `validate` already.
+            tracing::warn!(error = %e, "log_level not applied");
+        }
         shared.secrets.replace_file(self.auth_file);
         if let Some(tls) = self.client_tls {
             shared.client_tls.set(tls);
@@ -174,6 +180,7 @@ fn prepare(shared: &Shared) -> Result<(Next, Outcome), String> {
             auth_file,
             client_tls,
             backend_tls,
+            log_level: new.log_level.clone(),
         },
         Outcome {
             applied: true,

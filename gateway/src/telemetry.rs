@@ -248,15 +248,48 @@ pub fn count_error(code: &str, origin: &'static str) {
         .increment(1);
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+/// The filter in force, which a reload may replace (not when `RUST_LOG` set it).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Logs to stderr as `format`, filtered by `level` (a `tracing` filter), or by `RUST_LOG`
+/// when that is set.
+pub fn init_logging(level: &str, format: crate::config::LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let from_config = from_env.is_none();
+    let filter = from_env.unwrap_or_else(|| {
+        tracing_subscriber::EnvFilter::try_new(level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines: Box<dyn tracing_subscriber::Layer<_> + Send + Sync> = match format {
+        crate::config::LogFormat::Text => {
+            Box::new(lines.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+        }
+        crate::config::LogFormat::Json => Box::new(lines.json().with_ansi(false)),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .try_init()
+        .is_ok();
+    if installed && from_config {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Puts log filter `level` in force (a configuration reload); `RUST_LOG`, when it set the
+/// filter, keeps it.
+pub fn set_log_level(level: &str) -> Result<(), String> {
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(());
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    handle.reload(filter).map_err(|e| e.to_string())
 }
 
 /// Logs into the test harness's captured output (shown for failing tests), filtered by

@@ -383,6 +383,74 @@ async fn socket_activation_serves_the_sockets_systemd_passes() {
     pg.shutdown().await;
 }
 
+/// `log_format = "json"` writes one JSON object per line, and `log_level` filters them; a
+/// reload (SIGHUP) puts a changed `log_level` in force without a restart: at `warn` the start
+/// logs no info lines, after the reload to `info` the reload's own line and the shutdown's
+/// are there.
+#[tokio::test]
+async fn json_logs_and_a_log_level_changed_by_a_reload() {
+    let mut pg = primary_only().await;
+    let port = free_port().unwrap();
+    let file = pg.base_dir().join("understudy.toml");
+    let config = |level: &str| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\nlog_format = \"json\"\nlog_level = \"{level}\"\n",
+            pg.primary.addr()
+        )
+    };
+    std::fs::write(&file, config("warn")).unwrap();
+    let mut gw = Killed(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    let client = connect(port, "postgres").await;
+    client.simple_query("SELECT 1").await.unwrap();
+    std::fs::write(&file, config("info")).unwrap();
+    signal(&gw.0, "HUP");
+    // Time for the reload (a SIGHUP is handled on the runtime, in a few milliseconds).
+    std::thread::sleep(Duration::from_millis(500));
+    drop(client);
+    signal(&gw.0, "TERM");
+    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut gw.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let messages: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["level"].as_str().unwrap_or_default(),
+                l["fields"]["message"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        !messages.contains(&("INFO", "accepting connections")),
+        "info lines at warn: {messages:?}"
+    );
+    let reloaded = messages
+        .iter()
+        .position(|m| *m == ("INFO", "configuration reloaded"))
+        .unwrap_or_else(|| panic!("no reload line: {messages:?}"));
+    assert!(
+        messages[reloaded..].contains(&("INFO", "shut down")),
+        "{messages:?}"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["timestamp"].is_string() && l["target"].is_string()));
+    pg.shutdown().await;
+}
+
 /// The uid and gid of operating-system user `name`, from `/etc/passwd`.
 fn os_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

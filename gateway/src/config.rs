@@ -155,6 +155,24 @@ pub struct ClientTls {
     pub key: Option<PathBuf>,
     /// Refuse clients that do not use TLS.
     pub required: bool,
+    /// CA certificates (PEM) that client certificates are checked against; set, the gateway
+    /// asks TLS clients for one.
+    pub client_ca: Option<PathBuf>,
+    /// What a TLS client's certificate must be, as `clientcert` in `pg_hba.conf`.
+    pub client_cert: ClientCert,
+}
+
+/// What a TLS client's certificate must be (PostgreSQL's `clientcert`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientCert {
+    /// None needed; one presented must be valid.
+    #[default]
+    Optional,
+    /// A valid one (signed by `client_ca`) is needed.
+    VerifyCa,
+    /// A valid one whose common name is the role is needed.
+    VerifyFull,
 }
 
 /// libpq-style sslmode for backend connections.
@@ -200,6 +218,9 @@ pub enum ClientAuth {
     /// The client's operating-system user, as the kernel reports it, must be the role it logs
     /// in as (PostgreSQL's `peer`); the gateway's Unix-domain socket only.
     Peer,
+    /// The client's TLS certificate, valid for `tls.client_ca`, must name the role as its
+    /// common name (PostgreSQL's `cert`); TLS clients only.
+    Cert,
 }
 
 /// Authentication settings.
@@ -392,6 +413,25 @@ impl Config {
                 "auth.client_auth = \"peer\": only a Unix-domain socket tells who the client is; set auth.unix_socket_auth = \"peer\" (with unix_socket_dir)",
             );
         }
+        let cert_auth = self.auth.client_auth == ClientAuth::Cert;
+        if (cert_auth || self.tls.client_cert != ClientCert::Optional)
+            && self.tls.client_ca.is_none()
+        {
+            return invalid("auth.client_auth = \"cert\" and tls.client_cert need tls.client_ca");
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return invalid("tls.client_ca needs tls.cert and tls.key");
+        }
+        if self.auth.unix_socket_auth == Some(ClientAuth::Cert) {
+            return invalid(
+                "auth.unix_socket_auth = \"cert\": a Unix-domain socket carries no TLS, so no certificate",
+            );
+        }
+        if cert_auth && self.unix_socket_dir.is_some() && self.auth.unix_socket_auth.is_none() {
+            return invalid(
+                "auth.client_auth = \"cert\" with unix_socket_dir: socket clients present no certificate; set auth.unix_socket_auth",
+            );
+        }
         if self.auth.unix_socket_auth.is_some() && self.unix_socket_dir.is_none() {
             return invalid("auth.unix_socket_auth needs unix_socket_dir");
         }
@@ -554,6 +594,35 @@ mod tests {
             missing.is_empty(),
             "README config reference lacks {missing:?}"
         );
+    }
+
+    #[test]
+    fn client_certificate_settings_are_checked() {
+        let tls = "[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n";
+        let c: Config = toml::from_str(&format!("{tls}client_cert = \"verify-full\"")).unwrap();
+        assert_eq!(c.tls.client_cert, ClientCert::VerifyFull);
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str(&format!("{tls}[auth]\nclient_auth = \"cert\"")).unwrap();
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[auth]\nclient_auth = \"cert\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("need tls.client_ca"), "{e}");
+        let c: Config = toml::from_str("[tls]\nclient_cert = \"verify-ca\"").unwrap();
+        assert!(c.validate().is_err(), "verify-ca without a CA");
+        let c: Config = toml::from_str("[tls]\nclient_ca = \"ca.pem\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tls.client_ca needs tls.cert"), "{e}");
+        let with_socket =
+            format!("unix_socket_dir = \"/run/u\"\n{tls}[auth]\nclient_auth = \"cert\"");
+        let c: Config = toml::from_str(&with_socket).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("set auth.unix_socket_auth"), "{e}");
+        let c: Config =
+            toml::from_str(&format!("{with_socket}\nunix_socket_auth = \"peer\"")).unwrap();
+        assert!(c.validate().is_ok());
+        let c: Config =
+            toml::from_str(&format!("{with_socket}\nunix_socket_auth = \"cert\"")).unwrap();
+        assert!(c.validate().is_err(), "no certificate on a socket");
     }
 
     #[test]

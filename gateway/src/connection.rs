@@ -12,7 +12,7 @@ use crate::auth::login::{login, LoginError};
 use crate::auth::relay::{relay, ClientEnd, Ends};
 use crate::auth::verify::verify;
 use crate::auth::Credential;
-use crate::config::ClientAuth;
+use crate::config::{ClientAuth, ClientCert};
 use crate::error::SessionError;
 use crate::failover::FailoverError;
 use crate::gateway::Shared;
@@ -252,6 +252,45 @@ fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
     ))
 }
 
+/// PostgreSQL's `clientcert` check (and its `cert` method, `as_method`): a certificate the
+/// handshake found valid is needed from `verify-ca` on, and from `verify-full` on its common
+/// name must be the role's. Refusals say what PostgreSQL says.
+fn check_client_cert(
+    stream: &Stream,
+    user: &str,
+    needed: ClientCert,
+    as_method: bool,
+) -> Result<(), SessionError> {
+    if needed == ClientCert::Optional {
+        return Ok(());
+    }
+    let refused = |message: String| Err(SessionError::refused("28000", "client_cert", message));
+    let name = match crate::tls::client_common_name(stream) {
+        None => return refused("connection requires a valid client certificate".to_owned()),
+        Some(name) => name,
+    };
+    if needed == ClientCert::VerifyCa {
+        return Ok(());
+    }
+    match name {
+        Ok(name) if name == user => Ok(()),
+        other => {
+            let why = match other {
+                Ok(name) => format!("the certificate's common name is {name:?}"),
+                Err(e) => e,
+            };
+            tracing::info!(%user, why, "client certificate does not name the role");
+            refused(if as_method {
+                format!("certificate authentication failed for user \"{user}\"")
+            } else {
+                format!(
+                    "certificate validation (clientcert=verify-full) failed for user \"{user}\": CN mismatch"
+                )
+            })
+        }
+    }
+}
+
 /// Logs in to the primary for the client and relays the server's greeting.
 async fn establish(
     shared: &Arc<Shared>,
@@ -269,6 +308,13 @@ async fn establish(
     if mode == ClientAuth::Peer {
         check_peer(stream, user)?;
     }
+    let certificate = match (mode, &*stream) {
+        (ClientAuth::Cert, _) => ClientCert::VerifyFull,
+        // As `clientcert`, which only `hostssl` lines take.
+        (_, Stream::Unix(_)) => ClientCert::Optional,
+        _ => shared.config.tls.client_cert,
+    };
+    check_client_cert(stream, user, certificate, mode == ClientAuth::Cert)?;
     let mut greeting = BytesMut::new();
     // Newer minor versions and protocol options are answered here; the server gets plain 3.0.
     let options: Vec<String> = startup.protocol_options().map(str::to_owned).collect();

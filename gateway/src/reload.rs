@@ -18,10 +18,11 @@ pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Settings a reload takes into use; the files they name are read again even when the
 /// setting itself is unchanged.
-pub const RELOADABLE: [&str; 5] = [
+pub const RELOADABLE: [&str; 6] = [
     "auth.auth_file",
     "tls.cert",
     "tls.key",
+    "tls.client_ca",
     "backend_tls.root_cert",
     "log_level",
 ];
@@ -157,7 +158,7 @@ fn prepare(shared: &Shared) -> Result<(Next, Outcome), String> {
     } else {
         let tls = crate::tls::server_config(&new.tls).map_err(|e| e.to_string())?;
         reread.extend(
-            [&new.tls.cert, &new.tls.key]
+            [&new.tls.cert, &new.tls.key, &new.tls.client_ca]
                 .into_iter()
                 .flatten()
                 .map(|p| p.display().to_string()),

@@ -60,13 +60,69 @@ pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| TlsError::Pem(format!("{}: {e}", key.display())))?
         .ok_or_else(|| TlsError::Pem(format!("{}: no private key", key.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &cfg.client_ca {
+        // Asked for, checked when presented; whether one is needed is the session's to say
+        // (`tls.client_cert`, `client_auth = "cert"`), as PostgreSQL's `clientcert` is.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certs(ca)? {
+                roots.add(cert)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Pem(format!("{}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
     // As PostgreSQL 17: a client naming no protocol is served, one naming only others is not.
     config.alpn_protocols = vec![crate::handshake::ALPN_POSTGRESQL.to_vec()];
     Ok(Some(Arc::new(config)))
+}
+
+/// The common name in the certificate a TLS client presented (which the handshake checked
+/// against `tls.client_ca`): `None` when it presented none or is not on TLS, an error when
+/// the certificate has no readable common name.
+pub fn client_common_name(stream: &crate::stream::Stream) -> Option<Result<String, String>> {
+    let crate::stream::Stream::ServerTls(tls) = stream else {
+        return None;
+    };
+    let cert = tls.get_ref().1.peer_certificates()?.first()?;
+    Some(common_name(cert.as_ref()))
+}
+
+/// The subject's common name (`CN`) in a DER certificate: the first, as PostgreSQL reads it
+/// (OpenSSL's `X509_NAME_get_text_by_NID`).
+fn common_name(der: &[u8]) -> Result<String, String> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, TeletexStringRef, Utf8StringRef};
+    use x509_cert::der::{Decode, Tag, Tagged};
+    const CN: x509_cert::der::oid::ObjectIdentifier =
+        x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.4.3");
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let value = cert
+        .tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|atv| atv.oid == CN)
+        .map(|atv| &atv.value)
+        .ok_or("the certificate's subject has no common name")?;
+    let text = match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::PrintableString => PrintableStringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::Ia5String => Ia5StringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::TeletexString => TeletexStringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        other => return Err(format!("the common name is a {other}, not a string")),
+    };
+    text.map_err(|e| e.to_string())
 }
 
 /// The connector for backends, or none when `sslmode = disable`.
@@ -145,5 +201,37 @@ impl ServerCertVerifier for AcceptAnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate's DER with `subject` as its distinguished name.
+    fn certificate(subject: rcgen::DistinguishedName) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = subject;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_common_name_is_read_from_the_subject() {
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, "ACME");
+        dn.push(rcgen::DnType::CommonName, "app_user");
+        assert_eq!(common_name(&certificate(dn)).unwrap(), "app_user");
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(
+            rcgen::DnType::CommonName,
+            rcgen::DnValue::PrintableString("reporting".try_into().unwrap()),
+        );
+        assert_eq!(common_name(&certificate(dn)).unwrap(), "reporting");
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, "ACME");
+        let e = common_name(&certificate(dn)).unwrap_err();
+        assert!(e.contains("no common name"), "{e}");
+        assert!(common_name(b"not a certificate").is_err());
     }
 }

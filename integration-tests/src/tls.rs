@@ -14,6 +14,7 @@ pub struct TestCa {
     /// Server private key.
     pub server_key: PathBuf,
     ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
     _dir: TempDir,
 }
 
@@ -64,6 +65,7 @@ impl TestCa {
             server_cert: write("server.pem", &cert.pem()),
             server_key: write("server.key", &key.serialize_pem()),
             ca_pem: ca.pem(),
+            issuer,
             _dir: TempDir(dir),
         }
     }
@@ -86,6 +88,46 @@ impl TestCa {
         .expect("TLS versions")
         .with_root_certificates(roots)
         .with_no_client_auth()
+    }
+
+    /// A client certificate signed by this CA with common name `cn`, and its key (mode 0600,
+    /// as libpq wants it), as PEM files.
+    pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.use_authority_key_identifier_extension = true;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("client key");
+        let cert = params.signed_by(&key, &self.issuer).expect("client cert");
+        let dir = &self._dir.0;
+        let (cert_path, key_path) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+        std::fs::write(&cert_path, cert.pem()).expect("write client cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write client key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+            .expect("client key mode");
+        (cert_path, key_path)
+    }
+
+    /// rustls client configuration trusting only this CA and presenting `cert` with `key`.
+    pub fn client_config_with_cert(&self, cert: &Path, key: &Path) -> rustls::ClientConfig {
+        let chain = rustls_pemfile_certs(&std::fs::read(cert).expect("client cert"));
+        let key = {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("client key PEM")
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pemfile_certs(self.ca_pem.as_bytes()) {
+            roots.add(ca).expect("CA cert");
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate")
     }
 
     /// The directory holding the PEM files.

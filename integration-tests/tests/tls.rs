@@ -848,3 +848,178 @@ fn describe(e: &tokio_postgres::Error) -> String {
         None => error_chain(e),
     }
 }
+
+/// Client certificates (`tls.client_ca`), as PostgreSQL checks them with `libpq`'s `sslcert`:
+/// as the `cert` method (`client_auth = "cert"`: a valid certificate whose common name is the
+/// role logs in with no password) and as `clientcert` on top of the server's own login
+/// (`tls.client_cert = "verify-full"`, then `"verify-ca"`). Refusals carry PostgreSQL's texts
+/// and `28000`; a certificate from another CA fails the handshake.
+#[tokio::test]
+async fn client_certificates_as_the_cert_method_and_as_clientcert() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let (postgres_cert, postgres_key) = ca.client_cert(roles::SUPERUSER);
+    let (scram_cert, scram_key) = ca.client_cert(roles::SCRAM);
+    let stranger = TestCa::new();
+    let (foreign_cert, foreign_key) = stranger.client_cert(roles::SUPERUSER);
+    let with_cert = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(" sslcert={} sslkey={}", cert.display(), key.display())
+    };
+    let conninfo = |gw: &TestGateway, user: &str, extra: &str| {
+        format!(
+            "{} sslmode=verify-full sslrootcert={}{extra}",
+            gw.conn_str(user, "postgres")
+                .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
+            ca.ca_cert.display()
+        )
+    };
+    let (server_cert, server_key, client_ca) = (
+        ca.server_cert.clone(),
+        ca.server_key.clone(),
+        ca.ca_cert.clone(),
+    );
+    let gateway = |auth: ClientAuth, cert: understudy::config::ClientCert| {
+        let (server_cert, server_key, client_ca) =
+            (server_cert.clone(), server_key.clone(), client_ca.clone());
+        cluster.gateway_with(move |c| {
+            c.tls.cert = Some(server_cert);
+            c.tls.key = Some(server_key);
+            c.tls.client_ca = Some(client_ca);
+            c.tls.client_cert = cert;
+            c.auth.client_auth = auth;
+            c.unix_socket_dir = None;
+        })
+    };
+
+    // The cert method.
+    let gw = gateway(ClientAuth::Cert, understudy::config::ClientCert::Optional).await;
+    let cert = with_cert(&postgres_cert, &postgres_key);
+    let (ok, stdout, stderr) = outcome(
+        &psql(
+            &cluster,
+            &conninfo(&gw, roles::SUPERUSER, &cert),
+            &["SELECT current_user"],
+        )
+        .await,
+    );
+    assert!(ok && stdout == "postgres\n", "{stdout}{stderr}");
+    for (user, extra, says) in [
+        (
+            roles::SCRAM,
+            cert.clone(),
+            format!(
+                "certificate authentication failed for user \"{}\"",
+                roles::SCRAM
+            ),
+        ),
+        (
+            roles::SUPERUSER,
+            String::new(),
+            "connection requires a valid client certificate".to_owned(),
+        ),
+    ] {
+        let (ok, _, stderr) =
+            outcome(&psql(&cluster, &conninfo(&gw, user, &extra), &["SELECT 1"]).await);
+        assert!(!ok && stderr.contains(&says), "{user} {extra}: {stderr}");
+    }
+    let plain = gw.conn_str(roles::SUPERUSER, "postgres") + " sslmode=disable";
+    let (ok, _, stderr) = outcome(&psql(&cluster, &plain, &["SELECT 1"]).await);
+    assert!(
+        !ok && stderr.contains("connection requires a valid client certificate"),
+        "{stderr}"
+    );
+    let foreign = with_cert(&foreign_cert, &foreign_key);
+    let (ok, _, stderr) = outcome(
+        &psql(
+            &cluster,
+            &conninfo(&gw, roles::SUPERUSER, &foreign),
+            &["SELECT 1"],
+        )
+        .await,
+    );
+    assert!(
+        !ok && stderr.contains("alert"),
+        "another CA's certificate: {stderr}"
+    );
+    // tokio-postgres (rustls) presenting the certificate: in, and 28000 for another role.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+        ca.client_config_with_cert(&postgres_cert, &postgres_key),
+    );
+    let (client, conn) = tls_config(&gw, roles::SUPERUSER, "localhost")
+        .connect(tls.clone())
+        .await
+        .expect("the certificate logs in");
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), roles::SUPERUSER);
+    let refused = tls_config(&gw, roles::TRUST, "localhost")
+        .connect(tls)
+        .await
+        .err()
+        .expect("the certificate names another role");
+    assert_eq!(sqlstate(&refused), Some("28000"));
+    gw.shutdown().await;
+
+    // clientcert=verify-full over the server's own login (SCRAM here).
+    let gw = gateway(
+        ClientAuth::Passthrough,
+        understudy::config::ClientCert::VerifyFull,
+    )
+    .await;
+    let scram = with_cert(&scram_cert, &scram_key);
+    let (ok, stdout, stderr) = outcome(
+        &psql(
+            &cluster,
+            &conninfo(&gw, roles::SCRAM, &scram),
+            &["SELECT current_user"],
+        )
+        .await,
+    );
+    assert!(ok && stdout == "scram_user\n", "{stdout}{stderr}");
+    for (user, extra, says) in [
+        (
+            roles::MD5,
+            scram.clone(),
+            format!(
+                "certificate validation (clientcert=verify-full) failed for user \"{}\": CN mismatch",
+                roles::MD5
+            ),
+        ),
+        (
+            roles::SCRAM,
+            String::new(),
+            "connection requires a valid client certificate".to_owned(),
+        ),
+    ] {
+        let (ok, _, stderr) =
+            outcome(&psql(&cluster, &conninfo(&gw, user, &extra), &["SELECT 1"]).await);
+        assert!(!ok && stderr.contains(&says), "{user} {extra}: {stderr}");
+    }
+    gw.shutdown().await;
+
+    // clientcert=verify-ca: any certificate of the CA, then the server's login.
+    let gw = gateway(
+        ClientAuth::Passthrough,
+        understudy::config::ClientCert::VerifyCa,
+    )
+    .await;
+    let (ok, stdout, stderr) = outcome(
+        &psql(
+            &cluster,
+            &conninfo(&gw, roles::MD5, &scram),
+            &["SELECT current_user"],
+        )
+        .await,
+    );
+    assert!(ok && stdout == "md5_user\n", "{stdout}{stderr}");
+    let (ok, _, stderr) =
+        outcome(&psql(&cluster, &conninfo(&gw, roles::MD5, ""), &["SELECT 1"]).await);
+    assert!(
+        !ok && stderr.contains("connection requires a valid client certificate"),
+        "{stderr}"
+    );
+    gw.shutdown().await;
+}

@@ -33,11 +33,14 @@ pub async fn verify(
     secret: Option<Secret>,
 ) -> Result<Credential, SessionError> {
     match mode {
-        // Peer: the client's operating-system user was checked when it connected.
-        ClientAuth::Passthrough | ClientAuth::Trust | ClientAuth::Peer => Ok(secret
-            .as_ref()
-            .map(Credential::from_secret)
-            .unwrap_or(Credential::NotNeeded)),
+        // Peer, cert: the client's operating-system user or certificate was checked when it
+        // connected.
+        ClientAuth::Passthrough | ClientAuth::Trust | ClientAuth::Peer | ClientAuth::Cert => {
+            Ok(secret
+                .as_ref()
+                .map(Credential::from_secret)
+                .unwrap_or(Credential::NotNeeded))
+        }
         ClientAuth::Md5 => verify_md5(client, user, secret).await,
         ClientAuth::ScramSha256 => verify_scram(client, user, secret).await,
     }

@@ -198,6 +198,11 @@ pub struct BackendTls {
     pub sslmode: BackendSslMode,
     /// CA certificates (PEM) for `verify-full`.
     pub root_cert: Option<PathBuf>,
+    /// The gateway's client certificate chain (PEM), for servers that ask for one (libpq's
+    /// `sslcert`).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM; libpq's `sslkey`).
+    pub key: Option<PathBuf>,
 }
 
 /// Who authenticates the client.
@@ -419,6 +424,9 @@ impl Config {
         {
             return invalid("auth.client_auth = \"cert\" and tls.client_cert need tls.client_ca");
         }
+        if self.backend_tls.cert.is_some() != self.backend_tls.key.is_some() {
+            return invalid("backend_tls.cert and backend_tls.key go together");
+        }
         if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
             return invalid("tls.client_ca needs tls.cert and tls.key");
         }
@@ -609,6 +617,9 @@ mod tests {
         assert!(e.contains("need tls.client_ca"), "{e}");
         let c: Config = toml::from_str("[tls]\nclient_cert = \"verify-ca\"").unwrap();
         assert!(c.validate().is_err(), "verify-ca without a CA");
+        let c: Config = toml::from_str("[backend_tls]\ncert = \"gw.pem\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
         let c: Config = toml::from_str("[tls]\nclient_ca = \"ca.pem\"").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("tls.client_ca needs tls.cert"), "{e}");

@@ -812,6 +812,8 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
     /// Server certificate and key PEM files: `ssl = on` with them.
     pub ssl: Option<(PathBuf, PathBuf)>,
+    /// CA certificates (PEM) for client certificates (`ssl_ca_file`), with `ssl`.
+    pub ssl_ca: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -825,6 +827,7 @@ impl ClusterOptions {
             extra_conf: Vec::new(),
             hba: Vec::new(),
             ssl: None,
+            ssl_ca: None,
         }
     }
 
@@ -915,6 +918,9 @@ fn render_node_conf(opts: &ClusterOptions, node: &LocalNode) -> String {
     );
     if opts.ssl.is_some() {
         conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        if opts.ssl_ca.is_some() {
+            conf.push_str("ssl_ca_file = 'root.crt'\n");
+        }
     }
     for line in &opts.extra_conf {
         conf.push_str(line);
@@ -959,7 +965,11 @@ fn write_node_files(opts: &ClusterOptions, node: &LocalNode) -> Result<(), Local
             .map_err(io_err(format!("appending to {}", main_conf.display())))?;
     }
     if let Some((cert, key)) = &opts.ssl {
-        for (source, name) in [(cert, "server.crt"), (key, "server.key")] {
+        let ca = opts.ssl_ca.iter().map(|ca| (ca, "root.crt"));
+        for (source, name) in [(cert, "server.crt"), (key, "server.key")]
+            .into_iter()
+            .chain(ca)
+        {
             let pem = fs::read(source).map_err(io_err(format!("reading {}", source.display())))?;
             write_owned_file(&node.data_dir.join(name), &pem, user)?;
         }

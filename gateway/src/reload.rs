@@ -18,11 +18,13 @@ pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Settings a reload takes into use; the files they name are read again even when the
 /// setting itself is unchanged.
-pub const RELOADABLE: [&str; 6] = [
+pub const RELOADABLE: [&str; 8] = [
     "auth.auth_file",
     "tls.cert",
     "tls.key",
     "tls.client_ca",
+    "backend_tls.cert",
+    "backend_tls.key",
     "backend_tls.root_cert",
     "log_level",
 ];
@@ -165,14 +167,20 @@ fn prepare(shared: &Shared) -> Result<(Next, Outcome), String> {
         );
         Some(tls)
     };
-    // The sslmode stays as started; the CA file it checks against is read again.
+    // The sslmode stays as started; the CA file it checks against, and the gateway's own
+    // certificate and key, are read again.
     let backend = BackendTls {
         sslmode: running.backend_tls.sslmode,
-        root_cert: new.backend_tls.root_cert.clone(),
+        ..new.backend_tls.clone()
     };
     let backend_tls = crate::tls::backend_config(&backend).map_err(|e| e.to_string())?;
     if backend_tls.is_some() {
-        reread.extend(backend.root_cert.iter().map(|p| p.display().to_string()));
+        reread.extend(
+            [&backend.root_cert, &backend.cert, &backend.key]
+                .into_iter()
+                .flatten()
+                .map(|p| p.display().to_string()),
+        );
     }
     needs_restart.sort();
     needs_restart.dedup();

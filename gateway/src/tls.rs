@@ -55,11 +55,7 @@ pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>
     let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) else {
         return Ok(None);
     };
-    let chain = certs(cert)?;
-    let pem = read_pem(key)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| TlsError::Pem(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| TlsError::Pem(format!("{}: no private key", key.display())))?;
+    let (chain, key) = chain_and_key(cert, key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match &cfg.client_ca {
@@ -125,6 +121,19 @@ fn common_name(der: &[u8]) -> Result<String, String> {
     text.map_err(|e| e.to_string())
 }
 
+/// A certificate chain and its private key from PEM files.
+fn chain_and_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = certs(cert)?;
+    let pem = read_pem(key)?;
+    let key = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| TlsError::Pem(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| TlsError::Pem(format!("{}: no private key", key.display())))?;
+    Ok((chain, key))
+}
+
 /// The connector for backends, or none when `sslmode = disable`.
 pub fn backend_config(cfg: &BackendTls) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -139,13 +148,19 @@ pub fn backend_config(cfg: &BackendTls) -> Result<Option<Arc<rustls::ClientConfi
             for cert in certs(path)? {
                 roots.add(cert)?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         // libpq's `prefer`/`require` encrypt without checking who is on the other end.
         BackendSslMode::Prefer | BackendSslMode::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider()))),
+    };
+    let config = match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) => {
+            let (chain, key) = chain_and_key(cert, key)?;
+            config.with_client_auth_cert(chain, key)?
+        }
+        _ => config.with_no_client_auth(),
     };
     Ok(Some(Arc::new(config)))
 }

@@ -1023,3 +1023,55 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
     );
     gw.shutdown().await;
 }
+
+/// A server that wants a certificate from every TLS client (`clientcert=verify-ca` on its
+/// `hostssl` lines; nothing else but the harness's superuser from plain TCP) serves the gateway's sessions and its own control
+/// connections once `backend_tls.cert` and `backend_tls.key` give the gateway one (libpq's
+/// `sslcert`/`sslkey`): the server sees it (`pg_stat_ssl.client_dn`) under the client's SCRAM
+/// login. Without one, clients are refused with 08001 naming the server's reason.
+#[tokio::test]
+async fn the_gateway_presents_its_certificate_to_servers_that_ask() {
+    let ca = TestCa::new();
+    let (cert, key, root) = (
+        ca.server_cert.clone(),
+        ca.server_key.clone(),
+        ca.ca_cert.clone(),
+    );
+    let cluster = Cluster::build(move |o| {
+        o.with_standby = false;
+        o.ssl = Some((cert, key));
+        o.ssl_ca = Some(root);
+        o.hba = vec![
+            // The harness's own superuser connections, without TLS.
+            "hostnossl all postgres 127.0.0.1/32 trust".to_owned(),
+            "hostssl all postgres 127.0.0.1/32 trust clientcert=verify-ca".to_owned(),
+            "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca".to_owned(),
+            "host all all 127.0.0.1/32 reject".to_owned(),
+        ];
+    })
+    .await;
+    let (gateway_cert, gateway_key) = ca.client_cert("understudy-gateway");
+    let gw = cluster
+        .gateway_with(move |c| {
+            c.backend_tls.sslmode = BackendSslMode::Require;
+            c.backend_tls.cert = Some(gateway_cert);
+            c.backend_tls.key = Some(gateway_key);
+        })
+        .await;
+    let client = gw.connect(roles::SCRAM).await;
+    let row = client
+        .query_one(
+            "SELECT current_user::text, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), roles::SCRAM);
+    assert_eq!(row.get::<_, String>(1), "/CN=understudy-gateway");
+    gw.shutdown().await;
+
+    let gw = cluster
+        .unrouted_gateway_with(|c| c.backend_tls.sslmode = BackendSslMode::Require)
+        .await;
+    assert_backend_leg_refused(&gw, "certificate").await;
+}

@@ -97,6 +97,11 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// Serves admin requests until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
+    if let Ok(addr) = listener.local_addr() {
+        if shared.config.admin_token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no token: anyone who reaches it can pause sessions and read /status; set admin_token");
+        }
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
@@ -128,7 +133,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
     }
 }
 
+/// Whether `req` carries the admin token, when one is set (compared in constant time).
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let Some(token) = &shared.config.admin_token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    bool::from(subtle::ConstantTimeEq::ct_eq(given, token.as_bytes()))
+}
+
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(shared, &req) {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "the admin listener wants its token (admin_token): Authorization: Bearer TOKEN, or understudy ctl --admin-token\n".to_owned(),
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"understudy\""),
+        );
+        return r;
+    }
     let path = req.uri().path();
     let allowed = match path {
         "/metrics" | "/status" => "GET, HEAD",

@@ -22,6 +22,8 @@ pub struct Config {
     pub unix_socket_group: Option<String>,
     /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.
     pub admin_listen: Option<SocketAddr>,
+    /// A secret every admin request must carry (`Authorization: Bearer …`); none: no check.
+    pub admin_token: Option<String>,
     /// PostgreSQL servers (`host:port`); with several, the gateway routes to the one not in recovery.
     pub backends: Vec<String>,
     /// Most client connections served at once; more get SQLSTATE 53300.
@@ -81,6 +83,7 @@ impl Default for Config {
             unix_socket_mode: 0o777,
             unix_socket_group: None,
             admin_listen: None,
+            admin_token: None,
             backends: vec!["127.0.0.1:5432".to_owned()],
             max_client_connections: 1000,
             max_message_size: 256 << 20,
@@ -424,6 +427,13 @@ impl Config {
         {
             return invalid("auth.client_auth = \"cert\" and tls.client_cert need tls.client_ca");
         }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.len() < 16 || t.contains(char::is_whitespace))
+        {
+            return invalid("admin_token: at least 16 characters, no spaces");
+        }
         if self.backend_tls.cert.is_some() != self.backend_tls.key.is_some() {
             return invalid("backend_tls.cert and backend_tls.key go together");
         }
@@ -634,6 +644,19 @@ mod tests {
         let c: Config =
             toml::from_str(&format!("{with_socket}\nunix_socket_auth = \"cert\"")).unwrap();
         assert!(c.validate().is_err(), "no certificate on a socket");
+    }
+
+    #[test]
+    fn an_admin_token_is_long_and_has_no_spaces() {
+        let mut c = Config {
+            admin_token: Some("0123456789abcdef".to_owned()),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        for bad in ["short", "0123456789 abcdef"] {
+            c.admin_token = Some(bad.to_owned());
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

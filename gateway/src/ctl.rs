@@ -6,18 +6,36 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-/// GETs `path` from the admin listener at `addr` and returns the body.
-pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    request(addr, hyper::Method::GET, path).await
+/// The HTTP methods [`exchange`] takes.
+pub use hyper::Method;
+
+/// A gateway's admin listener, and the token it wants (`admin_token`), if any.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Sent as `Authorization: Bearer …`.
+    pub token: Option<String>,
+}
+
+impl From<SocketAddr> for Admin {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, token: None }
+    }
+}
+
+/// GETs `path` from the admin listener and returns the body.
+pub async fn get(admin: impl Into<Admin>, path: &str) -> anyhow::Result<String> {
+    request(admin, hyper::Method::GET, path).await
 }
 
 /// Sends a bodiless request to the admin listener and returns the response body.
 pub async fn request(
-    addr: SocketAddr,
+    admin: impl Into<Admin>,
     method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<String> {
-    let (status, text) = exchange(addr, method, path).await?;
+    let (status, text) = exchange(admin, method, path).await?;
     if !status.is_success() {
         anyhow::bail!("{path}: HTTP {status}: {text}");
     }
@@ -25,27 +43,31 @@ pub async fn request(
 }
 
 /// POSTs to `path` on the admin listener and returns the HTTP status code and the body.
-pub async fn post(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let (status, body) = exchange(addr, hyper::Method::POST, path).await?;
+pub async fn post(admin: impl Into<Admin>, path: &str) -> anyhow::Result<(u16, String)> {
+    let (status, body) = exchange(admin, hyper::Method::POST, path).await?;
     Ok((status.as_u16(), body))
 }
 
 /// Sends a bodiless request to the admin listener and returns the status and the body.
 pub async fn exchange(
-    addr: SocketAddr,
+    admin: impl Into<Admin>,
     method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<(hyper::StatusCode, String)> {
+    let Admin { addr, token } = admin.into();
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {addr}: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())?;
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(token) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();

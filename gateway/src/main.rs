@@ -28,6 +28,14 @@ enum Command {
         /// Admin address of the gateway.
         #[arg(long, default_value = "127.0.0.1:9187", global = true)]
         admin: SocketAddr,
+        /// The admin listener's token (`admin_token`), if it wants one.
+        #[arg(
+            long,
+            env = "UNDERSTUDY_ADMIN_TOKEN",
+            hide_env_values = true,
+            global = true
+        )]
+        admin_token: Option<String>,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -149,7 +157,15 @@ fn main() -> std::process::ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(understudy::demo::run(args)))
         }
-        Command::Ctl { admin, command } => {
+        Command::Ctl {
+            admin,
+            admin_token,
+            command,
+        } => {
+            let admin = understudy::ctl::Admin {
+                addr: admin,
+                token: admin_token,
+            };
             understudy::telemetry::init_logging("info", LogFormat::Text);
             understudy::runtime(1)
                 .map_err(anyhow::Error::from)
@@ -213,7 +229,7 @@ async fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
+async fn ctl(admin: understudy::ctl::Admin, command: CtlCommand) -> anyhow::Result<()> {
     match command {
         CtlCommand::Status { json } => {
             let body = understudy::ctl::get(admin, "/status").await?;
@@ -258,7 +274,7 @@ async fn ctl(admin: SocketAddr, command: CtlCommand) -> anyhow::Result<()> {
 /// POSTs to `path` on the admin listener and prints its JSON answer, raw or through `render`;
 /// an answer other than 200 is an error (after it is printed).
 async fn post_and_print(
-    admin: SocketAddr,
+    admin: understudy::ctl::Admin,
     path: &str,
     json: bool,
     render: fn(&serde_json::Value) -> String,

@@ -451,6 +451,61 @@ async fn json_logs_and_a_log_level_changed_by_a_reload() {
     pg.shutdown().await;
 }
 
+/// `ctl` sends the admin listener's token when given one (`--admin-token`, or
+/// `UNDERSTUDY_ADMIN_TOKEN`), and without it says the listener wants one.
+#[tokio::test]
+async fn ctl_sends_the_admin_token() {
+    let mut pg = primary_only().await;
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let file = pg.base_dir().join("understudy.toml");
+    let token = "0123456789abcdef-admin";
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"{token}\"\nbackends = [\"{}\"]\n",
+            pg.primary.addr()
+        ),
+    )
+    .unwrap();
+    let mut gw = Killed(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn understudy run"),
+    );
+    drop(connect(port, "postgres").await);
+    let ctl = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["ctl", "--admin", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .arg("status")
+            .env_remove("UNDERSTUDY_ADMIN_TOKEN");
+        if let Some(token) = env {
+            cmd.env("UNDERSTUDY_ADMIN_TOKEN", token);
+        }
+        cmd.output().expect("ctl status")
+    };
+    let refused = ctl(&[], None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("admin_token"),
+        "{stderr}"
+    );
+    for out in [ctl(&["--admin-token", token], None), ctl(&[], Some(token))] {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("127.0.0.1:{port}")),
+            "{stdout}"
+        );
+    }
+    signal(&gw.0, "TERM");
+    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    pg.shutdown().await;
+}
+
 /// The uid and gid of operating-system user `name`, from `/etc/passwd`.
 fn os_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

@@ -413,16 +413,24 @@ impl TestGateway {
         connect_watched(self.pg_config(user)).await
     }
 
+    /// The admin listener with its token, if it has one.
+    pub fn admin_with_token(&self) -> understudy::ctl::Admin {
+        understudy::ctl::Admin {
+            addr: self.admin(),
+            token: self.handle.shared().config.admin_token.clone(),
+        }
+    }
+
     /// GET from the admin listener.
     pub async fn admin_get(&self, path: &str) -> String {
-        understudy::ctl::get(self.admin(), path)
+        understudy::ctl::get(self.admin_with_token(), path)
             .await
             .expect("admin GET")
     }
 
     /// POSTs to `path` on the admin listener: the HTTP status and the body.
     pub async fn admin_post(&self, path: &str) -> (u16, String) {
-        understudy::ctl::post(self.admin(), path)
+        understudy::ctl::post(self.admin_with_token(), path)
             .await
             .expect("admin POST")
     }

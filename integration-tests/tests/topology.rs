@@ -125,6 +125,46 @@ async fn routes_to_the_primary_and_reports_it() {
     assert!(missing.to_string().contains("404"), "{missing}");
 }
 
+/// With `admin_token` set, every admin request must carry it (`Authorization: Bearer`):
+/// without it, or with another, `/status`, `/metrics` and `POST /pause` get `401` with
+/// `WWW-Authenticate`, and nothing is paused; with it they are served.
+#[tokio::test]
+async fn the_admin_token_guards_every_admin_request() {
+    let cluster = Cluster::primary_only().await;
+    let token = "a-long-enough-admin-token";
+    let gw = cluster
+        .gateway_with(|c| c.admin_token = Some(token.to_owned()))
+        .await;
+    let as_given = |token: Option<&str>| understudy::ctl::Admin {
+        addr: gw.admin(),
+        token: token.map(str::to_owned),
+    };
+    for given in [None, Some("a-long-enough-admin-tokeN"), Some("")] {
+        for (method, path) in [
+            (understudy::ctl::Method::GET, "/status"),
+            (understudy::ctl::Method::GET, "/metrics"),
+            (understudy::ctl::Method::POST, "/pause?timeout_ms=1000"),
+            (understudy::ctl::Method::GET, "/nope"),
+        ] {
+            let (status, body) = understudy::ctl::exchange(as_given(given), method, path)
+                .await
+                .unwrap();
+            assert_eq!(status.as_u16(), 401, "{given:?} {path}: {body}");
+            assert!(body.contains("admin_token"), "{body}");
+        }
+    }
+    let status = gw.status().await;
+    assert_eq!(status["paused"], false, "an unauthorized pause did nothing");
+    let metrics = understudy::ctl::get(as_given(Some(token)), "/metrics")
+        .await
+        .unwrap();
+    assert!(metrics.contains("understudy_sessions_total"));
+    let (code, body) = understudy::ctl::post(as_given(Some(token)), "/resume")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
 /// After the primary stops and the standby is promoted, new sessions go to the new primary.
 #[tokio::test]
 async fn follows_a_promotion_for_new_sessions() {

@@ -99,13 +99,14 @@ impl Connector {
     }
 
     /// A plain connection to `backend` (no timeout): TCP with the gateway's socket options, or
-    /// a Unix-domain socket when the backend's host is a directory.
+    /// a Unix-domain socket when the backend's host is a directory. A host name with several
+    /// addresses (`localhost` as `::1` and `127.0.0.1`, say) is tried at each in turn, as
+    /// libpq tries them, until one connects; the last one's error is the answer.
     pub async fn dial(&self, backend: &Backend) -> std::io::Result<Stream> {
         if let Some(path) = backend.socket_path() {
             return Ok(Stream::Unix(UnixStream::connect(path).await?));
         }
-        let addr = backend.resolve().await?;
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = connect_any(backend.resolve().await?).await?;
         tune_socket(&tcp, &self.keepalive)?;
         Ok(Stream::Plain(tcp))
     }
@@ -198,5 +199,44 @@ pub async fn read_greeting(
             }
             other => return Err((g, crate::auth::relay::unexpected(other))),
         }
+    }
+}
+
+/// The first of `addrs`, in order, that accepts a TCP connection; else the last one's error,
+/// naming it.
+async fn connect_any(addrs: Vec<std::net::SocketAddr>) -> std::io::Result<TcpStream> {
+    let mut failed = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "could not connect to this address");
+                failed = Some(std::io::Error::new(e.kind(), format!("{addr}: {e}")));
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address that refuses (a port just freed) is passed over for the next, as libpq
+    /// passes over a host name's addresses; when all refuse, the error names the last.
+    #[tokio::test]
+    async fn each_address_is_tried_in_turn() {
+        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let listening = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listening.local_addr().unwrap();
+        let tcp = connect_any(vec![refusing, open]).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), open);
+        let e = connect_any(vec![refusing]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(e.to_string().starts_with(&refusing.to_string()), "{e}");
+        assert!(connect_any(Vec::new()).await.is_err());
     }
 }

@@ -50,12 +50,18 @@ impl Backend {
             .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
     }
 
-    /// Resolves the address (first result).
-    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
-        tokio::net::lookup_host((self.host.as_str(), self.port))
+    /// Resolves the host: every address, in the resolver's order.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await?
-            .next()
-            .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", self.host)))
+            .collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} does not resolve",
+                self.host
+            )));
+        }
+        Ok(addrs)
     }
 }
 

@@ -62,7 +62,7 @@ pub fn status(shared: &Shared) -> Status {
     }
     Status {
         version: env!("CARGO_PKG_VERSION"),
-        listen: shared.config.listen.to_string(),
+        listen: shared.listen.to_string(),
         unix_socket: shared.unix_socket.as_ref().map(|p| p.display().to_string()),
         paused: *shared.hold.borrow(),
         state: match shared.shutdown.subscribe().phase() {
@@ -146,7 +146,32 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
     bool::from(subtle::ConstantTimeEq::ct_eq(given, token.as_bytes()))
 }
 
+/// Whether the gateway serves new sessions now (`GET /ready`): running, not draining, and
+/// routing to a primary; else why not.
+pub fn readiness(shared: &Shared) -> Result<String, String> {
+    if shared.shutdown.subscribe().phase() != Phase::Running {
+        return Err("shutting down".to_owned());
+    }
+    match shared.topology.current_primary() {
+        Some(primary) => Ok(format!("ready: sessions go to {primary}")),
+        None => Err("no primary known".to_owned()),
+    }
+}
+
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Probes of load balancers and orchestrators, which often cannot send a token: they say
+    // only whether the gateway lives and serves.
+    let probe = req.method() == Method::GET || req.method() == Method::HEAD;
+    match req.uri().path() {
+        "/health" if probe => return reply(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/ready" if probe => {
+            return match readiness(shared) {
+                Ok(why) => reply(StatusCode::OK, "text/plain", why + "\n"),
+                Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
+            }
+        }
+        _ => {}
+    }
     if !authorized(shared, &req) {
         let mut r = reply(
             StatusCode::UNAUTHORIZED,
@@ -161,7 +186,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
     }
     let path = req.uri().path();
     let allowed = match path {
-        "/metrics" | "/status" => "GET, HEAD",
+        "/metrics" | "/status" | "/health" | "/ready" => "GET, HEAD",
         "/demo/crash-primary" | "/reload" | "/pause" | "/resume" => "POST",
         _ => "",
     };

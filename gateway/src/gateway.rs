@@ -55,6 +55,8 @@ pub struct Shared {
     /// Where a reload reads the configuration; without one it re-reads the files the
     /// running configuration names.
     pub config_source: Option<ConfigSource>,
+    /// The address clients connect to over TCP, as bound (or as systemd passed it).
+    pub listen: SocketAddr,
     /// The Unix-domain socket clients may connect to, if one was asked for.
     pub unix_socket: Option<PathBuf>,
     /// Set by `understudy demo` only: where `POST /demo/crash-primary` asks for a crash.
@@ -185,6 +187,7 @@ impl Gateway {
             ),
             (None, None) => None,
         };
+        let listen = listener.local_addr().unwrap_or(config.listen);
         let (trigger, _) = shutdown::channel();
         let shared = Arc::new(Shared {
             limit: Arc::new(Semaphore::new(config.max_client_connections)),
@@ -205,6 +208,7 @@ impl Gateway {
             metrics: Metrics::new(),
             shutdown: trigger,
             sessions: TaskTracker::new(),
+            listen,
             unix_socket: unix.as_ref().map(|u| u.path.clone()),
             demo_crash: None,
             hold: tokio::sync::watch::Sender::new(false),

@@ -155,6 +155,23 @@ async fn the_admin_token_guards_every_admin_request() {
     }
     let status = gw.status().await;
     assert_eq!(status["paused"], false, "an unauthorized pause did nothing");
+    // Load balancers' and orchestrators' probes need no token.
+    for (path, says) in [("/health", "ok\n"), ("/ready", "ready: sessions go to ")] {
+        let (status, body) =
+            understudy::ctl::exchange(as_given(None), understudy::ctl::Method::GET, path)
+                .await
+                .unwrap();
+        assert_eq!(status.as_u16(), 200, "{path}: {body}");
+        assert!(body.starts_with(says), "{path}: {body}");
+    }
+    let (status, _) = understudy::ctl::exchange(
+        as_given(Some(token)),
+        understudy::ctl::Method::POST,
+        "/ready",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.as_u16(), 405);
     let metrics = understudy::ctl::get(as_given(Some(token)), "/metrics")
         .await
         .unwrap();
@@ -163,6 +180,23 @@ async fn the_admin_token_guards_every_admin_request() {
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
+}
+
+/// `GET /ready` answers 503 while no backend is a primary it can route to, and 200 once one
+/// is (the probe an orchestrator or load balancer asks before sending clients).
+#[tokio::test]
+async fn ready_says_whether_a_primary_is_routed() {
+    let mut cluster = Cluster::primary_only().await;
+    cluster.pg.primary.stop().await.unwrap();
+    let gw = cluster.unrouted_gateway_with(|_| {}).await;
+    let ready = || understudy::ctl::exchange(gw.admin(), understudy::ctl::Method::GET, "/ready");
+    let (status, body) = ready().await.unwrap();
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert_eq!(body, "no primary known\n");
+    cluster.pg.primary.start().await.unwrap();
+    gw.wait_routed().await;
+    let (status, body) = ready().await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{body}");
 }
 
 /// After the primary stops and the standby is promoted, new sessions go to the new primary.

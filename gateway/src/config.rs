@@ -22,7 +22,8 @@ pub struct Config {
     pub unix_socket_group: Option<String>,
     /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.
     pub admin_listen: Option<SocketAddr>,
-    /// A secret every admin request must carry (`Authorization: Bearer …`); none: no check.
+    /// A secret every admin request but the health probes must carry (`Authorization: Bearer
+    /// …`); none: no check.
     pub admin_token: Option<String>,
     /// PostgreSQL servers (`host:port`); with several, the gateway routes to the one not in recovery.
     pub backends: Vec<String>,

@@ -99,6 +99,8 @@ pub struct Gateway {
     listener: TcpListener,
     unix: Option<UnixSocket>,
     admin: Option<TcpListener>,
+    /// The client listener is systemd's (socket activation): it outlives this process.
+    tcp_from_systemd: bool,
 }
 
 impl Gateway {
@@ -130,6 +132,7 @@ impl Gateway {
         let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
             .map_err(StartError::Setup)?;
         let client_tls = crate::tls::server_config(&config.tls)?;
+        let tcp_from_systemd = activated.clients.is_some();
         let listener = match activated.clients {
             Some(listener) => {
                 TcpListener::from_std(listener).map_err(|source| StartError::Bind {
@@ -218,6 +221,7 @@ impl Gateway {
             listener,
             unix,
             admin,
+            tcp_from_systemd,
         })
     }
 
@@ -271,6 +275,7 @@ impl Gateway {
             listener,
             unix,
             admin,
+            tcp_from_systemd,
         } = self;
         let tracker = TaskTracker::new();
         let mut shutdown = shared.shutdown.subscribe();
@@ -296,12 +301,15 @@ impl Gateway {
         }
         // While sessions drain the listener stays open, and a new client hears 57P03 (as
         // PostgreSQL's postmaster answers while shutting down) instead of finding nobody there
-        // or, had the listener closed with it in the kernel's backlog, a reset.
+        // or, had the listener closed with it in the kernel's backlog, a reset. A socket that
+        // systemd passed outlives this process: a client is left in its backlog for the
+        // gateway systemd starts next (a restart), which serves it; it waits, it is not refused.
+        let unix_from_systemd = unix.as_ref().is_some_and(|u| u.inode.is_none());
         let mut force = None;
         let mut out_of_files = OutOfFiles::new();
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
+                accepted = listener.accept(), if force.is_none() || !tcp_from_systemd => match accepted {
                     Ok((tcp, peer)) => {
                         if let Err(e) = crate::stream::tune_socket(&tcp, &shared.config.tcp_keepalive) {
                             tracing::debug!(%peer, error = %e, "socket options not set");
@@ -316,7 +324,7 @@ impl Gateway {
                         }
                     }
                 },
-                accepted = UnixSocket::accept(unix.as_ref()) => match accepted {
+                accepted = UnixSocket::accept(unix.as_ref()), if force.is_none() || !unix_from_systemd => match accepted {
                     Ok((socket, peer)) => {
                         tracker.spawn(crate::connection::serve(shared.clone(), socket, peer));
                     }

@@ -346,8 +346,31 @@ async fn socket_activation_serves_the_sockets_systemd_passes() {
         text.contains(&format!("on 127.0.0.1:{port} and {}", socket.display())),
         "{text}"
     );
-    drop((client, unix_client));
+    // Draining, the gateway leaves new clients in systemd's backlog for the next gateway
+    // (no 57P03): the one that connects now gets no answer while a transaction holds the
+    // drain open.
+    client.batch_execute("BEGIN").await.unwrap();
     signal(&gw.0, "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut waiting = tokio_postgres::Config::new();
+    waiting
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres");
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(1),
+        waiting.connect(tokio_postgres::NoTls),
+    )
+    .await;
+    assert!(
+        attempt.is_err(),
+        "answered while draining: {:?}",
+        attempt.map(|r| r.err())
+    );
+    // The transaction ends; its session is closed at that boundary, and the gateway exits.
+    client.batch_execute("COMMIT").await.unwrap();
+    drop((client, unix_client));
     assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
     assert!(socket.exists(), "systemd's socket is left to it");
     let mut lock = socket.clone().into_os_string();

@@ -358,7 +358,7 @@ async fn socket_activation_serves_the_sockets_systemd_passes() {
         .port(port)
         .user("postgres")
         .dbname("postgres");
-    let attempt = tokio::time::timeout(
+    let attempt = understudy::clock::timeout(
         Duration::from_secs(1),
         waiting.connect(tokio_postgres::NoTls),
     )

@@ -415,8 +415,17 @@ async fn establish(
     }
     greeting.unsplit(tail);
     // Asked before the client hears its ReadyForQuery, while the backend is idle; only by a
-    // gateway that captures xids (one that can move sessions).
-    let learned = if result.is_ok() && shared.failover.disabled().is_none() {
+    // gateway that captures xids (one that can move sessions), and never of a walsender,
+    // which takes no such query (and drops its temporary slots at the error).
+    let replication = startup
+        .server_params()
+        .any(|(k, v)| k == "replication" && crate::session::asks_replication(v));
+    if replication {
+        guard.info().set_movable(crate::sessions::Movability::No(
+            "a replication connection (walsender) cannot move".to_owned(),
+        ));
+    }
+    let learned = if result.is_ok() && shared.failover.disabled().is_none() && !replication {
         // As the registry has it, which is what a failed capture forgets by.
         let database = startup.database().unwrap_or_default();
         let options = startup.server_params().find(|(k, _)| *k == "options");

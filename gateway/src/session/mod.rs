@@ -350,7 +350,25 @@ pub struct Relogin {
     pub credential: Credential,
 }
 
+/// Whether a `replication` startup parameter's value asks for a walsender (`true`, `on`,
+/// `yes`, `1`, or `database` for logical replication), as PostgreSQL parses it.
+pub fn asks_replication(value: &[u8]) -> bool {
+    !matches!(
+        value.to_ascii_lowercase().as_slice(),
+        b"false" | b"off" | b"no" | b"0"
+    )
+}
+
 impl Relogin {
+    /// Whether the session is a replication connection (a walsender): it takes replication
+    /// commands and no extended-protocol queries, so the gateway asks it nothing of its own
+    /// and cannot move it.
+    pub fn replication(&self) -> bool {
+        self.params
+            .iter()
+            .any(|(k, v)| k == "replication" && asks_replication(v))
+    }
+
     /// The login as [`crate::grants`] knows it.
     fn grants_key(&self) -> String {
         let options = self.params.iter().find(|(k, _)| k == "options");
@@ -497,7 +515,7 @@ impl Session {
         learned: Learned,
     ) -> Self {
         guard.info().txn_status.store(b'I', Ordering::Relaxed);
-        let can_move = shared.failover.disabled().is_none();
+        let can_move = shared.failover.disabled().is_none() && !relogin.replication();
         let mut journal = if can_move {
             Journal::new(shared.config.failover.max_replay_bytes)
         } else {
@@ -1828,6 +1846,16 @@ pub fn record_param(params: &mut Vec<(String, String)>, name: &str, value: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replication_is_asked_as_postgresql_parses_it() {
+        for yes in ["true", "on", "yes", "1", "database", "TRUE", "Database"] {
+            assert!(asks_replication(yes.as_bytes()), "{yes}");
+        }
+        for no in ["false", "off", "no", "0", "OFF"] {
+            assert!(!asks_replication(no.as_bytes()), "{no}");
+        }
+    }
 
     /// The tags of the messages in `bytes`, each framed by its length.
     fn tags(mut bytes: &[u8]) -> String {

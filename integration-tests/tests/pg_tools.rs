@@ -1,6 +1,7 @@
 //! PostgreSQL's own tools through the gateway: `pg_dump` (plain, and directory format with
 //! parallel workers sharing the leader's exported snapshot) and `pg_restore -j`, which use COPY,
-//! large objects, `SET TRANSACTION SNAPSHOT` and many sessions at once.
+//! large objects, `SET TRANSACTION SNAPSHOT` and many sessions at once; `pg_basebackup`, whose
+//! replication connections stream a base backup and WAL (CopyOut, CopyBoth).
 
 use std::process::Output;
 
@@ -116,5 +117,35 @@ async fn pg_dump_and_pg_restore_through_the_gateway() {
     .await;
     let restored = run_ok(&cluster, "pg_dump", &["-d", &direct("dst")]).await;
     assert_eq!(comparable(&restored.stdout), original);
+    gw.shutdown().await;
+}
+
+/// `pg_basebackup -X stream` through the gateway: a replication connection streams the base
+/// backup while a second one streams WAL (CopyBoth), and `pg_verifybackup` finds every file
+/// as its manifest says and the WAL the backup needs.
+#[tokio::test]
+async fn pg_basebackup_through_the_gateway() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let target = cluster.pg.base_dir().join("basebackup");
+    let target = target.to_str().unwrap();
+    run_ok(
+        &cluster,
+        "pg_basebackup",
+        &[
+            "-d",
+            &gw.conn_str(roles::SUPERUSER, "postgres"),
+            "-D",
+            target,
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    )
+    .await;
+    let verified = run_ok(&cluster, "pg_verifybackup", &[target]).await;
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert!(said.contains("successfully verified"), "{said}");
     gw.shutdown().await;
 }

@@ -149,3 +149,57 @@ async fn pg_basebackup_through_the_gateway() {
     assert!(said.contains("successfully verified"), "{said}");
     gw.shutdown().await;
 }
+
+/// Runs `pg_recvlogical` with `args`, which must succeed.
+async fn recvlogical(cluster: &Cluster, args: Vec<String>) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(cluster, "pg_recvlogical", &args).await;
+}
+
+/// Logical decoding through the gateway (`replication=database`): `pg_recvlogical` makes a
+/// slot there, and streams the rows written through the gateway up to a given position.
+#[tokio::test]
+async fn pg_recvlogical_through_the_gateway() {
+    let cluster = Cluster::build(|o| {
+        o.with_standby = false;
+        o.extra_conf.push("wal_level = logical".to_owned());
+    })
+    .await;
+    let gw = cluster.gateway().await;
+    let conn = gw.conn_str(roles::SUPERUSER, "postgres");
+    // pg_recvlogical's arguments for the test's slot through the gateway, then `rest`.
+    let slot = |rest: &[&'static str]| {
+        let mut args = vec![
+            "-d".to_owned(),
+            conn.clone(),
+            "--slot".to_owned(),
+            "understudy_test".to_owned(),
+        ];
+        args.extend(rest.iter().map(|a| a.to_string()));
+        args
+    };
+    recvlogical(&cluster, slot(&["--create-slot", "-P", "test_decoding"])).await;
+    let client = gw.connect(roles::SUPERUSER).await;
+    client
+        .batch_execute("CREATE TABLE decoded (a int); INSERT INTO decoded VALUES (1), (2), (3)")
+        .await
+        .unwrap();
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let out = cluster.pg.base_dir().join("decoded.txt");
+    let mut start = slot(&["--start", "--no-loop", "-f"]);
+    start.extend([out.display().to_string(), "--endpos".to_owned(), end]);
+    recvlogical(&cluster, start).await;
+    let decoded = std::fs::read_to_string(&out).unwrap();
+    for a in 1..=3 {
+        assert!(
+            decoded.contains(&format!("table public.decoded: INSERT: a[integer]:{a}")),
+            "{decoded}"
+        );
+    }
+    recvlogical(&cluster, slot(&["--drop-slot"])).await;
+    gw.shutdown().await;
+}

@@ -203,16 +203,18 @@ pub async fn read_greeting(
 }
 
 /// The first of `addrs`, in order, that accepts a TCP connection; else the last one's error,
-/// naming it.
+/// naming it when there were several.
 async fn connect_any(addrs: Vec<std::net::SocketAddr>) -> std::io::Result<TcpStream> {
+    let several = addrs.len() > 1;
     let mut failed = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(tcp) => return Ok(tcp),
-            Err(e) => {
+            Err(e) if several => {
                 tracing::debug!(%addr, error = %e, "could not connect to this address");
                 failed = Some(std::io::Error::new(e.kind(), format!("{addr}: {e}")));
             }
+            Err(e) => failed = Some(e),
         }
     }
     Err(failed.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
@@ -223,7 +225,8 @@ mod tests {
     use super::*;
 
     /// An address that refuses (a port just freed) is passed over for the next, as libpq
-    /// passes over a host name's addresses; when all refuse, the error names the last.
+    /// passes over a host name's addresses; when all of several refuse, the error names the
+    /// last (the caller names a lone one).
     #[tokio::test]
     async fn each_address_is_tried_in_turn() {
         let refusing = std::net::TcpListener::bind("127.0.0.1:0")
@@ -234,9 +237,14 @@ mod tests {
         let open = listening.local_addr().unwrap();
         let tcp = connect_any(vec![refusing, open]).await.unwrap();
         assert_eq!(tcp.peer_addr().unwrap(), open);
-        let e = connect_any(vec![refusing]).await.unwrap_err();
+        let e = connect_any(vec![refusing, refusing]).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
         assert!(e.to_string().starts_with(&refusing.to_string()), "{e}");
+        let e = connect_any(vec![refusing]).await.unwrap_err();
+        assert!(
+            !e.to_string().contains(&refusing.to_string()),
+            "said by the caller: {e}"
+        );
         assert!(connect_any(Vec::new()).await.is_err());
     }
 }

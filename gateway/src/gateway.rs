@@ -745,8 +745,14 @@ impl SocketLock {
             {
                 Ok(mut file) => {
                     use std::io::Write;
-                    let inode = file_id(&path)?;
-                    let lock = Self { path, inode };
+                    let Ok(meta) = file.metadata() else {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(std::io::Error::other("the lock file made cannot be read"));
+                    };
+                    let lock = Self {
+                        path,
+                        inode: (meta.dev(), meta.ino()),
+                    };
                     // On failure `lock` is dropped, which removes the file.
                     file.write_all(contents.as_bytes())?;
                     file.sync_all()?;

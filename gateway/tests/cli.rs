@@ -49,6 +49,14 @@ async fn primary_only() -> LocalCluster {
     LocalCluster::create(&bins, opts).await.expect("cluster")
 }
 
+/// All a child wrote to its piped stderr (read to its end: call once it has exited).
+fn stderr_of(child: &mut Child) -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr piped"), &mut text)
+        .expect("stderr");
+    text
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -396,8 +404,7 @@ async fn socket_activation_serves_the_sockets_systemd_passes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!wait_exit(&mut refused.0, Duration::from_secs(10)).success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut refused.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&mut refused.0);
     assert!(
         stderr.contains("socket activation: a second TCP socket for clients")
             && stderr.contains("FileDescriptorName=admin"),
@@ -441,8 +448,7 @@ async fn json_logs_and_a_log_level_changed_by_a_reload() {
     drop(client);
     signal(&gw.0, "TERM");
     assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut gw.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&mut gw.0);
     let lines: Vec<serde_json::Value> = stderr
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -606,8 +612,7 @@ async fn postgres_leaves_a_running_gateways_socket_alone() {
         !status.success(),
         "PostgreSQL started on the gateway's socket"
     );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut server.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_of(&mut server.0);
     assert!(
         stderr.contains(&format!(".s.PGSQL.{port}.lock\" already exists"))
             && stderr.contains(&format!("Is another postmaster (PID {})", gw.0.id())),

@@ -77,6 +77,13 @@ impl TestCa {
 
     /// rustls client configuration trusting only this CA.
     pub fn client_config(&self) -> rustls::ClientConfig {
+        self.trusting().with_no_client_auth()
+    }
+
+    /// A rustls client configuration trusting only this CA, before its client certificate.
+    fn trusting(
+        &self,
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile_certs(self.ca_pem.as_bytes()) {
             roots.add(cert).expect("CA cert");
@@ -87,7 +94,6 @@ impl TestCa {
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_root_certificates(roots)
-        .with_no_client_auth()
     }
 
     /// A client certificate signed by this CA with common name `cn`, and its key (mode 0600,
@@ -116,18 +122,9 @@ impl TestCa {
             use rustls::pki_types::pem::PemObject;
             rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("client key PEM")
         };
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in rustls_pemfile_certs(self.ca_pem.as_bytes()) {
-            roots.add(ca).expect("CA cert");
-        }
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client certificate")
+        self.trusting()
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate")
     }
 
     /// The directory holding the PEM files.

@@ -894,53 +894,31 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
     // The cert method.
     let gw = gateway(ClientAuth::Cert, understudy::config::ClientCert::Optional).await;
     let cert = with_cert(&postgres_cert, &postgres_key);
-    let (ok, stdout, stderr) = outcome(
-        &psql(
-            &cluster,
-            &conninfo(&gw, roles::SUPERUSER, &cert),
-            &["SELECT current_user"],
-        )
-        .await,
+    assert_eq!(
+        psql_login(&cluster, &conninfo(&gw, roles::SUPERUSER, &cert)).await,
+        roles::SUPERUSER
     );
-    assert!(ok && stdout == "postgres\n", "{stdout}{stderr}");
-    for (user, extra, says) in [
-        (
-            roles::SCRAM,
-            cert.clone(),
-            format!(
-                "certificate authentication failed for user \"{}\"",
-                roles::SCRAM
-            ),
-        ),
-        (
-            roles::SUPERUSER,
-            String::new(),
-            "connection requires a valid client certificate".to_owned(),
-        ),
-    ] {
-        let (ok, _, stderr) =
-            outcome(&psql(&cluster, &conninfo(&gw, user, &extra), &["SELECT 1"]).await);
-        assert!(!ok && stderr.contains(&says), "{user} {extra}: {stderr}");
-    }
+    let not_named = format!(
+        "certificate authentication failed for user \"{}\"",
+        roles::SCRAM
+    );
+    psql_refused(&cluster, &conninfo(&gw, roles::SCRAM, &cert), &not_named).await;
+    psql_refused(
+        &cluster,
+        &conninfo(&gw, roles::SUPERUSER, ""),
+        NO_CERTIFICATE,
+    )
+    .await;
     let plain = gw.conn_str(roles::SUPERUSER, "postgres") + " sslmode=disable";
-    let (ok, _, stderr) = outcome(&psql(&cluster, &plain, &["SELECT 1"]).await);
-    assert!(
-        !ok && stderr.contains("connection requires a valid client certificate"),
-        "{stderr}"
-    );
+    psql_refused(&cluster, &plain, NO_CERTIFICATE).await;
+    // Another CA's certificate fails the handshake itself (a TLS alert).
     let foreign = with_cert(&foreign_cert, &foreign_key);
-    let (ok, _, stderr) = outcome(
-        &psql(
-            &cluster,
-            &conninfo(&gw, roles::SUPERUSER, &foreign),
-            &["SELECT 1"],
-        )
-        .await,
-    );
-    assert!(
-        !ok && stderr.contains("alert"),
-        "another CA's certificate: {stderr}"
-    );
+    psql_refused(
+        &cluster,
+        &conninfo(&gw, roles::SUPERUSER, &foreign),
+        "alert",
+    )
+    .await;
     // tokio-postgres (rustls) presenting the certificate: in, and 28000 for another role.
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
         ca.client_config_with_cert(&postgres_cert, &postgres_key),
@@ -970,34 +948,16 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
     )
     .await;
     let scram = with_cert(&scram_cert, &scram_key);
-    let (ok, stdout, stderr) = outcome(
-        &psql(
-            &cluster,
-            &conninfo(&gw, roles::SCRAM, &scram),
-            &["SELECT current_user"],
-        )
-        .await,
+    assert_eq!(
+        psql_login(&cluster, &conninfo(&gw, roles::SCRAM, &scram)).await,
+        roles::SCRAM
     );
-    assert!(ok && stdout == "scram_user\n", "{stdout}{stderr}");
-    for (user, extra, says) in [
-        (
-            roles::MD5,
-            scram.clone(),
-            format!(
-                "certificate validation (clientcert=verify-full) failed for user \"{}\": CN mismatch",
-                roles::MD5
-            ),
-        ),
-        (
-            roles::SCRAM,
-            String::new(),
-            "connection requires a valid client certificate".to_owned(),
-        ),
-    ] {
-        let (ok, _, stderr) =
-            outcome(&psql(&cluster, &conninfo(&gw, user, &extra), &["SELECT 1"]).await);
-        assert!(!ok && stderr.contains(&says), "{user} {extra}: {stderr}");
-    }
+    let mismatch = format!(
+        "certificate validation (clientcert=verify-full) failed for user \"{}\": CN mismatch",
+        roles::MD5
+    );
+    psql_refused(&cluster, &conninfo(&gw, roles::MD5, &scram), &mismatch).await;
+    psql_refused(&cluster, &conninfo(&gw, roles::SCRAM, ""), NO_CERTIFICATE).await;
     gw.shutdown().await;
 
     // clientcert=verify-ca: any certificate of the CA, then the server's login.
@@ -1006,22 +966,28 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
         understudy::config::ClientCert::VerifyCa,
     )
     .await;
-    let (ok, stdout, stderr) = outcome(
-        &psql(
-            &cluster,
-            &conninfo(&gw, roles::MD5, &scram),
-            &["SELECT current_user"],
-        )
-        .await,
+    assert_eq!(
+        psql_login(&cluster, &conninfo(&gw, roles::MD5, &scram)).await,
+        roles::MD5
     );
-    assert!(ok && stdout == "md5_user\n", "{stdout}{stderr}");
-    let (ok, _, stderr) =
-        outcome(&psql(&cluster, &conninfo(&gw, roles::MD5, ""), &["SELECT 1"]).await);
-    assert!(
-        !ok && stderr.contains("connection requires a valid client certificate"),
-        "{stderr}"
-    );
+    psql_refused(&cluster, &conninfo(&gw, roles::MD5, ""), NO_CERTIFICATE).await;
     gw.shutdown().await;
+}
+
+/// What PostgreSQL, and the gateway, say to a client that needs a certificate and has none.
+const NO_CERTIFICATE: &str = "connection requires a valid client certificate";
+
+/// The role psql logs in as with `conninfo` (it must log in).
+async fn psql_login(cluster: &Cluster, conninfo: &str) -> String {
+    let (ok, stdout, stderr) = outcome(&psql(cluster, conninfo, &["SELECT current_user"]).await);
+    assert!(ok, "{conninfo}: {stderr}");
+    stdout.trim_end().to_owned()
+}
+
+/// psql with `conninfo` is refused, saying `says`.
+async fn psql_refused(cluster: &Cluster, conninfo: &str, says: &str) {
+    let (ok, _, stderr) = outcome(&psql(cluster, conninfo, &["SELECT 1"]).await);
+    assert!(!ok && stderr.contains(says), "{conninfo}: {stderr}");
 }
 
 /// A server that wants a certificate from every TLS client (`clientcert=verify-ca` on its

@@ -1,7 +1,8 @@
 //! PostgreSQL's own tools through the gateway: `pg_dump` (plain, and directory format with
 //! parallel workers sharing the leader's exported snapshot) and `pg_restore -j`, which use COPY,
 //! large objects, `SET TRANSACTION SNAPSHOT` and many sessions at once; `pg_basebackup`, whose
-//! replication connections stream a base backup and WAL (CopyOut, CopyBoth).
+//! replication connections stream a base backup and WAL (CopyOut, CopyBoth); logical decoding
+//! and a subscription with the gateway as the publisher's address; the maintenance programs.
 
 use std::process::Output;
 
@@ -201,5 +202,131 @@ async fn pg_recvlogical_through_the_gateway() {
         );
     }
     recvlogical(&cluster, slot(&["--drop-slot"])).await;
+    gw.shutdown().await;
+}
+
+/// Logical replication with the gateway as the publisher's address: a subscription on another
+/// server connects through it (a walsender session plus its table-sync workers' ones), copies
+/// the table's rows, and streams the rows inserted after.
+#[tokio::test]
+async fn a_subscription_through_the_gateway() {
+    let publisher = Cluster::build(|o| {
+        o.with_standby = false;
+        o.extra_conf.push("wal_level = logical".to_owned());
+    })
+    .await;
+    let subscriber = Cluster::primary_only().await;
+    let gw = publisher.gateway().await;
+    let table = "CREATE TABLE replicated (a int PRIMARY KEY, b text)";
+    let source = gw.connect(roles::SUPERUSER).await;
+    source
+        .batch_execute(&format!(
+            "{table}; INSERT INTO replicated SELECT i, 'row ' || i FROM generate_series(1, 100) i;
+             CREATE PUBLICATION everything FOR TABLE replicated"
+        ))
+        .await
+        .unwrap();
+    let target = subscriber.superuser().await;
+    target.batch_execute(table).await.unwrap();
+    let through = gw.conn_str(roles::SUPERUSER, "postgres");
+    target
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION through_gateway CONNECTION '{through}' PUBLICATION everything"
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO replicated SELECT i, 'row ' || i FROM generate_series(101, 150) i",
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + understudy_integration_tests::PATIENCE;
+    loop {
+        let row = target
+            .query_one("SELECT count(*), coalesce(sum(a), 0) FROM replicated", &[])
+            .await
+            .unwrap();
+        let (count, sum): (i64, i64) = (row.get(0), row.get(1));
+        if count == 150 {
+            assert_eq!(sum, 150 * 151 / 2, "every row once");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} rows replicated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    target
+        .batch_execute("DROP SUBSCRIPTION through_gateway")
+        .await
+        .unwrap();
+    gw.shutdown().await;
+}
+
+/// The maintenance programs through the gateway, several sessions each: `createdb`,
+/// `vacuumdb -j 2 --analyze`, `reindexdb -j 2`, `clusterdb`, `pg_dumpall --globals-only`,
+/// `dropdb`; what they did is seen on the server.
+#[tokio::test]
+async fn maintenance_programs_through_the_gateway() {
+    let cluster = Cluster::primary_only().await;
+    let gw = cluster.gateway().await;
+    let to = |db: &str| gw.conn_str(roles::SUPERUSER, db);
+    let maint_db = format!("--maintenance-db={}", to("postgres"));
+    run_ok(&cluster, "createdb", &[&maint_db, "kept"]).await;
+    let kept = gw
+        .try_connect(to("kept").parse().unwrap())
+        .await
+        .expect("the new database through the gateway");
+    kept.batch_execute(
+        "CREATE TABLE t (a int PRIMARY KEY, b text);
+         INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 5000) i;
+         CREATE TABLE u (a int PRIMARY KEY); INSERT INTO u SELECT generate_series(1, 100);
+         CLUSTER t USING t_pkey",
+    )
+    .await
+    .unwrap();
+    run_ok(
+        &cluster,
+        "vacuumdb",
+        &["-j", "2", "--analyze", "-d", &to("kept")],
+    )
+    .await;
+    run_ok(&cluster, "reindexdb", &["-j", "2", "-d", &to("kept")]).await;
+    run_ok(&cluster, "clusterdb", &["-d", &to("kept")]).await;
+    let analyzed: i64 = kept
+        .query_one(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE last_vacuum IS NOT NULL AND last_analyze IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(analyzed, 2, "both tables vacuumed and analyzed");
+    let globals = run_ok(
+        &cluster,
+        "pg_dumpall",
+        &["--globals-only", "-d", &to("postgres")],
+    )
+    .await;
+    let globals = String::from_utf8_lossy(&globals.stdout);
+    assert!(
+        globals.contains(&format!("CREATE ROLE {}", roles::SCRAM)),
+        "{globals}"
+    );
+    drop(kept);
+    run_ok(&cluster, "dropdb", &[&maint_db, "kept"]).await;
+    let left: i64 = cluster
+        .superuser()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'kept'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
     gw.shutdown().await;
 }

@@ -98,15 +98,17 @@ impl Connector {
         self.secure(backend, socket).await
     }
 
-    /// A plain connection to `backend` (no timeout): TCP with the gateway's socket options, or
-    /// a Unix-domain socket when the backend's host is a directory. A host name with several
-    /// addresses (`localhost` as `::1` and `127.0.0.1`, say) is tried at each in turn, as
-    /// libpq tries them, until one connects; the last one's error is the answer.
+    /// A plain connection to `backend` (bounded by the caller): TCP with the gateway's socket
+    /// options, or a Unix-domain socket when the backend's host is a directory. A host name
+    /// with several addresses (`localhost` as `::1` and `127.0.0.1`, say) is tried at each in
+    /// turn, as libpq tries them, until one connects, each given an equal share of the
+    /// connect timeout (so one that drops packets leaves time for the next); the last one's
+    /// error is the answer.
     pub async fn dial(&self, backend: &Backend) -> std::io::Result<Stream> {
         if let Some(path) = backend.socket_path() {
             return Ok(Stream::Unix(UnixStream::connect(path).await?));
         }
-        let tcp = connect_any(backend.resolve().await?).await?;
+        let tcp = connect_any(backend.resolve().await?, self.timeout).await?;
         tune_socket(&tcp, &self.keepalive)?;
         Ok(Stream::Plain(tcp))
     }
@@ -202,13 +204,30 @@ pub async fn read_greeting(
     }
 }
 
-/// The first of `addrs`, in order, that accepts a TCP connection; else the last one's error,
-/// naming it when there were several.
-async fn connect_any(addrs: Vec<std::net::SocketAddr>) -> std::io::Result<TcpStream> {
+/// The first of `addrs`, in order, that accepts a TCP connection, each of several given its
+/// share of `within`; else the last one's error, naming it when there were several.
+async fn connect_any(
+    addrs: Vec<std::net::SocketAddr>,
+    within: Duration,
+) -> std::io::Result<TcpStream> {
     let several = addrs.len() > 1;
+    let share = within / u32::try_from(addrs.len()).unwrap_or(u32::MAX).max(1);
     let mut failed = None;
     for addr in addrs {
-        match TcpStream::connect(addr).await {
+        let attempt = async {
+            if !several {
+                return TcpStream::connect(addr).await;
+            }
+            crate::clock::timeout(share, TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {share:?}"),
+                    ))
+                })
+        };
+        match attempt.await {
             Ok(tcp) => return Ok(tcp),
             Err(e) if several => {
                 tracing::debug!(%addr, error = %e, "could not connect to this address");
@@ -229,22 +248,63 @@ mod tests {
     /// last (the caller names a lone one).
     #[tokio::test]
     async fn each_address_is_tried_in_turn() {
+        let within = Duration::from_secs(5);
         let refusing = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
         let listening = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = listening.local_addr().unwrap();
-        let tcp = connect_any(vec![refusing, open]).await.unwrap();
+        let tcp = connect_any(vec![refusing, open], within).await.unwrap();
         assert_eq!(tcp.peer_addr().unwrap(), open);
-        let e = connect_any(vec![refusing, refusing]).await.unwrap_err();
+        let e = connect_any(vec![refusing, refusing], within)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
         assert!(e.to_string().starts_with(&refusing.to_string()), "{e}");
-        let e = connect_any(vec![refusing]).await.unwrap_err();
+        let e = connect_any(vec![refusing], within).await.unwrap_err();
         assert!(
             !e.to_string().contains(&refusing.to_string()),
             "said by the caller: {e}"
         );
-        assert!(connect_any(Vec::new()).await.is_err());
+        assert!(connect_any(Vec::new(), within).await.is_err());
+    }
+
+    /// An address that drops the connection attempt (a listener whose backlog is full: the
+    /// kernel ignores the SYN) costs its share of the timeout, not all of it: the next
+    /// address is still tried in time.
+    #[test]
+    fn a_silent_address_leaves_time_for_the_next() {
+        // The gateway's runtime: no time driver, timers from the clock's thread.
+        let runtime = crate::runtime(1).unwrap();
+        runtime.block_on(async {
+            let full =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+            full.bind(&any.into()).unwrap();
+            full.listen(0).unwrap();
+            let silent = full.local_addr().unwrap().as_socket().unwrap();
+            // Fill the backlog; later SYNs go unanswered.
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                let attempt =
+                    crate::clock::timeout(Duration::from_millis(200), TcpStream::connect(silent));
+                if let Ok(Ok(tcp)) = attempt.await {
+                    held.push(tcp);
+                }
+            }
+            let listening = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let open = listening.local_addr().unwrap();
+            let started = Instant::now();
+            let tcp = connect_any(vec![silent, open], Duration::from_secs(2))
+                .await
+                .expect("the second address within the timeout");
+            assert_eq!(tcp.peer_addr().unwrap(), open);
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(900) && took < Duration::from_millis(1900),
+                "the silent address had its share, 1 s: {took:?}"
+            );
+        });
     }
 }

@@ -157,15 +157,20 @@ async fn recvlogical(cluster: &Cluster, args: Vec<String>) {
     run_ok(cluster, "pg_recvlogical", &args).await;
 }
 
+/// A primary without a standby whose WAL carries logical decoding (`wal_level = logical`).
+async fn logical_primary() -> Cluster {
+    Cluster::build(|o| {
+        o.with_standby = false;
+        o.extra_conf.push("wal_level = logical".to_owned());
+    })
+    .await
+}
+
 /// Logical decoding through the gateway (`replication=database`): `pg_recvlogical` makes a
 /// slot there, and streams the rows written through the gateway up to a given position.
 #[tokio::test]
 async fn pg_recvlogical_through_the_gateway() {
-    let cluster = Cluster::build(|o| {
-        o.with_standby = false;
-        o.extra_conf.push("wal_level = logical".to_owned());
-    })
-    .await;
+    let cluster = logical_primary().await;
     let gw = cluster.gateway().await;
     let conn = gw.conn_str(roles::SUPERUSER, "postgres");
     // pg_recvlogical's arguments for the test's slot through the gateway, then `rest`.
@@ -210,11 +215,7 @@ async fn pg_recvlogical_through_the_gateway() {
 /// the table's rows, and streams the rows inserted after.
 #[tokio::test]
 async fn a_subscription_through_the_gateway() {
-    let publisher = Cluster::build(|o| {
-        o.with_standby = false;
-        o.extra_conf.push("wal_level = logical".to_owned());
-    })
-    .await;
+    let publisher = logical_primary().await;
     let subscriber = Cluster::primary_only().await;
     let gw = publisher.gateway().await;
     let table = "CREATE TABLE replicated (a int PRIMARY KEY, b text)";

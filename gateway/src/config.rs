@@ -534,28 +534,41 @@ mod tests {
         assert_eq!(c.unix_socket_group.as_deref(), Some("understudy"));
     }
 
+    /// The configuration in TOML `text`, validated; a validation failure as its message.
+    fn checked(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).expect("valid TOML");
+        config
+            .validate()
+            .map(|()| config)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The validation failure of TOML `text`, which must fail.
+    fn refusal(text: &str) -> String {
+        checked(text).expect_err("refused")
+    }
+
     #[test]
     fn unix_socket_settings_are_checked() {
-        let c: Config = toml::from_str("unix_socket_mode = 0o1777").unwrap();
-        assert!(c.validate().is_err(), "permission bits only");
-        let c: Config = toml::from_str("unix_socket_dir = \"\"").unwrap();
-        assert!(c.validate().is_err(), "an empty directory");
+        assert!(
+            checked("unix_socket_mode = 0o1777").is_err(),
+            "permission bits only"
+        );
+        assert!(
+            checked("unix_socket_dir = \"\"").is_err(),
+            "an empty directory"
+        );
         assert_eq!(Config::default().unix_socket_mode, 0o777);
         assert_eq!(Config::default().unix_socket_dir, None);
 
-        let peer = "unix_socket_dir = \"/run/understudy\"\n[auth]\nunix_socket_auth = \"peer\"";
-        let c: Config = toml::from_str(peer).unwrap();
+        let dir = "unix_socket_dir = \"/run/understudy\"\n";
+        let c = checked(&format!("{dir}[auth]\nunix_socket_auth = \"peer\"")).unwrap();
         assert_eq!(c.auth.unix_socket_auth, Some(ClientAuth::Peer));
-        assert!(c.validate().is_ok());
-        let c: Config = toml::from_str("[auth]\nunix_socket_auth = \"peer\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal("[auth]\nunix_socket_auth = \"peer\"");
         assert!(e.contains("needs unix_socket_dir"), "{e}");
-        let c: Config = toml::from_str("[auth]\nclient_auth = \"peer\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal("[auth]\nclient_auth = \"peer\"");
         assert!(e.contains("set auth.unix_socket_auth"), "{e}");
-        let md5 = "unix_socket_dir = \"/run/understudy\"\n[auth]\nunix_socket_auth = \"md5\"";
-        let c: Config = toml::from_str(md5).unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal(&format!("{dir}[auth]\nunix_socket_auth = \"md5\""));
         assert!(
             e.contains("auth.unix_socket_auth md5/scram-sha-256 needs"),
             "{e}"
@@ -618,33 +631,28 @@ mod tests {
     #[test]
     fn client_certificate_settings_are_checked() {
         let tls = "[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n";
-        let c: Config = toml::from_str(&format!("{tls}client_cert = \"verify-full\"")).unwrap();
+        let c = checked(&format!("{tls}client_cert = \"verify-full\"")).unwrap();
         assert_eq!(c.tls.client_cert, ClientCert::VerifyFull);
-        assert!(c.validate().is_ok());
-        let c: Config = toml::from_str(&format!("{tls}[auth]\nclient_auth = \"cert\"")).unwrap();
-        assert!(c.validate().is_ok());
-        let c: Config = toml::from_str("[auth]\nclient_auth = \"cert\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        assert!(checked(&format!("{tls}[auth]\nclient_auth = \"cert\"")).is_ok());
+        let e = refusal("[auth]\nclient_auth = \"cert\"");
         assert!(e.contains("need tls.client_ca"), "{e}");
-        let c: Config = toml::from_str("[tls]\nclient_cert = \"verify-ca\"").unwrap();
-        assert!(c.validate().is_err(), "verify-ca without a CA");
-        let c: Config = toml::from_str("[backend_tls]\ncert = \"gw.pem\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            checked("[tls]\nclient_cert = \"verify-ca\"").is_err(),
+            "verify-ca without a CA"
+        );
+        let e = refusal("[backend_tls]\ncert = \"gw.pem\"");
         assert!(e.contains("go together"), "{e}");
-        let c: Config = toml::from_str("[tls]\nclient_ca = \"ca.pem\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal("[tls]\nclient_ca = \"ca.pem\"");
         assert!(e.contains("tls.client_ca needs tls.cert"), "{e}");
         let with_socket =
             format!("unix_socket_dir = \"/run/u\"\n{tls}[auth]\nclient_auth = \"cert\"");
-        let c: Config = toml::from_str(&with_socket).unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal(&with_socket);
         assert!(e.contains("set auth.unix_socket_auth"), "{e}");
-        let c: Config =
-            toml::from_str(&format!("{with_socket}\nunix_socket_auth = \"peer\"")).unwrap();
-        assert!(c.validate().is_ok());
-        let c: Config =
-            toml::from_str(&format!("{with_socket}\nunix_socket_auth = \"cert\"")).unwrap();
-        assert!(c.validate().is_err(), "no certificate on a socket");
+        assert!(checked(&format!("{with_socket}\nunix_socket_auth = \"peer\"")).is_ok());
+        assert!(
+            checked(&format!("{with_socket}\nunix_socket_auth = \"cert\"")).is_err(),
+            "no certificate on a socket"
+        );
     }
 
     #[test]
@@ -662,15 +670,12 @@ mod tests {
 
     #[test]
     fn log_settings_are_read_and_checked() {
-        let c: Config =
-            toml::from_str("log_format = \"json\"\nlog_level = \"warn,understudy::session=debug\"")
-                .unwrap();
+        let c = checked("log_format = \"json\"\nlog_level = \"warn,understudy::session=debug\"")
+            .unwrap();
         assert_eq!(c.log_format, LogFormat::Json);
-        assert!(c.validate().is_ok());
         assert_eq!(Config::default().log_format, LogFormat::Text);
         assert_eq!(Config::default().log_level, "info");
-        let c: Config = toml::from_str("log_level = \"understudy=loud\"").unwrap();
-        let e = c.validate().unwrap_err().to_string();
+        let e = refusal("log_level = \"understudy=loud\"");
         assert!(e.contains("log_level"), "{e}");
     }
 

@@ -38,6 +38,9 @@ use tokio::io::AsyncReadExt;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 
+// The OS user the server programs run as, when we are root.
+use crate::accounts::User as RunAs;
+
 /// How long a node may take to accept connections after its postmaster was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast or immediate shutdown may take.
@@ -285,41 +288,8 @@ fn parse_major_version(version_output: &str) -> Option<String> {
     }
 }
 
-/// The OS user the server programs run as, when we are root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-/// The effective uid field of a `/proc/<pid>/status` text.
-fn parse_effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// The entry of `user` in an `/etc/passwd` text.
-fn parse_passwd_user(passwd: &str, user: &str) -> Option<RunAs> {
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.len() < 7 || fields[0] != user {
-            return None;
-        }
-        Some(RunAs {
-            uid: fields[2].parse().ok()?,
-            gid: fields[3].parse().ok()?,
-            home: PathBuf::from(fields[5]),
-        })
-    })
-}
-
 fn effective_uid() -> Result<u32, LocalClusterError> {
-    let status =
-        fs::read_to_string("/proc/self/status").map_err(io_err("reading /proc/self/status"))?;
-    parse_effective_uid(&status).ok_or_else(|| {
-        LocalClusterError::Environment("no Uid line in /proc/self/status".to_owned())
-    })
+    crate::accounts::effective_uid().map_err(io_err("reading /proc/self/status"))
 }
 
 /// `Some(postgres user)` when we are root, since initdb and postgres refuse to run as root.
@@ -327,8 +297,8 @@ fn server_user(euid: u32) -> Result<Option<RunAs>, LocalClusterError> {
     if euid != 0 {
         return Ok(None);
     }
-    let passwd = fs::read_to_string("/etc/passwd").map_err(io_err("reading /etc/passwd"))?;
-    parse_passwd_user(&passwd, SERVER_OS_USER)
+    crate::accounts::user_named(SERVER_OS_USER)
+        .map_err(io_err("reading /etc/passwd"))?
         .map(Some)
         .ok_or_else(|| {
             LocalClusterError::Environment(format!(
@@ -1980,33 +1950,6 @@ mod tests {
         let line = fs::read_to_string("/proc/self/stat").unwrap_or_default();
         let stat = parse_proc_stat(&line);
         assert_eq!(stat.map(|s| s.pid), Some(std::process::id()));
-    }
-
-    #[test]
-    fn effective_uid_is_the_second_uid_field() {
-        let status = "Name:\tx\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t100\t100\t100\t100\n";
-        assert_eq!(parse_effective_uid(status), Some(0));
-        assert_eq!(parse_effective_uid("Name:\tx\n"), None);
-    }
-
-    #[test]
-    fn passwd_entry() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
-                      postgresql:x:5:5::/nope:/bin/false\n\
-                      postgres:x:101:104:PostgreSQL administrator,,,:/var/lib/postgresql:/bin/bash\n";
-        assert_eq!(
-            parse_passwd_user(passwd, "postgres"),
-            Some(RunAs {
-                uid: 101,
-                gid: 104,
-                home: PathBuf::from("/var/lib/postgresql")
-            })
-        );
-        assert_eq!(parse_passwd_user(passwd, "nobody"), None);
-        assert_eq!(
-            parse_passwd_user("postgres:x:abc:1::/:/bin/sh", "postgres"),
-            None
-        );
     }
 
     #[test]

@@ -535,16 +535,6 @@ async fn ctl_sends_the_admin_token() {
     pg.shutdown().await;
 }
 
-/// The uid and gid of operating-system user `name`, from `/etc/passwd`.
-fn os_user(name: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.first() == Some(&name) && fields.len() > 3)
-            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
-    })
-}
-
 /// A PostgreSQL server started on the directory and port of a running gateway's socket, as
 /// the same operating-system user, refuses to start (as it refuses a second postmaster on
 /// its socket) instead of taking the socket over: the gateway's lock file stops it. Once the
@@ -552,15 +542,15 @@ fn os_user(name: &str) -> Option<(u32, u32)> {
 /// runs both as `postgres`; skipped otherwise.)
 #[tokio::test]
 async fn postgres_leaves_a_running_gateways_socket_alone() {
-    let Some((uid, gid)) = os_user("postgres").filter(|_| {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    }) else {
+    let root = understudy::accounts::effective_uid().unwrap() == 0;
+    let Some(postgres) = understudy::accounts::user_named("postgres")
+        .unwrap()
+        .filter(|_| root)
+    else {
         eprintln!("skipped: needs root and a postgres user");
         return;
     };
+    let (uid, gid) = (postgres.uid, postgres.gid);
     let mut pg = primary_only().await;
     pg.primary.stop().await.unwrap();
     let (dir, port) = (pg.primary.socket_dir().to_owned(), pg.primary.port());

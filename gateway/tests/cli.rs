@@ -57,6 +57,13 @@ fn stderr_of(child: &mut Child) -> String {
     text
 }
 
+/// SIGTERM to `child`, which must exit with success within 10 s.
+fn stops_cleanly(child: &mut Child) {
+    signal(child, "TERM");
+    let status = wait_exit(child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -147,9 +154,7 @@ async fn run_ctl_and_sigterm() {
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 
-    signal(&gw.0, "TERM");
-    let status = wait_exit(&mut gw.0, Duration::from_secs(10));
-    assert!(status.success(), "exit status {status}");
+    stops_cleanly(&mut gw.0);
     let err = client.simple_query("SELECT 1").await.unwrap_err();
     let code = err.as_db_error().map(|e| e.code().code().to_owned());
     assert!(
@@ -219,9 +224,7 @@ async fn run_with_unix_sockets_at_both_ends() {
         "{text}"
     );
     assert!(text.contains(&backend), "{text}");
-    signal(&gw.0, "TERM");
-    let status = wait_exit(&mut gw.0, Duration::from_secs(10));
-    assert!(status.success(), "exit status {status}");
+    stops_cleanly(&mut gw.0);
     assert!(!socket.exists(), "the socket file is removed at exit");
     pg.shutdown().await;
 }
@@ -446,8 +449,7 @@ async fn json_logs_and_a_log_level_changed_by_a_reload() {
     // Time for the reload (a SIGHUP is handled on the runtime, in a few milliseconds).
     std::thread::sleep(Duration::from_millis(500));
     drop(client);
-    signal(&gw.0, "TERM");
-    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    stops_cleanly(&mut gw.0);
     let stderr = stderr_of(&mut gw.0);
     let lines: Vec<serde_json::Value> = stderr
         .lines()
@@ -530,8 +532,7 @@ async fn ctl_sends_the_admin_token() {
             "{stdout}"
         );
     }
-    signal(&gw.0, "TERM");
-    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    stops_cleanly(&mut gw.0);
     pg.shutdown().await;
 }
 
@@ -614,8 +615,7 @@ async fn postgres_leaves_a_running_gateways_socket_alone() {
         .file_type()
         .is_socket());
 
-    signal(&gw.0, "TERM");
-    assert!(wait_exit(&mut gw.0, Duration::from_secs(10)).success());
+    stops_cleanly(&mut gw.0);
     assert!(!socket.exists() && !lock.exists(), "both removed at exit");
     pg.primary.start().await.expect("the server starts now");
     pg.shutdown().await;

@@ -54,13 +54,10 @@ impl Connector {
                     tracing::debug!(%backend, "spare backend connection was closed; opening another")
                 }
                 Answer::Silent => {
-                    return Err(SessionError::BackendUnavailable {
-                        code: "08001",
-                        message: format!(
-                            "the database server at {backend} did not answer within {:?}",
-                            self.timeout
-                        ),
-                    })
+                    return Err(SessionError::no_server_now(format!(
+                        "the database server at {backend} did not answer within {:?}",
+                        self.timeout
+                    )))
                 }
             }
         }
@@ -72,30 +69,38 @@ impl Connector {
     }
 
     /// Opens a connection to `backend` (TCP, then TLS as `sslmode` says) within the timeout.
+    /// A server that cannot be reached refuses the login with `57P03` (not now); one reached
+    /// whose TLS does not match the gateway's settings, with `08001`.
     pub async fn connect(&self, backend: &Backend) -> Result<Stream, SessionError> {
         let started = Instant::now();
-        let unavailable = |e: &dyn std::fmt::Display| SessionError::BackendUnavailable {
-            code: "08001",
-            message: format!("could not connect to the database server at {backend}: {e}"),
+        let refusal = |tls: bool, e: &dyn std::fmt::Display| {
+            let message = format!("could not connect to the database server at {backend}: {e}");
+            if tls {
+                SessionError::BackendUnavailable {
+                    code: "08001",
+                    message,
+                }
+            } else {
+                SessionError::no_server_now(message)
+            }
         };
-        let stream = crate::clock::timeout(self.timeout, self.negotiate(backend))
+        let negotiate = async {
+            let socket = self.dial(backend).await.map_err(|e| (false, e))?;
+            self.secure(backend, socket).await.map_err(|e| (true, e))
+        };
+        let stream = crate::clock::timeout(self.timeout, negotiate)
             .await
-            .map_err(|_| unavailable(&format!("timed out after {:?}", self.timeout)))?
-            .map_err(|e| {
+            .map_err(|_| refusal(false, &format!("timed out after {:?}", self.timeout)))?
+            .map_err(|(tls, e)| {
                 if crate::error::out_of_files(&e) {
                     SessionError::out_of_files()
                 } else {
-                    unavailable(&e)
+                    refusal(tls, &e)
                 }
             })?;
         metrics::histogram!("understudy_backend_connect_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(stream)
-    }
-
-    async fn negotiate(&self, backend: &Backend) -> std::io::Result<Stream> {
-        let socket = self.dial(backend).await?;
-        self.secure(backend, socket).await
     }
 
     /// A plain connection to `backend` (bounded by the caller): TCP with the gateway's socket

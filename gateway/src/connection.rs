@@ -93,7 +93,7 @@ pub async fn serve(shared: Arc<Shared>, socket: Stream, peer: PeerAddr) {
         ))
     } else if shutdown.phase() != Phase::Running {
         Some(SessionError::refused(
-            "57P03",
+            crate::error::CANNOT_CONNECT_NOW,
             "shutting_down",
             "the database system is shutting down",
         ))
@@ -478,12 +478,11 @@ async fn open_primary(
         .topology
         .primary(shared.config.connect_timeout())
         .await
-        .ok_or_else(|| SessionError::BackendUnavailable {
-            code: "08001",
-            message: format!(
+        .ok_or_else(|| {
+            SessionError::no_server_now(format!(
                 "no primary database server is available ({})",
                 shared.topology.why_no_primary()
-            ),
+            ))
         })?;
     let unreachable = match shared
         .connector
@@ -508,9 +507,6 @@ async fn open_primary(
             Ok((promotion.primary, backend))
         }
         Err(FailoverError::PrimaryAlive) => Err(unreachable),
-        Err(e) => Err(SessionError::BackendUnavailable {
-            code: "08001",
-            message: format!("{unreachable}; {e}"),
-        }),
+        Err(e) => Err(SessionError::no_server_now(format!("{unreachable}; {e}"))),
     }
 }

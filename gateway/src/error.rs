@@ -42,6 +42,9 @@ pub enum SessionError {
     Shutdown,
 }
 
+/// `cannot_connect_now`.
+pub const CANNOT_CONNECT_NOW: &str = "57P03";
+
 /// What a client the gateway has no file descriptor for is told.
 pub const OUT_OF_FILES: &str = "sorry, too many clients already: the gateway is out of file descriptors (raise its open-file limit)";
 
@@ -63,6 +66,17 @@ impl SessionError {
             code,
             message: message.into(),
             label,
+        }
+    }
+
+    /// The refusal of a login while no database server can take it (no primary known, or the
+    /// primary unreachable): `57P03`, what PostgreSQL says while it cannot accept connections,
+    /// so that `pg_isready` and drivers' retry rules treat the gateway as a server that is up
+    /// but not accepting yet.
+    pub fn no_server_now(message: String) -> Self {
+        SessionError::BackendUnavailable {
+            code: CANNOT_CONNECT_NOW,
+            message,
         }
     }
 

@@ -17,7 +17,8 @@ use understudy_integration_tests::netns::NetNs;
 use understudy_integration_tests::raw::{self, msg, query, startup, Msg, RawConn};
 use understudy_integration_tests::tls::TestCa;
 use understudy_integration_tests::{
-    backend_pid, connect_watched, roles, sqlstate, Cluster, ConnectionEnd, TestGateway, PATIENCE,
+    backend_pid, connect_watched, roles, run_program, sqlstate, Cluster, ConnectionEnd,
+    TestGateway, PATIENCE,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1393,10 +1394,32 @@ async fn idle_session_timeout_from_options_reaches_the_client() {
     assert_no_gateway_panics();
 }
 
-/// A gateway whose backend refuses connections answers 08001 naming the server, and one whose
-/// backend accepts but never answers does so within `connect_timeout_ms`.
+/// `pg_isready`'s verdict on the gateway at `port`: its exit status (0 accepting, 1 rejecting,
+/// 2 no response) and what it printed.
+async fn pg_isready(cluster: &Cluster, port: u16) -> (i32, String) {
+    let out = run_program(
+        cluster.program("pg_isready"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            roles::TRUST,
+        ],
+        None,
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.code().expect("pg_isready exited"), said)
+}
+
+/// A gateway whose backend refuses connections answers 57P03 (cannot connect now) naming the
+/// server, so `pg_isready` reports it rejecting connections (exit 1) where a gateway with a
+/// server behind it is accepting (exit 0); one whose backend accepts but never answers does
+/// the same within `connect_timeout_ms`.
 #[tokio::test]
-async fn unreachable_backend_gets_08001() {
+async fn unreachable_backend_gets_57p03() {
     watch_for_gateway_panics();
     let cluster = Cluster::primary_only().await;
     let healthy = cluster.gateway().await;
@@ -1416,7 +1439,7 @@ async fn unreachable_backend_gets_08001() {
         .try_connect(refusing.pg_config(roles::TRUST))
         .await
         .expect_err("no backend to log in to");
-    assert_eq!(sqlstate(&e), Some("08001"), "{e}");
+    assert_eq!(sqlstate(&e), Some("57P03"), "{e}");
     let message = e.as_db_error().expect("a server error").message();
     assert!(
         message.contains("could not connect") && message.contains(&closed_port.to_string()),
@@ -1426,6 +1449,12 @@ async fn unreachable_backend_gets_08001() {
         started.elapsed() < Duration::from_secs(2),
         "refused at once, not after the 3 s connect timeout"
     );
+    let (status, said) = pg_isready(&cluster, refusing.addr().port()).await;
+    assert_eq!(status, 1, "pg_isready: {said}");
+    assert!(said.ends_with("rejecting connections"), "{said}");
+    let (status, said) = pg_isready(&cluster, healthy.addr().port()).await;
+    assert_eq!(status, 0, "pg_isready: {said}");
+    assert!(said.ends_with("accepting connections"), "{said}");
 
     // A backend that accepts TCP and then says nothing.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1449,7 +1478,7 @@ async fn unreachable_backend_gets_08001() {
         .await
         .expect("an answer")
         .expect_err("no backend to log in to");
-    assert_eq!(sqlstate(&e), Some("08001"), "{e}");
+    assert_eq!(sqlstate(&e), Some("57P03"), "{e}");
     let waited = started.elapsed();
     assert!(
         waited < Duration::from_secs(3),

@@ -1732,7 +1732,7 @@ async fn a_primary_turning_the_probe_away_is_no_failover() {
 
 /// A client that logs in while the primary is dead, before anything else has noticed, waits for
 /// the failover its login sets off and gets a session on the new primary, one that can move
-/// again (its secret was looked up there), rather than `08001`.
+/// again (its secret was looked up there), rather than `57P03`.
 #[tokio::test]
 async fn a_login_during_the_failover_waits_for_the_new_primary() {
     let mut cluster = Cluster::primary_and_standby().await;

@@ -509,7 +509,7 @@ fn spare_processes(cluster: &Cluster) -> Vec<u32> {
 }
 
 /// A spare whose server process does not answer the StartupMessage reads as an unreachable
-/// server (08001 after connect_timeout_ms), as a connection attempt that times out does, not as
+/// server (57P03 after connect_timeout_ms), as a connection attempt that times out does, not as
 /// a login that hangs until its own timeout (57014); once the server answers again, so do logins.
 #[tokio::test]
 async fn a_silent_spare_reads_as_an_unreachable_server() {
@@ -529,7 +529,7 @@ async fn a_silent_spare_reads_as_an_unreachable_server() {
         .await
         .unwrap_err();
     frozen.thaw();
-    assert_eq!(sqlstate(&e), Some("08001"), "{e}");
+    assert_eq!(sqlstate(&e), Some("57P03"), "{e}");
     let c = gw.connect(roles::SCRAM).await;
     let n: i32 = c.query_one("SELECT 6 * 7", &[]).await.unwrap().get(0);
     assert_eq!(n, 42);

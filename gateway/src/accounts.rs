@@ -1,36 +1,28 @@
-//! Operating-system accounts by name or number, read from `/etc/group`, `/etc/passwd` and
-//! `/proc/self/status` (no NSS lookup: the crate keeps `unsafe` to `sockopt`; an account only
-//! a directory service knows is given by its number).
+//! Operating-system accounts by name or number, looked up as PostgreSQL looks them up: through
+//! the C library's name service (`getpwuid_r`, `getpwnam_r`, `getgrnam_r`), so an account a
+//! directory service knows (LDAP through sssd, systemd's dynamic users) counts as one in
+//! `/etc/passwd` does. A lookup may wait on that service: the data path calls them off its
+//! threads.
 
 use std::path::PathBuf;
 
-/// The id of the group `name`: a number as it is, or a name looked up in `/etc/group` (a
-/// group only a directory service knows is given by its number).
+use nix::unistd::{Group, Uid};
+
+/// The id of the group `name`: a number as it is, or a name the system knows.
 pub fn group_id(name: &str) -> std::io::Result<u32> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
-    let groups = std::fs::read_to_string("/etc/group")?;
-    group_in(&groups, name).ok_or_else(|| {
-        std::io::Error::new(
+    match Group::from_name(name)? {
+        Some(group) => Ok(group.gid.as_raw()),
+        None => Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("unix_socket_group: no group {name:?} in /etc/group (give its number)"),
-        )
-    })
+            format!("unix_socket_group: the system knows no group {name:?} (give its number)"),
+        )),
+    }
 }
 
-/// The id of group `name` in an `/etc/group` text.
-fn group_in(groups: &str, name: &str) -> Option<u32> {
-    groups.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        if fields.next()? != name {
-            return None;
-        }
-        fields.nth(1)?.parse().ok()
-    })
-}
-
-/// A user's entry in `/etc/passwd`.
+/// An operating-system user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     /// User id.
@@ -41,104 +33,81 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// The entries of an `/etc/passwd` text, each with its name, in the file's order; lines that
-/// are no entry are passed over.
-fn users(passwd: &str) -> impl Iterator<Item = (&str, User)> {
-    passwd.lines().filter_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.len() < 7 {
-            return None;
+impl From<nix::unistd::User> for User {
+    fn from(user: nix::unistd::User) -> Self {
+        User {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
         }
-        let user = User {
-            uid: fields[2].parse().ok()?,
-            gid: fields[3].parse().ok()?,
-            home: PathBuf::from(fields[5]),
-        };
-        Some((fields[0], user))
-    })
+    }
 }
 
-/// The entry of user `name` in `/etc/passwd`; `None` when it has none.
+/// The user named `name`; `None` when the system knows none.
 pub fn user_named(name: &str) -> std::io::Result<Option<User>> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    let user = users(&passwd).find(|(n, _)| *n == name).map(|(_, u)| u);
-    Ok(user)
+    Ok(nix::unistd::User::from_name(name)?.map(User::from))
 }
 
-/// The name of the user whose id is `uid`, from `/etc/passwd` (the first entry with that id,
-/// as `getpwuid` finds it); `None` when it has no entry.
+/// The name of the user whose id is `uid`; `None` when the system knows none.
 pub fn user_name(uid: u32) -> std::io::Result<Option<String>> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    let name = users(&passwd)
-        .find(|(_, u)| u.uid == uid)
-        .map(|(n, _)| n.to_owned());
-    Ok(name)
+    Ok(nix::unistd::User::from_uid(Uid::from_raw(uid))?.map(|u| u.name))
 }
 
-/// This process's effective user id, from `/proc/self/status`.
-pub fn effective_uid() -> std::io::Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    effective_uid_in(&status).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "no Uid line in /proc/self/status",
-        )
-    })
-}
-
-/// The effective uid field of a `/proc/<pid>/status` text.
-fn effective_uid_in(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    Uid::effective().as_raw()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The entries `getent` (the C library's own lookup) gives for `database` and `key`,
+    /// split into fields.
+    fn getent(database: &str, key: &str) -> Option<Vec<String>> {
+        let out = std::process::Command::new("getent")
+            .args([database, key])
+            .output()
+            .expect("getent runs");
+        let line = String::from_utf8(out.stdout).unwrap();
+        let line = line.lines().next()?;
+        Some(line.split(':').map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn users_are_what_the_system_says() {
+        for name in ["root", "postgres", "nobody"] {
+            let Some(entry) = getent("passwd", name) else {
+                continue;
+            };
+            let user = user_named(name).unwrap().expect("a user getent knows");
+            assert_eq!(user.uid.to_string(), entry[2], "{name}");
+            assert_eq!(user.gid.to_string(), entry[3], "{name}");
+            assert_eq!(user.home, PathBuf::from(&entry[5]), "{name}");
+            assert_eq!(user_name(user.uid).unwrap().as_deref(), Some(name));
+        }
+        assert_eq!(user_name(0).unwrap().as_deref(), Some("root"));
+        assert_eq!(user_named("no-such-user-here").unwrap(), None);
+        assert_eq!(getent("passwd", "4294967"), None);
+        assert_eq!(user_name(4_294_967).unwrap(), None);
+    }
+
     #[test]
     fn groups_are_found_by_name_or_number() {
-        let groups = "root:x:0:\npostgres:x:104:\nssl-cert:x:105:postgres\n";
-        assert_eq!(group_in(groups, "postgres"), Some(104));
-        assert_eq!(group_in(groups, "ssl-cert"), Some(105));
-        assert_eq!(group_in(groups, "post"), None);
         assert_eq!(group_id("4242").unwrap(), 4242);
         assert_eq!(group_id("root").unwrap(), 0);
+        if let Some(entry) = getent("group", "postgres") {
+            assert_eq!(group_id("postgres").unwrap().to_string(), entry[2]);
+        }
         let e = group_id("no-such-group-here").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
         assert!(e.to_string().contains("give its number"), "{e}");
     }
 
     #[test]
-    fn users_are_found_by_name_or_id() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
-                      postgresql:x:5:5::/nope:/bin/false\n\
-                      broken:x:abc:1::/:/bin/sh\n\
-                      postgres:x:101:104:PostgreSQL administrator,,,:/var/lib/postgresql:/bin/bash\n\
-                      toor:x:0:0::/:/bin/sh\n";
-        let named = |name: &str| users(passwd).find(|(n, _)| *n == name).map(|(_, u)| u);
-        assert_eq!(
-            named("postgres"),
-            Some(User {
-                uid: 101,
-                gid: 104,
-                home: PathBuf::from("/var/lib/postgresql")
-            })
-        );
-        assert_eq!(named("nobody"), None);
-        assert_eq!(named("broken"), None, "a uid that is no number");
-        let by_id = |uid: u32| users(passwd).find(|(_, u)| u.uid == uid).map(|(n, _)| n);
-        assert_eq!(by_id(101), Some("postgres"));
-        assert_eq!(by_id(0), Some("root"), "the first entry with the id");
-        assert_eq!(by_id(104), None, "a group id is no user id");
-        assert_eq!(user_name(0).unwrap().as_deref(), Some("root"));
-        assert_eq!(user_named("root").unwrap().map(|u| u.uid), Some(0));
-    }
-
-    #[test]
-    fn effective_uid_is_the_second_uid_field() {
-        let status = "Name:\tx\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t100\t100\t100\t100\n";
-        assert_eq!(effective_uid_in(status), Some(0));
-        assert_eq!(effective_uid_in("Name:\tx\n"), None);
-        assert!(effective_uid().is_ok());
+    fn effective_uid_is_the_process_s() {
+        let id = std::process::Command::new("id").arg("-u").output().unwrap();
+        let id = String::from_utf8(id.stdout).unwrap();
+        assert_eq!(effective_uid().to_string(), id.trim());
     }
 }

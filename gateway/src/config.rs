@@ -17,7 +17,7 @@ pub struct Config {
     pub unix_socket_dir: Option<PathBuf>,
     /// Permissions of that socket (as PostgreSQL's `unix_socket_permissions`).
     pub unix_socket_mode: u32,
-    /// Group that owns that socket, a name from `/etc/group` or a number (as PostgreSQL's
+    /// Group that owns that socket, a name the system knows or a number (as PostgreSQL's
     /// `unix_socket_group`); none: the gateway's own.
     pub unix_socket_group: Option<String>,
     /// Address of the admin HTTP listener (`/metrics`, `/status`); none when unset.

@@ -231,17 +231,25 @@ async fn session(
 }
 
 /// PostgreSQL's `peer` check: the operating-system user of the process at the other end of
-/// the Unix-domain socket, as the kernel reports it, must have the role's name. A refusal
-/// tells the client what PostgreSQL tells it; the log says why.
-fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
+/// the Unix-domain socket, as the kernel reports it, must have the role's name (looked up by
+/// the system's name service, on a blocking thread: a directory service may be slow). A
+/// refusal tells the client what PostgreSQL tells it; the log says why.
+async fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
     let uid = match stream {
         Stream::Unix(unix) => unix.peer_cred().map(|cred| cred.uid()),
         _ => Err(std::io::Error::other("not a Unix-domain socket")),
     };
-    let why = match uid.and_then(|uid| Ok((uid, crate::accounts::user_name(uid)?))) {
+    let named = match uid {
+        Ok(uid) => tokio::task::spawn_blocking(move || crate::accounts::user_name(uid))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|name| Ok((uid, name?))),
+        Err(e) => Err(e),
+    };
+    let why = match named {
         Ok((_, Some(name))) if name == user => return Ok(()),
         Ok((_, Some(name))) => format!("the client runs as operating-system user {name:?}"),
-        Ok((uid, None)) => format!("no user has id {uid} in /etc/passwd"),
+        Ok((uid, None)) => format!("the system knows no user with id {uid}"),
         Err(e) => format!("who the client is could not be learned: {e}"),
     };
     tracing::info!(%user, why, "peer authentication failed");
@@ -306,7 +314,7 @@ async fn establish(
         _ => auth.client_auth,
     };
     if mode == ClientAuth::Peer {
-        check_peer(stream, user)?;
+        check_peer(stream, user).await?;
     }
     let certificate = match (mode, &*stream) {
         (ClientAuth::Cert, _) => ClientCert::VerifyFull,

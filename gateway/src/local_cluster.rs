@@ -15,8 +15,8 @@
 //! reap it ourselves, and its children are found through `/proc` (parent PID, or a working
 //! directory equal to the data directory, which every postmaster child inherits).
 //!
-//! No `unsafe`: the effective uid comes from `/proc/self/status`, user entries from `/etc/passwd`,
-//! and signals to processes that are not our children go through `kill(1)`.
+//! No `unsafe`: the effective uid and user entries come from `accounts`, and signals to
+//! processes that are not our children go through `kill(1)`.
 //!
 //! Simulated crashes must not leak: dynamic shared memory lives in the data directory (`mmap`),
 //! and the System V interlock segment of a SIGKILLed postmaster is removed once its processes are
@@ -288,22 +288,18 @@ fn parse_major_version(version_output: &str) -> Option<String> {
     }
 }
 
-fn effective_uid() -> Result<u32, LocalClusterError> {
-    crate::accounts::effective_uid().map_err(io_err("reading /proc/self/status"))
-}
-
 /// `Some(postgres user)` when we are root, since initdb and postgres refuse to run as root.
 fn server_user(euid: u32) -> Result<Option<RunAs>, LocalClusterError> {
     if euid != 0 {
         return Ok(None);
     }
     crate::accounts::user_named(SERVER_OS_USER)
-        .map_err(io_err("reading /etc/passwd"))?
+        .map_err(io_err("looking up the postgres user"))?
         .map(Some)
         .ok_or_else(|| {
             LocalClusterError::Environment(format!(
                 "running as root, but PostgreSQL refuses to run as root and there is no \
-             `{SERVER_OS_USER}` user in /etc/passwd to run it as (create one, e.g. \
+             `{SERVER_OS_USER}` user to run it as (create one, e.g. \
              `useradd --system --home-dir /var/lib/postgresql {SERVER_OS_USER}`, or run as a \
              normal user)"
             ))
@@ -1552,7 +1548,7 @@ impl LocalCluster {
         mut opts: ClusterOptions,
     ) -> Result<Self, LocalClusterError> {
         let started = Instant::now();
-        let euid = effective_uid()?;
+        let euid = crate::accounts::effective_uid();
         let run_as = server_user(euid)?;
         opts.base_dir = prepare_base_dir(&opts.base_dir, run_as.as_ref())?;
         let primary = match free_port()

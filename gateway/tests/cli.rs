@@ -543,7 +543,7 @@ async fn ctl_sends_the_admin_token() {
 /// runs both as `postgres`; skipped otherwise.)
 #[tokio::test]
 async fn postgres_leaves_a_running_gateways_socket_alone() {
-    let root = understudy::accounts::effective_uid().unwrap() == 0;
+    let root = understudy::accounts::effective_uid() == 0;
     let Some(postgres) = understudy::accounts::user_named("postgres")
         .unwrap()
         .filter(|_| root)

@@ -610,7 +610,7 @@ async fn the_sockets_mode_and_group_decide_who_connects() {
 
 /// Whether this process runs as root (and so may run psql as other users).
 fn running_as_root() -> bool {
-    understudy::accounts::effective_uid().unwrap() == 0
+    understudy::accounts::effective_uid() == 0
 }
 
 /// A directory every user may enter (so that only the socket's own permissions decide who
@@ -732,6 +732,102 @@ async fn peer_authentication_on_the_socket() {
     assert!(slept.status.success());
     assert_eq!(session["movable"], "yes", "{session:#}");
     assert_eq!(session["client"], socket_of(&gw).display().to_string());
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A user record in systemd's user database (`/run/userdb`), which the C library's name
+/// service reads through nss-systemd: an account `/etc/passwd` does not have, as LDAP (sssd)
+/// users are. Removed when dropped.
+struct NameServiceUser {
+    files: [PathBuf; 2],
+}
+
+impl NameServiceUser {
+    /// Adds user `name` with id `uid`; `None` when the name service does not find it then
+    /// (no nss-systemd in `/etc/nsswitch.conf`).
+    fn add(name: &str, uid: u32) -> Option<Self> {
+        let dir = Path::new("/run/userdb");
+        std::fs::create_dir_all(dir).unwrap();
+        let record = dir.join(format!("{name}.user"));
+        let by_uid = dir.join(format!("{uid}.user"));
+        std::fs::write(
+            &record,
+            format!(
+                r#"{{"userName":"{name}","uid":{uid},"gid":{uid},"homeDirectory":"/nonexistent","shell":"/usr/sbin/nologin","disposition":"regular"}}"#
+            ),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&by_uid);
+        std::os::unix::fs::symlink(&record, &by_uid).unwrap();
+        let user = NameServiceUser {
+            files: [by_uid, record],
+        };
+        let getent = std::process::Command::new("getent")
+            .args(["passwd", &uid.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&getent.stdout)
+            .starts_with(&format!("{name}:"))
+            .then_some(user)
+    }
+}
+
+impl Drop for NameServiceUser {
+    fn drop(&mut self) {
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// `peer` finds the client's operating-system user as PostgreSQL does, through the name
+/// service, so a user that only a directory service knows (here systemd's user database,
+/// read by nss-systemd) logs in by its name; one that only `/etc/passwd` was read for would be
+/// refused as a stranger. (As root; skipped where nss-systemd is not configured.)
+#[tokio::test]
+async fn peer_finds_users_the_name_service_knows() {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to add a user and run psql as it");
+        return;
+    }
+    // An id neither /etc/passwd nor the name service has.
+    let uid = 61_000 + std::process::id() % 1_000;
+    let name = format!("understudy_nss_{uid}");
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    assert!(!passwd.contains(&format!(":{uid}:")), "uid {uid} is taken");
+    let Some(_user) = NameServiceUser::add(&name, uid) else {
+        eprintln!("skipped: the name service does not read /run/userdb (no nss-systemd)");
+        return;
+    };
+    let cluster = Cluster::primary_only().await;
+    let su = cluster.superuser().await;
+    su.batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD 'nss-secret'"))
+        .await
+        .unwrap();
+    let dir = open_dir("peer-nss");
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(&userlist, format!("\"{name}\" \"nss-secret\"\n")).unwrap();
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
+            c.auth.auth_file = Some(userlist.clone());
+        })
+        .await;
+    let out = psql_by_socket(&cluster, &gw, Some(&name), &name, "", "SELECT current_user").await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{name}\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = psql_by_socket(&cluster, &gw, Some(&name), "nobody", "", "SELECT 1").await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("Peer authentication failed for user \"nobody\""),
+        "{stderr}"
+    );
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

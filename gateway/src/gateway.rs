@@ -296,6 +296,16 @@ impl Gateway {
         if let Some(unix) = &unix {
             tracing::info!(socket = %unix.path.display(), "accepting connections");
         }
+        let touching = unix.as_ref().map(UnixSocket::files).map(|files| {
+            tokio::spawn(async move {
+                loop {
+                    crate::clock::sleep(TOUCH_EVERY).await;
+                    for (path, made) in &files {
+                        touch(path, *made);
+                    }
+                }
+            })
+        });
         if let Some(why) = shared.failover.disabled() {
             tracing::info!(why, "failover is off: sessions end with their backend");
         }
@@ -366,6 +376,9 @@ impl Gateway {
         }
         if let Some(admin) = admin {
             admin.abort();
+        }
+        if let Some(touching) = touching {
+            touching.abort();
         }
         tracing::info!("shut down");
     }
@@ -610,7 +623,7 @@ struct UnixSocket {
     /// made, which stays its to remove.
     inode: Option<(u64, u64)>,
     /// The lock file beside it, removed when this is dropped; systemd's socket has none.
-    _lock: Option<SocketLock>,
+    lock: Option<SocketLock>,
 }
 
 impl UnixSocket {
@@ -657,7 +670,7 @@ impl UnixSocket {
             path: path.to_owned(),
             peer: PeerAddr::Unix(path.into()),
             inode: Some(made),
-            _lock: Some(lock),
+            lock: Some(lock),
         })
     }
 
@@ -669,7 +682,7 @@ impl UnixSocket {
             path: path.to_owned(),
             peer: PeerAddr::Unix(path.into()),
             inode: None,
-            _lock: None,
+            lock: None,
         })
     }
 
@@ -684,6 +697,17 @@ impl UnixSocket {
         }
     }
 
+    /// The files the gateway made (the socket and its lock file), each with its device and
+    /// inode; none for systemd's socket.
+    fn files(&self) -> Vec<(PathBuf, (u64, u64))> {
+        let Some(made) = self.inode else {
+            return Vec::new();
+        };
+        let mut files = vec![(self.path.clone(), made)];
+        files.extend(self.lock.as_ref().map(|l| (l.path.clone(), l.inode)));
+        files
+    }
+
     /// Removes the socket's file, unless another process has put its own in its place.
     fn remove(self) {
         if self
@@ -694,6 +718,29 @@ impl UnixSocket {
                 tracing::warn!(socket = %self.path.display(), error = %e, "the socket file could not be removed");
             }
         }
+    }
+}
+
+/// How often the socket and its lock file get a new modification time, as PostgreSQL's own
+/// (every 58 minutes), so that a cleaner of old files in `/tmp` (systemd-tmpfiles, tmpreaper)
+/// does not remove them while the gateway runs.
+const TOUCH_EVERY: Duration = Duration::from_secs(58 * 60);
+
+/// Sets the access and modification times of the file at `path` to now, if it is still the
+/// file `made` (device and inode) and not one another process has put in its place.
+fn touch(path: &Path, made: (u64, u64)) {
+    if !file_id(path).is_ok_and(|now| now == made) {
+        return;
+    }
+    let now = nix::sys::time::TimeSpec::UTIME_NOW;
+    if let Err(e) = nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &now,
+        &now,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    ) {
+        tracing::warn!(file = %path.display(), error = %e, "could not touch the file");
     }
 }
 
@@ -822,6 +869,51 @@ fn lock_holder(text: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets the modification time of `path` back a day; returns that time.
+    fn age(path: &Path) -> std::time::SystemTime {
+        let then = std::time::SystemTime::now() - Duration::from_secs(86_400);
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(then).unwrap();
+        std::fs::metadata(path).unwrap().modified().unwrap()
+    }
+
+    #[test]
+    fn touching_renews_only_the_file_made() {
+        let dir = std::env::temp_dir().join(format!("understudy-touch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = dir.join(".s.PGSQL.5432.lock");
+        std::fs::write(&lock, "1\n").unwrap();
+        let made = file_id(&lock).unwrap();
+        let aged = age(&lock);
+        touch(&lock, made);
+        let touched = std::fs::metadata(&lock).unwrap().modified().unwrap();
+        assert!(touched > aged + Duration::from_secs(3_600), "{touched:?}");
+
+        // Another file put in its place (made while it still exists: another inode) is left
+        // as it is.
+        let replacement = dir.join("replacement");
+        std::fs::write(&replacement, "2\n").unwrap();
+        std::fs::rename(&replacement, &lock).unwrap();
+        let other = age(&lock);
+        touch(&lock, made);
+        assert_eq!(std::fs::metadata(&lock).unwrap().modified().unwrap(), other);
+        // A socket is touched as it is (no open, which a socket refuses).
+        let socket = dir.join(".s.PGSQL.5432");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let before = std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        touch(&socket, file_id(&socket).unwrap());
+        let after = std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(after > before, "{before:?} {after:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn activated_sockets_are_sorted_by_kind_and_name() {

@@ -11,7 +11,7 @@ use understudy_protocol::startup::{CancelKey, StartupMessage};
 use crate::auth::login::{login, LoginError};
 use crate::auth::relay::{relay, ClientEnd, Ends};
 use crate::auth::verify::verify;
-use crate::auth::Credential;
+use crate::auth::{Credential, Secret};
 use crate::config::{ClientAuth, ClientCert};
 use crate::error::SessionError;
 use crate::failover::FailoverError;
@@ -67,6 +67,11 @@ pub async fn serve(shared: Arc<Shared>, socket: Stream, peer: PeerAddr) {
         }
         Opening::Session { stream, startup } => (stream, startup),
     };
+    // What a SCRAM-SHA-256-PLUS login binds to: the certificate this client's TLS was served.
+    let end_point = match &stream {
+        Stream::ServerTls(_) => tls.as_ref().and_then(|t| t.end_point.clone()),
+        _ => None,
+    };
     // Taken before the phase is read, so a drain that begins in between waits for this session.
     let in_session = shared.sessions.token();
     // A Unix-domain socket is not the network TLS guards against, and carries no TLS (as a
@@ -109,14 +114,15 @@ pub async fn serve(shared: Arc<Shared>, socket: Stream, peer: PeerAddr) {
     shared.metrics.sessions_total.increment(1);
     shared.metrics.sessions_open.increment(1.0);
     let user = startup.user().unwrap_or_default().to_owned();
+    let clock = LoginClock { started, deadline };
     let result = session(
         &shared,
         stream,
+        end_point,
         startup,
         peer.clone(),
         shutdown,
-        deadline,
-        started,
+        clock,
     )
     .await;
     shared.metrics.sessions_open.decrement(1.0);
@@ -161,14 +167,23 @@ struct Established {
     learned: crate::session::Learned,
 }
 
+/// When a login began, and when it must be done by (`login_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+struct LoginClock {
+    started: Instant,
+    deadline: tokio::time::Instant,
+}
+
+/// Logs the client in (`end_point`: its TLS certificate's channel-binding data, if on TLS)
+/// and runs its session.
 async fn session(
     shared: &Arc<Shared>,
     mut stream: Stream,
+    end_point: Option<Vec<u8>>,
     startup: StartupMessage,
     peer: PeerAddr,
     shutdown: Shutdown,
-    deadline: tokio::time::Instant,
-    started: Instant,
+    clock: LoginClock,
 ) -> Result<(), SessionError> {
     let user = startup.user().unwrap_or_default().to_owned();
     let database = startup.database().unwrap_or_default().to_owned();
@@ -178,11 +193,12 @@ async fn session(
     let mut client_buf = BytesMut::new();
     let mut forced = shutdown.clone();
     let login = crate::clock::timeout_at(
-        deadline,
+        clock.deadline,
         // Boxed: the session's data path should not carry the login's state in its stack frame.
         Box::pin(establish(
             shared,
             &mut stream,
+            end_point.as_deref(),
             &mut client_buf,
             &startup,
             &mut guard,
@@ -209,7 +225,7 @@ async fn session(
             return Err(e);
         }
     };
-    metrics::histogram!("understudy_login_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("understudy_login_seconds").record(clock.started.elapsed().as_secs_f64());
     let max = shared.config.max_message_size;
     let pump = Pump::new(
         stream,
@@ -303,6 +319,7 @@ fn check_client_cert(
 async fn establish(
     shared: &Arc<Shared>,
     stream: &mut Stream,
+    end_point: Option<&[u8]>,
     client_buf: &mut BytesMut,
     startup: &StartupMessage,
     guard: &mut SessionGuard,
@@ -352,7 +369,7 @@ async fn establish(
                 stream: &mut *stream,
                 buf: &mut *client_buf,
             };
-            Some(verify(&mut client, mode, user, secret).await?)
+            Some(verify(&mut client, mode, user, secret, end_point).await?)
         };
     let (primary, mut backend) = open_primary(shared, startup).await?;
     let mut client = ClientEnd {
@@ -372,24 +389,33 @@ async fn establish(
         encode::auth_ok(&mut greeting);
         credential
     } else {
-        let secret = if shared.secrets.configured() {
-            shared.secrets.lookup(user).await.unwrap_or_else(|e| {
-                tracing::warn!(%user, error = %e, "secret lookup failed; session will not be movable");
-                None
-            })
+        let (secret, looked_up) = if shared.secrets.configured() {
+            match shared.secrets.lookup(user).await {
+                Ok(secret) => (secret, true),
+                Err(e) => {
+                    tracing::warn!(%user, error = %e, "secret lookup failed; session will not be movable");
+                    (None, false)
+                }
+            }
         } else {
-            None
+            (None, false)
         };
         let mut ends = Ends {
             client: &mut client,
             backend: &mut backend,
             backend_buf: &mut backend_buf,
         };
+        // SCRAM-SHA-256-PLUS can be offered where the gateway can check the client itself: it
+        // knows this role's secret, or has just asked for every role's (so the offer tells
+        // nothing of which roles exist).
+        let binds = matches!(secret, Some(Secret::Scram(_) | Secret::Plain(_)))
+            || looked_up && shared.secrets.knows_every_role();
         relay(
             &mut ends,
             user,
             secret.as_ref(),
             shared.secrets.configured(),
+            end_point.filter(|_| binds),
         )
         .await?
     };

@@ -32,7 +32,7 @@ pub struct Shared {
     /// How backend connections are opened.
     pub connector: Connector,
     /// TLS offered to clients; a reload replaces it.
-    pub client_tls: Swappable<Option<Arc<rustls::ServerConfig>>>,
+    pub client_tls: Swappable<Option<Arc<crate::tls::ServerTls>>>,
     /// Role secrets (auth file, auth_query).
     pub secrets: Secrets,
     /// Hot-path metric handles.

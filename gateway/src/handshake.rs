@@ -37,7 +37,7 @@ pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// Runs the startup phase on a fresh client connection, plain TCP or a Unix-domain socket.
 pub async fn accept(
     socket: Stream,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    tls: Option<&Arc<crate::tls::ServerTls>>,
 ) -> Result<Opening, (Option<Stream>, SessionError)> {
     let mut stream = match socket {
         Stream::Plain(tcp) => {
@@ -82,7 +82,7 @@ pub async fn accept(
                 if let Err(e) = tcp.write_all(b"S").await {
                     return Err((None, SessionError::ClientGone(e)));
                 }
-                match tokio_rustls::TlsAcceptor::from(config.clone())
+                match tokio_rustls::TlsAcceptor::from(config.config.clone())
                     .accept(tcp)
                     .await
                 {
@@ -119,7 +119,7 @@ pub async fn accept(
 /// the `postgresql` application protocol is served.
 async fn direct_tls(
     tcp: TcpStream,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    tls: Option<&Arc<crate::tls::ServerTls>>,
 ) -> Result<Stream, (Option<Stream>, SessionError)> {
     let Some(config) = tls else {
         // What any other bytes that are no startup packet get (a TLS client cannot read it,
@@ -133,7 +133,7 @@ async fn direct_tls(
             ),
         ));
     };
-    let tls = match tokio_rustls::TlsAcceptor::from(config.clone())
+    let tls = match tokio_rustls::TlsAcceptor::from(config.config.clone())
         .accept(tcp)
         .await
     {

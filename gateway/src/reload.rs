@@ -115,7 +115,7 @@ pub fn on_hangup(shared: Arc<Shared>) -> std::io::Result<()> {
 /// Everything a reload puts in force, read and checked before any of it is.
 struct Next {
     auth_file: std::collections::HashMap<String, crate::auth::userlist::Secret>,
-    client_tls: Option<Option<Arc<rustls::ServerConfig>>>,
+    client_tls: Option<Option<Arc<crate::tls::ServerTls>>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
     log_level: String,
 }

@@ -50,12 +50,22 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// What clients' TLS is served with.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// The rustls configuration.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The certificate's `tls-server-end-point` channel-binding data (see [`end_point`]).
+    pub end_point: Option<Vec<u8>>,
+}
+
 /// The acceptor for clients' TLS (after an SSLRequest, or at once), if a certificate is configured.
-pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<ServerTls>>, TlsError> {
     let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) else {
         return Ok(None);
     };
     let (chain, key) = chain_and_key(cert, key)?;
+    let end_point = end_point(chain[0].as_ref());
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match &cfg.client_ca {
@@ -80,7 +90,32 @@ pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<rustls::ServerConfig>
     let mut config = builder.with_single_cert(chain, key)?;
     // As PostgreSQL 17: a client naming no protocol is served, one naming only others is not.
     config.alpn_protocols = vec![crate::handshake::ALPN_POSTGRESQL.to_vec()];
-    Ok(Some(Arc::new(config)))
+    Ok(Some(Arc::new(ServerTls {
+        config: Arc::new(config),
+        end_point,
+    })))
+}
+
+/// The `tls-server-end-point` channel-binding data of a DER certificate (RFC 5929 section 4.1),
+/// what SCRAM-SHA-256-PLUS binds a login to: the certificate's hash, by the hash function of
+/// its signature algorithm (SHA-256 for MD5 and SHA-1). `None` for a signature that names no
+/// hash function (Ed25519, RSASSA-PSS), which PostgreSQL cannot bind to either.
+pub fn end_point(der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256, Sha384, Sha512};
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let hash = match cert.signature_algorithm.oid.to_string().as_str() {
+        // md5WithRSAEncryption, sha1WithRSAEncryption, ecdsa-with-SHA1, and the SHA-256 ones.
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.3.2" => Sha256::digest(der).to_vec(),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Sha384::digest(der).to_vec(),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Sha512::digest(der).to_vec(),
+        _ => return None,
+    };
+    Some(hash)
 }
 
 /// The common name in the certificate a TLS client presented (which the handshake checked
@@ -229,6 +264,23 @@ mod tests {
         params.distinguished_name = subject;
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_end_point_hash_follows_the_signature() {
+        use sha2::{Digest, Sha256, Sha384};
+        let signed_with = |alg: &'static rcgen::SignatureAlgorithm| {
+            let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let p256 = signed_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(end_point(&p256), Some(Sha256::digest(&p256).to_vec()));
+        let p384 = signed_with(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(end_point(&p384), Some(Sha384::digest(&p384).to_vec()));
+        // No hash in the signature: nothing to bind to, as in PostgreSQL.
+        assert_eq!(end_point(&signed_with(&rcgen::PKCS_ED25519)), None);
+        assert_eq!(end_point(b"not a certificate"), None);
     }
 
     #[test]

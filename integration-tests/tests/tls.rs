@@ -358,7 +358,8 @@ async fn tls_required_refuses_plain_clients() {
 /// the test CA with host=localhost, both run a query and report an SSL connection; verify-full
 /// against another CA fails on the certificate. With the backend leg plain, SCRAM with libpq's
 /// default `channel_binding=prefer` works, and `channel_binding=require` fails with libpq's
-/// explanation because the gateway never offers SCRAM-SHA-256-PLUS.
+/// explanation: without a verifier source (`auth_file`, `auth_query`) the gateway cannot check
+/// the client itself, so it offers no SCRAM-SHA-256-PLUS.
 #[tokio::test]
 async fn psql_over_tls_to_the_gateway() {
     let ca = TestCa::new();
@@ -686,8 +687,10 @@ async fn backend_tls_follows_sslmode() {
 /// channel says so (`y`), which a TLS backend rejects as a downgrade when relayed, so the
 /// gateway checks such a client itself against the role's verifier and logs in with the
 /// recovered ClientKey. Without a verifier source that is impossible and the client is told
-/// how to fix it; with `auth_query` every role logs in, and channel_binding=require still
-/// fails, as it must through any proxy.
+/// how to fix it; with `auth_query` every role logs in, and the gateway offers
+/// SCRAM-SHA-256-PLUS bound to its own certificate: psql and tokio-postgres with
+/// `channel_binding=require` log in (each computes the certificate's hash itself), with a
+/// session that can move, and a wrong password still fails.
 #[tokio::test]
 async fn tls_on_both_legs() {
     let ca = TestCa::new();
@@ -767,19 +770,7 @@ async fn tls_on_both_legs() {
     assert_eq!(said[1], said[0], "unknown role: gateway vs PostgreSQL");
     assert!(said[0].contains("28P01"), "{}", said[0]);
 
-    let conninfo = format!(
-        "{} sslmode=require channel_binding=require",
-        gw.conn_str(roles::SCRAM, "postgres")
-    );
-    let (ok, _, stderr) = outcome(&psql(&cluster, &conninfo, &["SELECT 1"]).await);
-    assert!(
-        !ok,
-        "channel_binding=require cannot be met through the gateway"
-    );
-    assert!(
-        stderr.contains("channel binding is required"),
-        "libpq must say why: {stderr}"
-    );
+    assert_channel_binding_required_works(&cluster, &gw, &ca).await;
 
     assert!(
         failures.is_empty(),
@@ -788,10 +779,44 @@ async fn tls_on_both_legs() {
     );
 }
 
+/// psql and tokio-postgres with `channel_binding=require` (SCRAM-SHA-256-PLUS, each binding to
+/// the certificate it was served) log in as scram_user through `gw`, the session can move, a
+/// wrong password is refused as ever, and psql with `channel_binding=disable` logs in unbound.
+async fn assert_channel_binding_required_works(cluster: &Cluster, gw: &TestGateway, ca: &TestCa) {
+    let conninfo = format!(
+        "{} sslmode=require channel_binding=require",
+        gw.conn_str(roles::SCRAM, "postgres")
+    );
+    let (ok, stdout, stderr) = outcome(&psql(cluster, &conninfo, &["SELECT current_user"]).await);
+    assert!(ok, "psql channel_binding=require: {stderr}");
+    assert_eq!(stdout.trim(), roles::SCRAM);
+    // Offered, not taken: the exchange goes on unbound.
+    let unbound = conninfo.replace("channel_binding=require", "channel_binding=disable");
+    let (ok, stdout, stderr) = outcome(&psql(cluster, &unbound, &["SELECT current_user"]).await);
+    assert!(ok, "psql channel_binding=disable: {stderr}");
+    assert_eq!(stdout.trim(), roles::SCRAM);
+    let wrong = conninfo.replace(roles::SCRAM_PASSWORD, "wrong");
+    let (ok, _, stderr) = outcome(&psql(cluster, &wrong, &["SELECT 1"]).await);
+    assert!(!ok, "wrong password accepted");
+    assert!(
+        stderr.contains("password authentication failed for user \"scram_user\""),
+        "{stderr}"
+    );
+
+    let mut config = tls_config(gw, roles::SCRAM, "localhost");
+    config.channel_binding(ChannelBinding::Require);
+    let client = connect_tls(&config, ca)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres channel_binding=require: {}", describe(&e)));
+    let s = gw.session_status(&client).await;
+    assert_eq!(s["movable"], gw.movable_word().await, "{s:#}");
+}
+
 /// With `client_auth = scram-sha-256` (auth_query) the gateway runs the SCRAM exchange itself,
-/// so a channel-binding-capable client's `y` flag is its own to judge: psql with the default
-/// `channel_binding=prefer` and tokio-postgres log in as scram_user over TLS on both legs, and
-/// the gateway logs in to PostgreSQL over TLS with the recovered ClientKey (session movable).
+/// offering SCRAM-SHA-256-PLUS to TLS clients: psql with the default `channel_binding=prefer`
+/// (which binds when offered) and with `channel_binding=require`, and tokio-postgres, log in as
+/// scram_user over TLS on both legs, and the gateway logs in to PostgreSQL over TLS with the
+/// recovered ClientKey (session movable).
 #[tokio::test]
 async fn gateway_scram_over_tls_on_both_legs() {
     let ca = TestCa::new();
@@ -832,13 +857,7 @@ async fn gateway_scram_over_tls_on_both_legs() {
     assert!(ok, "psql: {stderr}");
     assert_eq!(stdout.trim(), "scram_user true");
 
-    let wrong = conninfo.replace(roles::SCRAM_PASSWORD, "wrong");
-    let (ok, _, stderr) = outcome(&psql(&cluster, &wrong, &["SELECT 1"]).await);
-    assert!(!ok, "wrong password accepted");
-    assert!(
-        stderr.contains("password authentication failed for user \"scram_user\""),
-        "{stderr}"
-    );
+    assert_channel_binding_required_works(&cluster, &gw, &ca).await;
 }
 
 /// A login error with the server's SQLSTATE and message when there is one.

@@ -10,7 +10,9 @@
 //!   any plaintext.
 //!
 //! Messages are handled as bytes; the framing layer supplies the SASL payloads. Channel binding
-//! (SCRAM-SHA-256-PLUS) is not offered.
+//! (SCRAM-SHA-256-PLUS, `tls-server-end-point`) is offered by [`ScramServer`] when its caller
+//! knows the binding data of the TLS connection the exchange runs on; relayed exchanges and
+//! [`ScramClient`] do not bind.
 
 use std::fmt;
 
@@ -46,6 +48,16 @@ pub enum ScramError {
     /// The client asked for channel binding (`p=`), but only SCRAM-SHA-256 without PLUS is offered.
     #[error("SCRAM channel binding is not supported")]
     ChannelBindingUnsupported,
+    /// The client asked for a channel-binding type other than `tls-server-end-point`.
+    #[error("unsupported SCRAM channel-binding type")]
+    ChannelBindingType,
+    /// The client said it could bind but believed the server could not (`y`), where the server
+    /// offered SCRAM-SHA-256-PLUS: a sign that someone in between removed the offer.
+    #[error("SCRAM channel binding negotiation error: the client supports SCRAM channel binding but thinks the server does not. However, this server does support channel binding.")]
+    ChannelBindingDowngrade,
+    /// The mechanism the client selected and its gs2 header disagree on channel binding.
+    #[error("{0}")]
+    ChannelBindingSelection(&'static str),
     /// The `c=` attribute does not match the gs2 header of the client-first-message.
     #[error("unexpected SCRAM channel-binding attribute in client-final-message")]
     ChannelBindingMismatch,
@@ -195,6 +207,9 @@ pub fn recover_client_key(
     client_final: &[u8],
 ) -> Result<ClientKey, ScramError> {
     let first = parse_client_first(client_first)?;
+    if matches!(first.flag, Gs2Flag::Bind(_)) {
+        return Err(ScramError::ChannelBindingUnsupported);
+    }
     let server = parse_server_first(server_first)?;
     let last = parse_client_final(client_final)?;
     if !server.nonce.starts_with(first.nonce) || last.nonce != server.nonce {
@@ -208,15 +223,30 @@ pub fn recover_client_key(
 pub struct ScramServer {
     verifier: ScramVerifier,
     state: ServerState,
+    binding: Option<Binding>,
 }
+
+/// The channel binding a [`ScramServer`] offers.
+struct Binding {
+    /// `tls-server-end-point` data: the hash of the server's certificate (RFC 5929).
+    end_point: Vec<u8>,
+    /// Whether the client selected SCRAM-SHA-256-PLUS.
+    selected: bool,
+}
+
+/// The name of the SCRAM mechanism with channel binding.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The one channel-binding type PostgreSQL (and this module) supports.
+const END_POINT: &[u8] = b"tls-server-end-point";
 
 enum ServerState {
     AwaitingClientFirst {
         server_nonce: String,
     },
     AwaitingClientFinal {
-        /// The `c=` value the client must send back: base64 of its gs2 header.
-        expected_channel_binding: &'static [u8],
+        /// The `c=` value the client must send back: base64 of its gs2 header, and of the
+        /// channel-binding data if it binds.
+        expected_channel_binding: Vec<u8>,
         nonce: Vec<u8>,
         client_first_bare: Vec<u8>,
         server_first: Vec<u8>,
@@ -231,7 +261,20 @@ impl ScramServer {
         Self {
             verifier,
             state: ServerState::AwaitingClientFirst { server_nonce },
+            binding: None,
         }
+    }
+
+    /// Offers channel binding: the exchange runs on a TLS connection whose
+    /// `tls-server-end-point` data is `end_point` (SCRAM-SHA-256-PLUS was advertised), and
+    /// the client `selected` SCRAM-SHA-256-PLUS or not. As PostgreSQL, a client that selected
+    /// it must bind, and one that did not must not claim it could have (`y`).
+    pub fn offer_channel_binding(mut self, end_point: Vec<u8>, selected: bool) -> Self {
+        self.binding = Some(Binding {
+            end_point,
+            selected,
+        });
+        self
     }
 
     /// Starts an exchange with a random nonce: 18 random bytes in base64, as PostgreSQL does.
@@ -247,6 +290,7 @@ impl ScramServer {
             return Err(ScramError::OutOfOrder("client-first-message"));
         };
         let first = parse_client_first(client_first)?;
+        let expected_channel_binding = self.expected_channel_binding(&first)?;
         let mut nonce = first.nonce.to_vec();
         nonce.extend_from_slice(server_nonce.as_bytes());
 
@@ -261,7 +305,7 @@ impl ScramServer {
             .as_bytes(),
         );
         self.state = ServerState::AwaitingClientFinal {
-            expected_channel_binding: first.channel_binding,
+            expected_channel_binding,
             nonce,
             client_first_bare: first.bare.to_vec(),
             server_first: server_first.clone(),
@@ -285,7 +329,9 @@ impl ScramServer {
             return Err(ScramError::OutOfOrder("client-final-message"));
         };
         let last = parse_client_final(client_final)?;
-        if last.channel_binding != expected_channel_binding {
+        // Public data (the gs2 header and the certificate's hash): compared in constant time
+        // all the same.
+        if !bool::from(last.channel_binding.ct_eq(&expected_channel_binding)) {
             return Err(ScramError::ChannelBindingMismatch);
         }
         if last.nonce != nonce.as_slice() {
@@ -295,6 +341,35 @@ impl ScramServer {
         let client_key = verify_proof(&self.verifier, &auth_message, &last.proof)?;
         let signature = hmac(&self.verifier.server_key, &[&auth_message]);
         Ok((server_final_message(&signature), client_key))
+    }
+
+    /// The `c=` the client-final-message must carry after `first`, checked against what was
+    /// offered and selected as PostgreSQL's `read_client_first_message` checks it.
+    fn expected_channel_binding(&self, first: &ClientFirst<'_>) -> Result<Vec<u8>, ScramError> {
+        let selected = self.binding.as_ref().is_some_and(|b| b.selected);
+        let mut header = first.gs2_header.to_vec();
+        match (first.flag, &self.binding) {
+            (Gs2Flag::Bind(_), None) => return Err(ScramError::ChannelBindingUnsupported),
+            (Gs2Flag::Bind(_), Some(_)) if !selected => {
+                return Err(ScramError::ChannelBindingSelection(
+                    "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data.",
+                ))
+            }
+            (Gs2Flag::Bind(kind), Some(binding)) => {
+                if kind != END_POINT {
+                    return Err(ScramError::ChannelBindingType);
+                }
+                header.extend_from_slice(&binding.end_point);
+            }
+            (Gs2Flag::No | Gs2Flag::Yes, _) if selected => {
+                return Err(ScramError::ChannelBindingSelection(
+                    "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data.",
+                ))
+            }
+            (Gs2Flag::Yes, Some(_)) => return Err(ScramError::ChannelBindingDowngrade),
+            (Gs2Flag::No | Gs2Flag::Yes, _) => {}
+        }
+        Ok(BASE64.encode(header).into_bytes())
     }
 }
 
@@ -452,9 +527,22 @@ impl fmt::Debug for ScramClient {
     }
 }
 
+/// The gs2 channel-binding flag of a client-first-message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gs2Flag<'a> {
+    /// `n`: the client does not bind.
+    No,
+    /// `y`: the client could bind, but believes the server cannot.
+    Yes,
+    /// `p=<type>`: the client binds, with this channel-binding type.
+    Bind(&'a [u8]),
+}
+
 struct ClientFirst<'a> {
-    /// base64 of the gs2 header, which the client-final-message's `c=` must repeat.
-    channel_binding: &'static [u8],
+    flag: Gs2Flag<'a>,
+    /// The gs2 header as sent (through its second comma), which the client-final-message's
+    /// `c=` repeats, in base64, followed by the channel-binding data if it binds.
+    gs2_header: &'a [u8],
     bare: &'a [u8],
     nonce: &'a [u8],
 }
@@ -463,11 +551,10 @@ struct ClientFirst<'a> {
 /// checked as PostgreSQL's `read_client_first_message` does.
 fn parse_client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
     let mut gs2 = message.splitn(3, |&b| b == b',');
-    let channel_binding: &'static [u8] = match gs2.next() {
-        Some(b"n") => b"biws",
-        // The client could bind but believes the server cannot; true here, as no PLUS is offered.
-        Some(b"y") => b"eSws",
-        Some([b'p', b'=', ..]) => return Err(ScramError::ChannelBindingUnsupported),
+    let flag = match gs2.next() {
+        Some(b"n") => Gs2Flag::No,
+        Some(b"y") => Gs2Flag::Yes,
+        Some([b'p', b'=', kind @ ..]) => Gs2Flag::Bind(kind),
         _ => return Err(ScramError::Malformed("channel-binding flag")),
     };
     match gs2.next() {
@@ -478,6 +565,7 @@ fn parse_client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
     let bare = gs2
         .next()
         .ok_or(ScramError::Malformed("client-first-message-bare"))?;
+    let gs2_header = &message[..message.len() - bare.len()];
     let mut attrs = split_attrs(bare);
     let first = attrs.next();
     if let Some([b'm', b'=', ..]) = first {
@@ -493,7 +581,8 @@ fn parse_client_first(message: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
         return Err(ScramError::Malformed("extension in client-first-message"));
     }
     Ok(ClientFirst {
-        channel_binding,
+        flag,
+        gs2_header,
         bare,
         nonce,
     })
@@ -934,6 +1023,81 @@ mod tests {
                 "{secret:?}"
             );
         }
+    }
+
+    /// Runs an exchange with a server that offers binding to `end_point` (the client
+    /// `selected` SCRAM-SHA-256-PLUS or not), the client sending gs2 header `header` and
+    /// binding data `data` with a correct proof.
+    fn bound_exchange(
+        end_point: &[u8],
+        selected: bool,
+        header: &str,
+        data: &[u8],
+    ) -> Result<(Vec<u8>, ClientKey), ScramError> {
+        let verifier = verifier(PASSWORD);
+        let salted = salted_password(PASSWORD, verifier.salt(), verifier.iterations());
+        let key = ClientKey::from_salted_password(&salted);
+        let mut server = ScramServer::new(verifier, "srv".into())
+            .offer_channel_binding(end_point.to_vec(), selected);
+        let server_first = server.handle_client_first(format!("{header}n=,r=abc").as_bytes())?;
+        let cbind = [header.as_bytes(), data].concat();
+        let without_proof = format!("c={},r=abcsrv", BASE64.encode(cbind));
+        let auth = auth_message(b"n=,r=abc", &server_first, without_proof.as_bytes());
+        let proof = BASE64.encode(key.proof(&auth));
+        server.handle_client_final(format!("{without_proof},p={proof}").as_bytes())
+    }
+
+    #[test]
+    fn server_binds_to_its_certificate() {
+        let end_point = Sha256::digest(b"the server's certificate").to_vec();
+        let bound = "p=tls-server-end-point,,";
+        bound_exchange(&end_point, true, bound, &end_point).unwrap();
+        // postgres-protocol's client, binding to the same data, agrees.
+        let mut client = ScramSha256::new(
+            PASSWORD,
+            ChannelBinding::tls_server_end_point(end_point.clone()),
+        );
+        let mut server = ScramServer::with_random_nonce(verifier(PASSWORD))
+            .offer_channel_binding(end_point.clone(), true);
+        let server_first = server.handle_client_first(client.message()).unwrap();
+        client.update(&server_first).unwrap();
+        let (server_final, _) = server.handle_client_final(client.message()).unwrap();
+        client.finish(&server_final).unwrap();
+        // Another certificate's hash: a TLS connection someone in between made.
+        assert_eq!(
+            bound_exchange(&end_point, true, bound, &[0; 32]).unwrap_err(),
+            ScramError::ChannelBindingMismatch
+        );
+        assert_eq!(
+            bound_exchange(&end_point, true, "p=tls-unique,,", &end_point).unwrap_err(),
+            ScramError::ChannelBindingType
+        );
+        assert!(matches!(
+            bound_exchange(&end_point, true, "n,,", b""),
+            Err(ScramError::ChannelBindingSelection(_))
+        ));
+        assert!(matches!(
+            bound_exchange(&end_point, false, bound, &end_point),
+            Err(ScramError::ChannelBindingSelection(_))
+        ));
+        // Offered but not chosen: a plain exchange, unless the client says it could have bound
+        // but was not offered to (an offer removed on the way).
+        bound_exchange(&end_point, false, "n,,", b"").unwrap();
+        assert_eq!(
+            bound_exchange(&end_point, false, "y,,", b"").unwrap_err(),
+            ScramError::ChannelBindingDowngrade
+        );
+        // A relayed exchange never binds.
+        assert_eq!(
+            recover_client_key(
+                &verifier(PASSWORD),
+                b"p=tls-server-end-point,,n=,r=abc",
+                b"r=abcsrv,s=c2FsdA==,i=4096",
+                b"c=biws,r=abcsrv,p=AAAA"
+            )
+            .unwrap_err(),
+            ScramError::ChannelBindingUnsupported
+        );
     }
 
     #[test]

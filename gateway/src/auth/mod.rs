@@ -124,6 +124,11 @@ impl Secrets {
         !self.file.get().is_empty() || self.query.is_some()
     }
 
+    /// Whether every role's secret is looked up (`auth_query`), not only an auth file's.
+    pub fn knows_every_role(&self) -> bool {
+        self.query.is_some()
+    }
+
     /// The secret for `user`, if a source knows it.
     pub async fn lookup(&self, user: &str) -> Result<Option<Secret>, String> {
         if let Some(s) = self.file.get().get(user) {

@@ -5,11 +5,14 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use understudy_protocol::encode;
 use understudy_protocol::inspect::ErrorView;
-use understudy_protocol::scram::{recover_client_key, ScramServer, ScramVerifier};
+use understudy_protocol::scram::{
+    recover_client_key, ScramServer, ScramVerifier, SCRAM_SHA_256_PLUS,
+};
 use understudy_protocol::tags::{backend, frontend};
 use zeroize::Zeroizing;
 
 use super::login::{login_from, LoginError};
+use super::verify::{auth_failed, final_refusal};
 use super::{Credential, Secret};
 use crate::error::SessionError;
 use crate::stream::Stream;
@@ -116,12 +119,15 @@ impl Ends<'_, '_> {
 /// Relays authentication until the server's AuthenticationOk, which is forwarded too.
 ///
 /// `secret` is the role's secret from the auth file or auth_query, if known: with it a relayed
-/// SCRAM exchange yields the ClientKey.
+/// SCRAM exchange yields the ClientKey. `end_point`: the channel-binding data of the client's
+/// TLS connection, given where the gateway can check this client itself; a server's SCRAM
+/// offer then reaches the client with SCRAM-SHA-256-PLUS, bound to the gateway's certificate.
 pub async fn relay(
     ends: &mut Ends<'_, '_>,
     user: &str,
     secret: Option<&Secret>,
     sources: bool,
+    end_point: Option<&[u8]>,
 ) -> Result<Credential, SessionError> {
     let mut credential = Credential::NotNeeded;
     let mut scram = ScramTranscript::default();
@@ -195,7 +201,10 @@ pub async fn relay(
                 ends.send_backend(&reply.raw).await?;
             }
             // AuthenticationSASL: channel binding ties the exchange to one TLS connection, and a
-            // gateway holds two, so the -PLUS variants are not offered to the client.
+            // gateway holds two, so the server's -PLUS variants are not offered to the client.
+            // The gateway's own is, where it can check the client itself: bound to its own
+            // certificate, the client's exchange ends at the gateway, which then logs in to the
+            // server with the ClientKey it yields.
             10 => {
                 let mut rest = &body[4..];
                 let mut mechanisms = Vec::new();
@@ -211,18 +220,35 @@ pub async fn relay(
                         "the server offers only channel-bound SASL, which cannot pass through a gateway",
                     ));
                 }
+                let end_point = end_point.filter(|_| mechanisms.contains(&SCRAM));
+                if end_point.is_some() {
+                    mechanisms.insert(0, SCRAM_SHA_256_PLUS);
+                }
                 let mut out = BytesMut::new();
                 encode::auth_sasl(&mut out, &mechanisms);
                 ends.send_client(&out).await?;
                 let reply = ends.recv_client().await?;
                 let mut rest = reply.body();
-                if cstr(&mut rest) == Some(SCRAM) {
-                    let data = rest.get(4..).unwrap_or_default();
+                let mechanism = cstr(&mut rest);
+                let data = rest.get(4..).unwrap_or_default();
+                let selected = mechanism == Some(SCRAM_SHA_256_PLUS);
+                if let (Some(end_point), true) = (end_point, selected || mechanism == Some(SCRAM))
+                {
+                    // Bound, or not (channel_binding=disable): the gateway checks either, as
+                    // the server would on one TLS connection ("y" is a removed offer).
+                    if selected || data.first() != Some(&b'n') {
+                        let binding = Some((end_point, selected));
+                        return terminate_scram(ends, user, secret, sources, data, frame, binding)
+                            .await;
+                    }
+                }
+                if mechanism == Some(SCRAM) {
                     // "y": the client could bind but was not offered -PLUS. A server on TLS
                     // that does offer it rejects that as a downgrade, so the gateway must
                     // check the client itself and log in with what it learns.
                     if data.first() == Some(&b'y') && ends.backend.is_tls() {
-                        return terminate_scram(ends, user, secret, sources, data, frame).await;
+                        return terminate_scram(ends, user, secret, sources, data, frame, None)
+                            .await;
                     }
                     scram.client_first = Some(data.to_vec());
                 }
@@ -251,7 +277,8 @@ pub async fn relay(
 
 /// Completes a SCRAM login with the client as the server would, then logs in to the backend
 /// with the credential that yields, forwarding the backend's verdict. `sources`: whether an
-/// auth file or auth_query could have known the role's secret.
+/// auth file or auth_query could have known the role's secret; `binding`: the channel-binding
+/// data offered to the client (SCRAM-SHA-256-PLUS), and whether it selected it.
 async fn terminate_scram(
     ends: &mut Ends<'_, '_>,
     user: &str,
@@ -259,14 +286,8 @@ async fn terminate_scram(
     sources: bool,
     client_first: &[u8],
     sasl_request: Frame,
+    binding: Option<(&[u8], bool)>,
 ) -> Result<Credential, SessionError> {
-    let failed = || {
-        SessionError::refused(
-            "28P01",
-            "auth_failed",
-            format!("password authentication failed for user \"{user}\""),
-        )
-    };
     let made_up = |password: &[u8]| {
         ScramVerifier::from_password(password, &rand::random::<[u8; 16]>(), 4096)
             .map_err(|e| SessionError::refused("XX000", "internal", e.to_string()))
@@ -296,6 +317,9 @@ async fn terminate_scram(
         };
     let server_key = *verifier.server_key();
     let mut server = ScramServer::with_random_nonce(verifier);
+    if let Some((end_point, selected)) = binding {
+        server = server.offer_channel_binding(end_point.to_vec(), selected);
+    }
     let server_first = server
         .handle_client_first(client_first)
         .map_err(|e| SessionError::refused("08P01", "protocol_violation", e.to_string()))?;
@@ -305,7 +329,8 @@ async fn terminate_scram(
     let reply = ends.recv_client().await?;
     let (server_final, client_key) = match server.handle_client_final(reply.body()) {
         Ok(done) if known => done,
-        _ => return Err(failed()),
+        Ok(_) => return Err(auth_failed(user)),
+        Err(e) => return Err(final_refusal(&e, user)),
     };
     let credential = credential_of.unwrap_or(Credential::Scram {
         client_key,

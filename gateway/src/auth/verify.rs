@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use subtle::ConstantTimeEq;
 use understudy_protocol::encode;
 use understudy_protocol::md5::{md5_response_from_password, md5_response_from_verifier};
-use understudy_protocol::scram::{ScramServer, ScramVerifier};
+use understudy_protocol::scram::{ScramError, ScramServer, ScramVerifier, SCRAM_SHA_256_PLUS};
 use zeroize::Zeroizing;
 
 use super::relay::ClientEnd;
@@ -14,7 +14,8 @@ use crate::config::ClientAuth;
 use crate::error::SessionError;
 use crate::wire::cstr;
 
-fn auth_failed(user: &str) -> SessionError {
+/// PostgreSQL's refusal of a wrong password.
+pub(super) fn auth_failed(user: &str) -> SessionError {
     SessionError::refused(
         "28P01",
         "auth_failed",
@@ -22,7 +23,23 @@ fn auth_failed(user: &str) -> SessionError {
     )
 }
 
+/// The refusal of a client-final-message the exchange rejected: PostgreSQL's for a channel
+/// binding that does not match (a TLS connection to someone in between, who passed the exchange
+/// on), else a wrong password's.
+pub(super) fn final_refusal(e: &ScramError, user: &str) -> SessionError {
+    match e {
+        ScramError::ChannelBindingMismatch => SessionError::refused(
+            "08P01",
+            "protocol_violation",
+            "SCRAM channel binding check failed",
+        ),
+        _ => auth_failed(user),
+    }
+}
+
 /// Checks the client's password; returns what the gateway can use to log in to the backend.
+/// `end_point`: the channel-binding data of the client's TLS connection, if it is on TLS
+/// (SCRAM-SHA-256-PLUS is offered then).
 ///
 /// An unknown role goes through the same exchange as a known one and fails the same way, so
 /// the answer does not tell which roles exist.
@@ -31,6 +48,7 @@ pub async fn verify(
     mode: ClientAuth,
     user: &str,
     secret: Option<Secret>,
+    end_point: Option<&[u8]>,
 ) -> Result<Credential, SessionError> {
     match mode {
         // Peer, cert: the client's operating-system user or certificate was checked when it
@@ -42,7 +60,7 @@ pub async fn verify(
                 .unwrap_or(Credential::NotNeeded))
         }
         ClientAuth::Md5 => verify_md5(client, user, secret).await,
-        ClientAuth::ScramSha256 => verify_scram(client, user, secret).await,
+        ClientAuth::ScramSha256 => verify_scram(client, user, secret, end_point).await,
     }
 }
 
@@ -84,6 +102,7 @@ async fn verify_scram(
     client: &mut ClientEnd<'_>,
     user: &str,
     secret: Option<Secret>,
+    end_point: Option<&[u8]>,
 ) -> Result<Credential, SessionError> {
     let (verifier, known) = match &secret {
         Some(Secret::Scram(v)) => (v.clone(), true),
@@ -95,20 +114,28 @@ async fn verify_scram(
         }
     };
     let server_key = *verifier.server_key();
-    let mut server = ScramServer::with_random_nonce(verifier);
     let mut out = BytesMut::new();
-    encode::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    // PostgreSQL's order: the bound mechanism first.
+    match end_point {
+        Some(_) => encode::auth_sasl(&mut out, &[SCRAM_SHA_256_PLUS, "SCRAM-SHA-256"]),
+        None => encode::auth_sasl(&mut out, &["SCRAM-SHA-256"]),
+    }
     client.send(&out).await?;
 
     let reply = client.recv_password().await?;
     let mut body = reply.body();
     let mechanism = cstr(&mut body).unwrap_or_default();
-    if mechanism != "SCRAM-SHA-256" {
+    let selected = mechanism == SCRAM_SHA_256_PLUS && end_point.is_some();
+    if mechanism != "SCRAM-SHA-256" && !selected {
         return Err(SessionError::refused(
             "28000",
             "auth_failed",
             "client selected an invalid SASL authentication mechanism",
         ));
+    }
+    let mut server = ScramServer::with_random_nonce(verifier);
+    if let Some(end_point) = end_point {
+        server = server.offer_channel_binding(end_point.to_vec(), selected);
     }
     let client_first = body.get(4..).unwrap_or_default();
     let server_first = server
@@ -121,7 +148,8 @@ async fn verify_scram(
     let reply = client.recv_password().await?;
     let (server_final, client_key) = match server.handle_client_final(reply.body()) {
         Ok(done) if known => done,
-        _ => return Err(auth_failed(user)),
+        Ok(_) => return Err(auth_failed(user)),
+        Err(e) => return Err(final_refusal(&e, user)),
     };
     out.clear();
     encode::auth_sasl_final(&mut out, &server_final);

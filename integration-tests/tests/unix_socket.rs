@@ -622,6 +622,32 @@ fn open_dir(what: &str) -> PathBuf {
     dir
 }
 
+/// A gateway whose socket, in a fresh directory named after `what`, authenticates by `peer`,
+/// with `role` made on the server with `password`, which the auth file holds too (so the
+/// gateway logs in for it, and its sessions can move); returns it and the directory.
+async fn peer_gateway(
+    cluster: &Cluster,
+    what: &str,
+    role: &str,
+    password: &str,
+) -> (TestGateway, PathBuf) {
+    let su = cluster.superuser().await;
+    su.batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        .await
+        .unwrap();
+    let dir = open_dir(what);
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(&userlist, format!("\"{role}\" \"{password}\"\n")).unwrap();
+    let gw = cluster
+        .gateway_with(|c| {
+            c.unix_socket_dir = Some(dir.clone());
+            c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
+            c.auth.auth_file = Some(userlist.clone());
+        })
+        .await;
+    (gw, dir)
+}
+
 /// `auth.unix_socket_auth = "peer"`, PostgreSQL's `peer` on the gateway's socket: a client
 /// whose operating-system user has the role's name gets in with no password, and the gateway
 /// logs in to the server for it with the auth file's password (so the session can move); any
@@ -635,20 +661,7 @@ async fn peer_authentication_on_the_socket() {
         return;
     }
     let cluster = Cluster::primary_only().await;
-    let su = cluster.superuser().await;
-    su.batch_execute("CREATE ROLE nobody LOGIN PASSWORD 'nobody-secret'")
-        .await
-        .unwrap();
-    let dir = open_dir("peer");
-    let userlist = dir.join("userlist.txt");
-    std::fs::write(&userlist, "\"nobody\" \"nobody-secret\"\n").unwrap();
-    let gw = cluster
-        .gateway_with(|c| {
-            c.unix_socket_dir = Some(dir.clone());
-            c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
-            c.auth.auth_file = Some(userlist.clone());
-        })
-        .await;
+    let (gw, dir) = peer_gateway(&cluster, "peer", "nobody", "nobody-secret").await;
     let psql = |os_user, user| {
         psql_by_socket(
             &cluster,
@@ -704,7 +717,7 @@ async fn peer_authentication_on_the_socket() {
         .expect("root is not postgres");
     assert_eq!(sqlstate(&refused), Some("28000"));
 
-    // The session can move: the gateway can log in for it again.
+    // The session can move (where the gateway moves any): it can log in for it again.
     let sleeper = psql_by_socket(
         &cluster,
         &gw,
@@ -730,7 +743,7 @@ async fn peer_authentication_on_the_socket() {
     };
     let (slept, session) = tokio::join!(sleeper, watch);
     assert!(slept.status.success());
-    assert_eq!(session["movable"], "yes", "{session:#}");
+    assert_eq!(session["movable"], gw.movable_word().await, "{session:#}");
     assert_eq!(session["client"], socket_of(&gw).display().to_string());
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -801,20 +814,7 @@ async fn peer_finds_users_the_name_service_knows() {
         return;
     };
     let cluster = Cluster::primary_only().await;
-    let su = cluster.superuser().await;
-    su.batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD 'nss-secret'"))
-        .await
-        .unwrap();
-    let dir = open_dir("peer-nss");
-    let userlist = dir.join("userlist.txt");
-    std::fs::write(&userlist, format!("\"{name}\" \"nss-secret\"\n")).unwrap();
-    let gw = cluster
-        .gateway_with(|c| {
-            c.unix_socket_dir = Some(dir.clone());
-            c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
-            c.auth.auth_file = Some(userlist.clone());
-        })
-        .await;
+    let (gw, dir) = peer_gateway(&cluster, "peer-nss", &name, "nss-secret").await;
     let out = psql_by_socket(&cluster, &gw, Some(&name), &name, "", "SELECT current_user").await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

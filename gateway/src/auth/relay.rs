@@ -232,15 +232,13 @@ pub async fn relay(
                 let mechanism = cstr(&mut rest);
                 let data = rest.get(4..).unwrap_or_default();
                 let selected = mechanism == Some(SCRAM_SHA_256_PLUS);
-                if let (Some(end_point), true) = (end_point, selected || mechanism == Some(SCRAM))
-                {
-                    // Bound, or not (channel_binding=disable): the gateway checks either, as
-                    // the server would on one TLS connection ("y" is a removed offer).
-                    if selected || data.first() != Some(&b'n') {
-                        let binding = Some((end_point, selected));
-                        return terminate_scram(ends, user, secret, sources, data, frame, binding)
-                            .await;
-                    }
+                // Offered the bound mechanism, a client that does not bind says `n`, and is
+                // relayed; any other answer is the gateway's to judge, as the server would on
+                // one TLS connection (a `y` is an offer removed on the way).
+                let judged = selected || mechanism == Some(SCRAM) && data.first() != Some(&b'n');
+                if let Some(end_point) = end_point.filter(|_| judged) {
+                    let binding = Some((end_point, selected));
+                    return terminate_scram(ends, user, secret, sources, data, frame, binding).await;
                 }
                 if mechanism == Some(SCRAM) {
                     // "y": the client could bind but was not offered -PLUS. A server on TLS

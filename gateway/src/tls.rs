@@ -66,6 +66,12 @@ pub fn server_config(cfg: &ClientTls) -> Result<Option<Arc<ServerTls>>, TlsError
     };
     let (chain, key) = chain_and_key(cert, key)?;
     let end_point = end_point(chain[0].as_ref());
+    if end_point.is_none() {
+        tracing::warn!(
+            cert = %cert.display(),
+            "the certificate's signature names no hash function (Ed25519, RSA-PSS?): SCRAM channel binding cannot be offered, and clients with channel_binding=require will be refused"
+        );
+    }
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match &cfg.client_ca {

@@ -244,6 +244,11 @@ pub struct Auth {
     pub auth_query: Option<String>,
     /// Who authenticates clients on the Unix-domain socket; unset, `client_auth` does.
     pub unix_socket_auth: Option<ClientAuth>,
+    /// A user name map file in PostgreSQL's `pg_ident.conf` format.
+    pub ident_file: Option<PathBuf>,
+    /// The map of `ident_file` that `peer` and certificate checks use (PostgreSQL's `map=`):
+    /// which operating-system users or common names may log in as which roles.
+    pub ident_map: Option<String>,
 }
 
 /// The gateway's own control-plane login.
@@ -454,6 +459,17 @@ impl Config {
         if self.auth.unix_socket_auth.is_some() && self.unix_socket_dir.is_none() {
             return invalid("auth.unix_socket_auth needs unix_socket_dir");
         }
+        if self.auth.ident_file.is_some() != self.auth.ident_map.is_some() {
+            return invalid("auth.ident_file and auth.ident_map go together");
+        }
+        let names_checked = self.auth.unix_socket_auth == Some(ClientAuth::Peer)
+            || cert_auth
+            || self.tls.client_cert == ClientCert::VerifyFull;
+        if self.auth.ident_map.is_some() && !names_checked {
+            return invalid(
+                "auth.ident_map maps the names peer and certificate checks compare: set auth.unix_socket_auth = \"peer\", auth.client_auth = \"cert\" or tls.client_cert = \"verify-full\"",
+            );
+        }
         for (key, mode) in [
             ("client_auth", Some(self.auth.client_auth)),
             ("unix_socket_auth", self.auth.unix_socket_auth),
@@ -571,6 +587,18 @@ mod tests {
         let e = refusal(&format!("{dir}[auth]\nunix_socket_auth = \"md5\""));
         assert!(
             e.contains("auth.unix_socket_auth md5/scram-sha-256 needs"),
+            "{e}"
+        );
+
+        let map = "ident_file = \"/etc/understudy/pg_ident.conf\"\nident_map = \"apps\"\n";
+        let peer = format!("{dir}[auth]\nunix_socket_auth = \"peer\"\n");
+        let c = checked(&format!("{peer}{map}")).unwrap();
+        assert_eq!(c.auth.ident_map.as_deref(), Some("apps"));
+        let e = refusal(&format!("{peer}ident_map = \"apps\"\n"));
+        assert!(e.contains("go together"), "{e}");
+        let e = refusal(&format!("[auth]\n{map}"));
+        assert!(
+            e.contains("maps the names peer and certificate checks"),
             "{e}"
         );
     }

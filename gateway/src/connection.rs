@@ -8,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 use understudy_protocol::encode::{self, Severity};
 use understudy_protocol::startup::{CancelKey, StartupMessage};
 
+use crate::auth::ident::IdentMap;
 use crate::auth::login::{login, LoginError};
 use crate::auth::relay::{relay, ClientEnd, Ends};
 use crate::auth::verify::verify;
@@ -246,11 +247,25 @@ async fn session(
     Box::pin(session.run(shutdown)).await
 }
 
+/// Whether `system` (an operating-system user, a certificate's common name) may log in as role
+/// `user`: as the user name map `ident` says, if one is set, else by being the role's name.
+fn name_allows(ident: Option<&IdentMap>, system: &str, user: &str) -> bool {
+    match ident {
+        Some(map) => map.allows(system, user),
+        None => system == user,
+    }
+}
+
 /// PostgreSQL's `peer` check: the operating-system user of the process at the other end of
-/// the Unix-domain socket, as the kernel reports it, must have the role's name (looked up by
-/// the system's name service, on a blocking thread: a directory service may be slow). A
-/// refusal tells the client what PostgreSQL tells it; the log says why.
-async fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
+/// the Unix-domain socket, as the kernel reports it, must have the role's name, or be mapped
+/// to it by `ident` (looked up by the system's name service, on a blocking thread: a
+/// directory service may be slow). A refusal tells the client what PostgreSQL tells it; the
+/// log says why.
+async fn check_peer(
+    stream: &Stream,
+    user: &str,
+    ident: Option<&IdentMap>,
+) -> Result<(), SessionError> {
     let uid = match stream {
         Stream::Unix(unix) => unix.peer_cred().map(|cred| cred.uid()),
         _ => Err(std::io::Error::other("not a Unix-domain socket")),
@@ -263,7 +278,10 @@ async fn check_peer(stream: &Stream, user: &str) -> Result<(), SessionError> {
         Err(e) => Err(e),
     };
     let why = match named {
-        Ok((_, Some(name))) if name == user => return Ok(()),
+        Ok((_, Some(name))) if name_allows(ident, &name, user) => return Ok(()),
+        Ok((_, Some(name))) if ident.is_some() => {
+            format!("the user name map has no line for operating-system user {name:?} as this role")
+        }
         Ok((_, Some(name))) => format!("the client runs as operating-system user {name:?}"),
         Ok((uid, None)) => format!("the system knows no user with id {uid}"),
         Err(e) => format!("who the client is could not be learned: {e}"),
@@ -284,6 +302,7 @@ fn check_client_cert(
     user: &str,
     needed: ClientCert,
     as_method: bool,
+    ident: Option<&IdentMap>,
 ) -> Result<(), SessionError> {
     if needed == ClientCert::Optional {
         return Ok(());
@@ -297,9 +316,12 @@ fn check_client_cert(
         return Ok(());
     }
     match name {
-        Ok(name) if name == user => Ok(()),
+        Ok(name) if name_allows(ident, &name, user) => Ok(()),
         other => {
             let why = match other {
+                Ok(name) if ident.is_some() => {
+                    format!("the user name map has no line for common name {name:?} as this role")
+                }
                 Ok(name) => format!("the certificate's common name is {name:?}"),
                 Err(e) => e,
             };
@@ -330,8 +352,9 @@ async fn establish(
         Stream::Unix(_) => auth.unix_socket_auth.unwrap_or(auth.client_auth),
         _ => auth.client_auth,
     };
+    let ident = shared.ident.get();
     if mode == ClientAuth::Peer {
-        check_peer(stream, user).await?;
+        check_peer(stream, user, ident.as_deref()).await?;
     }
     let certificate = match (mode, &*stream) {
         (ClientAuth::Cert, _) => ClientCert::VerifyFull,
@@ -339,7 +362,13 @@ async fn establish(
         (_, Stream::Unix(_)) => ClientCert::Optional,
         _ => shared.config.tls.client_cert,
     };
-    check_client_cert(stream, user, certificate, mode == ClientAuth::Cert)?;
+    check_client_cert(
+        stream,
+        user,
+        certificate,
+        mode == ClientAuth::Cert,
+        ident.as_deref(),
+    )?;
     let mut greeting = BytesMut::new();
     // Newer minor versions and protocol options are answered here; the server gets plain 3.0.
     let options: Vec<String> = startup.protocol_options().map(str::to_owned).collect();

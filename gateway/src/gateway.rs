@@ -35,6 +35,8 @@ pub struct Shared {
     pub client_tls: Swappable<Option<Arc<crate::tls::ServerTls>>>,
     /// Role secrets (auth file, auth_query).
     pub secrets: Secrets,
+    /// The user name map of `auth.ident_map`; a reload replaces it.
+    pub ident: Swappable<Option<Arc<crate::auth::ident::IdentMap>>>,
     /// Hot-path metric handles.
     pub metrics: Metrics,
     /// One permit per client session (`max_client_connections`).
@@ -132,6 +134,7 @@ impl Gateway {
         let secrets = Secrets::load(&config.auth, topology.clone(), config.connect_timeout())
             .map_err(StartError::Setup)?;
         let client_tls = crate::tls::server_config(&config.tls)?;
+        let ident = crate::auth::ident::IdentMap::load(&config.auth).map_err(StartError::Setup)?;
         let tcp_from_systemd = activated.clients.is_some();
         let listener = match activated.clients {
             Some(listener) => {
@@ -206,6 +209,7 @@ impl Gateway {
             registry: Arc::new(Registry::default()),
             connector,
             client_tls: Swappable::new(client_tls),
+            ident: Swappable::new(ident),
             secrets,
             config_source: None,
             metrics: Metrics::new(),

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+use crate::auth::ident::IdentMap;
 use crate::auth::Secrets;
 use crate::config::{BackendTls, Config};
 use crate::gateway::Shared;
@@ -18,8 +19,10 @@ pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Settings a reload takes into use; the files they name are read again even when the
 /// setting itself is unchanged.
-pub const RELOADABLE: [&str; 8] = [
+pub const RELOADABLE: [&str; 10] = [
     "auth.auth_file",
+    "auth.ident_file",
+    "auth.ident_map",
     "tls.cert",
     "tls.key",
     "tls.client_ca",
@@ -115,6 +118,7 @@ pub fn on_hangup(shared: Arc<Shared>) -> std::io::Result<()> {
 /// Everything a reload puts in force, read and checked before any of it is.
 struct Next {
     auth_file: std::collections::HashMap<String, crate::auth::userlist::Secret>,
+    ident: Option<Arc<IdentMap>>,
     client_tls: Option<Option<Arc<crate::tls::ServerTls>>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
     log_level: String,
@@ -127,6 +131,7 @@ impl Next {
             tracing::warn!(error = %e, "log_level not applied");
         }
         shared.secrets.replace_file(self.auth_file);
+        shared.ident.set(self.ident);
         if let Some(tls) = self.client_tls {
             shared.client_tls.set(tls);
         }
@@ -151,6 +156,10 @@ fn prepare(shared: &Shared) -> Result<(Next, Outcome), String> {
 
     let auth_file = Secrets::read_file(new.auth.auth_file.as_deref())?;
     if let Some(path) = &new.auth.auth_file {
+        reread.push(path.display().to_string());
+    }
+    let ident = IdentMap::load(&new.auth)?;
+    if let Some(path) = &new.auth.ident_file {
         reread.push(path.display().to_string());
     }
     // `tls.required` stays as started, and cannot be left without a certificate.
@@ -187,6 +196,7 @@ fn prepare(shared: &Shared) -> Result<(Next, Outcome), String> {
     Ok((
         Next {
             auth_file,
+            ident,
             client_tls,
             backend_tls,
             log_level: new.log_level.clone(),

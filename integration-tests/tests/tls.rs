@@ -3,6 +3,7 @@
 //! real libpq (psql).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::process::Output;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1000,6 +1001,72 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
 }
 
 /// What PostgreSQL, and the gateway, say to a client that needs a certificate and has none.
+/// Certificates with a user name map (`auth.ident_file`, `auth.ident_map`, PostgreSQL's
+/// `map=`): under the `cert` method the map decides which common names log in as which roles
+/// (`/^(.*)\.people$` → `\1`), and the common name alone no longer does; under
+/// `tls.client_cert = "verify-full"` the same map judges the name before the server's own login.
+#[tokio::test]
+async fn certificates_follow_the_user_name_map() {
+    let ca = TestCa::new();
+    let cluster = Cluster::primary_only().await;
+    let (mapped_cert, mapped_key) = ca.client_cert(&format!("{}.people", roles::SUPERUSER));
+    let (plain_cert, plain_key) = ca.client_cert(roles::SUPERUSER);
+    let dir = std::env::temp_dir().join(format!("understudy-ident-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ident = dir.join("pg_ident.conf");
+    std::fs::write(&ident, "people  /^(.*)\\.people$  \\1\n").unwrap();
+    let conninfo = |gw: &TestGateway, user: &str, cert: &Path, key: &Path| {
+        format!(
+            "{} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            gw.conn_str(user, "postgres")
+                .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
+            ca.ca_cert.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    for (auth, client_cert, refusal) in [
+        (
+            ClientAuth::Cert,
+            understudy::config::ClientCert::Optional,
+            "certificate authentication failed for user",
+        ),
+        (
+            ClientAuth::Passthrough,
+            understudy::config::ClientCert::VerifyFull,
+            "certificate validation (clientcert=verify-full) failed for user",
+        ),
+    ] {
+        let (server_cert, server_key, client_ca, ident) = (
+            ca.server_cert.clone(),
+            ca.server_key.clone(),
+            ca.ca_cert.clone(),
+            ident.clone(),
+        );
+        let gw = cluster
+            .gateway_with(move |c| {
+                c.tls.cert = Some(server_cert);
+                c.tls.key = Some(server_key);
+                c.tls.client_ca = Some(client_ca);
+                c.tls.client_cert = client_cert;
+                c.auth.client_auth = auth;
+                c.auth.ident_file = Some(ident);
+                c.auth.ident_map = Some("people".to_owned());
+                c.unix_socket_dir = None;
+            })
+            .await;
+        let mapped = conninfo(&gw, roles::SUPERUSER, &mapped_cert, &mapped_key);
+        assert_eq!(psql_login(&cluster, &mapped).await, roles::SUPERUSER);
+        let other_role = conninfo(&gw, roles::SCRAM, &mapped_cert, &mapped_key);
+        psql_refused(&cluster, &other_role, refusal).await;
+        // The role's own name as the common name: no line of the map says so.
+        let unmapped = conninfo(&gw, roles::SUPERUSER, &plain_cert, &plain_key);
+        psql_refused(&cluster, &unmapped, refusal).await;
+        gw.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 const NO_CERTIFICATE: &str = "connection requires a valid client certificate";
 
 /// The role psql logs in as with `conninfo` (it must log in).

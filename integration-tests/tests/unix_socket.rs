@@ -624,12 +624,14 @@ fn open_dir(what: &str) -> PathBuf {
 
 /// A gateway whose socket, in a fresh directory named after `what`, authenticates by `peer`,
 /// with `role` made on the server with `password`, which the auth file holds too (so the
-/// gateway logs in for it, and its sessions can move); returns it and the directory.
+/// gateway logs in for it, and its sessions can move); `adjust` changes the rest of its
+/// configuration. Returns it and the directory.
 async fn peer_gateway(
     cluster: &Cluster,
     what: &str,
     role: &str,
     password: &str,
+    adjust: impl FnOnce(&mut understudy::config::Config, &Path),
 ) -> (TestGateway, PathBuf) {
     let su = cluster.superuser().await;
     su.batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
@@ -643,6 +645,7 @@ async fn peer_gateway(
             c.unix_socket_dir = Some(dir.clone());
             c.auth.unix_socket_auth = Some(understudy::config::ClientAuth::Peer);
             c.auth.auth_file = Some(userlist.clone());
+            adjust(c, &dir);
         })
         .await;
     (gw, dir)
@@ -661,7 +664,7 @@ async fn peer_authentication_on_the_socket() {
         return;
     }
     let cluster = Cluster::primary_only().await;
-    let (gw, dir) = peer_gateway(&cluster, "peer", "nobody", "nobody-secret").await;
+    let (gw, dir) = peer_gateway(&cluster, "peer", "nobody", "nobody-secret", |_, _| {}).await;
     let psql = |os_user, user| {
         psql_by_socket(
             &cluster,
@@ -749,6 +752,67 @@ async fn peer_authentication_on_the_socket() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `peer` with a user name map (`auth.ident_file`, `auth.ident_map`: PostgreSQL's `map=`): the
+/// map decides which operating-system users log in as which roles, a user's own name included
+/// only where a line says so; a reload reads the file again. (As root; skipped otherwise.)
+#[tokio::test]
+async fn peer_follows_the_user_name_map() {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to run psql as other users");
+        return;
+    }
+    let cluster = Cluster::primary_only().await;
+    let lines = "# MAPNAME SYSTEM-USERNAME PG-USERNAME\napps  nobody  peer_app\n";
+    let (gw, dir) = peer_gateway(&cluster, "peer-map", "peer_app", "app-secret", |c, dir| {
+        let file = dir.join("pg_ident.conf");
+        std::fs::write(&file, lines).unwrap();
+        c.auth.ident_file = Some(file);
+        c.auth.ident_map = Some("apps".to_owned());
+    })
+    .await;
+    let login = |os_user, role| {
+        psql_by_socket(
+            &cluster,
+            &gw,
+            Some(os_user),
+            role,
+            "",
+            "SELECT current_user",
+        )
+    };
+    let mapped = login("nobody", "peer_app").await;
+    assert_eq!(
+        String::from_utf8_lossy(&mapped.stdout),
+        "peer_app\n",
+        "{}",
+        String::from_utf8_lossy(&mapped.stderr)
+    );
+    for (os_user, role) in [("postgres", "peer_app"), ("postgres", roles::SUPERUSER)] {
+        let refused = login(os_user, role).await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains(&format!("Peer authentication failed for user \"{role}\"")),
+            "{os_user} as {role}: {stderr}"
+        );
+    }
+
+    // A line added, and read again at a reload.
+    let file = dir.join("pg_ident.conf");
+    std::fs::write(&file, format!("{lines}apps  /^post(gres)$  peer_app\n")).unwrap();
+    let (status, body) = gw.admin_post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("pg_ident.conf"), "{body}");
+    let mapped = login("postgres", "peer_app").await;
+    assert_eq!(
+        String::from_utf8_lossy(&mapped.stdout),
+        "peer_app\n",
+        "{}",
+        String::from_utf8_lossy(&mapped.stderr)
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A user record in systemd's user database (`/run/userdb`), which the C library's name
 /// service reads through nss-systemd: an account `/etc/passwd` does not have, as LDAP (sssd)
 /// users are. Removed when dropped.
@@ -814,7 +878,7 @@ async fn peer_finds_users_the_name_service_knows() {
         return;
     };
     let cluster = Cluster::primary_only().await;
-    let (gw, dir) = peer_gateway(&cluster, "peer-nss", &name, "nss-secret").await;
+    let (gw, dir) = peer_gateway(&cluster, "peer-nss", &name, "nss-secret", |_, _| {}).await;
     let out = psql_by_socket(&cluster, &gw, Some(&name), &name, "", "SELECT current_user").await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -5,6 +5,7 @@
 //! password, an md5 hash, a SCRAM ClientKey recovered with the role's verifier). With
 //! `client_auth` set, the gateway checks the client itself against an auth file or auth_query.
 
+pub mod ident;
 pub mod login;
 pub mod relay;
 pub mod userlist;

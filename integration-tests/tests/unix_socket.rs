@@ -809,6 +809,14 @@ async fn peer_follows_the_user_name_map() {
         "{}",
         String::from_utf8_lossy(&mapped.stderr)
     );
+
+    // A file that does not parse is not taken: the reload says where, and the map stays.
+    std::fs::write(&file, "apps nobody\n").unwrap();
+    let (status, body) = gw.admin_post("/reload").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("pg_ident.conf: line 1"), "{body}");
+    let still = login("postgres", "peer_app").await;
+    assert_eq!(String::from_utf8_lossy(&still.stdout), "peer_app\n");
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -560,8 +560,7 @@ async fn bad_input_on_the_socket_is_refused_as_on_tcp() {
 /// otherwise.)
 #[tokio::test]
 async fn the_sockets_mode_and_group_decide_who_connects() {
-    if !running_as_root() {
-        eprintln!("skipped: needs root to run psql as other users");
+    if !root_or_skip() {
         return;
     }
     let cluster = Cluster::primary_only().await;
@@ -613,6 +612,24 @@ fn running_as_root() -> bool {
     understudy::accounts::effective_uid() == 0
 }
 
+/// Asserts that psql's `out` printed `role` alone (its `SELECT current_user`).
+fn assert_logged_in_as(out: &std::process::Output, role: &str) {
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{role}\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// [`running_as_root`], saying that the test is skipped when not.
+fn root_or_skip() -> bool {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to run psql as other users");
+    }
+    running_as_root()
+}
+
 /// A directory every user may enter (so that only the socket's own permissions decide who
 /// connects), named after `what` and this process.
 fn open_dir(what: &str) -> PathBuf {
@@ -659,8 +676,7 @@ async fn peer_gateway(
 /// otherwise.)
 #[tokio::test]
 async fn peer_authentication_on_the_socket() {
-    if !running_as_root() {
-        eprintln!("skipped: needs root to run psql as other users");
+    if !root_or_skip() {
         return;
     }
     let cluster = Cluster::primary_only().await;
@@ -757,8 +773,7 @@ async fn peer_authentication_on_the_socket() {
 /// only where a line says so; a reload reads the file again. (As root; skipped otherwise.)
 #[tokio::test]
 async fn peer_follows_the_user_name_map() {
-    if !running_as_root() {
-        eprintln!("skipped: needs root to run psql as other users");
+    if !root_or_skip() {
         return;
     }
     let cluster = Cluster::primary_only().await;
@@ -780,13 +795,7 @@ async fn peer_follows_the_user_name_map() {
             "SELECT current_user",
         )
     };
-    let mapped = login("nobody", "peer_app").await;
-    assert_eq!(
-        String::from_utf8_lossy(&mapped.stdout),
-        "peer_app\n",
-        "{}",
-        String::from_utf8_lossy(&mapped.stderr)
-    );
+    assert_logged_in_as(&login("nobody", "peer_app").await, "peer_app");
     for (os_user, role) in [("postgres", "peer_app"), ("postgres", roles::SUPERUSER)] {
         let refused = login(os_user, role).await;
         let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -802,21 +811,14 @@ async fn peer_follows_the_user_name_map() {
     let (status, body) = gw.admin_post("/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("pg_ident.conf"), "{body}");
-    let mapped = login("postgres", "peer_app").await;
-    assert_eq!(
-        String::from_utf8_lossy(&mapped.stdout),
-        "peer_app\n",
-        "{}",
-        String::from_utf8_lossy(&mapped.stderr)
-    );
+    assert_logged_in_as(&login("postgres", "peer_app").await, "peer_app");
 
     // A file that does not parse is not taken: the reload says where, and the map stays.
     std::fs::write(&file, "apps nobody\n").unwrap();
     let (status, body) = gw.admin_post("/reload").await;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("pg_ident.conf: line 1"), "{body}");
-    let still = login("postgres", "peer_app").await;
-    assert_eq!(String::from_utf8_lossy(&still.stdout), "peer_app\n");
+    assert_logged_in_as(&login("postgres", "peer_app").await, "peer_app");
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -888,12 +890,7 @@ async fn peer_finds_users_the_name_service_knows() {
     let cluster = Cluster::primary_only().await;
     let (gw, dir) = peer_gateway(&cluster, "peer-nss", &name, "nss-secret", |_, _| {}).await;
     let out = psql_by_socket(&cluster, &gw, Some(&name), &name, "", "SELECT current_user").await;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{name}\n"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_logged_in_as(&out, &name);
     let refused = psql_by_socket(&cluster, &gw, Some(&name), "nobody", "", "SELECT 1").await;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(

@@ -888,38 +888,12 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
     let (scram_cert, scram_key) = ca.client_cert(roles::SCRAM);
     let stranger = TestCa::new();
     let (foreign_cert, foreign_key) = stranger.client_cert(roles::SUPERUSER);
-    let with_cert = |cert: &std::path::Path, key: &std::path::Path| {
-        format!(" sslcert={} sslkey={}", cert.display(), key.display())
-    };
-    let conninfo = |gw: &TestGateway, user: &str, extra: &str| {
-        format!(
-            "{} sslmode=verify-full sslrootcert={}{extra}",
-            gw.conn_str(user, "postgres")
-                .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
-            ca.ca_cert.display()
-        )
-    };
-    let (server_cert, server_key, client_ca) = (
-        ca.server_cert.clone(),
-        ca.server_key.clone(),
-        ca.ca_cert.clone(),
-    );
-    let gateway = |auth: ClientAuth, cert: understudy::config::ClientCert| {
-        let (server_cert, server_key, client_ca) =
-            (server_cert.clone(), server_key.clone(), client_ca.clone());
-        cluster.gateway_with(move |c| {
-            c.tls.cert = Some(server_cert);
-            c.tls.key = Some(server_key);
-            c.tls.client_ca = Some(client_ca);
-            c.tls.client_cert = cert;
-            c.auth.client_auth = auth;
-            c.unix_socket_dir = None;
-        })
-    };
+    let conninfo = |gw: &TestGateway, user: &str, extra: &str| verify_full(gw, &ca, user, extra);
+    let gateway = |auth, needed| certificate_gateway(&cluster, &ca, auth, needed, |_| {});
 
     // The cert method.
     let gw = gateway(ClientAuth::Cert, understudy::config::ClientCert::Optional).await;
-    let cert = with_cert(&postgres_cert, &postgres_key);
+    let cert = presenting(&postgres_cert, &postgres_key);
     assert_eq!(
         psql_login(&cluster, &conninfo(&gw, roles::SUPERUSER, &cert)).await,
         roles::SUPERUSER
@@ -938,7 +912,7 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
     let plain = gw.conn_str(roles::SUPERUSER, "postgres") + " sslmode=disable";
     psql_refused(&cluster, &plain, NO_CERTIFICATE).await;
     // Another CA's certificate fails the handshake itself (a TLS alert).
-    let foreign = with_cert(&foreign_cert, &foreign_key);
+    let foreign = presenting(&foreign_cert, &foreign_key);
     psql_refused(
         &cluster,
         &conninfo(&gw, roles::SUPERUSER, &foreign),
@@ -973,7 +947,7 @@ async fn client_certificates_as_the_cert_method_and_as_clientcert() {
         understudy::config::ClientCert::VerifyFull,
     )
     .await;
-    let scram = with_cert(&scram_cert, &scram_key);
+    let scram = presenting(&scram_cert, &scram_key);
     assert_eq!(
         psql_login(&cluster, &conninfo(&gw, roles::SCRAM, &scram)).await,
         roles::SCRAM
@@ -1016,14 +990,7 @@ async fn certificates_follow_the_user_name_map() {
     let ident = dir.join("pg_ident.conf");
     std::fs::write(&ident, "people  /^(.*)\\.people$  \\1\n").unwrap();
     let conninfo = |gw: &TestGateway, user: &str, cert: &Path, key: &Path| {
-        format!(
-            "{} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
-            gw.conn_str(user, "postgres")
-                .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
-            ca.ca_cert.display(),
-            cert.display(),
-            key.display()
-        )
+        verify_full(gw, &ca, user, &presenting(cert, key))
     };
     for (auth, client_cert, refusal) in [
         (
@@ -1037,24 +1004,12 @@ async fn certificates_follow_the_user_name_map() {
             "certificate validation (clientcert=verify-full) failed for user",
         ),
     ] {
-        let (server_cert, server_key, client_ca, ident) = (
-            ca.server_cert.clone(),
-            ca.server_key.clone(),
-            ca.ca_cert.clone(),
-            ident.clone(),
-        );
-        let gw = cluster
-            .gateway_with(move |c| {
-                c.tls.cert = Some(server_cert);
-                c.tls.key = Some(server_key);
-                c.tls.client_ca = Some(client_ca);
-                c.tls.client_cert = client_cert;
-                c.auth.client_auth = auth;
-                c.auth.ident_file = Some(ident);
-                c.auth.ident_map = Some("people".to_owned());
-                c.unix_socket_dir = None;
-            })
-            .await;
+        let ident = ident.clone();
+        let gw = certificate_gateway(&cluster, &ca, auth, client_cert, |c| {
+            c.auth.ident_file = Some(ident);
+            c.auth.ident_map = Some("people".to_owned());
+        })
+        .await;
         let mapped = conninfo(&gw, roles::SUPERUSER, &mapped_cert, &mapped_key);
         assert_eq!(psql_login(&cluster, &mapped).await, roles::SUPERUSER);
         let other_role = conninfo(&gw, roles::SCRAM, &mapped_cert, &mapped_key);
@@ -1068,6 +1023,45 @@ async fn certificates_follow_the_user_name_map() {
 }
 
 const NO_CERTIFICATE: &str = "connection requires a valid client certificate";
+
+/// A gateway serving `ca`'s server certificate that asks TLS clients for a certificate of `ca`
+/// (`tls.client_ca`), with `client_auth = auth` and `tls.client_cert = needed`, and no
+/// Unix-domain socket (which carries none); `adjust` sets the rest.
+async fn certificate_gateway(
+    cluster: &Cluster,
+    ca: &TestCa,
+    auth: ClientAuth,
+    needed: understudy::config::ClientCert,
+    adjust: impl FnOnce(&mut understudy::config::Config),
+) -> TestGateway {
+    cluster
+        .gateway_with(|c| {
+            c.tls.cert = Some(ca.server_cert.clone());
+            c.tls.key = Some(ca.server_key.clone());
+            c.tls.client_ca = Some(ca.ca_cert.clone());
+            c.tls.client_cert = needed;
+            c.auth.client_auth = auth;
+            c.unix_socket_dir = None;
+            adjust(c);
+        })
+        .await
+}
+
+/// libpq's connection string for `user` through `gw` with `sslmode=verify-full` against `ca`
+/// (the certificate checked for `localhost`), and `extra` (see [`presenting`]).
+fn verify_full(gw: &TestGateway, ca: &TestCa, user: &str, extra: &str) -> String {
+    format!(
+        "{} sslmode=verify-full sslrootcert={}{extra}",
+        gw.conn_str(user, "postgres")
+            .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1"),
+        ca.ca_cert.display()
+    )
+}
+
+/// The connection-string options that present client certificate `cert` with its `key`.
+fn presenting(cert: &Path, key: &Path) -> String {
+    format!(" sslcert={} sslkey={}", cert.display(), key.display())
+}
 
 /// The role psql logs in as with `conninfo` (it must log in).
 async fn psql_login(cluster: &Cluster, conninfo: &str) -> String {
